@@ -1,0 +1,5 @@
+"""The built-in model zoo (trained checkpoints live in ``tvm_lowbit/zoo``)."""
+
+from tvm_lowbit.models.resnet import ResNet, load_pretrained, resnet20
+
+__all__ = ["ResNet", "resnet20", "load_pretrained"]
