@@ -1,0 +1,387 @@
+"""The quantized math, written once: grouped ternarization, alpha codes, 2-bit packing,
+activation quantization and the integer layer with its float epilogue.
+
+Everything that quantizes, packs, simulates or checks calls into this module: the FGQ quantizer,
+the fake-quant PyTorch layers, the Relax rewrite (which packs weights), the NumPy reference the
+compiled kernels are tested against, and the tests.
+
+Conventions (the compiler relies on them, bit for bit):
+
+* Groups.  A weight ``W[K, Cg, R, S]`` (Cg = input channels per conv group) is cut, for every
+  (k, r, s), into consecutive chunks of ``N`` input channels; the last chunk of a row may be ragged
+  (it is zero-padded, and zeros are never selected).  Depthwise filters (Cg == 1) are grouped along
+  their R*S taps instead (papers.md 1.7, option 1).  A linear weight ``W[K, C]`` is grouped along C.
+  The *grouped layout* of a weight is ``[K, L]`` with ``L = (#groups per row) * N``, groups
+  contiguous: for a conv ``L`` runs over (r, s, channel-in-padded-group), channels innermost.
+* Ternary codes ``t`` in {-1, 0, +1}; per group a float ``alpha``.  ``alpha`` is then coded as an
+  unsigned integer ``alpha_q`` (``alpha_bits``, default 8) against a per-output-channel float
+  ``w_scale``: ``alpha ~= alpha_q * w_scale[k]``.  The integer weight is ``w_int = alpha_q * t``
+  and the weight the model uses is ``w_scale[k] * w_int``.
+* Packing: four 2-bit two's-complement codes per byte (0 -> 0b00, +1 -> 0b01, -1 -> 0b11), element
+  ``j`` of a row in bits ``2*(j % 4)`` of byte ``j // 4``; an all-zero byte is four zero weights.
+* Activations: ``q = clip(round_half_even(x / scale), lo, hi)`` computed in float32, with
+  ``[lo, hi] = [0, 2^b - 1]`` (unsigned) or ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (signed).
+* A quantized layer: ``acc = sum(w_int * q)`` exactly in int32; then the epilogue
+  ``y = float32(float64(float32(acc)) * float64(out_scale[k]) + float64(out_bias[k]))``, optional
+  ReLU.  The product of two float32 values is exact in float64, so the epilogue gives the same bits
+  whether or not a compiler contracts it into a fused multiply-add.  ``out_scale`` folds the input
+  scale, ``w_scale`` and batch norm; ``out_bias`` folds the bias and batch norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+ThresholdMode = Literal["exact", "twn", "asym"]
+THRESHOLD_MODES: tuple[str, ...] = ("exact", "twn", "asym")
+
+
+# --------------------------------------------------------------------------------------------
+# Grouping
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """How a weight tensor maps onto rows of groups of ``group_size`` elements."""
+
+    shape: tuple[int, ...]        # original weight shape: (K, C) or (K, Cg, R, S)
+    group_size: int
+    along: Literal["in", "taps"]  # group along input channels, or along R*S taps (depthwise)
+
+    @property
+    def out_channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def seg_len(self) -> int:
+        """Length of one segment cut into groups: Cg (or C), or R*S for depthwise filters."""
+        if len(self.shape) == 2:
+            return self.shape[1]
+        _, cg, r, s = self.shape
+        return r * s if self.along == "taps" else cg
+
+    @property
+    def segments(self) -> int:
+        """Segments per output channel: R*S for a conv grouped along channels, else 1."""
+        if len(self.shape) == 4 and self.along == "in":
+            return self.shape[2] * self.shape[3]
+        return 1
+
+    @property
+    def groups_per_segment(self) -> int:
+        return -(-self.seg_len // self.group_size)
+
+    @property
+    def groups_per_row(self) -> int:
+        return self.segments * self.groups_per_segment
+
+    @property
+    def row_len(self) -> int:
+        """L: padded elements per output channel in the grouped layout."""
+        return self.groups_per_row * self.group_size
+
+
+def group_layout(shape: tuple[int, ...], group_size: int) -> GroupLayout:
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if len(shape) == 2:
+        lay = GroupLayout(tuple(shape), group_size, "in")
+    elif len(shape) == 4:
+        lay = GroupLayout(tuple(shape), group_size, "taps" if shape[1] == 1 else "in")
+    else:
+        raise ValueError(f"expected a linear [K, C] or conv [K, Cg, R, S] weight, got shape {tuple(shape)}")
+    # a group never needs to be longer than the segment it is cut from (same groups, no padding)
+    return GroupLayout(lay.shape, min(group_size, lay.seg_len), lay.along)
+
+
+def to_grouped(w: torch.Tensor, lay: GroupLayout) -> torch.Tensor:
+    """[K, ...] weight -> [K, groups_per_row, N] with zero padding of ragged groups."""
+    k = lay.out_channels
+    if w.dim() == 2:
+        seg = w.reshape(k, 1, lay.seg_len)
+    elif lay.along == "taps":
+        seg = w.reshape(k, 1, lay.seg_len)
+    else:
+        seg = w.permute(0, 2, 3, 1).reshape(k, lay.segments, lay.seg_len)
+    pad = lay.groups_per_segment * lay.group_size - lay.seg_len
+    if pad:
+        seg = torch.nn.functional.pad(seg, (0, pad))
+    return seg.reshape(k, lay.groups_per_row, lay.group_size)
+
+
+def from_grouped(g: torch.Tensor, lay: GroupLayout) -> torch.Tensor:
+    """Inverse of :func:`to_grouped` (drops the padding)."""
+    k = lay.out_channels
+    seg = g.reshape(k, lay.segments, lay.groups_per_segment * lay.group_size)[..., : lay.seg_len]
+    if len(lay.shape) == 2 or lay.along == "taps":
+        return seg.reshape(lay.shape)
+    _, cg, r, s = lay.shape
+    return seg.reshape(k, r, s, cg).permute(0, 3, 1, 2).contiguous()
+
+
+def group_mask(lay: GroupLayout) -> torch.Tensor:
+    """Bool [groups_per_row, N]: True where an element is real, False where it is padding."""
+    idx = torch.arange(lay.groups_per_segment * lay.group_size) < lay.seg_len
+    return idx.reshape(1, lay.groups_per_segment, lay.group_size).expand(
+        lay.segments, -1, -1).reshape(lay.groups_per_row, lay.group_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Ternarization of groups
+# --------------------------------------------------------------------------------------------
+
+def ternarize_groups(g: torch.Tensor, mode: ThresholdMode = "exact",
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternarize each group (last axis) of ``g``: returns (t in {-1,0,1} as int8, alpha >= 0).
+
+    ``exact``: the L2-optimal solution of min ||w - alpha t||^2 (sort |w|, prefix sums, pick the k
+    maximising S_k^2 / k, keep the k largest magnitudes; ties broken by position).  ``twn``: the
+    TWN rule delta = 0.7 * mean|w|.  ``asym``: separate positive and negative thresholds
+    (0.7 * mean of the positive / of the negative magnitudes) with one shared alpha.
+    ``mask`` marks real elements (padding is excluded from the TWN means; it is zero and never
+    selected by ``exact``).
+    """
+    if mode not in THRESHOLD_MODES:
+        raise ValueError(f"unknown threshold mode {mode!r}: use one of {', '.join(THRESHOLD_MODES)}")
+    g = g.to(torch.float64)
+    a = g.abs()
+    if mode == "exact":
+        order = torch.argsort(-a, dim=-1, stable=True)
+        a_sorted = torch.gather(a, -1, order)
+        prefix = torch.cumsum(a_sorted, dim=-1)
+        k = torch.arange(1, g.shape[-1] + 1, dtype=torch.float64)
+        best = torch.argmax(prefix * prefix / k, dim=-1, keepdim=True)  # first maximum
+        alpha = torch.gather(prefix, -1, best).squeeze(-1) / (best.squeeze(-1) + 1).to(torch.float64)
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(g.shape[-1]).expand_as(order))
+        selected = rank <= best
+    else:
+        real = torch.ones_like(a, dtype=torch.bool) if mask is None else mask.expand_as(a)
+        realf = real.to(torch.float64)
+        if mode == "twn":
+            delta = 0.7 * (a * realf).sum(-1, keepdim=True) / realf.sum(-1, keepdim=True).clamp(min=1)
+            selected = (a > delta) & real
+        else:
+            pos, neg = (g > 0) & real, (g < 0) & real
+            dp = 0.7 * (a * pos).sum(-1, keepdim=True) / pos.sum(-1, keepdim=True).clamp(min=1)
+            dn = 0.7 * (a * neg).sum(-1, keepdim=True) / neg.sum(-1, keepdim=True).clamp(min=1)
+            selected = (pos & (a > dp)) | (neg & (a > dn))
+        cnt = selected.sum(-1)
+        alpha = (a * selected).sum(-1) / cnt.clamp(min=1)
+    t = (torch.sign(g) * selected).to(torch.int8)
+    alpha = torch.where((t != 0).any(-1), alpha, torch.zeros_like(alpha))
+    return t, alpha
+
+
+def ternary_error(g: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Squared L2 error per group of the approximation alpha * t."""
+    return ((g.to(torch.float64) - alpha[..., None] * t.to(torch.float64)) ** 2).sum(-1)
+
+
+def quantize_alpha(alpha: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha [K, G] float -> (alpha_q [K, G] int64 in [0, 2^bits - 1], w_scale [K] float32).
+
+    ``w_scale[k] = max_g alpha[k, g] / (2^bits - 1)`` stored in float32; ``alpha_q`` is the nearest
+    integer code against that stored scale.
+    """
+    if not 2 <= bits <= 16:
+        raise ValueError(f"alpha_bits must be in 2..16, got {bits}")
+    qmax = 2 ** bits - 1
+    w_scale = (alpha.max(dim=-1).values / qmax).to(torch.float32)
+    safe = torch.where(w_scale > 0, w_scale, torch.ones_like(w_scale)).to(torch.float64)
+    alpha_q = torch.round(alpha / safe[:, None]).clamp(0, qmax).to(torch.int64)
+    return alpha_q, w_scale
+
+
+@dataclass
+class TernaryWeight:
+    """A weight in FGQ form.  ``w_int`` has the original weight shape; ``t``/``alpha_q`` are grouped."""
+
+    layout: GroupLayout
+    t: torch.Tensor         # int8 [K, G, N]
+    alpha_q: torch.Tensor   # int64 [K, G]
+    w_scale: torch.Tensor   # float32 [K]
+
+    @property
+    def w_int(self) -> torch.Tensor:
+        """alpha_q * t in the original weight shape (int32)."""
+        g = self.alpha_q[..., None].to(torch.int32) * self.t.to(torch.int32)
+        return from_grouped(g, self.layout)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight the quantized model uses: w_scale[k] * w_int."""
+        w = self.w_int.to(torch.float64) * self.w_scale.to(torch.float64).reshape(
+            -1, *[1] * (len(self.layout.shape) - 1))
+        return w.to(torch.float32)
+
+    def packed_codes(self) -> np.ndarray:
+        """uint8 [K, ceil(L / 4)]: the 2-bit codes of the grouped layout, four per byte."""
+        k = self.layout.out_channels
+        return pack_2bit(self.t.reshape(k, -1).numpy())
+
+    def storage_bytes(self, alpha_bits: int = 8) -> int:
+        """Bytes of codes, alpha codes and per-channel scales (what the compiled layer stores)."""
+        k, groups = self.alpha_q.shape
+        return k * (-(-self.layout.row_len // 4)) + k * (-(-groups * alpha_bits // 8)) + 4 * k
+
+
+def ternarize_weight(w: torch.Tensor, group_size: int, mode: ThresholdMode = "exact",
+                     alpha_bits: int = 8) -> TernaryWeight:
+    """FGQ-ternarize a linear or conv weight with groups of ``group_size`` (see module docstring)."""
+    w = w.detach().to("cpu", torch.float64)
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"weight of shape {tuple(w.shape)} has {bad} NaN/Inf values")
+    lay = group_layout(tuple(w.shape), group_size)
+    g = to_grouped(w, lay)
+    t, alpha = ternarize_groups(g, mode, group_mask(lay))
+    alpha_q, w_scale = quantize_alpha(alpha, alpha_bits)
+    return TernaryWeight(lay, t, alpha_q, w_scale)
+
+
+def ternarize_per_layer(w: torch.Tensor) -> torch.Tensor:
+    """TWN baseline: one threshold (0.7 mean|w|) and one alpha for the whole tensor; float weight."""
+    w64 = w.detach().to(torch.float64)
+    t, alpha = ternarize_groups(w64.reshape(1, -1), "twn")
+    return (alpha[:, None] * t.to(torch.float64)).reshape(w.shape).to(w.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# 2-bit packing
+# --------------------------------------------------------------------------------------------
+
+def pack_2bit(t: np.ndarray) -> np.ndarray:
+    """int [..., L] with values in {-1, 0, 1} -> uint8 [..., ceil(L / 4)] (four codes per byte)."""
+    t = np.asarray(t)
+    if t.size and (t.min() < -1 or t.max() > 1):
+        raise ValueError("pack_2bit takes ternary values in {-1, 0, 1}")
+    length = t.shape[-1]
+    pad = (-length) % 4
+    codes = (t.astype(np.int64) & 3).astype(np.uint8)
+    if pad:
+        codes = np.concatenate([codes, np.zeros(t.shape[:-1] + (pad,), np.uint8)], axis=-1)
+    codes = codes.reshape(t.shape[:-1] + (-1, 4))
+    return (codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)).astype(np.uint8)
+
+
+def unpack_2bit(packed: np.ndarray, length: int) -> np.ndarray:
+    """uint8 [..., B] -> int8 [..., length]: inverse of :func:`pack_2bit`."""
+    p = np.asarray(packed, dtype=np.uint8)
+    shifts = np.array([6, 4, 2, 0], dtype=np.uint8)  # move code j to the top two bits
+    top = (p[..., None] << shifts).astype(np.int8)
+    vals = (top >> 6).astype(np.int8)  # arithmetic shift sign-extends the 2-bit code
+    return vals.reshape(p.shape[:-1] + (-1,))[..., :length]
+
+
+def pack_4bit(q: np.ndarray) -> np.ndarray:
+    """4-bit values (signed -8..7 or unsigned 0..15) [..., L] -> uint8 [..., ceil(L/2)], low nibble first."""
+    q = np.asarray(q).astype(np.int64)
+    if q.size and (q.min() < -8 or q.max() > 15):
+        raise ValueError("pack_4bit takes values in -8..15")
+    nib = (q & 15).astype(np.uint8)
+    if nib.shape[-1] % 2:
+        nib = np.concatenate([nib, np.zeros(nib.shape[:-1] + (1,), np.uint8)], axis=-1)
+    nib = nib.reshape(nib.shape[:-1] + (-1, 2))
+    return (nib[..., 0] | (nib[..., 1] << 4)).astype(np.uint8)
+
+
+def unpack_4bit(packed: np.ndarray, length: int, signed: bool) -> np.ndarray:
+    p = np.asarray(packed, dtype=np.uint8)
+    nib = np.stack([p & 15, p >> 4], axis=-1).reshape(p.shape[:-1] + (-1,))[..., :length].astype(np.int16)
+    if signed:
+        nib = np.where(nib >= 8, nib - 16, nib)
+    return nib.astype(np.int8 if signed else np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Activations
+# --------------------------------------------------------------------------------------------
+
+def act_range(bits: int, signed: bool) -> tuple[int, int]:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"activation bits must be in 2..8, got {bits}")
+    if signed:
+        hi = 2 ** (bits - 1) - 1
+        return -hi, hi
+    return 0, 2 ** bits - 1
+
+
+def act_dtype(bits: int, signed: bool) -> str:
+    """Storage dtype of activation codes: int8 when signed, uint8 otherwise."""
+    act_range(bits, signed)
+    return "int8" if signed else "uint8"
+
+
+def quantize_act(x: torch.Tensor, scale: float, bits: int, signed: bool) -> torch.Tensor:
+    """Fake-quant codes (float32 tensor holding integers): clip(round(x / scale), lo, hi)."""
+    lo, hi = act_range(bits, signed)
+    s = torch.tensor(scale, dtype=torch.float32)
+    return torch.clamp(torch.round(x.to(torch.float32) / s), lo, hi)
+
+
+def quantize_act_np(x: np.ndarray, scale: float, bits: int, signed: bool) -> np.ndarray:
+    """NumPy twin of :func:`quantize_act` returning int32 codes."""
+    lo, hi = act_range(bits, signed)
+    return np.clip(np.round(np.asarray(x, np.float32) / np.float32(scale)), lo, hi).astype(np.int32)
+
+
+def scale_for_range(clip_value: float, bits: int, signed: bool) -> float:
+    """Activation scale (float32-representable) that maps ``clip_value`` to the largest code."""
+    _, hi = act_range(bits, signed)
+    return float(np.float32(max(clip_value, 1e-8) / hi))
+
+
+# --------------------------------------------------------------------------------------------
+# The layer epilogue and a NumPy reference of whole layers
+# --------------------------------------------------------------------------------------------
+
+def epilogue(acc: torch.Tensor, out_scale: torch.Tensor, out_bias: torch.Tensor, relu: bool,
+             channel_dim: int) -> torch.Tensor:
+    """float32(float64(float32(acc)) * out_scale + out_bias), per channel along ``channel_dim``."""
+    shape = [1] * acc.dim()
+    shape[channel_dim] = -1
+    y = acc.to(torch.float32).to(torch.float64) * out_scale.to(torch.float64).reshape(shape)
+    y = (y + out_bias.to(torch.float64).reshape(shape)).to(torch.float32)
+    return torch.relu(y) if relu else y
+
+
+def epilogue_np(acc: np.ndarray, out_scale: np.ndarray, out_bias: np.ndarray, relu: bool,
+                channel_dim: int) -> np.ndarray:
+    shape = [1] * acc.ndim
+    shape[channel_dim] = -1
+    y = acc.astype(np.float32).astype(np.float64) * np.asarray(out_scale, np.float32).astype(np.float64).reshape(shape)
+    y = (y + np.asarray(out_bias, np.float32).astype(np.float64).reshape(shape)).astype(np.float32)
+    return np.maximum(y, np.float32(0)) if relu else y
+
+
+def conv2d_int_np(q: np.ndarray, w_int: np.ndarray, stride: tuple[int, int], padding: tuple[int, int],
+                  dilation: tuple[int, int], groups: int) -> np.ndarray:
+    """Exact int64 NCHW convolution of integer codes with integer weights (independent reference)."""
+    q = np.asarray(q, np.int64)
+    w = np.asarray(w_int, np.int64)
+    b, c, h, wd = q.shape
+    k, cg, r, s = w.shape
+    ph, pw = padding
+    qp = np.pad(q, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    oh = (h + 2 * ph - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    ow = (wd + 2 * pw - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    out = np.zeros((b, k, oh, ow), np.int64)
+    kg = k // groups
+    for gi in range(groups):
+        xs = qp[:, gi * cg:(gi + 1) * cg]
+        ws = w[gi * kg:(gi + 1) * kg]
+        for ri in range(r):
+            for si in range(s):
+                h0, w0 = ri * dilation[0], si * dilation[1]
+                patch = xs[:, :, h0:h0 + stride[0] * (oh - 1) + 1:stride[0], w0:w0 + stride[1] * (ow - 1) + 1:stride[1]]
+                out[:, gi * kg:(gi + 1) * kg] += np.einsum("bchw,kc->bkhw", patch, ws[:, :, ri, si])
+    return out
+
+
+def dense_int_np(q: np.ndarray, w_int: np.ndarray) -> np.ndarray:
+    """Exact int64 q[..., C] @ w_int[K, C].T."""
+    return np.asarray(q, np.int64) @ np.asarray(w_int, np.int64).T
