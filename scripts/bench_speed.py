@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Batch-1 latency on the x86 host: TVM FP32 (untuned) vs FGQ low-bit TVM builds vs PyTorch vs ORT int8.
+
+Every row reports ``ratio_vs_tvm_fp32`` = its median / the TVM FP32 median of the same model in the
+same run (the host is shared, so only ratios from one run are comparable). All runtimes use 2 threads.
+
+    python scripts/bench_speed.py --models resnet20,resnet18-224 --repeat 20 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# baselines sets TVM_NUM_THREADS before anything imports tvm
+from tvm_lowbit import baselines  # noqa: E402
+from tvm_lowbit.baselines import NUM_THREADS  # noqa: E402
+
+MODELS = ("resnet20", "resnet18-224")
+VARIANTS = ("tvm-fp32", "tvm-fgq-n4", "tvm-fgq-n64", "torch-fp32", "ort-int8")
+TARGET = "x86-host"
+FIELDS = ("model", "variant", "target", "median_ms", "ratio_vs_tvm_fp32", "weight_bytes")
+
+
+class Timed(Protocol):
+    """What baselines.Runner and the FGQ artifact both provide."""
+
+    weight_bytes: int
+
+    def median_ms(self, x: np.ndarray, repeat: int = ...) -> float: ...
+
+
+class Skip(Exception):
+    """A variant that cannot run in this checkout (e.g. the FGQ compiler is not there yet)."""
+
+
+def load_model(name: str) -> tuple[nn.Module, np.ndarray, np.ndarray, str]:
+    """(model, example batch-1 input, calibration batch, note on the calibration data)."""
+    if name == "resnet20":
+        from tvm_lowbit import data
+        from tvm_lowbit.models import load_pretrained
+
+        calib = data.calibration_set(256)
+        return load_pretrained(), calib[:1].copy(), calib, "256 Fashion-MNIST training images"
+    if name == "resnet18-224":
+        from tvm_lowbit.models.resnet_imagenet import resnet18
+
+        # untrained weights and no ImageNet here: a fixed-seed N(0,1) batch is enough for timing
+        calib = np.random.default_rng(0).standard_normal((32, 3, 224, 224)).astype(np.float32)
+        return resnet18(1000, seed=0), calib[:1].copy(), calib, "32 fixed-seed random-normal images"
+    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def fgq(group_size: int) -> Callable[[nn.Module, np.ndarray, np.ndarray], Timed]:
+    def build(model: nn.Module, example: np.ndarray, calib: np.ndarray) -> Timed:
+        import tvm_lowbit
+
+        try:  # the FGQ quantizer/compiler API may not be in this checkout yet: skip, never fake numbers
+            compile_fn = tvm_lowbit.compile
+            quantize_fn = tvm_lowbit.quantize
+            from tvm_lowbit.quantizers.fgq import FGQ
+        except (ImportError, AttributeError) as e:
+            raise Skip(f"tvm_lowbit.compile/quantize/FGQ not available ({type(e).__name__}: {e})") from e
+        qmodel = quantize_fn(model, FGQ(group_size=group_size, act_bits=8), calib)
+        try:
+            return compile_fn(qmodel, example, target="x86")
+        except (ImportError, AttributeError) as e:
+            raise Skip(f"tvm_lowbit.compile failed ({type(e).__name__}: {e})") from e
+
+    return build
+
+
+BUILDERS: dict[str, Callable[[nn.Module, np.ndarray, np.ndarray], Timed]] = {
+    "tvm-fp32": lambda m, x, c: baselines.tvm_fp32(m, x),
+    "tvm-fgq-n4": fgq(4),
+    "tvm-fgq-n64": fgq(64),
+    "torch-fp32": lambda m, x, c: baselines.torch_fp32(m),
+    "ort-int8": lambda m, x, c: baselines.ort_int8(m, x, c),
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def bench_model(name: str, variants: list[str], repeat: int) -> tuple[list[dict[str, Any]], list[str]]:
+    model, example, calib, calib_note = load_model(name)
+    log(f"[{name}] input {tuple(example.shape)}, calibration: {calib_note}")
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    ref_ms: float | None = None
+    # TVM FP32 first: it is the reference for every ratio
+    for variant in sorted(variants, key=lambda v: v != "tvm-fp32"):
+        try:
+            log(f"[{name}] {variant}: building ...")
+            t0 = time.perf_counter()
+            runner = BUILDERS[variant](model, example, calib)
+            log(f"[{name}] {variant}: built in {time.perf_counter() - t0:.1f} s; timing {repeat} runs ...")
+            ms = float(runner.median_ms(example, repeat=repeat))
+        except Skip as e:
+            log(f"[{name}] {variant}: SKIPPED: {e}")
+            problems.append(f"{name}/{variant} skipped")
+            continue
+        except Exception as e:  # one broken variant should not lose the other numbers
+            log(f"[{name}] {variant}: FAILED: {type(e).__name__}: {e}")
+            problems.append(f"{name}/{variant} FAILED")
+            continue
+        if variant == "tvm-fp32":
+            ref_ms = ms
+        log(f"[{name}] {variant}: median {ms:.3f} ms")
+        rows.append({"model": name, "variant": variant, "target": TARGET, "median_ms": ms,
+                     "ratio_vs_tvm_fp32": None if ref_ms is None else ms / ref_ms,
+                     "weight_bytes": int(runner.weight_bytes)})
+    return rows, problems
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'model':<14}{'variant':<14}{'target':<10}{'median_ms':>12}{'vs tvm-fp32':>13}{'weight_bytes':>15}")
+    for r in rows:
+        ratio = "-" if r["ratio_vs_tvm_fp32"] is None else f"{r['ratio_vs_tvm_fp32']:.3f}x"
+        print(f"{r['model']:<14}{r['variant']:<14}{r['target']:<10}{r['median_ms']:>12.3f}{ratio:>13}"
+              f"{r['weight_bytes']:>15,}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--repeat", type=int, default=20, help="timed runs per variant (median reported)")
+    ap.add_argument("--json", type=Path, help="write {'rows': [...]} here")
+    args = ap.parse_args(argv)
+
+    models = [m for m in args.models.split(",") if m]
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+    if "tvm-fp32" not in variants:
+        log("note: tvm-fp32 not selected, so ratio_vs_tvm_fp32 is null")
+
+    baselines.set_threads(NUM_THREADS)
+    log(f"threads: {NUM_THREADS} for every runtime (TVM_NUM_THREADS, torch.set_num_threads, "
+        f"ORT intra_op_num_threads); batch 1; target {TARGET}; TVM FP32 is untuned (default pipeline)")
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for name in models:
+        r, p = bench_model(name, variants, args.repeat)
+        rows += r
+        problems += p
+
+    print(f"\nbatch 1, {NUM_THREADS} threads everywhere, median of {args.repeat} runs; "
+          "ratio = median / TVM FP32 median (same model, same run)")
+    print_table(rows)
+    if any(r["variant"] == "tvm-fp32" for r in rows):
+        # checked on the LLVM IR: no TVMBackendParallelLaunch without a schedule
+        print("note: untuned tvm-fp32 (default pipeline, no schedules) emits no parallel loops: it uses 1 thread")
+    if problems:
+        print("not measured: " + "; ".join(problems))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": [{k: r[k] for k in FIELDS} for r in rows]}, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    # skipped FGQ variants are expected for now; a real failure is not
+    return 1 if any("FAILED" in p for p in problems) else 0
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    sys.exit(main())

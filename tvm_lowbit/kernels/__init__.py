@@ -1,0 +1,26 @@
+"""TVM kernels of the low-bit layers (TE compute definitions + default schedules).
+
+Importing this package imports TVM.
+"""
+
+from tvm_lowbit.kernels.ternary import (
+    KERNEL_ATTR,
+    OUT_MODES,
+    kernel_attrs,
+    make_prim_func,
+    quantize_act,
+    schedule_default,
+    ternary_conv2d,
+    ternary_dense,
+)
+
+__all__ = [
+    "KERNEL_ATTR",
+    "OUT_MODES",
+    "kernel_attrs",
+    "make_prim_func",
+    "quantize_act",
+    "schedule_default",
+    "ternary_conv2d",
+    "ternary_dense",
+]

@@ -1,0 +1,159 @@
+"""Activation calibration: pick each quantized layer's input clipping range on sample data.
+
+Methods: ``minmax`` (largest magnitude seen), ``percentile`` (a high percentile of magnitudes) and
+``mse`` (the clip value minimising the mean squared quantization error on the samples; clipping
+matters most at 4 bits).  Signedness is read off the data: a layer whose inputs are never negative
+(after a ReLU) gets unsigned codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tvm_lowbit import qmath
+from tvm_lowbit.quantizers.layers import QuantLayer
+
+CalibMethod = Literal["minmax", "percentile", "mse"]
+CALIB_METHODS: tuple[str, ...] = ("minmax", "percentile", "mse")
+_MAX_SAMPLES = 1 << 17  # values kept per layer for percentile/MSE (a random subsample)
+
+
+class _Observer:
+    def __init__(self, seed: int) -> None:
+        self.lo = float("inf")
+        self.hi = float("-inf")
+        self.chunks: list[torch.Tensor] = []
+        self.kept = 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, _m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].detach().float()
+        if not torch.isfinite(x).all():
+            raise ValueError("non-finite activations reached a quantized layer during calibration")
+        self.lo = min(self.lo, float(x.min()))
+        self.hi = max(self.hi, float(x.max()))
+        flat = x.reshape(-1)
+        take = min(flat.numel(), max(2048, _MAX_SAMPLES // 8))
+        if self.kept < _MAX_SAMPLES:
+            idx = torch.randint(0, flat.numel(), (take,), generator=self.gen)
+            self.chunks.append(flat[idx].cpu())
+            self.kept += take
+
+    def samples(self) -> torch.Tensor:
+        return torch.cat(self.chunks) if self.chunks else torch.zeros(1)
+
+
+def clip_value(samples: torch.Tensor, lo: float, hi: float, bits: int, signed: bool,
+               method: CalibMethod, percentile: float) -> float:
+    """The clipping magnitude for one layer's input."""
+    peak = max(abs(lo), abs(hi)) if signed else max(hi, 0.0)
+    if peak <= 0:
+        return 1.0  # an all-zero input: any scale is exact
+    mag = samples.abs() if signed else samples.clamp(min=0)
+    if method == "minmax":
+        return peak
+    if method == "percentile":
+        return float(np.percentile(mag.numpy(), percentile)) or peak
+    # mse: grid search over fractions of the peak, error measured on the samples
+    best, best_err = peak, float("inf")
+    x = samples.float()
+    for frac in np.linspace(0.02, 1.0, 80):
+        c = peak * float(frac)
+        s = qmath.scale_for_range(c, bits, signed)
+        err = float(((qmath.quantize_act(x, s, bits, signed) * s - x) ** 2).mean())
+        if err < best_err:
+            best, best_err = c, err
+    return best
+
+
+def iterate_batches(calib: object, batch_size: int) -> Iterator[torch.Tensor]:
+    """Calibration data as float32 batches: an array/tensor [n, ...] or an iterable of batches
+    (tensors, arrays, or (input, label) pairs as a DataLoader yields)."""
+    if isinstance(calib, np.ndarray):
+        calib = torch.from_numpy(calib)
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() == 0 or calib.shape[0] == 0:
+            raise ValueError("calibration data is empty: pass a few hundred representative inputs")
+        for i in range(0, calib.shape[0], batch_size):
+            yield calib[i:i + batch_size].float()
+        return
+    if isinstance(calib, Iterable):
+        n = 0
+        for b in calib:
+            if isinstance(b, (tuple, list)):
+                b = b[0]
+            yield torch.as_tensor(b).float()
+            n += 1
+        if n == 0:
+            raise ValueError("calibration data is empty: pass a few hundred representative inputs")
+        return
+    raise TypeError(f"calibration data must be an array, a tensor or an iterable of batches, got {type(calib).__name__}")
+
+
+def run_batches(model: nn.Module, calib: object, batch_size: int, desc: str, progress: bool) -> int:
+    count = 0
+    batches = list(iterate_batches(calib, batch_size))
+    with torch.no_grad():
+        for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            model(b)
+            count += b.shape[0]
+    return count
+
+
+def calibrate_activations(model: nn.Module, layers: dict[str, QuantLayer], calib: object, method: dict[str, tuple[str, float]],
+                          batch_size: int = 64, progress: bool = True) -> dict[str, dict[str, float]]:
+    """Observe every quantized layer's input over ``calib`` and set its activation scale.
+
+    ``method`` maps layer name -> (calibration method, percentile).  Returns a per-layer report.
+    """
+    observers = {name: _Observer(seed=i) for i, name in enumerate(layers)}
+    handles = [layers[n].register_forward_pre_hook(observers[n]) for n in layers]
+    was_calibrated = {n: m.calibrated for n, m in layers.items()}
+    try:
+        for m in layers.values():
+            m.calibrated = False  # observe float activations of the weight-quantized network
+        run_batches(model, calib, batch_size, "calibrating activations", progress)
+    finally:
+        for h in handles:
+            h.remove()
+        for n, m in layers.items():
+            m.calibrated = was_calibrated[n]
+    report = {}
+    for name, layer in layers.items():
+        ob = observers[name]
+        if ob.lo == float("inf"):
+            raise ValueError(f"layer {name!r} was never executed on the calibration data: is it used in forward()?")
+        signed = ob.lo < 0
+        meth, pct = method[name]
+        c = clip_value(ob.samples(), ob.lo, ob.hi, layer.act_bits, signed, meth, pct)  # type: ignore[arg-type]
+        scale = qmath.scale_for_range(c, layer.act_bits, signed)
+        layer.set_activation(scale, signed)
+        report[name] = {"min": ob.lo, "max": ob.hi, "clip": c, "scale": scale, "signed": float(signed)}
+    return report
+
+
+def reestimate_batchnorm(model: nn.Module, calib: object, batch_size: int = 64, progress: bool = True) -> int:
+    """Recompute BN running statistics on ``calib`` with the quantized network (gamma, beta fixed)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    saved = [(m.momentum, m.training) for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all batches
+        m.train()
+    try:
+        n = run_batches(model, calib, batch_size, "re-estimating batch norm", progress)
+    finally:
+        for m, (mom, tr) in zip(bns, saved):
+            m.momentum = mom
+            m.train(tr)
+    model.eval()
+    return n

@@ -1,0 +1,205 @@
+"""FGQ: post-training grouped-ternary weights with 8/4-bit activations (Mellempudi et al. 2017).
+
+Procedure (``quantize_fgq``), on a copy of the model unless ``inplace``:
+
+1. every Conv2d/Linear the configuration selects is replaced by a fake-quant layer whose weight is
+   ternarized in static groups of N input channels per (output channel, kernel position), with the
+   exact per-group solver (``qmath.ternarize_groups``) and an integer-coded alpha;
+2. activation ranges are calibrated on the calibration data (min-max, percentile or MSE);
+3. batch-norm statistics are re-estimated with the quantized network, and activations recalibrated;
+4. each batch norm that directly follows a quantized conv is folded into that layer's per-channel
+   epilogue, so the exported graph is conv -> epilogue with no separate batch norm.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from tvm_lowbit import qmath
+from tvm_lowbit.quantizers import calibrate
+from tvm_lowbit.quantizers.layers import QConv2d, QLinear, QuantLayer, quant_layers
+
+LAYER_POLICIES = ("float", "fgq")
+_LAYER_KEYS = ("group_size", "act_bits", "threshold", "alpha_bits", "calibration", "percentile")
+
+
+@dataclass(frozen=True)
+class FGQ:
+    """Configuration of FGQ post-training quantization.
+
+    group_size: N, weights sharing one alpha (4 in the paper's headline results; 64 saves ~99% of
+    multiplies).  act_bits: 8 or 4 (2..8 accepted).  threshold: ``exact`` (L2-optimal, default),
+    ``twn`` (0.7 * mean|w|) or ``asym`` (separate positive/negative thresholds, one alpha).
+    alpha_bits: width of the integer alpha codes (against a per-channel float scale).
+    calibration: ``minmax`` | ``percentile`` | ``mse``.  bn_reestimate: recompute batch-norm
+    statistics with the quantized network.  first_layer / last_layer: ``float`` (keep in float, as
+    most ternary work does) or ``fgq``.  overrides: module-name pattern (fnmatch) -> ``"float"`` to
+    keep a layer in float, or a dict of the per-layer keys above; later patterns win.
+    """
+
+    group_size: int = 4
+    act_bits: int = 8
+    threshold: str = "exact"
+    alpha_bits: int = 8
+    calibration: str = "mse"
+    percentile: float = 99.99
+    bn_reestimate: bool = True
+    first_layer: str = "float"
+    last_layer: str = "float"
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check_layer_settings(asdict(self), where="FGQ")
+        for name in ("first_layer", "last_layer"):
+            if getattr(self, name) not in LAYER_POLICIES:
+                raise ValueError(f"FGQ {name}={getattr(self, name)!r}: use one of {', '.join(LAYER_POLICIES)}")
+        if not isinstance(self.overrides, Mapping):
+            raise TypeError("FGQ overrides must be a mapping of module-name pattern -> 'float' or dict of settings")
+        for pattern, ov in self.overrides.items():
+            if ov is None or ov == "float":
+                continue
+            if not isinstance(ov, Mapping):
+                raise ValueError(f"FGQ override {pattern!r}: use 'float' or a dict with keys {', '.join(_LAYER_KEYS)}")
+            unknown = set(ov) - set(_LAYER_KEYS)
+            if unknown:
+                raise ValueError(f"FGQ override {pattern!r}: unknown option(s) {', '.join(sorted(unknown))}; "
+                                 f"per-layer options are {', '.join(_LAYER_KEYS)}")
+            _check_layer_settings(dict(ov), where=f"FGQ override {pattern!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"FGQ batch_size must be >= 1, got {self.batch_size}")
+
+    def settings_for(self, name: str, position: str | None) -> "FGQ | None":
+        """The effective settings of layer ``name`` (``position`` is 'first', 'last' or None), or None
+        if the layer stays in float."""
+        cfg: FGQ | None = self
+        if position == "first" and self.first_layer == "float":
+            cfg = None
+        if position == "last" and self.last_layer == "float":
+            cfg = None
+        for pattern, ov in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                cfg = None if ov is None or ov == "float" else replace(self, **dict(ov))
+        return cfg
+
+
+def _check_layer_settings(s: dict[str, Any], where: str) -> None:
+    if "group_size" in s and (not isinstance(s["group_size"], int) or s["group_size"] < 1):
+        raise ValueError(f"{where}: group_size must be an integer >= 1, got {s['group_size']!r}")
+    if "act_bits" in s and (not isinstance(s["act_bits"], int) or not 2 <= s["act_bits"] <= 8):
+        raise ValueError(f"{where}: act_bits must be an integer in 2..8, got {s['act_bits']!r}")
+    if "alpha_bits" in s and (not isinstance(s["alpha_bits"], int) or not 2 <= s["alpha_bits"] <= 8):
+        raise ValueError(f"{where}: alpha_bits must be an integer in 2..8, got {s['alpha_bits']!r}")
+    if "threshold" in s and s["threshold"] not in qmath.THRESHOLD_MODES:
+        raise ValueError(f"{where}: unknown threshold {s['threshold']!r}; use one of {', '.join(qmath.THRESHOLD_MODES)}")
+    if "calibration" in s and s["calibration"] not in calibrate.CALIB_METHODS:
+        raise ValueError(f"{where}: unknown calibration {s['calibration']!r}; use one of {', '.join(calibrate.CALIB_METHODS)}")
+    if "percentile" in s and not 50.0 < float(s["percentile"]) <= 100.0:
+        raise ValueError(f"{where}: percentile must be in (50, 100], got {s['percentile']!r}")
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of Conv2d/Linear modules in the order forward() calls them."""
+    order: list[str] = []
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            handles.append(m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n) if n not in order else None))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def conv_bn_pairs(model: nn.Module) -> dict[str, str]:
+    """conv name -> name of the BatchNorm2d that is the sole consumer of its output (via torch.fx)."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as e:  # data-dependent control flow etc.: batch norms then stay separate
+        warnings.warn(f"torch.fx could not trace the model ({type(e).__name__}); batch norms will not be "
+                      "folded into quantized layers (still correct, slower)", stacklevel=3)
+        return {}
+    mods = dict(gm.named_modules())
+    pairs = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(mods.get(node.target), nn.BatchNorm2d):
+            src = node.args[0]
+            if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                    and isinstance(mods.get(src.target), nn.Conv2d) and len(src.users) == 1):
+                pairs[str(src.target)] = str(node.target)
+    return pairs
+
+
+def quantize_fgq(model: nn.Module, config: FGQ, calib_data: object, *, inplace: bool = False,
+                 progress: bool = True) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize() takes a torch.nn.Module, got {type(model).__name__}")
+    first_batch = next(calibrate.iterate_batches(calib_data, config.batch_size))
+    qmodel = model if inplace else copy.deepcopy(model)
+    qmodel.eval()
+    try:
+        order = execution_order(qmodel, first_batch[:1])
+    except Exception as e:
+        raise ValueError(f"the model failed on a calibration batch of shape {tuple(first_batch.shape)}: "
+                         f"{type(e).__name__}: {e}") from e
+    if not order:
+        raise ValueError("the model has no quantizable layer (no nn.Conv2d or nn.Linear is called in forward)")
+    pairs = conv_bn_pairs(qmodel)
+
+    chosen: dict[str, FGQ] = {}
+    for i, name in enumerate(order):
+        pos = "first" if i == 0 else "last" if i == len(order) - 1 else None
+        cfg = config.settings_for(name, pos)
+        if cfg is not None:
+            chosen[name] = cfg
+    if not chosen:
+        raise ValueError(f"no layer left to quantize: all {len(order)} Conv2d/Linear layers are kept in float by "
+                         "first_layer/last_layer/overrides; relax the policy (e.g. first_layer='fgq')")
+
+    for name, cfg in chosen.items():
+        m = qmodel.get_submodule(name)
+        w = m.weight.detach()
+        if not torch.isfinite(w).all():
+            raise ValueError(f"layer {name!r}: weight {tuple(w.shape)} holds NaN/Inf values; fix or retrain the "
+                             f"model, or keep the layer in float with overrides={{{name!r}: 'float'}}")
+        tw = qmath.ternarize_weight(w, cfg.group_size, cfg.threshold, cfg.alpha_bits)  # type: ignore[arg-type]
+        q: QuantLayer = QConv2d(name, m, tw, cfg.act_bits) if isinstance(m, nn.Conv2d) else QLinear(name, m, tw, cfg.act_bits)
+        _set_module(qmodel, name, q)
+
+    layers = quant_layers(qmodel)
+    methods = {n: (chosen[n].calibration, chosen[n].percentile) for n in layers}
+    calibrate.calibrate_activations(qmodel, layers, calib_data, methods, config.batch_size, progress)
+    if config.bn_reestimate:
+        if calibrate.reestimate_batchnorm(qmodel, calib_data, config.batch_size, progress):
+            calibrate.calibrate_activations(qmodel, layers, calib_data, methods, config.batch_size, progress)
+
+    for conv_name, bn_name in pairs.items():
+        layer = layers.get(conv_name)
+        if layer is None:
+            continue
+        bn = qmodel.get_submodule(bn_name)
+        a = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        b = bn.bias.detach().double() - bn.running_mean.double() * a
+        layer.bn_fold = (a.clone(), b.clone())
+        layer.refresh_epilogue(a, b)
+        _set_module(qmodel, bn_name, nn.Identity())
+    qmodel.tvm_lowbit_config = {"scheme": "fgq", **{f.name: getattr(config, f.name) for f in fields(config)
+                                                     if f.name != "overrides"}}
+    return qmodel.eval()

@@ -1,0 +1,153 @@
+"""Fake-quant layers that compute the integer math of ``qmath`` exactly, in PyTorch.
+
+A quantized layer holds integer weights ``w_int = alpha_q * t`` (grouped ternary), the input
+activation quantizer (scale, bits, signedness) and a per-channel float epilogue (``out_scale``,
+``out_bias``) into which the input scale, the alpha scale, the bias and a following batch norm are
+folded.  Its forward is::
+
+    q   = clip(round(x / act_scale), lo, hi)          # float32 tensor of integer codes
+    acc = conv2d(q, w_int)                            # exact: float64 when float32 could round
+    y   = qmath.epilogue(acc, out_scale, out_bias)    # float32
+
+``torch.export`` of such a layer gives the quantize -> conv -> epilogue chain that the Relax pass
+``tvm_lowbit.passes.ternary`` matches and replaces by one integer operator.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tvm_lowbit import qmath
+
+# float32 adds integers exactly while every partial sum stays below 2^24
+_F32_EXACT = 2 ** 24
+
+
+class QuantLayer(nn.Module):
+    """Common state of QConv2d and QLinear; built by the quantizer, not by hand."""
+
+    kind = "linear"
+
+    def __init__(self, name: str, tw: qmath.TernaryWeight, bias: torch.Tensor | None, act_bits: int) -> None:
+        super().__init__()
+        self.layer_name = name
+        self.group_size = tw.layout.group_size
+        self.act_bits = act_bits
+        self.act_signed = True
+        self.calibrated = False
+        self.tw = tw
+        w_int = tw.w_int
+        self.register_buffer("w_int", w_int.to(torch.float32))
+        self.register_buffer("act_scale", torch.tensor(1.0, dtype=torch.float32))
+        k = w_int.shape[0]
+        self.register_buffer("w_scale", tw.w_scale.clone())
+        self.register_buffer("bias", torch.zeros(k) if bias is None else bias.detach().float().clone())
+        self.register_buffer("out_scale", torch.zeros(k))
+        self.register_buffer("out_bias", torch.zeros(k))
+        self.folded = False
+
+    # -- the two phases before the layer is final -------------------------------------------
+    def set_activation(self, scale: float, signed: bool) -> None:
+        self.act_scale.fill_(scale)
+        self.act_signed = signed
+        self.calibrated = True
+        self.refresh_epilogue()
+
+    def refresh_epilogue(self, bn_scale: torch.Tensor | None = None, bn_shift: torch.Tensor | None = None) -> None:
+        """out_scale = s_x * w_scale (* bn_a); out_bias = bias (* bn_a + bn_b), in float64 then float32."""
+        s = float(self.act_scale) * self.w_scale.double()
+        b = self.bias.double()
+        if bn_scale is not None and bn_shift is not None:
+            s = s * bn_scale.double()
+            b = b * bn_scale.double() + bn_shift.double()
+            self.folded = True
+        self.out_scale.copy_(s.float())
+        self.out_bias.copy_(b.float())
+
+    def exact_dtype(self) -> torch.dtype:
+        """float32 when no partial sum can reach 2^24, else float64 (both give exact integer sums)."""
+        _, hi = qmath.act_range(self.act_bits, self.act_signed)
+        bound = float(self.w_int.abs().reshape(self.w_int.shape[0], -1).sum(1).max()) * max(hi, 1)
+        return torch.float32 if bound < _F32_EXACT else torch.float64
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return qmath.quantize_act(x, float(self.act_scale), self.act_bits, self.act_signed)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        shape = [-1] + [1] * (self.w_int.dim() - 1)
+        return (self.w_int.double() * self.w_scale.double().reshape(shape)).float()
+
+    def _integer_op(self, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.calibrated:  # weights-only phase (calibration, BN re-estimation)
+            return self._float_op(x, self.dequantized_weight(), self.bias)
+        q = self.quantize_input(x)
+        dt = self._dtype
+        acc = self._integer_op(q.to(dt), self.w_int.to(dt))
+        return qmath.epilogue(acc, self.out_scale, self.out_bias, relu=False, channel_dim=self.channel_dim)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        # cached: the bound only changes when activations are (re)calibrated
+        cache = getattr(self, "_dtype_cache", None)
+        key = (self.act_bits, self.act_signed)
+        if cache is None or cache[0] != key:
+            cache = (key, self.exact_dtype())
+            self._dtype_cache = cache
+        return cache[1]
+
+    def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    channel_dim = -1
+
+    def extra_repr(self) -> str:
+        return (f"{self.layer_name!r}, w={tuple(self.w_int.shape)}, N={self.group_size}, "
+                f"act={'s' if self.act_signed else 'u'}{self.act_bits}, scale={float(self.act_scale):.4g}, "
+                f"bn_folded={self.folded}")
+
+
+class QConv2d(QuantLayer):
+    kind = "conv2d"
+    channel_dim = 1
+
+    def __init__(self, name: str, conv: nn.Conv2d, tw: qmath.TernaryWeight, act_bits: int) -> None:
+        super().__init__(name, tw, conv.bias, act_bits)
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"layer {name!r}: only numeric zero padding is supported "
+                             f"(got padding={conv.padding!r}, padding_mode={conv.padding_mode!r})")
+        self.stride = tuple(conv.stride)
+        self.padding = tuple(conv.padding)
+        self.dilation = tuple(conv.dilation)
+        self.groups = conv.groups
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _integer_op(self, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self._conv(q, w, None)
+
+    def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, w, b)
+
+
+class QLinear(QuantLayer):
+    kind = "linear"
+    channel_dim = -1
+
+    def __init__(self, name: str, lin: nn.Linear, tw: qmath.TernaryWeight, act_bits: int) -> None:
+        super().__init__(name, tw, lin.bias, act_bits)
+
+    def _integer_op(self, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(q, w.t())
+
+    def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
