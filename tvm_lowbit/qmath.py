@@ -319,7 +319,7 @@ def act_dtype(bits: int, signed: bool) -> str:
 def quantize_act(x: torch.Tensor, scale: float, bits: int, signed: bool) -> torch.Tensor:
     """Fake-quant codes (float32 tensor holding integers): clip(round(x / scale), lo, hi)."""
     lo, hi = act_range(bits, signed)
-    s = torch.tensor(scale, dtype=torch.float32)
+    s = float(np.float32(scale))  # a float32 value; division by it happens in float32
     return torch.clamp(torch.round(x.to(torch.float32) / s), lo, hi)
 
 
@@ -385,3 +385,19 @@ def conv2d_int_np(q: np.ndarray, w_int: np.ndarray, stride: tuple[int, int], pad
 def dense_int_np(q: np.ndarray, w_int: np.ndarray) -> np.ndarray:
     """Exact int64 q[..., C] @ w_int[K, C].T."""
     return np.asarray(q, np.int64) @ np.asarray(w_int, np.int64).T
+
+
+def decompose_w_int(w_int: np.ndarray, group_size: int, alpha_bits: int = 8) -> TernaryWeight | None:
+    """Recover the FGQ form (t, alpha_q) of an integer weight ``alpha_q * t`` with groups of ``group_size``,
+    or None if ``w_int`` is not of that form (a group holding two different non-zero magnitudes, a
+    non-integer value, or an alpha code wider than ``alpha_bits``).  ``w_scale`` is set to ones."""
+    w = torch.from_numpy(np.ascontiguousarray(w_int, dtype=np.float64))
+    if not torch.isfinite(w).all() or not torch.equal(w, torch.round(w)):
+        return None
+    lay = group_layout(tuple(w.shape), group_size)
+    g = to_grouped(w, lay)
+    alpha_q = g.abs().amax(dim=-1)
+    t = torch.sign(g)
+    if not torch.equal(t * alpha_q[..., None], g) or (alpha_q.numel() and float(alpha_q.max()) > 2 ** alpha_bits - 1):
+        return None
+    return TernaryWeight(lay, t.to(torch.int8), alpha_q.to(torch.int64), torch.ones(lay.out_channels))

@@ -34,10 +34,11 @@ class _Observer:
 
     def __call__(self, _m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         x = args[0].detach().float()
-        if not torch.isfinite(x).all():
+        lo, hi = (float(v) for v in torch.aminmax(x))  # NaN propagates into min/max
+        if not (np.isfinite(lo) and np.isfinite(hi)):
             raise ValueError("non-finite activations reached a quantized layer during calibration")
-        self.lo = min(self.lo, float(x.min()))
-        self.hi = max(self.hi, float(x.max()))
+        self.lo = min(self.lo, lo)
+        self.hi = max(self.hi, hi)
         flat = x.reshape(-1)
         take = min(flat.numel(), max(2048, _MAX_SAMPLES // 8))
         if self.kept < _MAX_SAMPLES:
@@ -61,15 +62,23 @@ def clip_value(samples: torch.Tensor, lo: float, hi: float, bits: int, signed: b
     if method == "percentile":
         return float(np.percentile(mag.numpy(), percentile)) or peak
     # mse: grid search over fractions of the peak, error measured on the samples
-    best, best_err = peak, float("inf")
-    x = samples.float()
-    for frac in np.linspace(0.02, 1.0, 80):
-        c = peak * float(frac)
-        s = qmath.scale_for_range(c, bits, signed)
-        err = float(((qmath.quantize_act(x, s, bits, signed) * s - x) ** 2).mean())
-        if err < best_err:
-            best, best_err = c, err
-    return best
+    cands = [peak * float(f) for f in np.linspace(0.02, 1.0, 80)]
+    errs = mse_errors(samples.numpy(), cands, bits, signed)
+    return cands[int(np.argmin(errs))]  # first minimum
+
+
+def mse_errors(x: np.ndarray, clips: list[float], bits: int, signed: bool, chunk: int = 16) -> np.ndarray:
+    """Mean squared error of quantizing the samples ``x`` with each clip value (vectorised, with the
+    exact rounding of ``qmath.quantize_act``)."""
+    lo, hi = qmath.act_range(bits, signed)
+    x = np.asarray(x, np.float32).reshape(1, -1)
+    scales = np.array([qmath.scale_for_range(c, bits, signed) for c in clips], np.float32)[:, None]
+    out = []
+    for i in range(0, len(clips), chunk):
+        s = scales[i:i + chunk]
+        q = np.clip(np.round(x / s), lo, hi)
+        out.append(np.square(q * s - x, dtype=np.float64).mean(1))
+    return np.concatenate(out)
 
 
 def iterate_batches(calib: object, batch_size: int) -> Iterator[torch.Tensor]:

@@ -147,6 +147,27 @@ def conv_bn_pairs(model: nn.Module) -> dict[str, str]:
     return pairs
 
 
+def _choose(order: list[str], config: FGQ) -> dict[str, FGQ]:
+    chosen: dict[str, FGQ] = {}
+    for i, name in enumerate(order):
+        pos = "first" if i == 0 else "last" if i == len(order) - 1 else None
+        cfg = config.settings_for(name, pos)
+        if cfg is not None:
+            chosen[name] = cfg
+    return chosen
+
+
+def selected_layers(model: nn.Module, config: FGQ, example: torch.Tensor) -> dict[str, FGQ]:
+    """Layer name -> effective settings, for the Conv2d/Linear layers ``config`` would quantize
+    (in execution order; ``example`` is one input batch)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _choose(execution_order(model, example), config)
+    finally:
+        model.train(was_training)
+
+
 def quantize_fgq(model: nn.Module, config: FGQ, calib_data: object, *, inplace: bool = False,
                  progress: bool = True) -> nn.Module:
     if not isinstance(model, nn.Module):
@@ -163,12 +184,7 @@ def quantize_fgq(model: nn.Module, config: FGQ, calib_data: object, *, inplace: 
         raise ValueError("the model has no quantizable layer (no nn.Conv2d or nn.Linear is called in forward)")
     pairs = conv_bn_pairs(qmodel)
 
-    chosen: dict[str, FGQ] = {}
-    for i, name in enumerate(order):
-        pos = "first" if i == 0 else "last" if i == len(order) - 1 else None
-        cfg = config.settings_for(name, pos)
-        if cfg is not None:
-            chosen[name] = cfg
+    chosen = _choose(order, config)
     if not chosen:
         raise ValueError(f"no layer left to quantize: all {len(order)} Conv2d/Linear layers are kept in float by "
                          "first_layer/last_layer/overrides; relax the policy (e.g. first_layer='fgq')")

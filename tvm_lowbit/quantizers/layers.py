@@ -37,6 +37,8 @@ class QuantLayer(nn.Module):
         self.act_bits = act_bits
         self.act_signed = True
         self.calibrated = False
+        self.scale_value = 1.0
+        self.acc_dtype = torch.float64
         self.tw = tw
         w_int = tw.w_int
         self.register_buffer("w_int", w_int.to(torch.float32))
@@ -51,8 +53,10 @@ class QuantLayer(nn.Module):
     # -- the two phases before the layer is final -------------------------------------------
     def set_activation(self, scale: float, signed: bool) -> None:
         self.act_scale.fill_(scale)
+        self.scale_value = float(self.act_scale)  # a Python float, so torch.export sees a constant
         self.act_signed = signed
         self.calibrated = True
+        self.acc_dtype = self.exact_dtype()
         self.refresh_epilogue()
 
     def refresh_epilogue(self, bn_scale: torch.Tensor | None = None, bn_shift: torch.Tensor | None = None) -> None:
@@ -73,7 +77,7 @@ class QuantLayer(nn.Module):
         return torch.float32 if bound < _F32_EXACT else torch.float64
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return qmath.quantize_act(x, float(self.act_scale), self.act_bits, self.act_signed)
+        return qmath.quantize_act(x, self.scale_value, self.act_bits, self.act_signed)
 
     def dequantized_weight(self) -> torch.Tensor:
         shape = [-1] + [1] * (self.w_int.dim() - 1)
@@ -86,19 +90,8 @@ class QuantLayer(nn.Module):
         if not self.calibrated:  # weights-only phase (calibration, BN re-estimation)
             return self._float_op(x, self.dequantized_weight(), self.bias)
         q = self.quantize_input(x)
-        dt = self._dtype
-        acc = self._integer_op(q.to(dt), self.w_int.to(dt))
+        acc = self._integer_op(q.to(self.acc_dtype), self.w_int.to(self.acc_dtype))
         return qmath.epilogue(acc, self.out_scale, self.out_bias, relu=False, channel_dim=self.channel_dim)
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        # cached: the bound only changes when activations are (re)calibrated
-        cache = getattr(self, "_dtype_cache", None)
-        key = (self.act_bits, self.act_signed)
-        if cache is None or cache[0] != key:
-            cache = (key, self.exact_dtype())
-            self._dtype_cache = cache
-        return cache[1]
 
     def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -1,0 +1,228 @@
+"""``tvm_lowbit.compile``: a quantized model -> Relax -> integer kernels -> a runnable, exportable artifact.
+
+Pipeline (printable with ``pipeline_description()``):
+  1. import: ``torch.export`` + ``from_exported_program`` (weights bound as constants), or ONNX
+  2. ``LowerTernary``: fake-quant layers -> grouped-ternary kernels over packed 2-bit weights
+  3. ``ApplyKernelSchedules``: the kernels' default schedule for the target
+  4. ``tvm.compile`` (Relax default pipeline: legalize the float ops, fuse, lower, build)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tvm_lowbit.passes.ternary import LayerInfo, LoweringReport, weight_key
+from tvm_lowbit.quantizers.layers import quant_layers
+from tvm_lowbit.targets import TargetSpec, load_target
+
+PIPELINE = ["import (torch.export / ONNX) -> Relax", "FoldConstant", "LowerTernary",
+            "ApplyKernelSchedules", "tvm.compile (Relax default pipeline)"]
+
+
+class CompileError(RuntimeError):
+    pass
+
+
+def pipeline_description() -> str:
+    return " -> ".join(PIPELINE)
+
+
+def layer_infos(qmodel: nn.Module) -> dict[str, LayerInfo]:
+    return {weight_key(m.w_int.numpy()): LayerInfo(name, m.group_size) for name, m in quant_layers(qmodel).items()}
+
+
+def _constants_bytes(func: Any) -> int:
+    from tvm import relax
+
+    total = 0
+    seen: set[int] = set()
+
+    def visit(e: Any) -> None:
+        nonlocal total
+        if isinstance(e, relax.expr.GenericConst if hasattr(relax.expr, "GenericConst") else ()) or (
+                type(e).__name__ == "GenericConst"):
+            v = e.value
+            if hasattr(v, "numpy") and e.__hash__() not in seen:
+                seen.add(e.__hash__())
+                total += v.numpy().nbytes
+
+    relax.analysis.post_order_visit(func, visit)
+    return total
+
+
+def _strip_single_tuple(mod: Any) -> Any:
+    """``main`` returns a 1-tuple after torch import; return the tensor itself (RPC clients need that)."""
+    from tvm import relax
+
+    f = mod["main"]
+    if isinstance(f.ret_ty, relax.TupleType) and len(f.ret_ty.fields) == 1:
+        body = relax.SeqExpr(f.body.blocks, relax.TupleGetItem(f.body.body, 0))
+        mod["main"] = relax.Function(f.params, body, f.ret_ty.fields[0], f.is_pure, f.attrs)
+    return mod
+
+
+@dataclass
+class Artifact:
+    """A compiled model: run it, time it, export it (``load_artifact`` reads it back)."""
+
+    target: TargetSpec
+    executable: Any
+    input_shape: tuple[int, ...]
+    input_dtype: str = "float32"
+    report: LoweringReport = field(default_factory=LoweringReport)
+    weight_bytes: int = 0
+    num_outputs: int = 1
+    compile_seconds: float = 0.0
+    _vm: Any = None
+
+    def _machine(self) -> Any:
+        if not self.target.is_host:
+            raise CompileError(f"this artifact is built for {self.target.name} ({self.target.arch}); it cannot run on "
+                               "this host: export it and run it on the board (tvm-lowbit deploy)")
+        if self._vm is None:
+            import tvm
+            from tvm import relax
+
+            self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
+        return self._vm
+
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=self.input_dtype)
+        if tuple(x.shape) != tuple(self.input_shape):
+            raise ValueError(f"input shape {tuple(x.shape)} does not match the compiled shape {self.input_shape}; "
+                             "compile again with an example input of the shape you will run")
+        return x
+
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        import tvm
+
+        out = self._machine()["main"](tvm.runtime.tensor(self._check(x)))
+        if hasattr(out, "numpy"):
+            return [out.numpy()]
+        return [o.numpy() for o in out]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The model output for one input batch of the compiled shape."""
+        return self.run_all(x)[0]
+
+    def median_ms(self, x: np.ndarray, repeat: int = 20) -> float:
+        import tvm
+
+        vm = self._machine()
+        vm.set_input("main", tvm.runtime.tensor(self._check(x)))
+        timer = vm.time_evaluator("invoke_stateful", tvm.cpu(), number=1, repeat=max(repeat, 1), min_repeat_ms=0)
+        res = timer("main")
+        return float(np.median(np.asarray(res.results)) * 1e3)
+
+    def export(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``model.so`` and ``meta.json`` into ``directory`` atomically (nothing is left on failure)."""
+        out = Path(directory)
+        cc = self.target.compiler_path()
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent if out.parent.exists() else None))
+        try:
+            lib = tmp / "model.so"
+            if cc is None:
+                self.executable.export_library(str(lib))
+            else:
+                self.executable.export_library(str(lib), cc=cc)
+            meta = {"target": self.target.name, "target_dict": self.target.target_dict, "arch": self.target.arch,
+                    "input_shape": list(self.input_shape), "input_dtype": self.input_dtype,
+                    "num_outputs": self.num_outputs, "weight_bytes": self.weight_bytes,
+                    "lowered": self.report.lowered, "fallback": self.report.fallback}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+
+def load_artifact(directory: str | os.PathLike[str]) -> Artifact:
+    """Load an exported artifact (host-architecture artifacts only; board ones go through deploy)."""
+    import tvm
+
+    d = Path(directory)
+    meta_path = d / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{d} is not a tvm_lowbit artifact (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    spec = load_target(meta["target"])
+    lib = tvm.runtime.load_module(str(d / "model.so")) if spec.is_host else None
+    rep = LoweringReport(lowered=meta.get("lowered", []), fallback=[tuple(x) for x in meta.get("fallback", [])])
+    return Artifact(spec, lib, tuple(meta["input_shape"]), meta.get("input_dtype", "float32"), rep,
+                    meta.get("weight_bytes", 0), meta.get("num_outputs", 1))
+
+
+def import_torch(model: nn.Module, example: torch.Tensor) -> Any:
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        ep = torch.export.export(model.eval(), (example,))
+    except Exception as e:
+        raise CompileError(f"torch.export failed on the model with an input of shape {tuple(example.shape)}: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return import_exported(ep)
+
+
+def import_exported(ep: Any) -> Any:
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        return from_exported_program(ep, keep_params_as_input=False)
+    except Exception as e:
+        msg = str(e).splitlines()
+        raise CompileError("TVM's PyTorch importer cannot convert the model: "
+                           f"{type(e).__name__}: {msg[0] if msg else ''} (unsupported operator?)") from e
+
+
+def build(mod: Any, target: str | TargetSpec, infos: dict[str, LayerInfo] | None, input_shape: tuple[int, ...],
+          *, expose_acc: bool = False, verbose: bool = False) -> Artifact:
+    """Lower, schedule and build a Relax module imported from a fake-quant model."""
+    import tvm
+
+    from tvm_lowbit.passes import apply_default_schedules, lower_ternary
+
+    spec = load_target(target)
+    t0 = time.time()
+    tgt = spec.tvm_target()
+    mod, report = lower_ternary(mod, infos, expose_acc=expose_acc)
+    if not expose_acc:
+        mod = _strip_single_tuple(mod)
+    weight_bytes = _constants_bytes(mod["main"])
+    mod = apply_default_schedules(mod, tgt)
+    try:
+        ex = tvm.compile(mod, target=tgt)
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise CompileError(f"TVM failed to build the model for {spec.name}: {type(e).__name__}: "
+                           f"{msg[-1] if msg else ''}") from e
+    ret = mod["main"].ret_ty
+    n_out = len(ret.fields) if hasattr(ret, "fields") else 1
+    art = Artifact(spec, ex, tuple(input_shape), "float32", report, weight_bytes, n_out, time.time() - t0)
+    if verbose:
+        print(report.text())
+    return art
+
+
+def compile(qmodel: nn.Module, example_input: torch.Tensor | np.ndarray, target: str | TargetSpec = "x86-host",
+            *, expose_acc: bool = False, verbose: bool = False) -> Artifact:
+    """Compile a model returned by ``tvm_lowbit.quantize`` (or a float model: everything stays float)."""
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"compile() takes a torch.nn.Module (from tvm_lowbit.quantize), got {type(qmodel).__name__}")
+    spec = load_target(target)  # a bad target name fails before the slow import
+    x = torch.as_tensor(np.asarray(example_input, dtype=np.float32))
+    mod = import_torch(qmodel, x)
+    return build(mod, spec, layer_infos(qmodel), tuple(x.shape), expose_acc=expose_acc, verbose=verbose)
