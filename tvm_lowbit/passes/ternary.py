@@ -31,7 +31,8 @@ from tvm.ir import Op
 from tvm_lowbit import kernels, qmath
 
 _OPS = {n: Op.get(f"relax.{n}") for n in (
-    "clip", "round", "divide", "astype", "nn.conv2d", "matmul", "permute_dims", "multiply", "add", "nn.relu")}
+    "clip", "round", "divide", "astype", "reshape", "nn.conv2d", "matmul", "permute_dims", "multiply", "add",
+    "nn.relu")}
 
 
 def weight_key(w: np.ndarray) -> str:
@@ -181,12 +182,16 @@ class _Analysis:
         is_conv = call.op.same_as(_OPS["nn.conv2d"])
         data = call.args[0]
         chain = [anchor]
-        cast = _call(data, self.bindings, "astype")
-        if cast is not None:
-            chain_in = [data]
-            data = cast.args[0]
-        else:
-            chain_in = []
+        chain_in = []
+        # casts, and (for matmul) reshapes that merge leading dims, may sit between codes and op
+        while isinstance(data, relax.Var):
+            inner = _call(data, self.bindings, "astype") or (None if is_conv else _call(data, self.bindings, "reshape"))
+            if inner is None:
+                break
+            if inner.op.same_as(_OPS["reshape"]) and int(inner.args[0].ty.shape[-1]) != int(data.ty.shape[-1]):
+                return None
+            chain_in.append(data)
+            data = inner.args[0]
         quant = self._match_quant(data)
         if quant is None:
             return None  # a float layer the configuration does not quantize
@@ -213,7 +218,8 @@ class _Analysis:
             if u is None:
                 break
             val = self.bindings[u.__hash__()]
-            if _call(u, self.bindings, "astype") is not None and scale is None:
+            if scale is None and (_call(u, self.bindings, "astype") is not None
+                                  or (not is_conv and _call(u, self.bindings, "reshape") is not None)):
                 pass
             elif _call(u, self.bindings, "multiply") is not None and scale is None:
                 scale = _const(val.args[1], self.bindings)
@@ -277,6 +283,13 @@ class _Analysis:
             attrs = dict(weight_shape=tuple(int(d) for d in w.shape))
         for v in chain_in:
             if len(self._users(v)) != 1:
+                return None
+        if not is_conv:
+            codes_shape = [int(d) for d in quant.var.ty.shape]
+            expect = tuple(codes_shape[:-1]) + (int(w.shape[0]),)
+            if tuple(int(d) for d in cur.ty.shape) != expect:
+                self.report.fallback.append((name, f"its output shape {tuple(cur.ty.shape)} is not the codes' "
+                                                   f"leading dims + {w.shape[0]}"))
                 return None
         return _Layer(name, "conv2d" if is_conv else "dense", quant, tw, attrs, out_scale, out_bias, relu,
                       cur, chain + [v for v in chain_in if isinstance(v, relax.Var)])
@@ -390,6 +403,11 @@ def lower_ternary(mod: tvm.IRModule, infos: dict[str, LayerInfo] | None = None, 
     analysis = _Analysis(func, infos or {}, report)
     analysis.plan_requant()
     report.lowered = [l.name for l in analysis.layers]
+    seen = set(report.lowered) | {name for name, _ in report.fallback}
+    for info in (infos or {}).values():
+        if info.name not in seen:
+            report.fallback.append((info.name, "quantized by the quantizer, but its quantize -> op -> epilogue "
+                                               "chain was not found in the imported graph"))
     report.requant_fused = [l.name for l in analysis.layers if l.requant is not None]
     if not analysis.layers:
         return mod, report

@@ -2,7 +2,10 @@
 
 Methods: ``minmax`` (largest magnitude seen), ``percentile`` (a high percentile of magnitudes) and
 ``mse`` (the clip value minimising the mean squared quantization error on the samples; clipping
-matters most at 4 bits).  Signedness is read off the data: a layer whose inputs are never negative
+matters most at 4 bits) and ``mse_out`` (the clip value minimising the mean squared error of the
+layer's *output*, computed with the layer's quantized weights on the first ``OUT_IMAGES``
+calibration inputs: it weighs each input error by how much the weights amplify it, and measures the
+effect of clipping where it matters).  Signedness is read off the data: a layer whose inputs are never negative
 (after a ReLU) gets unsigned codes.
 """
 
@@ -19,13 +22,17 @@ from tqdm import tqdm
 from tvm_lowbit import qmath
 from tvm_lowbit.quantizers.layers import QuantLayer
 
-CalibMethod = Literal["minmax", "percentile", "mse"]
-CALIB_METHODS: tuple[str, ...] = ("minmax", "percentile", "mse")
+CalibMethod = Literal["minmax", "percentile", "mse", "mse_out"]
+CALIB_METHODS: tuple[str, ...] = ("minmax", "percentile", "mse", "mse_out")
+OUT_IMAGES = 64  # calibration inputs kept per layer for ``mse_out``
+_GRID = np.linspace(0.02, 1.0, 80)  # candidate clips, as fractions of the largest magnitude seen
 _MAX_SAMPLES = 1 << 17  # values kept per layer for percentile/MSE (a random subsample)
 
 
 class _Observer:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, keep_inputs: int = 0) -> None:
+        self.keep_inputs = keep_inputs
+        self.inputs: list[torch.Tensor] = []
         self.lo = float("inf")
         self.hi = float("-inf")
         self.chunks: list[torch.Tensor] = []
@@ -39,6 +46,9 @@ class _Observer:
             raise ValueError("non-finite activations reached a quantized layer during calibration")
         self.lo = min(self.lo, lo)
         self.hi = max(self.hi, hi)
+        kept_inputs = sum(t.shape[0] for t in self.inputs)
+        if kept_inputs < self.keep_inputs:
+            self.inputs.append(x[: self.keep_inputs - kept_inputs].clone())
         flat = x.reshape(-1)
         take = min(flat.numel(), max(2048, _MAX_SAMPLES // 8))
         if self.kept < _MAX_SAMPLES:
@@ -62,7 +72,7 @@ def clip_value(samples: torch.Tensor, lo: float, hi: float, bits: int, signed: b
     if method == "percentile":
         return float(np.percentile(mag.numpy(), percentile)) or peak
     # mse: grid search over fractions of the peak, error measured on the samples
-    cands = [peak * float(f) for f in np.linspace(0.02, 1.0, 80)]
+    cands = [peak * float(f) for f in _GRID]
     errs = mse_errors(samples.numpy(), cands, bits, signed)
     return cands[int(np.argmin(errs))]  # first minimum
 
@@ -79,6 +89,23 @@ def mse_errors(x: np.ndarray, clips: list[float], bits: int, signed: bool, chunk
         q = np.clip(np.round(x / s), lo, hi)
         out.append(np.square(q * s - x, dtype=np.float64).mean(1))
     return np.concatenate(out)
+
+
+def clip_value_output(layer: QuantLayer, inputs: torch.Tensor, lo: float, hi: float, signed: bool) -> float:
+    """``mse_out``: the clip of the layer's input minimising the mean squared error of its output
+    (quantized weights; reference = the same layer on the unquantized input)."""
+    peak = max(abs(lo), abs(hi)) if signed else max(hi, 0.0)
+    if peak <= 0:
+        return 1.0
+    w = layer.dequantized_weight()
+    with torch.no_grad():
+        ref = layer._float_op(inputs, w, torch.zeros_like(layer.bias))
+        errs = []
+        for frac in _GRID:
+            s = qmath.scale_for_range(peak * float(frac), layer.act_bits, signed)
+            xq = qmath.quantize_act(inputs, s, layer.act_bits, signed) * s
+            errs.append(float(torch.square(layer._float_op(xq, w, torch.zeros_like(layer.bias)) - ref).mean()))
+    return peak * float(_GRID[int(np.argmin(errs))])
 
 
 def iterate_batches(calib: object, batch_size: int) -> Iterator[torch.Tensor]:
@@ -121,7 +148,8 @@ def calibrate_activations(model: nn.Module, layers: dict[str, QuantLayer], calib
 
     ``method`` maps layer name -> (calibration method, percentile).  Returns a per-layer report.
     """
-    observers = {name: _Observer(seed=i) for i, name in enumerate(layers)}
+    observers = {name: _Observer(seed=i, keep_inputs=OUT_IMAGES if method[name][0] == "mse_out" else 0)
+                 for i, name in enumerate(layers)}
     handles = [layers[n].register_forward_pre_hook(observers[n]) for n in layers]
     was_calibrated = {n: m.calibrated for n, m in layers.items()}
     try:
@@ -140,7 +168,10 @@ def calibrate_activations(model: nn.Module, layers: dict[str, QuantLayer], calib
             raise ValueError(f"layer {name!r} was never executed on the calibration data: is it used in forward()?")
         signed = ob.lo < 0
         meth, pct = method[name]
-        c = clip_value(ob.samples(), ob.lo, ob.hi, layer.act_bits, signed, meth, pct)  # type: ignore[arg-type]
+        if meth == "mse_out":
+            c = clip_value_output(layer, torch.cat(ob.inputs), ob.lo, ob.hi, signed)
+        else:
+            c = clip_value(ob.samples(), ob.lo, ob.hi, layer.act_bits, signed, meth, pct)  # type: ignore[arg-type]
         scale = qmath.scale_for_range(c, layer.act_bits, signed)
         layer.set_activation(scale, signed)
         report[name] = {"min": ob.lo, "max": ob.hi, "clip": c, "scale": scale, "signed": float(signed)}

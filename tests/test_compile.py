@@ -1,0 +1,162 @@
+"""End-to-end: quantize -> torch.export -> Relax -> LowerTernary -> build; bit-exact integer accumulators."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tvm_lowbit
+from tvm_lowbit import FGQ, data, qmath, quantize
+from tvm_lowbit.compiler import CompileError, load_artifact
+from tvm_lowbit.models import load_pretrained
+from tvm_lowbit.quantizers.layers import QConv2d, quant_layers
+from tvm_lowbit.targets import TargetError
+
+
+def reference_accumulators(qmodel: nn.Module, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Each quantized layer's int accumulators, from its input codes by the NumPy integer reference."""
+    accs: dict[str, np.ndarray] = {}
+    hooks = []
+    for name, layer in quant_layers(qmodel).items():
+        def hook(m, args, name=name):
+            q = m.quantize_input(args[0]).numpy().astype(np.int64)
+            w = m.w_int.numpy().astype(np.int64)
+            if isinstance(m, QConv2d):
+                accs[name] = qmath.conv2d_int_np(q, w, m.stride, m.padding, m.dilation, m.groups)
+            else:
+                accs[name] = qmath.dense_int_np(q, w)
+        hooks.append(layer.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        out = qmodel(torch.from_numpy(x)).numpy()
+    for h in hooks:
+        h.remove()
+    accs["__out__"] = out
+    return accs
+
+
+def check_bit_exact(qmodel: nn.Module, x: np.ndarray, target: str = "x86") -> tvm_lowbit.compiler.Artifact:
+    art = tvm_lowbit.compile(qmodel, x, target, expose_acc=True)
+    assert not art.report.fallback, art.report.text()
+    outs = art.run_all(x)
+    ref = reference_accumulators(qmodel, x)
+    assert len(outs) == 1 + len(art.report.lowered)
+    for name, acc in zip(art.report.lowered, outs[1:]):
+        assert acc.dtype == np.int32, name
+        np.testing.assert_array_equal(acc.astype(np.int64), ref[name], err_msg=f"accumulators of {name}")
+    np.testing.assert_allclose(outs[0], ref["__out__"], rtol=1e-5, atol=1e-5)
+    return art
+
+
+@pytest.fixture(scope="module")
+def builtin_q() -> nn.Module:
+    return quantize(load_pretrained(), FGQ(group_size=4, act_bits=8), data.calibration_set(128), progress=False)
+
+
+def test_builtin_model_accumulators_bit_exact(builtin_q: nn.Module) -> None:
+    x, _ = data.load("test", limit=2)
+    art = check_bit_exact(builtin_q, x)
+    assert len(art.report.lowered) == len(quant_layers(builtin_q)) == 20
+
+
+def test_builtin_model_predictions_agree_with_fake_quant(builtin_q: nn.Module) -> None:
+    x, _ = data.load("test", limit=400, offset=2000)
+    art = tvm_lowbit.compile(builtin_q, x[:100])
+    assert art.report.requant_fused, "consecutive quantized convs should requantize inside the kernel"
+    with torch.no_grad():
+        ref = builtin_q(torch.from_numpy(x)).numpy().argmax(1)
+    got = np.concatenate([art.run(x[i:i + 100]).argmax(1) for i in range(0, 400, 100)])
+    assert (got == ref).mean() >= 0.999
+
+
+class Variants(nn.Module):
+    """Every operator variant the pass handles, plus float ops that must stay float around it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.c_stride = nn.Conv2d(6, 10, 3, stride=2, padding=1)            # ragged: 6 % 4 != 0
+        self.bn = nn.BatchNorm2d(10)
+        self.c_dil = nn.Conv2d(10, 8, 3, padding=2, dilation=2, bias=False)
+        self.c_grp = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.c_dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)                 # depthwise: groups over taps
+        self.c_1x1 = nn.Conv2d(16, 12, 1)
+        self.c_rect = nn.Conv2d(12, 12, (1, 3), padding=(0, 1))
+        self.ln = nn.LayerNorm(12)
+        self.fc1 = nn.Linear(12, 20)
+        self.fc2 = nn.Linear(20, 12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn(self.c_stride(x)))
+        x = self.c_dil(x)                                   # signed output feeds the grouped conv
+        y = torch.relu(self.c_dw(torch.relu(self.c_grp(x))))
+        x = torch.cat([x, y], dim=1)                        # concatenation
+        x = self.c_rect(torch.relu(self.c_1x1(x))) + 0.5    # residual-style float add
+        x = nn.functional.max_pool2d(x, 2)
+        t = x.flatten(2).transpose(1, 2)                    # [B, T, C] tokens
+        t = self.ln(t)
+        t = t + self.fc2(nn.functional.gelu(self.fc1(t)))   # transformer-style MLP on [B, T, K]
+        t = torch.softmax(t, dim=-1).mean(1)
+        return self.head(t)
+
+
+@pytest.mark.parametrize("group_size,act_bits", [(4, 8), (64, 4)])
+def test_operator_variants_bit_exact(group_size: int, act_bits: int) -> None:
+    torch.manual_seed(group_size)
+    model = Variants().eval()
+    calib = torch.randn(32, 3, 12, 12)
+    q = quantize(model, FGQ(group_size=group_size, act_bits=act_bits, first_layer="fgq", last_layer="fgq"),
+                 calib, progress=False)
+    x = torch.randn(2, 3, 12, 12).numpy()
+    art = check_bit_exact(q, x)
+    assert len(art.report.lowered) == 10
+
+
+def test_unlowerable_layer_falls_back_with_a_report() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 36, 3)).eval()
+    q = quantize(model, FGQ(first_layer="fgq"), torch.randn(16, 4, 6, 6), progress=False)
+    q[2].w_int[0, 0, 0, 0] = 3.0  # no longer alpha_q * t in its group
+    q[2].w_int[0, 1, 0, 0] = -5.0
+    x = torch.randn(1, 4, 6, 6).numpy()
+    art = tvm_lowbit.compile(q, x)
+    assert [name for name, _ in art.report.fallback] == ["2"]
+    assert "not grouped-ternary" in art.report.fallback[0][1]
+    with torch.no_grad():
+        np.testing.assert_allclose(art.run(x), q(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_export_and_load_back(builtin_q: nn.Module, tmp_path) -> None:
+    x, _ = data.load("test", limit=1)
+    art = tvm_lowbit.compile(builtin_q, x)
+    out = art.export(tmp_path / "art")
+    again = load_artifact(out)
+    np.testing.assert_array_equal(again.run(x), art.run(x))
+    assert again.weight_bytes == art.weight_bytes > 0
+
+
+@pytest.mark.parametrize("target,machine", [("rasp4b", "AArch64"), ("rasp3b", "ARM")])
+def test_cross_compile_exports_board_library(builtin_q: nn.Module, tmp_path, target: str, machine: str) -> None:
+    x, _ = data.load("test", limit=1)
+    art = tvm_lowbit.compile(builtin_q, x, target)
+    out = art.export(tmp_path / target)
+    header = subprocess.run(["readelf", "-h", str(out / "model.so")], capture_output=True, text=True).stdout
+    assert machine in header
+    with pytest.raises(CompileError, match="cannot run on this host"):
+        art.run(x)
+
+
+def test_bad_target_and_bad_input_are_clear() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
+    q = quantize(model, FGQ(first_layer="fgq"), torch.randn(8, 1, 8, 8), progress=False)
+    with pytest.raises(TargetError, match="unknown target 'pi9'.*rasp4b"):
+        tvm_lowbit.compile(q, torch.randn(1, 1, 8, 8), "pi9")
+    art = tvm_lowbit.compile(q, torch.randn(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="does not match the compiled shape"):
+        art.run(np.zeros((1, 1, 9, 9), np.float32))
