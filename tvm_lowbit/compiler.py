@@ -226,3 +226,44 @@ def compile(qmodel: nn.Module, example_input: torch.Tensor | np.ndarray, target:
     x = torch.as_tensor(np.asarray(example_input, dtype=np.float32))
     mod = import_torch(qmodel, x)
     return build(mod, spec, layer_infos(qmodel), tuple(x.shape), expose_acc=expose_acc, verbose=verbose)
+
+
+# --------------------------------------------------------------------------------------------
+# Saved quantized models: torch.export .pt2 with the layer table alongside
+# --------------------------------------------------------------------------------------------
+
+_META = "tvm_lowbit.json"
+
+
+def save_quantized(qmodel: nn.Module, example_input: torch.Tensor | np.ndarray, path: str | os.PathLike[str]) -> Path:
+    """Save a quantized model as a ``torch.export`` program (.pt2) that ``tvm-lowbit compile`` reads."""
+    x = torch.as_tensor(np.asarray(example_input, dtype=np.float32))
+    ep = torch.export.export(qmodel.eval(), (x,))
+    meta = {"layers": {k: {"name": v.name, "group_size": v.group_size} for k, v in layer_infos(qmodel).items()},
+            "input_shape": list(x.shape), "config": getattr(qmodel, "tvm_lowbit_config", {})}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.export.save(ep, str(tmp), extra_files={_META: json.dumps(meta)})
+    tmp.replace(path)
+    return path
+
+
+def compile_saved(path: str | os.PathLike[str], target: str | TargetSpec = "x86-host", *,
+                  verbose: bool = False) -> Artifact:
+    """Compile a saved quantized model: a ``.pt2`` from ``save_quantized`` (or any torch.export program)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    spec = load_target(target)
+    if path.suffix == ".onnx":
+        raise CompileError("an ONNX file is quantized first: use `tvm-lowbit compile --onnx MODEL.onnx` "
+                           "(tvm_lowbit.onnx_quant.quantize_onnx) with a calibration set")
+    extra = {_META: ""}
+    try:
+        ep = torch.export.load(str(path), extra_files=extra)
+    except Exception as e:
+        raise CompileError(f"{path} is not a torch.export program (.pt2): {type(e).__name__}: {e}") from e
+    meta = json.loads(extra[_META]) if extra[_META] else {}
+    infos = {k: LayerInfo(v["name"], int(v["group_size"])) for k, v in meta.get("layers", {}).items()}
+    shape = tuple(meta.get("input_shape") or [int(d) for d in ep.example_inputs[0][0].shape])
+    return build(import_exported(ep), spec, infos, shape, verbose=verbose)

@@ -76,6 +76,20 @@ class QuantLayer(nn.Module):
         bound = float(self.w_int.abs().reshape(self.w_int.shape[0], -1).sum(1).max()) * max(hi, 1)
         return torch.float32 if bound < _F32_EXACT else torch.float64
 
+    @property
+    def split_exact(self) -> bool:
+        """Whether ``_split_integer_op`` is exact: both halves' partial sums stay below 2^24."""
+        _, hi = qmath.act_range(self.act_bits, self.act_signed)
+        bound = float(self.w_int.abs().reshape(self.w_int.shape[0], -1).sum(1).max()) / 16 + 16
+        return bound * max(hi, 1) < _F32_EXACT
+
+    def _split_integer_op(self, q: torch.Tensor) -> torch.Tensor:
+        """The exact integer op as two float32 ops (float64 convolutions are many times slower in torch):
+        w_int = 16 * hi + lo with |hi|, |lo| <= 15, each half summed exactly in float32."""
+        hi = torch.trunc(self.w_int / 16)
+        lo = self.w_int - 16 * hi
+        return self._integer_op(q, hi).double() * 16 + self._integer_op(q, lo).double()
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return qmath.quantize_act(x, self.scale_value, self.act_bits, self.act_signed)
 
@@ -90,7 +104,10 @@ class QuantLayer(nn.Module):
         if not self.calibrated:  # weights-only phase (calibration, BN re-estimation)
             return self._float_op(x, self.dequantized_weight(), self.bias)
         q = self.quantize_input(x)
-        acc = self._integer_op(q.to(self.acc_dtype), self.w_int.to(self.acc_dtype))
+        if self.acc_dtype == torch.float64 and self.split_exact and not torch.compiler.is_exporting():
+            acc = self._split_integer_op(q)
+        else:  # the exported graph keeps one integer op per layer, which the compiler lowers
+            acc = self._integer_op(q.to(self.acc_dtype), self.w_int.to(self.acc_dtype))
         return qmath.epilogue(acc, self.out_scale, self.out_bias, relu=False, channel_dim=self.channel_dim)
 
     def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

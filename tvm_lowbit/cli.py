@@ -1,0 +1,203 @@
+"""The ``tvm-lowbit`` command line: demo, quantize, compile, targets."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _err(msg: str) -> None:
+    print(f"tvm-lowbit: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _load_model(spec: str):  # -> nn.Module
+    """A built-in model name, or ``path/to/file.py:factory`` returning an nn.Module."""
+    from tvm_lowbit.models.resnet import load_pretrained
+
+    if ":" in spec and spec.split(":")[0].endswith(".py"):
+        path, fn = spec.rsplit(":", 1)
+        if not Path(path).is_file():
+            _err(f"{path}: no such file")
+        mod_spec = importlib.util.spec_from_file_location("user_model", path)
+        mod = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
+        mod_spec.loader.exec_module(mod)  # type: ignore[union-attr]
+        if not hasattr(mod, fn):
+            _err(f"{path} has no function {fn!r}")
+        return getattr(mod, fn)().eval()
+    try:
+        return load_pretrained(spec)
+    except (ValueError, FileNotFoundError) as e:
+        _err(str(e))
+
+
+def _calib(path: str | None, n: int) -> np.ndarray:
+    from tvm_lowbit import data
+
+    if path is None:
+        return data.calibration_set(n)
+    arr = np.load(path)
+    if arr.ndim < 2:
+        _err(f"{path}: calibration data must be an array [n, ...] of model inputs, got shape {arr.shape}")
+    return arr.astype(np.float32)[:n]
+
+
+def _fgq_from_args(a: argparse.Namespace):
+    from tvm_lowbit import FGQ
+
+    try:
+        return FGQ(group_size=a.group_size, act_bits=a.act_bits, threshold=a.threshold, calibration=a.calibration,
+                   first_layer=a.first_layer, last_layer=a.last_layer)
+    except (ValueError, TypeError) as e:
+        _err(str(e))
+
+
+def _add_fgq_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group-size", type=int, default=4, help="N: weights sharing one alpha (default 4)")
+    p.add_argument("--act-bits", type=int, default=8, help="activation bits, 2..8 (default 8)")
+    p.add_argument("--threshold", default="exact", help="exact | twn | asym")
+    p.add_argument("--calibration", default=None, help="minmax | percentile | mse (default: the FGQ default)")
+    p.add_argument("--first-layer", default="float", help="float | fgq")
+    p.add_argument("--last-layer", default="float", help="float | fgq")
+    p.add_argument("--calib", default=None, help=".npy array of calibration inputs (default: Fashion-MNIST train)")
+    p.add_argument("--calib-size", type=int, default=2048, help="calibration images (default 2048)")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    import torch
+
+    import tvm_lowbit
+    from tvm_lowbit import data, evaluate, quantize
+    from tvm_lowbit.baselines import torch_fp32, tvm_fp32
+    from tvm_lowbit.models import load_pretrained
+
+    cfg = _fgq_from_args(a)
+    model = load_pretrained(a.model)
+    x, y = data.load("test", limit=a.limit)
+    print(f"[1/5] built-in model {a.model}: evaluating FP32 on {len(x)} Fashion-MNIST test images", flush=True)
+    fp32 = evaluate.torch_top1(model, x, y, progress=True)
+    print(f"[2/5] quantizing with {cfg}", flush=True)
+    q = quantize(model, cfg, _calib(a.calib, a.calib_size))
+    fq = evaluate.torch_top1(q, x, y, progress=True)
+    print(f"[3/5] compiling for {a.target} (batch {a.batch} for accuracy, batch 1 for latency)", flush=True)
+    t0 = time.time()
+    art = tvm_lowbit.compile(q, x[:a.batch], a.target)
+    art1 = tvm_lowbit.compile(q, x[:1], a.target)
+    print(f"      {art.report.text()}\n      compiled in {time.time() - t0:.1f} s", flush=True)
+    print("[4/5] evaluating the compiled model", flush=True)
+    pred = evaluate.predictions(art, x, progress=True)
+    with torch.no_grad():
+        fq_pred = np.concatenate([q(torch.from_numpy(x[i:i + 500])).argmax(1).numpy() for i in range(0, len(pred), 500)])
+    tvm_top1 = 100.0 * float((pred == y[:len(pred)]).mean())
+    agree = 100.0 * float((pred == fq_pred[:len(pred)]).mean())
+    print("[5/5] timing at batch 1 (TVM FP32 untuned, PyTorch eager, TVM FGQ)", flush=True)
+    base = tvm_fp32(model, torch.from_numpy(x[:1]))
+    eager = torch_fp32(model)
+    t_fp32, t_eager, t_fgq = base.median_ms(x[:1], a.repeat), eager.median_ms(x[:1], a.repeat), art1.median_ms(x[:1], a.repeat)
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    print()
+    print(f"{'':28}{'top-1 %':>10}{'weights (bytes)':>18}{'latency ms':>12}")
+    print(f"{'FP32 (PyTorch eager)':28}{fp32:10.2f}{fp32_bytes:18,d}{t_eager:12.3f}")
+    print(f"{'FP32 (TVM, untuned)':28}{'':>10}{base.weight_bytes:18,d}{t_fp32:12.3f}")
+    print(f"{'FGQ fake-quant (PyTorch)':28}{fq:10.2f}{'':>18}{'':>12}")
+    print(f"{'FGQ compiled (TVM ' + art.target.name + ')':28}{tvm_top1:10.2f}{art.weight_bytes:18,d}{t_fgq:12.3f}")
+    print(f"\ncompiled vs fake-quant predictions agree on {agree:.2f}% of {len(pred)} images; "
+          f"weights {fp32_bytes / max(art.weight_bytes, 1):.1f}x smaller than FP32; "
+          f"{t_fp32 / t_fgq:.1f}x faster than TVM FP32 untuned")
+
+
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from tvm_lowbit import quantize
+    from tvm_lowbit.compiler import save_quantized
+
+    if a.scheme != "fgq":
+        _err(f"unknown scheme {a.scheme!r}: available: fgq")
+    model = _load_model(a.model)
+    calib = _calib(a.calib, a.calib_size)
+    q = quantize(model, _fgq_from_args(a), calib)
+    out = save_quantized(q, calib[:a.batch], a.out)
+    print(f"saved quantized model to {out} (input shape {tuple(calib[:a.batch].shape)})")
+
+
+def cmd_compile(a: argparse.Namespace) -> None:
+    import tvm_lowbit
+    from tvm_lowbit.compiler import compile_saved
+    from tvm_lowbit.targets import TargetError, load_target
+
+    try:
+        load_target(a.target)
+    except TargetError as e:
+        _err(str(e))
+    src = a.model
+    if src.endswith(".onnx"):
+        from tvm_lowbit.onnx_quant import quantize_onnx
+
+        calib = _calib(a.calib, a.calib_size)
+        art = quantize_onnx(src, _fgq_from_args(a), calib, target=a.target, batch=a.batch)
+    elif src.endswith(".pt2"):
+        art = compile_saved(src, a.target)
+    else:
+        from tvm_lowbit import quantize
+
+        model = _load_model(src)
+        calib = _calib(a.calib, a.calib_size)
+        q = quantize(model, _fgq_from_args(a), calib)
+        art = tvm_lowbit.compile(q, calib[:a.batch], a.target)
+    print(art.report.text())
+    out = art.export(a.out)
+    print(f"wrote {out}/model.so for {art.target.name} ({art.target.description}); weights {art.weight_bytes:,d} bytes")
+
+
+def cmd_targets(_a: argparse.Namespace) -> None:
+    from tvm_lowbit.targets import available, load_target
+
+    for name in available():
+        t = load_target(name)
+        print(f"{name:10} {t.description}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="tvm-lowbit", description="Low-bit quantization and compilation with TVM")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("demo", help="quantize the built-in model with FGQ, compile, evaluate: accuracy, size, speed")
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--target", default="x86-host")
+    p.add_argument("--limit", type=int, default=None, help="test images (default: all 10,000)")
+    p.add_argument("--batch", type=int, default=100, help="batch size of the accuracy build")
+    p.add_argument("--repeat", type=int, default=30, help="timing repetitions")
+    _add_fgq_args(p)
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("quantize", help="quantize a model and save it as a torch.export .pt2")
+    p.add_argument("--scheme", default="fgq")
+    p.add_argument("--model", default="resnet20", help="built-in name or path/to/file.py:factory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch", type=int, default=1, help="batch size the saved program is exported with")
+    _add_fgq_args(p)
+    p.set_defaults(fn=cmd_quantize)
+    p = sub.add_parser("compile", help="compile a quantized .pt2, an ONNX model or a built-in model")
+    p.add_argument("model", help="MODEL.pt2 (from `quantize`), MODEL.onnx (quantized here), or a built-in name")
+    p.add_argument("--target", default="x86-host")
+    p.add_argument("--out", required=True, help="artifact folder (model.so + meta.json)")
+    p.add_argument("--batch", type=int, default=1)
+    _add_fgq_args(p)
+    p.set_defaults(fn=cmd_compile)
+    p = sub.add_parser("targets", help="list the targets in targets/")
+    p.set_defaults(fn=cmd_targets)
+    a = ap.parse_args(argv)
+    if getattr(a, "calibration", "") is None:
+        from tvm_lowbit import FGQ
+
+        a.calibration = FGQ().calibration
+    try:
+        a.fn(a)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        _err(str(e))
+
+
+if __name__ == "__main__":
+    main()
