@@ -384,6 +384,8 @@ class _Lowering(relax.PyExprMutator):
         if layer is not None:
             out = self._emit(layer)
             if layer.requant is None:
+                if not isinstance(binding.var, relax.DataflowVar):
+                    out = self.builder_.emit_output(out)  # the value leaves the dataflow block
                 self.set_var_remap(binding.var, out)
             return
         super().visit_var_binding_(binding)
