@@ -3,6 +3,8 @@ and a quick accuracy check on the built-in ResNet-20."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -281,3 +283,20 @@ def test_resnet20_accuracy_subset() -> None:
     for layer in quant_layers(q).values():
         layer.w_int.zero_()
     assert top1(q) < 30
+
+
+def test_bias_correction_matches_output_means() -> None:
+    """Layers without a following batch norm ('grouped', 'mid', 'fc') get their per-channel output
+    mean pulled back to the float model's; with the option off they keep the plain bias."""
+    m = _tiny()
+    calib = _calib(64)
+    cfg = FGQ(group_size=64, act_bits=4, last_layer="fgq")
+    on, off = _q(m, cfg, calib), _q(m, replace(cfg, bias_correction=False), calib)
+    x = torch.from_numpy(calib)
+    with torch.no_grad():
+        y_ref, y_on, y_off = m(x).mean(0), on(x).mean(0), off(x).mean(0)
+    assert torch.equal(off.fc.bias, m.fc.bias.detach())
+    assert not torch.equal(on.fc.bias, m.fc.bias.detach())
+    # the last layer's output mean on the calibration data matches the float model's
+    torch.testing.assert_close(y_on, y_ref, rtol=0, atol=1e-4)
+    assert float((y_off - y_ref).abs().max()) > float((y_on - y_ref).abs().max())

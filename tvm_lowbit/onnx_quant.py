@@ -120,7 +120,7 @@ def _return_vars(mod: Any, vars_: list[Any]) -> Any:
     mod = relax.transform.ToNonDataflow()(mod)
     f = mod["main"]
     names = {v.name for v in vars_}
-    keep = {}
+    keep = {p.name: p for p in f.params}
     for block in f.body.blocks:
         for b in block.bindings:
             if b.var.name in names:

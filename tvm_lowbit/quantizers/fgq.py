@@ -46,7 +46,9 @@ class FGQ:
     calibration: ``minmax`` | ``percentile`` | ``mse`` (input MSE) | ``mse_out`` (MSE of the layer's
     output) | ``auto`` (default: ``mse`` at 8 bits, ``percentile`` below; chosen from measurements on
     ResNet-20/Fashion-MNIST).  bn_reestimate: recompute batch-norm
-    statistics with the quantized network.  first_layer / last_layer: ``float`` (keep in float, as
+    statistics with the quantized network.  bias_correction: for quantized layers with no batch
+    norm right after them (whose output mean BN re-estimation cannot fix), shift the bias by the
+    per-channel mean output difference float - quantized on the calibration data.  first_layer / last_layer: ``float`` (keep in float, as
     most ternary work does) or ``fgq``.  overrides: module-name pattern (fnmatch) -> ``"float"`` to
     keep a layer in float, or a dict of the per-layer keys above; later patterns win.
     """
@@ -58,6 +60,7 @@ class FGQ:
     calibration: str = "auto"
     percentile: float = 99.99
     bn_reestimate: bool = True
+    bias_correction: bool = True
     first_layer: str = "float"
     last_layer: str = "float"
     overrides: Mapping[str, Any] = field(default_factory=dict)
@@ -181,6 +184,38 @@ def selected_layers(model: nn.Module, config: FGQ, example: torch.Tensor) -> dic
         model.train(was_training)
 
 
+def _correct_bias(model: nn.Module, qmodel: nn.Module, names: list[str], calib: object, batch_size: int,
+                  progress: bool) -> None:
+    """bias += E[float output] - E[quantized output] per channel, for the layers ``names``."""
+    if not names:
+        return
+    ref = copy.deepcopy(model).eval()
+    sums: dict[tuple[int, str], torch.Tensor] = {}
+    counts: dict[tuple[int, str], int] = {}
+    handles = []
+    for which, net in enumerate((ref, qmodel)):
+        for n in names:
+            dim = qmodel.get_submodule(n).channel_dim
+
+            def hook(_m: nn.Module, _a: object, out: torch.Tensor, key: tuple[int, str] = (which, n),
+                     dim: int = dim) -> None:
+                o = out.detach().double().movedim(dim, -1)
+                sums[key] = sums.get(key, 0) + o.reshape(-1, o.shape[-1]).sum(0)
+                counts[key] = counts.get(key, 0) + o.numel() // o.shape[-1]
+            handles.append(net.get_submodule(n).register_forward_hook(hook))
+    try:
+        for net in (ref, qmodel):
+            calibrate.run_batches(net, calib, batch_size, "bias correction", progress)
+    finally:
+        for h in handles:
+            h.remove()
+    for n in names:
+        layer = qmodel.get_submodule(n)
+        delta = sums[(0, n)] / counts[(0, n)] - sums[(1, n)] / counts[(1, n)]
+        layer.bias += delta.float()
+        layer.refresh_epilogue()
+
+
 def quantize_fgq(model: nn.Module, config: FGQ, calib_data: object, *, inplace: bool = False,
                  progress: bool = True) -> nn.Module:
     if not isinstance(model, nn.Module):
@@ -218,6 +253,9 @@ def quantize_fgq(model: nn.Module, config: FGQ, calib_data: object, *, inplace: 
     if config.bn_reestimate:
         if calibrate.reestimate_batchnorm(qmodel, calib_data, config.batch_size, progress):
             calibrate.calibrate_activations(qmodel, layers, calib_data, methods, config.batch_size, progress)
+
+    if config.bias_correction:
+        _correct_bias(model, qmodel, [n for n in layers if n not in pairs], calib_data, config.batch_size, progress)
 
     for conv_name, bn_name in pairs.items():
         layer = layers.get(conv_name)
