@@ -185,7 +185,9 @@ class _Analysis:
         chain_in = []
         # casts, and (for matmul) reshapes that merge leading dims, may sit between codes and op
         while isinstance(data, relax.Var):
-            inner = _call(data, self.bindings, "astype") or (None if is_conv else _call(data, self.bindings, "reshape"))
+            inner = _call(data, self.bindings, "astype")
+            if inner is None and not is_conv:
+                inner = _call(data, self.bindings, "reshape")
             if inner is None:
                 break
             if inner.op.same_as(_OPS["reshape"]) and int(inner.args[0].ty.shape[-1]) != int(data.ty.shape[-1]):

@@ -184,35 +184,38 @@ def selected_layers(model: nn.Module, config: FGQ, example: torch.Tensor) -> dic
         model.train(was_training)
 
 
-def _correct_bias(model: nn.Module, qmodel: nn.Module, names: list[str], calib: object, batch_size: int,
-                  progress: bool) -> None:
-    """bias += E[float output] - E[quantized output] per channel, for the layers ``names``."""
-    if not names:
-        return
-    ref = copy.deepcopy(model).eval()
-    sums: dict[tuple[int, str], torch.Tensor] = {}
-    counts: dict[tuple[int, str], int] = {}
-    handles = []
-    for which, net in enumerate((ref, qmodel)):
-        for n in names:
-            dim = qmodel.get_submodule(n).channel_dim
+def _channel_means(net: nn.Module, names: list[str], dims: dict[str, int], calib: object, batch_size: int,
+                   progress: bool) -> dict[str, torch.Tensor]:
+    """Per-channel mean output of the modules ``names`` of ``net`` over the calibration data."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
 
-            def hook(_m: nn.Module, _a: object, out: torch.Tensor, key: tuple[int, str] = (which, n),
-                     dim: int = dim) -> None:
-                o = out.detach().double().movedim(dim, -1)
-                sums[key] = sums.get(key, 0) + o.reshape(-1, o.shape[-1]).sum(0)
-                counts[key] = counts.get(key, 0) + o.numel() // o.shape[-1]
-            handles.append(net.get_submodule(n).register_forward_hook(hook))
+    def hook(_m: nn.Module, _a: object, out: torch.Tensor, n: str) -> None:
+        o = out.detach().double().movedim(dims[n], -1)
+        sums[n] = sums.get(n, 0) + o.reshape(-1, o.shape[-1]).sum(0)
+        counts[n] = counts.get(n, 0) + o.numel() // o.shape[-1]
+
+    handles = [net.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in names]
     try:
-        for net in (ref, qmodel):
-            calibrate.run_batches(net, calib, batch_size, "bias correction", progress)
+        calibrate.run_batches(net, calib, batch_size, "bias correction", progress)
     finally:
         for h in handles:
             h.remove()
+    return {n: sums[n] / counts[n] for n in names}
+
+
+def _correct_bias(model: nn.Module, qmodel: nn.Module, names: list[str], calib: object, batch_size: int,
+                  progress: bool) -> None:
+    """bias += E[float output] - E[quantized output] per channel, for the layers ``names`` (in
+    execution order, each measured after the layers before it are corrected)."""
+    if not names:
+        return
+    dims = {n: qmodel.get_submodule(n).channel_dim for n in names}
+    ref = _channel_means(copy.deepcopy(model).eval(), names, dims, calib, batch_size, progress)
     for n in names:
         layer = qmodel.get_submodule(n)
-        delta = sums[(0, n)] / counts[(0, n)] - sums[(1, n)] / counts[(1, n)]
-        layer.bias += delta.float()
+        got = _channel_means(qmodel, [n], dims, calib, batch_size, progress)[n]
+        layer.bias += (ref[n] - got).float()
         layer.refresh_epilogue()
 
 
@@ -255,7 +258,8 @@ def quantize_fgq(model: nn.Module, config: FGQ, calib_data: object, *, inplace: 
             calibrate.calibrate_activations(qmodel, layers, calib_data, methods, config.batch_size, progress)
 
     if config.bias_correction:
-        _correct_bias(model, qmodel, [n for n in layers if n not in pairs], calib_data, config.batch_size, progress)
+        _correct_bias(model, qmodel, [n for n in order if n in layers and n not in pairs], calib_data,
+                      config.batch_size, progress)
 
     for conv_name, bn_name in pairs.items():
         layer = layers.get(conv_name)

@@ -104,7 +104,7 @@ class QuantLayer(nn.Module):
         if not self.calibrated:  # weights-only phase (calibration, BN re-estimation)
             return self._float_op(x, self.dequantized_weight(), self.bias)
         q = self.quantize_input(x)
-        if self.acc_dtype == torch.float64 and self.split_exact and not torch.compiler.is_exporting():
+        if self.acc_dtype == torch.float64 and not torch.compiler.is_exporting() and self.split_exact:
             acc = self._split_integer_op(q)
         else:  # the exported graph keeps one integer op per layer, which the compiler lowers
             acc = self._integer_op(q.to(self.acc_dtype), self.w_int.to(self.acc_dtype))
