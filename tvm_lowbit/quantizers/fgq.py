@@ -8,6 +8,7 @@ Procedure (``quantize_fgq``), on a copy of the model unless ``inplace``:
 2. activation ranges are calibrated on the calibration data (min-max, percentile, MSE of the
    layer input or of the layer output; ``auto`` picks per bit width);
 3. batch-norm statistics are re-estimated with the quantized network, and activations recalibrated;
+   layers with no batch norm after them get their bias corrected (output mean float - quantized);
 4. each batch norm that directly follows a quantized conv is folded into that layer's per-channel
    epilogue, so the exported graph is conv -> epilogue with no separate batch norm.
 """
