@@ -61,7 +61,7 @@ def _add_fgq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=4, help="N: weights sharing one alpha (default 4)")
     p.add_argument("--act-bits", type=int, default=8, help="activation bits, 2..8 (default 8)")
     p.add_argument("--threshold", default="exact", help="exact | twn | asym")
-    p.add_argument("--calibration", default=None, help="minmax | percentile | mse (default: the FGQ default)")
+    p.add_argument("--calibration", default="auto", help="auto | minmax | percentile | mse | mse_out (default auto: mse at 8 bits, percentile below)")
     p.add_argument("--first-layer", default="float", help="float | fgq")
     p.add_argument("--last-layer", default="float", help="float | fgq")
     p.add_argument("--calib", default=None, help=".npy array of calibration inputs (default: Fashion-MNIST train)")
@@ -189,10 +189,6 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("targets", help="list the targets in targets/")
     p.set_defaults(fn=cmd_targets)
     a = ap.parse_args(argv)
-    if getattr(a, "calibration", "") is None:
-        from tvm_lowbit import FGQ
-
-        a.calibration = FGQ().calibration
     try:
         a.fn(a)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:

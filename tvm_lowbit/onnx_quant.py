@@ -32,9 +32,6 @@ from tvm_lowbit.quantizers import calibrate
 from tvm_lowbit.quantizers.fgq import FGQ
 from tvm_lowbit.targets import TargetSpec, load_target
 
-_F32_EXACT = 2 ** 24
-
-
 @dataclass
 class _Found:
     name: str
@@ -258,8 +255,10 @@ def quantize_onnx_module(model: str | Path | Any, config: FGQ, calib: np.ndarray
         cfg = chosen[f.name]
         ob = obs[f.name]
         signed = ob.lo < 0
-        method = cfg.calibration if cfg.calibration in calibrate.CALIB_METHODS else (
-            "percentile" if cfg.act_bits <= 4 else "mse")
+        method = cfg.calibration_method()
+        if method == "mse_out":
+            raise ValueError(f"layer {f.name!r}: calibration 'mse_out' needs the PyTorch model; for ONNX use "
+                             "auto, minmax, percentile or mse")
         clip = calibrate.clip_value(ob.samples(), ob.lo, ob.hi, cfg.act_bits, signed, method, cfg.percentile)
         scale = qmath.scale_for_range(clip, cfg.act_bits, signed)
         tw = qmath.ternarize_weight(torch.from_numpy(f.weight), cfg.group_size, cfg.threshold, cfg.alpha_bits)
@@ -282,10 +281,8 @@ def quantize_onnx_module(model: str | Path | Any, config: FGQ, calib: np.ndarray
         shift = (yf.mean(red) - a * yq.mean(red)) if cfg.bn_reestimate else torch.zeros_like(ws)
         out_scale = (base_scale * a).float().numpy()
         out_bias = (bias * a + shift).float().numpy()
-        _, hi = qmath.act_range(cfg.act_bits, signed)
-        bound = float(w_int.abs().reshape(w_int.shape[0], -1).sum(1).max()) * hi
         plan[f.name] = dict(scale=scale, bits=cfg.act_bits, signed=signed, w_int=tw.w_int.numpy(),
-                            acc_dtype="float32" if bound < _F32_EXACT else "float64",
+                            acc_dtype=str(qmath.exact_float_dtype(w_int, cfg.act_bits, signed)).split(".")[-1],
                             out_scale=out_scale, out_bias=out_bias)
         infos[weight_key(tw.w_int.numpy())] = LayerInfo(f.name, tw.layout.group_size)
 

@@ -401,3 +401,19 @@ def decompose_w_int(w_int: np.ndarray, group_size: int, alpha_bits: int = 8) -> 
     if not torch.equal(t * alpha_q[..., None], g) or (alpha_q.numel() and float(alpha_q.max()) > 2 ** alpha_bits - 1):
         return None
     return TernaryWeight(lay, t.to(torch.int8), alpha_q.to(torch.int64), torch.ones(lay.out_channels))
+
+
+F32_EXACT_INT = 2 ** 24  # float32 adds integers exactly while every partial sum stays below this
+
+
+def integer_sum_bound(w_int: np.ndarray | torch.Tensor, act_bits: int, act_signed: bool) -> float:
+    """The largest |partial sum| a layer's integer op can reach: max over output channels of
+    sum |w_int| times the largest activation code."""
+    w = torch.as_tensor(np.asarray(w_int, np.float64) if isinstance(w_int, np.ndarray) else w_int).double()
+    _, hi = act_range(act_bits, act_signed)
+    return float(w.abs().reshape(w.shape[0], -1).sum(1).max()) * max(hi, 1)
+
+
+def exact_float_dtype(w_int: np.ndarray | torch.Tensor, act_bits: int, act_signed: bool) -> torch.dtype:
+    """float32 when a float32 convolution/matmul of codes and ``w_int`` is exact, else float64."""
+    return torch.float32 if integer_sum_bound(w_int, act_bits, act_signed) < F32_EXACT_INT else torch.float64

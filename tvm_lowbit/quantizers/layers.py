@@ -21,9 +21,6 @@ from torch import nn
 
 from tvm_lowbit import qmath
 
-# float32 adds integers exactly while every partial sum stays below 2^24
-_F32_EXACT = 2 ** 24
-
 
 class QuantLayer(nn.Module):
     """Common state of QConv2d and QLinear; built by the quantizer, not by hand."""
@@ -72,16 +69,16 @@ class QuantLayer(nn.Module):
 
     def exact_dtype(self) -> torch.dtype:
         """float32 when no partial sum can reach 2^24, else float64 (both give exact integer sums)."""
-        _, hi = qmath.act_range(self.act_bits, self.act_signed)
-        bound = float(self.w_int.abs().reshape(self.w_int.shape[0], -1).sum(1).max()) * max(hi, 1)
-        return torch.float32 if bound < _F32_EXACT else torch.float64
+        return qmath.exact_float_dtype(self.w_int, self.act_bits, self.act_signed)
 
     @property
     def split_exact(self) -> bool:
         """Whether ``_split_integer_op`` is exact: both halves' partial sums stay below 2^24."""
-        _, hi = qmath.act_range(self.act_bits, self.act_signed)
-        bound = float(self.w_int.abs().reshape(self.w_int.shape[0], -1).sum(1).max()) / 16 + 16
-        return bound * max(hi, 1) < _F32_EXACT
+        _, code_max = qmath.act_range(self.act_bits, self.act_signed)
+        row = self.w_int[0].numel()
+        hi_bound = qmath.integer_sum_bound(self.w_int, self.act_bits, self.act_signed) / 16  # |hi| <= |w_int| / 16
+        lo_bound = 15 * row * code_max  # |lo| <= 15
+        return max(hi_bound, lo_bound) < qmath.F32_EXACT_INT
 
     def _split_integer_op(self, q: torch.Tensor) -> torch.Tensor:
         """The exact integer op as two float32 ops (float64 convolutions are many times slower in torch):
