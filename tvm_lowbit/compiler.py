@@ -39,7 +39,8 @@ def pipeline_description() -> str:
 
 
 def layer_infos(qmodel: nn.Module) -> dict[str, LayerInfo]:
-    return {weight_key(m.w_int.numpy()): LayerInfo(name, m.group_size) for name, m in quant_layers(qmodel).items()}
+    return {weight_key(m.w_int.numpy()): LayerInfo(name, m.group_size, m.weight_format)
+            for name, m in quant_layers(qmodel).items()}
 
 
 def _constants_bytes(func: Any) -> int:
@@ -239,7 +240,8 @@ def save_quantized(qmodel: nn.Module, example_input: torch.Tensor | np.ndarray, 
     """Save a quantized model as a ``torch.export`` program (.pt2) that ``tvm-lowbit compile`` reads."""
     x = torch.as_tensor(np.asarray(example_input, dtype=np.float32))
     ep = torch.export.export(qmodel.eval(), (x,))
-    meta = {"layers": {k: {"name": v.name, "group_size": v.group_size} for k, v in layer_infos(qmodel).items()},
+    meta = {"layers": {k: {"name": v.name, "group_size": v.group_size, "weight_format": v.weight_format}
+                       for k, v in layer_infos(qmodel).items()},
             "input_shape": list(x.shape), "config": getattr(qmodel, "tvm_lowbit_config", {})}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -264,6 +266,7 @@ def compile_saved(path: str | os.PathLike[str], target: str | TargetSpec = "x86-
     except Exception as e:
         raise CompileError(f"{path} is not a torch.export program (.pt2): {type(e).__name__}: {e}") from e
     meta = json.loads(extra[_META]) if extra[_META] else {}
-    infos = {k: LayerInfo(v["name"], int(v["group_size"])) for k, v in meta.get("layers", {}).items()}
+    infos = {k: LayerInfo(v["name"], int(v["group_size"]), v.get("weight_format", "ternary"))
+             for k, v in meta.get("layers", {}).items()}
     shape = tuple(meta.get("input_shape") or [int(d) for d in ep.example_inputs[0][0].shape])
     return build(import_exported(ep), spec, infos, shape, verbose=verbose)

@@ -206,6 +206,12 @@ class TernaryWeight:
     alpha_q: torch.Tensor   # int64 [K, G]
     w_scale: torch.Tensor   # float32 [K]
 
+    format = "ternary"
+
+    @property
+    def group_size(self) -> int:
+        return self.layout.group_size
+
     @property
     def w_int(self) -> torch.Tensor:
         """alpha_q * t in the original weight shape (int32)."""

@@ -47,6 +47,7 @@ class LayerInfo:
 
     name: str
     group_size: int
+    weight_format: str = "ternary"
 
 
 @dataclass
@@ -402,6 +403,10 @@ def lower_ternary(mod: tvm.IRModule, infos: dict[str, LayerInfo] | None = None, 
     layer's int32 accumulators to the function's outputs (for bit-exact testing).
     """
     report = LoweringReport()
+    # CanonicalizeBindings + DCE drop dead tuple members the importers leave, e.g. the constant
+    # "indices" of torch's max_pool2d_with_indices, a whole activation-sized array
+    mod = relax.transform.CanonicalizeBindings()(mod)
+    mod = relax.transform.DeadCodeElimination([func_name])(mod)
     mod = relax.transform.FoldConstant()(mod)
     func = mod[func_name]
     analysis = _Analysis(func, infos or {}, report)

@@ -28,9 +28,13 @@ class QuantLayer(nn.Module):
     kind = "linear"
 
     def __init__(self, name: str, tw: qmath.TernaryWeight, bias: torch.Tensor | None, act_bits: int) -> None:
+        """``tw``: the weight in an integer form: anything with ``w_int`` (integers, the weight's shape),
+        ``w_scale`` (float32 per output channel), ``format`` and ``group_size`` (ternary groups; 0 if none),
+        like ``qmath.TernaryWeight``."""
         super().__init__()
         self.layer_name = name
-        self.group_size = tw.layout.group_size
+        self.group_size = int(tw.group_size)
+        self.weight_format = str(tw.format)
         self.act_bits = act_bits
         self.act_signed = True
         self.calibrated = False
