@@ -140,7 +140,8 @@ class Artifact:
             meta = {"target": self.target.name, "target_dict": self.target.target_dict, "arch": self.target.arch,
                     "input_shape": list(self.input_shape), "input_dtype": self.input_dtype,
                     "num_outputs": self.num_outputs, "weight_bytes": self.weight_bytes,
-                    "lowered": self.report.lowered, "fallback": self.report.fallback}
+                    "lowered": self.report.lowered, "fallback": self.report.fallback,
+                    "kernels": self.report.kernels}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             if out.exists():
                 shutil.rmtree(out)
@@ -162,7 +163,8 @@ def load_artifact(directory: str | os.PathLike[str]) -> Artifact:
     meta = json.loads(meta_path.read_text())
     spec = load_target(meta["target"])
     lib = tvm.runtime.load_module(str(d / "model.so")) if spec.is_host else None
-    rep = LoweringReport(lowered=meta.get("lowered", []), fallback=[tuple(x) for x in meta.get("fallback", [])])
+    rep = LoweringReport(lowered=meta.get("lowered", []), fallback=[tuple(x) for x in meta.get("fallback", [])],
+                         kernels=dict(meta.get("kernels", {})))
     return Artifact(spec, lib, tuple(meta["input_shape"]), meta.get("input_dtype", "float32"), rep,
                     meta.get("weight_bytes", 0), meta.get("num_outputs", 1))
 

@@ -423,3 +423,196 @@ def integer_sum_bound(w_int: np.ndarray | torch.Tensor, act_bits: int, act_signe
 def exact_float_dtype(w_int: np.ndarray | torch.Tensor, act_bits: int, act_signed: bool) -> torch.dtype:
     """float32 when a float32 convolution/matmul of codes and ``w_int`` is exact, else float64."""
     return torch.float32 if integer_sum_bound(w_int, act_bits, act_signed) < F32_EXACT_INT else torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# Power-of-two weights (INQ, papers.md 4.1)
+# --------------------------------------------------------------------------------------------
+#
+# P_l = {0, +-2^n2, ..., +-2^n1} with s = max|W_l|, n1 = floor(log2(4s/3)), n2 = n1 + 1 - 2^(b-1)/2.
+# Integer form: w_scale[k] = 2^n2 (float32, every output channel), w_int = sign * 2^e with
+# e = exponent - n2 in 0 .. 2^(b-2) - 1, so w_int is an integer.
+# Codes: per weight, 0 = zero, else (e + 1) in the low bits and the sign (1 = negative) in the top
+# bit of a ``code_bits``-wide field.  ``code_bits`` is 4 (two codes per byte, low nibble first:
+# e in 0..6) when the weight fits, else 8 (one code per byte: e in 0..15).  A 5-bit INQ layer has
+# 17 values (0 and 16 non-zero), which cannot fit a 4-bit code; it gets 8-bit codes whenever it
+# uses all 8 magnitudes.  Layout of the codes (like the ternary grouped layout, channels innermost):
+# a conv weight [K, Cg, R, S] is flattened to [K, R*S*Cg] in (r, s, c) order, a linear [K, C] stays.
+
+POW2_BITS: tuple[int, ...] = (2, 3, 4, 5)
+POW2_MAX_EXP = 15  # largest e a code may hold (|w_int| <= 2^15)
+
+
+def check_pow2_bits(bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in POW2_BITS:
+        raise ValueError(f"power-of-two weight bits must be an integer in 2..5, got {bits!r} "
+                         "(b bits: 1 bit flags zero, b-1 bits index 2^(b-2) exponents per sign)")
+    return bits
+
+
+def pow2_exponents(s: float, bits: int) -> tuple[int, int]:
+    """(n1, n2) of INQ's set for a layer with ``s = max|W|`` (> 0): n1 = floor(log2(4s/3)),
+    n2 = n1 + 1 - 2^(b-1)/2.  Computed exactly (no float log rounding at powers of two)."""
+    check_pow2_bits(bits)
+    s = float(s)
+    if not (np.isfinite(s) and s > 0):
+        raise ValueError(f"max|W| must be finite and > 0 to place the power-of-two set, got {s}")
+    t = 4.0 * s / 3.0
+    n1 = int(np.floor(np.log2(t)))
+    while 2.0 ** (n1 + 1) <= t:
+        n1 += 1
+    while 2.0 ** n1 > t:
+        n1 -= 1
+    return n1, n1 + 1 - 2 ** (bits - 1) // 2
+
+
+def pow2_levels(n1: int, n2: int) -> np.ndarray:
+    """The non-negative part of P_l, sorted: [0, 2^n2, ..., 2^n1] (float64)."""
+    return np.concatenate([[0.0], 2.0 ** np.arange(n2, n1 + 1)])
+
+
+def project_pow2(w: torch.Tensor, n1: int, n2: int) -> torch.Tensor:
+    """Nearest element of P_l = {0, +-2^n2..+-2^n1} in the linear domain, as float64.
+
+    The paper's interval rule: with adjacent levels a < b, |w| in [(a+b)/2, 3b/2) maps to b (ties
+    map up); below 2^(n2-1) maps to 0.  Above 3*2^n1/2 (only after training moved a weight past the
+    pretrained maximum) the nearest value, 2^n1, is taken rather than the paper's 0."""
+    if n2 > n1:
+        raise ValueError(f"n2={n2} > n1={n1}")
+    w = w.detach().to(torch.float64)
+    lv = torch.from_numpy(pow2_levels(n1, n2)).to(w.device)
+    mids = (lv[:-1] + lv[1:]) / 2  # exact: 2^(n2-1), then 1.5 * 2^i
+    idx = torch.searchsorted(mids, w.abs().contiguous(), right=True)  # number of midpoints <= |w|
+    return torch.sign(w) * lv[idx]
+
+
+def pow2_flat(w: torch.Tensor | np.ndarray) -> np.ndarray:
+    """[K, Cg, R, S] -> [K, R*S*Cg] in (r, s, c) order; [K, C] unchanged (the code layout)."""
+    a = np.asarray(w)
+    if a.ndim == 4:
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1).reshape(a.shape[0], -1))
+    if a.ndim == 2:
+        return np.ascontiguousarray(a)
+    raise ValueError(f"expected a linear [K, C] or conv [K, Cg, R, S] weight, got shape {a.shape}")
+
+
+def pow2_code_bits(w_int: np.ndarray | torch.Tensor) -> int:
+    """4 when every exponent fits a nibble code (e <= 6), else 8."""
+    a = np.abs(np.asarray(w_int, np.int64))
+    return 4 if (a.size == 0 or a.max() <= 2 ** 6) else 8
+
+
+def pow2_codes(w_int: np.ndarray | torch.Tensor, code_bits: int | None = None) -> np.ndarray:
+    """Integer weight sign * 2^e (or 0) -> uint8 codes [K, L] in the code layout (see above)."""
+    a = np.asarray(w_int, np.int64)
+    code_bits = pow2_code_bits(a) if code_bits is None else code_bits
+    if code_bits not in (4, 8):
+        raise ValueError(f"code_bits must be 4 or 8, got {code_bits}")
+    mag = np.abs(a)
+    nz = mag != 0
+    if np.any(mag[nz] & (mag[nz] - 1)):
+        raise ValueError("pow2_codes takes integers of the form sign * 2^e")
+    e = np.zeros_like(mag)
+    e[nz] = np.round(np.log2(mag[nz])).astype(np.int64)
+    emax = 2 ** (code_bits - 1) - 2
+    if nz.any() and e[nz].max() > min(emax, POW2_MAX_EXP):
+        raise ValueError(f"exponent {int(e[nz].max())} does not fit a {code_bits}-bit code (max {emax})")
+    code = np.where(nz, (e + 1) | ((a < 0).astype(np.int64) << (code_bits - 1)), 0)
+    return pow2_flat(code).astype(np.uint8)
+
+
+def pack_pow2(codes: np.ndarray, code_bits: int) -> np.ndarray:
+    """uint8 codes [..., L] -> packed uint8 [..., ceil(L * code_bits / 8)] (4-bit: low nibble first)."""
+    if code_bits == 4:
+        return pack_4bit(codes)
+    if code_bits == 8:
+        return np.ascontiguousarray(codes, np.uint8)
+    raise ValueError(f"code_bits must be 4 or 8, got {code_bits}")
+
+
+def unpack_pow2(packed: np.ndarray, length: int, code_bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_pow2`: uint8 codes [..., length]."""
+    if code_bits == 4:
+        return unpack_4bit(packed, length, signed=False)
+    if code_bits == 8:
+        return np.asarray(packed, np.uint8)[..., :length]
+    raise ValueError(f"code_bits must be 4 or 8, got {code_bits}")
+
+
+def pow2_values(codes: np.ndarray, code_bits: int) -> np.ndarray:
+    """Codes -> integer weights sign * 2^e (int64), in the code layout (reference decoder)."""
+    c = np.asarray(codes, np.int64)
+    idx = c & (2 ** (code_bits - 1) - 1)
+    neg = (c >> (code_bits - 1)) & 1
+    mag = np.where(idx > 0, np.left_shift(1, np.maximum(idx - 1, 0)), 0)
+    return np.where(neg == 1, -mag, mag)
+
+
+@dataclass
+class Pow2Weight:
+    """A weight in power-of-two (INQ) form: ``w_scale[k] * w_int`` with ``w_int = sign * 2^e``."""
+
+    w_int: torch.Tensor     # int32, the weight's shape
+    w_scale: torch.Tensor   # float32 [K] (2^n2 for INQ)
+    bits: int = 5           # the INQ bit width it was made with (informational)
+
+    format = "pow2"
+    group_size = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w_int.shape)
+
+    @property
+    def code_bits(self) -> int:
+        return pow2_code_bits(self.w_int.numpy())
+
+    def codes(self) -> np.ndarray:
+        """uint8 [K, L] unpacked codes in the code layout."""
+        return pow2_codes(self.w_int.numpy(), self.code_bits)
+
+    def packed_codes(self) -> np.ndarray:
+        """uint8 [K, ceil(L * code_bits / 8)]."""
+        return pack_pow2(self.codes(), self.code_bits)
+
+    def dequantized(self) -> torch.Tensor:
+        w = self.w_int.to(torch.float64) * self.w_scale.to(torch.float64).reshape(-1, *[1] * (self.w_int.dim() - 1))
+        return w.to(torch.float32)
+
+    def storage_bytes(self) -> int:
+        return int(self.packed_codes().size) + 4 * int(self.w_int.shape[0])
+
+
+def pow2_quantize_weight(w: torch.Tensor, bits: int, n1: int | None = None) -> Pow2Weight:
+    """Project a whole weight onto its INQ set (n1 from max|w| unless given) -> Pow2Weight."""
+    check_pow2_bits(bits)
+    w = w.detach().to("cpu", torch.float64)
+    if not torch.isfinite(w).all():
+        raise ValueError(f"weight of shape {tuple(w.shape)} has NaN/Inf values")
+    if n1 is None:
+        n1, n2 = pow2_exponents(float(w.abs().max()), bits)
+    else:
+        n2 = n1 + 1 - 2 ** (bits - 1) // 2
+    return pow2_from_projected(project_pow2(w, n1, n2), n2, bits)
+
+
+def pow2_from_projected(wq: torch.Tensor, n2: int, bits: int = 5) -> Pow2Weight:
+    """A weight already in P_l (values 0 and +-2^i, i >= n2) -> Pow2Weight with w_scale = 2^n2."""
+    w_int = torch.ldexp(wq.to(torch.float64), torch.tensor(-n2, dtype=torch.float64))
+    if not torch.equal(w_int, torch.round(w_int)):
+        raise ValueError("weight is not in the power-of-two set (a value below 2^n2 or not a power of two)")
+    k = wq.shape[0]
+    return Pow2Weight(w_int.to(torch.int32), torch.full((k,), 2.0 ** n2, dtype=torch.float32), bits)
+
+
+def decompose_pow2(w_int: np.ndarray | torch.Tensor) -> Pow2Weight | None:
+    """The power-of-two form of an integer weight (every value 0 or +-2^e, e <= POW2_MAX_EXP), or
+    None.  ``w_scale`` is set to ones (the compiler keeps the scale in the epilogue)."""
+    a = np.asarray(w_int, np.float64)
+    if a.ndim not in (2, 4) or not np.isfinite(a).all() or not np.array_equal(a, np.round(a)):
+        return None
+    mag = np.abs(a).astype(np.int64)
+    nz = mag != 0
+    if np.any(mag[nz] & (mag[nz] - 1)) or (nz.any() and mag.max() > 2 ** POW2_MAX_EXP):
+        return None
+    return Pow2Weight(torch.from_numpy(a.astype(np.int32)), torch.ones(a.shape[0], dtype=torch.float32))

@@ -13,12 +13,15 @@ from tvm_lowbit.kernels.ternary import (
     ternary_conv2d,
     ternary_dense,
 )
+from tvm_lowbit.kernels.pow2 import pow2_conv2d, pow2_dense
 
 __all__ = [
     "KERNEL_ATTR",
     "OUT_MODES",
     "kernel_attrs",
     "make_prim_func",
+    "pow2_conv2d",
+    "pow2_dense",
     "quantize_act",
     "schedule_default",
     "ternary_conv2d",

@@ -247,6 +247,20 @@ def _maybe_block(sch: tvm.s_tir.Schedule, name: str) -> tvm.s_tir.schedule.SBloc
         return None
 
 
+def _weight_blocks(sch: tvm.s_tir.Schedule, name: str) -> list:
+    """The weight-decode block(s): ``name``, or ``name_v0, name_v1, ...`` for a multi-output TE stage."""
+    blk = _maybe_block(sch, name)
+    if blk is not None:
+        return [blk]
+    out, i = [], 0
+    while (blk := _maybe_block(sch, f"{name}_v{i}")) is not None:
+        out.append(blk)
+        i += 1
+    if not out:
+        raise ValueError(f"kernel has no weight stage {name!r}")
+    return out
+
+
 def _accumulate_locally(sch: tvm.s_tir.Schedule, acc, loop) -> None:
     """Keep the int32 accumulator tile under ``loop`` in a local buffer (registers after unrolling)."""
     out = _maybe_block(sch, "out")
@@ -258,7 +272,7 @@ def _accumulate_locally(sch: tvm.s_tir.Schedule, acc, loop) -> None:
         sch.reverse_compute_at(copy, loop, preserve_unit_loops=True)
 
 
-def _schedule_conv2d(sch: tvm.s_tir.Schedule, kind: str) -> None:
+def _schedule_conv2d(sch: tvm.s_tir.Schedule, kind: str, weight_block: str = "w_int") -> None:
     acc = sch.get_sblock("acc")
     b, k, i, j, rc, ry, rx = sch.get_loops(acc)
     kout, ow = (int(sch.get(lp).extent) for lp in (k, j))
@@ -270,7 +284,8 @@ def _schedule_conv2d(sch: tvm.s_tir.Schedule, kind: str) -> None:
     sch.reorder(ko, b, i, jo, ry, rx, rc, ki, ji)
     _accumulate_locally(sch, acc, jo)
     # the weight of kb channels is expanded once per ko, next to the MACs that use it
-    sch.compute_at(sch.get_sblock("w_int"), ko, preserve_unit_loops=True)
+    for wb in _weight_blocks(sch, weight_block):
+        sch.compute_at(wb, ko, preserve_unit_loops=True)
     sch.parallel(ko)
     sch.unroll(ki)
     sch.vectorize(ji)
@@ -287,7 +302,7 @@ def _schedule_conv2d(sch: tvm.s_tir.Schedule, kind: str) -> None:
         sch.parallel(sch.fuse(lps[0], lps[1]))
 
 
-def _schedule_dense(sch: tvm.s_tir.Schedule, kind: str) -> None:
+def _schedule_dense(sch: tvm.s_tir.Schedule, kind: str, weight_block: str = "w_int") -> None:
     acc = sch.get_sblock("acc")
     lps = sch.get_loops(acc)
     lead, k, rc = lps[:-2], lps[-2], lps[-1]
@@ -298,7 +313,8 @@ def _schedule_dense(sch: tvm.s_tir.Schedule, kind: str) -> None:
     sch.reorder(*([ko, m] if m is not None else [ko]), ki, rc)
     # rc stays innermost: LLVM vectorizes the int32 dot-product reduction over it
     _accumulate_locally(sch, acc, m if m is not None else ko)
-    sch.compute_at(sch.get_sblock("w_int"), ko, preserve_unit_loops=True)
+    for wb in _weight_blocks(sch, weight_block):
+        sch.compute_at(wb, ko, preserve_unit_loops=True)
     sch.parallel(ko)
     sch.unroll(ki)
 
@@ -335,6 +351,10 @@ def schedule_default(mod_or_func: tvm.IRModule | tirx.PrimFunc, target: tvm.targ
         _schedule_conv2d(sch, tk)
     elif kind == "ternary_dense":
         _schedule_dense(sch, tk)
+    elif kind == "pow2_conv2d":  # tvm_lowbit.kernels.pow2: same tiles, the decode stage is "w_dec"
+        _schedule_conv2d(sch, tk, "w_dec")
+    elif kind == "pow2_dense":
+        _schedule_dense(sch, tk, "w_dec")
     elif kind == "quantize_act":
         _schedule_elementwise(sch, "quantize_act")
     else:

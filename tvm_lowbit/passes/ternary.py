@@ -8,8 +8,14 @@ Input: a Relax module imported from a fake-quant model (``tvm_lowbit.quantize`` 
     y   = astype(astype(acc, f32) ..., f64) * S + B -> astype(f32)    # the qmath epilogue
     [relu(y)]
 
-``LowerTernary`` replaces every such chain by one ``call_tir`` to a grouped-ternary kernel over
-packed 2-bit codes and integer alphas (``tvm_lowbit.kernels``).  Activations are quantized once
+``LowerTernary`` replaces every such chain by one ``call_tir`` to an integer kernel
+(``tvm_lowbit.kernels``): a grouped-ternary kernel over packed 2-bit codes and integer alphas, or,
+for a weight whose integers are all 0 or +-2^e (INQ), a power-of-two shift kernel over 4/8-bit
+sign+exponent codes.  The format comes from ``LayerInfo.weight_format`` when the quantizer is known
+("ternary" or "pow2"); without it the pass tries grouped ternary with a real group (N >= 2), then
+power-of-two, then ternary with N = 1 (which any small integer weight satisfies, so it comes last:
+a shift kernel beats a per-element multiply).  ``LoweringReport.kernels`` says which kernel each
+layer got.  Activations are quantized once
 per distinct (tensor, scale) at the entry of an integer region; a layer whose output only feeds
 other quantized layers with one common input quantizer emits those layers' codes directly
 (requantization fused with bias, folded batch norm and ReLU), so no float tensor sits between
@@ -55,10 +61,20 @@ class LoweringReport:
     lowered: list[str] = field(default_factory=list)
     requant_fused: list[str] = field(default_factory=list)
     fallback: list[tuple[str, str]] = field(default_factory=list)  # (layer, why it stayed in float)
+    kernels: dict[str, str] = field(default_factory=dict)  # lowered layer -> "ternary" | "pow2"
+
+    def kernel_of(self, name: str) -> str:
+        """The weight format of the kernel layer ``name`` was lowered to ("ternary" if not recorded)."""
+        return self.kernels.get(name, "ternary")
 
     def text(self) -> str:
-        lines = [f"{len(self.lowered)} layer(s) lowered to grouped-ternary integer kernels "
-                 f"({len(self.requant_fused)} with fused requantization)"]
+        counts: dict[str, int] = {}
+        for name in self.lowered:
+            counts[self.kernel_of(name)] = counts.get(self.kernel_of(name), 0) + 1
+        what = {"ternary": "grouped-ternary", "pow2": "power-of-two"}
+        kinds = ", ".join(f"{n} {what.get(k, k)}" for k, n in counts.items()) or "none"
+        lines = [f"{len(self.lowered)} layer(s) lowered to integer kernels ({kinds}; "
+                 f"{len(self.requant_fused)} with fused requantization)"]
         lines += [f"  fallback to float: {name}: {why}" for name, why in self.fallback]
         return "\n".join(lines)
 
@@ -82,7 +98,7 @@ class _Layer:
     name: str
     kind: str                     # "conv2d" | "dense"
     quant: _Quant
-    tw: qmath.TernaryWeight
+    tw: qmath.TernaryWeight | qmath.Pow2Weight  # ``.format`` picks the kernel
     attrs: dict
     out_scale: np.ndarray
     out_bias: np.ndarray
@@ -250,15 +266,36 @@ class _Analysis:
             chain.append(u)
             cur, relu = u, True
 
-        group_sizes = [info.group_size] if info else [64, 32, 16, 8, 4, 2, 1]
-        tw = None
-        for n in group_sizes:
-            tw = qmath.decompose_w_int(w, n)
-            if tw is not None:
-                break
-        if tw is None:
-            self.report.fallback.append((name, f"its integer weight {tuple(w.shape)} is not grouped-ternary "
-                                               f"with group size {group_sizes[0]} and 8-bit alpha codes"))
+        fmt = info.weight_format if info else None
+        tw: qmath.TernaryWeight | qmath.Pow2Weight | None = None
+        if fmt == "pow2":
+            tw = qmath.decompose_pow2(w)
+            if tw is None:
+                self.report.fallback.append((name, f"its integer weight {tuple(w.shape)} is not power-of-two "
+                                                   f"(every value 0 or +-2^e, e <= {qmath.POW2_MAX_EXP})"))
+                return None
+        elif fmt in ("ternary", None):
+            group_sizes = [info.group_size] if info else [64, 32, 16, 8, 4, 2, "pow2", 1]
+            for n in group_sizes:
+                tw = qmath.decompose_pow2(w) if n == "pow2" else qmath.decompose_w_int(w, n)
+                if tw is not None:
+                    break
+            if tw is None:
+                self.report.fallback.append((name, f"its integer weight {tuple(w.shape)} is not grouped-ternary "
+                                                   f"with group size {group_sizes[0]} and 8-bit alpha codes"
+                                                   + ("" if info else " (nor power-of-two)")))
+                return None
+        elif fmt == "int":
+            # k-bit integer weights (PACT/DoReFa): exact as ternary groups of one, each weight carrying its
+            # own integer alpha (2 + 8 bits a weight); a packed int4/int8 kernel would store them smaller
+            tw = qmath.decompose_w_int(w, 1)
+            if tw is None:
+                self.report.fallback.append((name, f"its integer weight {tuple(w.shape)} has values beyond "
+                                                   "+-255, which the integer kernels do not take"))
+                return None
+        else:
+            self.report.fallback.append((name, f"no integer kernel for weight format {fmt!r} "
+                                               "(known: ternary, pow2, int)"))
             return None
         k = w.shape[0]
         out_scale = np.asarray(scale, np.float64).reshape(-1).astype(np.float32)
@@ -359,13 +396,18 @@ class _Lowering(relax.PyExprMutator):
 
     def _emit(self, l: _Layer) -> relax.Expr:
         x = self._codes(l.quant)
-        fn = kernels.ternary_conv2d if l.kind == "conv2d" else kernels.ternary_dense
-        k = l.tw.layout.out_channels
-        args = [x, relax.const(l.tw.packed_codes()),
-                relax.const(l.tw.alpha_q.numpy().astype(np.uint8).reshape(k, -1)),
-                relax.const(l.out_scale), relax.const(l.out_bias)]
-        kw = dict(l.attrs, group_size=l.tw.layout.group_size, relu=l.relu)
-        name = f"ternary_{l.kind}"
+        if l.tw.format == "pow2":
+            fn = kernels.pow2_conv2d if l.kind == "conv2d" else kernels.pow2_dense
+            args = [x, relax.const(l.tw.packed_codes()), relax.const(l.out_scale), relax.const(l.out_bias)]
+            kw = dict(l.attrs, code_bits=l.tw.code_bits, relu=l.relu)
+        else:
+            fn = kernels.ternary_conv2d if l.kind == "conv2d" else kernels.ternary_dense
+            k = l.tw.layout.out_channels
+            args = [x, relax.const(l.tw.packed_codes()),
+                    relax.const(l.tw.alpha_q.numpy().astype(np.uint8).reshape(k, -1)),
+                    relax.const(l.out_scale), relax.const(l.out_bias)]
+            kw = dict(l.attrs, group_size=l.tw.layout.group_size, relu=l.relu)
+        name = f"{l.tw.format}_{l.kind}"
         if self.expose_acc:
             acc = self.builder_.emit_te(fn, *args, **kw, out_mode="acc", primfunc_name_hint=name,
                                         primfunc_attrs=kernels.kernel_attrs(name))
@@ -412,6 +454,7 @@ def lower_ternary(mod: tvm.IRModule, infos: dict[str, LayerInfo] | None = None, 
     analysis = _Analysis(func, infos or {}, report)
     analysis.plan_requant()
     report.lowered = [l.name for l in analysis.layers]
+    report.kernels = {l.name: str(l.tw.format) for l in analysis.layers}
     seen = set(report.lowered) | {name for name, _ in report.fallback}
     for info in (infos or {}).values():
         if info.name not in seen:

@@ -1,0 +1,136 @@
+"""TE compute definitions of the power-of-two (INQ) conv2d / dense layers: shifts and adds, no multiplies.
+
+The math is :mod:`tvm_lowbit.qmath` (``Pow2Weight``, ``pow2_codes``), bit for bit:
+
+* the packed codes (``code_bits`` 4: two per byte, low nibble first; 8: one per byte; 0 = zero,
+  else ``e + 1`` in the low bits and the sign in the top bit) are decoded once, outside the
+  multiply-accumulate loop, in a three-output ``w_dec`` stage: the shift ``e``, a sign mask
+  ``neg`` (0 or -1) and a non-zero mask ``nz`` (0 or -1), all int8;
+* ``acc`` sums, exactly in int32, the branchless term ``(((x & nz) << e) ^ neg) - neg``: the zero
+  mask, the shift and a conditional two's-complement negate (``(v ^ -1) - (-1) = -v``).  There is
+  no Select and no multiply (``0 - x`` is written instead of unary minus, which TIR prints as
+  ``x * -1``), so LLVM emits ``shl`` (``vpsllvd``/``vpslld`` on AVX2, ``ushl``/``shl`` on NEON);
+* the epilogue and the output modes "acc" / "float" / "requant" are those of the ternary kernels.
+
+The code layout is ``qmath.pow2_flat``: a conv weight [K, Cg, R, S] as [K, R*S*Cg] in (r, s, c)
+order, a linear weight [K, C] as is.  Default schedules: ``kernels.schedule_default`` (the same
+register tiles as the ternary kernels, with ``w_dec`` computed per block of output channels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tvm import te, tirx
+
+from tvm_lowbit.kernels.ternary import OutMode, _check_mode, _epilogue, _pair, kernel_attrs
+
+
+def _decode(codes: te.Tensor, code_bits: int, kout: int, length: int) -> list[te.Tensor]:
+    """(e, neg, nz) int8 stages of shape [K, n_bytes, 8 // code_bits] (padding decodes to a zero weight)."""
+    if code_bits not in (4, 8):
+        raise ValueError(f"code_bits must be 4 or 8, got {code_bits}")
+    per = 8 // code_bits
+    nbytes = -(-length // per)
+    if tuple(int(v) for v in codes.shape) != (kout, nbytes):
+        raise ValueError(f"codes shape {tuple(codes.shape)} != ({kout}, {nbytes}) for {length} "
+                         f"{code_bits}-bit codes per row")
+    mask = (1 << code_bits) - 1
+    idx_mask = (1 << (code_bits - 1)) - 1
+
+    def f(k, jb, q):
+        byte = codes[k, jb].astype("int32")
+        c = ((byte >> (q * code_bits).astype("int32")) & mask) if per > 1 else byte
+        idx = c & idx_mask
+        e = tirx.max(idx - 1, 0)
+        neg = 0 - (c >> (code_bits - 1))       # 0 or -1
+        nz = 0 - tirx.min(idx, 1)              # 0 for a zero weight, else -1
+        return [e.astype("int8"), neg.astype("int8"), nz.astype("int8")]
+
+    return te.compute((kout, nbytes, per), f, name="w_dec")
+
+
+def _term(x: tirx.PrimExpr, dec: list[te.Tensor], k: tirx.PrimExpr, j: tirx.PrimExpr, per: int) -> tirx.PrimExpr:
+    """sign * (x << e), or 0: branchless, no multiply."""
+    jb, q = (j // per, j % per) if per > 1 else (j, 0)
+    e, neg, nz = (t[k, jb, q].astype("int32") for t in dec)
+    return ((tirx.shift_left(x & nz, e)) ^ neg) - neg
+
+
+def pow2_conv2d(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bias: te.Tensor, *,
+                weight_shape: Sequence[int], code_bits: int = 4, strides: int | Sequence[int] = 1,
+                padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
+                relu: bool = False, out_mode: OutMode = "float", requant_scale: float | None = None,
+                out_bits: int = 8, out_signed: bool = False) -> te.Tensor:
+    """NCHW conv of activation codes with a power-of-two weight; output ``[B, K, OH, OW]``.
+
+    ``codes`` is ``Pow2Weight.packed_codes()`` of a weight of shape ``weight_shape = (K, Cg, R, S)``
+    and ``code_bits`` its ``Pow2Weight.code_bits``; ``padding`` is symmetric (ph, pw).
+    """
+    _check_mode(out_mode, requant_scale)
+    kout, cg, kh, kw = (int(v) for v in weight_shape)
+    sh, sw = _pair(strides)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    batch, chans, height, width = data.shape
+    if int(chans) != cg * groups or kout % groups:
+        raise ValueError(f"conv shapes do not match: C={chans}, weight {tuple(weight_shape)}, groups={groups}")
+    per = 8 // code_bits if code_bits in (4, 8) else 0
+    dec = _decode(codes, code_bits, kout, kh * kw * cg)
+    oh = (int(height) + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (int(width) + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if ph or pw:
+        hp, wp = int(height) + 2 * ph, int(width) + 2 * pw
+        xp = te.compute(
+            (batch, chans, hp, wp),
+            lambda b, c, h, w: tirx.if_then_else(
+                tirx.all(h >= ph, h < ph + int(height), w >= pw, w < pw + int(width)),
+                data[b, c, h - ph, w - pw], tirx.const(0, data.dtype)),
+            name="pad")
+    else:
+        xp = data
+    kpg = kout // groups
+    rc = te.reduce_axis((0, cg), name="rc")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    acc_attrs = kernel_attrs("pow2_conv2d") if out_mode == "acc" else None
+    acc = te.compute(
+        (batch, kout, oh, ow),
+        lambda b, k, i, j: te.sum(
+            _term(xp[b, (k // kpg) * cg + rc, i * sh + ry * dh, j * sw + rx * dw].astype("int32"), dec, k,
+                  (ry * kw + rx) * cg + rc, per), axis=[rc, ry, rx]),
+        name="acc", attrs=acc_attrs)
+    if out_mode == "acc":
+        return acc
+    return te.compute(
+        (batch, kout, oh, ow),
+        lambda b, k, i, j: _epilogue(acc[b, k, i, j], out_scale[k], out_bias[k], relu, out_mode,
+                                     requant_scale, out_bits, out_signed),
+        name="out", attrs=kernel_attrs("pow2_conv2d"))
+
+
+def pow2_dense(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bias: te.Tensor, *,
+               weight_shape: Sequence[int], code_bits: int = 4, relu: bool = False,
+               out_mode: OutMode = "float", requant_scale: float | None = None, out_bits: int = 8,
+               out_signed: bool = False) -> te.Tensor:
+    """``data[..., C]`` times a power-of-two weight ``[K, C]`` (transposed) -> ``[..., K]``."""
+    _check_mode(out_mode, requant_scale)
+    kout, cin = (int(v) for v in weight_shape)
+    if int(data.shape[-1]) != cin:
+        raise ValueError(f"data has {data.shape[-1]} features, weight {tuple(weight_shape)}")
+    per = 8 // code_bits if code_bits in (4, 8) else 0
+    dec = _decode(codes, code_bits, kout, cin)
+    lead = list(data.shape[:-1])
+    rc = te.reduce_axis((0, cin), name="rc")
+    acc_attrs = kernel_attrs("pow2_dense") if out_mode == "acc" else None
+    acc = te.compute(
+        (*lead, kout),
+        lambda *idx: te.sum(_term(data[(*idx[:-1], rc)].astype("int32"), dec, idx[-1], rc, per), axis=rc),
+        name="acc", attrs=acc_attrs)
+    if out_mode == "acc":
+        return acc
+    return te.compute(
+        (*lead, kout),
+        lambda *idx: _epilogue(acc[idx], out_scale[idx[-1]], out_bias[idx[-1]], relu, out_mode,
+                               requant_scale, out_bits, out_signed),
+        name="out", attrs=kernel_attrs("pow2_dense"))
