@@ -168,3 +168,23 @@ def test_bad_target_and_bad_input_are_clear() -> None:
     art = tvm_lowbit.compile(q, torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match="does not match the compiled shape"):
         art.run(np.zeros((1, 1, 9, 9), np.float32))
+
+
+@pytest.mark.parametrize("scheme", ["pact", "sq-twn", "sq-bwn"])
+def test_retrained_models_compile_bit_exact(scheme: str) -> None:
+    from tvm_lowbit.quantizers.pact import PACT
+    from tvm_lowbit.quantizers.sq import SQ
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 5)).eval()
+    cfg = {"pact": PACT(act_bits=4, weight_bits=4), "sq-twn": SQ(inner="twn", schedule=(1.0,)),
+           "sq-bwn": SQ(inner="bwn", schedule=(1.0,))}[scheme]
+    hook = cfg.attach(model)
+    for _ in hook.stages():  # no training steps: the export path is what is under test
+        pass
+    calib = torch.randn(16, 3, 8, 8)
+    q = hook.export(calib)
+    art = check_bit_exact(q, calib[:2].numpy())
+    assert art.report.lowered and not art.report.fallback

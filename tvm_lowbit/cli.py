@@ -62,8 +62,8 @@ def _add_fgq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-bits", type=int, default=8, help="activation bits, 2..8 (default 8)")
     p.add_argument("--threshold", default="exact", help="exact | twn | asym")
     p.add_argument("--calibration", default="auto", help="auto | minmax | percentile | mse | mse_out (default auto: mse at 8 bits, percentile below)")
-    p.add_argument("--first-layer", default="float", help="float | fgq")
-    p.add_argument("--last-layer", default="float", help="float | fgq")
+    p.add_argument("--first-layer", default="float", help="float | fgq (quantize; for inq/sq/pact any value but float)")
+    p.add_argument("--last-layer", default="float", help="float | fgq (quantize; for inq/sq/pact any value but float)")
     p.add_argument("--calib", default=None, help=".npy array of calibration inputs (default: Fashion-MNIST train)")
     p.add_argument("--calib-size", type=int, default=2048, help="calibration images (default 2048)")
 
@@ -111,15 +111,83 @@ def cmd_demo(a: argparse.Namespace) -> None:
           f"{t_fp32 / t_fgq:.1f}x faster than TVM FP32 untuned")
 
 
+TRAINED_SCHEMES = ("inq", "sq", "pact")
+
+
+def _training_config(a: argparse.Namespace):
+    """The INQ / SQ / PACT configuration object from the command line."""
+    def ratios(text: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(v) for v in text.split(","))
+        except ValueError:
+            _err(f"--schedule/--portions must be comma-separated numbers, e.g. 0.5,0.75,0.875,1, got {text!r}")
+
+    try:
+        if a.scheme == "inq":
+            try:
+                from tvm_lowbit.quantizers.inq import INQ
+            except ImportError as e:
+                _err(f"INQ is not available in this build yet (tvm_lowbit.quantizers.inq: {e}); "
+                     "use --scheme sq, pact or fgq")
+            kw = {"bits": a.bits if a.bits is not None else 5}
+            if a.portions:
+                kw["portions"] = ratios(a.portions)
+            if a.strategy:
+                kw["strategy"] = a.strategy
+            return INQ(**kw)
+        if a.scheme == "sq":
+            from tvm_lowbit.quantizers.sq import SQ
+
+            kw = {"inner": a.inner, "group_size": a.group_size, "prob": a.prob, "rule": a.rule, "seed": a.seed,
+                  "first_layer": "float" if a.first_layer == "float" else "sq",
+                  "last_layer": "float" if a.last_layer == "float" else "sq", "act_bits": a.act_bits}
+            if a.portions:
+                kw["schedule"] = ratios(a.portions)
+            return SQ(**kw)
+        from tvm_lowbit.quantizers.pact import PACT
+
+        bits = a.bits if a.bits is not None else 4
+        return PACT(act_bits=bits, weight_bits=a.weight_bits or bits,
+                    first_layer="float" if a.first_layer == "float" else "pact",
+                    last_layer="float" if a.last_layer == "float" else "pact")
+    except (ValueError, TypeError) as e:
+        _err(str(e))
+
+
 def cmd_quantize(a: argparse.Namespace) -> None:
     from tvm_lowbit import quantize
     from tvm_lowbit.compiler import save_quantized
 
-    if a.scheme != "fgq":
-        _err(f"unknown scheme {a.scheme!r}: available: fgq")
+    if a.scheme not in ("fgq", *TRAINED_SCHEMES):
+        _err(f"unknown scheme {a.scheme!r}: available: fgq, inq, sq, pact")
     model = _load_model(a.model)
     calib = _calib(a.calib, a.calib_size)
-    q = quantize(model, _fgq_from_args(a), calib)
+    if a.scheme == "fgq":
+        q = quantize(model, _fgq_from_args(a), calib)
+    else:
+        import torch
+
+        from tvm_lowbit import data
+        from tvm_lowbit.quantizers.train import flip_crop, train
+
+        cfg = _training_config(a)
+        if a.from_scratch:
+            for m in model.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        x, y = data.load("train", limit=a.subset)
+        xv, yv = data.load("test", limit=a.val_size)
+        ckpt = a.checkpoint_dir or (a.out + ".ckpt")
+        print(f"training {a.model} with {cfg} on {len(x)} Fashion-MNIST images, {a.epochs} epoch(s) per stage; "
+              f"checkpoints in {ckpt}", flush=True)
+        res = train(model, cfg, (x, y), (xv, yv), epochs_per_stage=a.epochs, lr=a.lr, batch_size=a.batch_size,
+                    lr_schedule=a.lr_schedule, checkpoint_dir=ckpt, device=a.device, seed=a.seed,
+                    augment=flip_crop(pad_value=(0.0 - data.MEAN) / data.STD))
+        model = model.cpu().eval()
+        q = res["hook"].export(calib)
+        with torch.no_grad():
+            pred = torch.cat([q(torch.from_numpy(xv[i:i + 500])).argmax(1) for i in range(0, len(xv), 500)])
+        print(f"fake-quant model: top-1 {100.0 * float((pred.numpy() == yv).mean()):.2f}% on {len(xv)} test images")
     out = save_quantized(q, calib[:a.batch], a.out)
     print(f"saved quantized model to {out} (input shape {tuple(calib[:a.batch].shape)})")
 
@@ -173,11 +241,29 @@ def main(argv: list[str] | None = None) -> None:
     _add_fgq_args(p)
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("quantize", help="quantize a model and save it as a torch.export .pt2")
-    p.add_argument("--scheme", default="fgq")
+    p.add_argument("--scheme", default="fgq", help="fgq (post-training) | inq | sq | pact (trained here)")
     p.add_argument("--model", default="resnet20", help="built-in name or path/to/file.py:factory")
     p.add_argument("--out", required=True)
     p.add_argument("--batch", type=int, default=1, help="batch size the saved program is exported with")
     _add_fgq_args(p)
+    t = p.add_argument_group("training (inq, sq, pact; starts from the model's weights)")
+    t.add_argument("--epochs", type=int, default=1, help="epochs per stage (default 1)")
+    t.add_argument("--subset", type=int, default=None, help="train on the first N training images (CPU budgets)")
+    t.add_argument("--val-size", type=int, default=2000, help="test images for the accuracy printed per stage")
+    t.add_argument("--lr", type=float, default=0.01, help="peak learning rate per stage (default 0.01, fine-tuning)")
+    t.add_argument("--lr-schedule", default="cosine", help="cosine | onecycle (restarted every stage)")
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-dir", default=None, help="default OUT.ckpt; an existing checkpoint is resumed")
+    t.add_argument("--from-scratch", action="store_true", help="re-initialize the model before training")
+    t.add_argument("--bits", type=int, default=None, help="inq: weight bits (default 5); pact: k (default 4)")
+    t.add_argument("--weight-bits", type=int, default=None, help="pact: weight bits (default: --bits)")
+    t.add_argument("--portions", default=None, help="inq: accumulated portions; sq: ratio schedule (e.g. 0.5,0.75,0.875,1)")
+    t.add_argument("--strategy", default=None, help="inq: partition strategy")
+    t.add_argument("--inner", default="twn", help="sq: twn | bwn | fgq")
+    t.add_argument("--prob", default="linear", help="sq: linear | constant | softmax | sigmoid")
+    t.add_argument("--rule", default="paper", help="sq: paper | code (selection rule)")
     p.set_defaults(fn=cmd_quantize)
     p = sub.add_parser("compile", help="compile a quantized .pt2, an ONNX model or a built-in model")
     p.add_argument("model", help="MODEL.pt2 (from `quantize`), MODEL.onnx (quantized here), or a built-in name")

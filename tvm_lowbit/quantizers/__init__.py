@@ -2,5 +2,6 @@
 
 from tvm_lowbit.quantizers.api import quantize
 from tvm_lowbit.quantizers.fgq import FGQ
+from tvm_lowbit.quantizers.inq import INQ, INQQuantizer
 
-__all__ = ["quantize", "FGQ"]
+__all__ = ["quantize", "FGQ", "INQ", "INQQuantizer"]

@@ -27,6 +27,7 @@ from torch import nn
 
 from tvm_lowbit import qmath
 from tvm_lowbit.quantizers import calibrate
+from tvm_lowbit.quantizers.hooks import fold_batchnorms
 from tvm_lowbit.quantizers.layers import QConv2d, QLinear, QuantLayer, quant_layers
 
 LAYER_POLICIES = ("float", "fgq")
@@ -262,16 +263,7 @@ def quantize_fgq(model: nn.Module, config: FGQ, calib_data: object, *, inplace: 
         _correct_bias(model, qmodel, [n for n in order if n in layers and n not in pairs], calib_data,
                       config.batch_size, progress)
 
-    for conv_name, bn_name in pairs.items():
-        layer = layers.get(conv_name)
-        if layer is None:
-            continue
-        bn = qmodel.get_submodule(bn_name)
-        a = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        b = bn.bias.detach().double() - bn.running_mean.double() * a
-        layer.bn_fold = (a.clone(), b.clone())
-        layer.refresh_epilogue(a, b)
-        _set_module(qmodel, bn_name, nn.Identity())
+    fold_batchnorms(qmodel, {c: b for c, b in pairs.items() if c in layers})  # shared with the training quantizers
     qmodel.tvm_lowbit_config = {"scheme": "fgq", **{f.name: getattr(config, f.name) for f in fields(config)
                                                      if f.name != "overrides"}}
     return qmodel.eval()

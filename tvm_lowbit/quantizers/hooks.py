@@ -135,3 +135,130 @@ class TrainingQuantizer:
         self.in_stage = bool(state["in_stage"])
         self.step_count = int(state["step_count"])
         self.epoch_count = int(state["epoch_count"])
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers of the training quantizers (SQ, PACT, INQ): layer choice and export
+# --------------------------------------------------------------------------------------------
+
+class IntegerWeight:
+    """A weight in plain integer form for ``QuantLayer``: ``w_int`` (integers, the weight's shape),
+    ``w_scale`` (float32 per output channel), so the weight is ``w_scale[k] * w_int``.  ``format``
+    names the integer code (``"int"``: any integers; the compiler chooses the kernel), ``group_size``
+    is 0 (no ternary groups)."""
+
+    def __init__(self, w_int: torch.Tensor, w_scale: torch.Tensor, format: str = "int", group_size: int = 0) -> None:
+        if not torch.equal(w_int.double(), torch.round(w_int.double())):
+            raise ValueError("IntegerWeight.w_int must hold integers")
+        if w_scale.shape != (w_int.shape[0],):
+            raise ValueError(f"w_scale must have shape ({w_int.shape[0]},), got {tuple(w_scale.shape)}")
+        self.w_int = w_int.to(torch.int32)
+        self.w_scale = w_scale.to(torch.float32)
+        self.format = format
+        self.group_size = group_size
+
+    def dequantized(self) -> torch.Tensor:
+        shape = [-1] + [1] * (self.w_int.dim() - 1)
+        return (self.w_int.double() * self.w_scale.double().reshape(shape)).float()
+
+
+def quantizable_layers(model: nn.Module, first_layer: bool, last_layer: bool) -> list[str]:
+    """Names of the Conv2d/Linear modules of ``model`` in registration order, without the first one
+    unless ``first_layer`` and without the last one unless ``last_layer``.
+
+    Training quantizers attach before any input is seen, so "first"/"last" here means the first/last
+    Conv2d/Linear *registered* (for the built-in ResNets that is conv1 and fc, as in execution order).
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    keep = list(names)
+    if names and not first_layer:
+        keep.remove(names[0])
+    if len(names) > 1 and not last_layer and names[-1] in keep:
+        keep.remove(names[-1])
+    if not keep:
+        raise ValueError(f"no layer left to quantize: the model has {len(names)} Conv2d/Linear layers and the "
+                         "first/last-layer policies keep them all in float")
+    return keep
+
+
+def fold_batchnorms(qmodel: nn.Module, pairs: dict[str, str]) -> None:
+    """Fold each batch norm of ``pairs`` (conv name -> BN name) that follows a QuantLayer into that
+    layer's epilogue and replace the batch norm by Identity (as FGQ does)."""
+    from tvm_lowbit.quantizers.fgq import _set_module
+    from tvm_lowbit.quantizers.layers import QuantLayer
+
+    for conv_name, bn_name in pairs.items():
+        layer = qmodel.get_submodule(conv_name)
+        if not isinstance(layer, QuantLayer):
+            continue
+        bn = qmodel.get_submodule(bn_name)
+        a = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        b = bn.bias.detach().double() - bn.running_mean.double() * a
+        layer.bn_fold = (a.clone(), b.clone())
+        layer.refresh_epilogue(a, b)
+        _set_module(qmodel, bn_name, nn.Identity())
+
+
+def build_fake_quant(model: nn.Module, weights: dict[str, Any], calib_data: object, *, act_bits: int = 8,
+                     fixed_activations: dict[str, tuple[float, bool, int]] | None = None,
+                     calibration: str | None = None, bn_reestimate: bool = False, batch_size: int = 64,
+                     progress: bool = True, config: dict[str, Any] | None = None) -> nn.Module:
+    """The fake-quant model the compiler consumes, from a plain float ``model`` (copied, not changed).
+
+    ``weights``: layer name -> integer weight object (``qmath.TernaryWeight`` or :class:`IntegerWeight`).
+    ``fixed_activations``: layer name -> (scale, signed, bits) for inputs whose scale is known (PACT's
+    alpha / (2^k - 1), unsigned k bits); every other quantized layer's input is calibrated on ``calib_data`` with
+    ``act_bits`` and ``calibration`` (default: FGQ's choice for that width), reusing FGQ's calibration.
+    Batch norms right after quantized convs are folded into their epilogues.
+    """
+    import copy
+
+    from tvm_lowbit.quantizers import calibrate
+    from tvm_lowbit.quantizers.fgq import FGQ, _set_module, conv_bn_pairs
+    from tvm_lowbit.quantizers.layers import QConv2d, QLinear, quant_layers
+
+    fixed = dict(fixed_activations or {})
+    qmodel = copy.deepcopy(model).cpu().eval()
+    pairs = conv_bn_pairs(qmodel)
+    for name, w in weights.items():
+        m = qmodel.get_submodule(name)
+        bits = fixed[name][2] if name in fixed else act_bits
+        q = QConv2d(name, m, w, bits) if isinstance(m, nn.Conv2d) else QLinear(name, m, w, bits)
+        if name in fixed:
+            scale, signed, _ = fixed[name]
+            q.set_activation(scale, signed)
+        _set_module(qmodel, name, q)
+    layers = quant_layers(qmodel)
+    todo = {n: m for n, m in layers.items() if n not in fixed}
+    method = calibration or FGQ(act_bits=act_bits).calibration_method()
+    if todo:
+        calibrate.calibrate_activations(qmodel, todo, calib_data, {n: (method, 99.99) for n in todo},
+                                        batch_size, progress)
+    if bn_reestimate and calibrate.reestimate_batchnorm(qmodel, calib_data, batch_size, progress) and todo:
+        calibrate.calibrate_activations(qmodel, todo, calib_data, {n: (method, 99.99) for n in todo},
+                                        batch_size, progress)
+    fold_batchnorms(qmodel, pairs)
+    if config is not None:
+        qmodel.tvm_lowbit_config = config
+    return qmodel.eval()
+
+
+def strip_parametrizations(model: nn.Module) -> nn.Module:
+    """Turn every parametrized module of ``model`` (in place; pass a copy) back into its plain class
+    holding the *original* (unparametrized) tensors as parameters.
+
+    ``torch.nn.utils.parametrize.remove_parametrizations`` must not be used on a deep copy: the copy
+    shares the injected ``Parametrized*`` class with the original, and removal deletes the property
+    from that shared class, breaking the original module.
+    """
+    from torch.nn.utils import parametrize
+
+    for m in list(model.modules()):
+        if not parametrize.is_parametrized(m):
+            continue
+        originals = {name: p.original for name, p in m.parametrizations.items()}  # type: ignore[union-attr]
+        m.__class__ = m.__class__.__bases__[0]
+        del m._modules["parametrizations"]
+        for name, t in originals.items():
+            m.register_parameter(name, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
+    return model
