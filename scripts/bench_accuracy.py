@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Fashion-MNIST test top-1 of the built-in ResNet-20: FP32, FGQ (N x activation bits) and a
+"""Fashion-MNIST test top-1 of the built-in ResNet-20: FP32, FGQ (N x activation bits), the models
+retrained by scripts/train_quantized.py (INQ, PACT, SQ, TWN, BWN; committed in tvm_lowbit/zoo/retrained,
+evaluated here, not retrained) and a
 per-layer ternary (TWN, one alpha per layer) baseline with the same activation quantization, the same
 calibration and the same batch-norm re-estimation, so only the weight grouping differs.
 
@@ -29,6 +31,9 @@ from tvm_lowbit.models.resnet import load_pretrained  # noqa: E402
 from tvm_lowbit.quantizers import FGQ, quantize  # noqa: E402
 from tvm_lowbit.quantizers.fgq import selected_layers  # noqa: E402
 
+RETRAINED = Path(__file__).resolve().parent.parent / "tvm_lowbit" / "zoo" / "retrained"
+RETRAINED_ORDER = {n: i for i, n in enumerate(("inq-b5", "inq-b4", "inq-b3", "inq-b2", "pact-w4a4", "pact-w2a2",
+                                                  "twn", "sq-twn", "bwn", "sq-bwn"))}
 GROUP_SIZES = (4, 8, 16, 32, 64)
 ACT_BITS = (8, 4)
 FIELDS = ("model", "scheme", "config", "top1", "fp32_top1", "drop_pp")
@@ -61,6 +66,9 @@ def main() -> int:
                     help="training images for calibration and BN re-estimation (default 2048)")
     ap.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--retrained", choices=("include", "only", "skip"), default="include",
+                    help="rows of the retrained models in tvm_lowbit/zoo/retrained (made by "
+                         "scripts/train_quantized.py): include (default), only, or skip")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -69,9 +77,14 @@ def main() -> int:
     calib = data.calibration_set(args.calib)
     model = load_pretrained("resnet20")
 
-    jobs: list[tuple[str, str, FGQ | None]] = [("fp32", "fp32", None)]
-    jobs += [("fgq", f"N{n}-a{a}", FGQ(group_size=n, act_bits=a)) for n in GROUP_SIZES for a in ACT_BITS]
-    jobs += [("ternary-per-layer", f"a{a}", FGQ(group_size=64, act_bits=a)) for a in ACT_BITS]
+    jobs: list[tuple[str, str, object]] = [("fp32", "fp32", None)]
+    if args.retrained != "only":
+        jobs += [("fgq", f"N{n}-a{a}", FGQ(group_size=n, act_bits=a)) for n in GROUP_SIZES for a in ACT_BITS]
+        jobs += [("ternary-per-layer", f"a{a}", FGQ(group_size=64, act_bits=a)) for a in ACT_BITS]
+    if args.retrained != "skip":
+        for path in sorted(RETRAINED.glob("*.pt"), key=lambda p: RETRAINED_ORDER.get(p.stem, 99)):
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own committed files
+            jobs.append((ckpt["scheme"], ckpt["config"], ckpt["qmodel"]))
 
     print(f"resnet20 on {x.shape[0]} Fashion-MNIST test images, {args.calib} calibration images; "
           f"{len(jobs)} configurations", flush=True)
@@ -81,6 +94,8 @@ def main() -> int:
         t0 = time.perf_counter()
         if cfg is None:
             acc = fp32 = top1(model, x_t, y_t)
+        elif isinstance(cfg, nn.Module):  # a retrained, exported fake-quant model
+            acc = top1(cfg.eval(), x_t, y_t)
         else:
             src = per_layer_ternary(model, cfg, calib) if scheme == "ternary-per-layer" else model
             if scheme == "ternary-per-layer":
