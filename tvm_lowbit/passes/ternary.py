@@ -190,8 +190,7 @@ class _Analysis:
             return None
         if div.args[0].ty.dtype != "float32":
             return None
-        q = _Quant(e, div.args[0], float(s.reshape(())), bs[0], bs[1], [clip.args[0] if False else e])
-        q.chain = [rnd.args[0], clip.args[0], e]
+        q = _Quant(e, div.args[0], float(s.reshape(())), bs[0], bs[1], [rnd.args[0], clip.args[0], e])
         self.quants[e.__hash__()] = q
         return q
 
