@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,16 +14,10 @@ from tvm_lowbit.quantizers.hooks import IntegerWeight
 from tvm_lowbit.quantizers.layers import QConv2d, quant_layers
 from tvm_lowbit.quantizers.pact import (PACT, PACTFunction, PACTQuant, PACTReLU, dorefa_codes, dorefa_weight)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddp_worker import TinyNet, synthetic  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_config_validation():

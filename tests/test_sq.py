@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,16 +14,10 @@ from tvm_lowbit.quantizers.layers import QuantLayer, quant_layers
 from tvm_lowbit.quantizers.sq import (SQ, bwn_twn_codes, quantize_rows, quantized_count, relative_errors, roulette,
                                       select_channels, selection_probabilities)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddp_worker import TinyNet, synthetic  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _chi2_ok(counts: np.ndarray, p: np.ndarray, crit: float) -> float:

@@ -170,8 +170,6 @@ def load_artifact(directory: str | os.PathLike[str]) -> Artifact:
 
 
 def import_torch(model: nn.Module, example: torch.Tensor) -> Any:
-    from tvm.relax.frontend.torch import from_exported_program
-
     try:
         ep = torch.export.export(model.eval(), (example,))
     except Exception as e:

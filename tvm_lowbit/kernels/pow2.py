@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from tvm import te, tirx
 
-from tvm_lowbit.kernels.ternary import OutMode, _check_mode, _epilogue, _pair, kernel_attrs
+from tvm_lowbit.kernels.ternary import OutMode, _check_mode, _epilogue, _pair, kernel_attrs, pad_codes
 
 
 def _decode(codes: te.Tensor, code_bits: int, kout: int, length: int) -> list[te.Tensor]:
@@ -77,18 +77,7 @@ def pow2_conv2d(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bia
         raise ValueError(f"conv shapes do not match: C={chans}, weight {tuple(weight_shape)}, groups={groups}")
     per = 8 // code_bits if code_bits in (4, 8) else 0
     dec = _decode(codes, code_bits, kout, kh * kw * cg)
-    oh = (int(height) + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (int(width) + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    if ph or pw:
-        hp, wp = int(height) + 2 * ph, int(width) + 2 * pw
-        xp = te.compute(
-            (batch, chans, hp, wp),
-            lambda b, c, h, w: tirx.if_then_else(
-                tirx.all(h >= ph, h < ph + int(height), w >= pw, w < pw + int(width)),
-                data[b, c, h - ph, w - pw], tirx.const(0, data.dtype)),
-            name="pad")
-    else:
-        xp = data
+    xp, oh, ow = pad_codes(data, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
     kpg = kout // groups
     rc = te.reduce_axis((0, cg), name="rc")
     ry = te.reduce_axis((0, kh), name="ry")

@@ -93,6 +93,26 @@ def _epilogue(acc: tirx.PrimExpr, scale: tirx.PrimExpr, bias: tirx.PrimExpr, rel
     return q.astype(qmath.act_dtype(out_bits, out_signed))
 
 
+def pad_codes(data: te.Tensor, kernel: tuple[int, int], strides: tuple[int, int], padding: tuple[int, int],
+              dilation: tuple[int, int]) -> tuple[te.Tensor, int, int]:
+    """Zero-pad NCHW activation codes (a zero code is a zero activation, so this pads the input) and
+    return the padded tensor with the output height and width of the convolution."""
+    batch, chans, height, width = data.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, strides, padding, dilation
+    oh = (int(height) + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (int(width) + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if not (ph or pw):
+        return data, oh, ow
+    hp, wp = int(height) + 2 * ph, int(width) + 2 * pw
+    xp = te.compute(
+        (batch, chans, hp, wp),
+        lambda b, c, h, w: tirx.if_then_else(
+            tirx.all(h >= ph, h < ph + int(height), w >= pw, w < pw + int(width)),
+            data[b, c, h - ph, w - pw], tirx.const(0, data.dtype)),
+        name="pad")
+    return xp, oh, ow
+
+
 def ternary_conv2d(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, out_scale: te.Tensor,
                    out_bias: te.Tensor, *, weight_shape: Sequence[int], strides: int | Sequence[int] = 1,
                    padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
@@ -126,19 +146,7 @@ def ternary_conv2d(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, out_sc
             return _w(wq, k, tap)
         return _w(wq, k, tap * seg_pad + c)  # channels innermost, one padded segment per tap
 
-    oh = (int(height) + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (int(width) + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    if ph or pw:
-        # zero codes are zero activations, so padding the codes is padding the input
-        hp, wp = int(height) + 2 * ph, int(width) + 2 * pw
-        xp = te.compute(
-            (batch, chans, hp, wp),
-            lambda b, c, h, w: tirx.if_then_else(
-                tirx.all(h >= ph, h < ph + int(height), w >= pw, w < pw + int(width)),
-                data[b, c, h - ph, w - pw], tirx.const(0, data.dtype)),
-            name="pad")
-    else:
-        xp = data
+    xp, oh, ow = pad_codes(data, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
     kpg = kout // groups
     rc = te.reduce_axis((0, cg), name="rc")
     ry = te.reduce_axis((0, kh), name="ry")
