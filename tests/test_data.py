@@ -57,3 +57,4 @@ def test_corrupt_file_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_real_fashion_mnist_is_installed() -> None:
     x, y = data.load_split("test")
     assert x.shape == (10000, 28, 28) and sorted(set(y.tolist())) == list(range(10))
+
