@@ -77,7 +77,8 @@ def main() -> None:
         qmodel = hook.export(calib)
         path = args.out / f"{name}.pt"
         tmp = path.with_suffix(".tmp")
-        torch.save({"qmodel": qmodel, "scheme": scheme, "config": config, "epochs_per_stage": epochs, "lr": lr,
+        torch.save({"qmodel": qmodel, "scheme": scheme, "config": config, "quantizer": repr(cfg),
+                    "epochs_per_stage": epochs, "lr": lr,
                     "subset": args.subset, "device": str(summary.get("device", args.device)),
                     "seconds": time.time() - t0, "stage_accuracy": summary.get("history")}, tmp)
         tmp.replace(path)
