@@ -61,6 +61,7 @@ def main() -> None:
     sel = {k: v.clone() for k, v in hook.selections().items()} if scheme == "sq" else {}
     torch.save({"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "selections": sel,
                 "hook": hook.state_dict(), "steps": hook.step_count}, out / f"rank{rank}.pt")
+    dist.barrier()  # no rank tears down gloo while its peer is still talking to it
     dist.destroy_process_group()
 
 
