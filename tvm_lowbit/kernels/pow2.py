@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from tvm import te, tirx
 
-from tvm_lowbit.kernels.ternary import OutMode, _check_mode, _epilogue, _pair, kernel_attrs, pad_codes
+from tvm_lowbit.kernels.ternary import OutMode, _check_mode, _epilogue, _pair, conv_with_epilogue, kernel_attrs
 
 
 def _decode(codes: te.Tensor, code_bits: int, kout: int, length: int) -> list[te.Tensor]:
@@ -72,30 +72,15 @@ def pow2_conv2d(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bia
     sh, sw = _pair(strides)
     ph, pw = _pair(padding)
     dh, dw = _pair(dilation)
-    batch, chans, height, width = data.shape
+    chans = data.shape[1]
     if int(chans) != cg * groups or kout % groups:
         raise ValueError(f"conv shapes do not match: C={chans}, weight {tuple(weight_shape)}, groups={groups}")
     per = 8 // code_bits if code_bits in (4, 8) else 0
     dec = _decode(codes, code_bits, kout, kh * kw * cg)
-    xp, oh, ow = pad_codes(data, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
-    kpg = kout // groups
-    rc = te.reduce_axis((0, cg), name="rc")
-    ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kw), name="rx")
-    acc_attrs = kernel_attrs("pow2_conv2d") if out_mode == "acc" else None
-    acc = te.compute(
-        (batch, kout, oh, ow),
-        lambda b, k, i, j: te.sum(
-            _term(xp[b, (k // kpg) * cg + rc, i * sh + ry * dh, j * sw + rx * dw].astype("int32"), dec, k,
-                  (ry * kw + rx) * cg + rc, per), axis=[rc, ry, rx]),
-        name="acc", attrs=acc_attrs)
-    if out_mode == "acc":
-        return acc
-    return te.compute(
-        (batch, kout, oh, ow),
-        lambda b, k, i, j: _epilogue(acc[b, k, i, j], out_scale[k], out_bias[k], relu, out_mode,
-                                     requant_scale, out_bits, out_signed),
-        name="out", attrs=kernel_attrs("pow2_conv2d"))
+    return conv_with_epilogue(
+        "pow2_conv2d", data, (kout, cg, kh, kw), (sh, sw), (ph, pw), (dh, dw), groups,
+        lambda xv, k, c, r, s: _term(xv, dec, k, (r * kw + s) * cg + c, per), out_scale, out_bias, relu, out_mode,
+        requant_scale, out_bits, out_signed)
 
 
 def pow2_dense(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bias: te.Tensor, *,

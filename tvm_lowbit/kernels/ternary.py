@@ -18,7 +18,7 @@ also sets it as a PrimFunc attribute (pass ``primfunc_attrs=kernel_attrs(name)``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -113,6 +113,36 @@ def pad_codes(data: te.Tensor, kernel: tuple[int, int], strides: tuple[int, int]
     return xp, oh, ow
 
 
+def conv_with_epilogue(kind: str, data: te.Tensor, weight_shape: tuple[int, int, int, int],
+                       strides: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int,
+                       term: Callable[..., tirx.PrimExpr], out_scale: te.Tensor, out_bias: te.Tensor, relu: bool,
+                       out_mode: str, requant_scale: float | None, out_bits: int, out_signed: bool) -> te.Tensor:
+    """The integer conv every weight format shares: ``acc[b, k, i, j] = sum over (c, r, s) of
+    term(int32 code, k, c, r, s)`` exactly in int32 (``term`` is the format's weight contribution), then
+    the qmath epilogue; ``out_mode="acc"`` returns the accumulators."""
+    kout, cg, kh, kw = weight_shape
+    (sh, sw), (dh, dw) = strides, dilation
+    batch = data.shape[0]
+    xp, oh, ow = pad_codes(data, (kh, kw), strides, padding, dilation)
+    kpg = kout // groups
+    rc = te.reduce_axis((0, cg), name="rc")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    acc = te.compute(
+        (batch, kout, oh, ow),
+        lambda b, k, i, j: te.sum(
+            term(xp[b, (k // kpg) * cg + rc, i * sh + ry * dh, j * sw + rx * dw].astype("int32"), k, rc, ry, rx),
+            axis=[rc, ry, rx]),
+        name="acc", attrs=kernel_attrs(kind) if out_mode == "acc" else None)
+    if out_mode == "acc":
+        return acc
+    return te.compute(
+        (batch, kout, oh, ow),
+        lambda b, k, i, j: _epilogue(acc[b, k, i, j], out_scale[k], out_bias[k], relu, out_mode,
+                                     requant_scale, out_bits, out_signed),
+        name="out", attrs=kernel_attrs(kind))
+
+
 def ternary_conv2d(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, out_scale: te.Tensor,
                    out_bias: te.Tensor, *, weight_shape: Sequence[int], strides: int | Sequence[int] = 1,
                    padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
@@ -128,7 +158,7 @@ def ternary_conv2d(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, out_sc
     sh, sw = _pair(strides)
     ph, pw = _pair(padding)
     dh, dw = _pair(dilation)
-    batch, chans, height, width = data.shape
+    chans = data.shape[1]
     if int(chans) != cg * groups or kout % groups:
         raise ValueError(f"conv shapes do not match: C={chans}, weight {tuple(weight_shape)}, groups={groups}")
     lay = qmath.group_layout((kout, cg, kh, kw), group_size)
@@ -146,25 +176,10 @@ def ternary_conv2d(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, out_sc
             return _w(wq, k, tap)
         return _w(wq, k, tap * seg_pad + c)  # channels innermost, one padded segment per tap
 
-    xp, oh, ow = pad_codes(data, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
-    kpg = kout // groups
-    rc = te.reduce_axis((0, cg), name="rc")
-    ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kw), name="rx")
-    acc_attrs = kernel_attrs("ternary_conv2d") if out_mode == "acc" else None
-    acc = te.compute(
-        (batch, kout, oh, ow),
-        lambda b, k, i, j: te.sum(
-            xp[b, (k // kpg) * cg + rc, i * sh + ry * dh, j * sw + rx * dw].astype("int32")
-            * w_at(k, rc, ry, rx), axis=[rc, ry, rx]),
-        name="acc", attrs=acc_attrs)
-    if out_mode == "acc":
-        return acc
-    return te.compute(
-        (batch, kout, oh, ow),
-        lambda b, k, i, j: _epilogue(acc[b, k, i, j], out_scale[k], out_bias[k], relu, out_mode,
-                                     requant_scale, out_bits, out_signed),
-        name="out", attrs=kernel_attrs("ternary_conv2d"))
+    return conv_with_epilogue(
+        "ternary_conv2d", data, (kout, cg, kh, kw), (sh, sw), (ph, pw), (dh, dw), groups,
+        lambda xv, k, c, r, s: xv * w_at(k, c, r, s), out_scale, out_bias, relu, out_mode, requant_scale,
+        out_bits, out_signed)
 
 
 def ternary_dense(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, out_scale: te.Tensor,
