@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 from tvm import te, tirx
 
-from tvm_lowbit.kernels.ternary import OutMode, _check_mode, _epilogue, _pair, conv_with_epilogue, kernel_attrs
+from tvm_lowbit.kernels.ternary import (OutMode, _check_mode, conv_dims, conv_with_epilogue, dense_dims,
+                                        dense_with_epilogue)
 
 
 def _decode(codes: te.Tensor, code_bits: int, kout: int, length: int) -> list[te.Tensor]:
@@ -68,17 +69,11 @@ def pow2_conv2d(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bia
     and ``code_bits`` its ``Pow2Weight.code_bits``; ``padding`` is symmetric (ph, pw).
     """
     _check_mode(out_mode, requant_scale)
-    kout, cg, kh, kw = (int(v) for v in weight_shape)
-    sh, sw = _pair(strides)
-    ph, pw = _pair(padding)
-    dh, dw = _pair(dilation)
-    chans = data.shape[1]
-    if int(chans) != cg * groups or kout % groups:
-        raise ValueError(f"conv shapes do not match: C={chans}, weight {tuple(weight_shape)}, groups={groups}")
+    kout, cg, kh, kw = conv_dims(data, weight_shape, groups)
     per = 8 // code_bits if code_bits in (4, 8) else 0
     dec = _decode(codes, code_bits, kout, kh * kw * cg)
     return conv_with_epilogue(
-        "pow2_conv2d", data, (kout, cg, kh, kw), (sh, sw), (ph, pw), (dh, dw), groups,
+        "pow2_conv2d", data, (kout, cg, kh, kw), strides, padding, dilation, groups,
         lambda xv, k, c, r, s: _term(xv, dec, k, (r * kw + s) * cg + c, per), out_scale, out_bias, relu, out_mode,
         requant_scale, out_bits, out_signed)
 
@@ -89,22 +84,8 @@ def pow2_dense(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bias
                out_signed: bool = False) -> te.Tensor:
     """``data[..., C]`` times a power-of-two weight ``[K, C]`` (transposed) -> ``[..., K]``."""
     _check_mode(out_mode, requant_scale)
-    kout, cin = (int(v) for v in weight_shape)
-    if int(data.shape[-1]) != cin:
-        raise ValueError(f"data has {data.shape[-1]} features, weight {tuple(weight_shape)}")
+    kout, cin = dense_dims(data, weight_shape)
     per = 8 // code_bits if code_bits in (4, 8) else 0
     dec = _decode(codes, code_bits, kout, cin)
-    lead = list(data.shape[:-1])
-    rc = te.reduce_axis((0, cin), name="rc")
-    acc_attrs = kernel_attrs("pow2_dense") if out_mode == "acc" else None
-    acc = te.compute(
-        (*lead, kout),
-        lambda *idx: te.sum(_term(data[(*idx[:-1], rc)].astype("int32"), dec, idx[-1], rc, per), axis=rc),
-        name="acc", attrs=acc_attrs)
-    if out_mode == "acc":
-        return acc
-    return te.compute(
-        (*lead, kout),
-        lambda *idx: _epilogue(acc[idx], out_scale[idx[-1]], out_bias[idx[-1]], relu, out_mode,
-                               requant_scale, out_bits, out_signed),
-        name="out", attrs=kernel_attrs("pow2_dense"))
+    return dense_with_epilogue("pow2_dense", data, kout, cin, lambda xv, k, c: _term(xv, dec, k, c, per), out_scale,
+                               out_bias, relu, out_mode, requant_scale, out_bits, out_signed)

@@ -113,17 +113,35 @@ def pad_codes(data: te.Tensor, kernel: tuple[int, int], strides: tuple[int, int]
     return xp, oh, ow
 
 
+def conv_dims(data: te.Tensor, weight_shape: Sequence[int], groups: int) -> tuple[int, int, int, int]:
+    """(K, Cg, R, S) of a conv weight, checked against the NCHW input and ``groups``."""
+    kout, cg, kh, kw = (int(v) for v in weight_shape)
+    chans = data.shape[1]
+    if int(chans) != cg * groups or kout % groups:
+        raise ValueError(f"conv shapes do not match: C={chans}, weight {tuple(weight_shape)}, groups={groups}")
+    return kout, cg, kh, kw
+
+
+def dense_dims(data: te.Tensor, weight_shape: Sequence[int]) -> tuple[int, int]:
+    """(K, C) of a linear weight, checked against the input's last dimension."""
+    kout, cin = (int(v) for v in weight_shape)
+    if int(data.shape[-1]) != cin:
+        raise ValueError(f"data has {data.shape[-1]} features, weight {tuple(weight_shape)}")
+    return kout, cin
+
+
 def conv_with_epilogue(kind: str, data: te.Tensor, weight_shape: tuple[int, int, int, int],
-                       strides: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int,
-                       term: Callable[..., tirx.PrimExpr], out_scale: te.Tensor, out_bias: te.Tensor, relu: bool,
-                       out_mode: str, requant_scale: float | None, out_bits: int, out_signed: bool) -> te.Tensor:
+                       strides: int | Sequence[int], padding: int | Sequence[int], dilation: int | Sequence[int],
+                       groups: int, term: Callable[..., tirx.PrimExpr], out_scale: te.Tensor, out_bias: te.Tensor,
+                       relu: bool, out_mode: str, requant_scale: float | None, out_bits: int,
+                       out_signed: bool) -> te.Tensor:
     """The integer conv every weight format shares: ``acc[b, k, i, j] = sum over (c, r, s) of
     term(int32 code, k, c, r, s)`` exactly in int32 (``term`` is the format's weight contribution), then
-    the qmath epilogue; ``out_mode="acc"`` returns the accumulators."""
+    the qmath epilogue; ``out_mode="acc"`` returns the accumulators.  ``padding`` is symmetric (ph, pw)."""
     kout, cg, kh, kw = weight_shape
-    (sh, sw), (dh, dw) = strides, dilation
+    (sh, sw), (dh, dw) = _pair(strides), _pair(dilation)
     batch = data.shape[0]
-    xp, oh, ow = pad_codes(data, (kh, kw), strides, padding, dilation)
+    xp, oh, ow = pad_codes(data, (kh, kw), (sh, sw), _pair(padding), (dh, dw))
     kpg = kout // groups
     rc = te.reduce_axis((0, cg), name="rc")
     ry = te.reduce_axis((0, kh), name="ry")
@@ -143,6 +161,26 @@ def conv_with_epilogue(kind: str, data: te.Tensor, weight_shape: tuple[int, int,
         name="out", attrs=kernel_attrs(kind))
 
 
+def dense_with_epilogue(kind: str, data: te.Tensor, kout: int, cin: int, term: Callable[..., tirx.PrimExpr],
+                        out_scale: te.Tensor, out_bias: te.Tensor, relu: bool, out_mode: str,
+                        requant_scale: float | None, out_bits: int, out_signed: bool) -> te.Tensor:
+    """The integer dense every weight format shares: ``acc[..., k] = sum over c of term(int32 code, k, c)``
+    exactly in int32, then the qmath epilogue; ``out_mode="acc"`` returns the accumulators."""
+    lead = list(data.shape[:-1])
+    rc = te.reduce_axis((0, cin), name="rc")
+    acc = te.compute(
+        (*lead, kout),
+        lambda *idx: te.sum(term(data[(*idx[:-1], rc)].astype("int32"), idx[-1], rc), axis=rc),
+        name="acc", attrs=kernel_attrs(kind) if out_mode == "acc" else None)
+    if out_mode == "acc":
+        return acc
+    return te.compute(
+        (*lead, kout),
+        lambda *idx: _epilogue(acc[idx], out_scale[idx[-1]], out_bias[idx[-1]], relu, out_mode,
+                               requant_scale, out_bits, out_signed),
+        name="out", attrs=kernel_attrs(kind))
+
+
 def ternary_conv2d(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, out_scale: te.Tensor,
                    out_bias: te.Tensor, *, weight_shape: Sequence[int], strides: int | Sequence[int] = 1,
                    padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
@@ -154,13 +192,7 @@ def ternary_conv2d(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, out_sc
     ``alpha_q`` of a weight of shape ``weight_shape = (K, Cg, R, S)``.
     """
     _check_mode(out_mode, requant_scale)
-    kout, cg, kh, kw = (int(v) for v in weight_shape)
-    sh, sw = _pair(strides)
-    ph, pw = _pair(padding)
-    dh, dw = _pair(dilation)
-    chans = data.shape[1]
-    if int(chans) != cg * groups or kout % groups:
-        raise ValueError(f"conv shapes do not match: C={chans}, weight {tuple(weight_shape)}, groups={groups}")
+    kout, cg, kh, kw = conv_dims(data, weight_shape, groups)
     lay = qmath.group_layout((kout, cg, kh, kw), group_size)
     if tuple(int(v) for v in codes.shape) != (kout, -(-lay.row_len // 4)):
         raise ValueError(f"codes shape {codes.shape} != ({kout}, ceil({lay.row_len}/4))")
@@ -177,7 +209,7 @@ def ternary_conv2d(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, out_sc
         return _w(wq, k, tap * seg_pad + c)  # channels innermost, one padded segment per tap
 
     return conv_with_epilogue(
-        "ternary_conv2d", data, (kout, cg, kh, kw), (sh, sw), (ph, pw), (dh, dw), groups,
+        "ternary_conv2d", data, (kout, cg, kh, kw), strides, padding, dilation, groups,
         lambda xv, k, c, r, s: xv * w_at(k, c, r, s), out_scale, out_bias, relu, out_mode, requant_scale,
         out_bits, out_signed)
 
@@ -188,29 +220,15 @@ def ternary_dense(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, out_sca
                   out_signed: bool = False) -> te.Tensor:
     """``data[..., C]`` times an FGQ-ternary weight ``[K, C]`` (transposed) -> ``[..., K]``."""
     _check_mode(out_mode, requant_scale)
-    kout, cin = (int(v) for v in weight_shape)
-    if int(data.shape[-1]) != cin:
-        raise ValueError(f"data has {data.shape[-1]} features, weight {tuple(weight_shape)}")
+    kout, cin = dense_dims(data, weight_shape)
     lay = qmath.group_layout((kout, cin), group_size)
     if tuple(int(v) for v in codes.shape) != (kout, -(-lay.row_len // 4)):
         raise ValueError(f"codes shape {codes.shape} != ({kout}, ceil({lay.row_len}/4))")
     if tuple(int(v) for v in alpha_q.shape) != (kout, lay.groups_per_row):
         raise ValueError(f"alpha_q shape {alpha_q.shape} != ({kout}, {lay.groups_per_row})")
     wq = _expand_weight(codes, alpha_q, lay)  # a linear row is one segment: element c is position c
-    lead = list(data.shape[:-1])
-    rc = te.reduce_axis((0, cin), name="rc")
-    acc_attrs = kernel_attrs("ternary_dense") if out_mode == "acc" else None
-    acc = te.compute(
-        (*lead, kout),
-        lambda *idx: te.sum(data[(*idx[:-1], rc)].astype("int32") * _w(wq, idx[-1], rc), axis=rc),
-        name="acc", attrs=acc_attrs)
-    if out_mode == "acc":
-        return acc
-    return te.compute(
-        (*lead, kout),
-        lambda *idx: _epilogue(acc[idx], out_scale[idx[-1]], out_bias[idx[-1]], relu, out_mode,
-                               requant_scale, out_bits, out_signed),
-        name="out", attrs=kernel_attrs("ternary_dense"))
+    return dense_with_epilogue("ternary_dense", data, kout, cin, lambda xv, k, c: xv * _w(wq, k, c), out_scale,
+                               out_bias, relu, out_mode, requant_scale, out_bits, out_signed)
 
 
 def quantize_act(x: te.Tensor, scale: float, bits: int, signed: bool) -> te.Tensor:
