@@ -44,22 +44,18 @@ def layer_infos(qmodel: nn.Module) -> dict[str, LayerInfo]:
 
 
 def _constants_bytes(func: Any) -> int:
+    """Bytes of the distinct tensor constants of a Relax function (what the artifact stores)."""
+    import tvm
     from tvm import relax
 
-    total = 0
-    seen: set[int] = set()
+    sizes: dict[int, int] = {}
 
     def visit(e: Any) -> None:
-        nonlocal total
-        if isinstance(e, relax.expr.GenericConst if hasattr(relax.expr, "GenericConst") else ()) or (
-                type(e).__name__ == "GenericConst"):
-            v = e.value
-            if hasattr(v, "numpy") and e.__hash__() not in seen:
-                seen.add(e.__hash__())
-                total += v.numpy().nbytes
+        if isinstance(e, tvm.ir.expr.GenericConst) and hasattr(e.value, "numpy"):
+            sizes[e.__hash__()] = e.value.numpy().nbytes
 
     relax.analysis.post_order_visit(func, visit)
-    return total
+    return sum(sizes.values())
 
 
 def _strip_single_tuple(mod: Any) -> Any:

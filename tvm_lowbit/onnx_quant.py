@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from tvm_lowbit import qmath
 from tvm_lowbit.compiler import Artifact, CompileError, build
-from tvm_lowbit.passes.ternary import LayerInfo, weight_key
+from tvm_lowbit.passes.ternary import LayerInfo, const_value, weight_key
 from tvm_lowbit.quantizers import calibrate
 from tvm_lowbit.quantizers.fgq import FGQ
 from tvm_lowbit.targets import TargetSpec, load_target
@@ -48,16 +48,6 @@ def _ops() -> dict[str, Any]:
     from tvm.ir import Op
 
     return {n: Op.get(f"relax.{n}") for n in ("nn.conv2d", "matmul", "permute_dims", "add")}
-
-
-def _const(e: Any, bindings: dict[int, Any]) -> np.ndarray | None:
-    import tvm
-
-    if not isinstance(e, tvm.ir.expr.GenericConst) and hasattr(e, "name"):
-        e = bindings.get(e.__hash__(), e)
-    if isinstance(e, tvm.ir.expr.GenericConst) and hasattr(e.value, "numpy"):
-        return e.value.numpy()
-    return None
 
 
 def find_layers(func: Any) -> list[_Found]:
@@ -81,11 +71,11 @@ def find_layers(func: Any) -> list[_Found]:
         kind = "conv2d" if call.op.same_as(ops["nn.conv2d"]) else "matmul" if call.op.same_as(ops["matmul"]) else None
         if kind is None:
             continue
-        w = _const(call.args[1], bindings)
+        w = const_value(call.args[1], bindings)
         if kind == "matmul":
             perm = bindings.get(call.args[1].__hash__()) if hasattr(call.args[1], "name") else None
             if w is None and isinstance(perm, relax.Call) and perm.op.same_as(ops["permute_dims"]):
-                w = _const(perm.args[0], bindings)  # [K, C] already
+                w = const_value(perm.args[0], bindings)  # [K, C] already
             elif w is not None and w.ndim == 2:
                 w = w.T  # matmul(x, W[C, K]) -> [K, C]
             else:
@@ -100,7 +90,7 @@ def find_layers(func: Any) -> list[_Found]:
             add = bindings[us[0].__hash__()]
             if isinstance(add, relax.Call) and add.op.same_as(ops["add"]):
                 other = add.args[1] if add.args[0].same_as(v) else add.args[0]
-                b = _const(other, bindings)
+                b = const_value(other, bindings)
                 if b is not None and b.size == w.shape[0]:
                     out_var, bias = us[0], b.reshape(-1).astype(np.float32)
         i = counts.get(kind, 0)

@@ -108,7 +108,8 @@ class _Layer:
     requant: _Quant | None = None
 
 
-def _const(e: relax.Expr, bindings: dict) -> np.ndarray | None:
+def const_value(e: relax.Expr, bindings: dict) -> np.ndarray | None:
+    """The NumPy value of a constant, looking through a variable bound to one; else None."""
     e = bindings.get(e.__hash__(), e) if isinstance(e, relax.Var) else e
     if isinstance(e, tvm.ir.expr.GenericConst) and hasattr(e.value, "numpy"):
         return e.value.numpy()
@@ -184,7 +185,7 @@ class _Analysis:
         div = _call(rnd.args[0], self.bindings, "divide") if rnd is not None else None
         if div is None:
             return None
-        s = _const(div.args[1], self.bindings)
+        s = const_value(div.args[1], self.bindings)
         bs = _bits_of(_prim(clip.args[1]), _prim(clip.args[2]))
         if s is None or s.size != 1 or bs is None or not isinstance(div.args[0], relax.Var):
             return None
@@ -216,10 +217,10 @@ class _Analysis:
         wconst = call.args[1]
         perm = None if is_conv else _call(wconst, self.bindings, "permute_dims")
         if perm is not None:
-            w = _const(perm.args[0], self.bindings)
+            w = const_value(perm.args[0], self.bindings)
             chain_in.append(wconst)
         else:
-            w = _const(wconst, self.bindings)
+            w = const_value(wconst, self.bindings)
             if w is not None and not is_conv:
                 w = w.T if w.ndim == 2 else None
         key = weight_key(w) if w is not None else ""
@@ -240,11 +241,11 @@ class _Analysis:
                                   or (not is_conv and _call(u, self.bindings, "reshape") is not None)):
                 pass
             elif _call(u, self.bindings, "multiply") is not None and scale is None:
-                scale = _const(val.args[1], self.bindings)
+                scale = const_value(val.args[1], self.bindings)
                 if scale is None:
                     break
             elif _call(u, self.bindings, "add") is not None and scale is not None and bias is None:
-                bias = _const(val.args[1], self.bindings)
+                bias = const_value(val.args[1], self.bindings)
                 if bias is None:
                     break
             elif _call(u, self.bindings, "astype") is not None and bias is not None:
