@@ -201,6 +201,7 @@ def cmd_compile(a: argparse.Namespace) -> None:
         load_target(a.target)
     except TargetError as e:
         _err(str(e))
+    _fgq_from_args(a)  # bad FGQ options fail here, also for a .pt2 that was quantized already
     src = a.model
     if src.endswith(".onnx"):
         from tvm_lowbit.onnx_quant import quantize_onnx
