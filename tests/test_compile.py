@@ -188,3 +188,5 @@ def test_retrained_models_compile_bit_exact(scheme: str) -> None:
     q = hook.export(calib)
     art = check_bit_exact(q, calib[:2].numpy())
     assert art.report.lowered and not art.report.fallback
+    if scheme == "pact":  # the exported PACT clip and the next layer's quantizer fold into one requant
+        assert art.report.requant_folded >= 1 and art.report.requant_fused, art.report

@@ -12,7 +12,8 @@ from tvm.script import relax as R
 from tvm.script import tirx as T
 
 from tvm_lowbit import kernels, qmath
-from tvm_lowbit.passes import LayerInfo, LowerTernary, apply_default_schedules, lower_ternary, weight_key
+from tvm_lowbit.passes import (LayerInfo, LowerTernary, apply_default_schedules, fold_requantize, lower_ternary,
+                               weight_key)
 
 
 @I.ir_module
@@ -159,3 +160,64 @@ def test_quantizer_bounds_are_recognised(bits: int, signed: bool) -> None:
     first = after["main"].body.blocks[0].bindings[0]  # the call to quantize_act
     assert first.value.args[0].name_hint == "quantize_act"
     assert first.var.ty.dtype == qmath.act_dtype(bits, signed)
+
+
+@I.ir_module
+class DoubleQuant:
+    """A PACT-style exported clip (codes * s) feeding a quantizer with the same scale, plus a float user."""
+
+    @R.function
+    def main(x: R.Tensor((2, 8), "float32")) -> R.Tuple(R.Tensor((2, 8), "float32"), R.Tensor((2, 8), "float32")):
+        with R.dataflow():
+            c1 = R.clip(R.round(R.divide(x, R.const(0.1374, "float32"))), 0, 15)
+            y = R.multiply(c1, R.const(0.1374, "float32"))
+            c2 = R.clip(R.round(R.divide(y, R.const(0.1374, "float32"))), 0, 255)
+            z = R.add(c2, y)
+            out = (z, y)
+            R.output(out)
+        return out
+
+
+@I.ir_module
+class DoubleQuantFolded:
+    @R.function
+    def main(x: R.Tensor((2, 8), "float32")) -> R.Tuple(R.Tensor((2, 8), "float32"), R.Tensor((2, 8), "float32")):
+        with R.dataflow():
+            c1 = R.clip(R.round(R.divide(x, R.const(0.1374, "float32"))), 0, 15)
+            y = R.multiply(c1, R.const(0.1374, "float32"))
+            z = R.add(c1, y)
+            out = (z, y)
+            R.output(out)
+        return out
+
+
+def test_fold_requantize_before_after() -> None:
+    after, n = fold_requantize(DoubleQuant)
+    assert n == 1
+    tvm.ir.assert_structural_equal(after["main"], DoubleQuantFolded["main"])
+
+
+@pytest.mark.parametrize("scale2, lo2, hi2", [(0.1375, 0, 255), (0.1374, 0, 7), (0.1374, 1, 255)])
+def test_fold_requantize_keeps_inexact_pairs(scale2: float, lo2: int, hi2: int) -> None:
+    """A different scale, or a range that does not contain the first one, changes the codes: no fold."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            c1 = bb.emit(relax.op.clip(relax.op.round(relax.op.divide(x, relax.const(0.1374, "float32"))), 0, 15))
+            y = bb.emit(relax.op.multiply(c1, relax.const(0.1374, "float32")))
+            c2 = bb.emit(relax.op.clip(relax.op.round(relax.op.divide(y, relax.const(scale2, "float32"))), lo2, hi2))
+            out = bb.emit_output(c2)
+        bb.emit_func_output(out)
+    mod = bb.get()
+    after, n = fold_requantize(mod)
+    assert n == 0
+    tvm.ir.assert_structural_equal(after, mod)
+
+
+def test_fold_requantize_is_exact_for_every_code() -> None:
+    """(c * s) / s rounds back to c in float32 for every 8-bit code and a spread of scales."""
+    codes = np.arange(-128, 256, dtype=np.float32)
+    for s in np.float32(np.geomspace(1e-6, 1e4, 2001)):
+        back = np.round((codes * s).astype(np.float32) / s)
+        assert np.array_equal(back, codes), s

@@ -2,9 +2,10 @@
 
 Pipeline (printable with ``pipeline_description()``):
   1. import: ``torch.export`` + ``from_exported_program`` (weights bound as constants), or ONNX
-  2. ``LowerTernary``: fake-quant layers -> grouped-ternary kernels over packed 2-bit weights
-  3. ``ApplyKernelSchedules``: the kernels' default schedule for the target
-  4. ``tvm.compile`` (Relax default pipeline: legalize the float ops, fuse, lower, build)
+  2. ``FoldRequantize``: drop re-quantizers that reproduce their input codes exactly (PACT exports)
+  3. ``LowerTernary``: fake-quant layers -> grouped-ternary kernels over packed 2-bit weights
+  4. ``ApplyKernelSchedules``: the kernels' default schedule for the target
+  5. ``tvm.compile`` (Relax default pipeline: legalize the float ops, fuse, lower, build)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tvm_lowbit.passes.ternary import LayerInfo, LoweringReport, weight_key
 from tvm_lowbit.quantizers.layers import quant_layers
 from tvm_lowbit.targets import TargetSpec, load_target
 
-PIPELINE = ["import (torch.export / ONNX) -> Relax", "FoldConstant", "LowerTernary",
+PIPELINE = ["import (torch.export / ONNX) -> Relax", "FoldConstant", "FoldRequantize", "LowerTernary",
             "ApplyKernelSchedules", "tvm.compile (Relax default pipeline)"]
 
 

@@ -35,6 +35,7 @@ from tvm import relax
 from tvm.ir import Op
 
 from tvm_lowbit import kernels, qmath
+from tvm_lowbit.passes.requant import fold_requantize
 
 _OPS = {n: Op.get(f"relax.{n}") for n in (
     "clip", "round", "divide", "astype", "reshape", "nn.conv2d", "matmul", "permute_dims", "multiply", "add",
@@ -62,6 +63,7 @@ class LoweringReport:
     requant_fused: list[str] = field(default_factory=list)
     fallback: list[tuple[str, str]] = field(default_factory=list)  # (layer, why it stayed in float)
     kernels: dict[str, str] = field(default_factory=dict)  # lowered layer -> "ternary" | "pow2"
+    requant_folded: int = 0  # redundant re-quantizers removed by FoldRequantize
 
     def kernel_of(self, name: str) -> str:
         """The weight format of the kernel layer ``name`` was lowered to ("ternary" if not recorded)."""
@@ -75,6 +77,8 @@ class LoweringReport:
         kinds = ", ".join(f"{n} {what.get(k, k)}" for k, n in counts.items()) or "none"
         lines = [f"{len(self.lowered)} layer(s) lowered to integer kernels ({kinds}; "
                  f"{len(self.requant_fused)} with fused requantization)"]
+        if self.requant_folded:
+            lines.append(f"  {self.requant_folded} redundant re-quantizer(s) folded (same scale, codes unchanged)")
         lines += [f"  fallback to float: {name}: {why}" for name, why in self.fallback]
         return "\n".join(lines)
 
@@ -450,6 +454,7 @@ def lower_ternary(mod: tvm.IRModule, infos: dict[str, LayerInfo] | None = None, 
     mod = relax.transform.CanonicalizeBindings()(mod)
     mod = relax.transform.DeadCodeElimination([func_name])(mod)
     mod = relax.transform.FoldConstant()(mod)
+    mod, report.requant_folded = fold_requantize(mod, func_name)
     func = mod[func_name]
     analysis = _Analysis(func, infos or {}, report)
     analysis.plan_requant()

@@ -1,0 +1,132 @@
+"""FoldRequantize: drop a quantizer that re-quantizes codes it would reproduce exactly.
+
+Fake-quant models often quantize an activation twice with the same scale: PACT's exported clip
+(``clip(round(x / s), 0, 2^k - 1) * s``) feeds the next layer's input quantizer
+(``clip(round(y / s), lo, hi)``).  With codes ``c`` from the first quantizer, ``(c * s) / s`` in
+float32 lies within two ulps of ``c``, so rounding gives ``c`` back for any ``|c| < 2^22``; when the
+second range contains the first, the clip changes nothing either.  This pass points the second
+quantizer's users at the first one's codes, so LowerTernary sees one quantizer and can fuse the
+requantization into the producing kernel::
+
+    c1 = clip(round(divide(x, s)), lo1, hi1)         c1 = clip(round(divide(x, s)), lo1, hi1)
+    y  = multiply(c1, s)                       ->    y  = multiply(c1, s)   # other users keep it
+    c2 = clip(round(divide(y, s)), lo2, hi2)         (uses of c2 read c1; dead code is removed)
+
+Only float32 tensors and float32-equal scales are folded; anything else is left as it is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+_OPS = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("clip", "round", "divide", "multiply")}
+
+
+def _scalar(e: relax.Expr, bindings: dict[int, relax.Expr]) -> float | None:
+    e = bindings.get(e.__hash__(), e) if isinstance(e, relax.Var) else e
+    if isinstance(e, tvm.ir.expr.GenericConst) and hasattr(e.value, "numpy"):
+        v = e.value.numpy()
+        if v.size == 1 and v.dtype == np.float32:
+            return float(v.reshape(()))
+    return None
+
+
+def _call(e: relax.Expr, bindings: dict[int, relax.Expr], op: str) -> relax.Call | None:
+    if isinstance(e, relax.Var):
+        e = bindings.get(e.__hash__())
+    return e if isinstance(e, relax.Call) and e.op.same_as(_OPS[op]) else None
+
+
+def _bound(e: relax.Expr) -> float:
+    v = e.value
+    return float(getattr(v, "value", v))
+
+
+def _quantizer(e: relax.Expr, bindings: dict[int, relax.Expr]) -> tuple[relax.Expr, float, float, float] | None:
+    """``e = clip(round(divide(x, s)), lo, hi)`` -> (x, s, lo, hi)."""
+    clip = _call(e, bindings, "clip")
+    rnd = _call(clip.args[0], bindings, "round") if clip is not None else None
+    div = _call(rnd.args[0], bindings, "divide") if rnd is not None else None
+    if div is None:
+        return None
+    s = _scalar(div.args[1], bindings)
+    x = div.args[0]
+    if s is None or s <= 0 or getattr(x.ty, "dtype", None) != "float32":
+        return None
+    return x, s, _bound(clip.args[1]), _bound(clip.args[2])
+
+
+def _redundant_pairs(func: relax.Function) -> dict[int, relax.Var]:
+    """Second quantizer var -> first quantizer var, for every exactly redundant pair."""
+    bindings: dict[int, relax.Expr] = {}
+    order: list[relax.Var] = []
+    for block in func.body.blocks:
+        for b in block.bindings:
+            bindings[b.var.__hash__()] = b.value
+            order.append(b.var)
+    vars_by_hash = {v.__hash__(): v for v in order}
+    pairs: dict[int, relax.Var] = {}
+    for v in order:
+        second = _quantizer(v, bindings)
+        if second is None:
+            continue
+        y, s2, lo2, hi2 = second
+        mul = _call(y, bindings, "multiply")
+        if mul is None:
+            continue
+        for codes, scale in ((mul.args[0], mul.args[1]), (mul.args[1], mul.args[0])):
+            first = _quantizer(codes, bindings) if isinstance(codes, relax.Var) else None
+            s_mul = _scalar(scale, bindings)
+            if first is None or s_mul is None:
+                continue
+            _, s1, lo1, hi1 = first
+            exact = max(abs(lo1), abs(hi1)) < 2 ** 22
+            if exact and np.float32(s1) == np.float32(s2) == np.float32(s_mul) and lo2 <= lo1 and hi1 <= hi2:
+                pairs[v.__hash__()] = pairs.get(codes.__hash__(), vars_by_hash[codes.__hash__()])
+                break
+    return pairs
+
+
+@relax.expr_functor.mutator
+class _Redirect(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, pairs: dict[int, relax.Var]) -> None:
+        super().__init__(mod)
+        self.pairs = pairs
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        first = self.pairs.get(binding.var.__hash__())
+        if first is None:
+            super().visit_var_binding_(binding)
+            return
+        codes = self.visit_expr(first)
+        if not isinstance(binding.var, relax.DataflowVar):
+            codes = self.builder_.emit_output(codes)  # the value leaves the dataflow block
+        self.set_var_remap(binding.var, codes)
+
+
+def fold_requantize(mod: tvm.IRModule, func_name: str = "main") -> tuple[tvm.IRModule, int]:
+    """Fold exactly redundant re-quantizers in ``mod[func_name]``; returns the module and how many."""
+    func = mod[func_name]
+    pairs = _redundant_pairs(func)
+    if not pairs:
+        return mod, 0
+    mut = _Redirect(mod, pairs)
+    new_func = mut.visit_expr(func)
+    mut.builder_.update_func(mod.get_global_var(func_name), new_func)
+    out = relax.transform.DeadCodeElimination([func_name])(mut.builder_.get())
+    return out, len(pairs)
+
+
+@tvm.transform.module_pass(opt_level=0, name="tvm_lowbit.FoldRequantize")
+class FoldRequantize:
+    """Module-pass form of :func:`fold_requantize` (the count is kept in ``self.folded``)."""
+
+    def __init__(self, func_name: str = "main") -> None:
+        self.func_name = func_name
+        self.folded = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        out, self.folded = fold_requantize(mod, self.func_name)
+        return out
