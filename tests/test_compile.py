@@ -170,8 +170,9 @@ def test_bad_target_and_bad_input_are_clear() -> None:
         art.run(np.zeros((1, 1, 9, 9), np.float32))
 
 
-@pytest.mark.parametrize("scheme", ["pact", "sq-twn", "sq-bwn"])
-def test_retrained_models_compile_bit_exact(scheme: str) -> None:
+@pytest.mark.parametrize("scheme", ["pact", "sq-twn", "sq-bwn", "inq"])
+def test_retrained_models_compile_bit_exact(scheme: str, tmp_path) -> None:
+    from tvm_lowbit.quantizers.inq import INQ
     from tvm_lowbit.quantizers.pact import PACT
     from tvm_lowbit.quantizers.sq import SQ
 
@@ -180,7 +181,7 @@ def test_retrained_models_compile_bit_exact(scheme: str) -> None:
                           nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 5)).eval()
     cfg = {"pact": PACT(act_bits=4, weight_bits=4), "sq-twn": SQ(inner="twn", schedule=(1.0,)),
-           "sq-bwn": SQ(inner="bwn", schedule=(1.0,))}[scheme]
+           "sq-bwn": SQ(inner="bwn", schedule=(1.0,)), "inq": INQ(bits=4, portions=(1.0,))}[scheme]
     hook = cfg.attach(model)
     for _ in hook.stages():  # no training steps: the export path is what is under test
         pass
@@ -190,3 +191,9 @@ def test_retrained_models_compile_bit_exact(scheme: str) -> None:
     assert art.report.lowered and not art.report.fallback
     if scheme == "pact":  # the exported PACT clip and the next layer's quantizer fold into one requant
         assert art.report.requant_folded >= 1 and art.report.requant_fused, art.report
+    # the same pipeline builds for the board (aarch64, linked with the cross g++)
+    board = tvm_lowbit.compile(q, calib[:1], "rasp4b")
+    assert board.report.kernels == art.report.kernels
+    header = subprocess.run(["readelf", "-h", str(board.export(tmp_path / "rasp4b") / "model.so")],
+                            capture_output=True, text=True).stdout
+    assert "AArch64" in header
