@@ -1,4 +1,4 @@
-"""The ``tvm-lowbit`` command line: demo, quantize, compile, targets."""
+"""The ``tvm-lowbit`` command line: demo, quantize, compile, deploy, export, targets."""
 
 from __future__ import annotations
 
@@ -222,6 +222,83 @@ def cmd_compile(a: argparse.Namespace) -> None:
     print(f"wrote {out}/model.so for {art.target.name} ({art.target.description}); weights {art.weight_bytes:,d} bytes")
 
 
+def _board_and_host_builds(a: argparse.Namespace, host: bool):  # -> (board Artifact, host Artifact | None, input)
+    """The model compiled for ``a.target`` (and for this x86 host, to compare with), and the input to run."""
+    import tvm_lowbit
+    from tvm_lowbit.compiler import build, compile_saved
+    from tvm_lowbit.targets import TargetError, load_target
+
+    try:
+        spec = load_target(a.target)
+    except TargetError as e:
+        _err(str(e))
+    cfg = _fgq_from_args(a)
+    src = a.model
+    if src.endswith(".pt2"):
+        art = compile_saved(src, spec)
+        host_art = compile_saved(src, "x86-host") if host else None
+    elif src.endswith(".onnx"):
+        from tvm_lowbit.onnx_quant import quantize_onnx_module
+
+        mod, infos = quantize_onnx_module(src, cfg, _calib(a.calib, a.calib_size), a.batch)
+        shape = tuple(int(d) for d in mod["main"].params[0].ty.shape)
+        art = build(mod, spec, infos, shape)
+        host_art = build(mod, "x86-host", infos, shape) if host else None
+    else:
+        from tvm_lowbit import quantize
+
+        calib = _calib(a.calib, a.calib_size)
+        q = quantize(_load_model(src), cfg, calib)
+        art = tvm_lowbit.compile(q, calib[:a.batch], spec)
+        host_art = tvm_lowbit.compile(q, calib[:a.batch], "x86-host") if host else None
+    shape = tuple(art.input_shape)
+    if a.input:
+        x = np.load(a.input).astype(np.float32)
+        if tuple(x.shape) != shape:
+            _err(f"{a.input} has shape {tuple(x.shape)}, the model was compiled for {shape}")
+    elif shape[1:] == (1, 28, 28):  # the built-in models' Fashion-MNIST input
+        from tvm_lowbit import data
+
+        x = data.load("test", limit=shape[0])[0]
+    else:
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    return art, host_art, x
+
+
+def cmd_deploy(a: argparse.Namespace) -> None:
+    from tvm_lowbit.deploy.remote import Board, check_reachable, deploy_artifact
+    from tvm_lowbit.targets import TargetError, load_target
+
+    board = Board(tracker=a.tracker, key=a.key, host=a.host, port=a.port, wait_s=a.wait,
+                  step_timeout_s=a.timeout, retries=a.retries)
+    try:
+        check_reachable(board, a.key or load_target(a.target).name)  # before minutes of compiling
+    except TargetError as e:
+        _err(str(e))
+    print(f"[1/2] compiling for {a.target}" + ("" if a.no_compare else " and for this host"), flush=True)
+    art, host_art, x = _board_and_host_builds(a, not a.no_compare)
+    print(f"      {art.report.text()}", flush=True)
+    print(f"[2/2] deploying to {board.describe(a.key or art.target.name)}", flush=True)
+    rep = deploy_artifact(art, x, board, host_output=None if host_art is None else host_art.run(x),
+                          repeat=a.repeat, on_step=lambda step: print(f"      {step}", flush=True))
+    print(rep.text())
+    if not rep.ok:
+        _err(f"the board's output differs from the host's by {rep.max_abs_diff:.3g} (tolerance {rep.tolerance:.3g})")
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from tvm_lowbit.deploy.bundle import export_bundle
+    from tvm_lowbit.deploy.remote import REL_TOLERANCE
+
+    art, host_art, x = _board_and_host_builds(a, not a.no_check)
+    expected = None if host_art is None else host_art.run(x)
+    atol = 0.0 if expected is None else REL_TOLERANCE * max(float(np.abs(expected).max()), 1.0)
+    out = export_bundle(art, a.bundle, x, expected, atol)
+    print(art.report.text())
+    print(f"wrote {out}: model.so, bin/lowbit_runner and lib/ (TVM runtime) for {art.target.name} "
+          f"({art.target.description}); copy the folder to the board and run ./run.sh there")
+
+
 def cmd_targets(_a: argparse.Namespace) -> None:
     from tvm_lowbit.targets import available, load_target
 
@@ -273,6 +350,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1)
     _add_fgq_args(p)
     p.set_defaults(fn=cmd_compile)
+    p = sub.add_parser("deploy", help="compile for a board, run it there over TVM RPC, compare with this host, time it")
+    p.add_argument("model", nargs="?", default="resnet20", help="built-in name, path/to/file.py:factory, MODEL.pt2 or MODEL.onnx")
+    p.add_argument("--target", default="rasp4b", help="the board's target (default rasp4b)")
+    p.add_argument("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker (else connect to --host/--port)")
+    p.add_argument("--key", default=None, help="the board's tracker key (default: the target name)")
+    p.add_argument("--host", default="127.0.0.1", help="RPC server address for a direct connection")
+    p.add_argument("--port", type=int, default=9090, help="RPC server port for a direct connection")
+    p.add_argument("--repeat", type=int, default=10, help="timed runs on the board (default 10)")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the tracker and a free board")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds one remote step (upload, run) may take")
+    p.add_argument("--retries", type=int, default=2, help="new attempts after a lost board or a timeout")
+    p.add_argument("--no-compare", action="store_true", help="skip the host build and comparison")
+    p.add_argument("--input", default=None, help=".npy input of the compiled shape (default: test images)")
+    p.add_argument("--batch", type=int, default=1)
+    _add_fgq_args(p)
+    p.set_defaults(fn=cmd_deploy)
+    p = sub.add_parser("export", help="a self-contained bundle for a board: model.so, the TVM runtime, a C++ runner")
+    p.add_argument("model", nargs="?", default="resnet20", help="built-in name, path/to/file.py:factory, MODEL.pt2 or MODEL.onnx")
+    p.add_argument("--target", default="rasp4b", help="an aarch64 board target (default rasp4b)")
+    p.add_argument("--bundle", required=True, help="output folder")
+    p.add_argument("--no-check", action="store_true", help="no host build: the bundle carries no expected output")
+    p.add_argument("--input", default=None, help=".npy input of the compiled shape (default: test images)")
+    p.add_argument("--batch", type=int, default=1)
+    _add_fgq_args(p)
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("targets", help="list the targets in targets/")
     p.set_defaults(fn=cmd_targets)
     a = ap.parse_args(argv)

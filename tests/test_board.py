@@ -1,0 +1,185 @@
+"""End to end on the emulated Raspberry Pi 4: build the board (scripts/board/setup.sh, ~1 min the first time,
+~1 s after), start a tracker and a board, compile the built-in FGQ model for rasp4b, deploy it over RPC and
+check that the board computes exactly what the host computes; then run the exported bundle's C++ runner on
+the board (no Python there). Stopping the board must leave no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tvm_lowbit.deploy import board as emu
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64" or not shutil.which("dpkg-deb"),
+                       reason="the emulated board is built on Debian/Linux x86_64 hosts only"),
+]
+
+
+@pytest.fixture(scope="module")
+def board_built() -> Path:
+    r = subprocess.run(["bash", str(REPO / "scripts" / "board" / "setup.sh")], capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, f"scripts/board/setup.sh failed:\n{r.stderr[-4000:]}"
+    return emu.require_board()
+
+
+def test_cortex_a72_board_has_no_dotprod(board_built: Path) -> None:
+    """-cpu cortex-a72 behaves like a Pi 4: SDOT is an illegal instruction there, and runs on the Pi 5 core."""
+    isa = str(board_built / "bin" / "isa_check")
+    a72, a76 = emu.board_exec([isa], emu.qemu_cpu("rasp4b")), emu.board_exec([isa], emu.qemu_cpu("rasp5"))
+    assert a72.returncode == 1 and "sdot: SIGILL" in a72.stdout and "asimddp" not in a72.stdout, a72.stdout
+    assert a76.returncode == 0 and "sdot: ok (24)" in a76.stdout and "asimddp" in a76.stdout, a76.stdout
+
+
+# (kernel, K, C, H/W, kernel size, stride, pad, groups, out_mode): the NEON schedule's tile edge cases:
+# 7-wide columns (28/14/7), 5 and 3 columns, 4- and 8-channel tiles, 1x1 stride 2, depthwise, all out modes
+KERNEL_CASES = [("ternary", 16, 16, 28, 3, 1, 1, 1, "requant"), ("ternary", 32, 16, 14, 3, 2, 1, 1, "float"),
+                ("ternary", 32, 16, 14, 1, 2, 0, 1, "acc"), ("ternary", 12, 8, 9, 3, 1, 1, 1, "acc"),
+                ("ternary", 8, 8, 10, 3, 1, 1, 8, "float"), ("pow2", 16, 8, 10, 3, 1, 1, 1, "requant"),
+                ("pow2", 8, 16, 7, 3, 1, 1, 1, "acc")]
+
+BOARD_RUN = """
+import sys, numpy as np, tvm
+d = np.load(sys.argv[1])
+for name in sorted({k.split("/")[0] for k in d.files}):
+    args = [tvm.runtime.tensor(d[f"{name}/{i}"]) for i in range(sum(k.startswith(name + "/") for k in d.files))]
+    tvm.runtime.load_module(f"{sys.argv[2]}/{name}.so")[name](*args)
+    np.save(f"{sys.argv[2]}/{name}.out.npy", args[-1].numpy())
+"""
+
+
+def _kernel_case(case: tuple) -> tuple[object, list[np.ndarray]]:
+    """A conv kernel PrimFunc and its random inputs (valid ternary / power-of-two codes) plus output buffer."""
+    from tvm import te
+
+    from tvm_lowbit import kernels, qmath
+
+    kind, kout, cin, hw, ks, stride, pad, groups, mode = case
+    rng = np.random.default_rng(kout * 1000 + hw)
+    cg = cin // groups
+    x = rng.integers(0, 256, (1, cin, hw, hw), dtype=np.uint8)
+    # outputs of a few units, so that the requantized codes spread over 0..255 instead of all clipping
+    scale = (rng.uniform(0.5, 1.5, kout) / (5000 * np.sqrt(cg * ks * ks))).astype(np.float32)
+    bias = rng.uniform(-0.5, 0.5, kout).astype(np.float32)
+    data = te.placeholder(x.shape, "uint8", name="x")
+    sc, bi = te.placeholder((kout,), "float32", name="s"), te.placeholder((kout,), "float32", name="b")
+    common = dict(weight_shape=(kout, cg, ks, ks), strides=stride, padding=pad, groups=groups, relu=True,
+                  out_mode=mode, requant_scale=0.02 if mode == "requant" else None)
+    if kind == "ternary":
+        lay = qmath.group_layout((kout, cg, ks, ks), 4)
+        nbytes = -(-lay.row_len // 4)
+        t = rng.choice(np.array([0, 1, 3], np.uint8), (kout, nbytes, 4))  # 2-bit codes of 0, +1, -1
+        packed = (t[..., 0] | t[..., 1] << 2 | t[..., 2] << 4 | t[..., 3] << 6).astype(np.uint8)
+        alpha = rng.integers(-127, 128, (kout, lay.groups_per_row), dtype=np.int8)
+        cp, ap = te.placeholder(packed.shape, "uint8", name="codes"), te.placeholder(alpha.shape, "int8", name="a")
+        out = kernels.ternary_conv2d(data, cp, ap, sc, bi, group_size=4, **common)
+        inputs, arrays = [data, cp, ap, sc, bi], [x, packed, alpha, scale, bias]
+    else:
+        packed = rng.integers(0, 256, (kout, -(-(cg * ks * ks) // 2)), dtype=np.uint8)
+        cp = te.placeholder(packed.shape, "uint8", name="codes")
+        out = kernels.pow2_conv2d(data, cp, sc, bi, code_bits=4, **common)
+        inputs, arrays = [data, cp, sc, bi], [x, packed, scale, bias]
+    name = f"{kind}_{kout}_{cin}_{hw}_{ks}_{stride}_{groups}_{mode}"
+    func = kernels.make_prim_func(inputs, out, name)
+    return func, arrays + [np.zeros([int(v) for v in out.shape], str(out.dtype))]
+
+
+def test_neon_conv_schedule_is_bit_exact_on_the_board(board_built: Path, tmp_path: Path) -> None:
+    """The aarch64 conv schedule (channel lanes, unrolled columns) computes what the x86 schedule computes,
+    bit for bit, running on the emulated Cortex-A72."""
+    import tvm
+
+    from tvm_lowbit.kernels import schedule_default
+    from tvm_lowbit.targets import load_target
+
+    a72, x86 = load_target("rasp4b"), load_target("x86-host")
+    feeds, expected = {}, {}
+    for case in KERNEL_CASES:
+        func, arrays = _kernel_case(case)
+        name = str(func.attrs["global_symbol"])
+        host = tvm.compile(tvm.IRModule({name: schedule_default(func, x86.tvm_target())}), target=x86.tvm_target())
+        args = [tvm.runtime.tensor(a) for a in arrays]
+        host[name](*args)
+        expected[name] = args[-1].numpy()
+        board = tvm.compile(tvm.IRModule({name: schedule_default(func, a72.tvm_target())}), target=a72.tvm_target())
+        board.export_library(str(tmp_path / f"{name}.so"), cc=a72.compiler_path())
+        feeds.update({f"{name}/{i}": a for i, a in enumerate(arrays)})
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    (tmp_path / "run.py").write_text(BOARD_RUN)
+    r = subprocess.run([str(board_built / "bin" / "python3"), str(tmp_path / "run.py"), str(tmp_path / "feeds.npz"),
+                        str(tmp_path)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "BOARD_CPU": "cortex-a72", "TVM_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name, want in expected.items():
+        got = np.load(tmp_path / f"{name}.out.npy")
+        assert len(np.unique(want)) > 20, f"{name}: degenerate test data"  # not all clipped to 0 or 255
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+
+
+def test_deploy_builtin_fgq_model_to_emulated_pi4(board_built: Path, tmp_path: Path, one_thread) -> None:
+    import tvm_lowbit
+    from tvm_lowbit import FGQ, data
+    from tvm_lowbit.deploy.bundle import export_bundle, run_bundle_emulated
+    from tvm_lowbit.deploy.remote import Board, deploy_artifact
+    from tvm_lowbit.models import load_pretrained
+
+    name = f"pytest-{emu.free_port()}"
+    tracker_port = emu.free_port()
+    rpc_port = next(p for p in iter(emu.free_port, None) if p != tracker_port and p + 1 != tracker_port)
+    started: dict[str, object] = {}
+
+    def power_on() -> None:  # the emulated board boots (~15 s) while the host compiles
+        try:
+            started["state"] = emu.start(name, "rasp4b", boards=1, rpc_port=rpc_port, tracker_port=tracker_port,
+                                         log=lambda *_: None)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
+            started["error"] = e
+
+    boot = threading.Thread(target=power_on)
+    boot.start()
+    try:
+        calib = data.calibration_set(256)
+        qmodel = tvm_lowbit.quantize(load_pretrained(), FGQ(group_size=4, act_bits=8), calib, progress=False)
+        x = data.load("test", limit=1)[0]
+        art = tvm_lowbit.compile(qmodel, x, "rasp4b")
+        host_out = tvm_lowbit.compile(qmodel, x, "x86-host").run(x)
+        with torch.no_grad():
+            fake_quant = qmodel(torch.from_numpy(x)).numpy()
+        boot.join(timeout=300)
+        assert "error" not in started, f"the board did not start: {started.get('error')}"
+        state = started["state"]
+        assert state.host == "127.0.0.1"  # loopback unless told otherwise
+
+        rep = deploy_artifact(art, x, Board(tracker=f"127.0.0.1:{tracker_port}", key="rasp4b"),
+                              host_output=host_out, repeat=3)
+        # the integer layers are exact and the float first/last layers round the same way on both:
+        # the board's logits are bit-identical to the host's
+        assert np.array_equal(rep.output, host_out), rep.text()
+        assert rep.ok and rep.max_abs_diff == 0.0
+        assert rep.output.argmax(1) == fake_quant.argmax(1)
+        assert len(rep.run_ms) == 3 and all(t > 0 for t in rep.run_ms)
+
+        # the bundle: the C++ runner on the board, without Python, checks against the host's output itself
+        bundle = export_bundle(art, tmp_path / "bundle", x, host_out, atol=0.0)
+        run = run_bundle_emulated(bundle, emu.qemu_cpu("rasp4b"), runs=2)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "max_abs_diff 0 atol 0 OK" in run.stdout, run.stdout
+        assert np.array_equal(np.fromfile(bundle / "output.bin", np.float32).reshape(host_out.shape), host_out)
+    finally:
+        boot.join(timeout=300)
+        emu.stop(name, log=lambda *_: None)
+    assert emu.tagged_processes(emu.run_dir(name)) == []
+    assert not emu.status(name)["running"]
+    shutil.rmtree(emu.run_dir(name))  # its logs; kept when the test fails
