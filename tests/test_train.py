@@ -105,3 +105,27 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path, cfg):
         assert torch.equal(v, resumed.state_dict()[k]), k
     a, b = res_full["hook"].selections(), r2["hook"].selections()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "cosine-run"])
+def test_lr_schedules(monkeypatch, schedule):
+    """cosine restarts at the peak every stage; cosine-run is one cosine over all stages."""
+    import math
+
+    lrs: list[float] = []
+    step = torch.optim.SGD.step
+
+    def recording_step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    torch.manual_seed(0)
+    stages, steps = 3, 2  # 32 examples, batch 16
+    train(TinyNet(), SQ(schedule=(0.5, 0.75, 1.0)), synthetic(32), epochs_per_stage=1, batch_size=16, lr=0.1,
+          lr_schedule=schedule, progress=False, log=None)
+    if schedule == "cosine":
+        want = [0.1 * 0.5 * (1 + math.cos(math.pi * t / steps)) for _ in range(stages) for t in range(steps)]
+    else:
+        want = [0.1 * 0.5 * (1 + math.cos(math.pi * n / (stages * steps))) for n in range(stages * steps)]
+    assert lrs == pytest.approx(want, rel=1e-9, abs=1e-12)

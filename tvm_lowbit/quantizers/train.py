@@ -35,7 +35,10 @@ from tqdm import tqdm
 from tvm_lowbit.quantizers.hooks import TrainingQuantizer
 
 CHECKPOINT = "last.pt"
-SCHEDULES = ("cosine", "onecycle")
+# cosine / onecycle restart at every stage (the papers' protocol: each stage is a training run of its
+# own); cosine-run is one cosine over all stages, for short fine-tuning budgets where a restart at the
+# peak rate would undo the previous stage's adaptation.
+SCHEDULES = ("cosine", "onecycle", "cosine-run")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -161,8 +164,14 @@ def train(model: nn.Module, hook: Any, train_data: Any, val_data: Any = None, *,
             g.pop("max_lr", None)
             g.pop("min_lr", None)
         total = steps * epochs_per_stage
-        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total) if lr_schedule == "cosine"
-                 else torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total))
+        if lr_schedule == "cosine":
+            sched: Any = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        elif lr_schedule == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
+        else:  # cosine-run: this stage is segment ``stage`` of one cosine over every stage
+            run_steps, offset = total * len(hook.schedule), total * stage
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * (offset + t) / run_steps)))
         hook.begin_stage(stage)
         say(f"stage {stage + 1}/{len(hook.schedule)} (ratio {hook.schedule[stage]:g}): {epochs_per_stage} epoch(s) "
             f"of {steps} steps on {dev}")
