@@ -228,11 +228,34 @@ def test_resume_from_state_dict() -> None:
         INQ(portions=(0.5, 1.0)).attach(_model()).load_state_dict(ckpt["inq"])
 
 
-def test_export_compile_bit_exact() -> None:
+def test_channel_granularity_places_a_set_per_output_channel() -> None:
+    model = _model()
+    with torch.no_grad():
+        model.conv2.weight[3] *= 0.01  # a small filter: a per-layer set would round it all to zero
+    w0 = model.conv2.weight.detach().clone()
+    hook = INQ(bits=3, portions=(1.0,), granularity="channel").attach(model)
+    for _ in hook.stages():
+        pass
+    w = model.conv2.weight.detach()
+    for k in range(w.shape[0]):
+        n1, n2 = qmath.pow2_exponents(float(w0[k].abs().max()), 3)
+        want = qmath.project_pow2(w0[k], n1, n2).to(torch.float32)
+        assert torch.equal(w[k], want), k
+    assert w[3].abs().max() > 0
+    per_layer = qmath.project_pow2(w0[3], *qmath.pow2_exponents(float(w0.abs().max()), 3))
+    assert per_layer.abs().max() == 0
+    pw = hook.pow2_weights()["conv2"]
+    assert torch.equal(pw.dequantized(), w) and len(set(pw.w_scale.tolist())) > 1
+    with pytest.raises(ValueError, match="granularity"):
+        INQ(granularity="group")
+
+
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_export_compile_bit_exact(granularity: str) -> None:
     from test_compile import check_bit_exact
 
     model = _model()
-    hook = INQ(bits=5, portions=(0.5, 1.0), overrides={"fc2": {"bits": 3}}).attach(model)
+    hook = INQ(bits=5, portions=(0.5, 1.0), overrides={"fc2": {"bits": 3}}, granularity=granularity).attach(model)
     for stage in hook.stages():
         _train(model, hook, 3, seed=stage, lr=0.01)
     calib = torch.randn(32, 1, 16, 16)

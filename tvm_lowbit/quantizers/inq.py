@@ -50,6 +50,15 @@ from tvm_lowbit.quantizers import calibrate
 from tvm_lowbit.quantizers.hooks import HookOrderError, TrainingQuantizer, build_fake_quant, quantizable_layers
 
 STRATEGIES = ("pruning", "random")
+GRANULARITIES = ("layer", "channel")
+# The paper's accumulated portions for ResNet-18 by weight bits (papers.md 4.2): lower widths take
+# finer steps, so the last, unretrained step quantizes only a few percent of each layer.
+PAPER_PORTIONS: dict[int, tuple[float, ...]] = {
+    5: (0.5, 0.75, 0.875, 1.0),
+    4: (0.3, 0.5, 0.8, 0.9, 0.95, 1.0),
+    3: (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
+    2: (0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 1.0),
+}
 LAYER_POLICIES = ("float", "inq")
 _LAYER_KEYS = ("bits",)
 
@@ -60,13 +69,17 @@ class INQ:
 
     bits: weight bits b in 2..5 (2^(b-2) magnitudes per sign plus zero; b=2 is ternary {0, +-2^n1}).
     portions: accumulated fraction of each layer's weights quantized at each stage, strictly
-    increasing, ending at 1.0 (the paper's ResNet-18 5-bit schedule by default).  strategy:
+    increasing, ending at 1.0 (the paper's ResNet-18 5-bit schedule by default; ``PAPER_PORTIONS[b]``
+    holds the paper's finer schedules for 4, 3 and 2 bits).  strategy:
     ``pruning`` (largest magnitudes first) or ``random``.  seed: of the random partition.  act_bits:
     activation bits of the exported model.  first_layer / last_layer: ``inq`` (quantized, as the
     official code does; default) or ``float``.  overrides: module-name pattern (fnmatch) ->
     ``"float"`` or ``{"bits": b}``; later patterns win.  calibration: activation calibration method of
     the export (``auto`` = FGQ's choice for act_bits).  bn_reestimate: re-estimate batch-norm
-    statistics at export.  batch_size: of the export's calibration passes.
+    statistics at export.  batch_size: of the export's calibration passes.  granularity: ``layer``
+    (the paper: one set P_l per layer from the layer's max|W|) or ``channel`` (a deviation: one set per
+    output channel from that channel's max|W|, so small filters keep their own exponents; the compiled
+    form is the same, with the per-channel 2^n2 in the epilogue scale).
     """
 
     bits: int = 5
@@ -80,9 +93,12 @@ class INQ:
     calibration: str = "auto"
     bn_reestimate: bool = False
     batch_size: int = 64
+    granularity: str = "layer"
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "INQ")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"INQ granularity={self.granularity!r}: use one of {', '.join(GRANULARITIES)}")
         try:
             portions = tuple(float(p) for p in self.portions)
         except TypeError:
@@ -140,8 +156,8 @@ def _check_bits(bits: object, where: str) -> None:
 @dataclass
 class _LayerState:
     bits: int
-    n1: int | None          # None: all-zero pretrained weight (everything projects to 0)
-    n2: int | None
+    n1: int | list[int] | None  # None: all-zero pretrained weight (everything projects to 0); a list:
+    n2: int | list[int] | None  # one exponent per output channel (granularity="channel")
     frozen: torch.Tensor    # bool, weight shape: True = quantized and frozen (the paper's T == 0)
     saved: torch.Tensor     # the frozen values (valid where frozen)
 
@@ -171,6 +187,11 @@ class INQQuantizer(TrainingQuantizer):
                 raise ValueError(f"INQ: layer {name!r} has NaN/Inf weights")
             s = float(w.abs().max())
             n1, n2 = qmath.pow2_exponents(s, bits) if s > 0 else (None, None)
+            if cfg.granularity == "channel" and n1 is not None:
+                # an all-zero channel keeps the layer's set (it has nothing to place)
+                pairs = [qmath.pow2_exponents(float(v), bits) if v > 0 else (n1, n2)
+                         for v in w.abs().reshape(w.shape[0], -1).amax(1)]
+                n1, n2 = [p[0] for p in pairs], [p[1] for p in pairs]
             self.layers[name] = _LayerState(bits, n1, n2, torch.zeros_like(w, dtype=torch.bool), torch.zeros_like(w))
         if not self.layers:
             raise ValueError("INQ: no layer left to quantize (every Conv2d/Linear is kept in float by the "
@@ -180,9 +201,21 @@ class INQQuantizer(TrainingQuantizer):
         assert self.model is not None
         return self.model.get_submodule(name).weight
 
+    @staticmethod
+    def _channel_scale(st: _LayerState, w: torch.Tensor) -> torch.Tensor:
+        """float64 2^n2 per output channel, shaped to broadcast over ``w``."""
+        assert isinstance(st.n2, list)
+        return torch.tensor([2.0 ** e for e in st.n2], dtype=torch.float64, device=w.device).reshape(
+            -1, *[1] * (w.dim() - 1))
+
     def _project(self, st: _LayerState, w: torch.Tensor) -> torch.Tensor:
+        """The whole weight ``w`` projected onto its set(s)."""
         if st.n1 is None:
             return torch.zeros_like(w)
+        if isinstance(st.n1, list) and isinstance(st.n2, list):
+            # every channel's set is 2^n2_k times {0, 1, 2, ..., 2^(n1-n2)}: scaling by powers of two is exact
+            scale = self._channel_scale(st, w)
+            return (qmath.project_pow2(w.double() / scale, st.n1[0] - st.n2[0], 0) * scale).to(w.dtype)
         return qmath.project_pow2(w, st.n1, st.n2).to(w.dtype)
 
     # -- stages ---------------------------------------------------------------------------------
@@ -206,7 +239,7 @@ class INQQuantizer(TrainingQuantizer):
                 u = torch.rand(w.shape, generator=gen, dtype=torch.float64).to(w.device)
                 newly = free & (u < (sigma - prev) / (1.0 - prev))
             with torch.no_grad():
-                q = self._project(st, w[newly])
+                q = self._project(st, w)[newly]
                 p[newly] = q
                 st.saved[newly] = q
             st.frozen |= newly
@@ -246,6 +279,10 @@ class INQQuantizer(TrainingQuantizer):
             if st.n1 is None:
                 out[name] = qmath.Pow2Weight(torch.zeros_like(w, dtype=torch.int32),
                                              torch.ones(w.shape[0], dtype=torch.float32), st.bits)
+            elif isinstance(st.n2, list):
+                scale = self._channel_scale(st, w)
+                unit = qmath.pow2_from_projected(w.double() / scale, 0, st.bits)
+                out[name] = qmath.Pow2Weight(unit.w_int, scale.reshape(-1).to(torch.float32), st.bits)
             else:
                 out[name] = qmath.pow2_from_projected(w, st.n2, st.bits)
         return out
