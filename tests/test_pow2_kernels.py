@@ -171,6 +171,6 @@ def test_lower_picks_pow2_kernel_by_format_and_by_value() -> None:
     after, report = lower_ternary(_bind(TwoLinear, dict(params, w1=bad)), infos)
     assert [n for n, _ in report.fallback] == ["fc1"] and "not power-of-two" in report.fallback[0][1]
     assert report.kernels == {"fc2": "ternary"}
-    infos = {weight_key(w1.T): LayerInfo("fc1", 0, "int4")}
+    infos = {weight_key(w1.T): LayerInfo("fc1", 0, "int3")}
     _, report = lower_ternary(_bind(TwoLinear, params), infos)
-    assert report.fallback[0][0] == "fc1" and "no integer kernel for weight format 'int4'" in report.fallback[0][1]
+    assert report.fallback[0][0] == "fc1" and "no integer kernel for weight format 'int3'" in report.fallback[0][1]

@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "quantize": "tvm_lowbit.quantizers.api",
     "FGQ": "tvm_lowbit.quantizers.fgq",
+    "Auto": "tvm_lowbit.quantizers.auto",
     "INQ": "tvm_lowbit.quantizers.inq",
     "compile": "tvm_lowbit.compiler",
     "load_artifact": "tvm_lowbit.compiler",

@@ -616,3 +616,154 @@ def decompose_pow2(w_int: np.ndarray | torch.Tensor) -> Pow2Weight | None:
     if np.any(mag[nz] & (mag[nz] - 1)) or (nz.any() and mag.max() > 2 ** POW2_MAX_EXP):
         return None
     return Pow2Weight(torch.from_numpy(a.astype(np.int32)), torch.ones(a.shape[0], dtype=torch.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# k-bit integer weights: int8 per output channel, int4 in groups (the "int4" / "int8" formats)
+# --------------------------------------------------------------------------------------------
+#
+# Codes c are signed, symmetric: |c| <= 2^(b-1) - 1 (7 for int4, 127 for int8), stored in the grouped
+# layout above: int8 one byte a code, int4 two codes a byte (low nibble first, two's complement).
+# Per output channel (group_size 0): w_int = c, w_scale[k] = max|W[k]| / qmax.
+# Grouped (group_size N): every group of N has its own step s_g = max|w_g| / qmax, coded like FGQ's
+# alpha as an 8-bit unsigned integer against a per-channel float: s_g ~= scale_q[k, g] * w_scale[k];
+# then w_int = scale_q * c, so the integer kernel needs no float inside its sum (|w_int| <= 255 * 7).
+
+INT_BITS: tuple[int, ...] = (4, 8)
+INT_SCALE_BITS = 8
+
+
+def int_qmax(bits: int) -> int:
+    if bits not in INT_BITS:
+        raise ValueError(f"integer weight bits must be one of {INT_BITS}, got {bits!r}")
+    return 2 ** (bits - 1) - 1
+
+
+def _int_layout(shape: tuple[int, ...], group_size: int) -> GroupLayout:
+    """Per channel: one group per segment (the grouped layout without padding); else groups of N."""
+    return group_layout(shape, group_size if group_size > 0 else 1 << 30)
+
+
+@dataclass
+class IntWeight:
+    """A weight in k-bit integer form: ``w_scale[k] * scale_q[k, g] * c`` (``scale_q`` None: per channel)."""
+
+    layout: GroupLayout
+    codes: torch.Tensor             # int8 [K, G, N], |c| <= qmax
+    scale_q: torch.Tensor | None    # int64 [K, G] in 0..255 (grouped), None (per channel)
+    w_scale: torch.Tensor           # float32 [K]
+    bits: int
+
+    @property
+    def format(self) -> str:
+        return f"int{self.bits}"
+
+    @property
+    def group_size(self) -> int:
+        """N of the groups sharing one scale code; 0 for one scale per output channel."""
+        return self.layout.group_size if self.scale_q is not None else 0
+
+    @property
+    def w_int(self) -> torch.Tensor:
+        g = self.codes.to(torch.int32)
+        if self.scale_q is not None:
+            g = self.scale_q[..., None].to(torch.int32) * g
+        return from_grouped(g, self.layout)
+
+    def dequantized(self) -> torch.Tensor:
+        w = self.w_int.to(torch.float64) * self.w_scale.to(torch.float64).reshape(
+            -1, *[1] * (len(self.layout.shape) - 1))
+        return w.to(torch.float32)
+
+    def packed_codes(self) -> np.ndarray:
+        """int8 [K, L] (int8) or uint8 [K, ceil(L / 2)] (int4): the codes of the grouped layout."""
+        flat = self.codes.reshape(self.layout.out_channels, -1).numpy()
+        return pack_4bit(flat) if self.bits == 4 else np.ascontiguousarray(flat, np.int8)
+
+    def scale_codes(self) -> np.ndarray | None:
+        """uint8 [K, G] group scale codes, or None (per channel)."""
+        return None if self.scale_q is None else self.scale_q.numpy().astype(np.uint8)
+
+    def storage_bytes(self) -> int:
+        """Bytes of codes, group scale codes and per-channel float32 scales."""
+        k = self.layout.out_channels
+        sc = 0 if self.scale_q is None else k * self.scale_q.shape[1] * INT_SCALE_BITS // 8
+        return int(self.packed_codes().size) + sc + 4 * k
+
+
+def int_quantize_weight(w: torch.Tensor, bits: int, group_size: int = 0) -> IntWeight:
+    """Round a linear or conv weight to ``bits``-bit symmetric integers: one scale per output channel
+    (``group_size`` 0) or per group of ``group_size`` with 8-bit scale codes (see above)."""
+    qmax = int_qmax(bits)
+    w = w.detach().to("cpu", torch.float64)
+    if not torch.isfinite(w).all():
+        raise ValueError(f"weight of shape {tuple(w.shape)} has NaN/Inf values")
+    lay = _int_layout(tuple(w.shape), group_size)
+    g = to_grouped(w, lay)
+    if group_size > 0:
+        scale_q, w_scale = quantize_alpha(g.abs().amax(-1) / qmax, INT_SCALE_BITS)
+        step = scale_q.to(torch.float64) * w_scale.to(torch.float64)[:, None]
+    else:
+        w_scale = (g.abs().amax(dim=(1, 2)) / qmax).to(torch.float32)
+        step = w_scale.to(torch.float64)[:, None].expand(-1, g.shape[1])
+        scale_q = None
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    codes = torch.where(step[..., None] > 0, torch.round(g / safe[..., None]), torch.zeros_like(g))
+    return IntWeight(lay, codes.clamp(-qmax, qmax).to(torch.int8), scale_q, w_scale, bits)
+
+
+def int_grid(iw: IntWeight) -> tuple[torch.Tensor, int]:
+    """(step per weight element in the weight's shape, float64; qmax): the grid ``step * c`` that
+    ``iw``'s weights lie on (for rounding refinements that keep the scales)."""
+    k = iw.layout.out_channels
+    step = iw.w_scale.to(torch.float64)[:, None].expand(k, iw.layout.groups_per_row)
+    if iw.scale_q is not None:
+        step = step * iw.scale_q.to(torch.float64)
+    el = step[..., None].expand(-1, -1, iw.layout.group_size)
+    return from_grouped(el.contiguous(), iw.layout), int_qmax(iw.bits)
+
+
+def int_from_codes(iw: IntWeight, codes: torch.Tensor) -> IntWeight:
+    """``iw`` with new codes (in the weight's shape, |c| <= qmax) and the same scales."""
+    qmax = int_qmax(iw.bits)
+    c = torch.round(codes.to(torch.float64)).clamp(-qmax, qmax)
+    return IntWeight(iw.layout, to_grouped(c, iw.layout).to(torch.int8), iw.scale_q, iw.w_scale, iw.bits)
+
+
+def decompose_int(w_int: np.ndarray, bits: int, group_size: int) -> IntWeight | None:
+    """The ``int{bits}`` form of an integer weight (``w_scale`` set to ones), or None.  Per channel
+    (``group_size`` 0): every |value| <= qmax.  Grouped: each group as ``scale_q * c`` with
+    scale_q <= 255 and |c| <= qmax; the group's gcd g gives one when any exists (g = scale_q * gcd(c),
+    so g / gcd(c) works), found by trying g / d for d = 1..qmax."""
+    qmax = int_qmax(bits)
+    a = np.asarray(w_int, np.float64)
+    if a.ndim not in (2, 4) or not np.isfinite(a).all() or not np.array_equal(a, np.round(a)):
+        return None
+    lay = _int_layout(a.shape, group_size)
+    g = to_grouped(torch.from_numpy(a), lay).numpy().astype(np.int64)
+    ones = torch.ones(lay.out_channels, dtype=torch.float32)
+    if group_size <= 0:
+        if np.abs(g).max(initial=0) > qmax:
+            return None
+        return IntWeight(lay, torch.from_numpy(g).to(torch.int8), None, ones, bits)
+    gcd = np.gcd.reduce(np.abs(g), axis=-1)
+    peak = np.abs(g).max(-1)
+    scale = np.zeros_like(gcd)
+    found = gcd == 0
+    for d in range(1, qmax + 1):
+        s = gcd // d
+        ok = ~found & (gcd % d == 0) & (s <= 2 ** INT_SCALE_BITS - 1) & (peak <= qmax * s)
+        scale[ok] = s[ok]
+        found |= ok
+    if not found.all():
+        return None
+    codes = np.where(scale[..., None] > 0, g // np.maximum(scale, 1)[..., None], 0)
+    return IntWeight(lay, torch.from_numpy(codes).to(torch.int8), torch.from_numpy(scale), ones, bits)
+
+
+def weight_storage_bytes(tw: object, numel: int) -> int:
+    """Bytes a layer's weight takes in the compiled model: codes + scale codes + per-channel float32
+    scales for the integer formats, 4 bytes a weight for a float layer (``tw`` None)."""
+    if tw is None:
+        return 4 * numel
+    return int(tw.storage_bytes())  # type: ignore[attr-defined]

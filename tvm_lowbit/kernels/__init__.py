@@ -14,10 +14,13 @@ from tvm_lowbit.kernels.ternary import (
     ternary_dense,
 )
 from tvm_lowbit.kernels.pow2 import pow2_conv2d, pow2_dense
+from tvm_lowbit.kernels.intw import int_conv2d, int_dense
 
 __all__ = [
     "KERNEL_ATTR",
     "OUT_MODES",
+    "int_conv2d",
+    "int_dense",
     "kernel_attrs",
     "make_prim_func",
     "pow2_conv2d",

@@ -69,7 +69,9 @@ def checkpoint_path(name: str = DEFAULT_MODEL) -> Path:
 
 def load_pretrained(name: str = DEFAULT_MODEL) -> ResNet:
     """The committed Fashion-MNIST checkpoint (made by ``scripts/train_zoo.py``), in eval mode."""
-    builders = {"resnet20": resnet20}
+    from tvm_lowbit.models.mobilenet import mobilenet
+
+    builders = {"resnet20": resnet20, "mobilenet": mobilenet}
     if name not in builders:
         raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(builders)}")
     path = checkpoint_path(name)

@@ -11,9 +11,10 @@ Input: a Relax module imported from a fake-quant model (``tvm_lowbit.quantize`` 
 ``LowerTernary`` replaces every such chain by one ``call_tir`` to an integer kernel
 (``tvm_lowbit.kernels``): a grouped-ternary kernel over packed 2-bit codes and integer alphas, or,
 for a weight whose integers are all 0 or +-2^e (INQ), a power-of-two shift kernel over 4/8-bit
-sign+exponent codes.  The format comes from ``LayerInfo.weight_format`` when the quantizer is known
-("ternary" or "pow2"); without it the pass tries grouped ternary with a real group (N >= 2), then
-power-of-two, then ternary with N = 1 (which any small integer weight satisfies, so it comes last:
+sign+exponent codes, or, for "int4" / "int8" (``qmath.IntWeight``), a k-bit integer kernel
+(``kernels.intw``).  The format comes from ``LayerInfo.weight_format`` when the quantizer is known
+("ternary", "pow2", "int4", "int8", or "int": any small integers, as ternary groups of one);
+without it the pass tries grouped ternary with a real group (N >= 2), then power-of-two, then ternary with N = 1 (which any small integer weight satisfies, so it comes last:
 a shift kernel beats a per-element multiply).  ``LoweringReport.kernels`` says which kernel each
 layer got.  Activations are quantized once
 per distinct (tensor, scale) at the entry of an integer region; a layer whose output only feeds
@@ -102,7 +103,7 @@ class _Layer:
     name: str
     kind: str                     # "conv2d" | "dense"
     quant: _Quant
-    tw: qmath.TernaryWeight | qmath.Pow2Weight  # ``.format`` picks the kernel
+    tw: qmath.TernaryWeight | qmath.Pow2Weight | qmath.IntWeight  # ``.format`` picks the kernel
     attrs: dict
     out_scale: np.ndarray
     out_bias: np.ndarray
@@ -271,7 +272,7 @@ class _Analysis:
             cur, relu = u, True
 
         fmt = info.weight_format if info else None
-        tw: qmath.TernaryWeight | qmath.Pow2Weight | None = None
+        tw: qmath.TernaryWeight | qmath.Pow2Weight | qmath.IntWeight | None = None
         if fmt == "pow2":
             tw = qmath.decompose_pow2(w)
             if tw is None:
@@ -297,9 +298,17 @@ class _Analysis:
                 self.report.fallback.append((name, f"its integer weight {tuple(w.shape)} has values beyond "
                                                    "+-255, which the integer kernels do not take"))
                 return None
+        elif fmt in ("int4", "int8"):
+            bits = int(fmt[3:])
+            tw = qmath.decompose_int(w, bits, info.group_size if info else 0)
+            if tw is None:
+                self.report.fallback.append((name, f"its integer weight {tuple(w.shape)} is not {fmt} "
+                                                   f"(|code| <= {qmath.int_qmax(bits)} times an 8-bit scale code "
+                                                   f"per group of {info.group_size if info else 0})"))
+                return None
         else:
             self.report.fallback.append((name, f"no integer kernel for weight format {fmt!r} "
-                                               "(known: ternary, pow2, int)"))
+                                               "(known: ternary, pow2, int, int4, int8)"))
             return None
         k = w.shape[0]
         out_scale = np.asarray(scale, np.float64).reshape(-1).astype(np.float32)
@@ -404,6 +413,12 @@ class _Lowering(relax.PyExprMutator):
             fn = kernels.pow2_conv2d if l.kind == "conv2d" else kernels.pow2_dense
             args = [x, relax.const(l.tw.packed_codes()), relax.const(l.out_scale), relax.const(l.out_bias)]
             kw = dict(l.attrs, code_bits=l.tw.code_bits, relu=l.relu)
+        elif isinstance(l.tw, qmath.IntWeight):
+            fn = kernels.int_conv2d if l.kind == "conv2d" else kernels.int_dense
+            args = [x, relax.const(l.tw.packed_codes()), relax.const(l.out_scale), relax.const(l.out_bias)]
+            sc = l.tw.scale_codes()
+            kw = dict(l.attrs, bits=l.tw.bits, group_size=l.tw.group_size, relu=l.relu,
+                      scale_codes=None if sc is None else relax.const(sc))
         else:
             fn = kernels.ternary_conv2d if l.kind == "conv2d" else kernels.ternary_dense
             k = l.tw.layout.out_channels
@@ -411,7 +426,7 @@ class _Lowering(relax.PyExprMutator):
                     relax.const(l.tw.alpha_q.numpy().astype(np.uint8).reshape(k, -1)),
                     relax.const(l.out_scale), relax.const(l.out_bias)]
             kw = dict(l.attrs, group_size=l.tw.layout.group_size, relu=l.relu)
-        name = f"{l.tw.format}_{l.kind}"
+        name = f"{'int' if isinstance(l.tw, qmath.IntWeight) else l.tw.format}_{l.kind}"
         if self.expose_acc:
             acc = self.builder_.emit_te(fn, *args, **kw, out_mode="acc", primfunc_name_hint=name,
                                         primfunc_attrs=kernels.kernel_attrs(name))

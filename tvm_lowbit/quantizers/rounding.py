@@ -1,0 +1,101 @@
+"""Rounding refinement against each layer's FP32 output: GPTQ-style error feedback (Frantar et al. 2022,
+"GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers", after Optimal Brain
+Quantization; an AdaRound-like alternative to rounding to nearest that needs no training loop).
+
+For a layer with input patches X (calibration images through the FP32 network), rounding weight
+column j to its grid leaves an error that the not-yet-rounded columns absorb, weighted by the inverse
+of H = X^T X: the codes then minimise ||X W^T - X W_q^T|| far better than rounding each weight to its
+nearest level.  The grid (the scales) is kept: int4/int8 steps and ternary alphas come from the
+nearest-rounding quantizer, only the integer codes move, so the compiled form is unchanged.
+Power-of-two weights keep their projection (their grid is not uniform).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tvm_lowbit import qmath
+
+DAMP = 0.01  # H += DAMP * mean(diag H) * I, as GPTQ does, so the Cholesky factor exists
+
+
+def _groups(module: nn.Module) -> int:
+    return module.groups if isinstance(module, nn.Conv2d) else 1
+
+
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """[groups, rows, d] input rows whose dot product with a weight row [d] gives one output value."""
+    x = x.detach().double()
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # [B, C*R*S, L]
+        g = module.groups
+        cols = cols.reshape(x.shape[0], g, -1, cols.shape[-1]).permute(1, 0, 3, 2)  # [g, B, L, d]
+        return cols.reshape(g, -1, cols.shape[-1])
+    return x.reshape(1, -1, x.shape[-1])
+
+
+def input_hessians(model: nn.Module, layers: list[str], images: torch.Tensor, batch_size: int = 32
+                   ) -> dict[str, torch.Tensor]:
+    """H = X^T X / rows per layer (and conv group) on the FP32 network: ``[groups, d, d]`` float64."""
+    acc: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def hook(m: nn.Module, args: tuple[torch.Tensor, ...], name: str) -> None:
+        p = _patches(m, args[0])
+        acc[name] = acc.get(name, 0) + p.transpose(1, 2) @ p
+        rows[name] = rows.get(name, 0) + p.shape[1]
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in layers]
+    try:
+        with torch.no_grad():
+            for i in range(0, images.shape[0], batch_size):
+                model(images[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: acc[n] / rows[n] for n in layers if n in acc}
+
+
+def gptq_codes(w: torch.Tensor, step: torch.Tensor, lo: int, hi: int, hessian: torch.Tensor) -> torch.Tensor:
+    """Integer codes c in [lo, hi] (float64, w's shape) so that ``step * c`` approximates ``w`` in the
+    output norm of ``hessian`` ([groups, d, d]; the weight's rows are split evenly over the groups)."""
+    k = w.shape[0]
+    g, d, _ = hessian.shape
+    W = w.detach().double().reshape(g, k // g, d).clone()
+    S = step.double().reshape(g, k // g, d)
+    codes = torch.zeros_like(W)
+    for gi in range(g):
+        H = hessian[gi].clone()
+        dead = torch.diag(H) == 0  # an input that is always zero: its weight does not matter
+        H[dead, dead] = 1.0
+        H += DAMP * torch.diag(H).mean() * torch.eye(d, dtype=H.dtype)
+        try:
+            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        except RuntimeError:  # not positive definite even after damping: keep nearest rounding
+            codes[gi] = torch.where(S[gi] > 0, torch.round(W[gi] / S[gi].clamp_min(1e-300)), 0).clamp(lo, hi)
+            continue
+        Wg, Sg = W[gi], S[gi]
+        for j in range(d):
+            s = Sg[:, j]
+            c = torch.where(s > 0, torch.round(Wg[:, j] / s.clamp_min(1e-300)), torch.zeros_like(s)).clamp(lo, hi)
+            codes[gi, :, j] = c
+            err = (Wg[:, j] - c * s) / U[j, j]
+            Wg[:, j + 1:] -= err[:, None] * U[j, j + 1:][None, :]
+    return codes.reshape(w.shape)
+
+
+def refine(tw: object, w: torch.Tensor, hessian: torch.Tensor) -> object:
+    """``tw`` (the nearest-rounding weight of ``w``) with GPTQ codes on the same grid; power-of-two
+    and other weights are returned unchanged."""
+    if isinstance(tw, qmath.IntWeight):
+        step, qmax = qmath.int_grid(tw)
+        return qmath.int_from_codes(tw, gptq_codes(w, step, -qmax, qmax, hessian))
+    if isinstance(tw, qmath.TernaryWeight):
+        lay = tw.layout
+        alpha = tw.alpha_q.double() * tw.w_scale.double()[:, None]
+        step = qmath.from_grouped(alpha[..., None].expand(-1, -1, lay.group_size).contiguous(), lay)
+        t = gptq_codes(w, step, -1, 1, hessian)
+        return qmath.TernaryWeight(lay, qmath.to_grouped(t, lay).to(torch.int8), tw.alpha_q, tw.w_scale)
+    return tw

@@ -1,0 +1,269 @@
+"""Per-layer sensitivity: the damage each candidate weight format does when it is the only change.
+
+For every quantizable layer L and format F, layer L alone gets F's weight and the integer activation
+pipeline (its input quantized with the scale FGQ's calibration picks on the FP32 network), its output
+mean is corrected per channel on the calibration images (what batch-norm re-estimation / bias
+correction do in the full pipeline), every other layer stays FP32, and the damage is the mean
+KL(FP32 softmax || softmax with L in F) over the calibration images.  The float input of L is
+captured once per layer, so each (L, F) costs one network forward.
+
+Results are cached as JSON, keyed by a hash of the model's weights, the images and the settings; they
+print as a table (``Sensitivity.table``) and draw as a layer x format heat map (``Sensitivity.plot``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tvm_lowbit import qmath
+from tvm_lowbit.quantizers import calibrate
+from tvm_lowbit.quantizers.fgq import FGQ, _set_module, execution_order
+from tvm_lowbit.quantizers.formats import Format, parse_format, weight_bytes
+from tvm_lowbit.quantizers.layers import QConv2d, QLinear, QuantLayer
+
+CACHE_VERSION = 1
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the wanted layer input is captured."""
+
+
+@dataclass
+class Sensitivity:
+    """``kl[layer][format]``: the damage of one layer in one format (0 for ``float``);
+    ``bytes[layer][format]``: what that layer's weight stores in that format."""
+
+    layers: list[str]
+    formats: list[str]
+    kl: dict[str, dict[str, float]]
+    bytes: dict[str, dict[str, int]]
+    numel: dict[str, int]
+    images: int = 0
+    key: str = ""
+    from_cache: bool = False
+    info: dict = field(default_factory=dict)
+
+    def table(self, digits: int = 4) -> str:
+        """The KL table as text: one row per layer (with its weight count), one column per format."""
+        w = max(12, *(len(n) for n in self.layers)) + 2
+        head = f"{'layer':{w}s}{'weights':>9s}" + "".join(f"{f:>12s}" for f in self.formats)
+        lines = [f"output KL vs FP32 of one layer quantized alone ({self.images} calibration images)", head]
+        for n in self.layers:
+            row = f"{n:{w}s}{self.numel[n]:9d}"
+            for f in self.formats:
+                v = self.kl[n].get(f, float("nan"))
+                row += f"{v:12.{digits}g}" if f != "float" else f"{0:12d}"
+            lines.append(row)
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike[str], title: str | None = None) -> Path:
+        """Save the layer x format heat map of log10 KL as a PNG (needs matplotlib)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            raise RuntimeError("the sensitivity heat map needs matplotlib: `pip install matplotlib` "
+                               "(scripts/setup.sh installs it); the table (Sensitivity.table()) needs nothing") from e
+        fmts = [f for f in self.formats if f != "float"]
+        data = np.array([[self.kl[n].get(f, np.nan) for f in fmts] for n in self.layers], np.float64)
+        logd = np.log10(np.maximum(data, 1e-8))
+        fig, ax = plt.subplots(figsize=(1.1 * len(fmts) + 3.5, 0.28 * len(self.layers) + 1.8))
+        im = ax.imshow(logd, aspect="auto", cmap="magma_r")
+        ax.set_xticks(range(len(fmts)), fmts, rotation=30, ha="right")
+        ax.set_yticks(range(len(self.layers)), self.layers, fontsize=7)
+        ax.set_xlabel("weight format")
+        ax.set_title(title or f"log10 output KL vs FP32, one layer quantized ({self.images} images)", fontsize=9)
+        fig.colorbar(im, ax=ax, label="log10 KL")
+        fig.tight_layout()
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        return out
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("from_cache")
+        return d
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TVM_LOWBIT_CACHE") or Path.home() / ".cache" / "tvm_lowbit") / "sensitivity"
+
+
+def _hash(model: nn.Module, images: torch.Tensor, settings: dict) -> str:
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(images.contiguous().numpy().tobytes())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _logits(net: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([net(b).reshape(b.shape[0], -1) for b in batches]).double()
+
+
+def kl_div(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over rows of KL(softmax(ref) || softmax(logits))."""
+    p = torch.log_softmax(ref_logits.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def make_layer(name: str, module: nn.Module, tw: object, act_bits: int) -> QuantLayer:
+    return QConv2d(name, module, tw, act_bits) if isinstance(module, nn.Conv2d) else QLinear(name, module, tw, act_bits)  # type: ignore[arg-type]
+
+
+def input_scales(model: nn.Module, layers: list[str], batches: list[torch.Tensor], act_bits: int,
+                 method: str, percentile: float = 99.99) -> dict[str, tuple[float, bool]]:
+    """(scale, signed) of each layer's input on the FP32 network, by an input-based calibration method
+    (``mse_out`` needs a quantized layer; it falls back to ``mse`` here)."""
+    if method == "mse_out":
+        method = "mse"
+    obs = {n: calibrate._Observer(seed=i) for i, n in enumerate(layers)}
+    handles = [model.get_submodule(n).register_forward_pre_hook(obs[n]) for n in layers]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(b)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n in layers:
+        ob = obs[n]
+        signed = ob.lo < 0
+        c = calibrate.clip_value(ob.samples(), ob.lo, ob.hi, act_bits, signed, method, percentile)  # type: ignore[arg-type]
+        out[n] = (qmath.scale_for_range(c, act_bits, signed), signed)
+    return out
+
+
+def _capture_input(model: nn.Module, name: str, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    got: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        got.append(args[0].detach())
+        raise _Stop
+
+    h = model.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    model(b)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    return got
+
+
+def _channel_mean(y: torch.Tensor, dim: int) -> torch.Tensor:
+    y = y.double().movedim(dim, -1)
+    return y.reshape(-1, y.shape[-1]).mean(0)
+
+
+def layer_sensitivity(model: nn.Module, images: torch.Tensor | np.ndarray, formats: list[str] | tuple[str, ...],
+                      *, layers: list[str] | None = None, candidates: dict[str, list[str]] | None = None,
+                      act_bits: int = 8, calibration: str = "auto", bias_correction: bool = True,
+                      batch_size: int = 64, cache_dir: str | os.PathLike[str] | None = None, use_cache: bool = True,
+                      weight_fn: Callable[[str, Format], object] | None = None, weight_fn_key: str = "nearest",
+                      progress: bool = True) -> Sensitivity:
+    """Measure (or load from the cache) the damage of every layer x format (see the module docstring).
+
+    ``layers``: Conv2d/Linear names (default: all, in execution order); ``candidates``: per-layer
+    format lists (default: ``formats`` for every layer).  ``weight_fn(layer, format)``: the quantized
+    weight to use (default ``format.quantize(weight)``), named by ``weight_fn_key`` in the cache key.
+    """
+    fmts = [parse_format(f) for f in formats]
+    x = torch.as_tensor(np.asarray(images, np.float32) if not isinstance(images, torch.Tensor) else images).float()
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError("sensitivity analysis needs calibration images (got none)")
+    model = copy.deepcopy(model).cpu().eval()
+    batches = [x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)]
+    names = layers if layers is not None else execution_order(model, x[:1])
+    if not names:
+        raise ValueError("the model has no Conv2d/Linear layer to quantize")
+    cand = {n: [parse_format(f).name for f in (candidates or {}).get(n, [f.name for f in fmts])] for n in names}
+    all_fmts = list(dict.fromkeys([f.name for f in fmts] + [f for c in cand.values() for f in c]))
+    method = calibration if calibration != "auto" else FGQ(act_bits=act_bits).calibration_method()
+    settings = {"v": CACHE_VERSION, "layers": names, "candidates": cand, "act_bits": act_bits, "method": method,
+                "bias_correction": bias_correction, "weights": weight_fn_key}
+    key = _hash(model, x, settings)
+    cache_file = Path(cache_dir or default_cache_dir()) / f"{key[:20]}.json"
+    if use_cache and cache_file.is_file():
+        try:
+            d = json.loads(cache_file.read_text())
+            return Sensitivity(d["layers"], d["formats"], d["kl"], d["bytes"], d["numel"], d["images"], key, True,
+                               d.get("info", {}))
+        except (ValueError, KeyError):
+            pass  # a damaged cache file is recomputed and rewritten
+
+    ref = _logits(model, batches)
+    scales = input_scales(model, names, batches, act_bits, method)
+    kl: dict[str, dict[str, float]] = {n: {} for n in names}
+    nbytes: dict[str, dict[str, int]] = {n: {} for n in names}
+    numel = {n: int(model.get_submodule(n).weight.numel()) for n in names}
+    todo = sum(len(c) for c in cand.values())
+    bar = tqdm(total=todo, desc="layer sensitivity", disable=not progress, leave=False)
+    for name in names:
+        module = model.get_submodule(name)
+        w = module.weight.detach()
+        xin = None
+        for fname in cand[name]:
+            fmt = parse_format(fname)
+            tw = weight_fn(name, fmt) if weight_fn is not None else fmt.quantize(w)
+            nbytes[name][fname] = weight_bytes(tw, numel[name])
+            if fmt.is_float:
+                kl[name][fname] = 0.0
+                bar.update()
+                continue
+            q = make_layer(name, module, tw, act_bits)
+            q.set_activation(*scales[name])
+            if bias_correction:
+                xin = xin if xin is not None else _capture_input(model, name, batches)
+                with torch.no_grad():
+                    diff = sum(_channel_mean(module(b), q.channel_dim) - _channel_mean(q(b), q.channel_dim)
+                               for b in xin) / len(xin)
+                q.bias += diff.float()
+                q.refresh_epilogue()
+            _set_module(model, name, q)
+            try:
+                kl[name][fname] = kl_div(ref, _logits(model, batches))
+            finally:
+                _set_module(model, name, module)
+            bar.update()
+        xin = None
+    bar.close()
+    res = Sensitivity(names, all_fmts, kl, nbytes, numel, int(x.shape[0]), key, False,
+                      {"act_bits": act_bits, "calibration": method, "bias_correction": bias_correction,
+                       "weights": weight_fn_key})
+    bad = [(n, f) for n in names for f, v in kl[n].items() if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"layer sensitivity is not finite for {bad[:3]}: NaN/Inf in the model's outputs")
+    if use_cache:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(res.to_json()))
+            tmp.replace(cache_file)
+        except OSError:
+            pass  # a read-only cache only costs the recomputation
+    return res
