@@ -28,10 +28,26 @@ class TargetSpec:
     cross_compiler: str | None = None
     apt_package: str | None = None
     qemu_cpu: str | None = None
+    vta: dict[str, Any] | None = None  # a VTA accelerator preset ("kind": "vta"); target_dict is then its host CPU
 
     @property
     def is_host(self) -> bool:
         return self.cross_compiler is None
+
+    @property
+    def is_vta(self) -> bool:
+        return self.vta is not None
+
+    def vta_config(self) -> Any:
+        """The accelerator configuration (``tvm_lowbit.vta.config.VTAConfig``) of a VTA target."""
+        if self.vta is None:
+            raise TargetError(f"target {self.name!r} has no VTA accelerator; use one of the vta-* targets")
+        from tvm_lowbit.vta.config import VTAConfig, VTAConfigError
+
+        try:
+            return VTAConfig.from_dict(self.vta, name=self.name)
+        except VTAConfigError as e:
+            raise TargetError(str(e)) from e
 
     def tvm_target(self) -> Any:
         import tvm
@@ -72,7 +88,8 @@ def load_target(spec: str | TargetSpec) -> TargetSpec:
     try:
         return TargetSpec(name=d["name"], description=d.get("description", ""), arch=d["arch"],
                           target_dict=d["target"], cross_compiler=d.get("cross_compiler"),
-                          apt_package=d.get("apt_package"), qemu_cpu=d.get("qemu_cpu"))
+                          apt_package=d.get("apt_package"), qemu_cpu=d.get("qemu_cpu"),
+                          vta=d["vta"] if d.get("kind") == "vta" else None)
     except KeyError as e:
         raise TargetError(f"{path}: target file lacks the field {e}") from e
 

@@ -1,0 +1,357 @@
+"""``tvm_lowbit.compile`` for a VTA target: partition, a Relax graph calling VTA, a host build.
+
+1. :func:`tvm_lowbit.vta.model.plan` picks the layers VTA runs exactly and lowers them to programs.
+2. The model is imported to Relax (``torch.export``); in it, each VTA layer's integer op
+   (``conv2d(q, W_int)`` / ``matmul(q, W_int^T)``, found by its weight) becomes
+   ``R.call_dps_packed("tvm_lowbit.vta.<id>.<layer>", q) -> int8`` followed by the host-side
+   reconstruction of the accumulator (``(y * 2^s + mid + zp * sum(w8)) * 2^sigma``, float64, exact);
+   the layer's float epilogue and everything else stay in the graph and are compiled by TVM for the
+   target's host CPU (x86 here for ``vta-sim``; the Cortex-A9/A53 of the boards).
+3. The packed functions run the layers' programs on the functional simulator (or, with
+   ``executor="reference"``, the NumPy integer reference: same host graph, so the logits of the two
+   must be bit-identical).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tvm_lowbit.compiler import Artifact
+from tvm_lowbit.targets import TargetSpec, load_target
+from tvm_lowbit.vta.model import Partition, VTALayer, plan
+
+_IDS = itertools.count()
+
+
+def _weight_key(w: np.ndarray) -> str:
+    a = np.ascontiguousarray(np.asarray(w, np.float32))
+    return f"{a.shape}:{hashlib.sha1(a.tobytes()).hexdigest()}"
+
+
+@dataclass
+class VTAReport:
+    """What ``tvm-lowbit compile`` prints: the VTA/host split and the host ops left in the graph."""
+
+    partition: Partition
+    host_ops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def lowered(self) -> list[str]:
+        return list(self.partition.layers)
+
+    @property
+    def fallback(self) -> list[tuple[str, str]]:
+        return list(self.partition.host)
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        return {n: "vta" for n in self.partition.layers}
+
+    def text(self) -> str:
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.host_ops.items(), key=lambda kv: -kv[1]))
+        return self.partition.text() + (f"\nhost graph ops: {ops}" if ops else "")
+
+
+def _bindings(func: Any) -> dict[int, Any]:
+    from tvm import relax
+
+    out = {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if isinstance(b, relax.VarBinding):
+                out[b.var.__hash__()] = b.value
+    return out
+
+
+def _const(e: Any, bindings: dict[int, Any]) -> np.ndarray | None:
+    import tvm
+    from tvm import relax
+
+    if isinstance(e, relax.Var):
+        e = bindings.get(e.__hash__(), e)
+    if isinstance(e, tvm.ir.expr.GenericConst) and hasattr(e.value, "numpy"):
+        return e.value.numpy()
+    return None
+
+
+def partition_relax(mod: Any, layers: dict[str, VTALayer], prefix: str) -> tuple[Any, dict[str, str]]:
+    """Replace the integer op of every layer in ``layers`` by a VTA call; returns the module and the
+    packed-function name of each layer.  A layer whose op is not found raises (never silently kept)."""
+    from tvm import relax
+    from tvm.ir import Op
+
+    conv_op, matmul_op, perm_op = (Op.get(f"relax.{n}") for n in ("nn.conv2d", "matmul", "permute_dims"))
+    by_key = {}
+    for name, vl in layers.items():
+        w = vl.math.w_int
+        by_key[_weight_key(w)] = name
+    fnames = {name: f"{prefix}.{name}" for name in layers}
+    func = mod["main"]
+    bindings = _bindings(func)
+
+    @relax.expr_functor.mutator
+    class Rewriter(relax.PyExprMutator):
+        def __init__(self) -> None:
+            super().__init__(mod)
+            self.found: set[str] = set()
+
+        def _layer_of(self, call: Any) -> str | None:
+            if not isinstance(call, relax.Call):
+                return None
+            if call.op.same_as(conv_op):
+                w = _const(call.args[1], bindings)
+            elif call.op.same_as(matmul_op):
+                arg = call.args[1]
+                inner = bindings.get(arg.__hash__()) if isinstance(arg, relax.Var) else None
+                if isinstance(inner, relax.Call) and inner.op.same_as(perm_op):
+                    w = _const(inner.args[0], bindings)
+                else:
+                    w = _const(arg, bindings)
+                    w = w.T if w is not None and w.ndim == 2 else None
+            else:
+                return None
+            return None if w is None else by_key.get(_weight_key(w))
+
+        def visit_var_binding_(self, binding: Any) -> None:
+            name = self._layer_of(binding.value)
+            if name is None:
+                return super().visit_var_binding_(binding)
+            vl = layers[name]
+            self.found.add(name)
+            bb = self.builder_
+            data = self.visit_expr(binding.value.args[0])
+            out_ty = binding.var.ty
+            shape = [int(d) for d in out_ty.shape]
+            y8 = bb.emit(relax.call_dps_packed(fnames[name], [data], out_ty=relax.TensorType(shape, "int8")))
+            m = vl.math
+            bshape = (1, -1) if m.kind == "dense" else (1, -1, 1, 1)
+            s = m.requant.lane_shifts(m.w8.shape[0]).astype(np.float64)
+            corr = np.where(s > 0, np.exp2(s - 1), 0.0) + m.zp * m.wsum.astype(np.float64)
+            f = bb.emit(relax.op.astype(y8, "float64"))
+            f = bb.emit(relax.op.multiply(f, relax.const(np.exp2(s).reshape(bshape), "float64")))
+            f = bb.emit(relax.op.add(f, relax.const(corr.reshape(bshape), "float64")))
+            if np.any(m.sigma):
+                f = bb.emit(relax.op.multiply(f, relax.const(np.exp2(m.sigma.astype(np.float64)).reshape(bshape), "float64")))
+            out = bb.emit(relax.op.astype(f, out_ty.dtype))
+            if not isinstance(binding.var, relax.DataflowVar):
+                out = bb.emit_output(out)
+            self.set_var_remap(binding.var, out)
+
+    rw = Rewriter()
+    new_func = rw.visit_expr(func)
+    missing = set(layers) - rw.found
+    if missing:
+        raise RuntimeError(f"the integer op of VTA layer(s) {', '.join(sorted(missing))} was not found in the "
+                           "imported Relax graph (was the model changed after planning?)")
+    gv = mod.get_global_var("main")
+    rw.builder_.update_func(gv, new_func)
+    out = relax.transform.DeadCodeElimination(["main"])(rw.builder_.get())
+    return out, fnames
+
+
+def host_op_counts(func: Any) -> dict[str, int]:
+    from tvm import relax
+
+    counts: dict[str, int] = {}
+
+    def visit(e: Any) -> None:
+        if isinstance(e, relax.Call) and hasattr(e.op, "name"):
+            n = e.op.name.replace("relax.", "")
+            if n in ("call_dps_packed", "astype", "multiply", "add", "reshape", "permute_dims", "divide", "round",
+                     "clip", "nn.conv2d", "matmul", "nn.relu", "nn.avg_pool2d", "nn.adaptive_avg_pool2d",
+                     "nn.max_pool2d", "nn.batch_norm", "mean"):
+                counts[n] = counts.get(n, 0) + 1
+
+    relax.analysis.post_order_visit(func, visit)
+    return counts
+
+
+@dataclass
+class VTAArtifact(Artifact):
+    """A model compiled for a VTA target: the host executable plus one VTA program per VTA layer.
+    ``run`` executes it here with the VTA layers on the functional simulator (``executor="reference"``:
+    on the NumPy integer reference instead); ``outputs`` keeps each VTA layer's last int8 output."""
+
+    partition: Partition | None = None
+    functions: dict[str, str] = field(default_factory=dict)
+    executor: str = "sim"
+    seed: int | None = 0
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    _registered: bool = False
+
+    def _register(self) -> None:
+        import tvm_ffi
+
+        for name, fname in self.functions.items():
+            vl = self.partition.layers[name]
+
+            def run(x: Any, out: Any, vl: VTALayer = vl, name: str = name) -> None:
+                q = x.numpy()
+                codes = np.rint(q)
+                if not np.array_equal(codes, q):
+                    raise ValueError(f"VTA layer {name}: its input is not integer activation codes")
+                y = vl.run(codes.astype(np.int64), self.executor, self.seed)
+                self.outputs[name] = y
+                out.copyfrom(np.ascontiguousarray(y, np.int8))
+
+            tvm_ffi.register_global_func(fname, run, override=True)
+        self._registered = True
+
+    def _machine(self) -> Any:
+        if not self.target.is_host:
+            from tvm_lowbit.compiler import CompileError
+
+            raise CompileError(f"this artifact's host code is built for {self.target.name} ({self.target.arch}); "
+                               "export it for the board, or compile for vta-sim to simulate it here")
+        if not self._registered:
+            self._register()
+        return super()._machine()
+
+    def cycles(self) -> dict[str, int]:
+        return {n: l.cycles.total_cycles for n, l in self.partition.layers.items()}
+
+    def median_ms(self, x: np.ndarray, repeat: int = 20) -> float:
+        """Accelerator time of the VTA layers from the cycle model (the simulator's wall time means
+        nothing); the host part is not included."""
+        return sum(self.cycles().values()) / (self.partition.cfg.clock_mhz * 1e3)
+
+    def export(self, directory: str | os.PathLike[str]) -> Path:
+        """``model.so`` (the host graph, calling the VTA layers by name), ``vta/<layer>.insn.bin`` and
+        ``vta/<layer>.dram.bin`` (instructions; DRAM image with weights and micro-ops) and ``meta.json``
+        (buffer layout, zero point, shifts, tiling and cycles of each VTA layer)."""
+        out = Path(directory)
+        cc = self.target.compiler_path()
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent if out.parent.exists() else None))
+        try:
+            lib = tmp / "model.so"
+            if cc is None:
+                self.executable.export_library(str(lib))
+            else:
+                self.executable.export_library(str(lib), cc=cc)
+            vdir = tmp / "vta"
+            vdir.mkdir()
+            layers = {}
+            for name, vl in self.partition.layers.items():
+                prog = vl.lowered.program
+                (vdir / f"{name}.insn.bin").write_bytes(prog.insn_bytes())
+                (vdir / f"{name}.dram.bin").write_bytes(prog.dram_image().tobytes())
+                layers[name] = {"function": self.functions[name], "insn_count": len(prog.insns),
+                                "dram_bytes": prog.dram_bytes,
+                                "buffers": {b.name: {"offset": b.offset, "nbytes": b.nbytes, "elem_bytes": b.elem_bytes}
+                                            for b in prog.buffers.values()},
+                                "input_shape": list(vl.input_shape), "zero_point": vl.math.zp,
+                                "shift": vl.math.requant.lane_shifts(vl.math.w8.shape[0]).tolist(),
+                                "clip": vl.math.requant.clip, "sigma": vl.math.sigma.tolist(),
+                                "tiling": vl.lowered.tiling.__dict__, "cycles": vl.cycles.total_cycles,
+                                # weight chain: run the layer programs in this file's order
+                                "weights_prefetched_by_previous": bool(vl.lowered.info.get("weights_preloaded")),
+                                "prefetches_next_weights": bool(vl.lowered.info.get("prefetches_next"))}
+            meta = {"target": self.target.name, "kind": "vta", "vta": self.target.vta, "arch": self.target.arch,
+                    "target_dict": self.target.target_dict, "input_shape": list(self.input_shape),
+                    "input_dtype": self.input_dtype, "num_outputs": self.num_outputs,
+                    "weight_bytes": self.weight_bytes, "lowered": self.report.lowered,
+                    "fallback": [list(h) for h in self.report.fallback], "kernels": self.report.kernels,
+                    "layers": layers}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+
+def compile_vta(qmodel: nn.Module, example: np.ndarray | torch.Tensor, target: str | TargetSpec = "vta-sim", *,
+                calib: np.ndarray | None = None, requant: str = "auto", target_utilization: float = 0.7,
+                verbose: bool = False, progress: bool = False) -> VTAArtifact:
+    """Compile a quantized model for a VTA target.  ``calib`` (model inputs) lets the requantization
+    use calibrated shifts where the cycle model allows (``requant="auto"``); without it every VTA layer
+    uses the data-free worst-case shift (see :mod:`tvm_lowbit.vta.quant`)."""
+    import tvm
+    from tvm import relax
+
+    from tvm_lowbit.compiler import CompileError, import_torch
+
+    spec = load_target(target)
+    if not spec.is_vta:
+        raise CompileError(f"target {spec.name!r} is not a VTA target")
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"compile() takes a torch.nn.Module (from tvm_lowbit.quantize), got {type(qmodel).__name__}")
+    cfg = spec.vta_config()
+    t0 = time.time()
+    x = np.asarray(example, np.float32)
+    part = plan(qmodel, x, cfg, calib=calib, requant=requant, target_utilization=target_utilization,
+                progress=progress)
+    mod = import_torch(qmodel, torch.from_numpy(x))
+    mod = relax.transform.FoldConstant()(mod)
+    prefix = f"tvm_lowbit.vta.{os.getpid()}_{next(_IDS)}"
+    mod, fnames = partition_relax(mod, part.layers, prefix)
+    report = VTAReport(part, host_op_counts(mod["main"]))
+    try:
+        ex = tvm.compile(mod, target=spec.tvm_target())
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise CompileError(f"TVM failed to build the host part for {spec.name}: {type(e).__name__}: "
+                           f"{msg[-1] if msg else ''}") from e
+    wbytes = sum(l.weight_bytes for l in part.layers.values())
+    art = VTAArtifact(spec, ex, tuple(x.shape), report=report, weight_bytes=wbytes,
+                      compile_seconds=time.time() - t0, partition=part, functions=fnames)
+    if verbose:
+        print(report.text())
+    return art
+
+
+def check_against_reference(art: VTAArtifact, x: np.ndarray) -> int:
+    """Run ``x`` with the VTA layers on the simulator and on the NumPy reference; raise unless every
+    VTA layer's int8 output and the final outputs are bit-identical.  Returns the layers checked."""
+    old = art.executor
+    try:
+        art.executor = "sim"
+        sim_out = art.run_all(x)
+        sim_layers = dict(art.outputs)
+        art.executor = "reference"
+        ref_out = art.run_all(x)
+        ref_layers = dict(art.outputs)
+    finally:
+        art.executor = old
+    for name, ref in ref_layers.items():
+        if not np.array_equal(sim_layers.get(name), ref):
+            bad = int(np.sum(sim_layers[name] != ref))
+            raise RuntimeError(f"VTA layer {name}: {bad} of {ref.size} simulator outputs differ from the integer reference")
+    if not all(np.array_equal(a, b) for a, b in zip(sim_out, ref_out)):
+        raise RuntimeError("the model outputs differ between the simulator and the integer reference")
+    return len(ref_layers)
+
+
+def compile_for_cli(model: nn.Module, fgq: Any, calib: np.ndarray, spec: TargetSpec, batch: int) -> VTAArtifact:
+    """``tvm-lowbit compile MODEL --target vta-*``: FGQ with alpha codes that fit int8, compile, and (when
+    the target runs here) check the simulator against the integer reference on the first batch."""
+    from dataclasses import replace
+
+    from tvm_lowbit import quantize
+
+    if fgq.alpha_bits > 7:
+        print(f"VTA: quantizing with 7-bit alpha codes instead of {fgq.alpha_bits}: alpha_q * t must fit an int8 "
+              "weight exactly, and 8-bit codes reach 255", flush=True)
+        fgq = replace(fgq, alpha_bits=7)
+    q = quantize(model, fgq, calib)
+    art = compile_vta(q, calib[:batch], spec, calib=calib, progress=True)
+    if spec.is_host:
+        n = check_against_reference(art, np.asarray(calib[:batch], np.float32))
+        print(f"checked: on {batch} input(s) all {n} VTA layers' int8 outputs on the simulator equal the NumPy "
+              "integer reference, and the logits are bit-identical", flush=True)
+    return art
