@@ -5,6 +5,10 @@ Every row reports ``ratio_vs_tvm_fp32`` = its median / the TVM FP32 median of th
 same run (the host is shared, so only ratios from one run are comparable). All runtimes use 2 threads.
 
     python scripts/bench_speed.py --models resnet20,resnet18-224 --repeat 20 --json bench.json
+
+The ``*-tuned`` rows (``tvm-fp32-tuned``, ``tvm-fgq-n4-tuned``, ``tvm-pow2-tuned``, not in the default
+``--variants``) tune with MetaSchedule first, ``--trials`` trials per variant over all its tasks, then
+compile with that database. pow2 is INQ 5-bit weights projected without retraining (speed only).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from tvm_lowbit import baselines  # noqa: E402
 from tvm_lowbit.baselines import NUM_THREADS  # noqa: E402
 
 MODELS = ("resnet20", "resnet18-224")
-VARIANTS = ("tvm-fp32", "tvm-fgq-n4", "tvm-fgq-n64", "torch-fp32", "ort-int8")
+VARIANTS = ("tvm-fp32", "tvm-fgq-n4", "tvm-fgq-n64", "torch-fp32", "ort-int8", "tvm-fp32-tuned", "tvm-fgq-n4-tuned",
+            "tvm-pow2-tuned")
+TUNE = {"trials": 64, "dir": Path("bench_schedules")}  # set from --trials / --tune-dir
 TARGET = "x86-host"
 FIELDS = ("model", "variant", "target", "median_ms", "ratio_vs_tvm_fp32", "weight_bytes")
 
@@ -72,12 +78,52 @@ def fgq(group_size: int) -> Callable[[nn.Module, np.ndarray, np.ndarray], Timed]
     return build
 
 
+def pow2_model(model: nn.Module, calib: np.ndarray) -> nn.Module:
+    """Power-of-two (INQ, 5 bits) weights without retraining: every stage quantizes, no step trains (speed only)."""
+    import copy
+
+    from tvm_lowbit.quantizers.inq import INQ
+
+    hook = INQ(bits=5, first_layer="float", last_layer="inq").attach(copy.deepcopy(model))
+    for _ in hook.stages():
+        pass
+    return hook.export(calib)
+
+
+def tuned(variant: str) -> Callable[[nn.Module, np.ndarray, np.ndarray], Timed]:
+    """Tune with MetaSchedule (the same global trial budget for every tuned variant), then compile with the
+    database. FP32 goes through the same compiler: with no quantized layer everything stays float."""
+    def build(model: nn.Module, example: np.ndarray, calib: np.ndarray) -> Timed:
+        import tvm_lowbit
+        from tvm_lowbit import tune
+        from tvm_lowbit.quantizers.fgq import FGQ
+
+        if variant == "tvm-fp32-tuned":
+            qmodel = model.eval()
+        elif variant == "tvm-fgq-n4-tuned":
+            qmodel = tvm_lowbit.quantize(model, FGQ(group_size=4, act_bits=8, **FGQ_POLICY), calib)
+        else:
+            qmodel = pow2_model(model, calib)
+        work = TUNE["dir"] / f"{example.shape[-1]}px-{variant}"
+        rep = tune.tune(qmodel, example, TARGET, trials_per_task=TUNE["trials"], max_trials_global=TUNE["trials"],
+                        work_dir=work, seed=0)
+        log(f"  {rep.text()}")
+        art = tvm_lowbit.compile(qmodel, example, target=TARGET, schedules=work)
+        log(f"  {art.tuning.text()}")
+        return art
+
+    return build
+
+
 BUILDERS: dict[str, Callable[[nn.Module, np.ndarray, np.ndarray], Timed]] = {
     "tvm-fp32": lambda m, x, c: baselines.tvm_fp32(m, x),
     "tvm-fgq-n4": fgq(4),
     "tvm-fgq-n64": fgq(64),
     "torch-fp32": lambda m, x, c: baselines.torch_fp32(m),
     "ort-int8": lambda m, x, c: baselines.ort_int8(m, x, c),
+    "tvm-fp32-tuned": tuned("tvm-fp32-tuned"),
+    "tvm-fgq-n4-tuned": tuned("tvm-fgq-n4-tuned"),
+    "tvm-pow2-tuned": tuned("tvm-pow2-tuned"),
 }
 
 
@@ -113,20 +159,26 @@ def bench_model(name: str, variants: list[str], repeat: int) -> tuple[list[dict[
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'model':<14}{'variant':<14}{'target':<10}{'median_ms':>12}{'vs tvm-fp32':>13}{'weight_bytes':>15}")
+    print(f"{'model':<14}{'variant':<18}{'target':<10}{'median_ms':>12}{'vs tvm-fp32':>13}{'weight_bytes':>15}")
     for r in rows:
         ratio = "-" if r["ratio_vs_tvm_fp32"] is None else f"{r['ratio_vs_tvm_fp32']:.3f}x"
-        print(f"{r['model']:<14}{r['variant']:<14}{r['target']:<10}{r['median_ms']:>12.3f}{ratio:>13}"
+        print(f"{r['model']:<14}{r['variant']:<18}{r['target']:<10}{r['median_ms']:>12.3f}{ratio:>13}"
               f"{r['weight_bytes']:>15,}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if not v.endswith("-tuned")),
+                    help=f"comma list of {', '.join(VARIANTS)} (default: all but the tuned ones)")
     ap.add_argument("--repeat", type=int, default=20, help="timed runs per variant (median reported)")
     ap.add_argument("--json", type=Path, help="write {'rows': [...]} here")
+    ap.add_argument("--trials", type=int, default=64,
+                    help="MetaSchedule trials per *-tuned variant, over all its tasks (the same for FP32 and ours)")
+    ap.add_argument("--tune-dir", type=Path, default=Path("bench_schedules"),
+                    help="tuning databases of the *-tuned variants (a rerun keeps their records and tunes further)")
     args = ap.parse_args(argv)
+    TUNE.update(trials=args.trials, dir=args.tune_dir)
 
     models = [m for m in args.models.split(",") if m]
     variants = [v for v in args.variants.split(",") if v]

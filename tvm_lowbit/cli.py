@@ -1,4 +1,4 @@
-"""The ``tvm-lowbit`` command line: demo, quantize, compile, deploy, export, targets."""
+"""The ``tvm-lowbit`` command line: demo, quantize, compile, tune, deploy, export, targets."""
 
 from __future__ import annotations
 
@@ -158,12 +158,14 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     from tvm_lowbit import quantize
     from tvm_lowbit.compiler import save_quantized
 
-    if a.scheme not in ("fgq", *TRAINED_SCHEMES):
-        _err(f"unknown scheme {a.scheme!r}: available: fgq, inq, sq, pact")
+    if a.scheme not in ("fgq", "auto", *TRAINED_SCHEMES):
+        _err(f"unknown scheme {a.scheme!r}: available: fgq, auto, inq, sq, pact")
     model = _load_model(a.model)
     calib = _calib(a.calib, a.calib_size)
     if a.scheme == "fgq":
         q = quantize(model, _fgq_from_args(a), calib)
+    elif a.scheme == "auto":
+        q = _quantize_auto(a, model, calib)
     else:
         import torch
 
@@ -192,18 +194,76 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     print(f"saved quantized model to {out} (input shape {tuple(calib[:a.batch].shape)})")
 
 
+def _quantize_auto(a: argparse.Namespace, model, calib: np.ndarray):  # -> nn.Module
+    """``--scheme auto``: per-layer formats under ``--budget``, verified on the validation data."""
+    import json
+
+    from tvm_lowbit import quantize
+    from tvm_lowbit.quantizers.auto import Auto, BudgetError
+
+    cost: object = a.cost
+    if a.cost != "bytes":
+        if not Path(a.cost).is_file():
+            _err(f"--cost {a.cost!r}: use 'bytes' or a JSON file mapping format -> cost per weight")
+        cost = json.loads(Path(a.cost).read_text())
+    if a.val:
+        if not Path(a.val).is_file():
+            _err(f"--val {a.val}: no such file (an .npz with arrays x and y)")
+        arrs = np.load(a.val)
+        if "x" not in arrs:
+            _err(f"--val {a.val}: the .npz needs an array 'x' of inputs (and 'y' of labels for a drop budget)")
+        val = (arrs["x"].astype(np.float32)[:a.val_size], arrs["y"][:a.val_size] if "y" in arrs else None)
+    elif ":" in a.model:
+        _err("--scheme auto needs validation data for your model: pass --val VAL.npz (arrays x and y, "
+             "held out from training and calibration)")
+    else:
+        from tvm_lowbit.models.mobilenet import validation_split
+
+        val = validation_split(a.val_size)
+    try:
+        budget: object = float(a.budget)
+    except ValueError:
+        budget = a.budget
+    kw = {"formats": tuple(f.strip() for f in a.formats.split(","))} if a.formats else {}
+    try:
+        cfg = Auto(budget=budget, cost=cost, act_bits=a.act_bits, **kw)
+    except (ValueError, TypeError) as e:
+        _err(str(e))
+    print(f"searching per-layer formats of {a.model} under the budget {budget} on {len(val[0])} validation "
+          "images", flush=True)
+    try:
+        q = quantize(model, cfg, calib, val)
+    except BudgetError as e:
+        print(e.best.sensitivity.table())
+        _err(str(e))
+    res = q.tvm_lowbit_auto
+    print(res.sensitivity.table())
+    print(res.table())
+    print(res.summary())
+    if a.heatmap:
+        print(f"wrote the sensitivity heat map to {res.sensitivity.plot(a.heatmap)}")
+    return q
+
+
 def cmd_compile(a: argparse.Namespace) -> None:
     import tvm_lowbit
     from tvm_lowbit.compiler import compile_saved
     from tvm_lowbit.targets import TargetError, load_target
 
     try:
-        load_target(a.target)
+        spec = load_target(a.target)
     except TargetError as e:
         _err(str(e))
     _fgq_from_args(a)  # bad FGQ options fail here, also for a .pt2 that was quantized already
     src = a.model
-    if src.endswith(".onnx"):
+    if spec.is_vta and src.endswith((".onnx", ".pt2")):
+        _err(f"{spec.name} is a VTA target: compile a built-in model (or tvm_lowbit.compile(qmodel, x, "
+             f"{spec.name!r}) from Python); planning a .pt2/ONNX file for VTA is not supported yet")
+    if spec.is_vta:
+        from tvm_lowbit.vta.compile import compile_for_cli
+
+        art = compile_for_cli(_load_model(src), _fgq_from_args(a), _calib(a.calib, a.calib_size), spec, a.batch)
+    elif src.endswith(".onnx"):
         from tvm_lowbit.onnx_quant import quantize_onnx
 
         calib = _calib(a.calib, a.calib_size)
@@ -218,6 +278,8 @@ def cmd_compile(a: argparse.Namespace) -> None:
         q = quantize(model, _fgq_from_args(a), calib)
         art = tvm_lowbit.compile(q, calib[:a.batch], a.target)
     print(art.report.text())
+    if art.tuning is not None:
+        print(art.tuning.text())
     out = art.export(a.out)
     print(f"wrote {out}/model.so for {art.target.name} ({art.target.description}); weights {art.weight_bytes:,d} bytes")
 
@@ -299,6 +361,49 @@ def cmd_export(a: argparse.Namespace) -> None:
           f"({art.target.description}); copy the folder to the board and run ./run.sh there")
 
 
+def cmd_tune(a: argparse.Namespace) -> None:
+    from tvm_lowbit.targets import TargetError, load_target
+
+    try:
+        spec = load_target(a.target)
+    except TargetError as e:
+        _err(str(e))
+    if a.trials < 1:
+        _err(f"--trials must be at least 1, got {a.trials}")
+    boards = None
+    if a.tracker:
+        host, _, port = a.tracker.rpartition(":")
+        if not host or not port.isdigit():
+            _err(f"--tracker must be HOST:PORT, got {a.tracker!r}")
+        from tvm_lowbit.tune import RPCBoards
+
+        boards = RPCBoards(host, int(port), a.key or spec.name, a.parallel)
+    elif not spec.is_host:
+        _err(f"{spec.name} is a board: tune through an RPC tracker with --tracker HOST:PORT --key KEY "
+             "(the emulated board: scripts/board/board.py)")
+    from tvm_lowbit.tune import tune_module
+
+    if a.model.endswith(".pt2"):
+        from tvm_lowbit.compiler import load_saved
+
+        mod, infos, _ = load_saved(a.model)
+    else:
+        import torch
+
+        from tvm_lowbit import quantize
+        from tvm_lowbit.compiler import import_torch, layer_infos
+
+        calib = _calib(a.calib, a.calib_size)
+        q = quantize(_load_model(a.model), _fgq_from_args(a), calib)
+        mod, infos = import_torch(q, torch.as_tensor(calib[:a.batch])), layer_infos(q)
+    rep = tune_module(mod, spec, infos=infos, trials_per_task=a.trials, work_dir=a.out, boards=boards,
+                      only_kernels=a.kernels_only, seed=a.seed)
+    print(rep.text())
+    if rep.failed:
+        print(f"{rep.failed} candidates failed and were recorded as failed; first error: "
+              f"{rep.errors[0].strip().splitlines()[-1]}")
+
+
 def cmd_targets(_a: argparse.Namespace) -> None:
     from tvm_lowbit.targets import available, load_target
 
@@ -319,17 +424,32 @@ def main(argv: list[str] | None = None) -> None:
     _add_fgq_args(p)
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("quantize", help="quantize a model and save it as a torch.export .pt2")
-    p.add_argument("--scheme", default="fgq", help="fgq (post-training) | inq | sq | pact (trained here)")
+    p.add_argument("--scheme", default="fgq",
+                   help="fgq (post-training) | auto (per-layer formats under --budget) | inq | sq | pact (trained here)")
     p.add_argument("--model", default="resnet20", help="built-in name or path/to/file.py:factory")
     p.add_argument("--out", required=True)
     p.add_argument("--batch", type=int, default=1, help="batch size the saved program is exported with")
     _add_fgq_args(p)
+    g = p.add_argument_group("auto (one weight format per layer, the cheapest mix inside an accuracy budget)")
+    g.add_argument("--budget", default="1.0",
+                   help="max top-1 drop in points vs FP32 on the validation data (e.g. 1.0), or agree>=99.5 "
+                        "(min %% of predictions equal to FP32's)")
+    g.add_argument("--cost", default="bytes", help="bytes (weight bytes), or a JSON file: format -> cost per weight")
+    g.add_argument("--formats", default=None,
+                   help="candidate formats, comma-separated (default ternary-n16,ternary,pow2-3,pow2-4,pow2-5,"
+                        "int4,int8,float)")
+    g.add_argument("--val", default=None,
+                   help=".npz with x (inputs) and y (labels) held out from training (default: the last 5000 "
+                        "Fashion-MNIST training images, which the built-in mobilenet never saw)")
+    g.add_argument("--heatmap", default=None, help="save the layer x format sensitivity heat map (PNG) here")
     t = p.add_argument_group("training (inq, sq, pact; starts from the model's weights)")
     t.add_argument("--epochs", type=int, default=1, help="epochs per stage (default 1)")
     t.add_argument("--subset", type=int, default=None, help="train on the first N training images (CPU budgets)")
-    t.add_argument("--val-size", type=int, default=2000, help="test images for the accuracy printed per stage")
+    t.add_argument("--val-size", type=int, default=2000,
+                   help="test images for the accuracy printed per stage; auto: validation images")
     t.add_argument("--lr", type=float, default=0.01, help="peak learning rate per stage (default 0.01, fine-tuning)")
-    t.add_argument("--lr-schedule", default="cosine", help="cosine | onecycle (restarted every stage)")
+    t.add_argument("--lr-schedule", default="cosine",
+                   help="cosine | onecycle (restarted every stage) | cosine-run (one cosine over all stages)")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     t.add_argument("--seed", type=int, default=0)
@@ -375,6 +495,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1)
     _add_fgq_args(p)
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("tune", help="autotune a model's kernels and float ops with MetaSchedule (XGBoost); "
+                                    "`compile` then applies schedules/<target>/")
+    p.add_argument("model", nargs="?", default="resnet20", help="MODEL.pt2 (from `quantize`) or a built-in name")
+    p.add_argument("--target", default="x86-host")
+    p.add_argument("--trials", type=int, default=32, help="measured candidates per task (default 32); a rerun "
+                   "only runs the trials a task still lacks")
+    p.add_argument("--out", default=None, help="database folder (default schedules/<target>/)")
+    p.add_argument("--kernels-only", action="store_true", help="tune the low-bit kernels only, not the float ops")
+    p.add_argument("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker with the boards (board targets)")
+    p.add_argument("--key", default=None, help="the boards' tracker key (default: the target name)")
+    p.add_argument("--parallel", type=int, default=1, help="boards measuring at once (default 1)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1)
+    _add_fgq_args(p)
+    p.set_defaults(fn=cmd_tune)
     p = sub.add_parser("targets", help="list the targets in targets/")
     p.set_defaults(fn=cmd_targets)
     a = ap.parse_args(argv)

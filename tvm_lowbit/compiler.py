@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ class Artifact:
     weight_bytes: int = 0
     num_outputs: int = 1
     compile_seconds: float = 0.0
+    tuning: Any = None  # tune.ApplyReport when a tuned-schedule database was applied
     _vm: Any = None
 
     def _machine(self) -> Any:
@@ -158,6 +160,9 @@ def load_artifact(directory: str | os.PathLike[str]) -> Artifact:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{d} is not a tvm_lowbit artifact (no meta.json)")
     meta = json.loads(meta_path.read_text())
+    if meta.get("kind") == "vta":
+        raise CompileError(f"{d} holds VTA programs ({meta['target']}): its host graph calls the VTA layers by name, "
+                           "so it runs only with a VTA runtime; compile again with tvm_lowbit.compile to simulate it")
     spec = load_target(meta["target"])
     lib = tvm.runtime.load_module(str(d / "model.so")) if spec.is_host else None
     rep = LoweringReport(lowered=meta.get("lowered", []), fallback=[tuple(x) for x in meta.get("fallback", [])],
@@ -187,19 +192,40 @@ def import_exported(ep: Any) -> Any:
 
 
 def build(mod: Any, target: str | TargetSpec, infos: dict[str, LayerInfo] | None, input_shape: tuple[int, ...],
-          *, expose_acc: bool = False, verbose: bool = False) -> Artifact:
-    """Lower, schedule and build a Relax module imported from a fake-quant model."""
+          *, expose_acc: bool = False, verbose: bool = False,
+          schedules: str | os.PathLike[str] | bool | None = None) -> Artifact:
+    """Lower, schedule and build a Relax module imported from a fake-quant model.
+
+    ``schedules``: a MetaSchedule database folder (``tvm-lowbit tune``) to apply; ``None`` uses
+    ``schedules/<target>/`` when it exists; ``False`` keeps the default schedules."""
     import tvm
 
     from tvm_lowbit.passes import apply_default_schedules, lower_ternary
 
     spec = load_target(target)
+    if spec.is_vta:
+        raise CompileError(f"{spec.name} is a VTA target: compile the quantized nn.Module with "
+                           "tvm_lowbit.compile(qmodel, x, target) (a .pt2 or ONNX model cannot be planned for VTA yet)")
     t0 = time.time()
     tgt = spec.tvm_target()
     mod, report = lower_ternary(mod, infos, expose_acc=expose_acc)
     if not expose_acc:
         mod = _strip_single_tuple(mod)
     weight_bytes = _constants_bytes(mod["main"])
+    tuning = None
+    db_dir = _schedules_dir(spec, schedules)
+    if db_dir is not None:  # tuned schedules first; the kernels without a record get their default below
+        from tvm_lowbit.tune import apply_database
+
+        try:
+            mod, tuning = apply_database(mod, tgt, db_dir)
+        except Exception as e:  # noqa: BLE001 - a database problem must not stop a build that works without it
+            if schedules not in (None, True):
+                raise CompileError(f"cannot apply the tuning database {db_dir}: {type(e).__name__}: {e}") from e
+            print(f"warning: tuned schedules in {db_dir} not applied ({type(e).__name__}: {e}); "
+                  "default schedules used", file=sys.stderr)
+        if verbose and tuning is not None:
+            print(tuning.text())
     mod = apply_default_schedules(mod, tgt)
     try:
         ex = tvm.compile(mod, target=tgt)
@@ -209,21 +235,41 @@ def build(mod: Any, target: str | TargetSpec, infos: dict[str, LayerInfo] | None
                            f"{msg[-1] if msg else ''}") from e
     ret = mod["main"].ret_ty
     n_out = len(ret.fields) if hasattr(ret, "fields") else 1
-    art = Artifact(spec, ex, tuple(input_shape), "float32", report, weight_bytes, n_out, time.time() - t0)
+    art = Artifact(spec, ex, tuple(input_shape), "float32", report, weight_bytes, n_out, time.time() - t0, tuning)
     if verbose:
         print(report.text())
     return art
 
 
+def _schedules_dir(spec: TargetSpec, schedules: str | os.PathLike[str] | bool | None) -> Path | None:
+    if schedules is False:
+        return None
+    if schedules is None or schedules is True:
+        from tvm_lowbit.tune import SCHEDULES_DIR, WORKLOAD_FILE
+
+        d = SCHEDULES_DIR / spec.name
+        return d if (d / WORKLOAD_FILE).is_file() else None
+    d = Path(schedules)
+    if not d.is_dir():
+        raise CompileError(f"schedules={str(d)!r}: no such tuning database folder (make one with `tvm-lowbit tune`)")
+    return d
+
+
 def compile(qmodel: nn.Module, example_input: torch.Tensor | np.ndarray, target: str | TargetSpec = "x86-host",
-            *, expose_acc: bool = False, verbose: bool = False) -> Artifact:
+            *, expose_acc: bool = False, verbose: bool = False,
+            schedules: str | os.PathLike[str] | bool | None = None) -> Artifact:
     """Compile a model returned by ``tvm_lowbit.quantize`` (or a float model: everything stays float)."""
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"compile() takes a torch.nn.Module (from tvm_lowbit.quantize), got {type(qmodel).__name__}")
     spec = load_target(target)  # a bad target name fails before the slow import
+    if spec.is_vta:  # accelerator targets partition the model between VTA and the host (tvm_lowbit.vta)
+        from tvm_lowbit.vta.compile import compile_vta
+
+        return compile_vta(qmodel, example_input, spec, verbose=verbose)  # type: ignore[return-value]
     x = torch.as_tensor(np.asarray(example_input, dtype=np.float32))
     mod = import_torch(qmodel, x)
-    return build(mod, spec, layer_infos(qmodel), tuple(x.shape), expose_acc=expose_acc, verbose=verbose)
+    return build(mod, spec, layer_infos(qmodel), tuple(x.shape), expose_acc=expose_acc, verbose=verbose,
+                 schedules=schedules)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,13 +293,11 @@ def save_quantized(qmodel: nn.Module, example_input: torch.Tensor | np.ndarray, 
     return path
 
 
-def compile_saved(path: str | os.PathLike[str], target: str | TargetSpec = "x86-host", *,
-                  verbose: bool = False) -> Artifact:
-    """Compile a saved quantized model: a ``.pt2`` from ``save_quantized`` (or any torch.export program)."""
+def load_saved(path: str | os.PathLike[str]) -> tuple[Any, dict[str, LayerInfo], tuple[int, ...]]:
+    """A saved quantized model (``save_quantized``) as (Relax module, layer table, input shape)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
-    spec = load_target(target)
     if path.suffix == ".onnx":
         raise CompileError("an ONNX file is quantized first: use `tvm-lowbit compile --onnx MODEL.onnx` "
                            "(tvm_lowbit.onnx_quant.quantize_onnx) with a calibration set")
@@ -266,4 +310,14 @@ def compile_saved(path: str | os.PathLike[str], target: str | TargetSpec = "x86-
     infos = {k: LayerInfo(v["name"], int(v["group_size"]), v.get("weight_format", "ternary"))
              for k, v in meta.get("layers", {}).items()}
     shape = tuple(meta.get("input_shape") or [int(d) for d in ep.example_inputs[0][0].shape])
-    return build(import_exported(ep), spec, infos, shape, verbose=verbose)
+    return import_exported(ep), infos, shape
+
+
+def compile_saved(path: str | os.PathLike[str], target: str | TargetSpec = "x86-host", *,
+                  verbose: bool = False) -> Artifact:
+    """Compile a saved quantized model: a ``.pt2`` from ``save_quantized`` (or any torch.export program)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    spec = load_target(target)
+    mod, infos, shape = load_saved(path)
+    return build(mod, spec, infos, shape, verbose=verbose)

@@ -269,6 +269,17 @@ def _divisor(n: int, prefer: Sequence[int]) -> int:
     return 1
 
 
+# A tile-size chooser: given the candidate factors (the default first), return one of them. The default
+# schedules take the first; the tuner (tvm_lowbit.tune) passes a MetaSchedule sample_categorical.
+Pick = Callable[[list[int]], object]
+
+
+def _tile(n: int, prefer: Sequence[int], pick: Pick | None) -> object:
+    if pick is None:
+        return _divisor(n, prefer)
+    return pick([d for d in prefer if n % d == 0] or [1])
+
+
 def _kernel_kind(func: tirx.PrimFunc) -> str | None:
     """The kernel marker: a PrimFunc attribute, else the annotation of the output block."""
     if func.attrs is not None and KERNEL_ATTR in func.attrs:
@@ -313,7 +324,7 @@ def _accumulate_locally(sch: tvm.s_tir.Schedule, acc, loop) -> None:
         sch.reverse_compute_at(copy, loop, preserve_unit_loops=True)
 
 
-def _schedule_conv2d_aarch64(sch: tvm.s_tir.Schedule, weight_block: str) -> None:
+def _schedule_conv2d_aarch64(sch: tvm.s_tir.Schedule, weight_block: str, pick: Pick | None = None) -> None:
     """NEON tile: kb output channels as int32 lanes x owi output columns, unrolled. The generic schedule
     vectorizes over columns, and widths like 28, 14 and 7 give 7-lane vectors that LLVM legalizes into scalar
     moves around every multiply-accumulate (about 5x the instructions on ResNet-20). Output channels come in
@@ -322,8 +333,8 @@ def _schedule_conv2d_aarch64(sch: tvm.s_tir.Schedule, weight_block: str) -> None
     acc = sch.get_sblock("acc")
     b, k, i, j, rc, ry, rx = sch.get_loops(acc)
     kout, ow = (int(sch.get(lp).extent) for lp in (k, j))
-    kb = _divisor(kout, (8, 4, 2))
-    owi = _divisor(ow, (7, 8, 4, 6, 5, 3, 2))  # 2*owi accumulator registers of the 32
+    kb = _tile(kout, (8, 4, 2), pick)
+    owi = _tile(ow, (7, 8, 4, 6, 5, 3, 2), pick)  # 2*owi accumulator registers of the 32
     ko, ki = sch.split(k, [None, kb])
     jo, ji = sch.split(j, [None, owi])
     sch.reorder(ko, b, i, jo, ry, rx, rc, ji, ki)
@@ -358,16 +369,17 @@ def _schedule_conv2d_aarch64(sch: tvm.s_tir.Schedule, weight_block: str) -> None
         sch.parallel(sch.fuse(lps[0], lps[1]))
 
 
-def _schedule_conv2d(sch: tvm.s_tir.Schedule, kind: str, weight_block: str = "w_int") -> None:
+def _schedule_conv2d(sch: tvm.s_tir.Schedule, kind: str, weight_block: str = "w_int", pick: Pick | None = None
+                     ) -> None:
     if kind == "aarch64":
-        _schedule_conv2d_aarch64(sch, weight_block)
+        _schedule_conv2d_aarch64(sch, weight_block, pick)
         return
     acc = sch.get_sblock("acc")
     b, k, i, j, rc, ry, rx = sch.get_loops(acc)
     kout, ow = (int(sch.get(lp).extent) for lp in (k, j))
     # register tile of kb output channels x owi output columns (int32 lanes, vectorized over owi)
-    kb = _divisor(kout, (4, 2) if kind == "armv7" else (8, 4, 2))
-    owi = _divisor(ow, (8, 16, 7, 14, 12, 6, 10, 4, 5, 3, 2))
+    kb = _tile(kout, (4, 2) if kind == "armv7" else (8, 4, 2), pick)
+    owi = _tile(ow, (8, 16, 7, 14, 12, 6, 10, 4, 5, 3, 2), pick)
     ko, ki = sch.split(k, [None, kb])
     jo, ji = sch.split(j, [None, owi])
     sch.reorder(ko, b, i, jo, ry, rx, rc, ki, ji)
@@ -391,12 +403,13 @@ def _schedule_conv2d(sch: tvm.s_tir.Schedule, kind: str, weight_block: str = "w_
         sch.parallel(sch.fuse(lps[0], lps[1]))
 
 
-def _schedule_dense(sch: tvm.s_tir.Schedule, kind: str, weight_block: str = "w_int") -> None:
+def _schedule_dense(sch: tvm.s_tir.Schedule, kind: str, weight_block: str = "w_int", pick: Pick | None = None
+                    ) -> None:
     acc = sch.get_sblock("acc")
     lps = sch.get_loops(acc)
     lead, k, rc = lps[:-2], lps[-2], lps[-1]
     kout = int(sch.get(k).extent)
-    kb = _divisor(kout, (4, 2) if kind == "armv7" else (8, 4, 2))
+    kb = _tile(kout, (4, 2) if kind == "armv7" else (8, 4, 2, 16), pick)
     ko, ki = sch.split(k, [None, kb])
     m = sch.fuse(*lead) if len(lead) > 1 else (lead[0] if lead else None)
     sch.reorder(*([ko, m] if m is not None else [ko]), ki, rc)
@@ -435,17 +448,24 @@ def schedule_default(mod_or_func: tvm.IRModule | tirx.PrimFunc, target: tvm.targ
     if kind is None:
         raise ValueError("not a tvm_lowbit kernel (no 'tvm_lowbit.kernel' marker)")
     sch = tvm.s_tir.Schedule(func)
+    schedule_kernel(sch, kind, target)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr(KERNEL_ATTR, kind)
+
+
+def schedule_kernel(sch: tvm.s_tir.Schedule, kind: str, target: tvm.target.Target | str | dict | None,
+                    pick: Pick | None = None) -> None:
+    """Apply the schedule of kernel ``kind`` to ``sch`` in place; ``pick`` chooses the tile sizes (default:
+    the first candidate; the tuner samples them)."""
     tk = _target_kind(target)
-    if kind == "ternary_conv2d":
-        _schedule_conv2d(sch, tk)
-    elif kind == "ternary_dense":
-        _schedule_dense(sch, tk)
+    if kind in ("ternary_conv2d", "int_conv2d"):  # kernels.intw: the same tiles and "w_int" decode stage
+        _schedule_conv2d(sch, tk, pick=pick)
+    elif kind in ("ternary_dense", "int_dense"):
+        _schedule_dense(sch, tk, pick=pick)
     elif kind == "pow2_conv2d":  # tvm_lowbit.kernels.pow2: same tiles, the decode stage is "w_dec"
-        _schedule_conv2d(sch, tk, "w_dec")
+        _schedule_conv2d(sch, tk, "w_dec", pick)
     elif kind == "pow2_dense":
-        _schedule_dense(sch, tk, "w_dec")
+        _schedule_dense(sch, tk, "w_dec", pick)
     elif kind == "quantize_act":
         _schedule_elementwise(sch, "quantize_act")
     else:
         raise ValueError(f"no default schedule for kernel {kind!r}")
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr(KERNEL_ATTR, kind)

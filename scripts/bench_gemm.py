@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""One large grouped-ternary GEMM on the x86 host: achieved GOP/s and the fraction of the CPU's AVX2 int8 peak.
+
+    peak GOP/s = cores x GHz x int8 MACs per cycle x 2        (a MAC is 2 operations)
+
+* cores: ``os.cpu_count()`` (the threads TVM uses: TVM_NUM_THREADS is set to it);
+* GHz: the mean ``cpu MHz`` of /proc/cpuinfo (the clock the kernel reports; under a hypervisor that is
+  the nominal clock, so boost is not counted), or ``--ghz``;
+* int8 MACs per cycle per core: 64 = 2 ``vpmaddubsw ymm`` per cycle (two vector multiply pipes on Zen 3 /
+  Zen 4 and on Intel since Haswell) x 32 u8 x i8 products each; or ``--macs-per-cycle``.
+  (The ``vpmaddwd`` that widens the int16 pairs shares those pipes, so a real dot-product loop tops out at
+  half of this peak.)
+
+Kernels (the same math: int8 activation codes [M, K] x ternary weights [N, K] packed 4 per byte with one
+8-bit alpha per group of ``--group-size``; int32 accumulators; every result is checked bit-exact against
+the numpy integer reference on a slice of rows before timing):
+
+* ``avx2-dot``: ``kernels.avx2`` (the project's vpmaddubsw/vpmaddwd tensor intrinsic), built for an AVX2-only
+  CPU (``--mcpu``, default znver3) so no AVX-512/VNNI instruction is used;
+* ``default``: the default ternary dense kernel (``kernels.ternary_dense`` + ``schedule_default``).
+
+On a shared machine the wall-clock rate measures the share of the cores this process got. The script also
+prints the rate per CPU-second the process was actually given (``time.process_time`` over the timed runs,
+times the cores; the thread pool's spin-waits count as busy, so this errs low). Only the wall-clock rate
+goes into the JSON.
+
+    python scripts/bench_gemm.py --json gemm.json
+``--json`` writes ``{"rows": [{"shape", "kernel", "gops", "peak_gops", "fraction_of_peak"}, ...]}`` with
+``shape`` = [M, N, K].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+AVX2_INT8_MACS_PER_CYCLE = 64
+
+
+def cpu_ghz() -> float:
+    mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+           if line.startswith("cpu MHz")]
+    if not mhz:
+        raise SystemExit("no 'cpu MHz' in /proc/cpuinfo: pass --ghz")
+    return sum(mhz) / len(mhz) / 1e3
+
+
+def build_default(m: int, n: int, k: int, group_size: int, target: dict):  # -> compiled kernel
+    import tvm
+    from tvm import te
+
+    from tvm_lowbit import kernels, qmath
+
+    lay = qmath.group_layout((n, k), group_size)
+    x = te.placeholder((m, k), "uint8", name="x")
+    codes = te.placeholder((n, -(-lay.row_len // 4)), "uint8", name="codes")
+    alpha = te.placeholder((n, lay.groups_per_row), "int16", name="alpha_q")
+    scale = te.placeholder((n,), "float32", name="out_scale")
+    bias = te.placeholder((n,), "float32", name="out_bias")
+    out = kernels.ternary_dense(x, codes, alpha, scale, bias, weight_shape=(n, k), group_size=group_size,
+                                out_mode="acc")
+    func = kernels.make_prim_func([x, codes, alpha, scale, bias], out, "main")
+    tgt = tvm.target.Target(target)
+    return tvm.compile(tvm.IRModule({"main": kernels.schedule_default(func, tgt)}), target=tgt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", type=int, default=256, help="activation rows (default 256)")
+    ap.add_argument("--n", type=int, default=2048, help="output channels (default 2048)")
+    ap.add_argument("--k", type=int, default=2048, help="reduction length (default 2048)")
+    ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--kernels", default="avx2-dot,default")
+    ap.add_argument("--mcpu", default="znver3", help="LLVM CPU of the build (default znver3: AVX2, no AVX-512)")
+    ap.add_argument("--ghz", type=float, default=None, help="clock for the peak (default: /proc/cpuinfo)")
+    ap.add_argument("--macs-per-cycle", type=int, default=AVX2_INT8_MACS_PER_CYCLE)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+
+    import tvm
+
+    from tvm_lowbit import qmath
+    from tvm_lowbit.kernels import avx2
+
+    cores = int(os.environ["TVM_NUM_THREADS"])
+    ghz = a.ghz or cpu_ghz()
+    peak = cores * ghz * a.macs_per_cycle * 2
+    print(f"peak = {cores} cores x {ghz:.3f} GHz x {a.macs_per_cycle} int8 MACs/cycle x 2 = {peak:.1f} GOP/s")
+    m, n, k, gs = a.m, a.n, a.k, a.group_size
+    target = {"kind": "llvm", "mcpu": a.mcpu, "num-cores": cores}
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    codes = qmath.pack_2bit(rng.integers(-1, 2, (n, k)))
+    alpha = rng.integers(0, 256, (n, k // gs)).astype(np.int16)
+    ref = avx2.reference_ternary(x[:8], codes, alpha, n, k, gs)
+    rows = []
+    for kernel in a.kernels.split(","):
+        if kernel == "avx2-dot":
+            f, _ = avx2.build_dense("ternary", m, n, k, group_size=gs, target=target)
+        elif kernel == "default":
+            f = build_default(m, n, k, gs, target)
+        else:
+            raise SystemExit(f"unknown kernel {kernel!r}")
+        args = [tvm.runtime.tensor(v) for v in (x, codes, alpha, np.ones(n, np.float32), np.zeros(n, np.float32),
+                                               np.zeros((m, n), np.int32))]
+        mod = f.mod if hasattr(f, "mod") else f
+        mod["main"](*args)
+        if not np.array_equal(args[-1].numpy()[:8].astype(np.int64), ref):
+            raise SystemExit(f"{kernel}: accumulators differ from the numpy reference")
+        cpu0 = time.process_time()
+        sec = float(np.median(mod.time_evaluator("main", tvm.cpu(), number=3, repeat=a.repeat)(*args).results))
+        cpu = (time.process_time() - cpu0) / (3 * a.repeat + 1)  # CPU-seconds per run (+1: the warm-up run)
+        gops = 2.0 * m * n * k / sec / 1e9
+        gops_cpu = 2.0 * m * n * k / cpu / 1e9 * cores
+        rows.append({"shape": [m, n, k], "kernel": kernel, "gops": round(gops, 2), "peak_gops": round(peak, 2),
+                     "fraction_of_peak": round(gops / peak, 4)})
+        print(f"{kernel:10} M={m} N={n} K={k} g={gs}: {sec * 1e3:8.2f} ms  {gops:7.1f} GOP/s  "
+              f"{100 * gops / peak:5.1f}% of peak  (bit-exact); per CPU-second given: {gops_cpu:7.1f} GOP/s "
+              f"= {100 * gops_cpu / peak:5.1f}%")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

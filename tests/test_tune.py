@@ -1,0 +1,153 @@
+"""MetaSchedule tuning: the database under a folder, applied by compile; resume, corruption, two writers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tvm_lowbit
+from tvm_lowbit import FGQ, quantize, tune
+from tvm_lowbit.compiler import CompileError
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[nn.Module, np.ndarray]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()
+    calib = torch.randn(16, 8, 8, 8)
+    q = quantize(model, FGQ(group_size=4, act_bits=8), calib, progress=False)
+    return q, calib[:1].numpy()
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny, tmp_path_factory) -> tuple[Path, tune.TuneReport]:
+    q, x = tiny
+    d = tmp_path_factory.mktemp("sched") / "x86-host"
+    rep = tune.tune(q, x, "x86-host", trials_per_task=3, work_dir=d, only_kernels=True, progress=False, seed=0)
+    return d, rep
+
+
+def test_tune_writes_a_standard_database(tuned) -> None:
+    from tvm.s_tir import meta_schedule as ms
+
+    d, rep = tuned
+    assert {t.kind for t in rep.tasks} == {"ternary_conv2d", "quantize_act"}
+    assert rep.trials_run >= 4 and rep.failed == 0, rep.errors[:1]
+    lines = (d / tune.RECORD_FILE).read_text().splitlines()
+    assert len(lines) == rep.trials_run  # every measured candidate was appended
+    stock = ms.database.JSONDatabase(work_dir=str(d))  # MetaSchedule's own reader takes the files
+    assert len(stock.get_all_tuning_records()) == len(lines)
+
+
+def test_compile_applies_the_database_bit_exact(tiny, tuned) -> None:
+    q, x = tiny
+    d, _ = tuned
+    art = tvm_lowbit.compile(q, x, schedules=d)
+    assert set(art.tuning.applied) == {"ternary_conv2d", "quantize_act"}
+    assert art.tuning.missing and "ternary_conv2d" not in art.tuning.missing  # float ops: no record
+    assert "without a record" in art.tuning.text()
+    default = tvm_lowbit.compile(q, x, schedules=False)
+    assert default.tuning is None
+    np.testing.assert_array_equal(art.run(x), default.run(x))  # only integer kernels were re-scheduled
+    with pytest.raises(CompileError, match="no such tuning database"):
+        tvm_lowbit.compile(q, x, schedules=d / "nope")
+
+
+def test_rerun_resumes_without_new_trials(tiny, tuned, tmp_path, capsys) -> None:
+    """`tvm-lowbit tune` on the saved model finds the API run's records: only missing trials would run."""
+    from tvm_lowbit.cli import main
+    from tvm_lowbit.compiler import save_quantized
+
+    q, x = tiny
+    d, first = tuned
+    n = len((d / tune.RECORD_FILE).read_text().splitlines())
+    pt2 = save_quantized(q, x, tmp_path / "tiny.pt2")
+    main(["tune", str(pt2), "--trials", "3", "--kernels-only", "--out", str(d)])
+    out = capsys.readouterr().out
+    conv_records = sum(1 for r in tune.load_database(d)[0].get_all_tuning_records()
+                       if "ternary_conv2d" in str(r.workload.mod))
+    assert conv_records == 3  # the conv task was complete: nothing new ran for it
+    ran = int(out.split(" trials run")[0].split()[-1])
+    skipped = int(out.split(" already in the database")[0].split()[-1])
+    assert skipped >= 3 and ran < first.trials_run, out  # only the small quantize_act space may still run
+    assert len((d / tune.RECORD_FILE).read_text().splitlines()) == n + ran
+
+
+def test_corrupted_database_keeps_valid_records(tuned, tmp_path) -> None:
+    d, _ = tuned
+    bad = tmp_path / "db"
+    shutil.copytree(d, bad)
+    rec = bad / tune.RECORD_FILE
+    lines = rec.read_text().splitlines()
+    rec.write_text("\n".join(lines[:-1]) + "\n" + "{not json\n" + lines[-1][: len(lines[-1]) // 2])  # truncated
+    db, report = tune.load_database(bad)
+    assert report.records == len(lines) - 1 and len(report.bad_lines) == 2, report.bad_lines
+    assert "corrupted" in report.text() and report.backups and report.backups[0].is_file()
+    assert len(db.get_all_tuning_records()) == len(lines) - 1
+    _, again = tune.load_database(bad)  # the files were rewritten without the damaged lines
+    assert not again.bad_lines and again.records == len(lines) - 1
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from tvm_lowbit import tune
+    src, dst, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    records = tune.load_database(src)[0].get_all_tuning_records()
+    db = tune._make_shared_database(__import__("pathlib").Path(dst))
+    for _ in range(rounds):
+        for r in records:
+            db.commit_workload(r.workload.mod)
+            db.commit_tuning_record(r)
+""")
+
+
+def test_two_writers_keep_all_records(tuned, tmp_path) -> None:
+    d, _ = tuned
+    n = len(tune.load_database(d)[0].get_all_tuning_records())
+    dst = tmp_path / "shared"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(d), str(dst), "5"]) for _ in range(2)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    _, report = tune.load_database(dst)
+    assert not report.bad_lines and report.records == 2 * 5 * n
+    assert report.workloads == len({json.loads(ln)[0] for ln in (d / tune.WORKLOAD_FILE).read_text().splitlines()})
+
+
+def test_cli_tune_board_needs_a_tracker(capsys) -> None:
+    from tvm_lowbit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["tune", "--target", "rasp4b"])
+    assert "--tracker" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("TVM_LOWBIT_BOARD_TUNE"),
+                    reason="tuning on the emulated board takes ~2 minutes: set TVM_LOWBIT_BOARD_TUNE=1")
+def test_tune_on_the_emulated_board_over_rpc(tiny, tmp_path) -> None:
+    from tvm_lowbit.deploy import board as emu
+
+    q, x = tiny
+    emu.require_board()
+    tracker = emu.free_port()
+    state = emu.start("test-tune", "rasp4b", boards=1, rpc_port=emu.free_port(), tracker_port=tracker)
+    try:
+        rep = tune.tune(q, x, "rasp4b", trials_per_task=2, work_dir=tmp_path / "rasp4b", only_kernels=True,
+                        boards=tune.RPCBoards("127.0.0.1", tracker, state.key), progress=False, seed=0)
+    finally:
+        emu.stop("test-tune")
+    assert rep.trials_run >= 2 and rep.failed == 0, rep.errors[:1]
+    _, load = tune.load_database(tmp_path / "rasp4b")  # the aarch64 traces (transform_layout) read back
+    assert load.records == rep.trials_run and not load.bad_lines

@@ -1,0 +1,253 @@
+"""An x86 AVX2 int8 dot-product tensor intrinsic (``vpmaddubsw`` + ``vpmaddwd``) and the grouped-ternary
+and power-of-two dense kernels tensorized with it.
+
+TVM ships x86 dot-product intrinsics for AVX-512 and VNNI only. This one is the AVX2 form, with the
+per-output scale folded into the second instruction:
+
+    C[i] += alpha[i] * sum_{k<4} A[k] * B[i, k]          i < 8   (u8 A, i8 B, i16 alpha, i32 C)
+
+* ``vpmaddubsw`` multiplies the 4 broadcast activation bytes with 8 rows of 4 weight bytes and adds
+  adjacent pairs into 16 int16 lanes; the pair sums are exact while ``2 * 255 * |B| <= 32767``, i.e.
+  ``|B| <= 64``: ternary values (|t| = 1) and the 4-bit power-of-two weights (|w| <= 2^6) qualify,
+  general int8 weights do not (``vpmaddubsw`` saturates);
+* ``vpmaddwd`` against ``alpha`` (each value twice, one per int16 pair) multiplies both pair sums by the
+  row's scale and adds them into 8 int32 lanes; for ternary weights ``alpha`` is the group's ``alpha_q``
+  (so ``alpha * t`` never has to fit in int8), for power-of-two weights it is 1.
+
+The kernels unpack the packed codes to int8 once per block of 8 output channels (an L1-resident tile
+reused by every activation row) and multiply in 8 x 4 tiles; they accept unsigned activation codes only
+(``vpmaddubsw``'s first operand is unsigned) and are exact: the numpy integer reference is the test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+from tvm.script import tirx as T
+
+from tvm_lowbit import qmath
+from tvm_lowbit.kernels.ternary import (KERNEL_ATTR, OutMode, _check_mode, _epilogue, _tile, dense_dims,
+                                        kernel_attrs)
+
+AVX2_DOT_8x4_INTRIN = "tvm_lowbit_dot_8x4_u8i8s32_avx2"
+MAX_WEIGHT = 64  # |B| bound for exact vpmaddubsw pair sums with uint8 activations
+
+
+@T.prim_func(s_tir=True)
+def _dot_8x4_desc(a: T.handle, b: T.handle, s: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+    B = T.match_buffer(b, (8, 4), "int8", offset_factor=1)
+    S = T.match_buffer(s, (8, 2), "int16", offset_factor=1)
+    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4], S[0:8, 0:2])
+        T.writes(C[0:8])
+        for i, k in T.grid(8, 4):
+            with T.sblock("update"):
+                vi, vk = T.axis.remap("SR", [i, k])
+                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk]) * T.Cast("int32", S[vi, vk % 2])
+
+
+@T.prim_func(s_tir=True)
+def _dot_8x4_avx2(a: T.handle, b: T.handle, s: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+    B = T.match_buffer(b, (8, 4), "int8", offset_factor=1)
+    S = T.match_buffer(s, (8, 2), "int16", offset_factor=1)
+    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4], S[0:8, 0:2])
+        T.writes(C[0:8])
+        a_word = T.reinterpret("int32", A.vload([0], "uint8x4"))
+        a_u8 = T.reinterpret("uint8x32", T.broadcast(a_word, 8))
+        pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a_u8, B.vload([0, 0], "int8x32"))
+        C[0:8] = C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
+            "int32x8", "llvm.x86.avx2.pmadd.wd", pairs, S.vload([0, 0], "int16x16"))
+
+
+def register() -> str:
+    """Register the intrinsic (idempotent); returns its name for ``Schedule.tensorize``."""
+    if tvm.s_tir.TensorIntrin.get(AVX2_DOT_8x4_INTRIN, allow_missing=True) is None:
+        tvm.s_tir.TensorIntrin.register(AVX2_DOT_8x4_INTRIN, _dot_8x4_desc, _dot_8x4_avx2)
+    return AVX2_DOT_8x4_INTRIN
+
+
+def has_avx2(target: tvm.target.Target) -> bool:
+    from tvm.target.codegen import target_has_features
+
+    return str(target.kind.name) == "llvm" and not str(target.attrs.get("mtriple", "x86_64")).startswith(("aarch64", "arm")) \
+        and bool(target_has_features("avx2", target))
+
+
+# --------------------------------------------------------------------------------------------
+# Compute definitions in the intrinsic's layout
+# --------------------------------------------------------------------------------------------
+
+def _dense_avx2(kind: str, data: te.Tensor, w8: te.Tensor, scale2: te.Tensor, kout: int, cin: int,
+                out_scale: te.Tensor, out_bias: te.Tensor, relu: bool, out_mode: str, requant_scale: float | None,
+                out_bits: int, out_signed: bool) -> te.Tensor:
+    """acc[..., n] = sum_c x[..., c] * w8[n//8, c//4, n%8, c%4] * scale2[n//8, c//4, n%8, c%2] (exact int32)."""
+    if str(data.dtype) != "uint8":
+        raise ValueError(f"the AVX2 kernels take unsigned 8-bit activation codes, got {data.dtype}")
+    lead = list(data.shape[:-1])
+    rc = te.reduce_axis((0, cin), name="rc")
+    acc = te.compute(
+        (*lead, kout),
+        lambda *idx: te.sum(
+            data[(*idx[:-1], rc)].astype("int32") * w8[idx[-1] // 8, rc // 4, idx[-1] % 8, rc % 4].astype("int32")
+            * scale2[idx[-1] // 8, rc // 4, idx[-1] % 8, rc % 2].astype("int32"), axis=rc),
+        name="acc", attrs=kernel_attrs(kind) if out_mode == "acc" else None)
+    if out_mode == "acc":
+        return acc
+    return te.compute(
+        (*lead, kout),
+        lambda *idx: _epilogue(acc[idx], out_scale[idx[-1]], out_bias[idx[-1]], relu, out_mode,
+                               requant_scale, out_bits, out_signed),
+        name="out", attrs=kernel_attrs(kind))
+
+
+def _check_tiles(kout: int, cin: int) -> None:
+    if kout % 8 or cin % 4:
+        raise ValueError(f"the AVX2 kernels need output channels % 8 == 0 and input channels % 4 == 0, "
+                         f"got K={kout}, C={cin}; use the default kernel (kernels.ternary_dense) for this layer")
+
+
+def ternary_dense_avx2(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, out_scale: te.Tensor,
+                       out_bias: te.Tensor, *, weight_shape: tuple[int, int], group_size: int, relu: bool = False,
+                       out_mode: OutMode = "float", requant_scale: float | None = None, out_bits: int = 8,
+                       out_signed: bool = False) -> te.Tensor:
+    """``kernels.ternary_dense`` (same inputs, same result) for the AVX2 intrinsic: ``group_size % 4 == 0``."""
+    _check_mode(out_mode, requant_scale)
+    kout, cin = dense_dims(data, weight_shape)
+    _check_tiles(kout, cin)
+    lay = qmath.group_layout((kout, cin), group_size)
+    if lay.group_size % 4:
+        raise ValueError(f"the AVX2 ternary kernel needs group_size % 4 == 0 (one group per 4-byte step), got "
+                         f"{lay.group_size}")
+    if tuple(int(v) for v in codes.shape) != (kout, -(-lay.row_len // 4)):
+        raise ValueError(f"codes shape {codes.shape} != ({kout}, ceil({lay.row_len}/4))")
+
+    def t8(nb, cb, i, q):  # code byte (n, cb) holds elements 4cb..4cb+3, element q in bits 2q..2q+1
+        code = (codes[nb * 8 + i, cb].astype("int32") >> (q * 2).astype("int32")) & 3
+        return ((code ^ 2) - 2).astype("int8")
+
+    def s2(nb, cb, i, _p):
+        return alpha_q[nb * 8 + i, (cb * 4) // lay.group_size].astype("int16")
+
+    shape = (kout // 8, cin // 4, 8, 4)
+    w8 = te.compute(shape, t8, name="w_int")
+    scale2 = te.compute((kout // 8, cin // 4, 8, 2), s2, name="w_scale")
+    return _dense_avx2("ternary_dense_avx2", data, w8, scale2, kout, cin, out_scale, out_bias, relu, out_mode,
+                       requant_scale, out_bits, out_signed)
+
+
+def pow2_dense_avx2(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bias: te.Tensor, *,
+                    weight_shape: tuple[int, int], code_bits: int = 4, relu: bool = False,
+                    out_mode: OutMode = "float", requant_scale: float | None = None, out_bits: int = 8,
+                    out_signed: bool = False) -> te.Tensor:
+    """``kernels.pow2_dense`` for the AVX2 intrinsic: 4-bit codes (|w| <= 2^6), decoded to int8 ``sign << e``."""
+    _check_mode(out_mode, requant_scale)
+    kout, cin = dense_dims(data, weight_shape)
+    _check_tiles(kout, cin)
+    if code_bits != 4:
+        raise ValueError(f"the AVX2 power-of-two kernel takes 4-bit codes (|w| <= {MAX_WEIGHT}), got {code_bits}-bit")
+    if tuple(int(v) for v in codes.shape) != (kout, -(-cin // 2)):
+        raise ValueError(f"codes shape {tuple(codes.shape)} != ({kout}, {-(-cin // 2)})")
+
+    def w(nb, cb, i, q):
+        j = cb * 4 + q
+        c = (codes[nb * 8 + i, j // 2].astype("int32") >> ((j % 2) * 4).astype("int32")) & 15
+        idx = c & 7
+        mag = tirx.if_then_else(idx == 0, 0, tirx.shift_left(tirx.const(1, "int32"), tirx.max(idx - 1, 0)))
+        return tirx.if_then_else(c >= 8, 0 - mag, mag).astype("int8")
+
+    w8 = te.compute((kout // 8, cin // 4, 8, 4), w, name="w_int")
+    one = te.compute((kout // 8, cin // 4, 8, 2), lambda *_: tirx.const(1, "int16"), name="w_scale")
+    return _dense_avx2("pow2_dense_avx2", data, w8, one, kout, cin, out_scale, out_bias, relu, out_mode,
+                       requant_scale, out_bits, out_signed)
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule
+# --------------------------------------------------------------------------------------------
+
+def schedule_dense_avx2(sch: tvm.s_tir.Schedule, pick=None) -> None:
+    """Register tile of ``mb`` rows x ``nb`` blocks of 8 output channels (int32 ymm accumulators), the
+    4-byte reduction step tensorized; the int8 weight tile of each channel block is unpacked once."""
+    register()
+    acc = sch.get_sblock("acc")
+    lps = sch.get_loops(acc)
+    lead, n, c = lps[:-2], lps[-2], lps[-1]
+    m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    rows, kout = (int(sch.get(lp).extent) for lp in (m, n))
+    mb = _tile(rows, (4, 2, 8, 1), pick)
+    nb = _tile(kout // 8, (2, 4, 1), pick)
+    mo, mi = sch.split(m, [None, mb])
+    no, nm, ni = sch.split(n, [None, nb, 8])
+    co, ci = sch.split(c, [None, 4])
+    sch.reorder(no, mo, co, mi, nm, ni, ci)
+    out = [b for b in ("out",) if _has(sch, b)]
+    if out:
+        sch.reverse_compute_at(sch.get_sblock("out"), mo, preserve_unit_loops=True)
+        sch.set_scope(acc, 0, "local")
+    else:
+        copy = sch.cache_write(acc, 0, "local")
+        sch.reverse_compute_at(copy, mo, preserve_unit_loops=True)
+    for wb in ("w_int", "w_scale"):
+        blk = sch.get_sblock(wb)
+        sch.compute_at(blk, no, preserve_unit_loops=True)
+        sch.vectorize(sch.fuse(*sch.get_loops(blk)[-2:]))
+    sch.parallel(no)
+    init = sch.decompose_reduction(acc, co)
+    ilps = sch.get_loops(init)
+    sch.vectorize(ilps[-1])
+    sch.tensorize(ni, AVX2_DOT_8x4_INTRIN)
+    sch.unroll(mi)
+    sch.unroll(nm)
+    tail = sch.get_sblock("out") if out else sch.get_sblock("acc_local")
+    tl = sch.get_loops(tail)
+    sch.vectorize(tl[-1])
+
+
+def _has(sch: tvm.s_tir.Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:  # noqa: BLE001 - ScheduleError when absent
+        return False
+
+
+def build_dense(kind: str, m: int, kout: int, cin: int, *, group_size: int = 4, out_mode: OutMode = "acc",
+                target: str | dict = "llvm -mcpu=znver3", pick=None) -> tuple[object, list[str]]:
+    """A standalone tensorized dense kernel (for tests and ``scripts/bench_gemm.py``): returns the compiled
+    function and its argument order."""
+    data = te.placeholder((m, cin), "uint8", name="x")
+    scale = te.placeholder((kout,), "float32", name="out_scale")
+    bias = te.placeholder((kout,), "float32", name="out_bias")
+    if kind == "ternary":
+        lay = qmath.group_layout((kout, cin), group_size)
+        codes = te.placeholder((kout, -(-lay.row_len // 4)), "uint8", name="codes")
+        alpha = te.placeholder((kout, lay.groups_per_row), "int16", name="alpha_q")
+        out = ternary_dense_avx2(data, codes, alpha, scale, bias, weight_shape=(kout, cin), group_size=group_size,
+                                 out_mode=out_mode)
+        args = [data, codes, alpha, scale, bias]
+    elif kind == "pow2":
+        codes = te.placeholder((kout, -(-cin // 2)), "uint8", name="codes")
+        out = pow2_dense_avx2(data, codes, scale, bias, weight_shape=(kout, cin), out_mode=out_mode)
+        args = [data, codes, scale, bias]
+    else:
+        raise ValueError(f"kind must be 'ternary' or 'pow2', got {kind!r}")
+    func = te.create_prim_func([*args, out]).with_attr(KERNEL_ATTR, f"{kind}_dense_avx2")
+    sch = tvm.s_tir.Schedule(func)
+    schedule_dense_avx2(sch, pick)
+    tgt = tvm.target.Target(target)
+    return tvm.compile(sch.mod, target=tgt), [a.name for a in args]
+
+
+def reference_ternary(x: np.ndarray, codes: np.ndarray, alpha_q: np.ndarray, kout: int, cin: int,
+                      group_size: int) -> np.ndarray:
+    """The int64 accumulators by the numpy reference (qmath): w_int = alpha_q * t, then x @ w_int.T."""
+    lay = qmath.group_layout((kout, cin), group_size)
+    t = qmath.unpack_2bit(codes, lay.row_len).astype(np.int64)
+    w = (t.reshape(kout, lay.groups_per_row, lay.group_size) * alpha_q.astype(np.int64)[:, :, None])
+    return qmath.dense_int_np(x, w.reshape(kout, -1)[:, :cin])

@@ -1,0 +1,558 @@
+"""Autotuning with MetaSchedule: every task of a compiled model, an XGBoost cost model, and a standard
+MetaSchedule JSON database per target under ``schedules/<target>/`` that ``compile`` applies.
+
+* Tasks: the Relax module is lowered (``LowerTernary``), the low-bit kernels are kept whole (opaque), and
+  Relax's "zero" pipeline fuses the float ops; ``extract_tasks`` then gives one task per distinct PrimFunc.
+  The low-bit kernels get a kernel-specific design space (their default schedule with the register tile
+  sampled); the float ops get MetaSchedule's generic CPU space.
+* Database: the two standard files (``database_workload.json``, ``database_tuning_record.json``). Every
+  measured record is appended as it arrives, under an exclusive file lock, so an interrupted run loses
+  nothing, a rerun only tunes the trials still missing, and two runs on one database keep each other's
+  records. A corrupted or truncated line is detected on load: the valid records are kept, the files are
+  rewritten without the bad lines (originals saved beside them) and the user is told.
+* Workers: MetaSchedule's default builder imports every tensor intrinsic (the GPU ones take 1-2 minutes
+  to parse, in each worker), so the GPU intrinsic modules are stubbed and the build skips that import.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEDULES_DIR = Path(os.environ.get("TVM_LOWBIT_SCHEDULES", Path(__file__).resolve().parent.parent / "schedules"))
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+
+
+class TuneError(RuntimeError):
+    pass
+
+
+def stub_gpu_intrinsics() -> None:
+    """Replace the GPU tensor-intrinsic modules by empty ones before anything imports them (CPU tuning
+    never uses them, and parsing them takes 1-2 minutes on a loaded 2-core machine)."""
+    for name in ("cuda", "rocm", "hexagon", "metal"):
+        full = f"tvm.s_tir.tensor_intrin.{name}"
+        if full not in sys.modules:
+            sys.modules[full] = types.ModuleType(full)
+
+
+def fast_build(mod: Any, target: Any, _params: Any) -> Any:
+    """MetaSchedule's default build without its import of every tensor intrinsic (runs in the workers)."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+def _cross_export(cc: str) -> Any:
+    def export(rt_mod: Any) -> str:
+        import tvm
+
+        path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+        rt_mod.export_library(path, fcompile=tvm.support.cc.cross_compiler(cc))
+        return path
+
+    return export
+
+
+# --------------------------------------------------------------------------------------------
+# The database: standard JSON files, appended under a lock, checked on load
+# --------------------------------------------------------------------------------------------
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@dataclass
+class LoadReport:
+    directory: Path
+    workloads: int = 0
+    records: int = 0
+    bad_lines: list[str] = field(default_factory=list)  # "file:line: why"
+    backups: list[Path] = field(default_factory=list)
+
+    def text(self) -> str:
+        s = f"{self.directory}: {self.records} tuning records over {self.workloads} workloads"
+        if self.bad_lines:
+            shown = "; ".join(self.bad_lines[:5]) + (" ..." if len(self.bad_lines) > 5 else "")
+            s += (f"; {len(self.bad_lines)} corrupted line(s) dropped ({shown}); the valid records were kept and "
+                  f"the originals saved as {', '.join(p.name for p in self.backups)}")
+        return s
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    data = path.read_bytes().decode("utf-8", errors="replace")
+    return data.split("\n")  # a final element that is not "" is a line cut off without its newline
+
+
+def _parse_files(directory: Path, report: LoadReport) -> tuple[list[Any], list[tuple[int, Any]]]:
+    """Valid workloads and (workload index, record) pairs; bad lines go into ``report.bad_lines``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    workloads: list[Any] = []
+    valid: dict[int, int] = {}  # record files index workloads by their non-empty line number
+    n = -1
+    for i, line in enumerate(_read_lines(directory / WORKLOAD_FILE)):
+        if not line.strip():
+            continue
+        n += 1
+        try:
+            workloads.append(ms.database.Workload.from_json(json.loads(line)))
+            valid[n] = len(workloads) - 1
+        except Exception as e:  # noqa: BLE001 - any parse failure means a damaged line
+            report.bad_lines.append(f"{WORKLOAD_FILE}:{i + 1}: {type(e).__name__}")
+    records: list[tuple[int, Any]] = []
+    for i, line in enumerate(_read_lines(directory / RECORD_FILE)):
+        if not line.strip():
+            continue
+        try:
+            idx, rec_json = json.loads(line)
+            if int(idx) not in valid:
+                raise ValueError(f"workload {idx} is missing or damaged")
+            k = valid[int(idx)]
+            records.append((k, ms.database.TuningRecord.from_json(rec_json, workloads[k])))
+        except Exception as e:  # noqa: BLE001
+            report.bad_lines.append(f"{RECORD_FILE}:{i + 1}: {type(e).__name__}")
+    return workloads, records
+
+
+def _write_clean(directory: Path, workloads: list[Any], records: list[tuple[int, Any]], report: LoadReport) -> None:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in (WORKLOAD_FILE, RECORD_FILE):
+        src = directory / name
+        if src.is_file():
+            bak = directory / f"{name}.corrupt-{stamp}"
+            bak.write_bytes(src.read_bytes())
+            report.backups.append(bak)
+    for name, lines in ((WORKLOAD_FILE, [json.dumps(w.as_json()) for w in workloads]),
+                        (RECORD_FILE, [json.dumps([i, _record_json(r)]) for i, r in records])):
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+        os.replace(tmp, directory / name)
+
+
+def load_database(directory: str | os.PathLike[str], *, repair: bool = True) -> tuple[Any, LoadReport]:
+    """Read a MetaSchedule JSON database into a MemoryDatabase, checking every line. With ``repair``,
+    damaged files are rewritten without the bad lines (originals kept as ``*.corrupt-<time>``)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    d = Path(directory)
+    report = LoadReport(d)
+    mem = ms.database.MemoryDatabase()
+    if not (d / WORKLOAD_FILE).is_file():
+        return mem, report
+    with _locked(d):
+        workloads, records = _parse_files(d, report)
+        if report.bad_lines and repair:
+            _write_clean(d, workloads, records, report)
+    for w in workloads:
+        mem.commit_workload(w.mod)
+    for _, r in records:
+        mem.commit_tuning_record(r)
+    report.workloads, report.records = len(workloads), len(records)
+    return mem, report
+
+
+def _plain_json(obj: Any) -> Any:
+    """A TVM JSON object as plain Python, as MetaSchedule's own JSONDatabase writes it: its Python helper
+    (``TuningRecord.as_json``) rejects the IndexMap of a ``transform_layout`` step, which the C++ writer
+    stores as ``save_json`` text."""
+    import tvm
+    from tvm.ir import Array, Map
+    from tvm.tirx import FloatImm, IntImm
+    from tvm.tirx.function import IndexMap
+
+    if obj is None or isinstance(obj, (bool, int, float)):
+        return obj
+    if isinstance(obj, (IntImm, FloatImm)):
+        return obj.value
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, IndexMap):
+        return tvm.ir.save_json(obj)
+    if isinstance(obj, (Array, list, tuple)):
+        return [_plain_json(i) for i in obj]
+    if isinstance(obj, (Map, dict)):
+        return {_plain_json(k): _plain_json(v) for k, v in obj.items()}
+    raise TypeError(f"cannot write {type(obj).__name__} into a tuning record")
+
+
+def _record_json(record: Any) -> Any:
+    from tvm.s_tir.meta_schedule import _ffi_api
+
+    return _plain_json(_ffi_api.TuningRecordAsJSON(record))
+
+
+def _make_shared_database(directory: Path) -> Any:
+    """A Database that keeps records in memory and appends each one to the JSON files under the lock."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class SharedJSONDatabase(ms.database.PyDatabase):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mem, self.load_report = load_database(directory)
+            self._offset = 0  # bytes of the workload file already indexed
+            self._count = 0  # non-empty lines seen so far
+            self._index: dict[str, int] = {}
+
+        def _sync_index(self) -> None:
+            path = directory / WORKLOAD_FILE
+            if not path.is_file():
+                return
+            with open(path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+            end = data.rfind(b"\n") + 1  # index whole lines only
+            for line in data[:end].decode().split("\n"):
+                if line.strip():
+                    self._index.setdefault(line.strip(), self._count)
+                    self._count += 1
+            self._offset += end
+
+        def _append(self, name: str, line: str) -> None:
+            fd = os.open(directory / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (line + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        def has_workload(self, mod: Any) -> bool:
+            return self.mem.has_workload(mod)
+
+        def commit_workload(self, mod: Any) -> Any:
+            return self.mem.commit_workload(mod)
+
+        def commit_tuning_record(self, record: Any) -> None:
+            self.mem.commit_tuning_record(record)
+            wl_line = json.dumps(record.workload.as_json())
+            with _locked(directory):
+                self._sync_index()
+                if wl_line not in self._index:
+                    self._append(WORKLOAD_FILE, wl_line)
+                    self._sync_index()
+                self._append(RECORD_FILE, json.dumps([self._index[wl_line], _record_json(record)]))
+
+        def get_top_k(self, workload: Any, top_k: int) -> list[Any]:
+            return self.mem.get_top_k(workload, top_k)
+
+        def get_all_tuning_records(self) -> list[Any]:
+            return self.mem.get_all_tuning_records()
+
+        def query_tuning_record(self, mod: Any, target: Any, workload_name: str) -> Any:
+            return self.mem.query_tuning_record(mod, target, workload_name)
+
+        def query_schedule(self, mod: Any, target: Any, workload_name: str) -> Any:
+            return self.mem.query_schedule(mod, target, workload_name)
+
+        def query_ir_module(self, mod: Any, target: Any, workload_name: str) -> Any:
+            return self.mem.query_ir_module(mod, target, workload_name)
+
+        def __len__(self) -> int:
+            return len(self.mem)
+
+    return SharedJSONDatabase()
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks and design spaces
+# --------------------------------------------------------------------------------------------
+
+def prepare_module(mod: Any, target: Any) -> Any:
+    """The module tuning and tuned compilation share: low-bit kernels opaque and unscheduled, float ops
+    legalized and fused by Relax's "zero" pipeline (run once: it is not idempotent)."""
+    from tvm import relax, tirx
+
+    from tvm_lowbit.kernels import KERNEL_ATTR
+
+    for gv, f in list(mod.functions_items()):
+        if isinstance(f, tirx.PrimFunc) and KERNEL_ATTR in (f.attrs or {}):
+            mod[gv] = f.with_attr("op_pattern", 8)  # kOpaque: FuseOps leaves the kernel whole
+    with target:
+        return relax.get_pipeline("zero")(mod)
+
+
+def kernel_kind(mod: Any) -> str | None:
+    from tvm import tirx
+
+    from tvm_lowbit.kernels import KERNEL_ATTR
+
+    for _, f in mod.functions_items():
+        if isinstance(f, tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs:
+            return str(f.attrs[KERNEL_ATTR])
+    return None
+
+
+def kernel_space(kind: str, target: Any) -> Any:
+    """The kernel's default schedule with its register-tile factors sampled, plus an unroll knob."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_lowbit.kernels.ternary import schedule_kernel
+
+    def space(sch: Any) -> None:
+        def pick(cands: list[int]) -> Any:  # the default (first) candidate gets half the probability
+            rest = [0.5 / (len(cands) - 1)] * (len(cands) - 1) if len(cands) > 1 else []
+            return sch.sample_categorical(cands, [1.0 - sum(rest), *rest])
+
+        sch.work_on("main")
+        schedule_kernel(sch, kind, target, pick)
+        # how far to unroll the tile loops: a measured choice (the RewriteParallelVectorizeUnroll postproc
+        # turns this root annotation into unroll pragmas)
+        sch.annotate(sch.get_sblock("root"), "meta_schedule.unroll_explicit", pick([0, 16, 64, 512]))
+
+    return ms.space_generator.ScheduleFn(space, sch_rules=[], postprocs="from-target", mutator_probs={})
+
+
+@dataclass
+class Task:
+    name: str
+    mod: Any
+    weight: int
+    kind: str | None  # the tvm_lowbit kernel, or None for a float op
+
+
+def extract_tasks(prepared: Any, target: Any) -> list[Task]:
+    from tvm.s_tir import meta_schedule as ms
+
+    out = []
+    for t in ms.relax_integration.extract_tasks(prepared, target):
+        mod = t.dispatched[0]
+        out.append(Task(t.task_name, mod, int(t.weight), kernel_kind(mod)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tuning
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RPCBoards:
+    """Boards registered with a TVM RPC tracker under one key (``python -m tvm.exec.rpc_tracker``; each
+    board runs ``python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY``); ``n_parallel`` boards measure
+    at once."""
+
+    tracker_host: str
+    tracker_port: int
+    key: str
+    n_parallel: int = 1
+    timeout_sec: float = 120.0
+
+
+def _host_fill(session: Any, device: Any, args_info: Any, alloc_repeat: int) -> Any:
+    """Random inputs made on the host (the boards' runtime-only TVM lacks ``random_fill_for_measure``)."""
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+    rng = np.random.default_rng(0)
+
+    def fill(arg: Any) -> None:
+        shape = [int(x) for x in arg.shape]
+        arg.copyfrom(rng.integers(-8, 8, size=shape).astype(str(arg.dtype)))
+
+    return alloc_argument_common(fill, device, args_info, alloc_repeat)
+
+
+@dataclass
+class TuneReport:
+    directory: Path
+    tasks: list[Task]
+    trials_run: int
+    trials_skipped: int  # already in the database (resumed)
+    failed: int  # candidates that did not build or run
+    seconds: float
+    load: LoadReport
+    errors: list[str] = field(default_factory=list)  # the failed candidates' build/run errors
+
+    def text(self) -> str:
+        return (f"tuned {len(self.tasks)} tasks: {self.trials_run} trials run ({self.failed} failed to build or run), "
+                f"{self.trials_skipped} already in the database, {self.seconds:.0f} s -> {self.directory}")
+
+
+def _progress_callback(bar: Any, errors: list[str], measured: list[int]) -> Any:
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any, builder_results: Any,
+                  runner_results: Any) -> None:
+            for b, r in zip(builder_results, runner_results):
+                if b.error_msg is not None or r.error_msg is not None:
+                    errors.append(str(b.error_msg if b.error_msg is not None else r.error_msg))
+            measured[0] += len(measure_candidates)
+            bar.update(len(measure_candidates))
+            bar.set_postfix(failed=len(errors), refresh=False)
+
+    return Progress()
+
+
+def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = None, trials_per_task: int = 16,
+                work_dir: str | os.PathLike[str] | None = None, boards: RPCBoards | None = None,
+                num_trials_per_iter: int | None = None, progress: bool = True, seed: int | None = None,
+                only_kernels: bool = False, max_trials_global: int | None = None) -> TuneReport:
+    """Tune every task of an imported Relax module (``compiler.import_torch`` / ``load_saved``; ``infos`` is
+    its layer table) for ``target``. Records go to ``work_dir`` (default ``schedules/<target>/``), appended as
+    they are measured; a task that already has ``trials_per_task`` records is skipped (resume).
+    ``max_trials_global`` caps the trials of this run over all tasks (MetaSchedule shares them out)."""
+    stub_gpu_intrinsics()
+    from tqdm import tqdm
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_lowbit.compiler import _strip_single_tuple
+    from tvm_lowbit.passes import lower_ternary
+    from tvm_lowbit.targets import load_target
+
+    mod = _strip_single_tuple(lower_ternary(mod, infos)[0])  # the module compiler.build lowers
+
+    t0 = time.time()
+    spec = load_target(target)
+    tgt = spec.tvm_target()
+    directory = Path(work_dir) if work_dir is not None else SCHEDULES_DIR / spec.name
+    if not spec.is_host and boards is None:
+        raise TuneError(f"target {spec.name} runs on a board: pass boards=RPCBoards(tracker_host, tracker_port, key) "
+                        "(`tvm-lowbit tune --tracker HOST:PORT --key KEY`)")
+    prepared = prepare_module(mod, tgt)
+    tasks = [t for t in extract_tasks(prepared, tgt) if t.kind is not None or not only_kernels]
+    database = _make_shared_database(directory)
+    load = database.load_report
+    if load.bad_lines:
+        print(f"warning: {load.text()}", file=sys.stderr)
+
+    # resume: a task gets only the trials it still lacks
+    ctxs, weights, todo, skipped = [], [], [], 0
+    for t in tasks:
+        have = 0
+        if database.has_workload(t.mod):
+            have = len(database.get_top_k(database.commit_workload(t.mod), 10 ** 6))
+        skipped += min(have, trials_per_task)
+        if have >= trials_per_task:
+            continue
+        space = kernel_space(t.kind, tgt) if t.kind is not None else "post-order-apply"
+        ctxs.append(ms.TuneContext(mod=t.mod, target=tgt, space_generator=space,
+                                   search_strategy=ms.search_strategy.EvolutionarySearch(
+                                       population_size=64, init_min_unmeasured=16, genetic_num_iters=2),
+                                   task_name=t.name, rand_state=-1 if seed is None else seed, num_threads=1))
+        weights.append(float(t.weight))
+        todo.append(trials_per_task - have)
+
+    errors: list[str] = []
+    if ctxs:
+        if boards is None:
+            builder = ms.builder.LocalBuilder(f_build=fast_build, max_workers=1, timeout_sec=180)
+            runner = ms.runner.LocalRunner(timeout_sec=60, evaluator_config=ms.runner.EvaluatorConfig(
+                number=3, repeat=1, min_repeat_ms=10, enable_cpu_cache_flush=False))
+        else:
+            builder = ms.builder.LocalBuilder(f_build=fast_build, f_export=_cross_export(spec.compiler_path()),
+                                              max_workers=1, timeout_sec=180)
+            runner = ms.runner.RPCRunner(
+                rpc_config=ms.runner.RPCConfig(tracker_host=boards.tracker_host, tracker_port=boards.tracker_port,
+                                               tracker_key=boards.key, session_priority=1,
+                                               session_timeout_sec=int(boards.timeout_sec)),
+                evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=10),
+                f_alloc_argument=_host_fill, max_workers=boards.n_parallel)
+        total = sum(todo) if max_trials_global is None else min(sum(todo), max_trials_global)
+        # small batches spread a small budget over every task (round-robin gives each task one batch a round)
+        per_iter = num_trials_per_iter or max(2, min(8, total // len(ctxs)))
+        with tqdm(total=total, desc=f"tuning {spec.name}", unit="trial", disable=not progress) as bar:
+            measured = [0]
+            cb = _progress_callback(bar, errors, measured)
+            with tempfile.TemporaryDirectory(prefix="tvm-lowbit-tune-") as logs:
+                ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=logs, max_trials_global=total,
+                              max_trials_per_task=max(todo), num_trials_per_iter=per_iter,
+                              builder=builder, runner=runner, database=database,
+                              cost_model=ms.cost_model.XGBModel(
+                                  extractor=ms.feature_extractor.PerStoreFeature(), adaptive_training=True,
+                                  num_warmup_samples=8),
+                              measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), cb],
+                              task_scheduler="round-robin")
+            run = measured[0]
+    else:
+        run = 0
+    return TuneReport(directory, tasks, run, skipped, len(errors), time.time() - t0, load, errors)
+
+
+def tune(qmodel: Any, example_input: Any, target: str | Any = "x86-host", **kw: Any) -> TuneReport:
+    """Tune a model from ``tvm_lowbit.quantize`` for ``target`` (see :func:`tune_module` for the options)."""
+    import torch
+
+    from tvm_lowbit.compiler import import_torch, layer_infos
+
+    x = torch.as_tensor(np.asarray(example_input, dtype=np.float32))
+    return tune_module(import_torch(qmodel, x), target, infos=layer_infos(qmodel), **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Applying a database (compiler.build)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ApplyReport:
+    directory: Path
+    applied: list[str]
+    missing: list[str]  # PrimFuncs with no record: default kernel schedule / TVM's default
+    load: LoadReport
+
+    def text(self) -> str:
+        s = f"tuned schedules from {self.directory}: {len(self.applied)} workloads applied"
+        if self.missing:
+            s += f", {len(self.missing)} without a record (default schedule): {', '.join(self.missing)}"
+        return s
+
+
+_LOADED: dict[tuple, tuple[Any, LoadReport]] = {}
+
+
+def _cached_database(directory: Path) -> tuple[Any, LoadReport]:
+    """load_database once per process and file version (parsing every workload's IR takes seconds)."""
+    stats = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None
+                  for f in (directory / WORKLOAD_FILE, directory / RECORD_FILE))
+    key = (str(directory.resolve()), stats)
+    if key not in _LOADED:
+        db, load = load_database(directory)
+        if load.bad_lines:
+            print(f"warning: {load.text()}", file=sys.stderr)
+        _LOADED[key] = (db, load)
+    return _LOADED[key]
+
+
+def apply_database(mod: Any, target: Any, directory: str | os.PathLike[str]) -> tuple[Any, ApplyReport]:
+    """``prepare_module`` + the database's best schedule for each PrimFunc that has a record; returns the
+    module (kernels without a record still unscheduled) and which workloads had no record."""
+    from tvm import relax, tirx
+
+    stub_gpu_intrinsics()
+    db, load = _cached_database(Path(directory))
+    prepared = prepare_module(mod, target)
+    import tvm
+
+    with target, db, tvm.transform.PassContext(opt_level=3):
+        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
+    done, missing = [], []
+    for gv, f in applied.functions_items():
+        if isinstance(f, tirx.PrimFunc):
+            (done if f.attrs is not None and f.attrs.get("tirx.is_scheduled", False) else missing).append(gv.name_hint)
+    return applied, ApplyReport(Path(directory), sorted(done), sorted(missing), load)
