@@ -125,22 +125,28 @@ class Artifact:
         res = timer("main")
         return float(np.median(np.asarray(res.results)) * 1e3)
 
+    def _write_files(self, directory: Path) -> dict[str, Any]:
+        """Write the artifact's files (``model.so``) into ``directory``; returns the ``meta.json``
+        entries beyond the common ones (subclasses add their own files and entries)."""
+        cc = self.target.compiler_path()
+        lib = str(directory / "model.so")
+        if cc is None:
+            self.executable.export_library(lib)
+        else:
+            self.executable.export_library(lib, cc=cc)
+        return {}
+
     def export(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``model.so`` and ``meta.json`` into ``directory`` atomically (nothing is left on failure)."""
         out = Path(directory)
-        cc = self.target.compiler_path()
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent if out.parent.exists() else None))
         try:
-            lib = tmp / "model.so"
-            if cc is None:
-                self.executable.export_library(str(lib))
-            else:
-                self.executable.export_library(str(lib), cc=cc)
+            extra = self._write_files(tmp)
             meta = {"target": self.target.name, "target_dict": self.target.target_dict, "arch": self.target.arch,
                     "input_shape": list(self.input_shape), "input_dtype": self.input_dtype,
                     "num_outputs": self.num_outputs, "weight_bytes": self.weight_bytes,
                     "lowered": self.report.lowered, "fallback": self.report.fallback,
-                    "kernels": self.report.kernels}
+                    "kernels": self.report.kernels, **extra}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             if out.exists():
                 shutil.rmtree(out)

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,51 +225,31 @@ class VTAArtifact(Artifact):
         nothing); the host part is not included."""
         return sum(self.cycles().values()) / (self.partition.cfg.clock_mhz * 1e3)
 
-    def export(self, directory: str | os.PathLike[str]) -> Path:
+    def _write_files(self, directory: Path) -> dict[str, Any]:
         """``model.so`` (the host graph, calling the VTA layers by name), ``vta/<layer>.insn.bin`` and
-        ``vta/<layer>.dram.bin`` (instructions; DRAM image with weights and micro-ops) and ``meta.json``
-        (buffer layout, zero point, shifts, tiling and cycles of each VTA layer)."""
-        out = Path(directory)
-        cc = self.target.compiler_path()
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent if out.parent.exists() else None))
-        try:
-            lib = tmp / "model.so"
-            if cc is None:
-                self.executable.export_library(str(lib))
-            else:
-                self.executable.export_library(str(lib), cc=cc)
-            vdir = tmp / "vta"
-            vdir.mkdir()
-            layers = {}
-            for name, vl in self.partition.layers.items():
-                prog = vl.lowered.program
-                (vdir / f"{name}.insn.bin").write_bytes(prog.insn_bytes())
-                (vdir / f"{name}.dram.bin").write_bytes(prog.dram_image().tobytes())
-                layers[name] = {"function": self.functions[name], "insn_count": len(prog.insns),
-                                "dram_bytes": prog.dram_bytes,
-                                "buffers": {b.name: {"offset": b.offset, "nbytes": b.nbytes, "elem_bytes": b.elem_bytes}
-                                            for b in prog.buffers.values()},
-                                "input_shape": list(vl.input_shape), "zero_point": vl.math.zp,
-                                "shift": vl.math.requant.lane_shifts(vl.math.w8.shape[0]).tolist(),
-                                "clip": vl.math.requant.clip, "sigma": vl.math.sigma.tolist(),
-                                "tiling": vl.lowered.tiling.__dict__, "cycles": vl.cycles.total_cycles,
-                                # weight chain: run the layer programs in this file's order
-                                "weights_prefetched_by_previous": bool(vl.lowered.info.get("weights_preloaded")),
-                                "prefetches_next_weights": bool(vl.lowered.info.get("prefetches_next"))}
-            meta = {"target": self.target.name, "kind": "vta", "vta": self.target.vta, "arch": self.target.arch,
-                    "target_dict": self.target.target_dict, "input_shape": list(self.input_shape),
-                    "input_dtype": self.input_dtype, "num_outputs": self.num_outputs,
-                    "weight_bytes": self.weight_bytes, "lowered": self.report.lowered,
-                    "fallback": [list(h) for h in self.report.fallback], "kernels": self.report.kernels,
-                    "layers": layers}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        except Exception:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out
+        ``vta/<layer>.dram.bin`` (instructions; DRAM image with weights and micro-ops); the ``meta.json``
+        entries give the buffer layout, zero point, shifts, tiling and cycles of each VTA layer.
+        ``export`` (inherited) writes them atomically."""
+        extra = super()._write_files(directory)
+        vdir = directory / "vta"
+        vdir.mkdir()
+        layers = {}
+        for name, vl in self.partition.layers.items():
+            prog = vl.lowered.program
+            (vdir / f"{name}.insn.bin").write_bytes(prog.insn_bytes())
+            (vdir / f"{name}.dram.bin").write_bytes(prog.dram_image().tobytes())
+            layers[name] = {"function": self.functions[name], "insn_count": len(prog.insns),
+                            "dram_bytes": prog.dram_bytes,
+                            "buffers": {b.name: {"offset": b.offset, "nbytes": b.nbytes, "elem_bytes": b.elem_bytes}
+                                        for b in prog.buffers.values()},
+                            "input_shape": list(vl.input_shape), "zero_point": vl.math.zp,
+                            "shift": vl.math.requant.lane_shifts(vl.math.w8.shape[0]).tolist(),
+                            "clip": vl.math.requant.clip, "sigma": vl.math.sigma.tolist(),
+                            "tiling": vl.lowered.tiling.__dict__, "cycles": vl.cycles.total_cycles,
+                            # weight chain: run the layer programs in this file's order
+                            "weights_prefetched_by_previous": bool(vl.lowered.info.get("weights_preloaded")),
+                            "prefetches_next_weights": bool(vl.lowered.info.get("prefetches_next"))}
+        return {**extra, "kind": "vta", "vta": self.target.vta, "layers": layers}
 
 
 def compile_vta(qmodel: nn.Module, example: np.ndarray | torch.Tensor, target: str | TargetSpec = "vta-sim", *,
