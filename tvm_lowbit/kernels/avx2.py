@@ -27,8 +27,7 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 
 from tvm_lowbit import qmath
-from tvm_lowbit.kernels.ternary import (KERNEL_ATTR, OutMode, _check_mode, _epilogue, _tile, dense_dims,
-                                        kernel_attrs)
+from tvm_lowbit.kernels.ternary import KERNEL_ATTR, OutMode, _check_mode, _tile, dense_dims, dense_with_epilogue
 
 AVX2_DOT_8x4_INTRIN = "tvm_lowbit_dot_8x4_u8i8s32_avx2"
 MAX_WEIGHT = 64  # |B| bound for exact vpmaddubsw pair sums with uint8 activations
@@ -89,21 +88,12 @@ def _dense_avx2(kind: str, data: te.Tensor, w8: te.Tensor, scale2: te.Tensor, ko
     """acc[..., n] = sum_c x[..., c] * w8[n//8, c//4, n%8, c%4] * scale2[n//8, c//4, n%8, c%2] (exact int32)."""
     if str(data.dtype) != "uint8":
         raise ValueError(f"the AVX2 kernels take unsigned 8-bit activation codes, got {data.dtype}")
-    lead = list(data.shape[:-1])
-    rc = te.reduce_axis((0, cin), name="rc")
-    acc = te.compute(
-        (*lead, kout),
-        lambda *idx: te.sum(
-            data[(*idx[:-1], rc)].astype("int32") * w8[idx[-1] // 8, rc // 4, idx[-1] % 8, rc % 4].astype("int32")
-            * scale2[idx[-1] // 8, rc // 4, idx[-1] % 8, rc % 2].astype("int32"), axis=rc),
-        name="acc", attrs=kernel_attrs(kind) if out_mode == "acc" else None)
-    if out_mode == "acc":
-        return acc
-    return te.compute(
-        (*lead, kout),
-        lambda *idx: _epilogue(acc[idx], out_scale[idx[-1]], out_bias[idx[-1]], relu, out_mode,
-                               requant_scale, out_bits, out_signed),
-        name="out", attrs=kernel_attrs(kind))
+    def term(x: tirx.PrimExpr, n: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
+        # the intrinsic's description multiplies in this order: x * w8 * scale
+        return x * w8[n // 8, c // 4, n % 8, c % 4].astype("int32") * scale2[n // 8, c // 4, n % 8, c % 2].astype("int32")
+
+    return dense_with_epilogue(kind, data, kout, cin, term, out_scale, out_bias, relu, out_mode, requant_scale,
+                               out_bits, out_signed)
 
 
 def _check_tiles(kout: int, cin: int) -> None:
