@@ -90,7 +90,8 @@ def _dense_avx2(kind: str, data: te.Tensor, w8: te.Tensor, scale2: te.Tensor, ko
         raise ValueError(f"the AVX2 kernels take unsigned 8-bit activation codes, got {data.dtype}")
     def term(x: tirx.PrimExpr, n: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
         # the intrinsic's description multiplies in this order: x * w8 * scale
-        return x * w8[n // 8, c // 4, n % 8, c % 4].astype("int32") * scale2[n // 8, c // 4, n % 8, c % 2].astype("int32")
+        w = w8[n // 8, c // 4, n % 8, c % 4].astype("int32")
+        return x * w * scale2[n // 8, c // 4, n % 8, c % 2].astype("int32")
 
     return dense_with_epilogue(kind, data, kout, cin, term, out_scale, out_bias, relu, out_mode, requant_scale,
                                out_bits, out_signed)
