@@ -197,6 +197,13 @@ def quantize_alpha(alpha: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, to
     return alpha_q, w_scale
 
 
+def dequantize(w_int: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """float32(w_scale[k] * w_int), the product taken in float64 and rounded once, with
+    ``w_scale`` per output channel (dim 0)."""
+    w = w_int.to(torch.float64) * w_scale.to(torch.float64).reshape(-1, *[1] * (w_int.dim() - 1))
+    return w.to(torch.float32)
+
+
 @dataclass
 class TernaryWeight:
     """A weight in FGQ form.  ``w_int`` has the original weight shape; ``t``/``alpha_q`` are grouped."""
@@ -220,9 +227,7 @@ class TernaryWeight:
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight the quantized model uses: w_scale[k] * w_int."""
-        w = self.w_int.to(torch.float64) * self.w_scale.to(torch.float64).reshape(
-            -1, *[1] * (len(self.layout.shape) - 1))
-        return w.to(torch.float32)
+        return dequantize(self.w_int, self.w_scale)
 
     def packed_codes(self) -> np.ndarray:
         """uint8 [K, ceil(L / 4)]: the 2-bit codes of the grouped layout, four per byte."""
@@ -576,8 +581,8 @@ class Pow2Weight:
         return pack_pow2(self.codes(), self.code_bits)
 
     def dequantized(self) -> torch.Tensor:
-        w = self.w_int.to(torch.float64) * self.w_scale.to(torch.float64).reshape(-1, *[1] * (self.w_int.dim() - 1))
-        return w.to(torch.float32)
+        """The float32 weight the quantized model uses: w_scale[k] * w_int."""
+        return dequantize(self.w_int, self.w_scale)
 
     def storage_bytes(self) -> int:
         return int(self.packed_codes().size) + 4 * int(self.w_int.shape[0])
@@ -671,9 +676,8 @@ class IntWeight:
         return from_grouped(g, self.layout)
 
     def dequantized(self) -> torch.Tensor:
-        w = self.w_int.to(torch.float64) * self.w_scale.to(torch.float64).reshape(
-            -1, *[1] * (len(self.layout.shape) - 1))
-        return w.to(torch.float32)
+        """The float32 weight the quantized model uses: w_scale[k] * w_int."""
+        return dequantize(self.w_int, self.w_scale)
 
     def packed_codes(self) -> np.ndarray:
         """int8 [K, L] (int8) or uint8 [K, ceil(L / 2)] (int4): the codes of the grouped layout."""
