@@ -97,6 +97,7 @@ def test_partition_and_simulator_match_reference(builtin_q: nn.Module) -> None:
     # above); run out of order, such a layer is refused instead of computing with stale weights
     chained = [n for n, l in part.layers.items() if l.lowered.info.get("weights_preloaded")]
     assert chained
+    assert any(l.lowered.info.get("uops_preloaded") for l in part.layers.values())  # micro-ops prefetched too
     vl = part.layers[chained[0]]
     with pytest.raises(RuntimeError, match="expects its weights in weight SRAM"):
         vl.run(np.zeros(vl.input_shape, np.int64), "sim", seed=12345)   # a simulator nothing ran on

@@ -351,3 +351,57 @@ def test_weight_prefetch_chain_is_exact_in_order_and_refused_out_of_order() -> N
         run_layer(lb, qb)                                   # a fresh simulator: nobody prefetched them
     with pytest.raises(Exception, match="overwrite this layer's"):
         lower_conv(a, wa, Requant(10), CFG, chain=WeightChain(0, False, pack_weight_blocks(wb, b), 10))
+
+
+def test_micro_op_prefetch_chain_is_exact_in_order_and_refused_out_of_order() -> None:
+    from tvm_lowbit.vta.lower import WeightChain
+
+    rng = np.random.default_rng(12)
+    a = ConvSpec(1, 16, 8, 8, 32, 3, 3, (1, 1), (1, 1))
+    b = ConvSpec(1, 32, 8, 8, 32, 3, 3, (2, 2), (1, 1))
+    wa, wb = rng.integers(-127, 128, (32, 16, 3, 3)), rng.integers(-127, 128, (32, 32, 3, 3))
+    qa, qb = rng.integers(-128, 128, (1, 16, 8, 8)), rng.integers(-128, 128, (1, 32, 8, 8))
+    half = CFG.uop_depth // 2
+    plain_b = lower_conv(b, wb, Requant(11), CFG)
+    lb = lower_conv(b, wb, Requant(11), CFG, chain=WeightChain(uop_base=half, uops_preloaded=True))
+    image = lb.program.notes["uop_image"][1]
+    la = lower_conv(a, wa, Requant(10), CFG, chain=WeightChain(next_uops=image, next_uop_base=half))
+    # b loads no micro-ops and saves their load; a loads b's after its own last ALU op
+    assert not any(isinstance(i, isa.Mem) and i.mem == isa.MEM_UOP and i.x_size for i in lb.program.insns)
+    assert "uop" not in lb.program.constants
+    assert estimate(lb.program).total_cycles < estimate(plain_b.program).total_cycles
+    uop_loads = [k for k, i in enumerate(la.program.insns) if isinstance(i, isa.Mem) and i.mem == isa.MEM_UOP and i.x_size]
+    last_alu = max(k for k, i in enumerate(la.program.insns) if isinstance(i, isa.Alu))
+    assert uop_loads[-1] > last_alu and la.program.insns[uop_loads[-1]].sram_base == half
+    sim = Simulator(CFG, seed=5)
+    np.testing.assert_array_equal(run_layer(la, qa, sim=sim), conv_reference(qa, wa, a, Requant(10)))
+    np.testing.assert_array_equal(run_layer(lb, qb, sim=sim), conv_reference(qb, wb, b, Requant(11)))
+    with pytest.raises(VTASimError, match=r"expects its micro-op kernels in uop SRAM entries .*in order"):
+        run_layer(lb, qb)                                   # a fresh simulator: nobody prefetched them
+    with pytest.raises(Exception, match="would overwrite this layer's"):
+        lower_conv(a, wa, Requant(10), CFG, chain=WeightChain(next_uops=image, next_uop_base=5))
+
+
+def test_one_row_bands_use_a_column_kernel_and_stay_exact() -> None:
+    from tvm_lowbit.vta.lower import _band_gemm, band_rows
+
+    # two output blocks x one row would write an accumulator row every 2 micro-ops (hazard); a kernel
+    # of two columns keeps them 4 apart, so the last band can be one row (a short tail)
+    spec = ConvSpec(1, 16, 12, 12, 32, 3, 3, (1, 1), (1, 1))
+    uops, loop = _band_gemm(spec, 0, 0, 0, 14 * 14, 2, 1, 1, spec.oh, 1, 14, 1)
+    assert loop[:4] == (1, 6, 12, 2) and len(uops) == 9 * 2 * 2
+    t = Tiling(12, 12, 2, 1, "resident", 1)
+    assert band_rows(spec.oh, t.th, t.taper, 1)[-1] == 1
+    rng = np.random.default_rng(13)
+    w, q = rng.integers(-127, 128, (32, 16, 3, 3)), rng.integers(-128, 128, (1, 16, 12, 12))
+    lp = lower_conv(spec, w, Requant(10), CFG, t)
+    assert lp.info["bands"][-1] == 1
+    np.testing.assert_array_equal(run_layer(lp, q, seed=4), conv_reference(q, w, spec, Requant(10)))
+    odd = ConvSpec(1, 16, 7, 7, 32, 3, 3, (1, 1), (1, 1))   # width 7: the kernel holds the whole row
+    q = q[:, :, :7, :7]
+    lp = lower_conv(odd, w, Requant(10), CFG, Tiling(7, 7, 2, 1, "resident", 1))
+    assert lp.info["bands"][-1] == 1
+    np.testing.assert_array_equal(run_layer(lp, q, seed=4), conv_reference(q, w, odd, Requant(10)))
+    narrow = ConvSpec(1, 16, 6, 2, 16, 3, 3, (1, 1), (1, 1))  # one block, width 2: no column group
+    lp = lower_conv(narrow, w[:16], Requant(10), CFG, Tiling(6, 2, 1, 1, "resident", 1))
+    assert min(lp.info["bands"]) >= 3

@@ -248,7 +248,9 @@ class VTAArtifact(Artifact):
                             "tiling": vl.lowered.tiling.__dict__, "cycles": vl.cycles.total_cycles,
                             # weight chain: run the layer programs in this file's order
                             "weights_prefetched_by_previous": bool(vl.lowered.info.get("weights_preloaded")),
-                            "prefetches_next_weights": bool(vl.lowered.info.get("prefetches_next"))}
+                            "uops_prefetched_by_previous": bool(vl.lowered.info.get("uops_preloaded")),
+                            "prefetches_next_weights": bool(vl.lowered.info.get("prefetches_next")),
+                            "prefetches_next_uops": bool(vl.lowered.info.get("prefetches_next_uops"))}
         return {**extra, "kind": "vta", "vta": self.target.vta, "layers": layers}
 
 

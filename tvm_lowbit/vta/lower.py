@@ -194,22 +194,34 @@ class WeightChain:
     previous program already loaded them there (the whole array, DRAM order), so this one loads none;
     ``next_blocks``: the next layer's weight blocks, which this program loads to ``next_base`` with its
     load module after its own loads, while compute finishes -- the FINISH handshake waits for it.
-    Only the whole-layer-on-chip schedules take part."""
+
+    The micro-op kernels chain the same way: ``uop_base`` is where this program's kernel image lives in
+    uop SRAM, ``uops_preloaded`` says the previous program loaded it there, and ``next_uops`` (the next
+    program's image, ``Program.notes["uop_image"]``) is loaded to ``next_uop_base`` by this program's
+    compute module after its last ALU op, while the store module drains the last band -- time the
+    compute module would otherwise sit idle.  Only the whole-layer-on-chip schedules take part."""
 
     base: int = 0
     preloaded: bool = False
     next_blocks: np.ndarray | None = field(default=None, compare=False, hash=False)
     next_base: int = 0
+    uop_base: int = 0
+    uops_preloaded: bool = False
+    next_uops: np.ndarray | None = field(default=None, compare=False, hash=False)
+    next_uop_base: int = 0
 
     @property
     def key(self) -> tuple:
-        return (self.base, self.preloaded, None if self.next_blocks is None else len(self.next_blocks), self.next_base)
+        return (self.base, self.preloaded, None if self.next_blocks is None else len(self.next_blocks), self.next_base,
+                self.uop_base, self.uops_preloaded, None if self.next_uops is None else len(self.next_uops),
+                self.next_uop_base)
 
     @property
     def active(self) -> bool:
-        return self.key != (0, False, None, 0)
+        return self.key != NO_CHAIN_KEY
 
 
+NO_CHAIN_KEY = (0, False, None, 0, 0, False, None, 0)
 NO_CHAIN = WeightChain()
 
 
@@ -436,7 +448,8 @@ def lower_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant, cfg: VTAConfig,
     if tiling is None:
         from tvm_lowbit.vta.cycles import estimate
 
-        if chain.active and plain in _RANKED:  # a chained variant: try the best tilings without the chain
+        if chain.active and plain in _RANKED and not chain.uops_preloaded:  # try the best tilings without the chain
+            # (with its micro-ops preloaded, tilings with many kernels cost this program nothing more: try all)
             cands = _RANKED[plain]
         else:
             cands = tile_candidates(spec, cfg, requant)
@@ -464,6 +477,8 @@ def lower_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant, cfg: VTAConfig,
         try:
             return _emit_conv(spec, w8, requant, cfg, tiling, name, preload_uops=True, chain=chain)
         except ProgramError:  # the kernels do not all fit the uop buffer: load them on demand
+            if chain.uops_preloaded or chain.next_uops is not None or chain.uop_base:
+                raise
             return _emit_conv(spec, w8, requant, cfg, tiling, name, preload_uops=False, chain=chain)
     except (ProgramError, isa.ISAError) as e:
         raise LoweringError(f"{name}: {e}") from e
@@ -484,7 +499,7 @@ def _chain_fits(spec: ConvSpec, t: Tiling, cfg: VTAConfig, chain: WeightChain) -
 
 def _emit_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant, cfg: VTAConfig, t: Tiling,
                name: str, preload_uops: bool, chain: WeightChain = NO_CHAIN) -> LayerProgram:
-    b = ProgramBuilder(cfg, preload_uops)
+    b = ProgramBuilder(cfg, preload_uops, chain.uop_base, chain.uops_preloaded)
     blocks = pack_weight_blocks(w8, spec)
     wbuf = b.constant("wgt", encode_weights(blocks, cfg), cfg.wgt_elem_bytes)
     ibuf = b.alloc("inp", spec.n * spec.cib * spec.hd * spec.wd * 16, cfg.inp_elem_bytes)
@@ -522,12 +537,23 @@ def _emit_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant, cfg: VTAConfig,
             n = len(chain.next_blocks)
             b.emit(isa.Mem(isa.OP_LOAD, isa.MEM_WGT, chain.next_base, nb.base, 1, n, n))
             notes["prefetches_wgt"] = (chain.next_base, n)
+        if chain.next_uops is not None:
+            own = (chain.uop_base, chain.uop_base + len(b.uops.image))
+            nxt = (chain.next_uop_base, chain.next_uop_base + len(chain.next_uops))
+            if nxt[1] > cfg.uop_depth or (nxt[0] < own[1] and own[0] < nxt[1]):
+                raise ProgramError(f"the next layer's micro-ops {nxt} would overwrite this layer's {own} "
+                                   f"or leave the {cfg.uop_depth}-entry uop buffer")
+            ub = b.constant("uop_next", np.asarray(chain.next_uops, "<u4"), 4)
+            b.emit(isa.Mem(isa.OP_LOAD, isa.MEM_UOP, chain.next_uop_base, ub.base, 1, len(chain.next_uops),
+                           len(chain.next_uops)))
+            notes["prefetches_uop"] = nxt
         if chain.preloaded:  # what the simulator checks the weight SRAM holds before it runs the program
             notes["preloaded_wgt"] = (chain.base, blocks.astype(np.int8))
         prog = b.finish(notes)
         info = {"gemm_uops": spec.gemm_uops(), "weights_resident": True, "weight_bytes": len(prog.constants["wgt"]),
                 "bands": band_rows(spec.oh, t.th, t.taper, _least_band(spec, t)),
-                "weights_preloaded": chain.preloaded, "prefetches_next": chain.next_blocks is not None}
+                "weights_preloaded": chain.preloaded, "prefetches_next": chain.next_blocks is not None,
+                "uops_preloaded": chain.uops_preloaded, "prefetches_next_uops": chain.next_uops is not None}
         return LayerProgram(spec, t, requant, prog, True, info)
     if t.order == "input":
         _emit_input_stationary(b, spec, t, blocks.shape[0], wbuf.base, ibuf.base, obuf.base, slots, acc_half,
@@ -663,9 +689,19 @@ def _emit_input_stationary(b: ProgramBuilder, spec: ConvSpec, t: Tiling, nblocks
                 stile += 1
 
 
+def _column_group(spec: ConvSpec, tco: int) -> int | None:
+    """Output columns a one-row band's micro-op kernel holds so an accumulator row recurs only every
+    ``HAZARD_DISTANCE`` micro-ops (the smallest divisor of the width that does it), or None."""
+    need = -(-HAZARD_DISTANCE // tco)
+    return next((c for c in range(need, spec.ow + 1) if spec.ow % c == 0), None)
+
+
 def _least_band(spec: ConvSpec, t: Tiling) -> int:
-    """Fewest rows in a band: with several taps an accumulator row recurs every tco * rows micro-ops."""
-    return -(-HAZARD_DISTANCE // t.tco) if spec.kh * spec.kw > 1 else 1
+    """Fewest rows in a band: with several taps an accumulator row recurs every tco * rows micro-ops,
+    unless a kernel of several columns keeps one-row bands apart (:func:`_column_group`)."""
+    if spec.kh * spec.kw == 1 or _column_group(spec, t.tco) is not None:
+        return 1
+    return -(-HAZARD_DISTANCE // t.tco)
 
 
 def _check_hazard(uops: list[tuple[int, int, int]], iters: tuple[int, int], dst_f: tuple[int, int]) -> None:
@@ -687,10 +723,19 @@ def _band_gemm(spec: ConvSpec, acc0: int, inp0: int, w0: int, plane: int, tco: i
     holds ``r`` rows instead of all ``th``: fewer micro-ops to load.  Raises ProgramError on a hazard."""
     taps = spec.kh * spec.kw
     need = 1 if taps * tci == 1 else -(-HAZARD_DISTANCE // tco)
-    r = next((d for d in range(need, th + 1) if th % d == 0), th)
     hw = oh * spec.ow
+    wstep = wco or tci * taps
+    c = _column_group(spec, tco) if th < need else None
+    if c is not None:  # too few rows: the kernel holds c columns of each row, the inner loop walks column groups
+        uops = [(acc0 + co * hw + x, inp0 + ci * plane + kh * ws + x * sw + kw, w0 + co * wstep + ci * taps + kh * spec.kw + kw)
+                for ci in range(tci) for kh in range(spec.kh) for kw in range(spec.kw) for co in range(tco)
+                for x in range(c)]
+        loop = (th, spec.ow // c, spec.ow, c, src_row * ws, c * sw, 0, 0)
+        _check_hazard(uops, loop[:2], loop[2:4])
+        return uops, loop
+    r = next((d for d in range(need, th + 1) if th % d == 0), th)
     uops = [(acc0 + co * hw + y * spec.ow, inp0 + ci * plane + (y * src_row + kh) * ws + kw,
-             w0 + co * (wco or tci * taps) + ci * taps + kh * spec.kw + kw)
+             w0 + co * wstep + ci * taps + kh * spec.kw + kw)
             for ci in range(tci) for kh in range(spec.kh) for kw in range(spec.kw) for co in range(tco) for y in range(r)]
     loop = (th // r, spec.ow, r * spec.ow, 1, r * src_row * ws, sw, 0, 0)
     _check_hazard(uops, loop[:2], loop[2:4])

@@ -28,7 +28,7 @@ from tvm_lowbit import qmath
 from tvm_lowbit.quantizers.layers import QConv2d, QLinear, QuantLayer, quant_layers
 from tvm_lowbit.vta.config import VTAConfig
 from tvm_lowbit.vta.cycles import CycleReport, estimate
-from tvm_lowbit.vta.lower import (HAZARD_DISTANCE, LayerProgram, LoweringError, WeightChain, lower_conv,
+from tvm_lowbit.vta.lower import (HAZARD_DISTANCE, NO_CHAIN, LayerProgram, LoweringError, WeightChain, lower_conv,
                                   pack_weight_blocks, run_layer)
 from tvm_lowbit.vta.quant import NotVTAExact, VTALayerMath, plan_layer
 
@@ -105,9 +105,10 @@ class Partition:
                  + ", ".join(f"{sum(1 for l in self.layers.values() if (l.math.requant.clip is None) == (m == 'shift only'))} {m}"
                              for m in ("clip", "shift only"))]
         chained = sum(1 for l in self.layers.values() if l.lowered.info.get("weights_preloaded"))
-        if chained:
-            lines.append(f"weight prefetch: {chained} layer(s) find their weights loaded by the previous layer's "
-                         "program (run the programs in this order)")
+        uops = sum(1 for l in self.layers.values() if l.lowered.info.get("uops_preloaded"))
+        if chained or uops:
+            lines.append(f"prefetch: {chained} layer(s) find their weights and {uops} their micro-ops loaded by the "
+                         "previous layer's program (run the programs in this order)")
         lines += [f"host: {name}: {why}" for name, why in self.host]
         return "\n".join(lines)
 
@@ -268,44 +269,67 @@ def plan(qmodel: nn.Module, example: np.ndarray, cfg: VTAConfig, *, calib: np.nd
         part.layers[name] = best
     part.layers = {n: part.layers[n] for n in shapes if n in part.layers}
     if chain_weights:
-        _chain_weights(part)
+        _chain_weights(part, target_utilization)
     return part
 
 
-def _chain_weights(part: Partition) -> None:
-    """Cross-layer weight prefetch, greedily along the execution order: layer i's program also loads
-    layer i+1's weights (into the other half of the weight SRAM, while its own compute finishes) when
-    the two programs then take fewer cycles together; layer i+1's program then loads none.  Every
-    weight byte still crosses the bus once per inference, in some program's cycles.  The programs must
-    then run in this order (the simulator checks it)."""
+def _chain_weights(part: Partition, target_utilization: float = 0.7) -> None:
+    """Cross-layer prefetch, greedily along the execution order: layer i's program also loads layer
+    i+1's weights (into the other half of the weight SRAM, with its load module, while its own compute
+    finishes) and/or layer i+1's micro-op kernels (into the other half of the uop SRAM, with its compute
+    module after its last ALU op, while the last band drains); layer i+1's program then loads none of
+    them.  Of the variants, the one with the fewest of the two layers below ``target_utilization``, then
+    the fewest cycles together, is kept if it beats no prefetch.  Every byte still crosses the bus once
+    per inference, in some program's cycles.  The programs must then run in this order (the simulator
+    checks it)."""
     names = list(part.layers)
-    half = part.cfg.wgt_depth // 2
+    half, uhalf = part.cfg.wgt_depth // 2, part.cfg.uop_depth // 2
     blocks = {n: pack_weight_blocks(l.math.w8, l.lowered.spec) for n, l in part.layers.items()}
-    pre = False
+    pre = NO_CHAIN     # how the previous program left this layer's weights and micro-ops
     chained = False
+
+    def relower(layer: VTALayer, chain: WeightChain, keep_tiling: bool = False) -> VTALayer:
+        lp = lower_conv(layer.lowered.spec, layer.math.w8, layer.math.requant, part.cfg,
+                        tiling=layer.lowered.tiling if keep_tiling else None, name=layer.name, chain=chain)
+        return VTALayer(layer.math, lp, layer.input_shape, estimate(lp.program))
+
+    def score(*layers: VTALayer) -> tuple[int, int]:
+        return (sum(l.gemm_bound_cycles < target_utilization * l.cycles.total_cycles for l in layers),
+                sum(l.cycles.total_cycles for l in layers))
+
     for i, name in enumerate(names):
         cur = part.layers[name]
-        base = (i % 2) * half
-
-        def relower(layer: VTALayer, chain: WeightChain) -> VTALayer:
-            lp = lower_conv(layer.lowered.spec, layer.math.w8, layer.math.requant, part.cfg, name=layer.name,
-                            chain=chain)
-            return VTALayer(layer.math, lp, layer.input_shape, estimate(lp.program))
-
-        preloaded = pre            # the previous program prefetched this layer's weights; ``cur`` is lowered so
-        nxt = part.layers[names[i + 1]] if i + 1 < len(names) else None
-        pre = False
-        if nxt is not None and len(blocks[name]) <= half and len(blocks[nxt.name]) <= half:
+        own, pre = pre, NO_CHAIN
+        if i + 1 == len(names):
+            continue
+        nxt = part.layers[names[i + 1]]
+        wb = own.base if own.preloaded else 0
+        ub = own.uop_base if own.uops_preloaded else 0
+        nwb, nub = (half if wb == 0 else 0), (uhalf if ub == 0 else 0)
+        best = (score(cur, nxt), None, None, NO_CHAIN)
+        for with_w, with_u in ((True, False), (False, True), (True, True)):
+            if with_w and (len(blocks[name]) > half or len(blocks[nxt.name]) > half):
+                continue
+            b_chain = WeightChain(nwb if with_w else 0, with_w, uop_base=nub if with_u else 0, uops_preloaded=with_u)
             try:
-                a = relower(cur, WeightChain(base, preloaded, blocks[nxt.name], half - base))
-                b = relower(nxt, WeightChain(half - base, True))
-            except LoweringError:  # no whole-layer-on-chip schedule for one of them
-                a = b = None
-            if a is not None and (a.cycles.total_cycles + b.cycles.total_cycles
-                                  < cur.cycles.total_cycles + nxt.cycles.total_cycles):
-                cur, pre, chained = a, True, True
-                part.layers[nxt.name] = b
-        part.layers[name] = cur
+                b = relower(nxt, b_chain)
+                image = b.lowered.program.notes["uop_image"][1] if with_u else None
+                a_chain = WeightChain(wb, own.preloaded, blocks[nxt.name] if with_w else None, nwb if with_w else 0,
+                                      ub, own.uops_preloaded, image, nub if with_u else 0)
+                a = relower(cur, a_chain, keep_tiling=own.uops_preloaded)
+            except LoweringError:  # no whole-layer-on-chip schedule for one of them, or no room
+                continue
+            if score(a, b) < best[0]:
+                best = (score(a, b), a, b, b_chain)
+        _, a, b, chain = best
+        if a is None:
+            continue
+        if own.uops_preloaded:  # the image the previous program loaded must be this program's
+            want = cur.lowered.program.notes["uop_image"][1]
+            if not np.array_equal(a.lowered.program.notes["uop_image"][1], want):
+                raise LoweringError(f"{name}: relowering changed the micro-op image its predecessor prefetched")
+        part.layers[name], part.layers[nxt.name], pre = a, b, chain
+        chained = True
     if chained:
         shared: dict = {}
         for layer in part.layers.values():

@@ -120,9 +120,12 @@ class ProgramBuilder:
     first tiles); raises :class:`ProgramError` when they do not all fit, and the caller can retry with
     on-demand loading (a ring cache, one LOAD UOP per kernel that is not resident)."""
 
-    def __init__(self, cfg: VTAConfig, preload_uops: bool = False) -> None:
+    def __init__(self, cfg: VTAConfig, preload_uops: bool = False, uop_base: int = 0,
+                 uops_resident: bool = False) -> None:
         self.cfg = cfg
-        self.preload_uops = preload_uops
+        self.preload_uops = preload_uops or uops_resident
+        self.uop_base = uop_base            # preloaded kernels live in uop SRAM from here on
+        self.uops_resident = uops_resident  # ... and the previous program already loaded them there
         self.preloaded: dict[tuple, int] = {}
         self.insns: list[isa.Insn] = []
         self.buffers: dict[str, Buffer] = {}
@@ -209,9 +212,10 @@ class ProgramBuilder:
         key = (enc.tobytes(), len(encoded))
         if self.preload_uops:
             if key not in self.preloaded:
-                if len(self.uops.image) + len(encoded) > self.cfg.uop_depth:
-                    raise ProgramError(f"the micro-op kernels exceed the {self.cfg.uop_depth}-entry uop buffer")
-                self.preloaded[key] = len(self.uops.image)
+                if self.uop_base + len(self.uops.image) + len(encoded) > self.cfg.uop_depth:
+                    raise ProgramError(f"the micro-op kernels exceed the {self.cfg.uop_depth}-entry uop buffer"
+                                       + (f" above entry {self.uop_base}" if self.uop_base else ""))
+                self.preloaded[key] = self.uop_base + len(self.uops.image)
                 self.uops.image.extend(encoded)
             start = self.preloaded[key]
             return start, start + len(encoded)
@@ -225,15 +229,21 @@ class ProgramBuilder:
 
     # ---- the end ------------------------------------------------------------------------------
     def finish(self, notes: dict[str, object] | None = None) -> Program:
+        notes = dict(notes or {})
+        if self.preload_uops:  # the kernels, as one image; a uop chain (lower.WeightChain) prefetches it
+            notes["uop_image"] = (self.uop_base, np.asarray(self.uops.image, dtype="<u4"))
+        if self.uops_resident:  # the previous program left the image in uop SRAM: no constant, no load
+            notes["preloaded_uop"] = notes["uop_image"]
         # the micro-op image becomes a DRAM constant; LOAD UOP bases are relocated onto it
-        if self.uops.image:
+        elif self.uops.image:
             ub = self.constant("uop", np.asarray(self.uops.image, dtype="<u4"), 4)
-            self.insns = [isa.Mem(i.opcode, i.mem, i.sram_base, i.dram_base + ub.base, i.y_size, i.x_size,
-                                  i.x_stride, deps=i.deps)
-                          if isinstance(i, isa.Mem) and i.mem == isa.MEM_UOP and i.x_size else i for i in self.insns]
-            if self.preload_uops:  # one load of the whole image, first in the compute module's queue
+            if not self.preload_uops:  # (a preloading program's only LOAD UOPs are a chain's, already placed)
+                self.insns = [isa.Mem(i.opcode, i.mem, i.sram_base, i.dram_base + ub.base, i.y_size, i.x_size,
+                                      i.x_stride, deps=i.deps)
+                              if isinstance(i, isa.Mem) and i.mem == isa.MEM_UOP and i.x_size else i for i in self.insns]
+            else:  # one load of the whole image, first in the compute module's queue
                 n = len(self.uops.image)
-                self.insns.insert(0, isa.Mem(isa.OP_LOAD, isa.MEM_UOP, 0, ub.base, 1, n, n))
+                self.insns.insert(0, isa.Mem(isa.OP_LOAD, isa.MEM_UOP, self.uop_base, ub.base, 1, n, n))
         # drain: consume every token still queued, by the consumer, in a token-only NOP
         for (src, dst) in QUEUES:
             while self.outstanding(src, dst) > 0:
@@ -251,5 +261,4 @@ class ProgramBuilder:
             if self.pushed[q] != self.popped[q]:
                 raise ProgramError(f"token queue {q} ({src} -> {dst}) does not balance: "
                                    f"{self.pushed[q]} pushes, {self.popped[q]} pops")
-        return Program(self.cfg, self.insns, dict(self.buffers), dict(self.constants), self.dram_top,
-                       dict(notes or {}))
+        return Program(self.cfg, self.insns, dict(self.buffers), dict(self.constants), self.dram_top, notes)

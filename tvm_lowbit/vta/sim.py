@@ -142,6 +142,7 @@ class Simulator:
         self.out = np.zeros((cfg.acc_depth, b, blk), np.int8)
         self.out_valid = np.zeros(cfg.acc_depth, bool)
         self.uop = np.zeros((cfg.uop_depth, 3), np.int64)  # decoded dst, src, wgt
+        self.uop_raw = np.zeros(cfg.uop_depth, np.uint32)  # as loaded (a uop chain's check compares these)
         self.stats = SimStats()
 
     # ---- driver -------------------------------------------------------------------------------
@@ -157,6 +158,14 @@ class Simulator:
                                   f"blocks {base}..{base + len(blocks) - 1}, prefetched by the previous layer's "
                                   "program, and they are not there: run the chained layer programs in order on "
                                   "one simulator (or lower the layer without a weight chain)")
+        pre = program.notes.get("preloaded_uop")
+        if pre is not None:  # a uop chain: the previous layer's program must have loaded these micro-ops
+            base, image = pre
+            if not np.array_equal(self.uop_raw[base:base + len(image)], image):
+                raise VTASimError(f"program {program.notes.get('layer', '')!r} expects its micro-op kernels in uop "
+                                  f"SRAM entries {base}..{base + len(image) - 1}, prefetched by the previous layer's "
+                                  "program, and they are not there: run the chained layer programs in order on "
+                                  "one simulator (or lower the layer without a chain)")
         insns = program.insns
         queues: dict[str, list[int]] = {m: [] for m in isa.MODULES}
         legal = {"load": ("pop_next", "push_next"), "store": ("pop_prev", "push_prev")}
@@ -302,6 +311,7 @@ class Simulator:
             src = (raw >> lay[0][1]) & masks[1]
             wgt = (raw >> (lay[0][1] + lay[1][1])) & masks[2]
             self.uop[insn.sram_base:insn.sram_base + insn.x_size] = np.stack([dst, src, wgt], 1).astype(np.int64)
+            self.uop_raw[insn.sram_base:insn.sram_base + insn.x_size] = raw
             self.stats.uop_load_nbytes += 4 * insn.x_size
             return
         if insn.mem == isa.MEM_ACC_8BIT:
