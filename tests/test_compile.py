@@ -191,6 +191,8 @@ def test_retrained_models_compile_bit_exact(scheme: str, tmp_path) -> None:
     assert art.report.lowered and not art.report.fallback
     if scheme == "pact":  # the exported PACT clip and the next layer's quantizer fold into one requant
         assert art.report.requant_folded >= 1 and art.report.requant_fused, art.report
+        # 4-bit DoReFa codes (odd, up to +-15) are stored as packed int8, not as ternary groups of one
+        assert set(art.report.kernels.values()) == {"int8"}, art.report.kernels
     # the same pipeline builds for the board (aarch64, linked with the cross g++)
     board = tvm_lowbit.compile(q, calib[:1], "rasp4b")
     assert board.report.kernels == art.report.kernels

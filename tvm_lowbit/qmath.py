@@ -765,6 +765,13 @@ def decompose_int(w_int: np.ndarray, bits: int, group_size: int) -> IntWeight | 
     return IntWeight(lay, torch.from_numpy(codes).to(torch.int8), torch.from_numpy(scale), ones, bits)
 
 
+def decompose_k_bit(w_int: np.ndarray) -> "IntWeight | TernaryWeight | None":
+    """A weight of plain k-bit integers (format ``int``: PACT/DoReFa codes) in the narrowest packed form
+    that holds it exactly: int4, then int8 (one scale per output channel), else ternary groups of one,
+    each weight with its own 8-bit alpha (values up to +-255); None beyond that."""
+    return decompose_int(w_int, 4, 0) or decompose_int(w_int, 8, 0) or decompose_w_int(w_int, 1)
+
+
 def weight_storage_bytes(tw: object, numel: int) -> int:
     """Bytes a layer's weight takes in the compiled model: codes + scale codes + per-channel float32
     scales for the integer formats, 4 bytes a weight for a float layer (``tw`` None)."""

@@ -291,9 +291,10 @@ class _Analysis:
                                                    + ("" if info else " (nor power-of-two)")))
                 return None
         elif fmt == "int":
-            # k-bit integer weights (PACT/DoReFa): exact as ternary groups of one, each weight carrying its
-            # own integer alpha (2 + 8 bits a weight); a packed int4/int8 kernel would store them smaller
-            tw = qmath.decompose_w_int(w, 1)
+            # k-bit integer weights (PACT/DoReFa): the narrowest packed integer kernel that holds them
+            # exactly (int4 or int8, one scale per output channel), else ternary groups of one, each
+            # weight carrying its own integer alpha (2 + 8 bits a weight; values up to +-255)
+            tw = qmath.decompose_k_bit(w)
             if tw is None:
                 self.report.fallback.append((name, f"its integer weight {tuple(w.shape)} has values beyond "
                                                    "+-255, which the integer kernels do not take"))

@@ -109,7 +109,7 @@ def compiled_weight(module: nn.Module) -> WeightObject | None:
     if fmt in ("int4", "int8"):
         return qmath.decompose_int(w, int(fmt[3:]), n)
     if fmt == "int":
-        return qmath.decompose_w_int(w, 1)
+        return qmath.decompose_k_bit(w)
     return qmath.decompose_w_int(w, n) if n > 0 else None
 
 
