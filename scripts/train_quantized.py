@@ -28,6 +28,7 @@ epoch of ResNet-20 takes 2-8 minutes here depending on the load.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -61,6 +62,8 @@ def runs(epochs: int) -> dict[str, tuple[str, str, object, int, float, str]]:
     r["sq-twn"] = ("sq-twn", "r50-75-87.5-100", SQ(inner="twn", schedule=SQ_STAGES, **every), epochs, 0.02,
                    "cosine-run")
     # one stage: "cosine" is the same single cosine as SQ's cosine-run, over the same number of steps
+    r["sq-twn-code"] = ("sq-twn", "r50-75-87.5-100-code", SQ(inner="twn", schedule=SQ_STAGES, rule="code", **every),
+                        epochs, 0.02, "cosine-run")  # the reference code's selection rule (papers.md 2.3)
     r["twn"] = ("twn", "r100", SQ(inner="twn", schedule=(1.0,), **every), 4 * epochs, 0.02, "cosine")
     r["sq-bwn"] = ("sq-bwn", "r50-75-87.5-100", SQ(inner="bwn", schedule=SQ_STAGES), epochs, 0.02, "cosine")
     r["bwn"] = ("bwn", "r100", SQ(inner="bwn", schedule=(1.0,)), 4 * epochs, 0.02, "cosine")  # same epochs in total
@@ -75,6 +78,9 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=2048)
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--seeds", default="0",
+                    help="comma-separated seeds (torch init/data order and SQ's selection); seed 0 saves NAME.pt, "
+                         "seed N saves NAME-seedN.pt")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     table = runs(args.epochs)
@@ -88,23 +94,26 @@ def main() -> None:
     xte, yte = data.load("test")
     calib = data.calibration_set(args.calib)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in names:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for name, seed in ((n, s) for n in names for s in seeds):
         scheme, config, cfg, epochs, lr, schedule = table[name]
-        torch.manual_seed(0)
+        if isinstance(cfg, SQ):
+            cfg = dataclasses.replace(cfg, seed=seed)
+        torch.manual_seed(seed)
         model = load_pretrained()
         t0 = time.time()
-        print(f"== {name}: {cfg} , {epochs} epochs per stage, lr {lr} ({schedule})", flush=True)
+        print(f"== {name} seed {seed}: {cfg} , {epochs} epochs per stage, lr {lr} ({schedule})", flush=True)
         summary = train(model, cfg, (xtr, ytr), (xte[:2000], yte[:2000]), epochs_per_stage=epochs, lr=lr,
-                        lr_schedule=schedule, subset=args.subset, device=args.device,
+                        lr_schedule=schedule, subset=args.subset, device=args.device, seed=seed,
                         augment=flip_crop(pad_value=-data.MEAN / data.STD))
         hook = summary["hook"]
         model.cpu()
         qmodel = hook.export(calib)
-        path = args.out / f"{name}.pt"
+        path = args.out / (f"{name}.pt" if seed == 0 else f"{name}-seed{seed}.pt")
         tmp = path.with_suffix(".tmp")
         torch.save({"qmodel": qmodel, "scheme": scheme, "config": config, "quantizer": repr(cfg),
                     "epochs_per_stage": epochs, "lr": lr, "lr_schedule": schedule,
-                    "subset": args.subset, "device": str(summary.get("device", args.device)),
+                    "subset": args.subset, "seed": seed, "device": str(summary.get("device", args.device)),
                     "seconds": time.time() - t0, "stage_accuracy": summary.get("history")}, tmp)
         tmp.replace(path)
         print(f"   saved {path} ({path.stat().st_size / 1e6:.2f} MB) in {time.time() - t0:.0f} s; "
