@@ -16,11 +16,14 @@ Runs (``--runs NAME,...``; see ``runs()``):
   pact-w4a4, pact-w2a2    PACT, 4 stages' worth of epochs in one stage
   sq-twn, twn             SQ-TWN vs TWN as the paper runs them: every conv and linear quantized,
                           one cosine over SQ's four stages (cosine-run)
+  sq-twn-code             sq-twn with the reference code's selection rule (SQ(rule="code"))
   sq-bwn, bwn             SQ-BWN vs BWN: first conv and classifier float, cosine restarted per stage
 
 The committed checkpoints were made with (each records its epochs, subset and device):
     python scripts/train_quantized.py --runs inq-b5,inq-b4,inq-b2,pact-w4a4,pact-w2a2,sq-bwn,bwn --epochs 2   # H100
     python scripts/train_quantized.py --runs inq-b3,sq-twn,twn --epochs 1 --subset 30000 --threads 1    # 2-core CPU
+Seeds: ``--seeds 1,2`` repeats a run with other seeds (NAME-seedN.pt); the README's multi-seed SQ table
+used ``--runs sq-twn,twn,sq-twn-code --seeds 1,2 --epochs 1 --subset 30000 --threads 1``.
 On a loaded 2-core CPU one thread per run is much faster than two (OpenMP spin-waits); a 30,000-image
 epoch of ResNet-20 takes 2-8 minutes here depending on the load.
 """
