@@ -150,22 +150,18 @@ class Simulator:
         if program.cfg != self.cfg:
             raise VTASimError(f"program built for {program.cfg.name}, simulator configured for {self.cfg.name}")
         self.dram = dram
-        pre = program.notes.get("preloaded_wgt")
-        if pre is not None:  # a weight chain: the previous layer's program must have left these blocks
-            base, blocks = pre
-            if not np.array_equal(self.wgt[base:base + len(blocks)], blocks):
-                raise VTASimError(f"program {program.notes.get('layer', '')!r} expects its weights in weight SRAM "
-                                  f"blocks {base}..{base + len(blocks) - 1}, prefetched by the previous layer's "
-                                  "program, and they are not there: run the chained layer programs in order on "
-                                  "one simulator (or lower the layer without a weight chain)")
-        pre = program.notes.get("preloaded_uop")
-        if pre is not None:  # a uop chain: the previous layer's program must have loaded these micro-ops
-            base, image = pre
-            if not np.array_equal(self.uop_raw[base:base + len(image)], image):
-                raise VTASimError(f"program {program.notes.get('layer', '')!r} expects its micro-op kernels in uop "
-                                  f"SRAM entries {base}..{base + len(image) - 1}, prefetched by the previous layer's "
-                                  "program, and they are not there: run the chained layer programs in order on "
-                                  "one simulator (or lower the layer without a chain)")
+        # a chain: the previous layer's program must have left these weight blocks / micro-ops on chip
+        for key, sram, what in (("preloaded_wgt", self.wgt, "weights in weight SRAM blocks"),
+                                ("preloaded_uop", self.uop_raw, "micro-op kernels in uop SRAM entries")):
+            pre = program.notes.get(key)
+            if pre is None:
+                continue
+            base, data = pre
+            if not np.array_equal(sram[base:base + len(data)], data):
+                raise VTASimError(f"program {program.notes.get('layer', '')!r} expects its {what} "
+                                  f"{base}..{base + len(data) - 1}, prefetched by the previous layer's program, and "
+                                  "they are not there: run the chained layer programs in order on one simulator "
+                                  "(or lower the layer without a chain)")
         insns = program.insns
         queues: dict[str, list[int]] = {m: [] for m in isa.MODULES}
         legal = {"load": ("pop_next", "push_next"), "store": ("pop_prev", "push_prev")}
