@@ -73,6 +73,16 @@ def runs(epochs: int) -> dict[str, tuple[str, str, object, int, float, str]]:
     return r
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be >= 0")
+    return seeds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="all")
@@ -81,7 +91,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=2048)
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--seeds", default="0",
+    ap.add_argument("--seeds", type=_seeds, default=[0],
                     help="comma-separated seeds (torch init/data order and SQ's selection); seed 0 saves NAME.pt, "
                          "seed N saves NAME-seedN.pt")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -97,8 +107,7 @@ def main() -> None:
     xte, yte = data.load("test")
     calib = data.calibration_set(args.calib)
     args.out.mkdir(parents=True, exist_ok=True)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    for name, seed in ((n, s) for n in names for s in seeds):
+    for name, seed in ((n, s) for n in names for s in args.seeds):
         scheme, config, cfg, epochs, lr, schedule = table[name]
         if isinstance(cfg, SQ):
             cfg = dataclasses.replace(cfg, seed=seed)
