@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 import tvm
 from tvm import te
 
@@ -85,3 +86,77 @@ def test_bad_inputs_are_explained() -> None:
     with pytest.raises(ValueError, match="4-bit codes"):
         avx2.pow2_dense_avx2(te.placeholder((4, 32), "uint8"), te.placeholder((8, 32), "uint8"), s, s,
                              weight_shape=(8, 32), code_bits=8)
+
+
+def _build_conv(kind: str, shape: tuple[int, int, int, int], weight_shape: tuple[int, int, int, int], stride: int,
+                pad: int, gs: int = 4, out_mode: str = "acc"):
+    k, c, r, s = weight_shape
+    x = te.placeholder(shape, "uint8", name="x")
+    scale, bias = te.placeholder((k,), "float32", name="s"), te.placeholder((k,), "float32", name="b")
+    if kind == "ternary":
+        lay = qmath.group_layout(weight_shape, gs)
+        codes = te.placeholder((k, -(-lay.row_len // 4)), "uint8", name="codes")
+        alpha = te.placeholder((k, lay.groups_per_row), "uint8", name="alpha_q")
+        out = avx2.ternary_conv2d_avx2(x, codes, alpha, scale, bias, weight_shape=weight_shape, strides=stride,
+                                       padding=pad, group_size=gs, out_mode=out_mode)
+        args = [x, codes, alpha, scale, bias, out]
+    else:
+        codes = te.placeholder((k, -(-r * s * c // 2)), "uint8", name="codes")
+        out = avx2.pow2_conv2d_avx2(x, codes, scale, bias, weight_shape=weight_shape, strides=stride, padding=pad,
+                                    out_mode=out_mode)
+        args = [x, codes, scale, bias, out]
+    sch = tvm.s_tir.Schedule(te.create_prim_func(args))
+    avx2.schedule_conv2d_avx2(sch)
+    return tvm.compile(sch.mod, target=tvm.target.Target(AVX2_ONLY))
+
+
+@pytest.mark.parametrize("shape,weight_shape,stride,pad,gs", [
+    ((1, 16, 9, 9), (16, 16, 3, 3), 1, 1, 4),
+    ((2, 8, 7, 7), (24, 8, 3, 3), 2, 1, 8),
+    ((1, 32, 6, 6), (8, 32, 1, 1), 2, 0, 16),
+    ((1, 12, 5, 5), (8, 12, 3, 3), 1, 1, 8),   # 12 channels in groups of 8: a padded segment per tap
+])
+def test_ternary_conv_avx2_bit_exact(shape, weight_shape, stride: int, pad: int, gs: int) -> None:
+    rng = np.random.default_rng(sum(shape) + gs)
+    lay = qmath.group_layout(weight_shape, gs)
+    k = weight_shape[0]
+    t = rng.integers(-1, 2, (k, lay.groups_per_row, lay.group_size)) * qmath.group_mask(lay).numpy()
+    alpha = rng.integers(0, 256, (k, lay.groups_per_row)).astype(np.uint8)
+    w_int = qmath.from_grouped(torch.from_numpy(t * alpha[:, :, None].astype(np.int64)), lay).numpy()
+    x = rng.integers(0, 256, shape).astype(np.uint8)
+    ref = qmath.conv2d_int_np(x, w_int, (stride, stride), (pad, pad), (1, 1), 1)
+    f = _build_conv("ternary", shape, weight_shape, stride, pad, gs)
+    acc = _run(f, x, qmath.pack_2bit(t.reshape(k, -1)), alpha, np.ones(k, np.float32), np.zeros(k, np.float32),
+               out_shape=ref.shape)
+    np.testing.assert_array_equal(acc.astype(np.int64), ref)
+
+
+def test_pow2_conv_avx2_bit_exact_with_requant_epilogue() -> None:
+    shape, weight_shape = (1, 8, 8, 8), (16, 8, 3, 3)
+    rng = np.random.default_rng(3)
+    e = rng.integers(0, 7, weight_shape)
+    w = np.where(rng.random(weight_shape) < 0.2, 0, (1 << e) * rng.choice([-1, 1], weight_shape)).astype(np.int64)
+    x = rng.integers(0, 256, shape).astype(np.uint8)
+    ref = qmath.conv2d_int_np(x, w, (1, 1), (1, 1), (1, 1), 1)
+    packed = qmath.pack_pow2(qmath.pow2_codes(qmath.pow2_flat(w), 4), 4)
+    f = _build_conv("pow2", shape, weight_shape, 1, 1)
+    acc = _run(f, x, packed, np.ones(16, np.float32), np.zeros(16, np.float32), out_shape=ref.shape)
+    np.testing.assert_array_equal(acc.astype(np.int64), ref)
+
+
+def test_bad_conv_inputs_are_explained() -> None:
+    s = te.placeholder((8,), "float32")
+    codes = te.placeholder((8, 9), "uint8")
+    alpha = te.placeholder((8, 9), "uint8")
+    with pytest.raises(ValueError, match=r"K=8, C=6.*C % 4 == 0.*use kernels.ternary_conv2d"):
+        avx2.ternary_conv2d_avx2(te.placeholder((1, 6, 4, 4), "uint8"), te.placeholder((8, 14), "uint8"), alpha, s, s,
+                                 weight_shape=(8, 6, 3, 3), group_size=4)
+    with pytest.raises(ValueError, match="groups=2"):
+        avx2.ternary_conv2d_avx2(te.placeholder((1, 8, 4, 4), "uint8"), codes, alpha, s, s, weight_shape=(8, 4, 3, 3),
+                                 groups=2, group_size=4)
+    with pytest.raises(ValueError, match="group.* of 2 along"):
+        avx2.ternary_conv2d_avx2(te.placeholder((1, 8, 4, 4), "uint8"), te.placeholder((8, 18), "uint8"),
+                                 te.placeholder((8, 36), "uint8"), s, s, weight_shape=(8, 8, 3, 3), group_size=2)
+    with pytest.raises(ValueError, match="8-bit codes"):
+        avx2.pow2_conv2d_avx2(te.placeholder((1, 8, 4, 4), "uint8"), te.placeholder((8, 72), "uint8"), s, s,
+                              weight_shape=(8, 8, 3, 3), code_bits=8)

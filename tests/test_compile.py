@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 
 import numpy as np
@@ -12,9 +13,10 @@ from torch import nn
 import tvm_lowbit
 from tvm_lowbit import FGQ, data, qmath, quantize
 from tvm_lowbit.compiler import CompileError, load_artifact
+from tvm_lowbit.kernels.avx2 import has_avx2
 from tvm_lowbit.models import load_pretrained
 from tvm_lowbit.quantizers.layers import QConv2d, quant_layers
-from tvm_lowbit.targets import TargetError
+from tvm_lowbit.targets import TargetError, load_target
 
 
 def reference_accumulators(qmodel: nn.Module, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -38,7 +40,7 @@ def reference_accumulators(qmodel: nn.Module, x: np.ndarray) -> dict[str, np.nda
     return accs
 
 
-def check_bit_exact(qmodel: nn.Module, x: np.ndarray, target: str = "x86") -> tvm_lowbit.compiler.Artifact:
+def check_bit_exact(qmodel: nn.Module, x: np.ndarray, target: object = "x86") -> tvm_lowbit.compiler.Artifact:
     art = tvm_lowbit.compile(qmodel, x, target, expose_acc=True)
     assert not art.report.fallback, art.report.text()
     outs = art.run_all(x)
@@ -60,6 +62,17 @@ def test_builtin_model_accumulators_bit_exact(builtin_q: nn.Module) -> None:
     x, _ = data.load("test", limit=2)
     art = check_bit_exact(builtin_q, x)
     assert len(art.report.lowered) == len(quant_layers(builtin_q)) == 20
+    if has_avx2(art.target.tvm_target()):  # every ternary layer of ResNet-20 fits the AVX2 dot-product kernels
+        assert art.report.avx2 == art.report.lowered
+
+
+def test_builtin_model_bit_exact_without_avx2(builtin_q: nn.Module) -> None:
+    # an x86 CPU without AVX2 gets the generic integer kernels, with the same accumulators
+    host = load_target("x86-host")
+    spec = dataclasses.replace(host, target_dict={**host.target_dict, "mcpu": "x86-64"})
+    x, _ = data.load("test", limit=2, offset=3)
+    art = check_bit_exact(builtin_q, x, spec)
+    assert art.report.avx2 == [] and len(art.report.lowered) == 20
 
 
 def test_builtin_model_n64_bit_exact() -> None:

@@ -214,7 +214,7 @@ def build(mod: Any, target: str | TargetSpec, infos: dict[str, LayerInfo] | None
                            "tvm_lowbit.compile(qmodel, x, target) (a .pt2 or ONNX model cannot be planned for VTA yet)")
     t0 = time.time()
     tgt = spec.tvm_target()
-    mod, report = lower_ternary(mod, infos, expose_acc=expose_acc)
+    mod, report = lower_ternary(mod, infos, expose_acc=expose_acc, target=tgt)
     if not expose_acc:
         mod = _strip_single_tuple(mod)
     weight_bytes = _constants_bytes(mod["main"])

@@ -426,11 +426,10 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
     from tvm_lowbit.passes import lower_ternary
     from tvm_lowbit.targets import load_target
 
-    mod = _strip_single_tuple(lower_ternary(mod, infos)[0])  # the module compiler.build lowers
-
     t0 = time.time()
     spec = load_target(target)
     tgt = spec.tvm_target()
+    mod = _strip_single_tuple(lower_ternary(mod, infos, target=tgt)[0])  # the module compiler.build lowers
     directory = Path(work_dir) if work_dir is not None else SCHEDULES_DIR / spec.name
     if not spec.is_host and boards is None:
         raise TuneError(f"target {spec.name} runs on a board: pass boards=RPCBoards(tracker_host, tracker_port, key) "

@@ -21,13 +21,16 @@ reused by every activation row) and multiply in 8 x 4 tiles; they accept unsigne
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import tvm
 from tvm import te, tirx
 from tvm.script import tirx as T
 
 from tvm_lowbit import qmath
-from tvm_lowbit.kernels.ternary import KERNEL_ATTR, OutMode, _check_mode, _tile, dense_dims, dense_with_epilogue
+from tvm_lowbit.kernels.ternary import (KERNEL_ATTR, OutMode, _check_mode, _epilogue, _pair, _tile, conv_dims, dense_dims,
+                                        dense_with_epilogue, kernel_attrs)
 
 AVX2_DOT_8x4_INTRIN = "tvm_lowbit_dot_8x4_u8i8s32_avx2"
 MAX_WEIGHT = 64  # |B| bound for exact vpmaddubsw pair sums with uint8 activations
@@ -145,17 +148,133 @@ def pow2_dense_avx2(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out
     if tuple(int(v) for v in codes.shape) != (kout, -(-cin // 2)):
         raise ValueError(f"codes shape {tuple(codes.shape)} != ({kout}, {-(-cin // 2)})")
 
-    def w(nb, cb, i, q):
-        j = cb * 4 + q
-        c = (codes[nb * 8 + i, j // 2].astype("int32") >> ((j % 2) * 4).astype("int32")) & 15
-        idx = c & 7
-        mag = tirx.if_then_else(idx == 0, 0, tirx.shift_left(tirx.const(1, "int32"), tirx.max(idx - 1, 0)))
-        return tirx.if_then_else(c >= 8, 0 - mag, mag).astype("int8")
-
-    w8 = te.compute((kout // 8, cin // 4, 8, 4), w, name="w_int")
+    w8 = te.compute((kout // 8, cin // 4, 8, 4), lambda nb, cb, i, q: _pow2_int8(codes, nb * 8 + i, cb * 4 + q),
+                    name="w_int")
     one = te.compute((kout // 8, cin // 4, 8, 2), lambda *_: tirx.const(1, "int16"), name="w_scale")
     return _dense_avx2("pow2_dense_avx2", data, w8, one, kout, cin, out_scale, out_bias, relu, out_mode,
                        requant_scale, out_bits, out_signed)
+
+
+def _conv_avx2(kind: str, data: te.Tensor, w8: te.Tensor, scale2: te.Tensor, weight_shape: tuple[int, int, int, int],
+               strides: int | Sequence[int], padding: int | Sequence[int], out_scale: te.Tensor,
+               out_bias: te.Tensor, relu: bool, out_mode: str, requant_scale: float | None, out_bits: int,
+               out_signed: bool) -> te.Tensor:
+    """NCHW conv in the intrinsic's layout: the input codes are copied once into a zero-padded NHWC
+    stage ``x_nhwc`` (four input channels contiguous), ``acc[b, i, j, k]`` sums over (r, s, c) with
+    ``w8[k//8, r*S+s, c//4, k%8, c%4]`` and ``scale2[k//8, r*S+s, c//4, k%8, c%2]`` (exact int32), and
+    ``out`` writes NCHW: the epilogue, or the accumulators themselves for ``out_mode="acc"``."""
+    if str(data.dtype) != "uint8":
+        raise ValueError(f"the AVX2 kernels take unsigned 8-bit activation codes, got {data.dtype}")
+    kout, cin, kh, kw = weight_shape
+    batch, _, height, width = (int(v) for v in data.shape)
+    (sh, sw), (ph, pw) = _pair(strides), _pair(padding)
+    oh, ow = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+    x = te.compute(
+        (batch, height + 2 * ph, width + 2 * pw, cin),
+        lambda b, h, w, c: tirx.if_then_else(
+            tirx.all(h >= ph, h < ph + height, w >= pw, w < pw + width),
+            data[b, c, h - ph, w - pw], tirx.const(0, "uint8")),
+        name="x_nhwc")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    rc = te.reduce_axis((0, cin), name="rc")
+
+    def term(b, i, j, k):  # the intrinsic's description multiplies in this order: x * w8 * scale
+        tap = ry * kw + rx
+        return (x[b, i * sh + ry, j * sw + rx, rc].astype("int32") * w8[k // 8, tap, rc // 4, k % 8, rc % 4]
+                .astype("int32") * scale2[k // 8, tap, rc // 4, k % 8, rc % 2].astype("int32"))
+
+    acc = te.compute((batch, oh, ow, kout), lambda b, i, j, k: te.sum(term(b, i, j, k), axis=[ry, rx, rc]),
+                     name="acc")
+    if out_mode == "acc":
+        return te.compute((batch, kout, oh, ow), lambda b, k, i, j: acc[b, i, j, k], name="out",
+                          attrs=kernel_attrs(kind))
+    return te.compute(
+        (batch, kout, oh, ow),
+        lambda b, k, i, j: _epilogue(acc[b, i, j, k], out_scale[k], out_bias[k], relu, out_mode, requant_scale,
+                                     out_bits, out_signed),
+        name="out", attrs=kernel_attrs(kind))
+
+
+def conv_unsupported(weight_shape: Sequence[int], strides: int | Sequence[int], dilation: int | Sequence[int],
+                     groups: int, act_dtype: str) -> str | None:
+    """Why the AVX2 conv kernels cannot run this layer (None: they can); the format checks come on top."""
+    kout, cg = int(weight_shape[0]), int(weight_shape[1])
+    if str(act_dtype) != "uint8":
+        return f"activation codes are {act_dtype}, the AVX2 kernels take uint8"
+    if groups != 1:
+        return f"groups={groups}"
+    if _pair(dilation) != (1, 1):
+        return f"dilation {_pair(dilation)}"
+    if kout % 8 or cg % 4:
+        return f"K={kout}, C={cg}: need K % 8 == 0 and C % 4 == 0"
+    return None
+
+
+def ternary_conv2d_avx2(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, out_scale: te.Tensor,
+                        out_bias: te.Tensor, *, weight_shape: Sequence[int], strides: int | Sequence[int] = 1,
+                        padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
+                        group_size: int, relu: bool = False, out_mode: OutMode = "float",
+                        requant_scale: float | None = None, out_bits: int = 8, out_signed: bool = False
+                        ) -> te.Tensor:
+    """``kernels.ternary_conv2d`` (same inputs, same result) on the AVX2 intrinsic: groups=1, dilation 1,
+    K % 8 == 0, C % 4 == 0 and ``group_size % 4 == 0`` along the channels of each tap."""
+    _check_mode(out_mode, requant_scale)
+    kout, cg, kh, kw = conv_dims(data, weight_shape, groups)
+    why = conv_unsupported(weight_shape, strides, dilation, groups, str(data.dtype))
+    lay = qmath.group_layout((kout, cg, kh, kw), group_size)
+    if why is None and (lay.along != "in" or lay.group_size % 4):
+        why = f"groups of {lay.group_size} along the {lay.along!r} axis: need groups along input channels, size % 4 == 0"
+    if why is not None:
+        raise ValueError(f"the AVX2 ternary conv cannot run this layer ({why}); use kernels.ternary_conv2d")
+    if tuple(int(v) for v in codes.shape) != (kout, -(-lay.row_len // 4)):
+        raise ValueError(f"codes shape {codes.shape} != ({kout}, ceil({lay.row_len}/4))")
+    seg = lay.groups_per_segment * lay.group_size  # padded length of one tap's channel segment
+
+    def t8(nb, tap, cb, i, q):  # code byte (k, (tap*seg + 4cb) / 4) holds channels 4cb..4cb+3 of the tap
+        code = (codes[nb * 8 + i, (tap * seg) // 4 + cb].astype("int32") >> (q * 2).astype("int32")) & 3
+        return ((code ^ 2) - 2).astype("int8")
+
+    def s2(nb, tap, cb, i, _p):
+        return alpha_q[nb * 8 + i, (tap * seg + cb * 4) // lay.group_size].astype("int16")
+
+    shape = (kout // 8, kh * kw, cg // 4, 8)
+    w8 = te.compute((*shape, 4), t8, name="w_int")
+    scale2 = te.compute((*shape, 2), s2, name="w_scale")
+    return _conv_avx2("ternary_conv2d_avx2", data, w8, scale2, (kout, cg, kh, kw), strides, padding, out_scale,
+                      out_bias, relu, out_mode, requant_scale, out_bits, out_signed)
+
+
+def _pow2_int8(codes: te.Tensor, row: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Element j of a row of 4-bit power-of-two codes as int8 ``sign << e`` (code 0: zero)."""
+    c = (codes[row, j // 2].astype("int32") >> ((j % 2) * 4).astype("int32")) & 15
+    idx = c & 7
+    mag = tirx.if_then_else(idx == 0, 0, tirx.shift_left(tirx.const(1, "int32"), tirx.max(idx - 1, 0)))
+    return tirx.if_then_else(c >= 8, 0 - mag, mag).astype("int8")
+
+
+def pow2_conv2d_avx2(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bias: te.Tensor, *,
+                     weight_shape: Sequence[int], code_bits: int = 4, strides: int | Sequence[int] = 1,
+                     padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
+                     relu: bool = False, out_mode: OutMode = "float", requant_scale: float | None = None,
+                     out_bits: int = 8, out_signed: bool = False) -> te.Tensor:
+    """``kernels.pow2_conv2d`` on the AVX2 intrinsic: 4-bit codes (|w| <= 2^6), decoded to int8."""
+    _check_mode(out_mode, requant_scale)
+    kout, cg, kh, kw = conv_dims(data, weight_shape, groups)
+    why = conv_unsupported(weight_shape, strides, dilation, groups, str(data.dtype))
+    if why is None and code_bits != 4:
+        why = f"{code_bits}-bit codes: need 4-bit codes (|w| <= {MAX_WEIGHT})"
+    if why is not None:
+        raise ValueError(f"the AVX2 power-of-two conv cannot run this layer ({why}); use kernels.pow2_conv2d")
+    length = kh * kw * cg  # qmath.pow2_flat: (r, s, c) order, c innermost
+    if tuple(int(v) for v in codes.shape) != (kout, -(-length // 2)):
+        raise ValueError(f"codes shape {tuple(codes.shape)} != ({kout}, {-(-length // 2)})")
+    shape = (kout // 8, kh * kw, cg // 4, 8)
+    w8 = te.compute((*shape, 4), lambda nb, tap, cb, i, q: _pow2_int8(codes, nb * 8 + i, tap * cg + cb * 4 + q),
+                    name="w_int")
+    one = te.compute((*shape, 2), lambda *_: tirx.const(1, "int16"), name="w_scale")
+    return _conv_avx2("pow2_conv2d_avx2", data, w8, one, (kout, cg, kh, kw), strides, padding, out_scale, out_bias,
+                      relu, out_mode, requant_scale, out_bits, out_signed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,6 +317,38 @@ def schedule_dense_avx2(sch: tvm.s_tir.Schedule, pick=None) -> None:
     tail = sch.get_sblock("out") if out else sch.get_sblock("acc_local")
     tl = sch.get_loops(tail)
     sch.vectorize(tl[-1])
+
+
+def schedule_conv2d_avx2(sch: tvm.s_tir.Schedule, pick=None) -> None:
+    """Register tile of ``mb`` output columns x ``nb`` blocks of 8 output channels (int32 ymm accumulators)
+    under the reduction over (r, s, 4-channel steps), the step tensorized; the int8 weight tile of each block
+    of channels is unpacked once and the padded NHWC input copy is made once, in parallel over rows."""
+    register()
+    acc = sch.get_sblock("acc")
+    b, i, j, k, ry, rx, rc = sch.get_loops(acc)
+    ow, kout = (int(sch.get(lp).extent) for lp in (j, k))
+    mb = _tile(ow, (4, 7, 8, 2, 14, 1), pick)  # a divisor of the row: the NCHW write-back stays a box
+    nb = _tile(kout // 8, (2, 4, 1), pick)
+    jo, ji = sch.split(j, [None, mb])
+    no, nm, ni = sch.split(k, [None, nb, 8])
+    co, ci = sch.split(rc, [None, 4])
+    sch.reorder(no, b, i, jo, ry, rx, co, ji, nm, ni, ci)
+    sch.reverse_compute_at(sch.get_sblock("out"), jo, preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    for wb in ("w_int", "w_scale"):
+        blk = sch.get_sblock(wb)
+        sch.compute_at(blk, no, preserve_unit_loops=True)
+        sch.vectorize(sch.fuse(*sch.get_loops(blk)[-2:]))
+    sch.parallel(no)
+    init = sch.decompose_reduction(acc, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ni, AVX2_DOT_8x4_INTRIN)
+    sch.unroll(ji)
+    sch.unroll(nm)
+    sch.unroll(sch.get_loops(sch.get_sblock("out"))[-1])
+    xb = sch.get_sblock("x_nhwc")
+    xl = sch.get_loops(xb)
+    sch.parallel(sch.fuse(xl[0], xl[1]))
 
 
 def _has(sch: tvm.s_tir.Schedule, name: str) -> bool:

@@ -457,7 +457,14 @@ def schedule_kernel(sch: tvm.s_tir.Schedule, kind: str, target: tvm.target.Targe
     """Apply the schedule of kernel ``kind`` to ``sch`` in place; ``pick`` chooses the tile sizes (default:
     the first candidate; the tuner samples them)."""
     tk = _target_kind(target)
-    if kind in ("ternary_conv2d", "int_conv2d"):  # kernels.intw: the same tiles and "w_int" decode stage
+    if kind.endswith("_avx2"):  # kernels.avx2: the intrinsic's own layouts and schedules
+        from tvm_lowbit.kernels import avx2
+
+        if kind.endswith("conv2d_avx2"):
+            avx2.schedule_conv2d_avx2(sch, pick)
+        else:
+            avx2.schedule_dense_avx2(sch, pick)
+    elif kind in ("ternary_conv2d", "int_conv2d"):  # kernels.intw: the same tiles and "w_int" decode stage
         _schedule_conv2d(sch, tk, pick=pick)
     elif kind in ("ternary_dense", "int_dense"):
         _schedule_dense(sch, tk, pick=pick)
