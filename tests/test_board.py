@@ -60,11 +60,13 @@ for name in sorted({k.split("/")[0] for k in d.files}):
 """
 
 
-def _kernel_case(case: tuple) -> tuple[object, list[np.ndarray]]:
-    """A conv kernel PrimFunc and its random inputs (valid ternary / power-of-two codes) plus output buffer."""
+def _kernel_case(case: tuple, sdot: bool = False) -> tuple[object, list[np.ndarray]]:
+    """A conv kernel PrimFunc and its random inputs (valid ternary / power-of-two codes) plus output buffer;
+    ``sdot``: the aarch64 dot-product kernel of the layer instead of the default one (same inputs)."""
     from tvm import te
 
     from tvm_lowbit import kernels, qmath
+    from tvm_lowbit.kernels import sdot as sd
 
     kind, kout, cin, hw, ks, stride, pad, groups, mode = case
     rng = np.random.default_rng(kout * 1000 + hw)
@@ -84,14 +86,14 @@ def _kernel_case(case: tuple) -> tuple[object, list[np.ndarray]]:
         packed = (t[..., 0] | t[..., 1] << 2 | t[..., 2] << 4 | t[..., 3] << 6).astype(np.uint8)
         alpha = rng.integers(-127, 128, (kout, lay.groups_per_row), dtype=np.int8)
         cp, ap = te.placeholder(packed.shape, "uint8", name="codes"), te.placeholder(alpha.shape, "int8", name="a")
-        out = kernels.ternary_conv2d(data, cp, ap, sc, bi, group_size=4, **common)
+        out = (sd.ternary_conv2d_sdot if sdot else kernels.ternary_conv2d)(data, cp, ap, sc, bi, group_size=4, **common)
         inputs, arrays = [data, cp, ap, sc, bi], [x, packed, alpha, scale, bias]
     else:
         packed = rng.integers(0, 256, (kout, -(-(cg * ks * ks) // 2)), dtype=np.uint8)
         cp = te.placeholder(packed.shape, "uint8", name="codes")
-        out = kernels.pow2_conv2d(data, cp, sc, bi, code_bits=4, **common)
+        out = (sd.pow2_conv2d_sdot if sdot else kernels.pow2_conv2d)(data, cp, sc, bi, code_bits=4, **common)
         inputs, arrays = [data, cp, sc, bi], [x, packed, scale, bias]
-    name = f"{kind}_{kout}_{cin}_{hw}_{ks}_{stride}_{groups}_{mode}"
+    name = f"{kind}_{kout}_{cin}_{hw}_{ks}_{stride}_{groups}_{mode}{'_sdot' if sdot else ''}"
     func = kernels.make_prim_func(inputs, out, name)
     return func, arrays + [np.zeros([int(v) for v in out.shape], str(out.dtype))]
 
@@ -126,6 +128,66 @@ def test_neon_conv_schedule_is_bit_exact_on_the_board(board_built: Path, tmp_pat
         got = np.load(tmp_path / f"{name}.out.npy")
         assert len(np.unique(want)) > 20, f"{name}: degenerate test data"  # not all clipped to 0 or 255
         assert got.dtype == want.dtype and np.array_equal(got, want), name
+
+
+def test_sdot_conv_kernels_are_bit_exact_on_the_pi5_board(board_built: Path, tmp_path: Path) -> None:
+    """The aarch64 dot-product kernels (kernels.sdot: zero-point-shifted int8 activations, sdot, per-group
+    alpha by mla) compute what the default x86 kernels compute, bit for bit, on the emulated Cortex-A76."""
+    import re
+
+    import tvm
+
+    from tvm_lowbit.kernels import schedule_default
+    from tvm_lowbit.targets import load_target
+
+    a76, x86 = load_target("rasp5"), load_target("x86-host")
+    feeds, expected = {}, {}
+    for case in [c for c in KERNEL_CASES if c[7] == 1]:  # grouped convs keep the NEON kernel
+        func, arrays = _kernel_case(case)
+        name = str(func.attrs["global_symbol"])
+        host = tvm.compile(tvm.IRModule({name: schedule_default(func, x86.tvm_target())}), target=x86.tvm_target())
+        args = [tvm.runtime.tensor(a) for a in arrays]
+        host[name](*args)
+        func, _ = _kernel_case(case, sdot=True)
+        name = str(func.attrs["global_symbol"])
+        expected[name] = args[-1].numpy()
+        board = tvm.compile(tvm.IRModule({name: schedule_default(func, a76.tvm_target())}), target=a76.tvm_target())
+        assert re.search(r"^\s+sdot\s+v\d+\.4s", board.mod.inspect_source("asm"), re.M), f"{name}: no sdot"
+        board.export_library(str(tmp_path / f"{name}.so"), cc=a76.compiler_path())
+        feeds.update({f"{name}/{i}": a for i, a in enumerate(arrays)})
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    (tmp_path / "run.py").write_text(BOARD_RUN)
+    r = subprocess.run([str(board_built / "bin" / "python3"), str(tmp_path / "run.py"), str(tmp_path / "feeds.npz"),
+                        str(tmp_path)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "BOARD_CPU": "cortex-a76", "TVM_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name, want in expected.items():
+        got = np.load(tmp_path / f"{name}.out.npy")
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+
+
+def test_builtin_fgq_model_on_sdot_kernels_matches_the_host_on_an_emulated_pi5(board_built: Path, tmp_path: Path,
+                                                                               one_thread) -> None:
+    """rasp5 (+dotprod) builds put every ternary conv on kernels.sdot; the bundle's C++ runner on the emulated
+    Cortex-A76 reproduces the x86 host's logits exactly (the host uses its AVX2 kernels: two independent
+    integer kernels, one answer)."""
+    import tvm_lowbit
+    from tvm_lowbit import FGQ, data
+    from tvm_lowbit.deploy.bundle import export_bundle, run_bundle_emulated
+    from tvm_lowbit.models import load_pretrained
+
+    qmodel = tvm_lowbit.quantize(load_pretrained(), FGQ(group_size=4, act_bits=8), data.calibration_set(256),
+                                 progress=False)
+    x = data.load("test", limit=1, offset=5)[0]
+    art = tvm_lowbit.compile(qmodel, x, "rasp5")
+    # the 20 ternary convs (the stem conv and the classifier stay float)
+    assert art.report.dot_product == {n: "sdot" for n in art.report.lowered}, art.report.text()
+    assert len(art.report.lowered) == 20
+    host_out = tvm_lowbit.compile(qmodel, x, "x86-host").run(x)
+    bundle = export_bundle(art, tmp_path / "bundle", x, host_out, atol=0.0)
+    run = run_bundle_emulated(bundle, emu.qemu_cpu("rasp5"), runs=1)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "max_abs_diff 0 atol 0 OK" in run.stdout, run.stdout
 
 
 def test_deploy_builtin_fgq_model_to_emulated_pi4(board_built: Path, tmp_path: Path, one_thread) -> None:

@@ -20,6 +20,16 @@ from tvm_lowbit import FGQ, quantize, tune
 from tvm_lowbit.compiler import CompileError
 
 
+def _host_conv_kernel() -> str:
+    from tvm_lowbit.kernels.avx2 import has_avx2
+    from tvm_lowbit.targets import load_target
+
+    return "ternary_conv2d_avx2" if has_avx2(load_target("x86-host").tvm_target()) else "ternary_conv2d"
+
+
+CONV = _host_conv_kernel()  # the x86 host's kernel for the tiny model's ternary conv
+
+
 @pytest.fixture(scope="module")
 def tiny() -> tuple[nn.Module, np.ndarray]:
     torch.manual_seed(0)
@@ -42,7 +52,7 @@ def test_tune_writes_a_standard_database(tuned) -> None:
     from tvm.s_tir import meta_schedule as ms
 
     d, rep = tuned
-    assert {t.kind for t in rep.tasks} == {"ternary_conv2d", "quantize_act"}
+    assert {t.kind for t in rep.tasks} == {CONV, "quantize_act"}
     assert rep.trials_run >= 4 and rep.failed == 0, rep.errors[:1]
     lines = (d / tune.RECORD_FILE).read_text().splitlines()
     assert len(lines) == rep.trials_run  # every measured candidate was appended
@@ -54,8 +64,8 @@ def test_compile_applies_the_database_bit_exact(tiny, tuned) -> None:
     q, x = tiny
     d, _ = tuned
     art = tvm_lowbit.compile(q, x, schedules=d)
-    assert set(art.tuning.applied) == {"ternary_conv2d", "quantize_act"}
-    assert art.tuning.missing and "ternary_conv2d" not in art.tuning.missing  # float ops: no record
+    assert set(art.tuning.applied) == {CONV, "quantize_act"}
+    assert art.tuning.missing and CONV not in art.tuning.missing  # float ops: no record
     assert "without a record" in art.tuning.text()
     default = tvm_lowbit.compile(q, x, schedules=False)
     assert default.tuning is None
@@ -82,6 +92,18 @@ def test_rerun_resumes_without_new_trials(tiny, tuned, tmp_path, capsys) -> None
     skipped = int(out.split(" already in the database")[0].split()[-1])
     assert skipped >= 3 and ran < first.trials_run, out  # only the small quantize_act space may still run
     assert len((d / tune.RECORD_FILE).read_text().splitlines()) == n + ran
+
+
+def test_tensorized_records_load_whole_in_a_fresh_process(tuned) -> None:
+    """Records of tensorized kernels name the project's tensor intrinsics in their traces: a fresh process
+    (nothing registered yet) must still read every record, not drop them as damaged."""
+    d, _ = tuned
+    lines = len((d / tune.RECORD_FILE).read_text().splitlines())
+    code = (f"from tvm_lowbit import tune; _, r = tune.load_database({str(d)!r}, repair=False); "
+            "print(r.records, len(r.bad_lines))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == [str(lines), "0"], out.stdout
 
 
 def test_corrupted_database_keeps_valid_records(tuned, tmp_path) -> None:

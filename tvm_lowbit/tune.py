@@ -112,6 +112,13 @@ def _parse_files(directory: Path, report: LoadReport) -> tuple[list[Any], list[t
     """Valid workloads and (workload index, record) pairs; bad lines go into ``report.bad_lines``."""
     from tvm.s_tir import meta_schedule as ms
 
+    from tvm_lowbit.kernels import avx2, sdot
+
+    # a record's trace names the tensor intrinsics it tensorized with: ours must be registered before
+    # the records are parsed, or every tensorized record would read as damaged
+    avx2.register()
+    sdot.register()
+
     workloads: list[Any] = []
     valid: dict[int, int] = {}  # record files index workloads by their non-empty line number
     n = -1

@@ -197,17 +197,18 @@ def _conv_avx2(kind: str, data: te.Tensor, w8: te.Tensor, scale2: te.Tensor, wei
 
 
 def conv_unsupported(weight_shape: Sequence[int], strides: int | Sequence[int], dilation: int | Sequence[int],
-                     groups: int, act_dtype: str) -> str | None:
-    """Why the AVX2 conv kernels cannot run this layer (None: they can); the format checks come on top."""
+                     groups: int, act_dtype: str, lanes: int = 8) -> str | None:
+    """Why the dot-product conv kernels (``lanes`` output channels per step: 8 here, 4 for ``kernels.sdot``)
+    cannot run this layer (None: they can); the weight-format checks come on top."""
     kout, cg = int(weight_shape[0]), int(weight_shape[1])
     if str(act_dtype) != "uint8":
-        return f"activation codes are {act_dtype}, the AVX2 kernels take uint8"
+        return f"activation codes are {act_dtype}, the dot-product kernels take uint8"
     if groups != 1:
         return f"groups={groups}"
     if _pair(dilation) != (1, 1):
         return f"dilation {_pair(dilation)}"
-    if kout % 8 or cg % 4:
-        return f"K={kout}, C={cg}: need K % 8 == 0 and C % 4 == 0"
+    if kout % lanes or cg % 4:
+        return f"K={kout}, C={cg}: need K % {lanes} == 0 and C % 4 == 0"
     return None
 
 

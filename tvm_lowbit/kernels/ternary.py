@@ -464,6 +464,10 @@ def schedule_kernel(sch: tvm.s_tir.Schedule, kind: str, target: tvm.target.Targe
             avx2.schedule_conv2d_avx2(sch, pick)
         else:
             avx2.schedule_dense_avx2(sch, pick)
+    elif kind.endswith("conv2d_sdot"):  # kernels.sdot
+        from tvm_lowbit.kernels import sdot
+
+        sdot.schedule_conv2d_sdot(sch, pick)
     elif kind in ("ternary_conv2d", "int_conv2d"):  # kernels.intw: the same tiles and "w_int" decode stage
         _schedule_conv2d(sch, tk, pick=pick)
     elif kind in ("ternary_dense", "int_dense"):

@@ -36,7 +36,7 @@ from tvm import relax
 from tvm.ir import Op
 
 from tvm_lowbit import kernels, qmath
-from tvm_lowbit.kernels import avx2
+from tvm_lowbit.kernels import avx2, sdot
 from tvm_lowbit.passes.requant import fold_requantize
 
 _OPS = {n: Op.get(f"relax.{n}") for n in (
@@ -66,7 +66,7 @@ class LoweringReport:
     fallback: list[tuple[str, str]] = field(default_factory=list)  # (layer, why it stayed in float)
     kernels: dict[str, str] = field(default_factory=dict)  # lowered layer -> "ternary" | "pow2"
     requant_folded: int = 0  # redundant re-quantizers removed by FoldRequantize
-    avx2: list[str] = field(default_factory=list)  # layers on the AVX2 int8 dot-product kernels
+    dot_product: dict[str, str] = field(default_factory=dict)  # layer -> "avx2" | "sdot" (int8 dot-product kernels)
 
     def kernel_of(self, name: str) -> str:
         """The weight format of the kernel layer ``name`` was lowered to ("ternary" if not recorded)."""
@@ -80,8 +80,11 @@ class LoweringReport:
         kinds = ", ".join(f"{n} {what.get(k, k)}" for k, n in counts.items()) or "none"
         lines = [f"{len(self.lowered)} layer(s) lowered to integer kernels ({kinds}; "
                  f"{len(self.requant_fused)} with fused requantization)"]
-        if self.avx2:
-            lines.append(f"  {len(self.avx2)} of them on the AVX2 int8 dot-product kernels (vpmaddubsw/vpmaddwd)")
+        for isa, how in (("avx2", "AVX2 int8 dot-product kernels (vpmaddubsw/vpmaddwd)"),
+                         ("sdot", "aarch64 int8 dot-product kernels (sdot)")):
+            n = sum(v == isa for v in self.dot_product.values())
+            if n:
+                lines.append(f"  {n} of them on the {how}")
         if self.requant_folded:
             lines.append(f"  {self.requant_folded} redundant re-quantizer(s) folded (same scale, codes unchanged)")
         lines += [f"  fallback to float: {name}: {why}" for name, why in self.fallback]
@@ -381,8 +384,19 @@ class _Analysis:
                         q.produced_by = layer  # type: ignore[attr-defined]
 
 
-def _avx2_fits(l: _Layer) -> bool:
-    """Whether the layer runs exactly on the AVX2 int8 dot-product kernels (``kernels.avx2``)."""
+_DOT_KERNELS = {("avx2", "ternary_conv2d"): avx2.ternary_conv2d_avx2, ("avx2", "ternary_dense"): avx2.ternary_dense_avx2,
+                ("avx2", "pow2_conv2d"): avx2.pow2_conv2d_avx2, ("avx2", "pow2_dense"): avx2.pow2_dense_avx2,
+                ("sdot", "ternary_conv2d"): sdot.ternary_conv2d_sdot, ("sdot", "pow2_conv2d"): sdot.pow2_conv2d_sdot}
+
+
+def _dot_isa(target: tvm.target.Target | None) -> str | None:
+    if target is None:
+        return None
+    return "avx2" if avx2.has_avx2(target) else "sdot" if sdot.has_sdot(target) else None
+
+
+def _dot_fits(l: _Layer, isa: str) -> bool:
+    """Whether the layer runs exactly on the int8 dot-product kernels of ``isa`` (``kernels.avx2`` / ``kernels.sdot``)."""
     if isinstance(l.tw, qmath.IntWeight) or qmath.act_dtype(l.quant.bits, l.quant.signed) != "uint8":
         return False
     if l.tw.format == "pow2" and l.tw.code_bits != 4:  # |w| <= 2^6 keeps vpmaddubsw's pair sums exact
@@ -392,18 +406,18 @@ def _avx2_fits(l: _Layer) -> bool:
         kout, cin = shape
         return kout % 8 == 0 and cin % 4 == 0 and (l.tw.format == "pow2" or l.tw.layout.group_size % 4 == 0)
     if avx2.conv_unsupported(shape, l.attrs.get("strides", 1), l.attrs.get("dilation", 1), l.attrs.get("groups", 1),
-                             "uint8") is not None:
+                             "uint8", lanes=8 if isa == "avx2" else 4) is not None:
         return False
     return l.tw.format == "pow2" or (l.tw.layout.along == "in" and l.tw.layout.group_size % 4 == 0)
 
 
 @relax.expr_functor.mutator
 class _Lowering(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, analysis: _Analysis, expose_acc: bool, avx2: bool = False) -> None:
+    def __init__(self, mod: tvm.IRModule, analysis: _Analysis, expose_acc: bool, dot: str | None = None) -> None:
         super().__init__(mod)
         self.a = analysis
-        self.avx2 = avx2
-        self.on_avx2: list[str] = []
+        self.dot = dot  # "avx2" | "sdot" | None: the target's int8 dot-product kernels
+        self.on_dot: dict[str, str] = {}
         self.expose_acc = expose_acc
         self.accs: list[relax.Var] = []
         self.layer_at = {l.out_var.__hash__(): l for l in analysis.layers}
@@ -450,11 +464,10 @@ class _Lowering(relax.PyExprMutator):
                     relax.const(l.out_scale), relax.const(l.out_bias)]
             kw = dict(l.attrs, group_size=l.tw.layout.group_size, relu=l.relu)
         name = f"{'int' if isinstance(l.tw, qmath.IntWeight) else l.tw.format}_{l.kind}"
-        if self.avx2 and _avx2_fits(l):
-            fn = {"ternary_conv2d": avx2.ternary_conv2d_avx2, "ternary_dense": avx2.ternary_dense_avx2,
-                  "pow2_conv2d": avx2.pow2_conv2d_avx2, "pow2_dense": avx2.pow2_dense_avx2}[name]
-            name += "_avx2"
-            self.on_avx2.append(l.name)
+        dot_fn = _DOT_KERNELS.get((self.dot, name)) if self.dot and _dot_fits(l, self.dot) else None
+        if dot_fn is not None:
+            fn, name = dot_fn, f"{name}_{self.dot}"
+            self.on_dot[l.name] = self.dot
         if self.expose_acc:
             acc = self.builder_.emit_te(fn, *args, **kw, out_mode="acc", primfunc_name_hint=name,
                                         primfunc_attrs=kernels.kernel_attrs(name))
@@ -490,10 +503,11 @@ def lower_ternary(mod: tvm.IRModule, infos: dict[str, LayerInfo] | None = None, 
 
     ``infos`` (``weight_key`` -> LayerInfo) names layers and gives their group sizes; without it the
     largest group size that reproduces the weight exactly is used.  ``expose_acc`` appends every
-    layer's int32 accumulators to the function's outputs (for bit-exact testing).  For an x86 ``target``
-    with AVX2, the layers that fit (unsigned 8-bit codes, K % 8 == 0, C % 4 == 0, ternary groups of a
-    multiple of 4 along the input channels or 4-bit power-of-two codes) get the AVX2 int8 dot-product
-    kernels of ``kernels.avx2``; the result is the same, bit for bit.
+    layer's int32 accumulators to the function's outputs (for bit-exact testing).  The layers that fit
+    (unsigned 8-bit codes, K % 8 == 0, C % 4 == 0, ternary groups of a multiple of 4 along the input channels
+    or 4-bit power-of-two codes) get the int8 dot-product kernels of the ``target``: ``kernels.avx2`` on x86
+    with AVX2 (conv and dense), ``kernels.sdot`` on aarch64 with +dotprod (conv); the result is the same,
+    bit for bit.
     """
     report = LoweringReport()
     # CanonicalizeBindings + DCE drop dead tuple members the importers leave, e.g. the constant
@@ -515,9 +529,9 @@ def lower_ternary(mod: tvm.IRModule, infos: dict[str, LayerInfo] | None = None, 
     report.requant_fused = [l.name for l in analysis.layers if l.requant is not None]
     if not analysis.layers:
         return mod, report
-    mut = _Lowering(mod, analysis, expose_acc, avx2=target is not None and avx2.has_avx2(target))
+    mut = _Lowering(mod, analysis, expose_acc, dot=_dot_isa(target))
     new_func = mut.visit_expr(func)
-    report.avx2 = mut.on_avx2
+    report.dot_product = mut.on_dot
     if expose_acc and mut.accs:
         # the result becomes (original outputs..., accumulators...)
         body = new_func.body
