@@ -16,8 +16,13 @@ Kernels (the same math: int8 activation codes [M, K] x ternary weights [N, K] pa
 the numpy integer reference on a slice of rows before timing):
 
 * ``avx2-dot``: ``kernels.avx2`` (the project's vpmaddubsw/vpmaddwd tensor intrinsic), built for an AVX2-only
-  CPU (``--mcpu``, default znver3) so no AVX-512/VNNI instruction is used;
-* ``default``: the default ternary dense kernel (``kernels.ternary_dense`` + ``schedule_default``).
+  CPU (``--mcpu``, default x86-64-v3) so no AVX-512/VNNI instruction is used;
+* ``default``: the default ternary dense kernel (``kernels.ternary_dense`` + ``schedule_default``);
+* ``lut``: the lookup-table kernel (``kernels.lut``: 81 partial sums per 4 input channels, one lookup per 4
+  weights), built for the same CPU; LowerTernary gives it the x86 dense layers with at most
+  ``kernels.lut.LUT_MAX_ROWS`` rows, the rule this script measures with ``--shapes``:
+
+    python scripts/bench_gemm.py --shapes 1x1000x512,4x1000x512,8x1000x512,1x4096x4096 --kernels avx2-dot,lut
 
 On a shared machine the wall-clock rate measures the share of the cores this process got. The script also
 prints the rate per CPU-second the process was actually given (``time.process_time`` over the timed runs,
@@ -25,7 +30,7 @@ times the cores; the thread pool's spin-waits count as busy, so this errs low). 
 goes into the JSON.
 
     python scripts/bench_gemm.py --json gemm.json
-``--json`` writes ``{"rows": [{"shape", "kernel", "gops", "peak_gops", "fraction_of_peak"}, ...]}`` with
+``--shapes MxNxK,...`` runs several shapes (default: ``--m``, ``--n``, ``--k``). ``--json`` writes ``{"rows": [{"shape", "kernel", "gops", "peak_gops", "fraction_of_peak"}, ...]}`` with
 ``shape`` = [M, N, K].
 """
 
@@ -73,14 +78,45 @@ def build_default(m: int, n: int, k: int, group_size: int, target: dict):  # -> 
     return tvm.compile(tvm.IRModule({"main": kernels.schedule_default(func, tgt)}), target=tgt)
 
 
+def build_lut(m: int, n: int, k: int, group_size: int, target: dict):  # -> compiled kernel
+    import tvm
+    from tvm import te
+
+    from tvm_lowbit import kernels
+    from tvm_lowbit.kernels import lut
+
+    x = te.placeholder((m, k), "uint8", name="x")
+    codes3 = te.placeholder((n, k // 4), "uint8", name="codes3")
+    alpha = te.placeholder((n, -(-k // group_size)), "int16", name="alpha_q")
+    scale = te.placeholder((n,), "float32", name="out_scale")
+    bias = te.placeholder((n,), "float32", name="out_bias")
+    out = lut.ternary_dense_lut(x, codes3, alpha, scale, bias, weight_shape=(n, k), group_size=group_size,
+                                out_mode="acc")
+    sch = tvm.s_tir.Schedule(kernels.make_prim_func([x, codes3, alpha, scale, bias], out, "main"))
+    lut.schedule_dense_lut(sch)
+    return tvm.compile(sch.mod, target=tvm.target.Target(target))
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s.strip()]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        raise SystemExit(f"--shapes takes MxNxK,... with positive integers, got {text!r}")
+    return shapes  # type: ignore[return-value]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, default=256, help="activation rows (default 256)")
     ap.add_argument("--n", type=int, default=2048, help="output channels (default 2048)")
     ap.add_argument("--k", type=int, default=2048, help="reduction length (default 2048)")
+    ap.add_argument("--shapes", default=None, help="MxNxK,... (several shapes; overrides --m/--n/--k)")
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--kernels", default="avx2-dot,default")
-    ap.add_argument("--mcpu", default="znver3", help="LLVM CPU of the build (default znver3: AVX2, no AVX-512)")
+    ap.add_argument("--mcpu", default="x86-64-v3",
+                    help="LLVM CPU of the build (default x86-64-v3: AVX2, no AVX-512; znver3 also has SSE4a: SIGILL on Intel)")
     ap.add_argument("--ghz", type=float, default=None, help="clock for the peak (default: /proc/cpuinfo)")
     ap.add_argument("--macs-per-cycle", type=int, default=AVX2_INT8_MACS_PER_CYCLE)
     ap.add_argument("--repeat", type=int, default=5)
@@ -90,43 +126,50 @@ def main(argv: list[str] | None = None) -> int:
     import tvm
 
     from tvm_lowbit import qmath
-    from tvm_lowbit.kernels import avx2
+    from tvm_lowbit.kernels import avx2, lut
 
     cores = int(os.environ["TVM_NUM_THREADS"])
     ghz = a.ghz or cpu_ghz()
     peak = cores * ghz * a.macs_per_cycle * 2
     print(f"peak = {cores} cores x {ghz:.3f} GHz x {a.macs_per_cycle} int8 MACs/cycle x 2 = {peak:.1f} GOP/s")
-    m, n, k, gs = a.m, a.n, a.k, a.group_size
+    gs = a.group_size
     target = {"kind": "llvm", "mcpu": a.mcpu, "num-cores": cores}
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (m, k)).astype(np.uint8)
-    codes = qmath.pack_2bit(rng.integers(-1, 2, (n, k)))
-    alpha = rng.integers(0, 256, (n, k // gs)).astype(np.int16)
-    ref = avx2.reference_ternary(x[:8], codes, alpha, n, k, gs)
     rows = []
-    for kernel in a.kernels.split(","):
-        if kernel == "avx2-dot":
-            f, _ = avx2.build_dense("ternary", m, n, k, group_size=gs, target=target)
-        elif kernel == "default":
-            f = build_default(m, n, k, gs, target)
-        else:
-            raise SystemExit(f"unknown kernel {kernel!r}")
-        args = [tvm.runtime.tensor(v) for v in (x, codes, alpha, np.ones(n, np.float32), np.zeros(n, np.float32),
-                                               np.zeros((m, n), np.int32))]
-        mod = f.mod if hasattr(f, "mod") else f
-        mod["main"](*args)
-        if not np.array_equal(args[-1].numpy()[:8].astype(np.int64), ref):
-            raise SystemExit(f"{kernel}: accumulators differ from the numpy reference")
-        cpu0 = time.process_time()
-        sec = float(np.median(mod.time_evaluator("main", tvm.cpu(), number=3, repeat=a.repeat)(*args).results))
-        cpu = (time.process_time() - cpu0) / (3 * a.repeat + 1)  # CPU-seconds per run (+1: the warm-up run)
-        gops = 2.0 * m * n * k / sec / 1e9
-        gops_cpu = 2.0 * m * n * k / cpu / 1e9 * cores
-        rows.append({"shape": [m, n, k], "kernel": kernel, "gops": round(gops, 2), "peak_gops": round(peak, 2),
-                     "fraction_of_peak": round(gops / peak, 4)})
-        print(f"{kernel:10} M={m} N={n} K={k} g={gs}: {sec * 1e3:8.2f} ms  {gops:7.1f} GOP/s  "
-              f"{100 * gops / peak:5.1f}% of peak  (bit-exact); per CPU-second given: {gops_cpu:7.1f} GOP/s "
-              f"= {100 * gops_cpu / peak:5.1f}%")
+    for m, n, k in parse_shapes(a.shapes) if a.shapes else [(a.m, a.n, a.k)]:
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (m, k)).astype(np.uint8)
+        t = rng.integers(-1, 2, (n, k))
+        codes = qmath.pack_2bit(t)
+        alpha = rng.integers(0, 256, (n, -(-k // gs))).astype(np.int16)
+        ref = avx2.reference_ternary(x[:8], codes, alpha, n, k, gs)
+        for kernel in a.kernels.split(","):
+            weights = codes
+            if kernel == "avx2-dot":
+                f, _ = avx2.build_dense("ternary", m, n, k, group_size=gs, target=target)
+            elif kernel == "default":
+                f = build_default(m, n, k, gs, target)
+            elif kernel == "lut":
+                if k % 4 or gs % 4:
+                    raise SystemExit(f"lut needs K % 4 == 0 and --group-size % 4 == 0, got K={k}, group size {gs}")
+                f, weights = build_lut(m, n, k, gs, target), lut.base3_codes(t)
+            else:
+                raise SystemExit(f"unknown kernel {kernel!r} (avx2-dot, default, lut)")
+            args = [tvm.runtime.tensor(v) for v in (x, weights, alpha, np.ones(n, np.float32),
+                                                   np.zeros(n, np.float32), np.zeros((m, n), np.int32))]
+            mod = f.mod if hasattr(f, "mod") else f
+            mod["main"](*args)
+            if not np.array_equal(args[-1].numpy()[:8].astype(np.int64), ref):
+                raise SystemExit(f"{kernel}: accumulators differ from the numpy reference")
+            cpu0 = time.process_time()
+            sec = float(np.median(mod.time_evaluator("main", tvm.cpu(), number=3, repeat=a.repeat)(*args).results))
+            cpu = (time.process_time() - cpu0) / (3 * a.repeat + 1)  # CPU-seconds per run (+1: the warm-up run)
+            gops = 2.0 * m * n * k / sec / 1e9
+            gops_cpu = 2.0 * m * n * k / cpu / 1e9 * cores
+            rows.append({"shape": [m, n, k], "kernel": kernel, "gops": round(gops, 2), "peak_gops": round(peak, 2),
+                         "fraction_of_peak": round(gops / peak, 4)})
+            print(f"{kernel:10} M={m} N={n} K={k} g={gs}: {sec * 1e3:8.3f} ms  {gops:7.1f} GOP/s  "
+                  f"{100 * gops / peak:5.1f}% of peak  (bit-exact); per CPU-second given: {gops_cpu:7.1f} GOP/s "
+                  f"= {100 * gops_cpu / peak:5.1f}%")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"rows": rows}, indent=2) + "\n")

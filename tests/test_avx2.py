@@ -14,7 +14,7 @@ from tvm import te
 from tvm_lowbit import qmath
 from tvm_lowbit.kernels import avx2
 
-AVX2_ONLY = {"kind": "llvm", "mcpu": "znver3", "num-cores": 1}  # AVX2, no AVX-512 / VNNI
+AVX2_ONLY = {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 1}  # AVX2, no AVX-512 / VNNI
 
 
 def _run(f, *arrays, out_shape, out_dtype="int32") -> np.ndarray:

@@ -181,7 +181,7 @@ def test_builtin_fgq_model_on_sdot_kernels_matches_the_host_on_an_emulated_pi5(b
     x = data.load("test", limit=1, offset=5)[0]
     art = tvm_lowbit.compile(qmodel, x, "rasp5")
     # the 20 ternary convs (the stem conv and the classifier stay float)
-    assert art.report.dot_product == {n: "sdot" for n in art.report.lowered}, art.report.text()
+    assert art.report.fast_kernels == {n: "sdot" for n in art.report.lowered}, art.report.text()
     assert len(art.report.lowered) == 20
     host_out = tvm_lowbit.compile(qmodel, x, "x86-host").run(x)
     bundle = export_bundle(art, tmp_path / "bundle", x, host_out, atol=0.0)

@@ -63,7 +63,20 @@ def test_builtin_model_accumulators_bit_exact(builtin_q: nn.Module) -> None:
     art = check_bit_exact(builtin_q, x)
     assert len(art.report.lowered) == len(quant_layers(builtin_q)) == 20
     if has_avx2(art.target.tvm_target()):  # every ternary layer of ResNet-20 fits the AVX2 dot-product kernels
-        assert art.report.dot_product == {n: "avx2" for n in art.report.lowered}
+        assert art.report.fast_kernels == {n: "avx2" for n in art.report.lowered}
+
+
+def test_ternary_classifier_at_batch_1_takes_the_lut_kernel() -> None:
+    from tvm_lowbit.kernels import lut
+
+    q = quantize(load_pretrained(), FGQ(group_size=4, act_bits=8, last_layer="fgq"), data.calibration_set(128),
+                 progress=False)
+    x, _ = data.load("test", limit=1, offset=11)
+    art = check_bit_exact(q, x)
+    if has_avx2(art.target.tvm_target()):
+        assert art.report.fast_kernels["fc"] == "lut" and lut.LUT_MAX_ROWS >= 1
+        x8, _ = data.load("test", limit=8, offset=11)  # 8 rows: above the rule's limit (10 outputs: no AVX2 tile)
+        assert "fc" not in check_bit_exact(q, x8).report.fast_kernels
 
 
 def test_builtin_model_bit_exact_without_avx2(builtin_q: nn.Module) -> None:
@@ -72,7 +85,7 @@ def test_builtin_model_bit_exact_without_avx2(builtin_q: nn.Module) -> None:
     spec = dataclasses.replace(host, target_dict={**host.target_dict, "mcpu": "x86-64"})
     x, _ = data.load("test", limit=2, offset=3)
     art = check_bit_exact(builtin_q, x, spec)
-    assert art.report.dot_product == {} and len(art.report.lowered) == 20
+    assert art.report.fast_kernels == {} and len(art.report.lowered) == 20
 
 
 def test_builtin_model_n64_bit_exact() -> None:

@@ -29,11 +29,15 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 
 from tvm_lowbit import qmath
-from tvm_lowbit.kernels.ternary import (KERNEL_ATTR, OutMode, _check_mode, _epilogue, _pair, _tile, conv_dims, dense_dims,
-                                        dense_with_epilogue, kernel_attrs)
+from tvm_lowbit.kernels.ternary import (KERNEL_ATTR, OutMode, _check_mode, _epilogue, _maybe_block, _pair, _tile,
+                                        conv_dims, dense_dims, dense_with_epilogue, kernel_attrs)
 
 AVX2_DOT_8x4_INTRIN = "tvm_lowbit_dot_8x4_u8i8s32_avx2"
 MAX_WEIGHT = 64  # |B| bound for exact vpmaddubsw pair sums with uint8 activations
+# the dense kernels decode the whole weight to int8 on every call (the ``w_int`` stage), a cost that only
+# enough activation rows amortize: below this many rows LowerTernary keeps a dense layer on the default
+# kernel (or the LUT one), measured with scripts/bench_gemm.py --shapes
+DENSE_MIN_ROWS = 16
 
 
 @T.prim_func(s_tir=True)
@@ -297,7 +301,7 @@ def schedule_dense_avx2(sch: tvm.s_tir.Schedule, pick=None) -> None:
     no, nm, ni = sch.split(n, [None, nb, 8])
     co, ci = sch.split(c, [None, 4])
     sch.reorder(no, mo, co, mi, nm, ni, ci)
-    out = [b for b in ("out",) if _has(sch, b)]
+    out = [b for b in ("out",) if _maybe_block(sch, b) is not None]
     if out:
         sch.reverse_compute_at(sch.get_sblock("out"), mo, preserve_unit_loops=True)
         sch.set_scope(acc, 0, "local")
@@ -352,16 +356,9 @@ def schedule_conv2d_avx2(sch: tvm.s_tir.Schedule, pick=None) -> None:
     sch.parallel(sch.fuse(xl[0], xl[1]))
 
 
-def _has(sch: tvm.s_tir.Schedule, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-        return True
-    except Exception:  # noqa: BLE001 - ScheduleError when absent
-        return False
-
 
 def build_dense(kind: str, m: int, kout: int, cin: int, *, group_size: int = 4, out_mode: OutMode = "acc",
-                target: str | dict = "llvm -mcpu=znver3", pick=None) -> tuple[object, list[str]]:
+                target: str | dict = "llvm -mcpu=x86-64-v3", pick=None) -> tuple[object, list[str]]:
     """A standalone tensorized dense kernel (for tests and ``scripts/bench_gemm.py``): returns the compiled
     function and its argument order."""
     data = te.placeholder((m, cin), "uint8", name="x")

@@ -31,7 +31,8 @@ from tvm.script import tirx as T
 
 from tvm_lowbit import qmath
 from tvm_lowbit.kernels.avx2 import MAX_WEIGHT, _pow2_int8, conv_unsupported
-from tvm_lowbit.kernels.ternary import OutMode, _check_mode, _epilogue, _pair, _tile, conv_dims, kernel_attrs
+from tvm_lowbit.kernels.ternary import (OutMode, _check_mode, _epilogue, _maybe_block, _pair, _tile, conv_dims,
+                                        kernel_attrs)
 
 SDOT_SCALED_4x4_INTRIN = "tvm_lowbit_sdot_4x4_i8i8s32_scaled"
 SDOT_4x4_INTRIN = "tvm_lowbit_sdot_4x4_i8i8s32"
@@ -207,8 +208,8 @@ def pow2_conv2d_sdot(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, ou
     w8 = te.compute((kout // 4, kh * kw, cg // 4, 4, 4),
                     lambda nb, tap, cb, i, q: _pow2_int8(codes, nb * 4 + i, tap * cg + cb * 4 + q), name="w_int")
     return _conv_sdot("pow2_conv2d_sdot", data, w8, None,
-                      lambda k, tap, c: _pow2_int8(codes, k, tap * cg + c).astype("int32"), (kout, cg, kh, kw), strides, padding, out_scale, out_bias,
-                      relu, out_mode, requant_scale, out_bits, out_signed)
+                      lambda k, tap, c: _pow2_int8(codes, k, tap * cg + c).astype("int32"), (kout, cg, kh, kw),
+                      strides, padding, out_scale, out_bias, relu, out_mode, requant_scale, out_bits, out_signed)
 
 
 def schedule_conv2d_sdot(sch: tvm.s_tir.Schedule, pick=None) -> None:
@@ -224,7 +225,7 @@ def schedule_conv2d_sdot(sch: tvm.s_tir.Schedule, pick=None) -> None:
     no, nm, ni = sch.split(k, [None, nb, 4])
     co, ci = sch.split(rc, [None, 4])
     sch.reorder(no, b, i, jo, ry, rx, co, ji, nm, ni, ci)
-    weights = [n for n in ("w_int", "w_scale") if _has(sch, n)]
+    weights = [n for n in ("w_int", "w_scale") if _maybe_block(sch, n) is not None]
     for wb in weights:
         blk = sch.get_sblock(wb)
         sch.compute_at(blk, no, preserve_unit_loops=True)
@@ -248,10 +249,3 @@ def schedule_conv2d_sdot(sch: tvm.s_tir.Schedule, pick=None) -> None:
     xl = sch.get_loops(sch.get_sblock("x_nhwc"))
     sch.parallel(sch.fuse(xl[0], xl[1]))
 
-
-def _has(sch: tvm.s_tir.Schedule, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-        return True
-    except Exception:  # noqa: BLE001 - ScheduleError when absent
-        return False

@@ -464,6 +464,10 @@ def schedule_kernel(sch: tvm.s_tir.Schedule, kind: str, target: tvm.target.Targe
             avx2.schedule_conv2d_avx2(sch, pick)
         else:
             avx2.schedule_dense_avx2(sch, pick)
+    elif kind == "ternary_dense_lut":  # kernels.lut
+        from tvm_lowbit.kernels import lut
+
+        lut.schedule_dense_lut(sch, pick)
     elif kind.endswith("conv2d_sdot"):  # kernels.sdot
         from tvm_lowbit.kernels import sdot
 

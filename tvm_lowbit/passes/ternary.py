@@ -36,7 +36,7 @@ from tvm import relax
 from tvm.ir import Op
 
 from tvm_lowbit import kernels, qmath
-from tvm_lowbit.kernels import avx2, sdot
+from tvm_lowbit.kernels import avx2, lut, sdot
 from tvm_lowbit.passes.requant import fold_requantize
 
 _OPS = {n: Op.get(f"relax.{n}") for n in (
@@ -66,7 +66,7 @@ class LoweringReport:
     fallback: list[tuple[str, str]] = field(default_factory=list)  # (layer, why it stayed in float)
     kernels: dict[str, str] = field(default_factory=dict)  # lowered layer -> "ternary" | "pow2"
     requant_folded: int = 0  # redundant re-quantizers removed by FoldRequantize
-    dot_product: dict[str, str] = field(default_factory=dict)  # layer -> "avx2" | "sdot" (int8 dot-product kernels)
+    fast_kernels: dict[str, str] = field(default_factory=dict)  # layer -> "avx2" | "sdot" | "lut" (see lower_ternary)
 
     def kernel_of(self, name: str) -> str:
         """The weight format of the kernel layer ``name`` was lowered to ("ternary" if not recorded)."""
@@ -81,8 +81,9 @@ class LoweringReport:
         lines = [f"{len(self.lowered)} layer(s) lowered to integer kernels ({kinds}; "
                  f"{len(self.requant_fused)} with fused requantization)"]
         for isa, how in (("avx2", "AVX2 int8 dot-product kernels (vpmaddubsw/vpmaddwd)"),
-                         ("sdot", "aarch64 int8 dot-product kernels (sdot)")):
-            n = sum(v == isa for v in self.dot_product.values())
+                         ("sdot", "aarch64 int8 dot-product kernels (sdot)"),
+                         ("lut", "lookup-table ternary kernel (few rows, large weight)")):
+            n = sum(v == isa for v in self.fast_kernels.values())
             if n:
                 lines.append(f"  {n} of them on the {how}")
         if self.requant_folded:
@@ -395,6 +396,18 @@ def _dot_isa(target: tvm.target.Target | None) -> str | None:
     return "avx2" if avx2.has_avx2(target) else "sdot" if sdot.has_sdot(target) else None
 
 
+def _rows(l: _Layer) -> int:
+    """Activation rows of a dense layer (batch x tokens)."""
+    return int(np.prod([int(d) for d in l.quant.var.ty.shape][:-1]))
+
+
+def _lut_fits(l: _Layer) -> bool:
+    """A ternary dense layer with at most ``lut.LUT_MAX_ROWS`` activation rows (the measured rule)."""
+    kout, cin = l.attrs["weight_shape"]
+    return (l.tw.format == "ternary" and _rows(l) <= lut.LUT_MAX_ROWS and cin % 4 == 0
+            and l.tw.layout.group_size % 4 == 0)
+
+
 def _dot_fits(l: _Layer, isa: str) -> bool:
     """Whether the layer runs exactly on the int8 dot-product kernels of ``isa`` (``kernels.avx2`` / ``kernels.sdot``)."""
     if isinstance(l.tw, qmath.IntWeight) or qmath.act_dtype(l.quant.bits, l.quant.signed) != "uint8":
@@ -404,6 +417,8 @@ def _dot_fits(l: _Layer, isa: str) -> bool:
     shape = tuple(l.attrs["weight_shape"])
     if l.kind == "dense":
         kout, cin = shape
+        if isa == "avx2" and _rows(l) < avx2.DENSE_MIN_ROWS:  # measured: the default kernel is faster
+            return False
         return kout % 8 == 0 and cin % 4 == 0 and (l.tw.format == "pow2" or l.tw.layout.group_size % 4 == 0)
     if avx2.conv_unsupported(shape, l.attrs.get("strides", 1), l.attrs.get("dilation", 1), l.attrs.get("groups", 1),
                              "uint8", lanes=8 if isa == "avx2" else 4) is not None:
@@ -465,7 +480,12 @@ class _Lowering(relax.PyExprMutator):
             kw = dict(l.attrs, group_size=l.tw.layout.group_size, relu=l.relu)
         name = f"{'int' if isinstance(l.tw, qmath.IntWeight) else l.tw.format}_{l.kind}"
         dot_fn = _DOT_KERNELS.get((self.dot, name)) if self.dot and _dot_fits(l, self.dot) else None
-        if dot_fn is not None:
+        if self.dot == "avx2" and name == "ternary_dense" and _lut_fits(l):  # measured: faster for few rows
+            fn, name = lut.ternary_dense_lut, "ternary_dense_lut"
+            args[1] = relax.const(lut.base3_codes(l.tw.t.numpy().reshape(l.tw.layout.out_channels, -1)
+                                                  [:, :l.attrs["weight_shape"][1]]))
+            self.on_dot[l.name] = "lut"
+        elif dot_fn is not None:
             fn, name = dot_fn, f"{name}_{self.dot}"
             self.on_dot[l.name] = self.dot
         if self.expose_acc:
@@ -506,8 +526,10 @@ def lower_ternary(mod: tvm.IRModule, infos: dict[str, LayerInfo] | None = None, 
     layer's int32 accumulators to the function's outputs (for bit-exact testing).  The layers that fit
     (unsigned 8-bit codes, K % 8 == 0, C % 4 == 0, ternary groups of a multiple of 4 along the input channels
     or 4-bit power-of-two codes) get the int8 dot-product kernels of the ``target``: ``kernels.avx2`` on x86
-    with AVX2 (conv and dense), ``kernels.sdot`` on aarch64 with +dotprod (conv); the result is the same,
-    bit for bit.
+    with AVX2 (conv, and dense with at least ``kernels.avx2.DENSE_MIN_ROWS`` rows), ``kernels.sdot`` on
+    aarch64 with +dotprod (conv); on x86 a ternary dense layer with at most ``kernels.lut.LUT_MAX_ROWS`` rows
+    gets the lookup-table kernel (``kernels.lut``). Both row rules are measured (``scripts/bench_gemm.py
+    --shapes``). The result is the same, bit for bit.
     """
     report = LoweringReport()
     # CanonicalizeBindings + DCE drop dead tuple members the importers leave, e.g. the constant
@@ -531,7 +553,7 @@ def lower_ternary(mod: tvm.IRModule, infos: dict[str, LayerInfo] | None = None, 
         return mod, report
     mut = _Lowering(mod, analysis, expose_acc, dot=_dot_isa(target))
     new_func = mut.visit_expr(func)
-    report.dot_product = mut.on_dot
+    report.fast_kernels = mut.on_dot
     if expose_acc and mut.accs:
         # the result becomes (original outputs..., accumulators...)
         body = new_func.body
