@@ -7,8 +7,9 @@ same run (the host is shared, so only ratios from one run are comparable). All r
     python scripts/bench_speed.py --models resnet20,resnet18-224 --repeat 20 --json bench.json
 
 The ``*-tuned`` rows (``tvm-fp32-tuned``, ``tvm-fgq-n4-tuned``, ``tvm-pow2-tuned``, not in the default
-``--variants``) tune with MetaSchedule first, ``--trials`` trials per variant over all its tasks, then
-compile with that database. pow2 is INQ 5-bit weights projected without retraining (speed only).
+``--variants``) tune with MetaSchedule first, ``--trials`` trials per variant over all its tasks (shared out
+by the ``--scheduler``, gradient-based by default: more trials for the tasks that weigh most), then compile
+with that database. pow2 is INQ 5-bit weights projected without retraining (speed only).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tvm_lowbit.baselines import NUM_THREADS  # noqa: E402
 MODELS = ("resnet20", "resnet18-224")
 VARIANTS = ("tvm-fp32", "tvm-fgq-n4", "tvm-fgq-n64", "torch-fp32", "ort-int8", "tvm-fp32-tuned", "tvm-fgq-n4-tuned",
             "tvm-pow2-tuned")
-TUNE = {"trials": 64, "dir": Path("bench_schedules")}  # set from --trials / --tune-dir
+TUNE = {"trials": 64, "dir": Path("bench_schedules"), "scheduler": "gradient"}  # from --trials etc.
 TARGET = "x86-host"
 FIELDS = ("model", "variant", "target", "median_ms", "ratio_vs_tvm_fp32", "weight_bytes")
 
@@ -106,7 +107,7 @@ def tuned(variant: str) -> Callable[[nn.Module, np.ndarray, np.ndarray], Timed]:
             qmodel = pow2_model(model, calib)
         work = TUNE["dir"] / f"{example.shape[-1]}px-{variant}"
         rep = tune.tune(qmodel, example, TARGET, trials_per_task=TUNE["trials"], max_trials_global=TUNE["trials"],
-                        work_dir=work, seed=0)
+                        work_dir=work, seed=0, scheduler=TUNE["scheduler"])
         log(f"  {rep.text()}")
         art = tvm_lowbit.compile(qmodel, example, target=TARGET, schedules=work)
         log(f"  {art.tuning.text()}")
@@ -177,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="MetaSchedule trials per *-tuned variant, over all its tasks (the same for FP32 and ours)")
     ap.add_argument("--tune-dir", type=Path, default=Path("bench_schedules"),
                     help="tuning databases of the *-tuned variants (a rerun keeps their records and tunes further)")
+    ap.add_argument("--scheduler", choices=("round-robin", "gradient"), default="gradient",
+                    help="how MetaSchedule shares the trials among the tasks (tune.tune_module; default gradient)")
     args = ap.parse_args(argv)
-    TUNE.update(trials=args.trials, dir=args.tune_dir)
+    TUNE.update(trials=args.trials, dir=args.tune_dir, scheduler=args.scheduler)
 
     models = [m for m in args.models.split(",") if m]
     variants = [v for v in args.variants.split(",") if v]

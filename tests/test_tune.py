@@ -74,6 +74,27 @@ def test_compile_applies_the_database_bit_exact(tiny, tuned) -> None:
         tvm_lowbit.compile(q, x, schedules=d / "nope")
 
 
+def test_a_database_tuned_under_emulation_applies_only_when_asked(tiny, tuned, tmp_path, monkeypatch,
+                                                                  capsys) -> None:
+    q, x = tiny
+    d, _ = tuned
+    shutil.copytree(d, tmp_path / "x86-host")
+    monkeypatch.setattr(tune, "SCHEDULES_DIR", tmp_path)
+    assert tvm_lowbit.compile(q, x).tuning is not None  # schedules/<target>/ applies by default
+    (tmp_path / "x86-host" / tune.EMULATED_MARK).write_text("timed under qemu\n")
+    assert tvm_lowbit.compile(q, x, verbose=True).tuning is None
+    assert "tuned on an emulated board and is not applied by default" in capsys.readouterr().out
+    assert CONV in tvm_lowbit.compile(q, x, schedules=tmp_path / "x86-host").tuning.applied
+
+
+def test_shipped_pi_databases_are_marked_as_emulated() -> None:
+    # they were timed on the emulated boards; by instruction count they lose to the default schedules
+    for name in ("rasp4b", "rasp5"):
+        d = tune.SCHEDULES_DIR / name
+        if (d / tune.WORKLOAD_FILE).is_file():
+            assert (d / tune.EMULATED_MARK).is_file(), f"{d} has no {tune.EMULATED_MARK}"
+
+
 def test_rerun_resumes_without_new_trials(tiny, tuned, tmp_path, capsys) -> None:
     """`tvm-lowbit tune` on the saved model finds the API run's records: only missing trials would run."""
     from tvm_lowbit.cli import main
@@ -104,6 +125,15 @@ def test_tensorized_records_load_whole_in_a_fresh_process(tuned) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == [str(lines), "0"], out.stdout
+
+
+def test_a_global_budget_shared_by_the_gradient_scheduler(tiny, tmp_path) -> None:
+    q, x = tiny
+    rep = tune.tune(q, x, "x86-host", trials_per_task=8, max_trials_global=6, work_dir=tmp_path / "g",
+                    only_kernels=True, progress=False, seed=0)  # auto: gradient (6 < 2 tasks x 8)
+    assert 2 <= rep.trials_run <= 6 + 2 and rep.failed == 0, rep.errors[:1]  # + one batch of overshoot
+    with pytest.raises(ValueError, match="round-robin"):
+        tune.tune(q, x, "x86-host", work_dir=tmp_path / "h", scheduler="fastest")
 
 
 def test_corrupted_database_keeps_valid_records(tuned, tmp_path) -> None:
@@ -153,6 +183,20 @@ def test_cli_tune_board_needs_a_tracker(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["tune", "--target", "rasp4b"])
     assert "--tracker" in capsys.readouterr().err
+
+
+def test_cli_compile_schedules_option(tiny, tuned, tmp_path, capsys) -> None:
+    from tvm_lowbit.cli import main
+    from tvm_lowbit.compiler import save_quantized
+
+    q, x = tiny
+    d, _ = tuned
+    pt2 = save_quantized(q, x, tmp_path / "q.pt2")
+    main(["compile", str(pt2), "--out", str(tmp_path / "a"), "--schedules", str(d)])
+    assert f"tuned schedules from {d}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["compile", str(pt2), "--out", str(tmp_path / "b"), "--schedules", str(tmp_path / "nope")])
+    assert "no such tuning database folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow

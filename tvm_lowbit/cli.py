@@ -256,6 +256,9 @@ def cmd_compile(a: argparse.Namespace) -> None:
         _err(str(e))
     _fgq_from_args(a)  # bad FGQ options fail here, also for a .pt2 that was quantized already
     src = a.model
+    sched = {"auto": None, "none": False}.get(a.schedules, a.schedules)
+    if sched not in (None, False) and (spec.is_vta or src.endswith(".onnx")):
+        _err(f"--schedules {a.schedules}: tuned schedules apply to .pt2 and built-in models on CPU targets")
     if spec.is_vta and src.endswith((".onnx", ".pt2")):
         _err(f"{spec.name} is a VTA target: compile a built-in model (or tvm_lowbit.compile(qmodel, x, "
              f"{spec.name!r}) from Python); planning a .pt2/ONNX file for VTA is not supported yet")
@@ -269,14 +272,14 @@ def cmd_compile(a: argparse.Namespace) -> None:
         calib = _calib(a.calib, a.calib_size)
         art = quantize_onnx(src, _fgq_from_args(a), calib, target=a.target, batch=a.batch)
     elif src.endswith(".pt2"):
-        art = compile_saved(src, a.target)
+        art = compile_saved(src, a.target, schedules=sched, verbose=False)
     else:
         from tvm_lowbit import quantize
 
         model = _load_model(src)
         calib = _calib(a.calib, a.calib_size)
         q = quantize(model, _fgq_from_args(a), calib)
-        art = tvm_lowbit.compile(q, calib[:a.batch], a.target)
+        art = tvm_lowbit.compile(q, calib[:a.batch], a.target, schedules=sched)
     print(art.report.text())
     if art.tuning is not None:
         print(art.tuning.text())
@@ -468,6 +471,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--target", default="x86-host")
     p.add_argument("--out", required=True, help="artifact folder (model.so + meta.json)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--schedules", default="auto",
+                   help="tuning database folder to apply; auto (default): schedules/<target>/ unless it was tuned "
+                        "under emulation; none: default schedules")
     _add_fgq_args(p)
     p.set_defaults(fn=cmd_compile)
     p = sub.add_parser("deploy", help="compile for a board, run it there over TVM RPC, compare with this host, time it")

@@ -203,7 +203,8 @@ def build(mod: Any, target: str | TargetSpec, infos: dict[str, LayerInfo] | None
     """Lower, schedule and build a Relax module imported from a fake-quant model.
 
     ``schedules``: a MetaSchedule database folder (``tvm-lowbit tune``) to apply; ``None`` uses
-    ``schedules/<target>/`` when it exists; ``False`` keeps the default schedules."""
+    ``schedules/<target>/`` when it exists and was not measured under emulation (``tune.EMULATED_MARK``);
+    ``False`` keeps the default schedules."""
     import tvm
 
     from tvm_lowbit.passes import apply_default_schedules, lower_ternary
@@ -219,7 +220,7 @@ def build(mod: Any, target: str | TargetSpec, infos: dict[str, LayerInfo] | None
         mod = _strip_single_tuple(mod)
     weight_bytes = _constants_bytes(mod["main"])
     tuning = None
-    db_dir = _schedules_dir(spec, schedules)
+    db_dir = _schedules_dir(spec, schedules, verbose)
     if db_dir is not None:  # tuned schedules first; the kernels without a record get their default below
         from tvm_lowbit.tune import apply_database
 
@@ -247,13 +248,20 @@ def build(mod: Any, target: str | TargetSpec, infos: dict[str, LayerInfo] | None
     return art
 
 
-def _schedules_dir(spec: TargetSpec, schedules: str | os.PathLike[str] | bool | None) -> Path | None:
+def _schedules_dir(spec: TargetSpec, schedules: str | os.PathLike[str] | bool | None,
+                   verbose: bool = False) -> Path | None:
     if schedules is False:
         return None
     if schedules is None or schedules is True:
-        from tvm_lowbit.tune import SCHEDULES_DIR, WORKLOAD_FILE
+        from tvm_lowbit.tune import EMULATED_MARK, SCHEDULES_DIR, WORKLOAD_FILE
 
         d = SCHEDULES_DIR / spec.name
+        if (d / EMULATED_MARK).is_file():
+            if verbose:
+                print(f"note: {d} was tuned on an emulated board and is not applied by default (default "
+                      f"schedules used); pass schedules={str(d)!r} to apply it, or re-tune on a real board "
+                      "(schedules/README.md)")
+            return None
         return d if (d / WORKLOAD_FILE).is_file() else None
     d = Path(schedules)
     if not d.is_dir():
@@ -320,10 +328,11 @@ def load_saved(path: str | os.PathLike[str]) -> tuple[Any, dict[str, LayerInfo],
 
 
 def compile_saved(path: str | os.PathLike[str], target: str | TargetSpec = "x86-host", *,
-                  verbose: bool = False) -> Artifact:
-    """Compile a saved quantized model: a ``.pt2`` from ``save_quantized`` (or any torch.export program)."""
+                  verbose: bool = False, schedules: str | os.PathLike[str] | bool | None = None) -> Artifact:
+    """Compile a saved quantized model: a ``.pt2`` from ``save_quantized`` (or any torch.export program);
+    ``schedules`` as for :func:`build`."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such model file")
     spec = load_target(target)
     mod, infos, shape = load_saved(path)
-    return build(mod, spec, infos, shape, verbose=verbose)
+    return build(mod, spec, infos, shape, verbose=verbose, schedules=schedules)

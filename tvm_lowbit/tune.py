@@ -34,6 +34,9 @@ import numpy as np
 SCHEDULES_DIR = Path(os.environ.get("TVM_LOWBIT_SCHEDULES", Path(__file__).resolve().parent.parent / "schedules"))
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
+# a database folder holding this file was measured on an emulated board: `compile` applies it only when asked
+# by path (qemu's timings rank schedules unlike the real core; see schedules/README.md)
+EMULATED_MARK = "MEASURED_UNDER_EMULATION"
 
 
 class TuneError(RuntimeError):
@@ -420,11 +423,18 @@ def _progress_callback(bar: Any, errors: list[str], measured: list[int]) -> Any:
 def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = None, trials_per_task: int = 16,
                 work_dir: str | os.PathLike[str] | None = None, boards: RPCBoards | None = None,
                 num_trials_per_iter: int | None = None, progress: bool = True, seed: int | None = None,
-                only_kernels: bool = False, max_trials_global: int | None = None) -> TuneReport:
+                only_kernels: bool = False, max_trials_global: int | None = None,
+                scheduler: str = "auto") -> TuneReport:
     """Tune every task of an imported Relax module (``compiler.import_torch`` / ``load_saved``; ``infos`` is
     its layer table) for ``target``. Records go to ``work_dir`` (default ``schedules/<target>/``), appended as
     they are measured; a task that already has ``trials_per_task`` records is skipped (resume).
-    ``max_trials_global`` caps the trials of this run over all tasks (MetaSchedule shares them out)."""
+    ``max_trials_global`` caps the trials of this run over all tasks (MetaSchedule shares them out):
+    ``scheduler`` "round-robin" gives every task the same share, "gradient" (MetaSchedule's gradient-based
+    task scheduler) gives more to the tasks that weigh most in the model's latency after a first round;
+    "auto" is "gradient" when ``max_trials_global`` cuts the run short of ``trials_per_task`` for every task,
+    else "round-robin" (each task gets its own trials, so a rerun resumes exactly)."""
+    if scheduler not in ("auto", "round-robin", "gradient"):
+        raise ValueError(f"scheduler={scheduler!r}: choose 'auto', 'round-robin' or 'gradient'")
     stub_gpu_intrinsics()
     from tqdm import tqdm
     from tvm.s_tir import meta_schedule as ms
@@ -481,6 +491,8 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
                 evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=10),
                 f_alloc_argument=_host_fill, max_workers=boards.n_parallel)
         total = sum(todo) if max_trials_global is None else min(sum(todo), max_trials_global)
+        if scheduler == "auto":  # measured on ResNet-18 (README): gradient helps when the budget is short
+            scheduler = "gradient" if total < sum(todo) else "round-robin"
         # small batches spread a small budget over every task (round-robin gives each task one batch a round)
         per_iter = num_trials_per_iter or max(2, min(8, total // len(ctxs)))
         with tqdm(total=total, desc=f"tuning {spec.name}", unit="trial", disable=not progress) as bar:
@@ -494,7 +506,7 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
                                   extractor=ms.feature_extractor.PerStoreFeature(), adaptive_training=True,
                                   num_warmup_samples=8),
                               measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), cb],
-                              task_scheduler="round-robin")
+                              task_scheduler=scheduler)
             run = measured[0]
     else:
         run = 0
