@@ -185,7 +185,7 @@ def test_cli_tune_board_needs_a_tracker(capsys) -> None:
     assert "--tracker" in capsys.readouterr().err
 
 
-def test_cli_compile_schedules_option(tiny, tuned, tmp_path, capsys) -> None:
+def test_cli_compile_schedules_option(tiny, tuned, tmp_path, capsys, monkeypatch) -> None:
     from tvm_lowbit.cli import main
     from tvm_lowbit.compiler import save_quantized
 
@@ -197,6 +197,11 @@ def test_cli_compile_schedules_option(tiny, tuned, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["compile", str(pt2), "--out", str(tmp_path / "b"), "--schedules", str(tmp_path / "nope")])
     assert "no such tuning database folder" in capsys.readouterr().err
+    shutil.copytree(d, tmp_path / "dbs" / "x86-host")
+    (tmp_path / "dbs" / "x86-host" / tune.EMULATED_MARK).write_text("timed under qemu\n")
+    monkeypatch.setattr(tune, "SCHEDULES_DIR", tmp_path / "dbs")
+    main(["compile", str(pt2), "--out", str(tmp_path / "c")])
+    assert "tuned on an emulated board and is not applied by default" in capsys.readouterr().out
 
 
 @pytest.mark.slow
