@@ -30,8 +30,8 @@ times the cores; the thread pool's spin-waits count as busy, so this errs low). 
 goes into the JSON.
 
     python scripts/bench_gemm.py --json gemm.json
-``--shapes MxNxK,...`` runs several shapes (default: ``--m``, ``--n``, ``--k``). ``--json`` writes ``{"rows": [{"shape", "kernel", "gops", "peak_gops", "fraction_of_peak"}, ...]}`` with
-``shape`` = [M, N, K].
+``--shapes MxNxK,...`` runs several shapes (default: ``--m``, ``--n``, ``--k``). ``--json`` writes
+``{"rows": [{"shape", "kernel", "gops", "peak_gops", "fraction_of_peak"}, ...]}`` with ``shape`` = [M, N, K].
 """
 
 from __future__ import annotations

@@ -284,11 +284,10 @@ def cmd_compile(a: argparse.Namespace) -> None:
     if art.tuning is not None:
         print(art.tuning.text())
     elif sched is None and not spec.is_vta:
-        from tvm_lowbit.tune import EMULATED_MARK, SCHEDULES_DIR
+        from tvm_lowbit.tune import emulated_default
 
-        if (SCHEDULES_DIR / spec.name / EMULATED_MARK).is_file():
-            print(f"default schedules: {SCHEDULES_DIR / spec.name} was tuned on an emulated board and is not applied "
-                  f"by default (--schedules {SCHEDULES_DIR / spec.name} applies it)")
+        if (note := emulated_default(spec.name)) is not None:
+            print(f"note: {note}")
     out = art.export(a.out)
     print(f"wrote {out}/model.so for {art.target.name} ({art.target.description}); weights {art.weight_bytes:,d} bytes")
 

@@ -253,15 +253,13 @@ def _schedules_dir(spec: TargetSpec, schedules: str | os.PathLike[str] | bool | 
     if schedules is False:
         return None
     if schedules is None or schedules is True:
-        from tvm_lowbit.tune import EMULATED_MARK, SCHEDULES_DIR, WORKLOAD_FILE
+        from tvm_lowbit.tune import SCHEDULES_DIR, WORKLOAD_FILE, emulated_default
 
-        d = SCHEDULES_DIR / spec.name
-        if (d / EMULATED_MARK).is_file():
+        if (note := emulated_default(spec.name)) is not None:
             if verbose:
-                print(f"note: {d} was tuned on an emulated board and is not applied by default (default "
-                      f"schedules used); pass schedules={str(d)!r} to apply it, or re-tune on a real board "
-                      "(schedules/README.md)")
+                print(f"note: {note}")
             return None
+        d = SCHEDULES_DIR / spec.name
         return d if (d / WORKLOAD_FILE).is_file() else None
     d = Path(schedules)
     if not d.is_dir():

@@ -39,6 +39,16 @@ RECORD_FILE = "database_tuning_record.json"
 EMULATED_MARK = "MEASURED_UNDER_EMULATION"
 
 
+def emulated_default(target_name: str) -> str | None:
+    """Why ``compile`` skips ``schedules/<target>/`` by default (it was tuned under emulation), or None."""
+    d = SCHEDULES_DIR / target_name
+    if not (d / EMULATED_MARK).is_file():
+        return None
+    return (f"{d} was tuned on an emulated board and is not applied by default (default schedules used); apply it "
+            f"with schedules={str(d)!r} (tvm-lowbit compile --schedules {d}) or re-tune on a real board "
+            "(schedules/README.md)")
+
+
 class TuneError(RuntimeError):
     pass
 
@@ -431,7 +441,7 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
     ``max_trials_global`` caps the trials of this run over all tasks (MetaSchedule shares them out):
     ``scheduler`` "round-robin" gives every task the same share, "gradient" (MetaSchedule's gradient-based
     task scheduler) gives more to the tasks that weigh most in the model's latency after a first round;
-    "auto" is "gradient" when ``max_trials_global`` cuts the run short of ``trials_per_task`` for every task,
+    "auto" is "gradient" when ``max_trials_global`` is less than the trials the tasks still lack in all,
     else "round-robin" (each task gets its own trials, so a rerun resumes exactly)."""
     if scheduler not in ("auto", "round-robin", "gradient"):
         raise ValueError(f"scheduler={scheduler!r}: choose 'auto', 'round-robin' or 'gradient'")

@@ -356,7 +356,6 @@ def schedule_conv2d_avx2(sch: tvm.s_tir.Schedule, pick=None) -> None:
     sch.parallel(sch.fuse(xl[0], xl[1]))
 
 
-
 def build_dense(kind: str, m: int, kout: int, cin: int, *, group_size: int = 4, out_mode: OutMode = "acc",
                 target: str | dict = "llvm -mcpu=x86-64-v3", pick=None) -> tuple[object, list[str]]:
     """A standalone tensorized dense kernel (for tests and ``scripts/bench_gemm.py``): returns the compiled

@@ -110,4 +110,3 @@ def schedule_dense_lut(sch: tvm.s_tir.Schedule, pick=None) -> None:
     init = sch.decompose_reduction(acc, rs)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(ki)
-

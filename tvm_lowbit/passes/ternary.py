@@ -403,7 +403,7 @@ def _rows(l: _Layer) -> int:
 
 def _lut_fits(l: _Layer) -> bool:
     """A ternary dense layer with at most ``lut.LUT_MAX_ROWS`` activation rows (the measured rule)."""
-    kout, cin = l.attrs["weight_shape"]
+    _, cin = l.attrs["weight_shape"]
     return (l.tw.format == "ternary" and _rows(l) <= lut.LUT_MAX_ROWS and cin % 4 == 0
             and l.tw.layout.group_size % 4 == 0)
 
@@ -432,7 +432,7 @@ class _Lowering(relax.PyExprMutator):
         super().__init__(mod)
         self.a = analysis
         self.dot = dot  # "avx2" | "sdot" | None: the target's int8 dot-product kernels
-        self.on_dot: dict[str, str] = {}
+        self.fast_kernels: dict[str, str] = {}  # layer -> "avx2" | "sdot" | "lut"
         self.expose_acc = expose_acc
         self.accs: list[relax.Var] = []
         self.layer_at = {l.out_var.__hash__(): l for l in analysis.layers}
@@ -484,10 +484,10 @@ class _Lowering(relax.PyExprMutator):
             fn, name = lut.ternary_dense_lut, "ternary_dense_lut"
             args[1] = relax.const(lut.base3_codes(l.tw.t.numpy().reshape(l.tw.layout.out_channels, -1)
                                                   [:, :l.attrs["weight_shape"][1]]))
-            self.on_dot[l.name] = "lut"
+            self.fast_kernels[l.name] = "lut"
         elif dot_fn is not None:
             fn, name = dot_fn, f"{name}_{self.dot}"
-            self.on_dot[l.name] = self.dot
+            self.fast_kernels[l.name] = self.dot
         if self.expose_acc:
             acc = self.builder_.emit_te(fn, *args, **kw, out_mode="acc", primfunc_name_hint=name,
                                         primfunc_attrs=kernels.kernel_attrs(name))
@@ -553,7 +553,7 @@ def lower_ternary(mod: tvm.IRModule, infos: dict[str, LayerInfo] | None = None, 
         return mod, report
     mut = _Lowering(mod, analysis, expose_acc, dot=_dot_isa(target))
     new_func = mut.visit_expr(func)
-    report.fast_kernels = mut.on_dot
+    report.fast_kernels = mut.fast_kernels
     if expose_acc and mut.accs:
         # the result becomes (original outputs..., accumulators...)
         body = new_func.body
