@@ -35,7 +35,7 @@ import tvm
 from tvm import relax
 from tvm.ir import Op
 
-from tvm_lowbit import kernels, qmath
+from tvm_lowbit import formats, kernels, qmath
 from tvm_lowbit.kernels import avx2, lut, sdot
 from tvm_lowbit.passes.requant import fold_requantize
 
@@ -279,45 +279,9 @@ class _Analysis:
             chain.append(u)
             cur, relu = u, True
 
-        fmt = info.weight_format if info else None
-        tw: qmath.TernaryWeight | qmath.Pow2Weight | qmath.IntWeight | None = None
-        if fmt == "pow2":
-            tw = qmath.decompose_pow2(w)
-            if tw is None:
-                self.report.fallback.append((name, f"its integer weight {tuple(w.shape)} is not power-of-two "
-                                                   f"(every value 0 or +-2^e, e <= {qmath.POW2_MAX_EXP})"))
-                return None
-        elif fmt in ("ternary", None):
-            group_sizes = [info.group_size] if info else [64, 32, 16, 8, 4, 2, "pow2", 1]
-            for n in group_sizes:
-                tw = qmath.decompose_pow2(w) if n == "pow2" else qmath.decompose_w_int(w, n)
-                if tw is not None:
-                    break
-            if tw is None:
-                self.report.fallback.append((name, f"its integer weight {tuple(w.shape)} is not grouped-ternary "
-                                                   f"with group size {group_sizes[0]} and 8-bit alpha codes"
-                                                   + ("" if info else " (nor power-of-two)")))
-                return None
-        elif fmt == "int":
-            # k-bit integer weights (PACT/DoReFa): the narrowest packed integer kernel that holds them
-            # exactly (int4 or int8, one scale per output channel), else ternary groups of one, each
-            # weight carrying its own integer alpha (2 + 8 bits a weight; values up to +-255)
-            tw = qmath.decompose_k_bit(w)
-            if tw is None:
-                self.report.fallback.append((name, f"its integer weight {tuple(w.shape)} has values beyond "
-                                                   "+-255, which the integer kernels do not take"))
-                return None
-        elif fmt in ("int4", "int8"):
-            bits = int(fmt[3:])
-            tw = qmath.decompose_int(w, bits, info.group_size if info else 0)
-            if tw is None:
-                self.report.fallback.append((name, f"its integer weight {tuple(w.shape)} is not {fmt} "
-                                                   f"(|code| <= {qmath.int_qmax(bits)} times an 8-bit scale code "
-                                                   f"per group of {info.group_size if info else 0})"))
-                return None
-        else:
-            self.report.fallback.append((name, f"no integer kernel for weight format {fmt!r} "
-                                               "(known: ternary, pow2, int, int4, int8)"))
+        tw, why = formats.decompose(info.weight_format if info else None, w, info.group_size if info else None)
+        if tw is None:
+            self.report.fallback.append((name, why))
             return None
         k = w.shape[0]
         out_scale = np.asarray(scale, np.float64).reshape(-1).astype(np.float32)
