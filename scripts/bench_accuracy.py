@@ -40,7 +40,7 @@ from tvm_lowbit.models.resnet import load_pretrained  # noqa: E402
 from tvm_lowbit.quantizers import FGQ, quantize  # noqa: E402
 from tvm_lowbit.quantizers.auto import Auto, WeightMaker, build_mixed  # noqa: E402
 from tvm_lowbit.quantizers.fgq import execution_order, selected_layers  # noqa: E402
-from tvm_lowbit.quantizers.formats import avg_weight_bits  # noqa: E402
+from tvm_lowbit.formats import avg_weight_bits  # noqa: E402
 
 RETRAINED = Path(__file__).resolve().parent.parent / "tvm_lowbit" / "zoo" / "retrained"
 RETRAINED_ORDER = {n: i for i, n in enumerate(("inq-b5", "inq-b4", "inq-b3", "inq-b2", "pact-w4a4", "pact-w2a2",

@@ -15,7 +15,7 @@ from tvm_lowbit.models.mobilenet import HOLDOUT, MobileNetV2, calibration_split,
 from tvm_lowbit.models.resnet import checkpoint_path
 from tvm_lowbit.quantizers.auto import build_mixed
 from tvm_lowbit.quantizers.fgq import execution_order
-from tvm_lowbit.quantizers.formats import avg_weight_bits
+from tvm_lowbit.formats import avg_weight_bits
 from tvm_lowbit.quantizers.layers import quant_layers
 
 

@@ -19,7 +19,7 @@ Repair is cheap and post-training: bias correction (batch-norm re-estimation, an
 mean correction for layers with no batch norm after them) and, by default, GPTQ-style rounding of
 the integer and ternary codes against each layer's FP32 output (``quantizers.rounding``).
 
-The cost is the weight bytes of the compiled model (``cost="bytes"``, see ``quantizers.formats``) or a
+The cost is the weight bytes of the compiled model (``cost="bytes"``, see ``tvm_lowbit.formats``) or a
 user table: a mapping format -> cost per weight (e.g. latency per weight measured on a board), or a
 callable ``(layer, format, numel, nbytes) -> cost``.
 
@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from tvm_lowbit.quantizers import calibrate
 from tvm_lowbit.quantizers.fgq import FGQ, _correct_bias, conv_bn_pairs, execution_order
-from tvm_lowbit.quantizers.formats import Format, avg_weight_bits, model_weight_bytes, parse_format
+from tvm_lowbit.formats import Format, avg_weight_bits, model_weight_bytes, parse_format
 from tvm_lowbit.quantizers.hooks import build_fake_quant
 from tvm_lowbit.quantizers.rounding import input_hessians, refine
 from tvm_lowbit.quantizers.sensitivity import Sensitivity, layer_sensitivity
@@ -100,7 +100,7 @@ class Auto:
     budget: max top-1 drop in points (a number or ``"drop<=X"``) or ``"agree>=Y"`` (% agreement with
     FP32), on ``val_data``.  cost: ``"bytes"``, a mapping format -> cost per weight, or a callable
     ``(layer, format, numel, nbytes) -> cost``.  formats: candidate formats for every layer
-    (``quantizers.formats``).  overrides: module-name pattern (fnmatch) -> a format or list of formats
+    (``tvm_lowbit.formats``).  overrides: module-name pattern (fnmatch) -> a format or list of formats
     for matching layers (later patterns win), e.g. ``{"classifier": "int8"}``.  act_bits /
     calibration / bn_reestimate / bias_correction: the activation pipeline, as in FGQ.  rounding:
     ``gptq`` (default: integer and ternary codes refined against each layer's FP32 output on

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from tvm_lowbit import qmath
 from tvm_lowbit.quantizers import calibrate
 from tvm_lowbit.quantizers.fgq import FGQ, _set_module, execution_order
-from tvm_lowbit.quantizers.formats import Format, parse_format, weight_bytes
+from tvm_lowbit.formats import Format, parse_format, weight_bytes
 from tvm_lowbit.quantizers.layers import QConv2d, QLinear, QuantLayer
 
 CACHE_VERSION = 1
