@@ -9,9 +9,9 @@ from torch import nn
 
 import tvm_lowbit
 from tvm_lowbit import data
+from tvm_lowbit.formats import avg_weight_bits, model_weight_bytes
 from tvm_lowbit.models.mobilenet import validation_split
 from tvm_lowbit.quantizers.auto import Auto, BudgetError, build_mixed, parse_budget, predictions
-from tvm_lowbit.formats import avg_weight_bits, model_weight_bytes
 from tvm_lowbit.quantizers.layers import quant_layers
 from tvm_lowbit.quantizers.sensitivity import layer_sensitivity
 

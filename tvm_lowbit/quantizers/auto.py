@@ -44,12 +44,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tvm_lowbit.quantizers import calibrate
-from tvm_lowbit.quantizers.fgq import FGQ, _correct_bias, conv_bn_pairs, execution_order
 from tvm_lowbit.formats import Format, avg_weight_bits, model_weight_bytes, parse_format
-from tvm_lowbit.quantizers.hooks import build_fake_quant
+from tvm_lowbit.quantizers import calibrate
 from tvm_lowbit.quantizers.rounding import input_hessians, refine
 from tvm_lowbit.quantizers.sensitivity import Sensitivity, layer_sensitivity
+from tvm_lowbit.quantizers.surgery import build_fake_quant, conv_bn_pairs, correct_bias, execution_order
 
 DEFAULT_FORMATS = ("ternary-n16", "ternary", "pow2-3", "pow2-4", "pow2-5", "int4", "int8", "float")
 ROUNDINGS = ("nearest", "gptq")
@@ -166,7 +165,7 @@ class Auto:
         return out
 
     def method(self) -> str:
-        return self.calibration if self.calibration != "auto" else FGQ(act_bits=self.act_bits).calibration_method()
+        return self.calibration if self.calibration != "auto" else calibrate.auto_method(self.act_bits)
 
 
 @dataclass
@@ -269,7 +268,7 @@ def build_mixed(model: nn.Module, formats: Mapping[str, str], calib_data: object
             first = next(calibrate.iterate_batches(calib_data, cfg.batch_size))
             pairs = conv_bn_pairs(model)
             order = [n for n in execution_order(model.eval(), first[:1]) if n in qw and n not in pairs]
-            _correct_bias(model, q, order, calib_data, cfg.batch_size, progress)
+            correct_bias(model, q, order, calib_data, cfg.batch_size, progress)
     q.tvm_lowbit_config = {"scheme": "auto", "formats": {n: parse_format(f).name for n, f in formats.items()},
                            "act_bits": cfg.act_bits, "rounding": cfg.rounding, "budget": str(parse_budget(cfg.budget))}
     return q.eval()

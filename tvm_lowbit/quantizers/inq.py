@@ -47,7 +47,8 @@ from torch import nn
 
 from tvm_lowbit import qmath
 from tvm_lowbit.quantizers import calibrate
-from tvm_lowbit.quantizers.hooks import HookOrderError, TrainingQuantizer, build_fake_quant, quantizable_layers
+from tvm_lowbit.quantizers.hooks import HookOrderError, TrainingQuantizer, quantizable_layers
+from tvm_lowbit.quantizers.surgery import build_fake_quant
 
 STRATEGIES = ("pruning", "random")
 GRANULARITIES = ("layer", "channel")

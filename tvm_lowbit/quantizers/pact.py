@@ -42,8 +42,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from tvm_lowbit import qmath
-from tvm_lowbit.quantizers.hooks import (HookOrderError, IntegerWeight, TrainingQuantizer, build_fake_quant,
-                                         quantizable_layers, strip_parametrizations)
+from tvm_lowbit.quantizers.calibrate import iterate_batches
+from tvm_lowbit.quantizers.hooks import (HookOrderError, IntegerWeight, TrainingQuantizer, quantizable_layers,
+                                         strip_parametrizations)
+from tvm_lowbit.quantizers.surgery import build_fake_quant, set_module
 
 LAYER_POLICIES = ("float", "pact")
 DEFAULT_WEIGHT_DECAY = 5e-4
@@ -218,11 +220,6 @@ def relus_feeding(model: nn.Module, targets: set[str]) -> list[str] | None:
     return found
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-
-
 class PACTQuantizer(TrainingQuantizer):
     """The PACT training hook (built by ``PACT(...).attach(model)``); one stage."""
 
@@ -245,7 +242,7 @@ class PACTQuantizer(TrainingQuantizer):
             relus = [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
         ref = next(iter(model.parameters()), torch.zeros(()))
         for name in relus:
-            _set_module(model, name, PACTReLU(cfg.act_bits, cfg.alpha_init).to(ref.device))
+            set_module(model, name, PACTReLU(cfg.act_bits, cfg.alpha_init).to(ref.device))
         self.activations = relus
         for name in self.layers:
             parametrize.register_parametrization(model.get_submodule(name), "weight", DoReFaWeight(cfg.weight_bits))
@@ -292,8 +289,6 @@ class PACTQuantizer(TrainingQuantizer):
         for n in self.layers:
             handles.append(plain.get_submodule(n).register_forward_pre_hook(
                 lambda _m, a, n=n: feeds.__setitem__(n, outs[id(a[0])]) if id(a[0]) in outs else None))
-        from tvm_lowbit.quantizers.calibrate import iterate_batches
-
         keep = []  # keep outputs alive so ids stay unique during the pass
         first = next(iterate_batches(calib_data, batch_size))
         hold = [plain.get_submodule(n).register_forward_hook(lambda _m, _a, o: keep.append(o)) for n in self.activations]
@@ -309,7 +304,7 @@ class PACTQuantizer(TrainingQuantizer):
             fixed[name] = (pm.scale, False, pm.bits)
         for n in self.activations:
             pm = plain.get_submodule(n)
-            _set_module(plain, n, PACTQuant(pm.scale, pm.bits))
+            set_module(plain, n, PACTQuant(pm.scale, pm.bits))
         n_levels = 2 ** k - 1
         weights = {}
         for name in self.layers:

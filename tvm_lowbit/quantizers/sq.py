@@ -49,8 +49,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from tvm_lowbit import qmath
-from tvm_lowbit.quantizers.hooks import (HookOrderError, TrainingQuantizer, build_fake_quant, quantizable_layers,
-                                         strip_parametrizations)
+from tvm_lowbit.quantizers.hooks import HookOrderError, TrainingQuantizer, quantizable_layers, strip_parametrizations
+from tvm_lowbit.quantizers.surgery import build_fake_quant
 
 INNER = ("twn", "bwn", "fgq")
 PROBS = ("linear", "constant", "softmax", "sigmoid")
