@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from tvm_lowbit.formats import Format, avg_weight_bits, model_weight_bytes, parse_format
 from tvm_lowbit.quantizers import calibrate
+from tvm_lowbit.quantizers.config import SchemeConfig
 from tvm_lowbit.quantizers.rounding import input_hessians, refine
 from tvm_lowbit.quantizers.sensitivity import Sensitivity, layer_sensitivity
 from tvm_lowbit.quantizers.surgery import build_fake_quant, conv_bn_pairs, correct_bias, execution_order
@@ -93,7 +94,7 @@ def parse_budget(budget: float | int | str) -> Budget:
 
 
 @dataclass(frozen=True)
-class Auto:
+class Auto(SchemeConfig):
     """Per-layer precision search (see the module docstring).
 
     budget: max top-1 drop in points (a number or ``"drop<=X"``) or ``"agree>=Y"`` (% agreement with
@@ -110,6 +111,9 @@ class Auto:
     be built and evaluated on the validation data.  cache_dir / use_cache: the sensitivity cache
     (default ``$TVM_LOWBIT_CACHE`` or ``~/.cache/tvm_lowbit``).
     """
+
+    SCHEME = "auto"
+    VERSION = 1
 
     budget: float | int | str = 1.0
     cost: str | Mapping[str, float] | Callable[..., float] = "bytes"
@@ -269,8 +273,7 @@ def build_mixed(model: nn.Module, formats: Mapping[str, str], calib_data: object
             pairs = conv_bn_pairs(model)
             order = [n for n in execution_order(model.eval(), first[:1]) if n in qw and n not in pairs]
             correct_bias(model, q, order, calib_data, cfg.batch_size, progress)
-    q.tvm_lowbit_config = {"scheme": "auto", "formats": {n: parse_format(f).name for n, f in formats.items()},
-                           "act_bits": cfg.act_bits, "rounding": cfg.rounding, "budget": str(parse_budget(cfg.budget))}
+    q.tvm_lowbit_config = cfg.to_dict()
     return q.eval()
 
 

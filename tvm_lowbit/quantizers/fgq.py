@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 
 from tvm_lowbit import qmath
 from tvm_lowbit.quantizers import calibrate, surgery
+from tvm_lowbit.quantizers.config import SchemeConfig
 from tvm_lowbit.quantizers.surgery import execution_order
 
 LAYER_POLICIES = ("float", "fgq")
@@ -33,7 +34,7 @@ _LAYER_KEYS = ("group_size", "act_bits", "threshold", "alpha_bits", "calibration
 
 
 @dataclass(frozen=True)
-class FGQ:
+class FGQ(SchemeConfig):
     """Configuration of FGQ post-training quantization.
 
     group_size: N, weights sharing one alpha (4 in the paper's headline results; 64 saves ~99% of
@@ -49,6 +50,9 @@ class FGQ:
     most ternary work does) or ``fgq``.  overrides: module-name pattern (fnmatch) -> ``"float"`` to
     keep a layer in float, or a dict of the per-layer keys above; later patterns win.
     """
+
+    SCHEME = "fgq"
+    VERSION = 1
 
     group_size: int = 4
     act_bits: int = 8
@@ -169,4 +173,4 @@ def quantize_fgq(model: nn.Module, config: FGQ, calib_data: object, *, inplace: 
         calibration={n: (c.calibration_method(), c.percentile) for n, c in chosen.items()},
         bn_reestimate=config.bn_reestimate, bias_correction=config.bias_correction, batch_size=config.batch_size,
         progress=progress, inplace=True, reference=model,
-        config={"scheme": "fgq", **{f.name: getattr(config, f.name) for f in fields(config) if f.name != "overrides"}})
+        config=config.to_dict())

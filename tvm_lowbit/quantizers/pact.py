@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ from torch.nn.utils import parametrize
 
 from tvm_lowbit import qmath
 from tvm_lowbit.quantizers.calibrate import iterate_batches
+from tvm_lowbit.quantizers.config import SchemeConfig
 from tvm_lowbit.quantizers.hooks import (HookOrderError, IntegerWeight, TrainingQuantizer, quantizable_layers,
                                          strip_parametrizations)
 from tvm_lowbit.quantizers.surgery import build_fake_quant, set_module
@@ -52,11 +53,14 @@ DEFAULT_WEIGHT_DECAY = 5e-4
 
 
 @dataclass(frozen=True)
-class PACT:
+class PACT(SchemeConfig):
     """Configuration of PACT training.  act_bits / weight_bits: k (2..8).  alpha_init: the clip's
     initial value (10, ReLU-like).  alpha_decay: lambda_alpha of the L2 penalty on alpha (None: the
     weight decay).  alpha_min: the floor alpha is clamped to after each step.  first_layer /
     last_layer: ``float`` (paper) or ``pact``."""
+
+    SCHEME = "pact"
+    VERSION = 1
 
     act_bits: int = 4
     weight_bits: int = 4
@@ -310,7 +314,5 @@ class PACTQuantizer(TrainingQuantizer):
         for name in self.layers:
             w = plain.get_submodule(name).weight.detach()
             weights[name] = IntegerWeight(dorefa_codes(w, k), torch.full((w.shape[0],), 1.0 / n_levels))
-        cfg = {"scheme": "pact", **{f.name: getattr(self.config, f.name) for f in fields(self.config)},
-               "alphas": self.alphas()}
         return build_fake_quant(plain, weights, calib_data, act_bits=8, fixed_activations=fixed,
-                                batch_size=batch_size, progress=progress, config=cfg)
+                                batch_size=batch_size, progress=progress, config=self.config.to_dict())
