@@ -112,12 +112,12 @@ def clip_value_output(layer: QuantLayer, inputs: torch.Tensor, lo: float, hi: fl
         return 1.0
     w = layer.dequantized_weight()
     with torch.no_grad():
-        ref = layer._float_op(inputs, w, torch.zeros_like(layer.bias))
+        ref = layer.float_op(inputs, w, torch.zeros_like(layer.bias))
         errs = []
         for frac in _GRID:
             s = qmath.scale_for_range(peak * float(frac), layer.act_bits, signed)
             xq = qmath.quantize_act(inputs, s, layer.act_bits, signed) * s
-            errs.append(float(torch.square(layer._float_op(xq, w, torch.zeros_like(layer.bias)) - ref).mean()))
+            errs.append(float(torch.square(layer.float_op(xq, w, torch.zeros_like(layer.bias)) - ref).mean()))
     return peak * float(_GRID[int(np.argmin(errs))])
 
 
