@@ -28,7 +28,7 @@ them, ``after_step`` restores them from a saved copy, so they are bit-identical 
 official Caffe CPU path lacks this).  Biases and batch norm stay float.  ``state_dict`` holds the
 masks, the saved values and n1/n2, so a run resumes between stages (load the model's own
 ``state_dict`` too).  Export: 8-bit activations calibrated as FGQ does, batch norms folded into
-the layers' epilogues (``hooks.build_fake_quant``), weights as ``qmath.Pow2Weight``.
+the layers' epilogues (``surgery.build_fake_quant``), weights as ``qmath.Pow2Weight``.
 
 Deviation: a weight trained past ``1.5 * 2^n1`` (above the pretrained maximum) projects to ``2^n1``
 (the nearest value), not to 0 as the paper's interval rule literally says.

@@ -10,7 +10,7 @@ folded.  Its forward is::
     y   = qmath.epilogue(acc, out_scale, out_bias)    # float32
 
 ``torch.export`` of such a layer gives the quantize -> conv -> epilogue chain that the Relax pass
-``tvm_lowbit.passes.ternary`` matches and replaces by one integer operator.
+the lowering pass (``tvm_lowbit.passes``) matches and replaces by one integer operator.
 """
 
 from __future__ import annotations
