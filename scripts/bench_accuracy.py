@@ -35,12 +35,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tvm_lowbit import data, qmath  # noqa: E402
+from tvm_lowbit.formats import avg_weight_bits  # noqa: E402
 from tvm_lowbit.models.mobilenet import calibration_split, validation_split  # noqa: E402
 from tvm_lowbit.models.resnet import load_pretrained  # noqa: E402
 from tvm_lowbit.quantizers import FGQ, quantize  # noqa: E402
 from tvm_lowbit.quantizers.auto import Auto, WeightMaker, build_mixed  # noqa: E402
-from tvm_lowbit.quantizers.fgq import execution_order, selected_layers  # noqa: E402
-from tvm_lowbit.quantizers.formats import avg_weight_bits  # noqa: E402
+from tvm_lowbit.quantizers.fgq import selected_layers  # noqa: E402
+from tvm_lowbit.quantizers.surgery import execution_order  # noqa: E402
 
 RETRAINED = Path(__file__).resolve().parent.parent / "tvm_lowbit" / "zoo" / "retrained"
 RETRAINED_ORDER = {n: i for i, n in enumerate(("inq-b5", "inq-b4", "inq-b3", "inq-b2", "pact-w4a4", "pact-w2a2",

@@ -9,9 +9,9 @@ from torch import nn
 
 import tvm_lowbit
 from tvm_lowbit import data
+from tvm_lowbit.formats import avg_weight_bits, model_weight_bytes
 from tvm_lowbit.models.mobilenet import validation_split
 from tvm_lowbit.quantizers.auto import Auto, BudgetError, build_mixed, parse_budget, predictions
-from tvm_lowbit.quantizers.formats import avg_weight_bits, model_weight_bytes
 from tvm_lowbit.quantizers.layers import quant_layers
 from tvm_lowbit.quantizers.sensitivity import layer_sensitivity
 
@@ -138,7 +138,7 @@ def test_unreachable_budget_reports_the_best_mix(tiny: nn.Module, calib: np.ndar
 
 def test_gptq_rounding_keeps_the_grid_and_cuts_output_error(tiny: nn.Module, calib: np.ndarray) -> None:
     from tvm_lowbit import qmath
-    from tvm_lowbit.quantizers.formats import parse_format
+    from tvm_lowbit.formats import parse_format
     from tvm_lowbit.quantizers.rounding import input_hessians, refine
 
     layers = ["stem.0", "dw.0", "pw.0", "fc"]

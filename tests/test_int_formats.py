@@ -12,8 +12,8 @@ tvm = pytest.importorskip("tvm")
 from tvm import te  # noqa: E402
 
 from tvm_lowbit import qmath  # noqa: E402
+from tvm_lowbit.formats import avg_weight_bits, model_weight_bytes, parse_format  # noqa: E402
 from tvm_lowbit.kernels import int_conv2d, int_dense, make_prim_func  # noqa: E402
-from tvm_lowbit.quantizers.formats import avg_weight_bits, model_weight_bytes, parse_format  # noqa: E402
 from test_kernels import CONV_CASES, DENSE_CASES, MODES, ConvCase, _act, _assert_same, _reference, _run  # noqa: E402
 
 INT_CASES = [(8, 0), (4, 32), (4, 4), (4, 0)]  # (bits, group size)

@@ -10,13 +10,13 @@ from torch import nn
 
 import tvm_lowbit
 from tvm_lowbit import data
+from tvm_lowbit.formats import avg_weight_bits
 from tvm_lowbit.models import load_pretrained
 from tvm_lowbit.models.mobilenet import HOLDOUT, MobileNetV2, calibration_split, validation_split
 from tvm_lowbit.models.resnet import checkpoint_path
 from tvm_lowbit.quantizers.auto import build_mixed
-from tvm_lowbit.quantizers.fgq import execution_order
-from tvm_lowbit.quantizers.formats import avg_weight_bits
 from tvm_lowbit.quantizers.layers import quant_layers
+from tvm_lowbit.quantizers.surgery import execution_order
 
 
 @pytest.fixture(scope="module")

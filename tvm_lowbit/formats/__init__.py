@@ -1,54 +1,49 @@
 """Weight formats: what a quantized layer's integer weight is, and how the compiler reads it back.
 
-``decompose(weight_format, w_int, group_size)`` is the one question the lowering pass asks: the
-integer weight constant of a layer, in the packed integer form its kernels take, or the reason it
-does not fit.  ``kernel_family(obj)`` names the kernel family that takes the decomposed weight.
+One module per format behind ``base.WeightFormat``; the registry below is what the rest of the
+package asks: ``parse_format(name)`` for a format name, ``decompose(weight_format, w_int,
+group_size)`` (the one question the lowering pass asks: the integer weight constant of a layer, in
+the packed integer form its kernels take, or the reason it does not fit), ``kernel_family(obj)``,
+and the byte counts of a compiled model (``weight_bytes``, ``model_weight_bytes``,
+``avg_weight_bits``).
+
+==============  ===========================================================================  ==========
+name            weight                                                                       bits/weight
+==============  ===========================================================================  ==========
+``ternary``     FGQ grouped ternary, N = 4 (``ternary-n16``: N = 16): 2-bit codes + 8-bit      4 (2.5)
+                alpha code per group
+``pow2-b``      power of two, b = 3, 4, 5 bits (INQ's set, projected post-training):          4 or 8
+                4-bit codes when every exponent fits a nibble, else 8-bit codes
+``int4``        4-bit integers in groups of 32 (``int4-g64``: 64; ``int4-g0``: one scale per   4.25
+                output channel) with an 8-bit scale code per group
+``int8``        8-bit integers, one scale per output channel (``int8-g32``: groups of 32)     8
+``float``       the layer stays float32                                                       32
+==============  ===========================================================================  ==========
+
+The training quantizers' k-bit weights (PACT/DoReFa, recorded as ``int``) have no name; the compiler
+stores them as int4, int8 or ternary groups of one (``kbit``).
+
+Adding a format: one module with a ``WeightFormat`` subclass, one ``register_format`` line here.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from tvm_lowbit.formats import floating, integer, kbit, pow2, ternary
+from tvm_lowbit.formats.base import (Format, WeightFormat, WeightObject, format_for_recorded, get_format,
+                                     parse_format, recorded_names, register_format, registered_formats,
+                                     unregister_format)
+from tvm_lowbit.formats.decompose import decompose, kernel_family
+from tvm_lowbit.formats.sizes import avg_weight_bits, compiled_weight, model_weight_bytes, weight_bytes
 
-from tvm_lowbit import qmath
+# registration order is the order of names in error messages and of "known" lists
+register_format(ternary.TernaryFormat())
+register_format(pow2.Pow2Format())
+register_format(kbit.KBitFormat())
+register_format(integer.IntFormat())
+register_format(floating.FloatFormat())
 
-WeightObject = qmath.TernaryWeight | qmath.Pow2Weight | qmath.IntWeight
+DEFAULT_INT4_GROUP = integer.DEFAULT_INT4_GROUP
 
-# without a recorded format: grouped ternary with a real group first, then power of two, then ternary
-# groups of one (which any small integer weight satisfies, so it comes last: a shift beats a multiply)
-_GUESS_ORDER: tuple[int | str, ...] = (64, 32, 16, 8, 4, 2, "pow2", 1)
-
-
-def kernel_family(obj: WeightObject) -> str:
-    """"ternary", "pow2" or "int": the kernels that take this decomposed weight."""
-    return "int" if isinstance(obj, qmath.IntWeight) else str(obj.format)
-
-
-def decompose(weight_format: str | None, w_int: np.ndarray, group_size: int | None) -> tuple[WeightObject | None, str]:
-    """The integer weight ``w_int`` of a layer recorded with ``weight_format`` ("ternary", "pow2", "int",
-    "int4", "int8", or None when unknown) as the object its kernels take, or (None, why it does not fit)."""
-    shape = tuple(w_int.shape)
-    if weight_format == "pow2":
-        tw = qmath.decompose_pow2(w_int)
-        return (tw, "") if tw is not None else (None, f"its integer weight {shape} is not power-of-two "
-                                                      f"(every value 0 or +-2^e, e <= {qmath.POW2_MAX_EXP})")
-    if weight_format in ("ternary", None):
-        sizes = [group_size] if weight_format else list(_GUESS_ORDER)
-        for n in sizes:
-            tw = qmath.decompose_pow2(w_int) if n == "pow2" else qmath.decompose_w_int(w_int, int(n))
-            if tw is not None:
-                return tw, ""
-        return None, (f"its integer weight {shape} is not grouped-ternary with group size {sizes[0]} and 8-bit "
-                      "alpha codes" + ("" if weight_format else " (nor power-of-two)"))
-    if weight_format == "int":
-        # k-bit integer weights (PACT/DoReFa): the narrowest packed integer kernel that holds them exactly
-        tw = qmath.decompose_k_bit(w_int)
-        return (tw, "") if tw is not None else (None, f"its integer weight {shape} has values beyond +-255, "
-                                                      "which the integer kernels do not take")
-    if weight_format in ("int4", "int8"):
-        bits = int(weight_format[3:])
-        n = group_size or 0
-        tw = qmath.decompose_int(w_int, bits, n)
-        return (tw, "") if tw is not None else (None, f"its integer weight {shape} is not {weight_format} "
-                                                      f"(|code| <= {qmath.int_qmax(bits)} times an 8-bit scale "
-                                                      f"code per group of {n})")
-    return None, f"no integer kernel for weight format {weight_format!r} (known: ternary, pow2, int, int4, int8)"
+__all__ = ["Format", "WeightFormat", "WeightObject", "register_format", "unregister_format", "registered_formats",
+           "get_format", "format_for_recorded", "recorded_names", "parse_format", "decompose", "kernel_family",
+           "weight_bytes", "compiled_weight", "model_weight_bytes", "avg_weight_bits", "DEFAULT_INT4_GROUP"]

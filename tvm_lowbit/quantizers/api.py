@@ -1,13 +1,49 @@
-"""``tvm_lowbit.quantize``: one verb, a config object per scheme."""
+"""``tvm_lowbit.quantize``: one verb, a config object per scheme, dispatched through a registry.
+
+``register_scheme(ConfigClass, handler)`` makes ``quantize(model, ConfigClass(...), ...)`` call
+``handler(model, config, calib_data, val_data, inplace=..., progress=...)``; it also registers the
+config for ``config_from_dict``.  The training quantizers' configs (INQ, SQ, PACT) run inside the
+user's training loop, so they are registered for ``config_from_dict`` only.  Adding a scheme: one
+module with its config (a ``SchemeConfig`` dataclass) and handler, one registration line here.
+"""
 
 from __future__ import annotations
+
+from typing import Any, Protocol
 
 from torch import nn
 
 from tvm_lowbit.quantizers.auto import Auto, quantize_auto
+from tvm_lowbit.quantizers.config import SchemeConfig, register_config, unregister_config
 from tvm_lowbit.quantizers.fgq import FGQ, quantize_fgq
+from tvm_lowbit.quantizers.inq import INQ
+from tvm_lowbit.quantizers.pact import PACT
+from tvm_lowbit.quantizers.sq import SQ
 
-SCHEMES = {"fgq": FGQ, "auto": Auto}
+
+class SchemeHandler(Protocol):
+    def __call__(self, model: nn.Module, config: Any, calib_data: object, val_data: object, *, inplace: bool,
+                 progress: bool) -> nn.Module: ...
+
+
+_HANDLERS: dict[type, SchemeHandler] = {}
+
+
+def register_scheme(config_cls: type[SchemeConfig], handler: SchemeHandler) -> None:
+    """``quantize(model, config_cls(...), ...)`` runs ``handler``; ``config_from_dict`` reads its dicts."""
+    register_config(config_cls)
+    _HANDLERS[config_cls] = handler
+
+
+def unregister_scheme(config_cls: type[SchemeConfig]) -> None:
+    """Remove a registered scheme (for tests that register a toy one)."""
+    _HANDLERS.pop(config_cls, None)
+    unregister_config(config_cls.SCHEME)
+
+
+def registered_schemes() -> dict[str, type]:
+    """Scheme name -> config class of every scheme ``quantize`` runs, in registration order."""
+    return {getattr(c, "SCHEME", c.__name__): c for c in _HANDLERS}
 
 
 def quantize(model: nn.Module, config: object, calib_data: object, val_data: object = None, *,
@@ -18,12 +54,30 @@ def quantize(model: nn.Module, config: object, calib_data: object, val_data: obj
     ``val_data`` ((images, labels) held out from training): ``Auto`` verifies its accuracy budget on it."""
     if isinstance(config, str):
         raise TypeError(f"pass a configuration object, e.g. FGQ(group_size=4), not the string {config!r}; "
-                        f"known schemes: {', '.join(SCHEMES)}")
-    if isinstance(config, FGQ):
-        return quantize_fgq(model, config, calib_data, inplace=inplace, progress=progress)
-    if isinstance(config, Auto):
-        if inplace:
-            raise ValueError("Auto builds a new model (one weight format per layer); inplace=True is not supported")
-        return quantize_auto(model, config, calib_data, val_data, progress=progress)
-    raise TypeError(f"unknown quantization scheme {type(config).__name__}; known schemes: "
-                    f"{', '.join(c.__name__ for c in SCHEMES.values())}")
+                        f"known schemes: {', '.join(registered_schemes())}")
+    handler = next((_HANDLERS[c] for c in type(config).__mro__ if c in _HANDLERS), None)
+    if handler is None:
+        raise TypeError(f"unknown quantization scheme {type(config).__name__}; known schemes: "
+                        f"{', '.join(c.__name__ for c in _HANDLERS)}")
+    return handler(model, config, calib_data, val_data, inplace=inplace, progress=progress)
+
+
+def run_fgq(model: nn.Module, config: FGQ, calib_data: object, val_data: object, *, inplace: bool,
+            progress: bool) -> nn.Module:
+    """FGQ needs no validation data."""
+    return quantize_fgq(model, config, calib_data, inplace=inplace, progress=progress)
+
+
+def run_auto(model: nn.Module, config: Auto, calib_data: object, val_data: object, *, inplace: bool,
+             progress: bool) -> nn.Module:
+    """Auto builds a new model (one weight format per layer)."""
+    if inplace:
+        raise ValueError("Auto builds a new model (one weight format per layer); inplace=True is not supported")
+    return quantize_auto(model, config, calib_data, val_data, progress=progress)
+
+
+register_scheme(FGQ, run_fgq)
+register_scheme(Auto, run_auto)
+register_config(INQ)
+register_config(SQ)
+register_config(PACT)

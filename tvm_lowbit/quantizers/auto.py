@@ -19,7 +19,7 @@ Repair is cheap and post-training: bias correction (batch-norm re-estimation, an
 mean correction for layers with no batch norm after them) and, by default, GPTQ-style rounding of
 the integer and ternary codes against each layer's FP32 output (``quantizers.rounding``).
 
-The cost is the weight bytes of the compiled model (``cost="bytes"``, see ``quantizers.formats``) or a
+The cost is the weight bytes of the compiled model (``cost="bytes"``, see ``tvm_lowbit.formats``) or a
 user table: a mapping format -> cost per weight (e.g. latency per weight measured on a board), or a
 callable ``(layer, format, numel, nbytes) -> cost``.
 
@@ -44,12 +44,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from tvm_lowbit.formats import Format, avg_weight_bits, model_weight_bytes, parse_format
 from tvm_lowbit.quantizers import calibrate
-from tvm_lowbit.quantizers.fgq import FGQ, _correct_bias, conv_bn_pairs, execution_order
-from tvm_lowbit.quantizers.formats import Format, avg_weight_bits, model_weight_bytes, parse_format
-from tvm_lowbit.quantizers.hooks import build_fake_quant
+from tvm_lowbit.quantizers.config import SchemeConfig
 from tvm_lowbit.quantizers.rounding import input_hessians, refine
 from tvm_lowbit.quantizers.sensitivity import Sensitivity, layer_sensitivity
+from tvm_lowbit.quantizers.surgery import build_fake_quant, conv_bn_pairs, correct_bias, execution_order
 
 DEFAULT_FORMATS = ("ternary-n16", "ternary", "pow2-3", "pow2-4", "pow2-5", "int4", "int8", "float")
 ROUNDINGS = ("nearest", "gptq")
@@ -94,13 +94,13 @@ def parse_budget(budget: float | int | str) -> Budget:
 
 
 @dataclass(frozen=True)
-class Auto:
+class Auto(SchemeConfig):
     """Per-layer precision search (see the module docstring).
 
     budget: max top-1 drop in points (a number or ``"drop<=X"``) or ``"agree>=Y"`` (% agreement with
     FP32), on ``val_data``.  cost: ``"bytes"``, a mapping format -> cost per weight, or a callable
     ``(layer, format, numel, nbytes) -> cost``.  formats: candidate formats for every layer
-    (``quantizers.formats``).  overrides: module-name pattern (fnmatch) -> a format or list of formats
+    (``tvm_lowbit.formats``).  overrides: module-name pattern (fnmatch) -> a format or list of formats
     for matching layers (later patterns win), e.g. ``{"classifier": "int8"}``.  act_bits /
     calibration / bn_reestimate / bias_correction: the activation pipeline, as in FGQ.  rounding:
     ``gptq`` (default: integer and ternary codes refined against each layer's FP32 output on
@@ -111,6 +111,9 @@ class Auto:
     be built and evaluated on the validation data.  cache_dir / use_cache: the sensitivity cache
     (default ``$TVM_LOWBIT_CACHE`` or ``~/.cache/tvm_lowbit``).
     """
+
+    SCHEME = "auto"
+    VERSION = 1
 
     budget: float | int | str = 1.0
     cost: str | Mapping[str, float] | Callable[..., float] = "bytes"
@@ -166,7 +169,7 @@ class Auto:
         return out
 
     def method(self) -> str:
-        return self.calibration if self.calibration != "auto" else FGQ(act_bits=self.act_bits).calibration_method()
+        return self.calibration if self.calibration != "auto" else calibrate.auto_method(self.act_bits)
 
 
 @dataclass
@@ -269,9 +272,8 @@ def build_mixed(model: nn.Module, formats: Mapping[str, str], calib_data: object
             first = next(calibrate.iterate_batches(calib_data, cfg.batch_size))
             pairs = conv_bn_pairs(model)
             order = [n for n in execution_order(model.eval(), first[:1]) if n in qw and n not in pairs]
-            _correct_bias(model, q, order, calib_data, cfg.batch_size, progress)
-    q.tvm_lowbit_config = {"scheme": "auto", "formats": {n: parse_format(f).name for n, f in formats.items()},
-                           "act_bits": cfg.act_bits, "rounding": cfg.rounding, "budget": str(parse_budget(cfg.budget))}
+            correct_bias(model, q, order, calib_data, cfg.batch_size, progress)
+    q.tvm_lowbit_config = cfg.to_dict()
     return q.eval()
 
 

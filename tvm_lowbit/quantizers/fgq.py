@@ -17,28 +17,24 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from tvm_lowbit import qmath
-from tvm_lowbit.quantizers import calibrate
-from tvm_lowbit.quantizers.hooks import fold_batchnorms
-from tvm_lowbit.quantizers.layers import QConv2d, QLinear, QuantLayer, quant_layers
+from tvm_lowbit.quantizers import calibrate, surgery
+from tvm_lowbit.quantizers.config import SchemeConfig
+from tvm_lowbit.quantizers.surgery import execution_order
 
 LAYER_POLICIES = ("float", "fgq")
-# ``calibration="auto"``: measured on ResNet-20 / Fashion-MNIST (2048 calibration images, 10k test)
-AUTO_CALIBRATION_8BIT = "mse"
-AUTO_CALIBRATION_LOWBIT = "percentile"
 _LAYER_KEYS = ("group_size", "act_bits", "threshold", "alpha_bits", "calibration", "percentile")
 
 
 @dataclass(frozen=True)
-class FGQ:
+class FGQ(SchemeConfig):
     """Configuration of FGQ post-training quantization.
 
     group_size: N, weights sharing one alpha (4 in the paper's headline results; 64 saves ~99% of
@@ -54,6 +50,9 @@ class FGQ:
     most ternary work does) or ``fgq``.  overrides: module-name pattern (fnmatch) -> ``"float"`` to
     keep a layer in float, or a dict of the per-layer keys above; later patterns win.
     """
+
+    SCHEME = "fgq"
+    VERSION = 1
 
     group_size: int = 4
     act_bits: int = 8
@@ -90,9 +89,7 @@ class FGQ:
 
     def calibration_method(self) -> str:
         """The calibration method this setting uses (resolves ``auto`` by activation bits)."""
-        if self.calibration != "auto":
-            return self.calibration
-        return AUTO_CALIBRATION_8BIT if self.act_bits >= 8 else AUTO_CALIBRATION_LOWBIT
+        return self.calibration if self.calibration != "auto" else calibrate.auto_method(self.act_bits)
 
     def settings_for(self, name: str, position: str | None) -> "FGQ | None":
         """The effective settings of layer ``name`` (``position`` is 'first', 'last' or None), or None
@@ -124,47 +121,6 @@ def _check_layer_settings(s: dict[str, Any], where: str) -> None:
         raise ValueError(f"{where}: percentile must be in (50, 100], got {s['percentile']!r}")
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
-def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of Conv2d/Linear modules in the order forward() calls them."""
-    order: list[str] = []
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            handles.append(m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n) if n not in order else None))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
-
-
-def conv_bn_pairs(model: nn.Module) -> dict[str, str]:
-    """conv name -> name of the BatchNorm2d that is the sole consumer of its output (via torch.fx)."""
-    try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as e:  # data-dependent control flow etc.: batch norms then stay separate
-        warnings.warn(f"torch.fx could not trace the model ({type(e).__name__}); batch norms will not be "
-                      "folded into quantized layers (still correct, slower)", stacklevel=3)
-        return {}
-    mods = dict(gm.named_modules())
-    pairs = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(mods.get(node.target), nn.BatchNorm2d):
-            src = node.args[0]
-            if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                    and isinstance(mods.get(src.target), nn.Conv2d) and len(src.users) == 1):
-                pairs[str(src.target)] = str(node.target)
-    return pairs
-
-
 def _choose(order: list[str], config: FGQ) -> dict[str, FGQ]:
     chosen: dict[str, FGQ] = {}
     for i, name in enumerate(order):
@@ -186,41 +142,6 @@ def selected_layers(model: nn.Module, config: FGQ, example: torch.Tensor) -> dic
         model.train(was_training)
 
 
-def _channel_means(net: nn.Module, names: list[str], dims: dict[str, int], calib: object, batch_size: int,
-                   progress: bool) -> dict[str, torch.Tensor]:
-    """Per-channel mean output of the modules ``names`` of ``net`` over the calibration data."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(_m: nn.Module, _a: object, out: torch.Tensor, n: str) -> None:
-        o = out.detach().double().movedim(dims[n], -1)
-        sums[n] = sums.get(n, 0) + o.reshape(-1, o.shape[-1]).sum(0)
-        counts[n] = counts.get(n, 0) + o.numel() // o.shape[-1]
-
-    handles = [net.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in names]
-    try:
-        calibrate.run_batches(net, calib, batch_size, "bias correction", progress)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: sums[n] / counts[n] for n in names}
-
-
-def _correct_bias(model: nn.Module, qmodel: nn.Module, names: list[str], calib: object, batch_size: int,
-                  progress: bool) -> None:
-    """bias += E[float output] - E[quantized output] per channel, for the layers ``names`` (in
-    execution order, each measured after the layers before it are corrected)."""
-    if not names:
-        return
-    dims = {n: qmodel.get_submodule(n).channel_dim for n in names}
-    ref = _channel_means(copy.deepcopy(model).eval(), names, dims, calib, batch_size, progress)
-    for n in names:
-        layer = qmodel.get_submodule(n)
-        got = _channel_means(qmodel, [n], dims, calib, batch_size, progress)[n]
-        layer.bias += (ref[n] - got).float()
-        layer.refresh_epilogue()
-
-
 def quantize_fgq(model: nn.Module, config: FGQ, calib_data: object, *, inplace: bool = False,
                  progress: bool = True) -> nn.Module:
     if not isinstance(model, nn.Module):
@@ -235,35 +156,21 @@ def quantize_fgq(model: nn.Module, config: FGQ, calib_data: object, *, inplace: 
                          f"{type(e).__name__}: {e}") from e
     if not order:
         raise ValueError("the model has no quantizable layer (no nn.Conv2d or nn.Linear is called in forward)")
-    pairs = conv_bn_pairs(qmodel)
-
     chosen = _choose(order, config)
     if not chosen:
         raise ValueError(f"no layer left to quantize: all {len(order)} Conv2d/Linear layers are kept in float by "
                          "first_layer/last_layer/overrides; relax the policy (e.g. first_layer='fgq')")
 
+    weights = {}
     for name, cfg in chosen.items():
-        m = qmodel.get_submodule(name)
-        w = m.weight.detach()
+        w = qmodel.get_submodule(name).weight.detach()
         if not torch.isfinite(w).all():
             raise ValueError(f"layer {name!r}: weight {tuple(w.shape)} holds NaN/Inf values; fix or retrain the "
                              f"model, or keep the layer in float with overrides={{{name!r}: 'float'}}")
-        tw = qmath.ternarize_weight(w, cfg.group_size, cfg.threshold, cfg.alpha_bits)  # type: ignore[arg-type]
-        q: QuantLayer = QConv2d(name, m, tw, cfg.act_bits) if isinstance(m, nn.Conv2d) else QLinear(name, m, tw, cfg.act_bits)
-        _set_module(qmodel, name, q)
-
-    layers = quant_layers(qmodel)
-    methods = {n: (chosen[n].calibration_method(), chosen[n].percentile) for n in layers}
-    calibrate.calibrate_activations(qmodel, layers, calib_data, methods, config.batch_size, progress)
-    if config.bn_reestimate:
-        if calibrate.reestimate_batchnorm(qmodel, calib_data, config.batch_size, progress):
-            calibrate.calibrate_activations(qmodel, layers, calib_data, methods, config.batch_size, progress)
-
-    if config.bias_correction:
-        _correct_bias(model, qmodel, [n for n in order if n in layers and n not in pairs], calib_data,
-                      config.batch_size, progress)
-
-    fold_batchnorms(qmodel, {c: b for c, b in pairs.items() if c in layers})  # shared with the training quantizers
-    qmodel.tvm_lowbit_config = {"scheme": "fgq", **{f.name: getattr(config, f.name) for f in fields(config)
-                                                     if f.name != "overrides"}}
-    return qmodel.eval()
+        weights[name] = qmath.ternarize_weight(w, cfg.group_size, cfg.threshold, cfg.alpha_bits)  # type: ignore[arg-type]
+    return surgery.build_fake_quant(
+        qmodel, weights, calib_data, act_bits={n: c.act_bits for n, c in chosen.items()},
+        calibration={n: (c.calibration_method(), c.percentile) for n, c in chosen.items()},
+        bn_reestimate=config.bn_reestimate, bias_correction=config.bias_correction, batch_size=config.batch_size,
+        progress=progress, inplace=True, reference=model,
+        config=config.to_dict())

@@ -181,68 +181,6 @@ def quantizable_layers(model: nn.Module, first_layer: bool, last_layer: bool) ->
     return keep
 
 
-def fold_batchnorms(qmodel: nn.Module, pairs: dict[str, str]) -> None:
-    """Fold each batch norm of ``pairs`` (conv name -> BN name) that follows a QuantLayer into that
-    layer's epilogue and replace the batch norm by Identity (as FGQ does)."""
-    from tvm_lowbit.quantizers.fgq import _set_module
-    from tvm_lowbit.quantizers.layers import QuantLayer
-
-    for conv_name, bn_name in pairs.items():
-        layer = qmodel.get_submodule(conv_name)
-        if not isinstance(layer, QuantLayer):
-            continue
-        bn = qmodel.get_submodule(bn_name)
-        a = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        b = bn.bias.detach().double() - bn.running_mean.double() * a
-        layer.bn_fold = (a.clone(), b.clone())
-        layer.refresh_epilogue(a, b)
-        _set_module(qmodel, bn_name, nn.Identity())
-
-
-def build_fake_quant(model: nn.Module, weights: dict[str, Any], calib_data: object, *, act_bits: int = 8,
-                     fixed_activations: dict[str, tuple[float, bool, int]] | None = None,
-                     calibration: str | None = None, bn_reestimate: bool = False, batch_size: int = 64,
-                     progress: bool = True, config: dict[str, Any] | None = None) -> nn.Module:
-    """The fake-quant model the compiler consumes, from a plain float ``model`` (copied, not changed).
-
-    ``weights``: layer name -> integer weight object (``qmath.TernaryWeight`` or :class:`IntegerWeight`).
-    ``fixed_activations``: layer name -> (scale, signed, bits) for inputs whose scale is known (PACT's
-    alpha / (2^k - 1), unsigned k bits); every other quantized layer's input is calibrated on ``calib_data`` with
-    ``act_bits`` and ``calibration`` (default: FGQ's choice for that width), reusing FGQ's calibration.
-    Batch norms right after quantized convs are folded into their epilogues.
-    """
-    import copy
-
-    from tvm_lowbit.quantizers import calibrate
-    from tvm_lowbit.quantizers.fgq import FGQ, _set_module, conv_bn_pairs
-    from tvm_lowbit.quantizers.layers import QConv2d, QLinear, quant_layers
-
-    fixed = dict(fixed_activations or {})
-    qmodel = copy.deepcopy(model).cpu().eval()
-    pairs = conv_bn_pairs(qmodel)
-    for name, w in weights.items():
-        m = qmodel.get_submodule(name)
-        bits = fixed[name][2] if name in fixed else act_bits
-        q = QConv2d(name, m, w, bits) if isinstance(m, nn.Conv2d) else QLinear(name, m, w, bits)
-        if name in fixed:
-            scale, signed, _ = fixed[name]
-            q.set_activation(scale, signed)
-        _set_module(qmodel, name, q)
-    layers = quant_layers(qmodel)
-    todo = {n: m for n, m in layers.items() if n not in fixed}
-    method = calibration or FGQ(act_bits=act_bits).calibration_method()
-    if todo:
-        calibrate.calibrate_activations(qmodel, todo, calib_data, {n: (method, 99.99) for n in todo},
-                                        batch_size, progress)
-    if bn_reestimate and calibrate.reestimate_batchnorm(qmodel, calib_data, batch_size, progress) and todo:
-        calibrate.calibrate_activations(qmodel, todo, calib_data, {n: (method, 99.99) for n in todo},
-                                        batch_size, progress)
-    fold_batchnorms(qmodel, pairs)
-    if config is not None:
-        qmodel.tvm_lowbit_config = config
-    return qmodel.eval()
-
-
 def strip_parametrizations(model: nn.Module) -> nn.Module:
     """Turn every parametrized module of ``model`` (in place; pass a copy) back into its plain class
     holding the *original* (unparametrized) tensors as parameters.

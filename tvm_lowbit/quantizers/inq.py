@@ -28,7 +28,7 @@ them, ``after_step`` restores them from a saved copy, so they are bit-identical 
 official Caffe CPU path lacks this).  Biases and batch norm stay float.  ``state_dict`` holds the
 masks, the saved values and n1/n2, so a run resumes between stages (load the model's own
 ``state_dict`` too).  Export: 8-bit activations calibrated as FGQ does, batch norms folded into
-the layers' epilogues (``hooks.build_fake_quant``), weights as ``qmath.Pow2Weight``.
+the layers' epilogues (``surgery.build_fake_quant``), weights as ``qmath.Pow2Weight``.
 
 Deviation: a weight trained past ``1.5 * 2^n1`` (above the pretrained maximum) projects to ``2^n1``
 (the nearest value), not to 0 as the paper's interval rule literally says.
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,9 @@ from torch import nn
 
 from tvm_lowbit import qmath
 from tvm_lowbit.quantizers import calibrate
-from tvm_lowbit.quantizers.hooks import HookOrderError, TrainingQuantizer, build_fake_quant, quantizable_layers
+from tvm_lowbit.quantizers.config import SchemeConfig
+from tvm_lowbit.quantizers.hooks import HookOrderError, TrainingQuantizer, quantizable_layers
+from tvm_lowbit.quantizers.surgery import build_fake_quant
 
 STRATEGIES = ("pruning", "random")
 GRANULARITIES = ("layer", "channel")
@@ -64,7 +66,7 @@ _LAYER_KEYS = ("bits",)
 
 
 @dataclass(frozen=True)
-class INQ:
+class INQ(SchemeConfig):
     """Configuration of INQ training (see the module docstring).
 
     bits: weight bits b in 2..5 (2^(b-2) magnitudes per sign plus zero; b=2 is ternary {0, +-2^n1}).
@@ -81,6 +83,9 @@ class INQ:
     output channel from that channel's max|W|, so small filters keep their own exponents; the compiled
     form is the same, with the per-channel 2^n2 in the epilogue scale).
     """
+
+    SCHEME = "inq"
+    VERSION = 1
 
     bits: int = 5
     portions: tuple[float, ...] = (0.5, 0.75, 0.875, 1.0)
@@ -293,10 +298,9 @@ class INQQuantizer(TrainingQuantizer):
         weights = self.pow2_weights()
         cfg = self.config
         method = None if cfg.calibration == "auto" else cfg.calibration
-        conf = {"scheme": "inq", **{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "overrides"}}
         return build_fake_quant(self.model, weights, calib_data, act_bits=cfg.act_bits, calibration=method,
                                 bn_reestimate=cfg.bn_reestimate, batch_size=cfg.batch_size, progress=progress,
-                                config=conf)
+                                config=cfg.to_dict())
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ folded.  Its forward is::
     y   = qmath.epilogue(acc, out_scale, out_bias)    # float32
 
 ``torch.export`` of such a layer gives the quantize -> conv -> epilogue chain that the Relax pass
-``tvm_lowbit.passes.ternary`` matches and replaces by one integer operator.
+the lowering pass (``tvm_lowbit.passes``) matches and replaces by one integer operator.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class QuantLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.calibrated:  # weights-only phase (calibration, BN re-estimation)
-            return self._float_op(x, self.dequantized_weight(), self.bias)
+            return self.float_op(x, self.dequantized_weight(), self.bias)
         q = self.quantize_input(x)
         if self.acc_dtype == torch.float64 and not torch.compiler.is_exporting() and self.split_exact:
             acc = self._split_integer_op(q)
@@ -111,7 +111,8 @@ class QuantLayer(nn.Module):
             acc = self._integer_op(q.to(self.acc_dtype), self.w_int.to(self.acc_dtype))
         return qmath.epilogue(acc, self.out_scale, self.out_bias, relu=False, channel_dim=self.channel_dim)
 
-    def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The layer's float operation (conv2d or linear) on ``x`` with weight ``w`` and bias ``b``."""
         raise NotImplementedError
 
     channel_dim = -1
@@ -142,7 +143,7 @@ class QConv2d(QuantLayer):
     def _integer_op(self, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self._conv(q, w, None)
 
-    def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self._conv(x, w, b)
 
 
@@ -156,7 +157,7 @@ class QLinear(QuantLayer):
     def _integer_op(self, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return torch.matmul(q, w.t())
 
-    def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w, b)
 
 

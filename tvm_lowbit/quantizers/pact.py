@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,19 +42,25 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from tvm_lowbit import qmath
-from tvm_lowbit.quantizers.hooks import (HookOrderError, IntegerWeight, TrainingQuantizer, build_fake_quant,
-                                         quantizable_layers, strip_parametrizations)
+from tvm_lowbit.quantizers.calibrate import iterate_batches
+from tvm_lowbit.quantizers.config import SchemeConfig
+from tvm_lowbit.quantizers.hooks import (HookOrderError, IntegerWeight, TrainingQuantizer, quantizable_layers,
+                                         strip_parametrizations)
+from tvm_lowbit.quantizers.surgery import build_fake_quant, set_module
 
 LAYER_POLICIES = ("float", "pact")
 DEFAULT_WEIGHT_DECAY = 5e-4
 
 
 @dataclass(frozen=True)
-class PACT:
+class PACT(SchemeConfig):
     """Configuration of PACT training.  act_bits / weight_bits: k (2..8).  alpha_init: the clip's
     initial value (10, ReLU-like).  alpha_decay: lambda_alpha of the L2 penalty on alpha (None: the
     weight decay).  alpha_min: the floor alpha is clamped to after each step.  first_layer /
     last_layer: ``float`` (paper) or ``pact``."""
+
+    SCHEME = "pact"
+    VERSION = 1
 
     act_bits: int = 4
     weight_bits: int = 4
@@ -218,11 +224,6 @@ def relus_feeding(model: nn.Module, targets: set[str]) -> list[str] | None:
     return found
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-
-
 class PACTQuantizer(TrainingQuantizer):
     """The PACT training hook (built by ``PACT(...).attach(model)``); one stage."""
 
@@ -245,7 +246,7 @@ class PACTQuantizer(TrainingQuantizer):
             relus = [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
         ref = next(iter(model.parameters()), torch.zeros(()))
         for name in relus:
-            _set_module(model, name, PACTReLU(cfg.act_bits, cfg.alpha_init).to(ref.device))
+            set_module(model, name, PACTReLU(cfg.act_bits, cfg.alpha_init).to(ref.device))
         self.activations = relus
         for name in self.layers:
             parametrize.register_parametrization(model.get_submodule(name), "weight", DoReFaWeight(cfg.weight_bits))
@@ -292,8 +293,6 @@ class PACTQuantizer(TrainingQuantizer):
         for n in self.layers:
             handles.append(plain.get_submodule(n).register_forward_pre_hook(
                 lambda _m, a, n=n: feeds.__setitem__(n, outs[id(a[0])]) if id(a[0]) in outs else None))
-        from tvm_lowbit.quantizers.calibrate import iterate_batches
-
         keep = []  # keep outputs alive so ids stay unique during the pass
         first = next(iterate_batches(calib_data, batch_size))
         hold = [plain.get_submodule(n).register_forward_hook(lambda _m, _a, o: keep.append(o)) for n in self.activations]
@@ -309,13 +308,11 @@ class PACTQuantizer(TrainingQuantizer):
             fixed[name] = (pm.scale, False, pm.bits)
         for n in self.activations:
             pm = plain.get_submodule(n)
-            _set_module(plain, n, PACTQuant(pm.scale, pm.bits))
+            set_module(plain, n, PACTQuant(pm.scale, pm.bits))
         n_levels = 2 ** k - 1
         weights = {}
         for name in self.layers:
             w = plain.get_submodule(name).weight.detach()
             weights[name] = IntegerWeight(dorefa_codes(w, k), torch.full((w.shape[0],), 1.0 / n_levels))
-        cfg = {"scheme": "pact", **{f.name: getattr(self.config, f.name) for f in fields(self.config)},
-               "alphas": self.alphas()}
         return build_fake_quant(plain, weights, calib_data, act_bits=8, fixed_activations=fixed,
-                                batch_size=batch_size, progress=progress, config=cfg)
+                                batch_size=batch_size, progress=progress, config=self.config.to_dict())

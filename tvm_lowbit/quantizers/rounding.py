@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tvm_lowbit import qmath
+from tvm_lowbit.formats import WeightObject, format_for_recorded
 
 DAMP = 0.01  # H += DAMP * mean(diag H) * I, as GPTQ does, so the Cholesky factor exists
 
@@ -86,16 +86,12 @@ def gptq_codes(w: torch.Tensor, step: torch.Tensor, lo: int, hi: int, hessian: t
     return codes.reshape(w.shape)
 
 
-def refine(tw: object, w: torch.Tensor, hessian: torch.Tensor) -> object:
-    """``tw`` (the nearest-rounding weight of ``w``) with GPTQ codes on the same grid; power-of-two
-    and other weights are returned unchanged."""
-    if isinstance(tw, qmath.IntWeight):
-        step, qmax = qmath.int_grid(tw)
-        return qmath.int_from_codes(tw, gptq_codes(w, step, -qmax, qmax, hessian))
-    if isinstance(tw, qmath.TernaryWeight):
-        lay = tw.layout
-        alpha = tw.alpha_q.double() * tw.w_scale.double()[:, None]
-        step = qmath.from_grouped(alpha[..., None].expand(-1, -1, lay.group_size).contiguous(), lay)
-        t = gptq_codes(w, step, -1, 1, hessian)
-        return qmath.TernaryWeight(lay, qmath.to_grouped(t, lay).to(torch.int8), tw.alpha_q, tw.w_scale)
-    return tw
+def refine(tw: WeightObject, w: torch.Tensor, hessian: torch.Tensor) -> WeightObject:
+    """``tw`` (the nearest-rounding weight of ``w``) with GPTQ codes on the same grid (its format's
+    ``rounding_grid``); weights whose format has no uniform grid (power of two) are returned unchanged."""
+    spec = format_for_recorded(str(tw.format))
+    grid = spec.rounding_grid(tw) if spec is not None else None
+    if spec is None or grid is None:
+        return tw
+    step, lo, hi = grid
+    return spec.with_codes(tw, gptq_codes(w, step, lo, hi, hessian))

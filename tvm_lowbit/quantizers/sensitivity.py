@@ -28,10 +28,9 @@ from torch import nn
 from tqdm import tqdm
 
 from tvm_lowbit import qmath
+from tvm_lowbit.formats import Format, parse_format, weight_bytes
 from tvm_lowbit.quantizers import calibrate
-from tvm_lowbit.quantizers.fgq import FGQ, _set_module, execution_order
-from tvm_lowbit.quantizers.formats import Format, parse_format, weight_bytes
-from tvm_lowbit.quantizers.layers import QConv2d, QLinear, QuantLayer
+from tvm_lowbit.quantizers.surgery import execution_order, make_quant_layer, set_module
 
 CACHE_VERSION = 1
 
@@ -127,17 +126,13 @@ def kl_div(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-def make_layer(name: str, module: nn.Module, tw: object, act_bits: int) -> QuantLayer:
-    return QConv2d(name, module, tw, act_bits) if isinstance(module, nn.Conv2d) else QLinear(name, module, tw, act_bits)  # type: ignore[arg-type]
-
-
 def input_scales(model: nn.Module, layers: list[str], batches: list[torch.Tensor], act_bits: int,
                  method: str, percentile: float = 99.99) -> dict[str, tuple[float, bool]]:
     """(scale, signed) of each layer's input on the FP32 network, by an input-based calibration method
     (``mse_out`` needs a quantized layer; it falls back to ``mse`` here)."""
     if method == "mse_out":
         method = "mse"
-    obs = {n: calibrate._Observer(seed=i) for i, n in enumerate(layers)}
+    obs = {n: calibrate.Observer(seed=i) for i, n in enumerate(layers)}
     handles = [model.get_submodule(n).register_forward_pre_hook(obs[n]) for n in layers]
     try:
         with torch.no_grad():
@@ -203,7 +198,7 @@ def layer_sensitivity(model: nn.Module, images: torch.Tensor | np.ndarray, forma
         raise ValueError("the model has no Conv2d/Linear layer to quantize")
     cand = {n: [parse_format(f).name for f in (candidates or {}).get(n, [f.name for f in fmts])] for n in names}
     all_fmts = list(dict.fromkeys([f.name for f in fmts] + [f for c in cand.values() for f in c]))
-    method = calibration if calibration != "auto" else FGQ(act_bits=act_bits).calibration_method()
+    method = calibration if calibration != "auto" else calibrate.auto_method(act_bits)
     settings = {"v": CACHE_VERSION, "layers": names, "candidates": cand, "act_bits": act_bits, "method": method,
                 "bias_correction": bias_correction, "weights": weight_fn_key}
     key = _hash(model, x, settings)
@@ -235,7 +230,7 @@ def layer_sensitivity(model: nn.Module, images: torch.Tensor | np.ndarray, forma
                 kl[name][fname] = 0.0
                 bar.update()
                 continue
-            q = make_layer(name, module, tw, act_bits)
+            q = make_quant_layer(name, module, tw, act_bits)
             q.set_activation(*scales[name])
             if bias_correction:
                 xin = xin if xin is not None else _capture_input(model, name, batches)
@@ -244,11 +239,11 @@ def layer_sensitivity(model: nn.Module, images: torch.Tensor | np.ndarray, forma
                                for b in xin) / len(xin)
                 q.bias += diff.float()
                 q.refresh_epilogue()
-            _set_module(model, name, q)
+            set_module(model, name, q)
             try:
                 kl[name][fname] = kl_div(ref, _logits(model, batches))
             finally:
-                _set_module(model, name, module)
+                set_module(model, name, module)
             bar.update()
         xin = None
     bar.close()

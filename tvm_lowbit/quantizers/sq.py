@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,8 +49,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from tvm_lowbit import qmath
-from tvm_lowbit.quantizers.hooks import (HookOrderError, TrainingQuantizer, build_fake_quant, quantizable_layers,
-                                         strip_parametrizations)
+from tvm_lowbit.quantizers.config import SchemeConfig
+from tvm_lowbit.quantizers.hooks import HookOrderError, TrainingQuantizer, quantizable_layers, strip_parametrizations
+from tvm_lowbit.quantizers.surgery import build_fake_quant
 
 INNER = ("twn", "bwn", "fgq")
 PROBS = ("linear", "constant", "softmax", "sigmoid")
@@ -59,7 +60,7 @@ LAYER_POLICIES = ("float", "sq")
 
 
 @dataclass(frozen=True)
-class SQ:
+class SQ(SchemeConfig):
     """Configuration of SQ training (see the module docstring).
 
     inner: ``twn`` | ``bwn`` | ``fgq`` (group_size applies to fgq).  schedule: the SQ ratio per stage,
@@ -68,6 +69,9 @@ class SQ:
     ``float`` (kept in float, like FGQ's default) or ``sq`` (quantized, as the reference code does).
     act_bits: activation bits of the exported model (calibrated like FGQ).
     """
+
+    SCHEME = "sq"
+    VERSION = 1
 
     inner: str = "twn"
     group_size: int = 4
@@ -342,9 +346,8 @@ class SQQuantizer(TrainingQuantizer):
                                  f"current stage {self.stage} of {list(self.schedule)}: finish training first")
         plain = strip_parametrizations(copy.deepcopy(self.model))
         weights = {name: self.integer_weight(name) for name in self.layers}
-        cfg = {"scheme": "sq", **{f.name: getattr(self.config, f.name) for f in fields(self.config)}}
         return build_fake_quant(plain, weights, calib_data, act_bits=self.config.act_bits,
-                                batch_size=batch_size, progress=progress, config=cfg)
+                                batch_size=batch_size, progress=progress, config=self.config.to_dict())
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
