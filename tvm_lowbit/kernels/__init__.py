@@ -14,8 +14,9 @@ line below.  Importing this package imports TVM.
 """
 
 from tvm_lowbit.kernels.common import KERNEL_ATTR, OUT_MODES, LayerSpec, kernel_attrs, make_prim_func, quantize_act
-from tvm_lowbit.kernels.registry import (GENERIC, Choice, Kernel, get, lookup, register, register_intrinsics,
-                                         registered, schedule_default, schedule_kernel, select, unregister)
+from tvm_lowbit.kernels.registry import (GENERIC, Choice, Kernel, describe, get, lookup, register,
+                                         register_intrinsics, registered, schedule_default, schedule_kernel,
+                                         select, unregister)
 from tvm_lowbit.kernels.generic import schedule_conv2d, schedule_dense
 from tvm_lowbit.kernels.ternary import ternary_conv2d, ternary_dense
 from tvm_lowbit.kernels.pow2 import pow2_conv2d, pow2_dense
@@ -30,6 +31,7 @@ __all__ = [
     "Choice",
     "Kernel",
     "LayerSpec",
+    "describe",
     "get",
     "int_conv2d",
     "int_dense",

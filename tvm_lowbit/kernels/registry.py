@@ -169,3 +169,9 @@ def register_intrinsics() -> list[str]:
             if n not in names:
                 names.append(str(n))
     return names
+
+
+def describe() -> str:
+    """The registered kernels, one a line: name, (family, op, ISA), preference (for users and docs)."""
+    rows = sorted(_BY_NAME.values(), key=lambda k: (k.family, k.op, -k.preference, k.isa))
+    return "\n".join(f"{k.name:<24} {k.family:<10} {k.op:<8} {k.isa:<8} preference {k.preference}" for k in rows)

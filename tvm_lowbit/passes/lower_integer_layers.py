@@ -15,10 +15,11 @@ when the quantizer is known, else guessed) and the kernel registry (``kernels.se
 of its family and op that fits the layer on the target: the int8 dot-product kernels of the target's
 ISA (``kernels.avx2``, ``kernels.sdot``), the lookup-table kernel (``kernels.lut``) or the generic one.
 ``LoweringReport.kernels`` says which weight format each layer got, ``kernel_names`` which kernel and
-``kernel_reasons`` why.  Activations are quantized once
-per distinct (tensor, scale) at the entry of an integer region; a layer whose output only feeds
-other quantized layers with one common input quantizer emits those layers' codes directly
-(requantization fused with bias, folded batch norm and ReLU), so no float tensor sits between
+``kernel_reasons`` why.
+
+Activations are quantized once per distinct (tensor, scale) at the entry of an integer region; a layer
+whose output only feeds other quantized layers with one common input quantizer emits those layers' codes
+directly (requantization fused with bias, folded batch norm and ReLU), so no float tensor sits between
 two quantized layers.  Everything else (pooling, residual adds, layer norm, softmax, GELU,
 concatenation, reshapes) stays as it was, in float.  A chain that cannot be lowered stays in
 float too (it still computes the fake-quant math) and is listed in ``report`` with the reason.

@@ -27,8 +27,7 @@ from tvm.relax.dpl import DFPattern, is_op, wildcard
 
 DIVIDE = is_op("relax.divide")(wildcard(), wildcard())
 ROUND = is_op("relax.round")(wildcard())
-CLIP = is_op("relax.clip")(wildcard(), wildcard(), wildcard())
-QUANT_SOURCE, QUANT_SCALE = wildcard(), wildcard()
+QUANT_SOURCE, QUANT_SCALE = wildcard(), wildcard()  # x and s, for QUANTIZER.extract_matched_expr
 QUANTIZER = is_op("relax.clip")(is_op("relax.round")(is_op("relax.divide")(QUANT_SOURCE, QUANT_SCALE)),
                                 wildcard(), wildcard())
 """The activation quantizer ``clip(round(divide(x, s)), lo, hi)``."""
