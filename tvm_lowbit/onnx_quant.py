@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from tvm_lowbit import qmath
 from tvm_lowbit.compiler import Artifact, CompileError, build
-from tvm_lowbit.passes.ternary import LayerInfo, const_value, weight_key
+from tvm_lowbit.passes import LayerInfo, weight_key
+from tvm_lowbit.passes.patterns import ADD, CONV2D, INTEGER_OP, PERMUTE_DIMS, bound_call, const_value, var2val
 from tvm_lowbit.quantizers import calibrate
 from tvm_lowbit.quantizers.fgq import FGQ
 from tvm_lowbit.targets import TargetSpec, load_target
@@ -44,38 +45,29 @@ class _Found:
     call: Any           # the original Relax call (conv attributes)
 
 
-def _ops() -> dict[str, Any]:
-    from tvm.ir import Op
-
-    return {n: Op.get(f"relax.{n}") for n in ("nn.conv2d", "matmul", "permute_dims", "add")}
-
-
 def find_layers(func: Any) -> list[_Found]:
     """conv2d / matmul bindings with constant weights, in graph order, with a following bias add."""
     from tvm import relax
 
-    ops = _ops()
-    bindings, users, order = {}, {}, []
+    values = var2val(func)
+    users, order = {}, []
     for block in func.body.blocks:
         for b in block.bindings:
-            bindings[b.var.__hash__()] = b.value
             order.append(b.var)
             for v in relax.analysis.free_vars(b.value):
                 users.setdefault(v.__hash__(), []).append(b.var)
     found: list[_Found] = []
     counts: dict[str, int] = {}
     for v in order:
-        call = bindings[v.__hash__()]
-        if not isinstance(call, relax.Call):
+        call = bound_call(INTEGER_OP, v, values)
+        if call is None:
             continue
-        kind = "conv2d" if call.op.same_as(ops["nn.conv2d"]) else "matmul" if call.op.same_as(ops["matmul"]) else None
-        if kind is None:
-            continue
-        w = const_value(call.args[1], bindings)
+        kind = "conv2d" if CONV2D.match(call) else "matmul"
+        w = const_value(call.args[1], values)
         if kind == "matmul":
-            perm = bindings.get(call.args[1].__hash__()) if hasattr(call.args[1], "name") else None
-            if w is None and isinstance(perm, relax.Call) and perm.op.same_as(ops["permute_dims"]):
-                w = const_value(perm.args[0], bindings)  # [K, C] already
+            perm = bound_call(PERMUTE_DIMS, call.args[1], values) if isinstance(call.args[1], relax.Var) else None
+            if w is None and perm is not None:
+                w = const_value(perm.args[0], values)  # [K, C] already
             elif w is not None and w.ndim == 2:
                 w = w.T  # matmul(x, W[C, K]) -> [K, C]
             else:
@@ -87,10 +79,10 @@ def find_layers(func: Any) -> list[_Found]:
         out_var, bias = v, None
         us = users.get(v.__hash__(), [])
         if len(us) == 1:
-            add = bindings[us[0].__hash__()]
-            if isinstance(add, relax.Call) and add.op.same_as(ops["add"]):
+            add = bound_call(ADD, us[0], values)
+            if add is not None:
                 other = add.args[1] if add.args[0].same_as(v) else add.args[0]
-                b = const_value(other, bindings)
+                b = const_value(other, values)
                 if b is not None and b.size == w.shape[0]:
                     out_var, bias = us[0], b.reshape(-1).astype(np.float32)
         i = counts.get(kind, 0)

@@ -26,14 +26,20 @@ from collections.abc import Sequence
 import numpy as np
 import tvm
 from tvm import te, tirx
+from tvm.target.codegen import target_has_features
 from tvm.script import tirx as T
 
 from tvm_lowbit import qmath
-from tvm_lowbit.kernels.ternary import (KERNEL_ATTR, OutMode, _check_mode, _epilogue, _maybe_block, _pair, _tile,
-                                        conv_dims, dense_dims, dense_with_epilogue, kernel_attrs)
+from tvm_lowbit.kernels.common import (KERNEL_ATTR, MAX_WEIGHT, LayerSpec, OutMode, Pick, TargetLike, check_mode,
+                                       conv_dims, conv_out_size, decode_2bit, dense_dims, dense_with_epilogue,
+                                       dot_conv_unsupported, epilogue, int8_dot_unsupported, kernel_attrs,
+                                       maybe_block, pair, pow2_int8, tile)
+from tvm_lowbit.kernels.pow2 import pow2_operands
+from tvm_lowbit.kernels.registry import Kernel
+from tvm_lowbit.kernels.registry import register as register_kernel
+from tvm_lowbit.kernels.ternary import ternary_operands
 
 AVX2_DOT_8x4_INTRIN = "tvm_lowbit_dot_8x4_u8i8s32_avx2"
-MAX_WEIGHT = 64  # |B| bound for exact vpmaddubsw pair sums with uint8 activations
 # the dense kernels decode the whole weight to int8 on every call (the ``w_int`` stage), a cost that only
 # enough activation rows amortize: below this many rows LowerTernary keeps a dense layer on the default
 # kernel (or the LUT one), measured with scripts/bench_gemm.py --shapes
@@ -79,8 +85,7 @@ def register() -> str:
 
 
 def has_avx2(target: tvm.target.Target) -> bool:
-    from tvm.target.codegen import target_has_features
-
+    """Whether ``target`` is an x86 LLVM target with AVX2."""
     return str(target.kind.name) == "llvm" and not str(target.attrs.get("mtriple", "x86_64")).startswith(("aarch64", "arm")) \
         and bool(target_has_features("avx2", target))
 
@@ -115,7 +120,7 @@ def ternary_dense_avx2(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, ou
                        out_mode: OutMode = "float", requant_scale: float | None = None, out_bits: int = 8,
                        out_signed: bool = False) -> te.Tensor:
     """``kernels.ternary_dense`` (same inputs, same result) for the AVX2 intrinsic: ``group_size % 4 == 0``."""
-    _check_mode(out_mode, requant_scale)
+    check_mode(out_mode, requant_scale)
     kout, cin = dense_dims(data, weight_shape)
     _check_tiles(kout, cin)
     lay = qmath.group_layout((kout, cin), group_size)
@@ -126,8 +131,7 @@ def ternary_dense_avx2(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, ou
         raise ValueError(f"codes shape {codes.shape} != ({kout}, ceil({lay.row_len}/4))")
 
     def t8(nb, cb, i, q):  # code byte (n, cb) holds elements 4cb..4cb+3, element q in bits 2q..2q+1
-        code = (codes[nb * 8 + i, cb].astype("int32") >> (q * 2).astype("int32")) & 3
-        return ((code ^ 2) - 2).astype("int8")
+        return decode_2bit(codes[nb * 8 + i, cb], q).astype("int8")
 
     def s2(nb, cb, i, _p):
         return alpha_q[nb * 8 + i, (cb * 4) // lay.group_size].astype("int16")
@@ -144,7 +148,7 @@ def pow2_dense_avx2(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out
                     out_mode: OutMode = "float", requant_scale: float | None = None, out_bits: int = 8,
                     out_signed: bool = False) -> te.Tensor:
     """``kernels.pow2_dense`` for the AVX2 intrinsic: 4-bit codes (|w| <= 2^6), decoded to int8 ``sign << e``."""
-    _check_mode(out_mode, requant_scale)
+    check_mode(out_mode, requant_scale)
     kout, cin = dense_dims(data, weight_shape)
     _check_tiles(kout, cin)
     if code_bits != 4:
@@ -152,7 +156,7 @@ def pow2_dense_avx2(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out
     if tuple(int(v) for v in codes.shape) != (kout, -(-cin // 2)):
         raise ValueError(f"codes shape {tuple(codes.shape)} != ({kout}, {-(-cin // 2)})")
 
-    w8 = te.compute((kout // 8, cin // 4, 8, 4), lambda nb, cb, i, q: _pow2_int8(codes, nb * 8 + i, cb * 4 + q),
+    w8 = te.compute((kout // 8, cin // 4, 8, 4), lambda nb, cb, i, q: pow2_int8(codes, nb * 8 + i, cb * 4 + q),
                     name="w_int")
     one = te.compute((kout // 8, cin // 4, 8, 2), lambda *_: tirx.const(1, "int16"), name="w_scale")
     return _dense_avx2("pow2_dense_avx2", data, w8, one, kout, cin, out_scale, out_bias, relu, out_mode,
@@ -171,8 +175,8 @@ def _conv_avx2(kind: str, data: te.Tensor, w8: te.Tensor, scale2: te.Tensor, wei
         raise ValueError(f"the AVX2 kernels take unsigned 8-bit activation codes, got {data.dtype}")
     kout, cin, kh, kw = weight_shape
     batch, _, height, width = (int(v) for v in data.shape)
-    (sh, sw), (ph, pw) = _pair(strides), _pair(padding)
-    oh, ow = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+    (sh, sw), (ph, pw) = pair(strides), pair(padding)
+    oh, ow = conv_out_size(height, kh, sh, ph), conv_out_size(width, kw, sw, pw)
     x = te.compute(
         (batch, height + 2 * ph, width + 2 * pw, cin),
         lambda b, h, w, c: tirx.if_then_else(
@@ -195,25 +199,12 @@ def _conv_avx2(kind: str, data: te.Tensor, w8: te.Tensor, scale2: te.Tensor, wei
                           attrs=kernel_attrs(kind))
     return te.compute(
         (batch, kout, oh, ow),
-        lambda b, k, i, j: _epilogue(acc[b, i, j, k], out_scale[k], out_bias[k], relu, out_mode, requant_scale,
+        lambda b, k, i, j: epilogue(acc[b, i, j, k], out_scale[k], out_bias[k], relu, out_mode, requant_scale,
                                      out_bits, out_signed),
         name="out", attrs=kernel_attrs(kind))
 
 
-def conv_unsupported(weight_shape: Sequence[int], strides: int | Sequence[int], dilation: int | Sequence[int],
-                     groups: int, act_dtype: str, lanes: int = 8) -> str | None:
-    """Why the dot-product conv kernels (``lanes`` output channels per step: 8 here, 4 for ``kernels.sdot``)
-    cannot run this layer (None: they can); the weight-format checks come on top."""
-    kout, cg = int(weight_shape[0]), int(weight_shape[1])
-    if str(act_dtype) != "uint8":
-        return f"activation codes are {act_dtype}, the dot-product kernels take uint8"
-    if groups != 1:
-        return f"groups={groups}"
-    if _pair(dilation) != (1, 1):
-        return f"dilation {_pair(dilation)}"
-    if kout % lanes or cg % 4:
-        return f"K={kout}, C={cg}: need K % {lanes} == 0 and C % 4 == 0"
-    return None
+conv_unsupported = dot_conv_unsupported  # the public name tests and kernels.sdot knew it by
 
 
 def ternary_conv2d_avx2(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, out_scale: te.Tensor,
@@ -224,7 +215,7 @@ def ternary_conv2d_avx2(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, o
                         ) -> te.Tensor:
     """``kernels.ternary_conv2d`` (same inputs, same result) on the AVX2 intrinsic: groups=1, dilation 1,
     K % 8 == 0, C % 4 == 0 and ``group_size % 4 == 0`` along the channels of each tap."""
-    _check_mode(out_mode, requant_scale)
+    check_mode(out_mode, requant_scale)
     kout, cg, kh, kw = conv_dims(data, weight_shape, groups)
     why = conv_unsupported(weight_shape, strides, dilation, groups, str(data.dtype))
     lay = qmath.group_layout((kout, cg, kh, kw), group_size)
@@ -237,8 +228,7 @@ def ternary_conv2d_avx2(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, o
     seg = lay.groups_per_segment * lay.group_size  # padded length of one tap's channel segment
 
     def t8(nb, tap, cb, i, q):  # code byte (k, (tap*seg + 4cb) / 4) holds channels 4cb..4cb+3 of the tap
-        code = (codes[nb * 8 + i, (tap * seg) // 4 + cb].astype("int32") >> (q * 2).astype("int32")) & 3
-        return ((code ^ 2) - 2).astype("int8")
+        return decode_2bit(codes[nb * 8 + i, (tap * seg) // 4 + cb], q).astype("int8")
 
     def s2(nb, tap, cb, i, _p):
         return alpha_q[nb * 8 + i, (tap * seg + cb * 4) // lay.group_size].astype("int16")
@@ -250,21 +240,13 @@ def ternary_conv2d_avx2(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, o
                       out_bias, relu, out_mode, requant_scale, out_bits, out_signed)
 
 
-def _pow2_int8(codes: te.Tensor, row: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
-    """Element j of a row of 4-bit power-of-two codes as int8 ``sign << e`` (code 0: zero)."""
-    c = (codes[row, j // 2].astype("int32") >> ((j % 2) * 4).astype("int32")) & 15
-    idx = c & 7
-    mag = tirx.if_then_else(idx == 0, 0, tirx.shift_left(tirx.const(1, "int32"), tirx.max(idx - 1, 0)))
-    return tirx.if_then_else(c >= 8, 0 - mag, mag).astype("int8")
-
-
 def pow2_conv2d_avx2(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bias: te.Tensor, *,
                      weight_shape: Sequence[int], code_bits: int = 4, strides: int | Sequence[int] = 1,
                      padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
                      relu: bool = False, out_mode: OutMode = "float", requant_scale: float | None = None,
                      out_bits: int = 8, out_signed: bool = False) -> te.Tensor:
     """``kernels.pow2_conv2d`` on the AVX2 intrinsic: 4-bit codes (|w| <= 2^6), decoded to int8."""
-    _check_mode(out_mode, requant_scale)
+    check_mode(out_mode, requant_scale)
     kout, cg, kh, kw = conv_dims(data, weight_shape, groups)
     why = conv_unsupported(weight_shape, strides, dilation, groups, str(data.dtype))
     if why is None and code_bits != 4:
@@ -275,7 +257,7 @@ def pow2_conv2d_avx2(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, ou
     if tuple(int(v) for v in codes.shape) != (kout, -(-length // 2)):
         raise ValueError(f"codes shape {tuple(codes.shape)} != ({kout}, {-(-length // 2)})")
     shape = (kout // 8, kh * kw, cg // 4, 8)
-    w8 = te.compute((*shape, 4), lambda nb, tap, cb, i, q: _pow2_int8(codes, nb * 8 + i, tap * cg + cb * 4 + q),
+    w8 = te.compute((*shape, 4), lambda nb, tap, cb, i, q: pow2_int8(codes, nb * 8 + i, tap * cg + cb * 4 + q),
                     name="w_int")
     one = te.compute((*shape, 2), lambda *_: tirx.const(1, "int16"), name="w_scale")
     return _conv_avx2("pow2_conv2d_avx2", data, w8, one, (kout, cg, kh, kw), strides, padding, out_scale, out_bias,
@@ -286,7 +268,7 @@ def pow2_conv2d_avx2(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, ou
 # Schedule
 # --------------------------------------------------------------------------------------------
 
-def schedule_dense_avx2(sch: tvm.s_tir.Schedule, pick=None) -> None:
+def schedule_dense_avx2(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> None:
     """Register tile of ``mb`` rows x ``nb`` blocks of 8 output channels (int32 ymm accumulators), the
     4-byte reduction step tensorized; the int8 weight tile of each channel block is unpacked once."""
     register()
@@ -295,13 +277,13 @@ def schedule_dense_avx2(sch: tvm.s_tir.Schedule, pick=None) -> None:
     lead, n, c = lps[:-2], lps[-2], lps[-1]
     m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
     rows, kout = (int(sch.get(lp).extent) for lp in (m, n))
-    mb = _tile(rows, (4, 2, 8, 1), pick)
-    nb = _tile(kout // 8, (2, 4, 1), pick)
+    mb = tile(rows, (4, 2, 8, 1), pick)
+    nb = tile(kout // 8, (2, 4, 1), pick)
     mo, mi = sch.split(m, [None, mb])
     no, nm, ni = sch.split(n, [None, nb, 8])
     co, ci = sch.split(c, [None, 4])
     sch.reorder(no, mo, co, mi, nm, ni, ci)
-    out = [b for b in ("out",) if _maybe_block(sch, b) is not None]
+    out = [b for b in ("out",) if maybe_block(sch, b) is not None]
     if out:
         sch.reverse_compute_at(sch.get_sblock("out"), mo, preserve_unit_loops=True)
         sch.set_scope(acc, 0, "local")
@@ -324,7 +306,7 @@ def schedule_dense_avx2(sch: tvm.s_tir.Schedule, pick=None) -> None:
     sch.vectorize(tl[-1])
 
 
-def schedule_conv2d_avx2(sch: tvm.s_tir.Schedule, pick=None) -> None:
+def schedule_conv2d_avx2(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> None:
     """Register tile of ``mb`` output columns x ``nb`` blocks of 8 output channels (int32 ymm accumulators)
     under the reduction over (r, s, 4-channel steps), the step tensorized; the int8 weight tile of each block
     of channels is unpacked once and the padded NHWC input copy is made once, in parallel over rows."""
@@ -332,8 +314,8 @@ def schedule_conv2d_avx2(sch: tvm.s_tir.Schedule, pick=None) -> None:
     acc = sch.get_sblock("acc")
     b, i, j, k, ry, rx, rc = sch.get_loops(acc)
     ow, kout = (int(sch.get(lp).extent) for lp in (j, k))
-    mb = _tile(ow, (4, 7, 8, 2, 14, 1), pick)  # a divisor of the row: the NCHW write-back stays a box
-    nb = _tile(kout // 8, (2, 4, 1), pick)
+    mb = tile(ow, (4, 7, 8, 2, 14, 1), pick)  # a divisor of the row: the NCHW write-back stays a box
+    nb = tile(kout // 8, (2, 4, 1), pick)
     jo, ji = sch.split(j, [None, mb])
     no, nm, ni = sch.split(k, [None, nb, 8])
     co, ci = sch.split(rc, [None, 4])
@@ -390,3 +372,43 @@ def reference_ternary(x: np.ndarray, codes: np.ndarray, alpha_q: np.ndarray, kou
     t = qmath.unpack_2bit(codes, lay.row_len).astype(np.int64)
     w = (t.reshape(kout, lay.groups_per_row, lay.group_size) * alpha_q.astype(np.int64)[:, :, None])
     return qmath.dense_int_np(x, w.reshape(kout, -1)[:, :cin])
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------
+
+def avx2_conv_fits(layer: LayerSpec, target: tvm.target.Target | None) -> str | None:
+    """The AVX2 conv kernels take a layer on an AVX2 target that the int8 dot product runs exactly."""
+    if target is None or not has_avx2(target):
+        return "the target has no AVX2"
+    return int8_dot_unsupported(layer, lanes=8)
+
+
+def avx2_dense_fits(layer: LayerSpec, target: tvm.target.Target | None) -> str | None:
+    """As :func:`avx2_conv_fits`, from ``DENSE_MIN_ROWS`` activation rows (measured: below, the default
+    kernel is faster)."""
+    if target is None or not has_avx2(target):
+        return "the target has no AVX2"
+    if layer.rows < DENSE_MIN_ROWS:
+        return f"{layer.rows} activation rows < DENSE_MIN_ROWS={DENSE_MIN_ROWS}"
+    return int8_dot_unsupported(layer, lanes=8)
+
+
+def _conv_schedule(sch: tvm.s_tir.Schedule, _target: TargetLike, pick: Pick | None = None) -> None:
+    schedule_conv2d_avx2(sch, pick)
+
+
+def _dense_schedule(sch: tvm.s_tir.Schedule, _target: TargetLike, pick: Pick | None = None) -> None:
+    schedule_dense_avx2(sch, pick)
+
+
+PREFERENCE = 20  # measured: faster than the generic kernels wherever it fits
+for _family, _op, _compute, _operands in (("ternary", "conv2d", ternary_conv2d_avx2, ternary_operands),
+                                          ("ternary", "dense", ternary_dense_avx2, ternary_operands),
+                                          ("pow2", "conv2d", pow2_conv2d_avx2, pow2_operands),
+                                          ("pow2", "dense", pow2_dense_avx2, pow2_operands)):
+    register_kernel(Kernel(f"{_family}_{_op}_avx2", family=_family, op=_op, isa="avx2", compute=_compute,
+                           schedule=_conv_schedule if _op == "conv2d" else _dense_schedule, operands=_operands,
+                           fits=avx2_conv_fits if _op == "conv2d" else avx2_dense_fits, preference=PREFERENCE,
+                           intrinsics=register))

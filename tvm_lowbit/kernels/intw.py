@@ -7,7 +7,7 @@ int4 in groups with 8-bit scale codes (``qmath.IntWeight``), bit for bit:
   schedule computes once per block of output channels, outside the multiply-accumulate loop, as for
   the ternary kernels;
 * the accumulation, the epilogue and the output modes "acc" / "float" / "requant" are those shared by
-  every weight format (``kernels.ternary.conv_with_epilogue`` / ``dense_with_epilogue``), so a layer
+  every weight format (``kernels.common.conv_with_epilogue`` / ``dense_with_epilogue``), so a layer
   of this format feeds or consumes the codes of a ternary or power-of-two neighbour unchanged.
 """
 
@@ -18,8 +18,10 @@ from collections.abc import Sequence
 from tvm import te, tirx
 
 from tvm_lowbit import qmath
-from tvm_lowbit.kernels.ternary import (OutMode, _check_mode, conv_dims, conv_with_epilogue, dense_dims,
-                                        dense_with_epilogue)
+from tvm_lowbit.kernels.common import (OutMode, check_mode, conv_dims, conv_with_epilogue, dense_dims,
+                                       dense_with_epilogue)
+from tvm_lowbit.kernels.generic import conv2d_schedule, dense_schedule
+from tvm_lowbit.kernels.registry import GENERIC, Kernel, LayerSpec, Operands, register
 
 
 def _layout(weight_shape: tuple[int, ...], group_size: int) -> qmath.GroupLayout:
@@ -69,7 +71,7 @@ def int_conv2d(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bias
     """NCHW conv of activation codes with an ``int{bits}`` weight of shape ``weight_shape = (K, Cg, R, S)``:
     ``codes`` / ``scale_codes`` are ``IntWeight.packed_codes()`` / ``scale_codes()`` (``group_size`` 0 and
     no scale codes: one scale per output channel, kept in the epilogue).  Output ``[B, K, OH, OW]``."""
-    _check_mode(out_mode, requant_scale)
+    check_mode(out_mode, requant_scale)
     if (group_size > 0) != (scale_codes is not None):
         raise ValueError("grouped integer weights need scale_codes and per-channel ones none "
                          f"(group_size={group_size}, scale_codes={'given' if scale_codes is not None else 'None'})")
@@ -93,7 +95,7 @@ def int_dense(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bias:
               relu: bool = False, out_mode: OutMode = "float", requant_scale: float | None = None,
               out_bits: int = 8, out_signed: bool = False) -> te.Tensor:
     """``data[..., C]`` times an ``int{bits}`` weight ``[K, C]`` (transposed) -> ``[..., K]``."""
-    _check_mode(out_mode, requant_scale)
+    check_mode(out_mode, requant_scale)
     if (group_size > 0) != (scale_codes is not None):
         raise ValueError("grouped integer weights need scale_codes and per-channel ones none "
                          f"(group_size={group_size}, scale_codes={'given' if scale_codes is not None else 'None'})")
@@ -101,3 +103,15 @@ def int_dense(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bias:
     wq = _expand(codes, scale_codes, _layout((kout, cin), group_size), bits)
     return dense_with_epilogue("int_dense", data, kout, cin, lambda xv, k, c: xv * _w(wq, k, c), out_scale,
                                out_bias, relu, out_mode, requant_scale, out_bits, out_signed)
+
+
+def int_operands(layer: LayerSpec) -> Operands:
+    """The packed k-bit codes of an integer layer, its width, group size and scale codes (None per channel)."""
+    tw = layer.weight
+    return [tw.packed_codes()], {"bits": tw.bits, "group_size": tw.group_size, "scale_codes": tw.scale_codes()}
+
+
+INT_CONV2D = register(Kernel("int_conv2d", family="int", op="conv2d", isa=GENERIC, compute=int_conv2d,
+                             schedule=conv2d_schedule("w_int"), operands=int_operands))
+INT_DENSE = register(Kernel("int_dense", family="int", op="dense", isa=GENERIC, compute=int_dense,
+                            schedule=dense_schedule("w_int"), operands=int_operands))

@@ -26,7 +26,10 @@ import tvm
 from tvm import te
 
 from tvm_lowbit import qmath
-from tvm_lowbit.kernels.ternary import OutMode, _check_mode, _epilogue, _maybe_block, _tile, dense_dims, kernel_attrs
+from tvm_lowbit.kernels.avx2 import has_avx2
+from tvm_lowbit.kernels.common import (LayerSpec, OutMode, Pick, TargetLike, check_mode, dense_dims, epilogue,
+                                       kernel_attrs, maybe_block, tile)
+from tvm_lowbit.kernels.registry import Kernel, Operands, register
 
 PATTERNS = 81  # 3^4 sign patterns of 4 ternary weights
 # rows (batch x tokens) up to which the x86 ternary dense layers take this kernel: measured with
@@ -50,7 +53,7 @@ def ternary_dense_lut(data: te.Tensor, codes3: te.Tensor, alpha_q: te.Tensor, ou
                       out_signed: bool = False) -> te.Tensor:
     """``kernels.ternary_dense`` on a lookup table: ``codes3`` [K, C/4] from :func:`base3_codes`,
     ``alpha_q`` [K, groups] as for the other kernels; C % 4 == 0, ``group_size % 4 == 0``."""
-    _check_mode(out_mode, requant_scale)
+    check_mode(out_mode, requant_scale)
     kout, cin = dense_dims(data, weight_shape)
     lay = qmath.group_layout((kout, cin), group_size)
     if cin % 4 or lay.group_size % 4:
@@ -81,12 +84,12 @@ def ternary_dense_lut(data: te.Tensor, codes3: te.Tensor, alpha_q: te.Tensor, ou
         return acc
     return te.compute(
         (*lead, kout),
-        lambda *i: _epilogue(acc[i], out_scale[i[-1]], out_bias[i[-1]], relu, out_mode, requant_scale, out_bits,
+        lambda *i: epilogue(acc[i], out_scale[i[-1]], out_bias[i[-1]], relu, out_mode, requant_scale, out_bits,
                              out_signed),
         name="out", attrs=kernel_attrs("ternary_dense_lut"))
 
 
-def schedule_dense_lut(sch: tvm.s_tir.Schedule, pick=None) -> None:
+def schedule_dense_lut(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> None:
     """The table in parallel over its steps (vectorized over the 81 patterns); the lookups in parallel over
     blocks of output channels, vectorized over ``kb`` channels (AVX2: one ``vpgatherdd`` per 8 lookups)."""
     lut = sch.get_sblock("lut")
@@ -96,12 +99,12 @@ def schedule_dense_lut(sch: tvm.s_tir.Schedule, pick=None) -> None:
     lps = sch.get_loops(acc)
     lead, k, rs = lps[:-2], lps[-2], lps[-1]
     kout = int(sch.get(k).extent)
-    kb = _tile(kout, (8, 16, 4, 2), pick)
+    kb = tile(kout, (8, 16, 4, 2), pick)
     ko, ki = sch.split(k, [None, kb])
     order = [ko, *lead, rs, ki]
     sch.reorder(*order)
     at = lead[-1] if lead else ko
-    if _maybe_block(sch, "out") is not None:  # the epilogue consumes the accumulator tile
+    if maybe_block(sch, "out") is not None:  # the epilogue consumes the accumulator tile
         sch.reverse_compute_at(sch.get_sblock("out"), at, preserve_unit_loops=True)
         sch.set_scope(acc, 0, "local")
     else:
@@ -110,3 +113,38 @@ def schedule_dense_lut(sch: tvm.s_tir.Schedule, pick=None) -> None:
     init = sch.decompose_reduction(acc, rs)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(ki)
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------
+
+def lut_fits(layer: LayerSpec, target: tvm.target.Target | None) -> str | None:
+    """A ternary dense layer with at most ``LUT_MAX_ROWS`` activation rows on an AVX2 target (the measured
+    rule: its gathers are AVX2's ``vpgatherdd``), C % 4 == 0 and groups of a multiple of 4."""
+    if target is None or not has_avx2(target):
+        return "the target has no AVX2"
+    if layer.rows > LUT_MAX_ROWS:
+        return f"{layer.rows} activation rows > LUT_MAX_ROWS={LUT_MAX_ROWS}"
+    cin = int(layer.attrs["weight_shape"][1])
+    if cin % 4 or layer.weight.layout.group_size % 4:
+        return f"C={cin}, groups of {layer.weight.layout.group_size}: need multiples of 4"
+    return None
+
+
+def lut_operands(layer: LayerSpec) -> Operands:
+    """The base-3 codes [K, C/4] and the uint8 ``alpha_q`` [K, groups] of a ternary dense layer."""
+    tw = layer.weight
+    k, cin = (int(v) for v in layer.attrs["weight_shape"])
+    codes3 = base3_codes(tw.t.numpy().reshape(k, -1)[:, :cin])
+    return [codes3, tw.alpha_q.numpy().astype(np.uint8).reshape(k, -1)], {"group_size": tw.layout.group_size}
+
+
+def _schedule(sch: tvm.s_tir.Schedule, _target: TargetLike, pick: Pick | None = None) -> None:
+    schedule_dense_lut(sch, pick)
+
+
+PREFERENCE = 30  # measured: before the AVX2 and the generic kernels for the few rows it takes
+TERNARY_DENSE_LUT = register(Kernel("ternary_dense_lut", family="ternary", op="dense", isa="lut",
+                                    compute=ternary_dense_lut, schedule=_schedule, operands=lut_operands,
+                                    fits=lut_fits, preference=PREFERENCE))

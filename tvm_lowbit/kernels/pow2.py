@@ -13,7 +13,7 @@ The math is :mod:`tvm_lowbit.qmath` (``Pow2Weight``, ``pow2_codes``), bit for bi
 * the epilogue and the output modes "acc" / "float" / "requant" are those of the ternary kernels.
 
 The code layout is ``qmath.pow2_flat``: a conv weight [K, Cg, R, S] as [K, R*S*Cg] in (r, s, c)
-order, a linear weight [K, C] as is.  Default schedules: ``kernels.schedule_default`` (the same
+order, a linear weight [K, C] as is.  Default schedules: :mod:`tvm_lowbit.kernels.generic` (the same
 register tiles as the ternary kernels, with ``w_dec`` computed per block of output channels).
 """
 
@@ -23,11 +23,13 @@ from collections.abc import Sequence
 
 from tvm import te, tirx
 
-from tvm_lowbit.kernels.ternary import (OutMode, _check_mode, conv_dims, conv_with_epilogue, dense_dims,
-                                        dense_with_epilogue)
+from tvm_lowbit.kernels.common import (OutMode, check_mode, conv_dims, conv_with_epilogue, dense_dims,
+                                       dense_with_epilogue)
+from tvm_lowbit.kernels.generic import conv2d_schedule, dense_schedule
+from tvm_lowbit.kernels.registry import GENERIC, Kernel, LayerSpec, Operands, register
 
 
-def _decode(codes: te.Tensor, code_bits: int, kout: int, length: int) -> list[te.Tensor]:
+def decode(codes: te.Tensor, code_bits: int, kout: int, length: int) -> list[te.Tensor]:
     """(e, neg, nz) int8 stages of shape [K, n_bytes, 8 // code_bits] (padding decodes to a zero weight)."""
     if code_bits not in (4, 8):
         raise ValueError(f"code_bits must be 4 or 8, got {code_bits}")
@@ -51,7 +53,7 @@ def _decode(codes: te.Tensor, code_bits: int, kout: int, length: int) -> list[te
     return te.compute((kout, nbytes, per), f, name="w_dec")
 
 
-def _term(x: tirx.PrimExpr, dec: list[te.Tensor], k: tirx.PrimExpr, j: tirx.PrimExpr, per: int) -> tirx.PrimExpr:
+def shift_term(x: tirx.PrimExpr, dec: list[te.Tensor], k: tirx.PrimExpr, j: tirx.PrimExpr, per: int) -> tirx.PrimExpr:
     """sign * (x << e), or 0: branchless, no multiply."""
     jb, q = (j // per, j % per) if per > 1 else (j, 0)
     e, neg, nz = (t[k, jb, q].astype("int32") for t in dec)
@@ -68,14 +70,14 @@ def pow2_conv2d(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bia
     ``codes`` is ``Pow2Weight.packed_codes()`` of a weight of shape ``weight_shape = (K, Cg, R, S)``
     and ``code_bits`` its ``Pow2Weight.code_bits``; ``padding`` is symmetric (ph, pw).
     """
-    _check_mode(out_mode, requant_scale)
+    check_mode(out_mode, requant_scale)
     kout, cg, kh, kw = conv_dims(data, weight_shape, groups)
     per = 8 // code_bits if code_bits in (4, 8) else 0
-    dec = _decode(codes, code_bits, kout, kh * kw * cg)
+    dec = decode(codes, code_bits, kout, kh * kw * cg)
     return conv_with_epilogue(
         "pow2_conv2d", data, (kout, cg, kh, kw), strides, padding, dilation, groups,
-        lambda xv, k, c, r, s: _term(xv, dec, k, (r * kw + s) * cg + c, per), out_scale, out_bias, relu, out_mode,
-        requant_scale, out_bits, out_signed)
+        lambda xv, k, c, r, s: shift_term(xv, dec, k, (r * kw + s) * cg + c, per), out_scale, out_bias, relu,
+        out_mode, requant_scale, out_bits, out_signed)
 
 
 def pow2_dense(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bias: te.Tensor, *,
@@ -83,9 +85,20 @@ def pow2_dense(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bias
                out_mode: OutMode = "float", requant_scale: float | None = None, out_bits: int = 8,
                out_signed: bool = False) -> te.Tensor:
     """``data[..., C]`` times a power-of-two weight ``[K, C]`` (transposed) -> ``[..., K]``."""
-    _check_mode(out_mode, requant_scale)
+    check_mode(out_mode, requant_scale)
     kout, cin = dense_dims(data, weight_shape)
     per = 8 // code_bits if code_bits in (4, 8) else 0
-    dec = _decode(codes, code_bits, kout, cin)
-    return dense_with_epilogue("pow2_dense", data, kout, cin, lambda xv, k, c: _term(xv, dec, k, c, per), out_scale,
-                               out_bias, relu, out_mode, requant_scale, out_bits, out_signed)
+    dec = decode(codes, code_bits, kout, cin)
+    return dense_with_epilogue("pow2_dense", data, kout, cin, lambda xv, k, c: shift_term(xv, dec, k, c, per),
+                               out_scale, out_bias, relu, out_mode, requant_scale, out_bits, out_signed)
+
+
+def pow2_operands(layer: LayerSpec) -> Operands:
+    """The packed sign+exponent codes of a power-of-two layer, and their width."""
+    return [layer.weight.packed_codes()], {"code_bits": layer.weight.code_bits}
+
+
+POW2_CONV2D = register(Kernel("pow2_conv2d", family="pow2", op="conv2d", isa=GENERIC, compute=pow2_conv2d,
+                              schedule=conv2d_schedule("w_dec"), operands=pow2_operands))
+POW2_DENSE = register(Kernel("pow2_dense", family="pow2", op="dense", isa=GENERIC, compute=pow2_dense,
+                             schedule=dense_schedule("w_dec"), operands=pow2_operands))

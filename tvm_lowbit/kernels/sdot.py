@@ -27,12 +27,17 @@ from collections.abc import Callable, Sequence
 
 import tvm
 from tvm import te, tirx
+from tvm.target.codegen import target_has_features
 from tvm.script import tirx as T
 
 from tvm_lowbit import qmath
-from tvm_lowbit.kernels.avx2 import MAX_WEIGHT, _pow2_int8, conv_unsupported
-from tvm_lowbit.kernels.ternary import (OutMode, _check_mode, _epilogue, _maybe_block, _pair, _tile, conv_dims,
-                                        kernel_attrs)
+from tvm_lowbit.kernels.common import (MAX_WEIGHT, LayerSpec, OutMode, Pick, TargetLike, check_mode, conv_dims,
+                                       conv_out_size, decode_2bit, dot_conv_unsupported, epilogue,
+                                       int8_dot_unsupported, kernel_attrs, maybe_block, pair, pow2_int8, tile)
+from tvm_lowbit.kernels.pow2 import pow2_operands
+from tvm_lowbit.kernels.registry import Kernel
+from tvm_lowbit.kernels.registry import register as register_kernel
+from tvm_lowbit.kernels.ternary import ternary_operands
 
 SDOT_SCALED_4x4_INTRIN = "tvm_lowbit_sdot_4x4_i8i8s32_scaled"
 SDOT_4x4_INTRIN = "tvm_lowbit_sdot_4x4_i8i8s32"
@@ -106,8 +111,7 @@ def register() -> tuple[str, str]:
 
 
 def has_sdot(target: tvm.target.Target) -> bool:
-    from tvm.target.codegen import target_has_features
-
+    """Whether ``target`` is an aarch64 LLVM target with the dot-product extension (+dotprod)."""
     return str(target.kind.name) == "llvm" and str(target.attrs.get("mtriple", "")).startswith(("aarch64", "arm64")) \
         and bool(target_has_features("dotprod", target))
 
@@ -121,8 +125,8 @@ def _conv_sdot(kind: str, data: te.Tensor, w8: te.Tensor, s4: te.Tensor | None, 
     (computed from the inputs, so the weight stages can live per block of channels)."""
     kout, cin, kh, kw = weight_shape
     batch, _, height, width = (int(v) for v in data.shape)
-    (sh, sw), (ph, pw) = _pair(strides), _pair(padding)
-    oh, ow = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+    (sh, sw), (ph, pw) = pair(strides), pair(padding)
+    oh, ow = conv_out_size(height, kh, sh, ph), conv_out_size(width, kw, sw, pw)
     x = te.compute(
         (batch, height + 2 * ph, width + 2 * pw, cin),
         lambda b, h, w, c: (tirx.if_then_else(
@@ -146,7 +150,7 @@ def _conv_sdot(kind: str, data: te.Tensor, w8: te.Tensor, s4: te.Tensor | None, 
         a = acc[b, i, j, k] + zp_term[k]
         if out_mode == "acc":
             return a
-        return _epilogue(a, out_scale[k], out_bias[k], relu, out_mode, requant_scale, out_bits, out_signed)
+        return epilogue(a, out_scale[k], out_bias[k], relu, out_mode, requant_scale, out_bits, out_signed)
 
     return te.compute((batch, kout, oh, ow), body, name="out", attrs=kernel_attrs(kind))
 
@@ -159,9 +163,9 @@ def ternary_conv2d_sdot(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, o
                         ) -> te.Tensor:
     """``kernels.ternary_conv2d`` (same inputs, same result) on ``sdot``: uint8 codes, groups=1, dilation 1,
     K % 4 == 0, C % 4 == 0, ternary groups of a multiple of 4 along the input channels."""
-    _check_mode(out_mode, requant_scale)
+    check_mode(out_mode, requant_scale)
     kout, cg, kh, kw = conv_dims(data, weight_shape, groups)
-    why = conv_unsupported(weight_shape, strides, dilation, groups, str(data.dtype), lanes=4)
+    why = dot_conv_unsupported(weight_shape, strides, dilation, groups, str(data.dtype), lanes=4)
     lay = qmath.group_layout((kout, cg, kh, kw), group_size)
     if why is None and (lay.along != "in" or lay.group_size % 4):
         why = f"groups of {lay.group_size} along the {lay.along!r} axis: need groups along input channels, size % 4 == 0"
@@ -172,15 +176,13 @@ def ternary_conv2d_sdot(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, o
     seg = lay.groups_per_segment * lay.group_size
 
     def t8(nb, tap, cb, i, q):
-        code = (codes[nb * 4 + i, (tap * seg) // 4 + cb].astype("int32") >> (q * 2).astype("int32")) & 3
-        return ((code ^ 2) - 2).astype("int8")
+        return decode_2bit(codes[nb * 4 + i, (tap * seg) // 4 + cb], q).astype("int8")
 
     def alpha(k, tap, c):
         return alpha_q[k, (tap * seg + c) // lay.group_size].astype("int32")
 
     def w_at(k, tap, c):
-        code = (codes[k, (tap * seg + c) // 4].astype("int32") >> ((c % 4) * 2).astype("int32")) & 3
-        return ((code ^ 2) - 2) * alpha(k, tap, c)
+        return decode_2bit(codes[k, (tap * seg + c) // 4], c % 4) * alpha(k, tap, c)
 
     shape = (kout // 4, kh * kw, cg // 4, 4)
     w8 = te.compute((*shape, 4), t8, name="w_int")
@@ -195,9 +197,9 @@ def pow2_conv2d_sdot(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, ou
                      relu: bool = False, out_mode: OutMode = "float", requant_scale: float | None = None,
                      out_bits: int = 8, out_signed: bool = False) -> te.Tensor:
     """``kernels.pow2_conv2d`` on ``sdot``: 4-bit codes (|w| <= 2^6), decoded to int8 ``sign << e``."""
-    _check_mode(out_mode, requant_scale)
+    check_mode(out_mode, requant_scale)
     kout, cg, kh, kw = conv_dims(data, weight_shape, groups)
-    why = conv_unsupported(weight_shape, strides, dilation, groups, str(data.dtype), lanes=4)
+    why = dot_conv_unsupported(weight_shape, strides, dilation, groups, str(data.dtype), lanes=4)
     if why is None and code_bits != 4:
         why = f"{code_bits}-bit codes: need 4-bit codes (|w| <= {MAX_WEIGHT})"
     if why is not None:
@@ -206,26 +208,26 @@ def pow2_conv2d_sdot(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, ou
     if tuple(int(v) for v in codes.shape) != (kout, -(-length // 2)):
         raise ValueError(f"codes shape {tuple(codes.shape)} != ({kout}, {-(-length // 2)})")
     w8 = te.compute((kout // 4, kh * kw, cg // 4, 4, 4),
-                    lambda nb, tap, cb, i, q: _pow2_int8(codes, nb * 4 + i, tap * cg + cb * 4 + q), name="w_int")
+                    lambda nb, tap, cb, i, q: pow2_int8(codes, nb * 4 + i, tap * cg + cb * 4 + q), name="w_int")
     return _conv_sdot("pow2_conv2d_sdot", data, w8, None,
-                      lambda k, tap, c: _pow2_int8(codes, k, tap * cg + c).astype("int32"), (kout, cg, kh, kw),
+                      lambda k, tap, c: pow2_int8(codes, k, tap * cg + c).astype("int32"), (kout, cg, kh, kw),
                       strides, padding, out_scale, out_bias, relu, out_mode, requant_scale, out_bits, out_signed)
 
 
-def schedule_conv2d_sdot(sch: tvm.s_tir.Schedule, pick=None) -> None:
+def schedule_conv2d_sdot(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> None:
     """Register tile of ``mb`` output columns x ``nb`` blocks of 4 output channels (int32x4 accumulators, of
     the 32 q registers) under the reduction over (r, s, 4-channel steps), the step tensorized."""
     scaled, plain = register()
     acc = sch.get_sblock("acc")
     b, i, j, k, ry, rx, rc = sch.get_loops(acc)
     ow, kout = (int(sch.get(lp).extent) for lp in (j, k))
-    mb = _tile(ow, (4, 7, 8, 2, 14, 1), pick)
-    nb = _tile(kout // 4, (4, 2, 1), pick)
+    mb = tile(ow, (4, 7, 8, 2, 14, 1), pick)
+    nb = tile(kout // 4, (4, 2, 1), pick)
     jo, ji = sch.split(j, [None, mb])
     no, nm, ni = sch.split(k, [None, nb, 4])
     co, ci = sch.split(rc, [None, 4])
     sch.reorder(no, b, i, jo, ry, rx, co, ji, nm, ni, ci)
-    weights = [n for n in ("w_int", "w_scale") if _maybe_block(sch, n) is not None]
+    weights = [n for n in ("w_int", "w_scale") if maybe_block(sch, n) is not None]
     for wb in weights:
         blk = sch.get_sblock(wb)
         sch.compute_at(blk, no, preserve_unit_loops=True)
@@ -249,3 +251,27 @@ def schedule_conv2d_sdot(sch: tvm.s_tir.Schedule, pick=None) -> None:
     xl = sch.get_loops(sch.get_sblock("x_nhwc"))
     sch.parallel(sch.fuse(xl[0], xl[1]))
 
+
+# --------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------
+
+def sdot_conv_fits(layer: LayerSpec, target: tvm.target.Target | None) -> str | None:
+    """The sdot conv kernels take a layer on an aarch64 +dotprod target that the int8 dot product runs exactly."""
+    if target is None or not has_sdot(target):
+        return "the target has no aarch64 dot product (+dotprod)"
+    return int8_dot_unsupported(layer, lanes=4)
+
+
+def _conv_schedule(sch: tvm.s_tir.Schedule, _target: TargetLike, pick: Pick | None = None) -> None:
+    schedule_conv2d_sdot(sch, pick)
+
+
+PREFERENCE = 20  # faster than the generic kernels wherever it fits (instruction counts on the emulated Pi 5)
+TERNARY_CONV2D_SDOT = register_kernel(Kernel("ternary_conv2d_sdot", family="ternary", op="conv2d", isa="sdot",
+                                             compute=ternary_conv2d_sdot, schedule=_conv_schedule,
+                                             operands=ternary_operands, fits=sdot_conv_fits, preference=PREFERENCE,
+                                             intrinsics=register))
+POW2_CONV2D_SDOT = register_kernel(Kernel("pow2_conv2d_sdot", family="pow2", op="conv2d", isa="sdot",
+                                          compute=pow2_conv2d_sdot, schedule=_conv_schedule, operands=pow2_operands,
+                                          fits=sdot_conv_fits, preference=PREFERENCE, intrinsics=register))

@@ -1,9 +1,32 @@
-"""Relax and TIR passes of the tvm_lowbit pipeline (each IRModule -> IRModule)."""
+"""Relax and TIR passes of the tvm_lowbit pipeline (each IRModule -> IRModule), one per module:
 
-from tvm_lowbit.passes.requant import FoldRequantize, fold_requantize
-from tvm_lowbit.passes.schedule import ApplyKernelSchedules, apply_default_schedules
-from tvm_lowbit.passes.ternary import LayerInfo, LowerTernary, LoweringReport, lower_ternary, weight_key
+* :mod:`.patterns`: the dataflow patterns of a fake-quant graph (``tvm.relax.dpl``);
+* :mod:`.fold_requantize`: ``FoldRequantize``, redundant re-quantizers read the first one's codes;
+* :mod:`.lower_integer_layers`: ``LowerIntegerLayers``, fake-quant layers -> registered integer kernels;
+* :mod:`.apply_kernel_schedules`: ``ApplyKernelSchedules``, the kernels' default schedules;
+* :mod:`.pipeline`: ``lowering_pipeline`` (the ``tvm.transform.Sequential`` compile runs) and ``run_pipeline``.
+"""
 
-__all__ = ["FoldRequantize", "fold_requantize", "LowerTernary", "lower_ternary", "LayerInfo", "LoweringReport",
-           "weight_key",
-           "ApplyKernelSchedules", "apply_default_schedules"]
+import tvm
+
+from tvm_lowbit.passes.apply_kernel_schedules import ApplyKernelSchedules, apply_default_schedules
+from tvm_lowbit.passes.fold_requantize import FoldRequantize, fold_requantize
+from tvm_lowbit.passes.layer_info import LayerInfo, weight_key
+from tvm_lowbit.passes.lower_integer_layers import LowerIntegerLayers, lower_integer_layers, lower_layers
+from tvm_lowbit.passes.pipeline import lowering_passes, lowering_pipeline, run_pipeline
+from tvm_lowbit.passes.report import LoweringReport
+
+# the former names (tests, compiler.py and tune.py use them): the lowering without schedules, as a function
+lower_ternary = lower_integer_layers
+
+
+def LowerTernary(infos: dict[str, LayerInfo] | None = None,  # noqa: N802 - the former pass's name
+                 expose_acc: bool = False) -> tvm.transform.Pass:
+    """The lowering without schedules (no target: generic kernels) as one pass."""
+    return tvm.transform.Sequential(lowering_passes(None, infos, expose_acc=expose_acc), opt_level=0,
+                                    name="tvm_lowbit.LowerTernary")
+
+
+__all__ = ["ApplyKernelSchedules", "FoldRequantize", "LayerInfo", "LowerIntegerLayers", "LowerTernary",
+           "LoweringReport", "apply_default_schedules", "fold_requantize", "lower_integer_layers", "lower_layers",
+           "lower_ternary", "lowering_passes", "lowering_pipeline", "run_pipeline", "weight_key"]

@@ -1,4 +1,5 @@
-"""TIR module pass: give every tvm_lowbit kernel its default schedule for the target."""
+"""TIR module pass: give every tvm_lowbit kernel that has no schedule yet its default schedule for the target
+(the registry's, ``kernels.schedule_default``), and mark it opaque so that FuseOps leaves it whole."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm
 
 @tvm.transform.module_pass(opt_level=0, name="tvm_lowbit.ApplyKernelSchedules")
 class ApplyKernelSchedules:
+    """Module-pass form of :func:`apply_default_schedules`."""
+
     def __init__(self, target: tvm.target.Target) -> None:
         self.target = target
 

@@ -5,14 +5,15 @@ Fake-quant models often quantize an activation twice with the same scale: PACT's
 (``clip(round(y / s), lo, hi)``).  With codes ``c`` from the first quantizer, ``(c * s) / s`` in
 float32 lies within two ulps of ``c``, so rounding gives ``c`` back for any ``|c| < 2^22``; when the
 second range contains the first, the clip changes nothing either.  This pass points the second
-quantizer's users at the first one's codes, so LowerTernary sees one quantizer and can fuse the
+quantizer's users at the first one's codes, so the integer-layer lowering sees one quantizer and can fuse the
 requantization into the producing kernel::
 
     c1 = clip(round(divide(x, s)), lo1, hi1)         c1 = clip(round(divide(x, s)), lo1, hi1)
     y  = multiply(c1, s)                       ->    y  = multiply(c1, s)   # other users keep it
     c2 = clip(round(divide(y, s)), lo2, hi2)         (uses of c2 read c1; dead code is removed)
 
-Only float32 tensors and float32-equal scales are folded; anything else is left as it is.
+Only float32 tensors and float32-equal scales are folded; anything else is left as it is.  The
+quantizer and the multiply are the patterns of :mod:`tvm_lowbit.passes.patterns`.
 """
 
 from __future__ import annotations
@@ -21,64 +22,45 @@ import numpy as np
 import tvm
 from tvm import relax
 
-_OPS = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("clip", "round", "divide", "multiply")}
+from tvm_lowbit.passes.patterns import MULTIPLY, bound_call, const_value, match_quantizer, var2val
+from tvm_lowbit.passes.report import LoweringReport
 
 
-def _scalar(e: relax.Expr, bindings: dict[int, relax.Expr]) -> float | None:
-    e = bindings.get(e.__hash__(), e) if isinstance(e, relax.Var) else e
-    if isinstance(e, tvm.ir.expr.GenericConst) and hasattr(e.value, "numpy"):
-        v = e.value.numpy()
-        if v.size == 1 and v.dtype == np.float32:
-            return float(v.reshape(()))
+def _quantizer(e: relax.Expr, values: dict[relax.Var, relax.Expr]) -> tuple[relax.Expr, float, float, float] | None:
+    """``e = clip(round(divide(x, s)), lo, hi)`` with a positive float32 scalar ``s`` and float32 ``x``
+    -> (x, s, lo, hi)."""
+    m = match_quantizer(e, values)
+    if m is None:
+        return None
+    s = _scalar(m.scale)
+    if s is None or s <= 0 or getattr(m.source.ty, "dtype", None) != "float32":
+        return None
+    return m.source, s, m.lo, m.hi
+
+
+def _scalar(v: np.ndarray | None) -> float | None:
+    if v is not None and v.size == 1 and v.dtype == np.float32:
+        return float(v.reshape(()))
     return None
-
-
-def _call(e: relax.Expr, bindings: dict[int, relax.Expr], op: str) -> relax.Call | None:
-    if isinstance(e, relax.Var):
-        e = bindings.get(e.__hash__())
-    return e if isinstance(e, relax.Call) and e.op.same_as(_OPS[op]) else None
-
-
-def _bound(e: relax.Expr) -> float:
-    v = e.value
-    return float(getattr(v, "value", v))
-
-
-def _quantizer(e: relax.Expr, bindings: dict[int, relax.Expr]) -> tuple[relax.Expr, float, float, float] | None:
-    """``e = clip(round(divide(x, s)), lo, hi)`` -> (x, s, lo, hi)."""
-    clip = _call(e, bindings, "clip")
-    rnd = _call(clip.args[0], bindings, "round") if clip is not None else None
-    div = _call(rnd.args[0], bindings, "divide") if rnd is not None else None
-    if div is None:
-        return None
-    s = _scalar(div.args[1], bindings)
-    x = div.args[0]
-    if s is None or s <= 0 or getattr(x.ty, "dtype", None) != "float32":
-        return None
-    return x, s, _bound(clip.args[1]), _bound(clip.args[2])
 
 
 def _redundant_pairs(func: relax.Function) -> dict[int, relax.Var]:
     """Second quantizer var -> first quantizer var, for every exactly redundant pair."""
-    bindings: dict[int, relax.Expr] = {}
-    order: list[relax.Var] = []
-    for block in func.body.blocks:
-        for b in block.bindings:
-            bindings[b.var.__hash__()] = b.value
-            order.append(b.var)
+    values = var2val(func)
+    order = [b.var for block in func.body.blocks for b in block.bindings]
     vars_by_hash = {v.__hash__(): v for v in order}
     pairs: dict[int, relax.Var] = {}
     for v in order:
-        second = _quantizer(v, bindings)
+        second = _quantizer(v, values)
         if second is None:
             continue
         y, s2, lo2, hi2 = second
-        mul = _call(y, bindings, "multiply")
+        mul = bound_call(MULTIPLY, y, values)
         if mul is None:
             continue
         for codes, scale in ((mul.args[0], mul.args[1]), (mul.args[1], mul.args[0])):
-            first = _quantizer(codes, bindings) if isinstance(codes, relax.Var) else None
-            s_mul = _scalar(scale, bindings)
+            first = _quantizer(codes, values) if isinstance(codes, relax.Var) else None
+            s_mul = _scalar(const_value(scale, values))
             if first is None or s_mul is None:
                 continue
             _, s1, lo1, hi1 = first
@@ -121,12 +103,16 @@ def fold_requantize(mod: tvm.IRModule, func_name: str = "main") -> tuple[tvm.IRM
 
 @tvm.transform.module_pass(opt_level=0, name="tvm_lowbit.FoldRequantize")
 class FoldRequantize:
-    """Module-pass form of :func:`fold_requantize` (the count is kept in ``self.folded``)."""
+    """Module-pass form of :func:`fold_requantize`: the count is kept in ``self.folded`` and, when a
+    ``report`` is given, in its ``requant_folded``."""
 
-    def __init__(self, func_name: str = "main") -> None:
+    def __init__(self, func_name: str = "main", report: LoweringReport | None = None) -> None:
         self.func_name = func_name
         self.folded = 0
+        self.report = report
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         out, self.folded = fold_requantize(mod, self.func_name)
+        if self.report is not None:
+            self.report.requant_folded = self.folded
         return out

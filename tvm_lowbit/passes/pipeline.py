@@ -1,0 +1,69 @@
+"""The pass pipeline ``tvm_lowbit.compile`` runs on an imported fake-quant Relax module: one
+``tvm.transform.Sequential`` with named passes, printable by a user::
+
+    >>> print(lowering_pipeline(target))          # the passes, in order
+    >>> mod, report = run_pipeline(mod, target, infos)
+
+1. ``relax.transform.CanonicalizeBindings`` and ``DeadCodeElimination``: drop the dead tuple members
+   importers leave (e.g. the constant indices of torch's max_pool2d_with_indices);
+2. ``relax.transform.FoldConstant``;
+3. ``tvm_lowbit.FoldRequantize`` (:mod:`.fold_requantize`): a quantizer that re-quantizes codes it would
+   reproduce exactly reads the first quantizer's codes;
+4. ``tvm_lowbit.LowerIntegerLayers`` (:mod:`.lower_integer_layers`): every fake-quant layer becomes one
+   integer kernel, the one the kernel registry picks for the target;
+5. ``schedule_passes``, if given (e.g. a tuned MetaSchedule database applied by the compiler);
+6. ``tvm_lowbit.ApplyKernelSchedules`` (:mod:`.apply_kernel_schedules`): the default schedule of every
+   kernel not scheduled yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tvm
+from tvm import relax
+
+from tvm_lowbit.passes.apply_kernel_schedules import ApplyKernelSchedules
+from tvm_lowbit.passes.fold_requantize import FoldRequantize
+from tvm_lowbit.passes.layer_info import LayerInfo
+from tvm_lowbit.passes.lower_integer_layers import LowerIntegerLayers
+from tvm_lowbit.passes.report import LoweringReport
+
+FUNC_NAME = "main"
+
+
+def lowering_passes(target: tvm.target.Target | None, infos: dict[str, LayerInfo] | None = None, *,
+                    expose_acc: bool = False, report: LoweringReport | None = None) -> list[tvm.transform.Pass]:
+    """Steps 1-4 of the pipeline (no schedules): canonicalize, fold constants and re-quantizers, lower."""
+    report = report if report is not None else LoweringReport()
+    return [
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.DeadCodeElimination([FUNC_NAME]),
+        relax.transform.FoldConstant(),
+        FoldRequantize(FUNC_NAME, report=report),
+        LowerIntegerLayers(infos, target=target, expose_acc=expose_acc, report=report, func_name=FUNC_NAME),
+    ]
+
+
+def lowering_pipeline(target: tvm.target.Target, infos: dict[str, LayerInfo] | None = None, *,
+                      expose_acc: bool = False, report: LoweringReport | None = None,
+                      schedule_passes: Sequence[tvm.transform.Pass] = ()) -> tvm.transform.Sequential:
+    """The passes that lower and schedule ``main`` of an imported fake-quant module for ``target``.
+
+    ``infos`` (``weight_key`` -> LayerInfo) names the layers and gives their weight formats; ``expose_acc``
+    appends every layer's int32 accumulators to the outputs; the passes write what they did into
+    ``report`` when one is given (:func:`run_pipeline` does); ``schedule_passes`` run between the lowering
+    and the default schedules (a kernel they schedule keeps its schedule)."""
+    return tvm.transform.Sequential(
+        [*lowering_passes(target, infos, expose_acc=expose_acc, report=report), *schedule_passes,
+         ApplyKernelSchedules(target)],
+        opt_level=0, name="tvm_lowbit.LoweringPipeline")
+
+
+def run_pipeline(mod: tvm.IRModule, target: tvm.target.Target, infos: dict[str, LayerInfo] | None = None, *,
+                 expose_acc: bool = False, schedule_passes: Sequence[tvm.transform.Pass] = ()
+                 ) -> tuple[tvm.IRModule, LoweringReport]:
+    """Run :func:`lowering_pipeline` on ``mod``; returns the lowered, scheduled module and the report."""
+    report = LoweringReport()
+    out = lowering_pipeline(target, infos, expose_acc=expose_acc, report=report, schedule_passes=schedule_passes)(mod)
+    return out, report

@@ -1,0 +1,42 @@
+"""LoweringReport: which layers the pipeline lowered to which integer kernel and why, and which stayed float."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LoweringReport:
+    lowered: list[str] = field(default_factory=list)
+    requant_fused: list[str] = field(default_factory=list)
+    fallback: list[tuple[str, str]] = field(default_factory=list)  # (layer, why it stayed in float)
+    kernels: dict[str, str] = field(default_factory=dict)  # lowered layer -> its weight format ("ternary", "pow2", ...)
+    requant_folded: int = 0  # redundant re-quantizers removed by FoldRequantize
+    # lowered layer -> the ISA of its kernel where it is not the generic one: "avx2" | "sdot" | "lut" | ...
+    fast_kernels: dict[str, str] = field(default_factory=dict)
+    kernel_names: dict[str, str] = field(default_factory=dict)  # lowered layer -> registered kernel name
+    kernel_reasons: dict[str, str] = field(default_factory=dict)  # lowered layer -> why that kernel (registry)
+
+    def kernel_of(self, name: str) -> str:
+        """The weight format of the kernel layer ``name`` was lowered to ("ternary" if not recorded)."""
+        return self.kernels.get(name, "ternary")
+
+    def text(self) -> str:
+        counts: dict[str, int] = {}
+        for name in self.lowered:
+            counts[self.kernel_of(name)] = counts.get(self.kernel_of(name), 0) + 1
+        what = {"ternary": "grouped-ternary", "pow2": "power-of-two"}
+        kinds = ", ".join(f"{n} {what.get(k, k)}" for k, n in counts.items()) or "none"
+        lines = [f"{len(self.lowered)} layer(s) lowered to integer kernels ({kinds}; "
+                 f"{len(self.requant_fused)} with fused requantization)"]
+        described = {"avx2": "AVX2 int8 dot-product kernels (vpmaddubsw/vpmaddwd)",
+                     "sdot": "aarch64 int8 dot-product kernels (sdot)",
+                     "lut": "lookup-table ternary kernel (few rows, large weight)"}
+        for isa in dict.fromkeys([*described, *self.fast_kernels.values()]):
+            n = sum(v == isa for v in self.fast_kernels.values())
+            if n:
+                lines.append(f"  {n} of them on the {described.get(isa, f'{isa} kernels')}")
+        if self.requant_folded:
+            lines.append(f"  {self.requant_folded} redundant re-quantizer(s) folded (same scale, codes unchanged)")
+        lines += [f"  fallback to float: {name}: {why}" for name, why in self.fallback]
+        return "\n".join(lines)
