@@ -215,7 +215,7 @@ def quantize_onnx_module(model: str | Path | Any, config: FGQ, calib: np.ndarray
     # calibration build: inputs and float outputs of every selected layer
     ex = tvm.compile(_return_vars(cmod, [f.data for f in sel] + [f.out_var for f in sel]), target="llvm")
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    obs = {f.name: calibrate._Observer(seed=i) for i, f in enumerate(sel)}
+    obs = {f.name: calibrate.Observer(seed=i) for i, f in enumerate(sel)}
     stats = {f.name: [] for f in sel}
     inputs_kept = {f.name: [] for f in sel}
     n = (len(calib) // cb) * cb

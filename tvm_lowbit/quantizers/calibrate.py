@@ -70,7 +70,6 @@ class Observer:
         return torch.cat(self.chunks) if self.chunks else torch.zeros(1)
 
 
-_Observer = Observer  # the old name, still read by tvm_lowbit/onnx_quant.py (owned elsewhere)
 
 
 def clip_value(samples: torch.Tensor, lo: float, hi: float, bits: int, signed: bool,
