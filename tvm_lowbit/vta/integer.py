@@ -225,9 +225,10 @@ def _block_conv2(name: str, conv2: QConv2d, proj: QConv2d | None, e_mid: int, e_
     m = f * 2.0 ** (e_mid - e_out)
     sh = _shifts_for(w_int, m)
     cout = w_int.shape[0]
-    if proj is None:  # identity: weight 2^j, j = e_in - e_out + q in 0..6
-        q = int(min(sh.min(), MAX_LEFT_SHIFT + e_out - e_in))
-        if q < e_out - e_in or q < 0:
+    if proj is None:  # identity: weight 2^j, j = e_in - e_out + q in 0..6; q as small as possible (q = 0
+        # saves the second shift: the residual codes are exact integers in output units when e_in >= e_out)
+        q = max(0, e_out - e_in)
+        if q > sh.min() or e_in - e_out + q > MAX_LEFT_SHIFT:
             raise NotVTAInteger(f"{name}: the residual (scale 2^{e_in}) cannot be aligned to the accumulator "
                                 f"(q = {q}, output scale 2^{e_out})")
         sc_w8 = np.zeros((cout, cout, 1, 1), np.int64)
@@ -398,7 +399,7 @@ class NetProgram:
         return sum(c.total_cycles for c in self.cycles.values())
 
     def gemm_bound(self, name: str) -> int:
-        return self.programs[name].spec.gemm_uops() * self.cfg.timing.gemm_ii
+        return -(-self.programs[name].spec.gemm_uops() // self.cfg.gemm_width) * self.cfg.timing.gemm_ii
 
 
 def lower_net(net: IntNet, cfg: VTAConfig, shapes: dict[str, tuple[int, int, int, int]],

@@ -437,39 +437,48 @@ def _fits_shortcut(spec: ConvSpec, t: Tiling, cfg: VTAConfig, sc: Shortcut) -> s
     ss = sc.spec
     if (ss.oh, ss.ow, ss.cout, ss.n) != (spec.oh, spec.ow, spec.cout, spec.n) or (ss.kh, ss.kw, ss.pad) != (1, 1, (0, 0)):
         return f"the shortcut {ss} is not an unpadded 1x1 convolution onto the layer's output"
-    nz = sc.nonzero()
     taps = spec.kh * spec.kw
-    for co0 in range(0, spec.cob, t.tco):
-        rows = np.nonzero(nz[co0:co0 + t.tco].any(0))[0]
-        if rows.size and (rows.max() + 1 - rows.min()) * t.th * ((t.tw - 1) * ss.stride[1] + 1) > cfg.inp_depth // 2:
-            return "the shortcut's input tile exceeds half the input buffer"
-    if spec.cob * spec.cib * taps + ss.cob * ss.cib > cfg.wgt_depth and t.tco * ss.cib > cfg.wgt_depth // 2:
+    per = _shortcut_chunk_blocks(sc, t.th, t.tw, cfg)
+    if per < 1:
+        return "one input block of the shortcut's tile exceeds half the input buffer"
+    if spec.cob * spec.cib * taps + ss.cob * ss.cib > cfg.wgt_depth and t.tco * per > cfg.wgt_depth // 2:
         return "the shortcut's weights exceed half the weight buffer"
     try:
         for co0 in range(0, spec.cob, t.tco):
             tco = min(t.tco, spec.cob - co0)
             for th in {min(t.th, spec.oh - y) for y in range(0, spec.oh, t.th)}:
                 for tw in {min(t.tw, spec.ow - x) for x in range(0, spec.ow, t.tw)}:
-                    _check_hazard(_shortcut_uops(sc, co0, tco, th, tw, 0, 0, 0)[0], (1, tw), (0, 1))
+                    for lo, hi in _shortcut_ranges(sc, co0, tco, per):
+                        _check_hazard(_shortcut_uops(sc, co0, tco, th, tw, 0, 0, 0, lo, hi, ss.cib), (1, tw), (0, 1))
     except ProgramError:
         return f"fewer than {HAZARD_DISTANCE} micro-ops between writes to one accumulator row in the shortcut GEMM"
     return None
 
 
-def _shortcut_uops(sc: Shortcut, co0: int, tco: int, th: int, tw: int, acc0: int, inp0: int,
-                   w0: int) -> tuple[list[tuple[int, int, int]], int, int]:
-    """Micro-ops of the shortcut GEMM of one output tile (inner loop: output column), and the range of
-    input blocks [lo, hi) it reads (loaded to ``inp0`` on), skipping zero weight blocks."""
-    ss = sc.spec
-    nz = sc.nonzero()[co0:co0 + tco]
-    cis = np.nonzero(nz.any(0))[0]
+def _shortcut_chunk_blocks(sc: Shortcut, th: int, tw: int, cfg: VTAConfig) -> int:
+    """Input blocks of the shortcut per reduction chunk: as many as fit half the input buffer."""
+    return min(sc.spec.cib, cfg.inp_depth // 2 // (th * ((tw - 1) * sc.spec.stride[1] + 1)))
+
+
+def _shortcut_ranges(sc: Shortcut, co0: int, tco: int, per: int) -> list[tuple[int, int]]:
+    """The shortcut's reduction chunks [lo, hi) of input blocks for output blocks [co0, co0 + tco):
+    the blocks with a non-zero weight, ``per`` at a time."""
+    cis = np.nonzero(sc.nonzero()[co0:co0 + tco].any(0))[0]
     if cis.size == 0:
-        return [], 0, 0
+        return []
     lo, hi = int(cis.min()), int(cis.max()) + 1
-    tw_in = (tw - 1) * ss.stride[1] + 1
-    uops = [(acc0 + (co * th + oy) * tw, inp0 + (ci - lo) * th * tw_in + oy * tw_in, w0 + co * ss.cib + ci)
+    return [(a, min(a + per, hi)) for a in range(lo, hi, per)]
+
+
+def _shortcut_uops(sc: Shortcut, co0: int, tco: int, th: int, tw: int, acc0: int, inp0: int, w0: int, lo: int,
+                   hi: int, wrow: int) -> list[tuple[int, int, int]]:
+    """Micro-ops of the shortcut GEMM over input blocks [lo, hi) for one output tile (inner loop: output
+    column), skipping zero weight blocks; the input blocks are at ``inp0`` on, the weights of output
+    block co and input block ci at ``w0 + co * wrow + ci - lo``."""
+    nz = sc.nonzero()[co0:co0 + tco]
+    tw_in = (tw - 1) * sc.spec.stride[1] + 1
+    return [(acc0 + (co * th + oy) * tw, inp0 + (ci - lo) * th * tw_in + oy * tw_in, w0 + co * wrow + ci - lo)
             for ci in range(lo, hi) for co in range(tco) if nz[co, ci] for oy in range(th)]
-    return uops, lo, hi
 
 
 def _image(spec: ConvSpec) -> tuple[int, int, int]:
@@ -773,8 +782,7 @@ def _emit_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant | Epilogue, cfg:
                     if sc_state is not None:
                         k = alu_ops.index((SHORTCUT, None))
                         _alu(b, alu_ops[:k], acc0, shift_row0, co0, tco, th, tw)
-                        _shortcut_chunk(b, sc_state, chunk_no, n, co0, tco, oy0, th, ox0, tw, acc0)
-                        chunk_no += 1
+                        chunk_no += _shortcut_chunks(b, sc_state, chunk_no, n, co0, tco, oy0, th, ox0, tw, acc0)
                         ops = alu_ops[k + 1:]
                     _epilogue(b, spec, ops, acc0, shift_row0, obuf.base, n, co0, tco, oy0, th, ox0, tw)
                     tile_no += 1
@@ -797,37 +805,41 @@ def _alu(b: ProgramBuilder, alu_ops: list, acc0: int, shift_row0: dict[int, int]
                 b.emit(isa.Alu(op, a0, a1, tco * th, tw, tw, 1, tw, 1, True, imm))
 
 
-def _shortcut_chunk(b: ProgramBuilder, st: dict, chunk_no: int, n: int, co0: int, tco: int, oy0: int, th: int,
-                    ox0: int, tw: int, acc0: int) -> None:
-    """The shortcut of one output tile as one more reduction chunk: the load module brings its input tile
-    (and weights) into half ``chunk_no % 2``, the compute module accumulates it into the tile's rows."""
+def _shortcut_chunks(b: ProgramBuilder, st: dict, chunk_no: int, n: int, co0: int, tco: int, oy0: int, th: int,
+                     ox0: int, tw: int, acc0: int) -> int:
+    """The shortcut of one output tile as more reduction chunks: per chunk the load module brings its
+    input blocks (and weights) into half ``chunk_no % 2``, the compute module accumulates them into the
+    tile's rows.  Returns the number of chunks."""
     sc: Shortcut = st["sc"]
     ss = sc.spec
-    inp0 = (chunk_no % 2) * st["inp_half"]
-    if chunk_no >= 2:
-        b.pop("compute", "load")
-    if st["resident"]:
-        if co0 not in st["slots"]:
-            st["slots"][co0] = st["top"]
-            st["top"] += tco * ss.cib
-        w0 = st["slots"][co0]
-    else:
-        w0 = (chunk_no % 2) * st["wgt_half"]
-    if not st["resident"] or co0 not in st["loaded"]:
-        b.emit(isa.Mem(isa.OP_LOAD, isa.MEM_WGT, w0, st["wbase"] + co0 * ss.cib, tco, ss.cib, ss.cib))
-        st["loaded"].add(co0)
-    uops, lo, hi = _shortcut_uops(sc, co0, tco, th, tw, acc0, inp0, w0)
     s0, s1 = ss.stride
     tw_in = (tw - 1) * s1 + 1
-    if uops:
+    per = _shortcut_chunk_blocks(sc, th, tw, b.cfg)
+    ranges = _shortcut_ranges(sc, co0, tco, per)
+    for lo, hi in ranges:
+        inp0 = (chunk_no % 2) * st["inp_half"]
+        if chunk_no >= 2:
+            b.pop("compute", "load")
+        if st["resident"]:   # the tile's whole weight rectangle, loaded once
+            if co0 not in st["slots"]:
+                st["slots"][co0] = st["top"]
+                st["top"] += tco * ss.cib
+                b.emit(isa.Mem(isa.OP_LOAD, isa.MEM_WGT, st["slots"][co0], st["wbase"] + co0 * ss.cib, tco, ss.cib,
+                               ss.cib))
+            w0, wrow = st["slots"][co0] + lo, ss.cib
+        else:
+            w0, wrow = (chunk_no % 2) * st["wgt_half"], hi - lo
+            b.emit(isa.Mem(isa.OP_LOAD, isa.MEM_WGT, w0, st["wbase"] + co0 * ss.cib + lo, tco, hi - lo, ss.cib))
         _load_input(b, ss, st["ibase"], n, lo, hi - lo, oy0 * s0, th, ox0 * s1, tw_in, inp0, s0, 0, 0)
-    b.push("load", "compute")
-    b.pop("load", "compute")
-    if uops:
+        b.push("load", "compute")
+        b.pop("load", "compute")
+        uops = _shortcut_uops(sc, co0, tco, th, tw, acc0, inp0, w0, lo, hi, wrow)
         _check_hazard(uops, (1, tw), (0, 1))
         u0, u1 = b.kernel(uops)
         b.emit(isa.Gemm(u0, u1, 1, tw, 0, 1, 0, s1, 0, 0))
-    b.push("compute", "load")
+        b.push("compute", "load")
+        chunk_no += 1
+    return len(ranges)
 
 
 def _epilogue(b: ProgramBuilder, spec: ConvSpec, alu_ops: list, acc0: int, shift_row0: dict[int, int], out_base: int,
