@@ -44,7 +44,7 @@ from tvm_lowbit.quantizers.layers import QConv2d
 from tvm_lowbit.vta.config import VTAConfig
 from tvm_lowbit.vta.cycles import CycleReport, estimate
 from tvm_lowbit.vta.lower import (ConvSpec, Epilogue, LayerProgram, Shortcut, lower_conv, pack_input,
-                                  unpack_output)
+                                  tile_candidates, unpack_output)
 from tvm_lowbit.vta.program import DRAM_ALIGN, Buffer, DramLayout
 from tvm_lowbit.vta.sim import Simulator
 
@@ -403,8 +403,9 @@ class NetProgram:
 
 
 def lower_net(net: IntNet, cfg: VTAConfig, shapes: dict[str, tuple[int, int, int, int]],
-              progress: bool = False) -> NetProgram:
-    """Lower every layer of ``net`` for ``cfg`` into one shared DRAM layout."""
+              progress: bool = False, search: bool = True) -> NetProgram:
+    """Lower every layer of ``net`` for ``cfg`` into one shared DRAM layout.  ``search``: let the cycle
+    model pick each layer's tiling (else the first candidate that fits: fast, for tests)."""
     tensors: dict[str, Buffer] = {}
     top = 0
     for name, (n, c, h, w) in shapes.items():
@@ -422,9 +423,23 @@ def lower_net(net: IntNet, cfg: VTAConfig, shapes: dict[str, tuple[int, int, int
         bufs = {"inp": tensors[l.inp], "out": tensors[l.out]}
         if l.sc_inp is not None:
             bufs["inp2"] = tensors[l.sc_inp]
-        lp = lower_conv(spec, l.w8, l.epi, cfg, name=l.name, shortcut=l.shortcut(shapes),
-                        layout=DramLayout(top, bufs))
+        sc = l.shortcut(shapes)
+        tiling = None if search else next(iter(tile_candidates(spec, cfg, l.epi, shortcut=sc)), None)
+        lp = lower_conv(spec, l.w8, l.epi, cfg, tiling, name=l.name, shortcut=sc, layout=DramLayout(top, bufs))
         programs[l.name] = lp
         cycles[l.name] = estimate(lp.program)
         top = -(-lp.program.dram_bytes // DRAM_ALIGN) * DRAM_ALIGN
     return NetProgram(net, cfg, shapes, tensors, programs, cycles, top)
+
+
+def ternarize(net: IntNet) -> IntNet:
+    """The same network with every weight replaced by its sign (-1, 0, +1), for the ternary-wide core:
+    its 2-bit lanes hold no alpha, so a ternary model's scale must be a per-channel power of two that
+    the requantization shift absorbs.  Used for cycles with random weights (the integer math stays
+    checked bit for bit: the reference runs the same sign weights); not an accuracy model."""
+    layers = []
+    for l in net.layers:
+        sc = None if l.sc_w8 is None else np.sign(l.sc_w8)
+        layers.append(IntLayer(l.name, l.inp, l.out, np.sign(l.w8), l.stride, l.padding, l.epi, l.sc_inp, sc,
+                               l.sc_stride, l.sc_kind))
+    return IntNet(net.model, layers, dict(net.exps), net.first, net.last, net.stem, net.head)
