@@ -80,8 +80,9 @@ def test_reference_matches_direct_math(small):
 
 def test_body_on_simulator_bit_exact(small, lowered):
     """One program per layer over one DRAM: the host writes the stem's codes once; every tensor read back
-    afterwards equals the NumPy reference."""
+    afterwards equals the NumPy reference (here with the whole-layer-on-chip schedules)."""
     _, net, calib = small
+    assert {p.tiling.order for p in lowered.programs.values()} <= {"resident", "resident-ci"}
     codes = net.stem_codes(calib[:1])
     ref = integer.reference(net, codes)
     out = lowered.run(codes)
@@ -93,6 +94,19 @@ def test_body_on_simulator_bit_exact(small, lowered):
     assert {(isa.ALU_MAX, True), (isa.ALU_MIN, True), (isa.ALU_ADD, False)} <= alu
     assert "inp2" in prog.buffers and prog.buffers["inp2"].offset == lowered.tensors[net.layers[1].sc_inp].offset
     assert prog.buffers["inp"].offset == lowered.tensors[net.layers[1].inp].offset
+
+
+def test_weight_order_schedule_bit_exact(small):
+    """The double-buffered schedule (the one ResNet-18's big layers use): the shortcut as extra chunks."""
+    _, net, calib = small
+    cfg = load_target("vta-sim").vta_config()
+    netp = integer.lower_net(net, cfg, net.shapes(1, (28, 28), 1), search=False, order="weight")
+    assert {p.tiling.order for p in netp.programs.values()} == {"weight"}
+    codes = net.stem_codes(calib[2:3])
+    ref = integer.reference(net, codes)
+    out = netp.run(codes)
+    for l in net.layers:
+        assert np.array_equal(out[l.out], ref[l.out]), l.name
 
 
 def test_subset_run_with_given_inputs(small, lowered):

@@ -403,9 +403,10 @@ class NetProgram:
 
 
 def lower_net(net: IntNet, cfg: VTAConfig, shapes: dict[str, tuple[int, int, int, int]],
-              progress: bool = False, search: bool = True) -> NetProgram:
+              progress: bool = False, search: bool = True, order: str | None = None) -> NetProgram:
     """Lower every layer of ``net`` for ``cfg`` into one shared DRAM layout.  ``search``: let the cycle
-    model pick each layer's tiling (else the first candidate that fits: fast, for tests)."""
+    model pick each layer's tiling (else the first candidate that fits, of loop order ``order`` if given
+    and possible: fast, for tests)."""
     tensors: dict[str, Buffer] = {}
     top = 0
     for name, (n, c, h, w) in shapes.items():
@@ -424,7 +425,10 @@ def lower_net(net: IntNet, cfg: VTAConfig, shapes: dict[str, tuple[int, int, int
         if l.sc_inp is not None:
             bufs["inp2"] = tensors[l.sc_inp]
         sc = l.shortcut(shapes)
-        tiling = None if search else next(iter(tile_candidates(spec, cfg, l.epi, shortcut=sc)), None)
+        tiling = None
+        if not search:
+            cands = tile_candidates(spec, cfg, l.epi, shortcut=sc)
+            tiling = next((t for t in cands if t.order == order), cands[0] if cands else None)
         lp = lower_conv(spec, l.w8, l.epi, cfg, tiling, name=l.name, shortcut=sc, layout=DramLayout(top, bufs))
         programs[l.name] = lp
         cycles[l.name] = estimate(lp.program)

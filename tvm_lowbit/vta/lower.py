@@ -432,11 +432,27 @@ def fits(spec: ConvSpec, t: Tiling, cfg: VTAConfig, requant: Requant = Requant()
 
 
 def _fits_shortcut(spec: ConvSpec, t: Tiling, cfg: VTAConfig, sc: Shortcut) -> str | None:
-    if t.order != "weight":
-        return "a layer with a shortcut uses the weight-order schedule"
     ss = sc.spec
     if (ss.oh, ss.ow, ss.cout, ss.n) != (spec.oh, spec.ow, spec.cout, spec.n) or (ss.kh, ss.kw, ss.pad) != (1, 1, (0, 0)):
         return f"the shortcut {ss} is not an unpadded 1x1 convolution onto the layer's output"
+    if t.order in RESIDENT_ORDERS:
+        hs, ws, _ = _image(spec)
+        if spec.n * spec.cib * hs * ws + ss.n * ss.cib * spec.oh * ss.wd > cfg.inp_depth:
+            return "the input and the shortcut's input do not both fit the input buffer"
+        if spec.cob * spec.cib * spec.kh * spec.kw + ss.cob * ss.cib > cfg.wgt_depth:
+            return "the weights and the shortcut's weights do not both fit the weight buffer"
+        if ss.wd * ss.stride[0] >= 1 << 16 or ss.stride[1] >= 1 << cfg.log_inp_depth:
+            return "a shortcut load stride or loop factor does not fit its field"
+        try:
+            for th in set(band_rows(spec.oh, t.th, t.taper, _least_band(spec, t))):
+                for co0 in range(0, spec.cob, t.tco):
+                    for pco in {1, min(t.tco, spec.cob - co0)}:
+                        _check_hazard(_resident_shortcut_uops(sc, spec, 0, co0, pco, 0, th, 0, 0, 0), (1, spec.ow), (0, 1))
+        except ProgramError:
+            return f"fewer than {HAZARD_DISTANCE} micro-ops between writes to one accumulator row in the shortcut GEMM"
+        return None
+    if t.order != "weight":
+        return "a layer with a shortcut uses the weight-order or the whole-layer-on-chip schedules"
     taps = spec.kh * spec.kw
     per = _shortcut_chunk_blocks(sc, t.th, t.tw, cfg)
     if per < 1:
@@ -606,6 +622,8 @@ def lower_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant | Epilogue, cfg:
     spec.check(cfg)
     if (shortcut is not None) != bool(getattr(requant, "shortcut", False)):
         raise LoweringError(f"{name}: a shortcut needs an epilogue with a shortcut step, and vice versa")
+    if shortcut is not None and chain.active:
+        raise LoweringError(f"{name}: cross-layer weight prefetch is not implemented for layers with a shortcut")
     # the schedule depends on the shapes and the kinds of ALU ops, not on the weight or shift values
     plain = (spec, cfg, tuple(op for op, imm in requant.ops()), requant.tensor_ops(),
              None if shortcut is None else shortcut.key)
@@ -711,7 +729,11 @@ def _emit_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant | Epilogue, cfg:
             slots[(c0, i0)] = top
             top += min(t.tco, spec.cob - c0) * min(t.tci, spec.cib - i0) * taps
     if t.order in RESIDENT_ORDERS:
-        _emit_resident(b, spec, t, wbuf.base, ibuf.base, obuf.base, alu_ops, shift_row0, ph, pw, chain)
+        if sc_state is not None:  # the shortcut's input above the layer's image, its weights at the top
+            hs, ws, _ = _image(spec)
+            ss = shortcut.spec
+            sc_state.update(inp0=spec.n * spec.cib * hs * ws, w0=cfg.wgt_depth - ss.cob * ss.cib, loaded=False)
+        _emit_resident(b, spec, t, wbuf.base, ibuf.base, obuf.base, alu_ops, shift_row0, ph, pw, chain, sc_state)
         notes: dict[str, object] = {"layer": name}
         if chain.next_blocks is not None:
             nb = b.constant("wgt_next", encode_weights(chain.next_blocks, cfg), cfg.wgt_elem_bytes)
@@ -972,8 +994,42 @@ def _band_gemm(spec: ConvSpec, acc0: int, inp0: int, w0: int, plane: int, tco: i
     return uops, loop
 
 
+def _resident_shortcut_uops(sc: Shortcut, spec: ConvSpec, n: int, co0: int, pco: int, oy0: int, th: int,
+                            start: int, inp0: int, w0: int) -> list[tuple[int, int, int]]:
+    """Micro-ops of the shortcut GEMM over a resident band (inner loop: output column): the shortcut's
+    input plane of (image, block) holds its rows ``oy * stride`` only, at ``inp0 + (n * cib + ci) * oh * W``."""
+    ss = sc.spec
+    nz = sc.nonzero()
+    plane = spec.oh * ss.wd
+    return [(start + co * spec.oh * spec.ow + y * spec.ow, inp0 + (n * ss.cib + ci) * plane + (oy0 + y) * ss.wd,
+             w0 + (co0 + co) * ss.cib + ci)
+            for ci in range(ss.cib) for co in range(pco) if nz[co0 + co, ci] for y in range(th)]
+
+
+def _resident_shortcut(b: ProgramBuilder, st: dict, spec: ConvSpec, n: int, co0: int, pco: int, oy0: int, th: int,
+                       start: int) -> None:
+    """The shortcut GEMM of a resident band; the first one has the load module bring the whole shortcut
+    input (the rows the stride reads) and its weights, after the loads already emitted."""
+    sc: Shortcut = st["sc"]
+    ss = sc.spec
+    if not st["loaded"]:
+        b.emit(isa.Mem(isa.OP_LOAD, isa.MEM_WGT, st["w0"], st["wbase"], 1, ss.cob * ss.cib, ss.cob * ss.cib))
+        for p in range(ss.n * ss.cib):
+            b.emit(isa.Mem(isa.OP_LOAD, isa.MEM_INP, st["inp0"] + p * spec.oh * ss.wd, st["ibase"] + p * ss.hd * ss.wd,
+                           spec.oh, ss.wd, ss.wd * ss.stride[0]))
+        b.push("load", "compute")
+        b.pop("load", "compute")
+        st["loaded"] = True
+    uops = _resident_shortcut_uops(sc, spec, n, co0, pco, oy0, th, start, st["inp0"], st["w0"])
+    if uops:
+        _check_hazard(uops, (1, spec.ow), (0, 1))
+        u0, u1 = b.kernel(uops)
+        b.emit(isa.Gemm(u0, u1, 1, spec.ow, 0, 1, 0, ss.stride[1], 0, 0))
+
+
 def _emit_resident(b: ProgramBuilder, spec: ConvSpec, t: Tiling, wbase: int, ibase: int, obase: int,
-                   alu_ops: list, shift_row0: int, ph: int, pw: int, chain: WeightChain = NO_CHAIN) -> None:
+                   alu_ops: list, shift_row0: int, ph: int, pw: int, chain: WeightChain = NO_CHAIN,
+                   sc_state: dict | None = None) -> None:
     """The whole layer stays on chip, so no buffer is ever reused and no load waits for compute (no
     write-after-read tokens).  The compute module first zeroes every accumulator row of the layer with
     one GEMM reset -- work it does while the first weights and input rows are still on the bus -- then
@@ -1048,7 +1104,9 @@ def _emit_resident(b: ProgramBuilder, spec: ConvSpec, t: Tiling, wbase: int, iba
         for c, pco in pieces:
             start = first + c * hw
             for op, imm in alu_ops:
-                if imm is None:  # per-lane operand (shift or bias): one micro-op per output block, reading its row
+                if op == SHORTCUT:
+                    _resident_shortcut(b, sc_state, spec, n, co0 + c, pco, oy0, th, start)
+                elif imm is None:  # per-lane operand (shift or bias): one micro-op per output block, reading its row
                     k0, k1 = b.kernel([(start + co * hw, shift_row0[op] + co0 + c + co, 0) for co in range(pco)])
                     b.emit(isa.Alu(op, k0, k1, 1, th * spec.ow, 0, 1, 0, 0, False, 0))
                 else:
