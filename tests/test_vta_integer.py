@@ -74,7 +74,7 @@ def test_reference_matches_direct_math(small):
                                                              stride=l.sc_stride).numpy()) / 2.0 ** l.epi.post_shift)
         assert np.array_equal(np.clip(acc, 0, 127), t[l.out]), l.name
     assert t[net.last].max() > 0  # not everything clipped away
-    logits = integer.torch_forward(net, torch.from_numpy(calib[:2])).numpy()
+    logits = integer.IntegerModel(net)(torch.from_numpy(calib[:2])).numpy()
     assert np.array_equal(logits, net.head_logits(t[net.last]))
 
 

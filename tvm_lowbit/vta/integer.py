@@ -187,6 +187,18 @@ def torch_forward(net: IntNet, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(net.head_logits(t[net.last].numpy()))
 
 
+class IntegerModel(nn.Module):
+    """The integer network as a torch module (host stem, integer body, host head), for evaluation with
+    the usual tools: ``forward`` is :func:`torch_forward`, bit-identical to the NumPy reference."""
+
+    def __init__(self, net: IntNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch_forward(self.net, x)
+
+
 # ---- conversion from a fake-quant FGQ ResNet -----------------------------------------------------
 
 def _effective(layer: QConv2d) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
