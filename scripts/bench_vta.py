@@ -201,7 +201,8 @@ def main() -> int:
               f"({it - fq:+.2f} pp), same prediction on {agree:.2f}%")
     rows.append(total)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "summary": {label: total}}, indent=2))
+        partition = [{"op": op, "where": where, "what": what} for op, where, what in net.ops()]
+        args.json.write_text(json.dumps({"rows": rows, "summary": {label: total}, "partition": partition}, indent=2))
         print(f"\nwrote {len(rows)} rows to {args.json}")
 
     exact = bool(simulated) and all(simulated)
