@@ -179,7 +179,8 @@ def torch_forward(net: IntNet, x: torch.Tensor) -> torch.Tensor:
                         padding=padding).double()
 
     for l in net.layers:
-        acc = conv(t[l.inp], l.w8, l.stride, l.padding) + torch.tensor(l.epi.bias, dtype=torch.float64).reshape(1, -1, 1, 1)
+        bias = torch.tensor(l.epi.bias, dtype=torch.float64).reshape(1, -1, 1, 1)
+        acc = conv(t[l.inp], l.w8, l.stride, l.padding) + bias
         acc = torch.floor(acc / torch.exp2(torch.tensor(l.epi.shift, dtype=torch.float64)).reshape(1, -1, 1, 1))
         if l.sc_inp is not None:
             acc = torch.floor((acc + conv(t[l.sc_inp], l.sc_w8, l.sc_stride, (0, 0))) / 2.0 ** l.epi.post_shift)

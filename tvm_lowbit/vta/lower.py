@@ -433,7 +433,8 @@ def fits(spec: ConvSpec, t: Tiling, cfg: VTAConfig, requant: Requant = Requant()
 
 def _fits_shortcut(spec: ConvSpec, t: Tiling, cfg: VTAConfig, sc: Shortcut) -> str | None:
     ss = sc.spec
-    if (ss.oh, ss.ow, ss.cout, ss.n) != (spec.oh, spec.ow, spec.cout, spec.n) or (ss.kh, ss.kw, ss.pad) != (1, 1, (0, 0)):
+    if ((ss.oh, ss.ow, ss.cout, ss.n) != (spec.oh, spec.ow, spec.cout, spec.n)
+            or (ss.kh, ss.kw, ss.pad) != (1, 1, (0, 0))):
         return f"the shortcut {ss} is not an unpadded 1x1 convolution onto the layer's output"
     if t.order in RESIDENT_ORDERS:
         hs, ws, _ = _image(spec)
@@ -447,7 +448,8 @@ def _fits_shortcut(spec: ConvSpec, t: Tiling, cfg: VTAConfig, sc: Shortcut) -> s
             for th in set(band_rows(spec.oh, t.th, t.taper, _least_band(spec, t))):
                 for co0 in range(0, spec.cob, t.tco):
                     for pco in {1, min(t.tco, spec.cob - co0)}:
-                        _check_hazard(_resident_shortcut_uops(sc, spec, 0, co0, pco, 0, th, 0, 0, 0), (1, spec.ow), (0, 1))
+                        uops = _resident_shortcut_uops(sc, spec, 0, co0, pco, 0, th, 0, 0, 0)
+                        _check_hazard(uops, (1, spec.ow), (0, 1))
         except ProgramError:
             return f"fewer than {HAZARD_DISTANCE} micro-ops between writes to one accumulator row in the shortcut GEMM"
         return None
