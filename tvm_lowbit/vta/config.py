@@ -13,6 +13,23 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 WEIGHT_PATHS = ("int8", "ternary", "pow2")  # the GEMM core's weight lanes: int8, 2-bit ternary, 4-bit shift-add
+CORES = ("int8", "ternary-wide")
+
+# Resource model of one GEMM lane (one multiply-accumulate per cycle) on a 6-input-LUT FPGA.  ESTIMATES,
+# not a synthesis result and not from a datasheet: an 8x8 signed multiplier in LUTs has 64 partial-product
+# bits, about one LUT6 each with the carry chain (~60 LUT6); its 16-bit product feeds the 16-input adder
+# tree (15 adders of ~18 bits per 16 lanes, ~17 LUT6 per lane).  A ternary x int8 lane is a conditional
+# negate-or-zero of the 8-bit input (~9 LUT6, one per bit plus the sign) feeding a 9-bit adder tree
+# (~10 LUT6 per lane).  The ratio sets how many more lanes a ternary core gets for the same LUTs.
+LUT_PER_INT8_LANE = 60 + 17
+LUT_PER_TERNARY_LANE = 9 + 10
+
+
+def ternary_width_factor() -> int:
+    """How many times as many ternary lanes fit the LUTs of the int8 lanes, rounded down to a power of
+    two (BLOCK_OUT must stay a power of two): 77 / 19 = 4.05 -> 4, i.e. BLOCK_OUT 64."""
+    r = LUT_PER_INT8_LANE / LUT_PER_TERNARY_LANE
+    return 1 << (int(r).bit_length() - 1)
 
 
 class VTAConfigError(ValueError):
@@ -70,6 +87,9 @@ class VTAConfig:
     clock_mhz: float = 100.0
     bus_bits: int = 64
     weight_path: str = "int8"
+    # output blocks of 16 lanes one GEMM / ALU micro-op computes (BLOCK_OUT = 16 * gemm_width); > 1 only in
+    # the cycle model of the ternary-wide core, whose programs are those of the 16-lane core (same math)
+    gemm_width: int = 1
     timing: Timing = field(default_factory=Timing)
 
     # ---- the JSON form ------------------------------------------------------------------------
@@ -104,6 +124,19 @@ class VTAConfig:
         if path == "pow2":
             return replace(self, weight_path=path, log_wgt_width=2, log_wgt_buff_size=17, name=f"{self.name}+pow2")
         raise VTAConfigError(f"unknown weight path {path!r}; use one of {', '.join(WEIGHT_PATHS)}")
+
+    def core(self, name: str) -> "VTAConfig":
+        """``int8`` (this preset) or ``ternary-wide``: 2-bit ternary weight lanes and a GEMM array (and
+        ALU) ``ternary_width_factor()`` times as wide, BLOCK_OUT 16 -> 64, for about the LUTs of the int8
+        array (see the resource model above).  The wide core is modelled, not simulated lane by lane: its
+        programs are the 16-lane ones (the functional simulator checks their math), and the cycle model
+        issues ``gemm_width`` output blocks' micro-ops per cycle."""
+        if name == "int8":
+            return self
+        if name == "ternary-wide":
+            t = self.with_weight_path("ternary")
+            return replace(t, name=f"{self.name}+ternary-wide", gemm_width=ternary_width_factor())
+        raise VTAConfigError(f"unknown VTA core {name!r}; use one of {', '.join(CORES)}")
 
     def validate(self) -> None:
         if self.weight_path not in WEIGHT_PATHS:
@@ -192,7 +225,7 @@ class VTAConfig:
 
     @property
     def macs_per_cycle(self) -> int:
-        return self.batch * self.block * self.block
+        return self.batch * self.block * self.block * self.gemm_width
 
     @property
     def peak_gops(self) -> float:
@@ -227,6 +260,6 @@ class VTAConfig:
                                      f"more than its {limit}; shrink a buffer or widen the elements")
 
     def describe(self) -> str:
-        return (f"{self.name}: {self.batch}x{self.block}x{self.block} GEMM core ({self.weight_path} weights), "
+        return (f"{self.name}: {self.batch}x{self.block}x{self.block * self.gemm_width} GEMM core ({self.weight_path} weights), "
                 f"{self.clock_mhz:g} MHz, {self.bus_bits}-bit bus, peak {self.peak_gops:.1f} GOPS; SRAM "
                 + ", ".join(f"{k} {v // 1024} KiB" for k, v in self.sram_bytes.items()))

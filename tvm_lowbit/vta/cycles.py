@@ -55,7 +55,7 @@ def duration(insn: isa.Insn, cfg: VTAConfig) -> int:
                 - insn.y_size * insn.x_size)
         return (t.dma_request + insn.y_size * (t.dma_row + _beats(insn.x_size * eb, cfg.bus_bytes))
                 + pads * t.pad_elem)
-    n = insn.iter_out * insn.iter_in * (insn.uop_end - insn.uop_bgn)
+    n = -(-insn.iter_out * insn.iter_in * (insn.uop_end - insn.uop_bgn) // cfg.gemm_width)
     if isinstance(insn, isa.Gemm):
         return t.compute_insn + n * t.gemm_ii
     return t.compute_insn + n * (t.alu_ii_imm if insn.use_imm else t.alu_ii_tensor)
@@ -74,18 +74,27 @@ class CycleReport:
     starts: list[int] = field(default_factory=list, repr=False)
     ends: list[int] = field(default_factory=list, repr=False)
     alu_cycles: int = 0                  # ALU micro-ops x their initiation interval
+    gemm_width: int = 1                  # 16-lane output blocks per micro-op (the ternary-wide core's 4)
 
     @property
     def compute_ceiling(self) -> float:
         """The utilization the ISA allows this program even with every DMA, instruction-issue and
         start-up cost hidden: GEMM cycles / (GEMM + reset + ALU micro-op cycles), all on the compute
         module.  A layer whose ceiling is below a target cannot reach it by scheduling."""
-        work = self.gemm_cycles + self.reset_uops * self.gemm_ii + self.alu_cycles
+        work = self.gemm_cycles + self.reset_uops * self.gemm_ii // self.gemm_width + self.alu_cycles
         return self.gemm_cycles / work if work else 0.0
 
     @property
     def gemm_cycles(self) -> int:
-        return self.gemm_uops * self.gemm_ii
+        return -(-self.gemm_uops // self.gemm_width) * self.gemm_ii
+
+    @property
+    def dma_overlap(self) -> float:
+        """The fraction of the load and store modules' busy time hidden under the compute module's:
+        1 - (cycles the compute module is idle) / (load + store busy cycles), clamped to 0..1."""
+        dma = self.busy.get("load", 0) + self.busy.get("store", 0)
+        idle = self.total_cycles - self.busy.get("compute", 0)
+        return 1.0 if dma == 0 else min(1.0, max(0.0, 1 - idle / dma))
 
     @property
     def utilization(self) -> float:
@@ -183,7 +192,7 @@ def estimate(program: Program) -> CycleReport:
         elif isinstance(i, isa.Alu):
             u = i.iter_out * i.iter_in * (i.uop_end - i.uop_bgn)
             alu += u
-            alu_cyc += u * (t.alu_ii_imm if i.use_imm else t.alu_ii_tensor)
+            alu_cyc += -(-u // cfg.gemm_width) * (t.alu_ii_imm if i.use_imm else t.alu_ii_tensor)
         elif isinstance(i, isa.Mem) and i.x_size:
             eb = {isa.MEM_INP: cfg.inp_elem_bytes, isa.MEM_WGT: cfg.wgt_elem_bytes, isa.MEM_UOP: 4,
                   isa.MEM_ACC: cfg.acc_elem_bytes, isa.MEM_OUT: cfg.out_elem_bytes}.get(i.mem, 0)
@@ -191,4 +200,4 @@ def estimate(program: Program) -> CycleReport:
             key = "out" if i.opcode == isa.OP_STORE else isa.MEM_NAMES.get(i.mem, "acc")
             dram[key] = dram.get(key, 0) + y * i.x_size * eb
     return CycleReport(max(end) if n else 0, busy, gemm, resets, alu, dram, cfg.clock_mhz, t.gemm_ii,
-                       [s or 0 for s in start], end, alu_cyc)
+                       [s or 0 for s in start], end, alu_cyc, cfg.gemm_width)

@@ -41,7 +41,7 @@ import numpy as np
 
 from tvm_lowbit.vta import isa
 from tvm_lowbit.vta.config import VTAConfig
-from tvm_lowbit.vta.program import Program, ProgramBuilder, ProgramError
+from tvm_lowbit.vta.program import DramLayout, Program, ProgramBuilder, ProgramError
 from tvm_lowbit.vta.sim import encode_weights
 
 HAZARD_DISTANCE = 3
@@ -169,6 +169,110 @@ class Requant:
         return y.astype(np.int8)
 
 
+    def tensor_ops(self) -> tuple[int, ...]:
+        """ALU opcodes whose second operand is a per-lane constant row (one row per output block)."""
+        return (isa.ALU_SHR,) if self.per_channel else ()
+
+    def lane_values(self, op: int, cout: int) -> np.ndarray:
+        """The per-lane constants of tensor op ``op``."""
+        return self.lane_shifts(cout) - self.base_shift
+
+
+SHORTCUT = -1   # marker in an epilogue's op list: the shortcut GEMM runs here
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """Integer-only epilogue of a VTA layer (see :mod:`tvm_lowbit.vta.integer`)::
+
+        acc = (acc + bias[c]) >> shift[c]        # ADD tensor (bias row), SHR (imm part, then per-lane rest)
+        acc += shortcut GEMM                     # only with ``shortcut``: a second reduction, same rows
+        acc = acc >> post_shift                  # SHR imm
+        y = clip(acc, *clip)                     # MIN imm, MAX imm (ReLU when clip[0] == 0)
+
+    Every step is a VTA ALU op on int32 accumulators (no multiplier); the rounding of both shifts is
+    folded into ``bias``."""
+
+    bias: tuple[int, ...]
+    shift: tuple[int, ...]
+    post_shift: int = 0
+    clip: tuple[int, int] = (0, 127)
+    shortcut: bool = False
+
+    @property
+    def per_channel(self) -> bool:
+        return len(set(self.shift)) > 1
+
+    @property
+    def has_bias(self) -> bool:
+        return any(self.bias)
+
+    @property
+    def base_shift(self) -> int:
+        return max(0, max(self.shift) - 15) if self.per_channel else self.shift[0]
+
+    def lane_shifts(self, cout: int) -> np.ndarray:
+        if len(self.shift) != cout:
+            raise ValueError(f"{len(self.shift)} shifts for {cout} output channels")
+        return np.asarray(self.shift, np.int64)
+
+    def tensor_ops(self) -> tuple[int, ...]:
+        return ((isa.ALU_ADD,) if self.has_bias else ()) + ((isa.ALU_SHR,) if self.per_channel else ())
+
+    def lane_values(self, op: int, cout: int) -> np.ndarray:
+        if op == isa.ALU_ADD:
+            return np.asarray(self.bias, np.int64)
+        return self.lane_shifts(cout) - self.base_shift
+
+    def ops(self) -> list[tuple[int, int | None]]:
+        out: list[tuple[int, int | None]] = [(isa.ALU_ADD, None)] if self.has_bias else []
+        out += _imm_shifts(self.base_shift)
+        if self.per_channel:
+            if min(self.shift) < self.base_shift:
+                raise ValueError("per-channel shifts spread over more than 15")
+            out.append((isa.ALU_SHR, None))
+        if self.shortcut:
+            out.append((SHORTCUT, None))
+        out += _imm_shifts(self.post_shift)
+        return out + [(isa.ALU_MIN, self.clip[1]), (isa.ALU_MAX, self.clip[0])]
+
+
+def _imm_shifts(s: int) -> list[tuple[int, int | None]]:
+    out: list[tuple[int, int | None]] = []
+    while s > 0:
+        out.append((isa.ALU_SHR, min(s, 15)))
+        s -= min(s, 15)
+    return out
+
+
+@dataclass(frozen=True)
+class Shortcut:
+    """A second reduction accumulated into a layer's accumulators between the epilogue's two shifts: a
+    1x1 convolution (stride ``spec.stride``, no padding) of another DRAM tensor (a residual block's
+    input); an identity shortcut is one with ``w8 = 2^j * I``.  Zero weight blocks are skipped, so the
+    identity costs one GEMM micro-op per output vector."""
+
+    spec: ConvSpec
+    w8: np.ndarray = field(compare=False, hash=False)
+
+    def blocks(self) -> np.ndarray:
+        return pack_weight_blocks(self.w8, self.spec)
+
+    def nonzero(self) -> np.ndarray:
+        """(Cout/16, Cin/16) bool: which weight blocks are not all zero."""
+        b = self.blocks().reshape(self.spec.cob, self.spec.cib, 16, 16)
+        return np.any(b != 0, axis=(2, 3))
+
+    @property
+    def key(self) -> tuple:
+        return (self.spec, self.nonzero().tobytes())
+
+
+def const_rows(requant: "Requant | Epilogue", cob: int, cfg: VTAConfig) -> dict[int, int]:
+    """First accumulator row of each tensor op's constants (one row per output block, at the top)."""
+    return {op: cfg.acc_depth - (i + 1) * cob for i, op in enumerate(requant.tensor_ops())}
+
+
 @dataclass(frozen=True)
 class Tiling:
     """Output tile ``th x tw`` pixels x ``tco`` output blocks, reduction chunks of ``tci`` input blocks.
@@ -281,13 +385,18 @@ def _row_step(spec: ConvSpec) -> int:
 
 
 def acc_half_rows(spec: ConvSpec, cfg: VTAConfig, requant: Requant) -> int:
-    """Rows of each accumulator half; a per-channel shift keeps one row per output block at the top."""
-    reserved = spec.cob if requant.per_channel else 0
+    """Rows of each accumulator half; a per-lane constant (shift, bias) keeps one row per output block at the top."""
+    reserved = spec.cob * len(requant.tensor_ops())
     return (cfg.acc_depth - reserved) // 2
 
 
-def fits(spec: ConvSpec, t: Tiling, cfg: VTAConfig, requant: Requant = Requant()) -> str | None:
+def fits(spec: ConvSpec, t: Tiling, cfg: VTAConfig, requant: Requant = Requant(),
+         shortcut: Shortcut | None = None) -> str | None:
     """None if tiling ``t`` fits the buffers, the instruction fields and the hazard rule, else why not."""
+    if shortcut is not None:
+        why = _fits_shortcut(spec, t, cfg, shortcut)
+        if why is not None:
+            return why
     if t.order in RESIDENT_ORDERS:
         return _fits_resident(spec, t, cfg, requant)
     th_in = _in_extent(t.th, spec.stride[0], spec.kh)
@@ -320,6 +429,74 @@ def fits(spec: ConvSpec, t: Tiling, cfg: VTAConfig, requant: Requant = Requant()
     if t.tco * t.th >= 1 << isa.LOOP_ITER_BITS or t.tw >= 1 << isa.LOOP_ITER_BITS:
         return "a loop count does not fit its field"
     return None
+
+
+def _fits_shortcut(spec: ConvSpec, t: Tiling, cfg: VTAConfig, sc: Shortcut) -> str | None:
+    ss = sc.spec
+    if ((ss.oh, ss.ow, ss.cout, ss.n) != (spec.oh, spec.ow, spec.cout, spec.n)
+            or (ss.kh, ss.kw, ss.pad) != (1, 1, (0, 0))):
+        return f"the shortcut {ss} is not an unpadded 1x1 convolution onto the layer's output"
+    if t.order in RESIDENT_ORDERS:
+        hs, ws, _ = _image(spec)
+        if spec.n * spec.cib * hs * ws + ss.n * ss.cib * spec.oh * ss.wd > cfg.inp_depth:
+            return "the input and the shortcut's input do not both fit the input buffer"
+        if spec.cob * spec.cib * spec.kh * spec.kw + ss.cob * ss.cib > cfg.wgt_depth:
+            return "the weights and the shortcut's weights do not both fit the weight buffer"
+        if ss.wd * ss.stride[0] >= 1 << 16 or ss.stride[1] >= 1 << cfg.log_inp_depth:
+            return "a shortcut load stride or loop factor does not fit its field"
+        try:
+            for th in set(band_rows(spec.oh, t.th, t.taper, _least_band(spec, t))):
+                for co0 in range(0, spec.cob, t.tco):
+                    for pco in {1, min(t.tco, spec.cob - co0)}:
+                        uops = _resident_shortcut_uops(sc, spec, 0, co0, pco, 0, th, 0, 0, 0)
+                        _check_hazard(uops, (1, spec.ow), (0, 1))
+        except ProgramError:
+            return f"fewer than {HAZARD_DISTANCE} micro-ops between writes to one accumulator row in the shortcut GEMM"
+        return None
+    if t.order != "weight":
+        return "a layer with a shortcut uses the weight-order or the whole-layer-on-chip schedules"
+    taps = spec.kh * spec.kw
+    per = _shortcut_chunk_blocks(sc, t.th, t.tw, cfg)
+    if per < 1:
+        return "one input block of the shortcut's tile exceeds half the input buffer"
+    if spec.cob * spec.cib * taps + ss.cob * ss.cib > cfg.wgt_depth and t.tco * per > cfg.wgt_depth // 2:
+        return "the shortcut's weights exceed half the weight buffer"
+    try:
+        for co0 in range(0, spec.cob, t.tco):
+            tco = min(t.tco, spec.cob - co0)
+            for th in {min(t.th, spec.oh - y) for y in range(0, spec.oh, t.th)}:
+                for tw in {min(t.tw, spec.ow - x) for x in range(0, spec.ow, t.tw)}:
+                    for lo, hi in _shortcut_ranges(sc, co0, tco, per):
+                        _check_hazard(_shortcut_uops(sc, co0, tco, th, tw, 0, 0, 0, lo, hi, ss.cib), (1, tw), (0, 1))
+    except ProgramError:
+        return f"fewer than {HAZARD_DISTANCE} micro-ops between writes to one accumulator row in the shortcut GEMM"
+    return None
+
+
+def _shortcut_chunk_blocks(sc: Shortcut, th: int, tw: int, cfg: VTAConfig) -> int:
+    """Input blocks of the shortcut per reduction chunk: as many as fit half the input buffer."""
+    return min(sc.spec.cib, cfg.inp_depth // 2 // (th * ((tw - 1) * sc.spec.stride[1] + 1)))
+
+
+def _shortcut_ranges(sc: Shortcut, co0: int, tco: int, per: int) -> list[tuple[int, int]]:
+    """The shortcut's reduction chunks [lo, hi) of input blocks for output blocks [co0, co0 + tco):
+    the blocks with a non-zero weight, ``per`` at a time."""
+    cis = np.nonzero(sc.nonzero()[co0:co0 + tco].any(0))[0]
+    if cis.size == 0:
+        return []
+    lo, hi = int(cis.min()), int(cis.max()) + 1
+    return [(a, min(a + per, hi)) for a in range(lo, hi, per)]
+
+
+def _shortcut_uops(sc: Shortcut, co0: int, tco: int, th: int, tw: int, acc0: int, inp0: int, w0: int, lo: int,
+                   hi: int, wrow: int) -> list[tuple[int, int, int]]:
+    """Micro-ops of the shortcut GEMM over input blocks [lo, hi) for one output tile (inner loop: output
+    column), skipping zero weight blocks; the input blocks are at ``inp0`` on, the weights of output
+    block co and input block ci at ``w0 + co * wrow + ci - lo``."""
+    nz = sc.nonzero()[co0:co0 + tco]
+    tw_in = (tw - 1) * sc.spec.stride[1] + 1
+    return [(acc0 + (co * th + oy) * tw, inp0 + (ci - lo) * th * tw_in + oy * tw_in, w0 + co * wrow + ci - lo)
+            for ci in range(lo, hi) for co in range(tco) if nz[co, ci] for oy in range(th)]
 
 
 def _image(spec: ConvSpec) -> tuple[int, int, int]:
@@ -365,7 +542,7 @@ def band_rows(oh: int, th: int, taper: int, least: int) -> list[int]:
 
 def _fits_resident(spec: ConvSpec, t: Tiling, cfg: VTAConfig, requant: Requant) -> str | None:
     hs, ws, _ = _image(spec)
-    reserved = spec.cob if requant.per_channel else 0
+    reserved = spec.cob * len(requant.tensor_ops())
     taps = spec.kh * spec.kw
     if spec.n * spec.cib * hs * ws > cfg.inp_depth:
         return "the whole input does not fit the input buffer"
@@ -402,7 +579,8 @@ def _distinct_tiles(extent: int) -> list[int]:
     return out
 
 
-def tile_candidates(spec: ConvSpec, cfg: VTAConfig, requant: Requant = Requant(), limit: int = 48) -> list[Tiling]:
+def tile_candidates(spec: ConvSpec, cfg: VTAConfig, requant: Requant = Requant(), limit: int = 48,
+                    shortcut: Shortcut | None = None) -> list[Tiling]:
     """Tilings that fit: every distinct whole-layer-on-chip one, then the double-buffered ones, favouring
     big tiles (fewer instructions, more reuse); of those at most ``limit`` (a quarter of it when the
     layer fits on chip)."""
@@ -413,7 +591,7 @@ def tile_candidates(spec: ConvSpec, cfg: VTAConfig, requant: Requant = Requant()
                 for th in _distinct_tiles(spec.oh):
                     for order in ("weight", "input"):
                         t = Tiling(th, tw, tco, tci, order)
-                        if fits(spec, t, cfg, requant) is None:
+                        if fits(spec, t, cfg, requant, shortcut) is None:
                             out.append(t)
     resident = [Tiling(th, spec.ow, tco, tci, order, taper)
                 for order in RESIDENT_ORDERS[:1 if spec.cib == 1 else 2] for tco in _distinct_tiles(spec.cob)
@@ -421,7 +599,7 @@ def tile_candidates(spec: ConvSpec, cfg: VTAConfig, requant: Requant = Requant()
     seen: set[tuple] = set()
     for t in list(resident):  # many (th, taper) pairs give the same bands: keep one of each
         same = (t.order, t.tco, t.tci, tuple(band_rows(spec.oh, t.th, t.taper, _least_band(spec, t))))
-        if same in seen or fits(spec, t, cfg, requant) is not None:
+        if same in seen or fits(spec, t, cfg, requant, shortcut) is not None:
             resident.remove(t)
         seen.add(same)
     # prefer few output tiles with at least two of them (so the store overlaps the next tile)
@@ -435,16 +613,25 @@ def tile_candidates(spec: ConvSpec, cfg: VTAConfig, requant: Requant = Requant()
 
 # ---- emission --------------------------------------------------------------------------------
 
-def lower_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant, cfg: VTAConfig,
-               tiling: Tiling | None = None, name: str = "conv", chain: WeightChain = NO_CHAIN) -> LayerProgram:
+def lower_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant | Epilogue, cfg: VTAConfig,
+               tiling: Tiling | None = None, name: str = "conv", chain: WeightChain = NO_CHAIN,
+               shortcut: Shortcut | None = None, layout: DramLayout | None = None) -> LayerProgram:
     """Lower one integer conv2d (weights ``w8`` (Cout, Cin, KH, KW) already in the core's weight
-    range) to a VTA program.  Without ``tiling`` the cycle model picks the fastest candidate."""
+    range) to a VTA program.  Without ``tiling`` the cycle model picks the fastest candidate.
+    ``shortcut``: a second reduction run between the epilogue's two shifts (``requant`` must be an
+    :class:`Epilogue` with ``shortcut=True``); ``layout``: place the activations at given DRAM buffers
+    (a network's programs share one DRAM) and the constants from ``layout.base`` on."""
     spec.check(cfg)
+    if (shortcut is not None) != bool(getattr(requant, "shortcut", False)):
+        raise LoweringError(f"{name}: a shortcut needs an epilogue with a shortcut step, and vice versa")
+    if shortcut is not None and chain.active:
+        raise LoweringError(f"{name}: cross-layer weight prefetch is not implemented for layers with a shortcut")
     # the schedule depends on the shapes and the kinds of ALU ops, not on the weight or shift values
-    plain = (spec, cfg, tuple(op for op, imm in requant.ops()), requant.per_channel)
+    plain = (spec, cfg, tuple(op for op, imm in requant.ops()), requant.tensor_ops(),
+             None if shortcut is None else shortcut.key)
     sig = plain + (chain.key,)
     if tiling is None and sig in _BEST_TILING:
-        return lower_conv(spec, w8, requant, cfg, _BEST_TILING[sig], name, chain)
+        return lower_conv(spec, w8, requant, cfg, _BEST_TILING[sig], name, chain, shortcut, layout)
     if tiling is None:
         from tvm_lowbit.vta.cycles import estimate
 
@@ -452,34 +639,36 @@ def lower_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant, cfg: VTAConfig,
             # (with its micro-ops preloaded, tilings with many kernels cost this program nothing more: try all)
             cands = _RANKED[plain]
         else:
-            cands = tile_candidates(spec, cfg, requant)
+            cands = tile_candidates(spec, cfg, requant, shortcut=shortcut)
         if chain.active:
             cands = [t for t in cands if t.order in RESIDENT_ORDERS]
         if not cands:
             t = Tiling(spec.oh, spec.ow, 1, 1)
             raise LoweringError(f"{name}: no tiling of {spec} fits this VTA configuration "
-                                f"({fits(spec, t, cfg, requant)}); run the layer on the host")
+                                f"({fits(spec, t, cfg, requant, shortcut)}); run the layer on the host")
         scored = []
         for t in cands:
-            lp = lower_conv(spec, w8, requant, cfg, t, name, chain)
+            lp = lower_conv(spec, w8, requant, cfg, t, name, chain, shortcut, layout)
             scored.append((estimate(lp.program).total_cycles, len(scored), lp))
         scored.sort(key=lambda c: c[:2])
         if not chain.active:
             _RANKED[plain] = [c[2].tiling for c in scored[:RANKED_KEEP]]
         _BEST_TILING[sig] = scored[0][2].tiling
         return scored[0][2]
-    why = fits(spec, tiling, cfg, requant)
+    why = fits(spec, tiling, cfg, requant, shortcut)
     if why is None and chain.active:
         why = _chain_fits(spec, tiling, cfg, chain)
     if why is not None:
         raise LoweringError(f"{name}: tiling {tiling} does not fit: {why}")
     try:
         try:
-            return _emit_conv(spec, w8, requant, cfg, tiling, name, preload_uops=True, chain=chain)
+            return _emit_conv(spec, w8, requant, cfg, tiling, name, preload_uops=True, chain=chain,
+                              shortcut=shortcut, layout=layout)
         except ProgramError:  # the kernels do not all fit the uop buffer: load them on demand
             if chain.uops_preloaded or chain.next_uops is not None or chain.uop_base:
                 raise
-            return _emit_conv(spec, w8, requant, cfg, tiling, name, preload_uops=False, chain=chain)
+            return _emit_conv(spec, w8, requant, cfg, tiling, name, preload_uops=False, chain=chain,
+                              shortcut=shortcut, layout=layout)
     except (ProgramError, isa.ISAError) as e:
         raise LoweringError(f"{name}: {e}") from e
 
@@ -497,9 +686,11 @@ def _chain_fits(spec: ConvSpec, t: Tiling, cfg: VTAConfig, chain: WeightChain) -
     return None
 
 
-def _emit_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant, cfg: VTAConfig, t: Tiling,
-               name: str, preload_uops: bool, chain: WeightChain = NO_CHAIN) -> LayerProgram:
-    b = ProgramBuilder(cfg, preload_uops, chain.uop_base, chain.uops_preloaded)
+def _emit_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant | Epilogue, cfg: VTAConfig, t: Tiling,
+               name: str, preload_uops: bool, chain: WeightChain = NO_CHAIN, shortcut: Shortcut | None = None,
+               layout: DramLayout | None = None) -> LayerProgram:
+    b = ProgramBuilder(cfg, preload_uops, chain.uop_base, chain.uops_preloaded,
+                       dram_base=layout.base if layout else 0, external=layout.buffers if layout else None)
     blocks = pack_weight_blocks(w8, spec)
     wbuf = b.constant("wgt", encode_weights(blocks, cfg), cfg.wgt_elem_bytes)
     ibuf = b.alloc("inp", spec.n * spec.cib * spec.hd * spec.wd * 16, cfg.inp_elem_bytes)
@@ -509,15 +700,25 @@ def _emit_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant, cfg: VTAConfig,
     ph, pw = (0, 0) if spec.pre_padded else spec.pad
     row_step = _row_step(spec)
     src_row = 1 if spec.kh == 1 else sh          # input-tile rows per output row
-    resident = spec.cob * spec.cib * taps <= cfg.wgt_depth
+    sc_blocks = 0 if shortcut is None else shortcut.spec.cob * shortcut.spec.cib
+    resident = spec.cob * spec.cib * taps + sc_blocks <= cfg.wgt_depth
     inp_half, acc_half, wgt_half = cfg.inp_depth // 2, acc_half_rows(spec, cfg, requant), cfg.wgt_depth // 2
     alu_ops = requant.ops()
-    shift_row0 = cfg.acc_depth - spec.cob
-    if requant.per_channel:  # the per-lane shift amounts live in one accumulator row per output block
-        lanes = np.zeros(spec.cob * 16, np.int32)
-        lanes[:spec.cout] = requant.lane_shifts(spec.cout) - requant.base_shift
-        sbuf = b.constant("shift", lanes.astype("<i4"), cfg.acc_elem_bytes)
-        b.emit(isa.Mem(isa.OP_LOAD, isa.MEM_ACC, shift_row0, sbuf.base, 1, spec.cob, spec.cob))
+    shift_row0 = const_rows(requant, spec.cob, cfg)
+    for op, row0 in shift_row0.items():  # per-lane constants (shifts, biases): one accumulator row per output block
+        lanes = np.zeros(spec.cob * 16, np.int64)
+        lanes[:spec.cout] = requant.lane_values(op, spec.cout)
+        if lanes.min() < -(1 << 31) or lanes.max() >= 1 << 31:
+            raise ProgramError(f"{name}: a per-lane constant does not fit int32")
+        cbuf = b.constant("bias" if op == isa.ALU_ADD else "shift", lanes.astype("<i4"), cfg.acc_elem_bytes)
+        b.emit(isa.Mem(isa.OP_LOAD, isa.MEM_ACC, row0, cbuf.base, 1, spec.cob, spec.cob))
+    sc_state = None
+    if shortcut is not None:
+        ss = shortcut.spec
+        sbuf = b.alloc("inp2", ss.n * ss.cib * ss.hd * ss.wd * 16, cfg.inp_elem_bytes)
+        swbuf = b.constant("wgt_sc", encode_weights(shortcut.blocks(), cfg), cfg.wgt_elem_bytes)
+        sc_state = {"sc": shortcut, "ibase": sbuf.base, "wbase": swbuf.base, "slots": {}, "loaded": set(),
+                    "top": spec.cob * spec.cib * taps, "resident": resident, "wgt_half": wgt_half, "inp_half": inp_half}
 
     # weight slots: one dense (tco x tci x KH x KW) block rectangle per (co tile, ci chunk); resident slots
     # are loaded the first time a chunk needs them (streaming with the first tile), else reloaded per chunk
@@ -530,7 +731,11 @@ def _emit_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant, cfg: VTAConfig,
             slots[(c0, i0)] = top
             top += min(t.tco, spec.cob - c0) * min(t.tci, spec.cib - i0) * taps
     if t.order in RESIDENT_ORDERS:
-        _emit_resident(b, spec, t, wbuf.base, ibuf.base, obuf.base, alu_ops, shift_row0, ph, pw, chain)
+        if sc_state is not None:  # the shortcut's input above the layer's image, its weights at the top
+            hs, ws, _ = _image(spec)
+            ss = shortcut.spec
+            sc_state.update(inp0=spec.n * spec.cib * hs * ws, w0=cfg.wgt_depth - ss.cob * ss.cib, loaded=False)
+        _emit_resident(b, spec, t, wbuf.base, ibuf.base, obuf.base, alu_ops, shift_row0, ph, pw, chain, sc_state)
         notes: dict[str, object] = {"layer": name}
         if chain.next_blocks is not None:
             nb = b.constant("wgt_next", encode_weights(chain.next_blocks, cfg), cfg.wgt_elem_bytes)
@@ -597,7 +802,13 @@ def _emit_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant, cfg: VTAConfig,
                         b.emit(isa.Gemm(u0, u1, tci, tw, 0, 1, th_in * tw_in, sw, taps, 0))
                         b.push("compute", "load")
                         chunk_no += 1
-                    _epilogue(b, spec, alu_ops, acc0, shift_row0, obuf.base, n, co0, tco, oy0, th, ox0, tw)
+                    ops = alu_ops
+                    if sc_state is not None:
+                        k = alu_ops.index((SHORTCUT, None))
+                        _alu(b, alu_ops[:k], acc0, shift_row0, co0, tco, th, tw)
+                        chunk_no += _shortcut_chunks(b, sc_state, chunk_no, n, co0, tco, oy0, th, ox0, tw, acc0)
+                        ops = alu_ops[k + 1:]
+                    _epilogue(b, spec, ops, acc0, shift_row0, obuf.base, n, co0, tco, oy0, th, ox0, tw)
                     tile_no += 1
     prog = b.finish({"layer": name})
     info = {"tiles": tile_no, "chunks": chunk_no, "gemm_uops": spec.gemm_uops(), "weights_resident": resident,
@@ -605,17 +816,60 @@ def _emit_conv(spec: ConvSpec, w8: np.ndarray, requant: Requant, cfg: VTAConfig,
     return LayerProgram(spec, t, requant, prog, resident, info)
 
 
-def _epilogue(b: ProgramBuilder, spec: ConvSpec, alu_ops: list, acc0: int, shift_row0: int, out_base: int, n: int,
-              co0: int, tco: int, oy0: int, th: int, ox0: int, tw: int) -> None:
-    """ALU requantization of an output tile (compute module), then the store module writes it out."""
+def _alu(b: ProgramBuilder, alu_ops: list, acc0: int, shift_row0: dict[int, int], co0: int, tco: int, th: int,
+         tw: int) -> None:
+    """ALU ops on an output tile's accumulators (compute module)."""
     if alu_ops:
         a0, a1 = b.kernel([(acc0, acc0, 0)])
         for op, imm in alu_ops:
-            if imm is None:  # per-lane shift: one micro-op per output block, reading its shift row
-                s0, s1 = b.kernel([(acc0 + co * th * tw, shift_row0 + co0 + co, 0) for co in range(tco)])
+            if imm is None:  # per-lane operand (shift or bias): one micro-op per output block, reading its row
+                s0, s1 = b.kernel([(acc0 + co * th * tw, shift_row0[op] + co0 + co, 0) for co in range(tco)])
                 b.emit(isa.Alu(op, s0, s1, th, tw, tw, 1, 0, 0, False, 0))
             else:
                 b.emit(isa.Alu(op, a0, a1, tco * th, tw, tw, 1, tw, 1, True, imm))
+
+
+def _shortcut_chunks(b: ProgramBuilder, st: dict, chunk_no: int, n: int, co0: int, tco: int, oy0: int, th: int,
+                     ox0: int, tw: int, acc0: int) -> int:
+    """The shortcut of one output tile as more reduction chunks: per chunk the load module brings its
+    input blocks (and weights) into half ``chunk_no % 2``, the compute module accumulates them into the
+    tile's rows.  Returns the number of chunks."""
+    sc: Shortcut = st["sc"]
+    ss = sc.spec
+    s0, s1 = ss.stride
+    tw_in = (tw - 1) * s1 + 1
+    per = _shortcut_chunk_blocks(sc, th, tw, b.cfg)
+    ranges = _shortcut_ranges(sc, co0, tco, per)
+    for lo, hi in ranges:
+        inp0 = (chunk_no % 2) * st["inp_half"]
+        if chunk_no >= 2:
+            b.pop("compute", "load")
+        if st["resident"]:   # the tile's whole weight rectangle, loaded once
+            if co0 not in st["slots"]:
+                st["slots"][co0] = st["top"]
+                st["top"] += tco * ss.cib
+                b.emit(isa.Mem(isa.OP_LOAD, isa.MEM_WGT, st["slots"][co0], st["wbase"] + co0 * ss.cib, tco, ss.cib,
+                               ss.cib))
+            w0, wrow = st["slots"][co0] + lo, ss.cib
+        else:
+            w0, wrow = (chunk_no % 2) * st["wgt_half"], hi - lo
+            b.emit(isa.Mem(isa.OP_LOAD, isa.MEM_WGT, w0, st["wbase"] + co0 * ss.cib + lo, tco, hi - lo, ss.cib))
+        _load_input(b, ss, st["ibase"], n, lo, hi - lo, oy0 * s0, th, ox0 * s1, tw_in, inp0, s0, 0, 0)
+        b.push("load", "compute")
+        b.pop("load", "compute")
+        uops = _shortcut_uops(sc, co0, tco, th, tw, acc0, inp0, w0, lo, hi, wrow)
+        _check_hazard(uops, (1, tw), (0, 1))
+        u0, u1 = b.kernel(uops)
+        b.emit(isa.Gemm(u0, u1, 1, tw, 0, 1, 0, s1, 0, 0))
+        b.push("compute", "load")
+        chunk_no += 1
+    return len(ranges)
+
+
+def _epilogue(b: ProgramBuilder, spec: ConvSpec, alu_ops: list, acc0: int, shift_row0: dict[int, int], out_base: int,
+              n: int, co0: int, tco: int, oy0: int, th: int, ox0: int, tw: int) -> None:
+    """ALU requantization of an output tile (compute module), then the store module writes it out."""
+    _alu(b, alu_ops, acc0, shift_row0, co0, tco, th, tw)
     b.push("compute", "store")
     b.pop("compute", "store")
     for co in range(tco):
@@ -742,8 +996,42 @@ def _band_gemm(spec: ConvSpec, acc0: int, inp0: int, w0: int, plane: int, tco: i
     return uops, loop
 
 
+def _resident_shortcut_uops(sc: Shortcut, spec: ConvSpec, n: int, co0: int, pco: int, oy0: int, th: int,
+                            start: int, inp0: int, w0: int) -> list[tuple[int, int, int]]:
+    """Micro-ops of the shortcut GEMM over a resident band (inner loop: output column): the shortcut's
+    input plane of (image, block) holds its rows ``oy * stride`` only, at ``inp0 + (n * cib + ci) * oh * W``."""
+    ss = sc.spec
+    nz = sc.nonzero()
+    plane = spec.oh * ss.wd
+    return [(start + co * spec.oh * spec.ow + y * spec.ow, inp0 + (n * ss.cib + ci) * plane + (oy0 + y) * ss.wd,
+             w0 + (co0 + co) * ss.cib + ci)
+            for ci in range(ss.cib) for co in range(pco) if nz[co0 + co, ci] for y in range(th)]
+
+
+def _resident_shortcut(b: ProgramBuilder, st: dict, spec: ConvSpec, n: int, co0: int, pco: int, oy0: int, th: int,
+                       start: int) -> None:
+    """The shortcut GEMM of a resident band; the first one has the load module bring the whole shortcut
+    input (the rows the stride reads) and its weights, after the loads already emitted."""
+    sc: Shortcut = st["sc"]
+    ss = sc.spec
+    if not st["loaded"]:
+        b.emit(isa.Mem(isa.OP_LOAD, isa.MEM_WGT, st["w0"], st["wbase"], 1, ss.cob * ss.cib, ss.cob * ss.cib))
+        for p in range(ss.n * ss.cib):
+            b.emit(isa.Mem(isa.OP_LOAD, isa.MEM_INP, st["inp0"] + p * spec.oh * ss.wd, st["ibase"] + p * ss.hd * ss.wd,
+                           spec.oh, ss.wd, ss.wd * ss.stride[0]))
+        b.push("load", "compute")
+        b.pop("load", "compute")
+        st["loaded"] = True
+    uops = _resident_shortcut_uops(sc, spec, n, co0, pco, oy0, th, start, st["inp0"], st["w0"])
+    if uops:
+        _check_hazard(uops, (1, spec.ow), (0, 1))
+        u0, u1 = b.kernel(uops)
+        b.emit(isa.Gemm(u0, u1, 1, spec.ow, 0, 1, 0, ss.stride[1], 0, 0))
+
+
 def _emit_resident(b: ProgramBuilder, spec: ConvSpec, t: Tiling, wbase: int, ibase: int, obase: int,
-                   alu_ops: list, shift_row0: int, ph: int, pw: int, chain: WeightChain = NO_CHAIN) -> None:
+                   alu_ops: list, shift_row0: int, ph: int, pw: int, chain: WeightChain = NO_CHAIN,
+                   sc_state: dict | None = None) -> None:
     """The whole layer stays on chip, so no buffer is ever reused and no load waits for compute (no
     write-after-read tokens).  The compute module first zeroes every accumulator row of the layer with
     one GEMM reset -- work it does while the first weights and input rows are still on the bus -- then
@@ -818,8 +1106,10 @@ def _emit_resident(b: ProgramBuilder, spec: ConvSpec, t: Tiling, wbase: int, iba
         for c, pco in pieces:
             start = first + c * hw
             for op, imm in alu_ops:
-                if imm is None:  # per-lane shift: one micro-op per output block, reading its shift row
-                    k0, k1 = b.kernel([(start + co * hw, shift_row0 + co0 + c + co, 0) for co in range(pco)])
+                if op == SHORTCUT:
+                    _resident_shortcut(b, sc_state, spec, n, co0 + c, pco, oy0, th, start)
+                elif imm is None:  # per-lane operand (shift or bias): one micro-op per output block, reading its row
+                    k0, k1 = b.kernel([(start + co * hw, shift_row0[op] + co0 + c + co, 0) for co in range(pco)])
                     b.emit(isa.Alu(op, k0, k1, 1, th * spec.ow, 0, 1, 0, 0, False, 0))
                 else:
                     k0, k1 = b.kernel([(start, start, 0)])

@@ -45,6 +45,16 @@ class Buffer:
         return self.offset // self.elem_bytes
 
 
+@dataclass(frozen=True)
+class DramLayout:
+    """Where a program's DRAM lives inside a larger one shared by a network's programs: ``buffers``
+    (e.g. ``inp``, ``out``) are placed by the caller (activations another program writes or reads, in
+    VTA's layout), everything else -- weights, micro-ops, constants -- is allocated from ``base`` on."""
+
+    base: int = 0
+    buffers: dict[str, Buffer] = field(default_factory=dict, compare=False, hash=False)
+
+
 @dataclass
 class Program:
     cfg: VTAConfig
@@ -121,7 +131,7 @@ class ProgramBuilder:
     on-demand loading (a ring cache, one LOAD UOP per kernel that is not resident)."""
 
     def __init__(self, cfg: VTAConfig, preload_uops: bool = False, uop_base: int = 0,
-                 uops_resident: bool = False) -> None:
+                 uops_resident: bool = False, dram_base: int = 0, external: dict[str, Buffer] | None = None) -> None:
         self.cfg = cfg
         self.preload_uops = preload_uops or uops_resident
         self.uop_base = uop_base            # preloaded kernels live in uop SRAM from here on
@@ -130,7 +140,8 @@ class ProgramBuilder:
         self.insns: list[isa.Insn] = []
         self.buffers: dict[str, Buffer] = {}
         self.constants: dict[str, bytes] = {}
-        self.dram_top = 0
+        self.dram_top = dram_base
+        self.external = dict(external or {})   # buffers placed by the caller (see DramLayout)
         self.pending: dict[str, isa.Deps] = {m: isa.NO_DEPS for m in isa.MODULES}
         self.last_of: dict[str, int | None] = {m: None for m in isa.MODULES}
         self.pushed = {q: 0 for q in QUEUES.values()}
@@ -142,6 +153,14 @@ class ProgramBuilder:
     def alloc(self, name: str, nbytes: int, elem_bytes: int) -> Buffer:
         if name in self.buffers:
             raise ProgramError(f"buffer {name!r} allocated twice")
+        if name in self.external:
+            ext = self.external[name]
+            if ext.nbytes < nbytes or ext.offset % elem_bytes:
+                raise ProgramError(f"buffer {name!r}: the placed DRAM region ({ext.nbytes} B at {ext.offset}) does not "
+                                   f"hold {nbytes} B in {elem_bytes}-byte elements")
+            b = Buffer(name, ext.offset, int(nbytes), elem_bytes)
+            self.buffers[name] = b
+            return b
         off = -(-self.dram_top // DRAM_ALIGN) * DRAM_ALIGN
         b = Buffer(name, off, int(nbytes), elem_bytes)
         self.buffers[name] = b
