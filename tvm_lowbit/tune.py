@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-SCHEDULES_DIR = Path(os.environ.get("TVM_LOWBIT_SCHEDULES", Path(__file__).resolve().parent.parent / "schedules"))
+# the shipped databases travel with the package (tvm_lowbit/schedules/<target>/); TVM_LOWBIT_SCHEDULES names another
+SCHEDULES_DIR = Path(os.environ.get("TVM_LOWBIT_SCHEDULES", Path(__file__).resolve().parent / "schedules"))
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 # a database folder holding this file was measured on an emulated board: `compile` applies it only when asked
