@@ -64,6 +64,8 @@ def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 900) -
 def test_wheel_install_finds_targets_and_schedules_and_compiles(tmp_path: Path) -> None:
     import json
 
+    if not (REPO / ".git").exists():
+        pytest.skip("builds the wheel from a git checkout's files")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TVM_LOWBIT_TARGETS",
                                                               "TVM_LOWBIT_SCHEDULES", "PYTHONHOME")}
     # build from a copy of the checkout's files (tracked or new, not ignored): a build inside the repo would leave

@@ -3,7 +3,6 @@ the target's tuned schedules, build with ``tvm.compile``; tuning with MetaSchedu
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
