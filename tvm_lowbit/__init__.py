@@ -15,7 +15,7 @@ _LAZY = {
     "Auto": "tvm_lowbit.quantizers.auto",
     "INQ": "tvm_lowbit.quantizers.inq",
     "compile": "tvm_lowbit.compiler",
-    "load_artifact": "tvm_lowbit.compiler",
+    "load_artifact": "tvm_lowbit.artifact",
 }
 
 

@@ -246,48 +246,35 @@ def _quantize_auto(a: argparse.Namespace, model, calib: np.ndarray):  # -> nn.Mo
 
 
 def cmd_compile(a: argparse.Namespace) -> None:
-    import tvm_lowbit
+    from tvm_lowbit.backends import backend_for, source_of
     from tvm_lowbit.compiler import compile_saved
     from tvm_lowbit.targets import TargetError, load_target
 
     try:
         spec = load_target(a.target)
+        backend = backend_for(spec)
     except TargetError as e:
         _err(str(e))
     _fgq_from_args(a)  # bad FGQ options fail here, also for a .pt2 that was quantized already
-    src = a.model
+    src, source = a.model, source_of(a.model)
     sched = {"auto": None, "none": False}.get(a.schedules, a.schedules)
-    if sched not in (None, False) and (spec.is_vta or src.endswith(".onnx")):
-        _err(f"--schedules {a.schedules}: tuned schedules apply to .pt2 and built-in models on CPU targets")
-    if spec.is_vta and src.endswith((".onnx", ".pt2")):
-        _err(f"{spec.name} is a VTA target: compile a built-in model (or tvm_lowbit.compile(qmodel, x, "
-             f"{spec.name!r}) from Python); planning a .pt2/ONNX file for VTA is not supported yet")
-    if spec.is_vta:
-        from tvm_lowbit.vta.compile import compile_for_cli
-
-        art = compile_for_cli(_load_model(src), _fgq_from_args(a), _calib(a.calib, a.calib_size), spec, a.batch)
-    elif src.endswith(".onnx"):
+    if (why := backend.cli_refusal(spec, source, None if sched in (None, False) else a.schedules)) is not None:
+        _err(why)
+    if source == "onnx":
         from tvm_lowbit.onnx_quant import quantize_onnx
 
         calib = _calib(a.calib, a.calib_size)
         art = quantize_onnx(src, _fgq_from_args(a), calib, target=a.target, batch=a.batch)
-    elif src.endswith(".pt2"):
+    elif source == "pt2":
         art = compile_saved(src, a.target, schedules=sched, verbose=False)
     else:
-        from tvm_lowbit import quantize
-
-        model = _load_model(src)
-        calib = _calib(a.calib, a.calib_size)
-        q = quantize(model, _fgq_from_args(a), calib)
-        art = tvm_lowbit.compile(q, calib[:a.batch], a.target, schedules=sched)
+        art = backend.compile_for_cli(_load_model(src), _fgq_from_args(a), _calib(a.calib, a.calib_size), spec,
+                                      a.batch, sched)
     print(art.report.text())
     if art.tuning is not None:
         print(art.tuning.text())
-    elif sched is None and not spec.is_vta:
-        from tvm_lowbit.tune import emulated_default
-
-        if (note := emulated_default(spec.name)) is not None:
-            print(f"note: {note}")
+    elif sched is None and (note := backend.schedules_note(spec)) is not None:
+        print(f"note: {note}")
     out = art.export(a.out)
     print(f"wrote {out}/model.so for {art.target.name} ({art.target.description}); weights {art.weight_bytes:,d} bytes")
 
@@ -370,12 +357,16 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_tune(a: argparse.Namespace) -> None:
+    from tvm_lowbit.backends import backend_for
     from tvm_lowbit.targets import TargetError, load_target
 
     try:
         spec = load_target(a.target)
+        backend = backend_for(spec)
     except TargetError as e:
         _err(str(e))
+    if (why := backend.tune_refusal(spec)) is not None:
+        _err(why)
     if a.trials < 1:
         _err(f"--trials must be at least 1, got {a.trials}")
     boards = None
@@ -389,8 +380,6 @@ def cmd_tune(a: argparse.Namespace) -> None:
     elif not spec.is_host:
         _err(f"{spec.name} is a board: tune through an RPC tracker with --tracker HOST:PORT --key KEY "
              "(the emulated board: scripts/board/board.py)")
-    from tvm_lowbit.tune import tune_module
-
     if a.model.endswith(".pt2"):
         from tvm_lowbit.compiler import load_saved
 
@@ -404,8 +393,8 @@ def cmd_tune(a: argparse.Namespace) -> None:
         calib = _calib(a.calib, a.calib_size)
         q = quantize(_load_model(a.model), _fgq_from_args(a), calib)
         mod, infos = import_torch(q, torch.as_tensor(calib[:a.batch])), layer_infos(q)
-    rep = tune_module(mod, spec, infos=infos, trials_per_task=a.trials, work_dir=a.out, boards=boards,
-                      only_kernels=a.kernels_only, seed=a.seed)
+    rep = backend.tune_module(mod, spec, infos=infos, trials_per_task=a.trials, work_dir=a.out, boards=boards,
+                              only_kernels=a.kernels_only, seed=a.seed)
     print(rep.text())
     if rep.failed:
         print(f"{rep.failed} candidates failed and were recorded as failed; first error: "
@@ -477,8 +466,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="artifact folder (model.so + meta.json)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--schedules", default="auto",
-                   help="tuning database folder to apply; auto (default): schedules/<target>/ unless it was tuned "
-                        "under emulation; none: default schedules")
+                   help="tuning database folder to apply; auto (default): the shipped tvm_lowbit/schedules/<target>/ "
+                        "unless it was tuned under emulation; none: default schedules")
     _add_fgq_args(p)
     p.set_defaults(fn=cmd_compile)
     p = sub.add_parser("deploy", help="compile for a board, run it there over TVM RPC, compare with this host, time it")
@@ -507,12 +496,12 @@ def main(argv: list[str] | None = None) -> None:
     _add_fgq_args(p)
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("tune", help="autotune a model's kernels and float ops with MetaSchedule (XGBoost); "
-                                    "`compile` then applies schedules/<target>/")
+                                    "`compile` then applies tvm_lowbit/schedules/<target>/")
     p.add_argument("model", nargs="?", default="resnet20", help="MODEL.pt2 (from `quantize`) or a built-in name")
     p.add_argument("--target", default="x86-host")
     p.add_argument("--trials", type=int, default=32, help="measured candidates per task (default 32); a rerun "
                    "only runs the trials a task still lacks")
-    p.add_argument("--out", default=None, help="database folder (default schedules/<target>/)")
+    p.add_argument("--out", default=None, help="database folder (default tvm_lowbit/schedules/<target>/)")
     p.add_argument("--kernels-only", action="store_true", help="tune the low-bit kernels only, not the float ops")
     p.add_argument("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker with the boards (board targets)")
     p.add_argument("--key", default=None, help="the boards' tracker key (default: the target name)")
@@ -521,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1)
     _add_fgq_args(p)
     p.set_defaults(fn=cmd_tune)
-    p = sub.add_parser("targets", help="list the targets in targets/")
+    p = sub.add_parser("targets", help="list the targets (tvm_lowbit/targets/*.json)")
     p.set_defaults(fn=cmd_targets)
     a = ap.parse_args(argv)
     try:

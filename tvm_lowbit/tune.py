@@ -1,5 +1,5 @@
 """Autotuning with MetaSchedule: every task of a compiled model, an XGBoost cost model, and a standard
-MetaSchedule JSON database per target under ``schedules/<target>/`` that ``compile`` applies.
+MetaSchedule JSON database per target under ``tvm_lowbit/schedules/<target>/`` that ``compile`` applies.
 
 * Tasks: the Relax module is lowered (``LowerTernary``), the low-bit kernels are kept whole (opaque), and
   Relax's "zero" pipeline fuses the float ops; ``extract_tasks`` then gives one task per distinct PrimFunc.
@@ -31,22 +31,23 @@ from typing import Any
 
 import numpy as np
 
-SCHEDULES_DIR = Path(os.environ.get("TVM_LOWBIT_SCHEDULES", Path(__file__).resolve().parent.parent / "schedules"))
+# the shipped databases travel with the package (tvm_lowbit/schedules/<target>/); TVM_LOWBIT_SCHEDULES names another
+SCHEDULES_DIR = Path(os.environ.get("TVM_LOWBIT_SCHEDULES", Path(__file__).resolve().parent / "schedules"))
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 # a database folder holding this file was measured on an emulated board: `compile` applies it only when asked
-# by path (qemu's timings rank schedules unlike the real core; see schedules/README.md)
+# by path (qemu's timings rank schedules unlike the real core; see tvm_lowbit/schedules/README.md)
 EMULATED_MARK = "MEASURED_UNDER_EMULATION"
 
 
 def emulated_default(target_name: str) -> str | None:
-    """Why ``compile`` skips ``schedules/<target>/`` by default (it was tuned under emulation), or None."""
+    """Why ``compile`` skips ``tvm_lowbit/schedules/<target>/`` by default (it was tuned under emulation), or None."""
     d = SCHEDULES_DIR / target_name
     if not (d / EMULATED_MARK).is_file():
         return None
     return (f"{d} was tuned on an emulated board and is not applied by default (default schedules used); apply it "
             f"with schedules={str(d)!r} (tvm-lowbit compile --schedules {d}) or re-tune on a real board "
-            "(schedules/README.md)")
+            "(tvm_lowbit/schedules/README.md)")
 
 
 class TuneError(RuntimeError):
@@ -435,8 +436,8 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
                 num_trials_per_iter: int | None = None, progress: bool = True, seed: int | None = None,
                 only_kernels: bool = False, max_trials_global: int | None = None,
                 scheduler: str = "auto") -> TuneReport:
-    """Tune every task of an imported Relax module (``compiler.import_torch`` / ``load_saved``; ``infos`` is
-    its layer table) for ``target``. Records go to ``work_dir`` (default ``schedules/<target>/``), appended as
+    """Tune every task of an imported Relax module (``importer.import_torch`` / ``compiler.load_saved``; ``infos`` is
+    its layer table) for ``target``. Records go to ``work_dir`` (default ``SCHEDULES_DIR/<target>/``), appended as
     they are measured; a task that already has ``trials_per_task`` records is skipped (resume).
     ``max_trials_global`` caps the trials of this run over all tasks (MetaSchedule shares them out):
     ``scheduler`` "round-robin" gives every task the same share, "gradient" (MetaSchedule's gradient-based
@@ -449,14 +450,15 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
     from tqdm import tqdm
     from tvm.s_tir import meta_schedule as ms
 
-    from tvm_lowbit.compiler import _strip_single_tuple
+    from tvm_lowbit.importer import strip_single_tuple
     from tvm_lowbit.passes import lower_ternary
     from tvm_lowbit.targets import load_target
 
     t0 = time.time()
     spec = load_target(target)
     tgt = spec.tvm_target()
-    mod = _strip_single_tuple(lower_ternary(mod, infos, target=tgt)[0])  # the module compiler.build lowers
+    # the lowering passes, as the CPU backend's build runs them (tvm_lowbit.backends.cpu.build)
+    mod = strip_single_tuple(lower_ternary(mod, infos, target=tgt)[0])
     directory = Path(work_dir) if work_dir is not None else SCHEDULES_DIR / spec.name
     if not spec.is_host and boards is None:
         raise TuneError(f"target {spec.name} runs on a board: pass boards=RPCBoards(tracker_host, tracker_port, key) "
@@ -527,14 +529,14 @@ def tune(qmodel: Any, example_input: Any, target: str | Any = "x86-host", **kw: 
     """Tune a model from ``tvm_lowbit.quantize`` for ``target`` (see :func:`tune_module` for the options)."""
     import torch
 
-    from tvm_lowbit.compiler import import_torch, layer_infos
+    from tvm_lowbit.importer import import_torch, layer_infos
 
     x = torch.as_tensor(np.asarray(example_input, dtype=np.float32))
     return tune_module(import_torch(qmodel, x), target, infos=layer_infos(qmodel), **kw)
 
 
 # --------------------------------------------------------------------------------------------
-# Applying a database (compiler.build)
+# Applying a database (the CPU backend's build)
 # --------------------------------------------------------------------------------------------
 
 @dataclass

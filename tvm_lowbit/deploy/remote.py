@@ -310,7 +310,7 @@ class DeployReport:
 
 def deploy_artifact(art: Any, x: np.ndarray, board: Board, *, host_output: np.ndarray | None = None,
                     repeat: int = 10, on_step: Callable[[str], None] = lambda _s: None) -> DeployReport:
-    """Export ``art`` (a ``tvm_lowbit.compiler.Artifact`` built for the board's target), run it remotely,
+    """Export ``art`` (a ``tvm_lowbit.artifact.Artifact`` built for the board's target), run it remotely,
     compare with ``host_output`` if given."""
     key = board.key or art.target.name
     x = art._check(x)

@@ -18,7 +18,7 @@ import hashlib
 import itertools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from tvm_lowbit.compiler import Artifact
+from tvm_lowbit.artifact import Artifact
+from tvm_lowbit.errors import CompileError
+from tvm_lowbit.importer import import_torch
+from tvm_lowbit.quantizers.api import quantize
 from tvm_lowbit.targets import TargetSpec, load_target
 from tvm_lowbit.vta.model import Partition, VTALayer, plan
 
@@ -209,8 +212,6 @@ class VTAArtifact(Artifact):
 
     def _machine(self) -> Any:
         if not self.target.is_host:
-            from tvm_lowbit.compiler import CompileError
-
             raise CompileError(f"this artifact's host code is built for {self.target.name} ({self.target.arch}); "
                                "export it for the board, or compile for vta-sim to simulate it here")
         if not self._registered:
@@ -262,8 +263,6 @@ def compile_vta(qmodel: nn.Module, example: np.ndarray | torch.Tensor, target: s
     uses the data-free worst-case shift (see :mod:`tvm_lowbit.vta.quant`)."""
     import tvm
     from tvm import relax
-
-    from tvm_lowbit.compiler import CompileError, import_torch
 
     spec = load_target(target)
     if not spec.is_vta:
@@ -319,10 +318,6 @@ def check_against_reference(art: VTAArtifact, x: np.ndarray) -> int:
 def compile_for_cli(model: nn.Module, fgq: Any, calib: np.ndarray, spec: TargetSpec, batch: int) -> VTAArtifact:
     """``tvm-lowbit compile MODEL --target vta-*``: FGQ with alpha codes that fit int8, compile, and (when
     the target runs here) check the simulator against the integer reference on the first batch."""
-    from dataclasses import replace
-
-    from tvm_lowbit import quantize
-
     if fgq.alpha_bits > 7:
         print(f"VTA: quantizing with 7-bit alpha codes instead of {fgq.alpha_bits}: alpha_q * t must fit an int8 "
               "weight exactly, and 8-bit codes reach 255", flush=True)

@@ -1,4 +1,7 @@
-"""Compilation targets, described as data in the top-level ``targets/`` folder (one JSON file each)."""
+"""Compilation targets, described as data: one JSON file each in this package's folder
+(``tvm_lowbit/targets/*.json``, installed with the package; ``TVM_LOWBIT_TARGETS`` names another folder).
+
+A file's ``"kind"`` (default ``"cpu"``) picks the backend that compiles for it (``tvm_lowbit.backends``)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TARGETS_DIR = Path(os.environ.get("TVM_LOWBIT_TARGETS", Path(__file__).resolve().parent.parent / "targets"))
+TARGETS_DIR = Path(os.environ.get("TVM_LOWBIT_TARGETS", Path(__file__).resolve().parent))
 ALIASES = {"x86": "x86-host", "host": "x86-host", "rasp4": "rasp4b", "rasp3": "rasp3b", "pi4": "rasp4b",
            "pi5": "rasp5", "pi3": "rasp3b"}
 
@@ -29,6 +32,11 @@ class TargetSpec:
     apt_package: str | None = None
     qemu_cpu: str | None = None
     vta: dict[str, Any] | None = None  # a VTA accelerator preset ("kind": "vta"); target_dict is then its host CPU
+    kind: str = "cpu"  # the backend (tvm_lowbit.backends) that compiles for this target
+
+    def __post_init__(self) -> None:
+        if self.vta is not None and self.kind == "cpu":  # a spec made in code with a VTA preset
+            object.__setattr__(self, "kind", "vta")
 
     @property
     def is_host(self) -> bool:
@@ -89,7 +97,7 @@ def load_target(spec: str | TargetSpec) -> TargetSpec:
         return TargetSpec(name=d["name"], description=d.get("description", ""), arch=d["arch"],
                           target_dict=d["target"], cross_compiler=d.get("cross_compiler"),
                           apt_package=d.get("apt_package"), qemu_cpu=d.get("qemu_cpu"),
-                          vta=d["vta"] if d.get("kind") == "vta" else None)
+                          vta=d["vta"] if d.get("kind") == "vta" else None, kind=d.get("kind", "cpu"))
     except KeyError as e:
         raise TargetError(f"{path}: target file lacks the field {e}") from e
 

@@ -1,0 +1,124 @@
+"""The CPU backend (x86 host, the Raspberry Pi boards): lower the quantized layers to integer kernels, apply
+the target's tuned schedules, build with ``tvm.compile``; tuning with MetaSchedule (``tvm_lowbit.tune``)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tvm_lowbit import tune
+from tvm_lowbit.artifact import Artifact
+from tvm_lowbit.backends.base import Backend, Schedules
+from tvm_lowbit.errors import CompileError
+from tvm_lowbit.importer import import_torch, layer_infos, strip_single_tuple
+from tvm_lowbit.passes import apply_default_schedules, lower_ternary
+from tvm_lowbit.passes.ternary import LayerInfo
+from tvm_lowbit.targets import TargetSpec
+
+
+def constants_bytes(func: Any) -> int:
+    """Bytes of the distinct tensor constants of a Relax function (what the artifact stores)."""
+    import tvm
+    from tvm import relax
+
+    sizes: dict[int, int] = {}
+
+    def visit(e: Any) -> None:
+        if isinstance(e, tvm.ir.expr.GenericConst) and hasattr(e.value, "numpy"):
+            sizes[e.__hash__()] = e.value.numpy().nbytes
+
+    relax.analysis.post_order_visit(func, visit)
+    return sum(sizes.values())
+
+
+def schedules_dir(spec: TargetSpec, schedules: Schedules, verbose: bool = False) -> Path | None:
+    """The tuning database folder a build applies: ``schedules`` as given to :func:`build`."""
+    if schedules is False:
+        return None
+    if schedules is None or schedules is True:
+        if (note := tune.emulated_default(spec.name)) is not None:
+            if verbose:
+                print(f"note: {note}")
+            return None
+        d = tune.SCHEDULES_DIR / spec.name
+        return d if (d / tune.WORKLOAD_FILE).is_file() else None
+    d = Path(schedules)
+    if not d.is_dir():
+        raise CompileError(f"schedules={str(d)!r}: no such tuning database folder (make one with `tvm-lowbit tune`)")
+    return d
+
+
+def build(mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None, input_shape: tuple[int, ...], *,
+          expose_acc: bool = False, verbose: bool = False, schedules: Schedules = None) -> Artifact:
+    """Lower, schedule and build a Relax module imported from a fake-quant model for a CPU target.
+
+    ``schedules``: a MetaSchedule database folder (``tvm-lowbit tune``) to apply; ``None`` uses
+    ``tune.SCHEDULES_DIR/<target>/`` when it exists and was not measured under emulation (``tune.EMULATED_MARK``);
+    ``False`` keeps the default schedules."""
+    import tvm
+
+    t0 = time.time()
+    tgt = spec.tvm_target()
+    # the lowering passes, one call: fake-quant layers -> integer kernels (apply_default_schedules below gives the
+    # kernels without a tuned record their default schedule)
+    mod, report = lower_ternary(mod, infos, expose_acc=expose_acc, target=tgt)
+    if not expose_acc:
+        mod = strip_single_tuple(mod)
+    weight_bytes = constants_bytes(mod["main"])
+    tuning = None
+    db_dir = schedules_dir(spec, schedules, verbose)
+    if db_dir is not None:  # tuned schedules first; the kernels without a record get their default below
+        try:
+            mod, tuning = tune.apply_database(mod, tgt, db_dir)
+        except Exception as e:  # noqa: BLE001 - a database problem must not stop a build that works without it
+            if schedules not in (None, True):
+                raise CompileError(f"cannot apply the tuning database {db_dir}: {type(e).__name__}: {e}") from e
+            print(f"warning: tuned schedules in {db_dir} not applied ({type(e).__name__}: {e}); "
+                  "default schedules used", file=sys.stderr)
+        if verbose and tuning is not None:
+            print(tuning.text())
+    mod = apply_default_schedules(mod, tgt)
+    try:
+        ex = tvm.compile(mod, target=tgt)
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise CompileError(f"TVM failed to build the model for {spec.name}: {type(e).__name__}: "
+                           f"{msg[-1] if msg else ''}") from e
+    ret = mod["main"].ret_ty
+    n_out = len(ret.fields) if hasattr(ret, "fields") else 1
+    art = Artifact(spec, ex, tuple(input_shape), "float32", report, weight_bytes, n_out, time.time() - t0, tuning)
+    if verbose:
+        print(report.text())
+    return art
+
+
+class CPUBackend(Backend):
+    kind = "cpu"
+
+    def compile(self, qmodel: nn.Module, example_input: torch.Tensor | np.ndarray, spec: TargetSpec, *,
+                expose_acc: bool = False, verbose: bool = False, schedules: Schedules = None) -> Artifact:
+        x = torch.as_tensor(np.asarray(example_input, dtype=np.float32))
+        mod = import_torch(qmodel, x)
+        return build(mod, spec, layer_infos(qmodel), tuple(x.shape), expose_acc=expose_acc, verbose=verbose,
+                     schedules=schedules)
+
+    def build(self, mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None, input_shape: tuple[int, ...],
+              *, expose_acc: bool = False, verbose: bool = False, schedules: Schedules = None) -> Artifact:
+        return build(mod, spec, infos, input_shape, expose_acc=expose_acc, verbose=verbose, schedules=schedules)
+
+    def tune_module(self, mod: Any, spec: TargetSpec, **kw: Any) -> tune.TuneReport:
+        return tune.tune_module(mod, spec, **kw)
+
+    def cli_refusal(self, spec: TargetSpec, source: str, schedules: str | None) -> str | None:
+        if schedules is not None and source == "onnx":
+            return f"--schedules {schedules}: tuned schedules apply to .pt2 and built-in models on CPU targets"
+        return None
+
+    def schedules_note(self, spec: TargetSpec) -> str | None:
+        return tune.emulated_default(spec.name)

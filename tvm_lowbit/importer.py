@@ -1,0 +1,52 @@
+"""Models into Relax: ``torch.export`` import, the layer table the lowering reads, and the single-output
+unwrap that compiled artifacts and tuning tasks share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tvm_lowbit.errors import CompileError
+from tvm_lowbit.passes.ternary import LayerInfo, weight_key
+from tvm_lowbit.quantizers.layers import quant_layers
+
+
+def layer_infos(qmodel: nn.Module) -> dict[str, LayerInfo]:
+    """The quantized layers of ``qmodel`` keyed by their integer weights (what the lowering matches)."""
+    return {weight_key(m.w_int.numpy()): LayerInfo(name, m.group_size, m.weight_format)
+            for name, m in quant_layers(qmodel).items()}
+
+
+def import_torch(model: nn.Module, example: torch.Tensor) -> Any:
+    """``torch.export`` the model with ``example`` and import it to a Relax module (weights as constants)."""
+    try:
+        ep = torch.export.export(model.eval(), (example,))
+    except Exception as e:
+        raise CompileError(f"torch.export failed on the model with an input of shape {tuple(example.shape)}: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return import_exported(ep)
+
+
+def import_exported(ep: Any) -> Any:
+    """A ``torch.export`` program as a Relax module (weights bound as constants)."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        return from_exported_program(ep, keep_params_as_input=False)
+    except Exception as e:
+        msg = str(e).splitlines()
+        raise CompileError("TVM's PyTorch importer cannot convert the model: "
+                           f"{type(e).__name__}: {msg[0] if msg else ''} (unsupported operator?)") from e
+
+
+def strip_single_tuple(mod: Any) -> Any:
+    """``main`` returns a 1-tuple after torch import; return the tensor itself (RPC clients need that)."""
+    from tvm import relax
+
+    f = mod["main"]
+    if isinstance(f.ret_ty, relax.TupleType) and len(f.ret_ty.fields) == 1:
+        body = relax.SeqExpr(f.body.blocks, relax.TupleGetItem(f.body.body, 0))
+        mod["main"] = relax.Function(f.params, body, f.ret_ty.fields[0], f.is_pure, f.attrs)
+    return mod
