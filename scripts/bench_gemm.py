@@ -19,7 +19,7 @@ the numpy integer reference on a slice of rows before timing):
   CPU (``--mcpu``, default x86-64-v3) so no AVX-512/VNNI instruction is used;
 * ``default``: the default ternary dense kernel (``kernels.ternary_dense`` + ``schedule_default``);
 * ``lut``: the lookup-table kernel (``kernels.lut``: 81 partial sums per 4 input channels, one lookup per 4
-  weights), built for the same CPU; LowerTernary gives it the x86 dense layers with at most
+  weights), built for the same CPU; LowerIntegerLayers gives it the x86 dense layers with at most
   ``kernels.lut.LUT_MAX_ROWS`` rows, the rule this script measures with ``--shapes``:
 
     python scripts/bench_gemm.py --shapes 1x1000x512,4x1000x512,8x1000x512,1x4096x4096 --kernels avx2-dot,lut

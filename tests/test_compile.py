@@ -1,4 +1,4 @@
-"""End-to-end: quantize -> torch.export -> Relax -> LowerTernary -> build; bit-exact integer accumulators."""
+"""End-to-end: quantize -> torch.export -> Relax -> LowerIntegerLayers -> build; bit-exact integer accumulators."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from tvm.script import relax as R
 from tvm.script import tirx as T
 
 from tvm_lowbit import kernels, qmath
-from tvm_lowbit.passes import (LayerInfo, LowerTernary, apply_default_schedules, fold_requantize, lower_ternary,
+from tvm_lowbit.passes import (LayerInfo, apply_default_schedules, fold_requantize, lower_integer_layers, lowering_passes,
                                weight_key)
 
 
@@ -81,7 +81,7 @@ def test_lower_ternary_two_linear_layers() -> None:
     before = _bind(TwoLinear, {"w1": tw1.w_int.numpy().T.astype(np.float32), "s1": s1, "b1": b1,
                                "w2": tw2.w_int.numpy().T.astype(np.float32), "s2": s2, "b2": b2})
     infos = {weight_key(tw1.w_int.numpy()): LayerInfo("fc1", 4), weight_key(tw2.w_int.numpy()): LayerInfo("fc2", 4)}
-    after, report = lower_ternary(before, infos)
+    after, report = lower_integer_layers(before, infos)
     assert report.lowered == ["fc1", "fc2"] and report.requant_fused == ["fc1"] and not report.fallback
     relax.analysis.well_formed(after)  # raises if malformed
 
@@ -110,7 +110,7 @@ def test_lower_ternary_leaves_float_graph_alone() -> None:
             return y
 
     before = _bind(Float, {"w": np.ones((8, 4), np.float32)})
-    after = LowerTernary()(before)
+    after = tvm.transform.Sequential(lowering_passes(None))(before)
     tvm.ir.assert_structural_equal(after, relax.transform.FoldConstant()(before))
 
 
@@ -118,7 +118,7 @@ def test_lower_ternary_reports_non_ternary_weight() -> None:
     w = np.arange(48, dtype=np.float32).reshape(8, 6)  # integers, but not alpha_q * t in any group
     before = _bind(TwoLinear, {"w1": w, "s1": np.ones(6), "b1": np.zeros(6),
                                "w2": np.zeros((6, 4), np.float32), "s2": np.ones(4), "b2": np.zeros(4)})
-    after, report = lower_ternary(before, {weight_key(w.T): LayerInfo("fc1", 4)})
+    after, report = lower_integer_layers(before, {weight_key(w.T): LayerInfo("fc1", 4)})
     assert [n for n, _ in report.fallback] == ["fc1"]
     assert "not grouped-ternary with group size 4" in report.fallback[0][1]
     assert report.lowered == ["linear 'acc2'"]  # the all-zero second weight is (trivially) ternary
@@ -155,7 +155,7 @@ def test_quantizer_bounds_are_recognised(bits: int, signed: bool) -> None:
 
     tw = qmath.ternarize_weight(torch.randn(4, 4), 2)
     mod = _bind(One, {"w": tw.w_int.numpy().T.astype(np.float32), "s": np.ones(4), "b": np.zeros(4)})
-    after, report = lower_ternary(mod)
+    after, report = lower_integer_layers(mod)
     assert len(report.lowered) == 1
     first = after["main"].body.blocks[0].bindings[0]  # the call to quantize_act
     assert first.value.args[0].name_hint == "quantize_act"

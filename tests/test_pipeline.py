@@ -11,7 +11,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 from tvm_lowbit import qmath
-from tvm_lowbit.passes import (FoldRequantize, LayerInfo, apply_default_schedules, lower_ternary, lowering_pipeline,
+from tvm_lowbit.passes import (FoldRequantize, LayerInfo, apply_default_schedules, lower_integer_layers, lowering_pipeline,
                                run_pipeline, weight_key)
 from tvm_lowbit.passes import patterns as P
 
@@ -123,7 +123,7 @@ def test_pipeline_has_named_passes() -> None:
 def test_run_pipeline_is_lowering_then_default_schedules() -> None:
     mod, infos = _two_linear()
     got, report = run_pipeline(mod, X86, infos)
-    lowered, ref_report = lower_ternary(mod, infos, target=X86)
+    lowered, ref_report = lower_integer_layers(mod, infos, target=X86)
     tvm.ir.assert_structural_equal(got, apply_default_schedules(lowered, X86))
     assert report == ref_report
     assert report.lowered == ["fc1", "fc2"] and report.requant_fused == ["fc1"]

@@ -145,13 +145,13 @@ def test_cross_compile_armv7() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# LowerTernary picks the power-of-two kernel
+# LowerIntegerLayers picks the power-of-two kernel
 # --------------------------------------------------------------------------------------------
 
 def test_lower_picks_pow2_kernel_by_format_and_by_value() -> None:
     from test_passes import TwoLinear, _bind
 
-    from tvm_lowbit.passes import LayerInfo, lower_ternary, weight_key
+    from tvm_lowbit.passes import LayerInfo, lower_integer_layers, weight_key
 
     rng = np.random.default_rng(0)
     w1 = (rng.choice([-1, 1], (8, 6)) * 2.0 ** rng.integers(0, 8, (8, 6))).astype(np.float32)  # 8 magnitudes
@@ -160,7 +160,7 @@ def test_lower_picks_pow2_kernel_by_format_and_by_value() -> None:
     w2 = np.array([[1, -1, 0, 1]] * 6, np.float32)                                  # ternary (N = 6)
     params = {"w1": w1, "s1": np.ones(6), "b1": np.zeros(6), "w2": w2, "s2": np.ones(4), "b2": np.zeros(4)}
     # without layer infos: ternary is tried first (w2), power-of-two second (w1)
-    _, report = lower_ternary(_bind(TwoLinear, params))
+    _, report = lower_integer_layers(_bind(TwoLinear, params))
     assert report.lowered == ["linear 'acc'", "linear 'acc2'"]
     assert report.kernels == {"linear 'acc'": "pow2", "linear 'acc2'": "ternary"}
     assert "1 power-of-two, 1 grouped-ternary" in report.text() or "1 grouped-ternary, 1 power-of-two" in report.text()
@@ -168,9 +168,9 @@ def test_lower_picks_pow2_kernel_by_format_and_by_value() -> None:
     bad = w1.copy()
     bad[1, 1] = 3
     infos = {weight_key(bad.T): LayerInfo("fc1", 0, "pow2"), weight_key(w2.T): LayerInfo("fc2", 6, "ternary")}
-    after, report = lower_ternary(_bind(TwoLinear, dict(params, w1=bad)), infos)
+    after, report = lower_integer_layers(_bind(TwoLinear, dict(params, w1=bad)), infos)
     assert [n for n, _ in report.fallback] == ["fc1"] and "not power-of-two" in report.fallback[0][1]
     assert report.kernels == {"fc2": "ternary"}
     infos = {weight_key(w1.T): LayerInfo("fc1", 0, "int3")}
-    _, report = lower_ternary(_bind(TwoLinear, params), infos)
+    _, report = lower_integer_layers(_bind(TwoLinear, params), infos)
     assert report.fallback[0][0] == "fc1" and "no integer kernel for weight format 'int3'" in report.fallback[0][1]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from tvm_lowbit.errors import CompileError
-from tvm_lowbit.passes.ternary import LoweringReport
+from tvm_lowbit.passes.report import LoweringReport
 from tvm_lowbit.targets import TargetSpec, load_target
 
 
@@ -45,7 +45,7 @@ class Artifact:
             self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
         return self._vm
 
-    def _check(self, x: np.ndarray) -> np.ndarray:
+    def check_input(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=self.input_dtype)
         if tuple(x.shape) != tuple(self.input_shape):
             raise ValueError(f"input shape {tuple(x.shape)} does not match the compiled shape {self.input_shape}; "
@@ -55,7 +55,7 @@ class Artifact:
     def run_all(self, x: np.ndarray) -> list[np.ndarray]:
         import tvm
 
-        out = self._machine()["main"](tvm.runtime.tensor(self._check(x)))
+        out = self._machine()["main"](tvm.runtime.tensor(self.check_input(x)))
         if hasattr(out, "numpy"):
             return [out.numpy()]
         return [o.numpy() for o in out]
@@ -68,7 +68,7 @@ class Artifact:
         import tvm
 
         vm = self._machine()
-        vm.set_input("main", tvm.runtime.tensor(self._check(x)))
+        vm.set_input("main", tvm.runtime.tensor(self.check_input(x)))
         timer = vm.time_evaluator("invoke_stateful", tvm.cpu(), number=1, repeat=max(repeat, 1), min_repeat_ms=0)
         res = timer("main")
         return float(np.median(np.asarray(res.results)) * 1e3)

@@ -1,11 +1,11 @@
 """``tvm_lowbit.compile``: a quantized model -> Relax -> integer kernels -> a runnable, exportable artifact.
 
-Pipeline (printable with ``pipeline_description()``) of the CPU backend (``tvm_lowbit.backends.cpu``):
+Pipeline of the CPU backend (``tvm_lowbit.backends.cpu``), printed by ``pipeline_description()``:
   1. import: ``torch.export`` + ``from_exported_program`` (weights bound as constants), or ONNX
-  2. ``FoldRequantize``: drop re-quantizers that reproduce their input codes exactly (PACT exports)
-  3. ``LowerTernary``: fake-quant layers -> grouped-ternary kernels over packed 2-bit weights
-  4. ``ApplyKernelSchedules``: the kernels' default schedule for the target
-  5. ``tvm.compile`` (Relax default pipeline: legalize the float ops, fuse, lower, build)
+  2. ``tvm_lowbit.passes.lowering_pipeline``, one ``tvm.transform.Sequential``: canonicalize, fold constants,
+     ``FoldRequantize``, ``LowerIntegerLayers`` (fake-quant layers -> the integer kernels the kernel registry
+     picks for the target), a tuned database if one applies, ``ApplyKernelSchedules``
+  3. ``tvm.compile`` (Relax default pipeline: legalize the float ops, fuse, lower, build)
 
 The target's backend (``tvm_lowbit.backends.backend_for``, chosen by the target file's ``"kind"``) does the
 work: the CPU one above, or the VTA one (``tvm_lowbit.vta.compile``). This module is the public entry:
@@ -29,18 +29,23 @@ from tvm_lowbit.backends import backend_for
 from tvm_lowbit.backends.base import Schedules
 from tvm_lowbit.errors import CompileError
 from tvm_lowbit.importer import import_exported, import_torch, layer_infos
-from tvm_lowbit.passes.ternary import LayerInfo
+from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.targets import TargetSpec, load_target
 
-__all__ = ["PIPELINE", "Artifact", "CompileError", "build", "compile", "compile_saved", "import_exported",
+__all__ = ["Artifact", "CompileError", "build", "compile", "compile_saved", "import_exported",
            "import_torch", "layer_infos", "load_artifact", "load_saved", "pipeline_description", "save_quantized"]
 
-PIPELINE = ["import (torch.export / ONNX) -> Relax", "FoldConstant", "FoldRequantize", "LowerTernary",
-            "ApplyKernelSchedules", "tvm.compile (Relax default pipeline)"]
+IMPORT_STEP = "import (torch.export / ONNX) -> Relax"
+BUILD_STEP = "tvm.compile (Relax default pipeline)"
 
 
-def pipeline_description() -> str:
-    return " -> ".join(PIPELINE)
+def pipeline_description(target: str | TargetSpec = "x86-host") -> str:
+    """The passes ``compile`` runs for a CPU ``target``, by name (the lowering is
+    ``tvm_lowbit.passes.lowering_pipeline``; print that object for every pass's options)."""
+    from tvm_lowbit.passes.pipeline import lowering_pipeline  # imports TVM: only when asked
+
+    names = [p.info.name for p in lowering_pipeline(load_target(target).tvm_target()).passes]
+    return " -> ".join([IMPORT_STEP, *names, BUILD_STEP])
 
 
 def build(mod: Any, target: str | TargetSpec, infos: dict[str, LayerInfo] | None, input_shape: tuple[int, ...],

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tvm_lowbit.errors import CompileError
-from tvm_lowbit.passes.ternary import LayerInfo, weight_key
+from tvm_lowbit.passes.layer_info import LayerInfo, weight_key
 from tvm_lowbit.quantizers.layers import quant_layers
 
 

@@ -9,7 +9,7 @@ There is no PyTorch module to hook, so the same FGQ configuration is applied to 
 3. batch norm is already folded into the weights by ONNX exporters, so "batch-norm re-estimation"
    becomes moment matching of each quantized conv's per-channel output mean and variance to the
    float model's (mean only for matmul), which is what re-estimated statistics of a following BN do;
-4. each layer is rewritten into the fake-quant chain that ``LowerTernary`` lowers (quantize ->
+4. each layer is rewritten into the fake-quant chain that ``LowerIntegerLayers`` lowers (quantize ->
    integer op on ``w_int`` -> ``qmath`` epilogue), so the rest of the pipeline is shared.
 
 Layers are named ``conv2d.0``, ``matmul.3``, ... in graph order, for reports and for ``overrides``.
@@ -112,7 +112,7 @@ def _return_vars(mod: Any, vars_: list[Any]) -> Any:
 
 
 def _rewrite(mod: Any, plan: dict[str, dict[str, Any]], found: list[_Found]) -> Any:
-    """Replace each planned layer (op + bias add) by the fake-quant chain that LowerTernary matches."""
+    """Replace each planned layer (op + bias add) by the fake-quant chain that LowerIntegerLayers matches."""
     from tvm import relax
 
     by_out = {f.out_var.name: f for f in found if f.name in plan}

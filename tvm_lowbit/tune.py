@@ -1,7 +1,7 @@
 """Autotuning with MetaSchedule: every task of a compiled model, an XGBoost cost model, and a standard
 MetaSchedule JSON database per target under ``tvm_lowbit/schedules/<target>/`` that ``compile`` applies.
 
-* Tasks: the Relax module is lowered (``LowerTernary``), the low-bit kernels are kept whole (opaque), and
+* Tasks: the Relax module is lowered (``passes.lower_integer_layers``), the low-bit kernels are kept whole (opaque), and
   Relax's "zero" pipeline fuses the float ops; ``extract_tasks`` then gives one task per distinct PrimFunc.
   The low-bit kernels get a kernel-specific design space (their default schedule with the register tile
   sampled); the float ops get MetaSchedule's generic CPU space.
@@ -126,12 +126,11 @@ def _parse_files(directory: Path, report: LoadReport) -> tuple[list[Any], list[t
     """Valid workloads and (workload index, record) pairs; bad lines go into ``report.bad_lines``."""
     from tvm.s_tir import meta_schedule as ms
 
-    from tvm_lowbit.kernels import avx2, sdot
+    from tvm_lowbit import kernels
 
     # a record's trace names the tensor intrinsics it tensorized with: ours must be registered before
     # the records are parsed, or every tensorized record would read as damaged
-    avx2.register()
-    sdot.register()
+    kernels.register_intrinsics()
 
     workloads: list[Any] = []
     valid: dict[int, int] = {}  # record files index workloads by their non-empty line number
@@ -333,7 +332,7 @@ def kernel_space(kind: str, target: Any) -> Any:
     """The kernel's default schedule with its register-tile factors sampled, plus an unroll knob."""
     from tvm.s_tir import meta_schedule as ms
 
-    from tvm_lowbit.kernels.ternary import schedule_kernel
+    from tvm_lowbit.kernels import schedule_kernel
 
     def space(sch: Any) -> None:
         def pick(cands: list[int]) -> Any:  # the default (first) candidate gets half the probability
@@ -451,14 +450,14 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
     from tvm.s_tir import meta_schedule as ms
 
     from tvm_lowbit.importer import strip_single_tuple
-    from tvm_lowbit.passes import lower_ternary
+    from tvm_lowbit.passes import lower_integer_layers
     from tvm_lowbit.targets import load_target
 
     t0 = time.time()
     spec = load_target(target)
     tgt = spec.tvm_target()
     # the lowering passes, as the CPU backend's build runs them (tvm_lowbit.backends.cpu.build)
-    mod = strip_single_tuple(lower_ternary(mod, infos, target=tgt)[0])
+    mod = strip_single_tuple(lower_integer_layers(mod, infos, target=tgt)[0])
     directory = Path(work_dir) if work_dir is not None else SCHEDULES_DIR / spec.name
     if not spec.is_host and boards is None:
         raise TuneError(f"target {spec.name} runs on a board: pass boards=RPCBoards(tracker_host, tracker_port, key) "

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tvm_lowbit.artifact import Artifact
-from tvm_lowbit.passes.ternary import LayerInfo
+from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.quantizers.api import quantize
 from tvm_lowbit.targets import TargetSpec
 

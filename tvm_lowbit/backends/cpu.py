@@ -17,8 +17,9 @@ from tvm_lowbit.artifact import Artifact
 from tvm_lowbit.backends.base import Backend, Schedules
 from tvm_lowbit.errors import CompileError
 from tvm_lowbit.importer import import_torch, layer_infos, strip_single_tuple
-from tvm_lowbit.passes import apply_default_schedules, lower_ternary
-from tvm_lowbit.passes.ternary import LayerInfo
+from tvm_lowbit.passes.pipeline import lowering_pipeline
+from tvm_lowbit.passes.report import LoweringReport
+from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.targets import TargetSpec
 
 
@@ -65,25 +66,36 @@ def build(mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None, input_
 
     t0 = time.time()
     tgt = spec.tvm_target()
-    # the lowering passes, one call: fake-quant layers -> integer kernels (apply_default_schedules below gives the
-    # kernels without a tuned record their default schedule)
-    mod, report = lower_ternary(mod, infos, expose_acc=expose_acc, target=tgt)
-    if not expose_acc:
-        mod = strip_single_tuple(mod)
-    weight_bytes = constants_bytes(mod["main"])
+    report = LoweringReport()
     tuning = None
     db_dir = schedules_dir(spec, schedules, verbose)
-    if db_dir is not None:  # tuned schedules first; the kernels without a record get their default below
+
+    def apply_tuned(m: Any, _ctx: Any) -> Any:
+        """Tuned schedules first; the kernels without a record get their default in the next pass."""
+        nonlocal tuning
         try:
-            mod, tuning = tune.apply_database(mod, tgt, db_dir)
+            m, tuning = tune.apply_database(m, tgt, db_dir)
         except Exception as e:  # noqa: BLE001 - a database problem must not stop a build that works without it
             if schedules not in (None, True):
                 raise CompileError(f"cannot apply the tuning database {db_dir}: {type(e).__name__}: {e}") from e
             print(f"warning: tuned schedules in {db_dir} not applied ({type(e).__name__}: {e}); "
                   "default schedules used", file=sys.stderr)
-        if verbose and tuning is not None:
-            print(tuning.text())
-    mod = apply_default_schedules(mod, tgt)
+        return m
+
+    tuned = [] if db_dir is None else [tvm.transform.module_pass(apply_tuned, opt_level=0,
+                                                                 name="tvm_lowbit.ApplyTuningDatabase")]
+    pipeline = lowering_pipeline(tgt, infos, expose_acc=expose_acc, report=report, schedule_passes=tuned)
+    try:
+        mod = pipeline(mod)
+    except tvm.error.TVMError as e:  # a CompileError raised inside a pass arrives wrapped
+        if isinstance(e.__cause__, CompileError):
+            raise e.__cause__ from None
+        raise
+    if verbose and tuning is not None:
+        print(tuning.text())
+    if not expose_acc:
+        mod = strip_single_tuple(mod)
+    weight_bytes = constants_bytes(mod["main"])
     try:
         ex = tvm.compile(mod, target=tgt)
     except Exception as e:

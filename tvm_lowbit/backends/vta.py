@@ -11,7 +11,7 @@ from torch import nn
 
 from tvm_lowbit.backends.base import Backend, Schedules
 from tvm_lowbit.errors import CompileError
-from tvm_lowbit.passes.ternary import LayerInfo
+from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.targets import TargetSpec
 from tvm_lowbit.tune import TuneError
 from tvm_lowbit.vta.compile import VTAArtifact, compile_for_cli, compile_vta

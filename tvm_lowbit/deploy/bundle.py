@@ -136,7 +136,7 @@ def export_bundle(art: Any, directory: str | os.PathLike[str], example: np.ndarr
         raise BundleError(f"bundles are for aarch64 boards (rasp4b, rasp5); {art.target.name} is {art.target.arch}, "
                           "and TVM publishes no runtime wheel for it: use `tvm-lowbit compile` and build the TVM "
                           "runtime on the board")
-    x = art._check(example)
+    x = art.check_input(example)
     kit = runtime_kit()
     out = Path(directory)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -313,7 +313,7 @@ def deploy_artifact(art: Any, x: np.ndarray, board: Board, *, host_output: np.nd
     """Export ``art`` (a ``tvm_lowbit.artifact.Artifact`` built for the board's target), run it remotely,
     compare with ``host_output`` if given."""
     key = board.key or art.target.name
-    x = art._check(x)
+    x = art.check_input(x)
     with tempfile.TemporaryDirectory(prefix="tvm-lowbit-deploy-") as tmp:
         out = art.export(Path(tmp) / "artifact")
         lib = out / f"{art.target.name}_model.so"

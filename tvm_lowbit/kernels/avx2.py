@@ -41,7 +41,7 @@ from tvm_lowbit.kernels.ternary import ternary_operands
 
 AVX2_DOT_8x4_INTRIN = "tvm_lowbit_dot_8x4_u8i8s32_avx2"
 # the dense kernels decode the whole weight to int8 on every call (the ``w_int`` stage), a cost that only
-# enough activation rows amortize: below this many rows LowerTernary keeps a dense layer on the default
+# enough activation rows amortize: below this many rows LowerIntegerLayers keeps a dense layer on the default
 # kernel (or the LUT one), measured with scripts/bench_gemm.py --shapes
 DENSE_MIN_ROWS = 16
 

@@ -19,8 +19,6 @@ from tvm_lowbit.kernels.common import (OutMode, check_mode, conv_dims, conv_with
                                        dense_dims, dense_with_epilogue)
 from tvm_lowbit.kernels.generic import conv2d_schedule, dense_schedule
 from tvm_lowbit.kernels.registry import GENERIC, Kernel, LayerSpec, Operands, register
-# re-exported for tvm_lowbit.tune (kernel_space) until it imports tvm_lowbit.kernels.schedule_kernel
-from tvm_lowbit.kernels.registry import schedule_kernel  # noqa: F401
 
 
 def expand_weight(codes: te.Tensor, alpha_q: te.Tensor, lay: qmath.GroupLayout) -> te.Tensor:

@@ -7,8 +7,6 @@
 * :mod:`.pipeline`: ``lowering_pipeline`` (the ``tvm.transform.Sequential`` compile runs) and ``run_pipeline``.
 """
 
-import tvm
-
 from tvm_lowbit.passes.apply_kernel_schedules import ApplyKernelSchedules, apply_default_schedules
 from tvm_lowbit.passes.fold_requantize import FoldRequantize, fold_requantize
 from tvm_lowbit.passes.layer_info import LayerInfo, weight_key
@@ -16,17 +14,6 @@ from tvm_lowbit.passes.lower_integer_layers import LowerIntegerLayers, lower_int
 from tvm_lowbit.passes.pipeline import lowering_passes, lowering_pipeline, run_pipeline
 from tvm_lowbit.passes.report import LoweringReport
 
-# the former names (tests, compiler.py and tune.py use them): the lowering without schedules, as a function
-lower_ternary = lower_integer_layers
-
-
-def LowerTernary(infos: dict[str, LayerInfo] | None = None,  # noqa: N802 - the former pass's name
-                 expose_acc: bool = False) -> tvm.transform.Pass:
-    """The lowering without schedules (no target: generic kernels) as one pass."""
-    return tvm.transform.Sequential(lowering_passes(None, infos, expose_acc=expose_acc), opt_level=0,
-                                    name="tvm_lowbit.LowerTernary")
-
-
-__all__ = ["ApplyKernelSchedules", "FoldRequantize", "LayerInfo", "LowerIntegerLayers", "LowerTernary",
-           "LoweringReport", "apply_default_schedules", "fold_requantize", "lower_integer_layers", "lower_layers",
-           "lower_ternary", "lowering_passes", "lowering_pipeline", "run_pipeline", "weight_key"]
+__all__ = ["ApplyKernelSchedules", "FoldRequantize", "LayerInfo", "LowerIntegerLayers", "LoweringReport",
+           "apply_default_schedules", "fold_requantize", "lower_integer_layers", "lower_layers", "lowering_passes",
+           "lowering_pipeline", "run_pipeline", "weight_key"]
