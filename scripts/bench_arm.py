@@ -72,6 +72,7 @@ FIELDS = ("model", "variant", "target", "model_insns", "ratio_vs_fp32", "ratio_v
           "calibration")
 POW2_CHECKPOINT = Path(__file__).resolve().parent.parent / "tvm_lowbit" / "zoo" / "retrained" / "inq-b5.pt"
 FLOOR = 0.5
+ORT_JITTER = 1000  # instructions the 1-inference ORT count may vary between identical runs (seen: 30)
 ORT_REL_TOLERANCE = 0.05  # int8 kernels round differently on aarch64 and x86: a loose check of the same model
 
 
@@ -160,17 +161,17 @@ def measure(run: Callable[[str], None], folder: Path, tag: str, match: str) -> C
                  read_blocks(blocks))
 
 
-def per_inference(run: Callable[[str, int], None], folder: Path, match: str, cpu: str, k: int,
-                  what: str) -> tuple[int, dict[str, int], int, int]:
+def per_inference(run: Callable[[str, int], None], folder: Path, match: str, cpu: str, k: int, what: str,
+                  jitter: int = 0) -> tuple[int, dict[str, int], int, int]:
     """(instructions, instructions by class, estimated cycles, unmodelled instructions) per inference:
-    (count(1 + K) - count(1)) / K, with count(1) taken twice and required to repeat. The cycle estimate weighs
-    each block by its executions in the K extra inferences, so blocks of loading and the first call (which
-    cancel) are never timed."""
+    (count(1 + K) - count(1)) / K, with count(1) taken twice and required to repeat within ``jitter``
+    instructions. The cycle estimate weighs each block by its executions in the K extra inferences, so blocks
+    of loading and the first call (which cancel) are never timed."""
     once = measure(lambda p: run(p, 1), folder, "1a", match)
     again = measure(lambda p: run(p, 1), folder, "1b", match)
-    if once.insns != again.insns:
+    if abs(once.insns - again.insns) > jitter:
         raise SystemExit(f"bench_arm: {what}: instruction counts differ between two identical runs ({once.insns} vs "
-                         f"{again.insns}); is the run single-threaded?")
+                         f"{again.insns}, more than {jitter}); is the run single-threaded?")
     more = measure(lambda p: run(p, 1 + k), folder, "k", match)
     classes = {c: (more.classes[c] - once.classes[c]) // k for c in CLASSES}
     extra = {b: n - once.blocks.get(b, 0) for b, n in more.blocks.items()}
@@ -249,8 +250,10 @@ def bench_ort(variant: str, bench: Bench, onnx_file: Path, targets: list[str], k
         if diff > ORT_REL_TOLERANCE * max(float(np.abs(host_out).max()), 1.0):
             raise SystemExit(f"bench_arm: {bench.name} {variant} on {target}: the board's onnxruntime output differs "
                              f"from the host's by {diff:.4g}")
+        # the 1-inference ORT count can vary by a few dozen instructions between identical runs (seen: 30 of
+        # 67 M for resnet20 fp32; source not found): allowed, it is at most ORT_JITTER / K per inference
         insns, classes, cycles, unmodelled = per_inference(run, folder, ORT_LIBRARY, cpu, k,
-                                                           f"{bench.name} {variant} on {target}")
+                                                           f"{bench.name} {variant} on {target}", ORT_JITTER)
         rows.append(row(bench, variant, target, ORT_LIBRARY.strip("/") + ".so", insns, classes, cycles, unmodelled))
         print(f"{bench.name:12s} {variant:10s} {target:7s} (-cpu {cpu}): {insns:,d} instructions, {cycles:,d} est. "
               f"cycles per inference in onnxruntime; max |board - host| {diff:.3g} "
