@@ -96,7 +96,7 @@ def test_core_mapping() -> None:
 @pytest.mark.parametrize("cpu, resource", [("cortex-a72", "A57Unit"), ("cortex-a76", "N1Unit")])
 def test_llvm_models_are_the_documented_ones(cpu: str, resource: str) -> None:
     """-mcpu=cortex-a72 is LLVM's A57 model; our A76 stand-in is the Neoverse N1 model."""
-    r = subprocess.run([mca._tool("llvm-mca"), "-mtriple=aarch64", f"-mcpu={mca.core(cpu).mcpu}", "--json"],
+    r = subprocess.run([mca.llvm_tool("llvm-mca"), "-mtriple=aarch64", f"-mcpu={mca.core(cpu).mcpu}", "--json"],
                        input="add x0, x0, x1\n", capture_output=True, text=True, check=True)
     assert all(name.startswith(resource) for name in json.loads(r.stdout)["TargetInfo"]["Resources"])
 

@@ -81,8 +81,9 @@ class Estimate:
     blocks: int  # distinct blocks
 
 
-def _tool(name: str) -> str:
-    """The newest installed LLVM tool ``name`` (llvm-mca-19 before llvm-mca-14 before plain llvm-mca)."""
+def llvm_tool(name: str) -> str:
+    """The newest installed versioned LLVM tool ``name``, LLVM 16 or later (the first with the Neoverse N1
+    model), e.g. ``llvm-mca-19``."""
     for version in range(30, 15, -1):
         path = shutil.which(f"{name}-{version}")
         if path:
@@ -92,7 +93,7 @@ def _tool(name: str) -> str:
 
 
 def llvm_version() -> str:
-    out = subprocess.run([_tool("llvm-mca"), "--version"], capture_output=True, text=True).stdout
+    out = subprocess.run([llvm_tool("llvm-mca"), "--version"], capture_output=True, text=True).stdout
     m = re.search(r"LLVM version (\S+)", out)
     return m.group(1) if m else "unknown"
 
@@ -119,7 +120,7 @@ def disassemble(words: Iterable[int]) -> dict[int, str | None]:
     if not unique:
         return {}
     text = "\n".join(" ".join(f"0x{(w >> s) & 0xff:02x}" for s in (0, 8, 16, 24)) for w in unique) + "\n"
-    r = subprocess.run([_tool("llvm-mc"), "--disassemble", "-triple=aarch64", f"-mattr={MATTR}"], input=text,
+    r = subprocess.run([llvm_tool("llvm-mc"), "--disassemble", "-triple=aarch64", f"-mattr={MATTR}"], input=text,
                        capture_output=True, text=True)
     bad = {int(m.group(1)) - 1 for m in re.finditer(r"<stdin>:(\d+):\d+: warning: invalid instruction", r.stderr)}
     lines = [ln.strip() for ln in r.stdout.splitlines() if ln.strip() and not ln.strip().startswith(".")]
@@ -140,7 +141,7 @@ def _mca_regions(asm_blocks: list[list[str]], mcpu: str, iterations: int) -> lis
     with tempfile.NamedTemporaryFile("w", suffix=".s", delete=False) as f:
         f.write("\n".join(src) + "\n")
     try:
-        r = subprocess.run([_tool("llvm-mca"), "-mtriple=aarch64", f"-mcpu={mcpu}", f"-mattr={MATTR}",
+        r = subprocess.run([llvm_tool("llvm-mca"), "-mtriple=aarch64", f"-mcpu={mcpu}", f"-mattr={MATTR}",
                             f"-iterations={iterations}", "--skip-unsupported-instructions=any", "--json",
                             "-all-views=false", "-summary-view", f.name], capture_output=True, text=True)
     finally:
