@@ -39,7 +39,7 @@ def _mca_ready() -> bool:
 
 needs_board = pytest.mark.skipif(not _board_ready() or not shutil.which("aarch64-linux-gnu-gcc"),
                                  reason="the emulated board is not built (bash scripts/board/setup.sh)")
-needs_mca = pytest.mark.skipif(not _mca_ready(), reason="llvm-mca >= 16 is not installed (scripts/board/setup.sh)")
+needs_mca = pytest.mark.skipif(not _mca_ready(), reason="llvm-mca >= 17 is not installed (scripts/board/setup.sh)")
 
 
 def _loop_program(tmp: Path, body: list[str], name: str) -> Path:
