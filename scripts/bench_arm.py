@@ -125,13 +125,19 @@ def tvm_model(variant: str, bench: Bench) -> nn.Module:
 
 
 def export_onnx(bench: Bench, directory: Path) -> tuple[Path, Path]:
-    """(fp32 .onnx, int8 QDQ .onnx) of the float model: the legacy exporter folds BatchNorm into the convs;
-    quantize_static: QDQ, per-channel int8 weights, int8 activations, MinMax calibration on bench.calib."""
+    """(fp32 .onnx, int8 QDQ .onnx) of the float model. The legacy exporter folds BatchNorm into the convs;
+    onnxruntime's quant_pre_process (its recommended step before quantization) folds constants and drops the
+    Identity nodes the exporter leaves on some weights, without which ORT runs most quantized convs of
+    resnet18-224 as DequantizeLinear + float Conv; quantize_static: QDQ, per-channel int8 weights, int8
+    activations, MinMax calibration on bench.calib. Both rows run the pre-processed float model's files."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    raw = directory / f"{bench.name}-export.onnx"
     fp32, int8 = directory / f"{bench.name}-fp32.onnx", directory / f"{bench.name}-int8.onnx"
-    torch.onnx.export(bench.fp32.eval(), (torch.from_numpy(bench.x),), str(fp32), dynamo=False, opset_version=17,
+    torch.onnx.export(bench.fp32.eval(), (torch.from_numpy(bench.x),), str(raw), dynamo=False, opset_version=17,
                       input_names=["x"], output_names=["y"], do_constant_folding=True)
+    quant_pre_process(str(raw), str(fp32))
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -317,7 +323,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="CI: resnet20, tvm-fgq-n4 and ort-int8, K=1, 32 "
                     "calibration images")
     ap.add_argument("--json", type=Path, default=None, help="write {'rows': [...]} here")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="measure nothing: print the table of the rows in these --json files (a later file's row "
+                    "replaces an earlier one of the same model, variant and target), ratios recomputed")
     args = ap.parse_args()
+    if args.merge:
+        merged: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for f in args.merge:
+            for r in json.loads(f.read_text())["rows"]:
+                merged[(r["model"], r["variant"], r["target"])] = r
+        return report(list(merged.values()), args.json)
     if args.quick:
         args.models, args.variants, args.runs, args.calib = "resnet20", "tvm-fgq-n4,ort-int8", 1, 32
     models, targets, variants = args.models.split(","), args.targets.split(","), args.variants.split(",")
@@ -356,11 +371,16 @@ def main() -> int:
                     rows += bench_ort(variant, bench, onnx_files[variant == "ort-int8"], targets, args.runs, tmp)
                 else:
                     rows += bench_tvm(variant, bench, targets, args.runs, tmp)
+    return report(rows, args.json)
+
+
+def report(rows: list[dict[str, Any]], json_path: Path | None) -> int:
+    """Ratios, the tables, the --json file and the floor check."""
     add_ratios(rows)
     print_tables(rows)
-    if args.json:
-        args.json.write_text(json.dumps({"rows": [{k: r.get(k) for k in FIELDS} for r in rows]}, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    if json_path:
+        json_path.write_text(json.dumps({"rows": [{k: r.get(k) for k in FIELDS} for r in rows]}, indent=2) + "\n")
+        print(f"wrote {json_path}")
     floor = [r for r in rows if r["model"] == "resnet20" and r["variant"] == "tvm-fgq-n4" and r["target"] == "rasp4b"
              and r["ratio_vs_fp32"]]
     for r in floor:
