@@ -57,8 +57,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tvm_lowbit.cost import CostError, estimate, read_blocks  # noqa: E402
-from tvm_lowbit.cost.mca import Block  # noqa: E402
+from tvm_lowbit.cost import Block, CostError, estimate, read_blocks  # noqa: E402
 from tvm_lowbit.cost import core as cost_core  # noqa: E402
 from tvm_lowbit.deploy.board import ORT_LIBRARY, BoardError, icount_plugin, qemu_cpu, require_ort, run_ort  # noqa: E402
 

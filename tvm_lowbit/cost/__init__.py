@@ -1,6 +1,7 @@
 """Cost models for code that runs on the emulated Raspberry Pi boards: ``mca`` estimates a Pi core's cycles
 from the blocks the board's TCG plugin recorded, through llvm-mca's scheduling models."""
 
-from tvm_lowbit.cost.mca import CORES, Core, CostError, Estimate, core, estimate, estimate_file, read_blocks
+from tvm_lowbit.cost.mca import (CORES, Block, Core, CostError, Estimate, core, estimate, estimate_file,
+                                 read_blocks)
 
-__all__ = ["CORES", "Core", "CostError", "Estimate", "core", "estimate", "estimate_file", "read_blocks"]
+__all__ = ["CORES", "Block", "Core", "CostError", "Estimate", "core", "estimate", "estimate_file", "read_blocks"]
