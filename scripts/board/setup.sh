@@ -8,17 +8,23 @@
 #   sysroot/          Debian bookworm arm64 python3.11 + libstdc++ and their dependencies, unpacked from
 #                     Debian's .debs (no chroot, no binfmt_misc, no dpkg --add-architecture), plus the aarch64
 #                     apache-tvm runtime, apache-tvm-ffi and numpy wheels at the host venv's versions
-#   bin/python3       the board's Python: qemu-aarch64 -cpu $BOARD_CPU (default cortex-a72) over the sysroot
+#                     and the aarch64 onnxruntime wheel (the int8 runtime that bench_arm.py compares against)
+#   sysroot-<cpu>/    per emulated core (cortex-a72 = Pi 4, cortex-a76 = Pi 5): a hard-linked copy of sysroot/ with
+#                     the /proc/cpuinfo that Pi shows (qemu-user reads absolute paths under -L first; ONNX
+#                     Runtime's cpuinfo library segfaults on the host's x86 one and picks kernels by core part)
+#   bin/python3       the board's Python: qemu-aarch64 -cpu $BOARD_CPU (default cortex-a72) over its sysroot
 #   bin/board-exec    runs any aarch64 program on the board the same way
 #   bin/isa_check     aarch64 probe: hwcaps, and whether SDOT (dotprod) runs or raises SIGILL
 #   plugins/libicount.so  TCG plugin counting guest instructions per ELF file (scripts/board/src/icount.c)
 #   board.env         paths, for shell scripts
 # Every step is keyed on its inputs and skipped when they did not change. FORCE=1 rebuilds from scratch.
 # Root is needed only to apt-get install the host packages (qemu-user, the aarch64 cross toolchain, gcc and
-# dpkg-dev for the TCG plugin, whose header comes from the qemu source package).
+# dpkg-dev for the TCG plugin, whose header comes from the qemu source package, and llvm-19 for llvm-mca and
+# llvm-mc, which tvm_lowbit.cost uses for the cycle estimate: its Neoverse N1 model times the Pi 5's A76).
 #
 # Knobs: TVM_LOWBIT_BOARD_DIR, HOST_PYTHON (python with pip; default the repo .venv), BOARD_PY_EXTRA
-#        (more pinned board packages), DEBIAN_SOURCES (deb822 file naming the Debian mirror), FORCE.
+#        (more pinned board packages), ORT_VERSION (board onnxruntime; default the host venv's, else 1.32.0),
+#        DEBIAN_SOURCES (deb822 file naming the Debian mirror), FORCE.
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -32,7 +38,8 @@ BOARD_PY_EXTRA="${BOARD_PY_EXTRA:-psutil==7.2.2 cloudpickle==3.1.2}"
 FORCE="${FORCE:-0}"
 PYVER=3.11
 ARM64_DEBS="python$PYVER libstdc++6"
-HOST_PKGS=(qemu-user gcc libc6-dev dpkg-dev gcc-aarch64-linux-gnu g++-aarch64-linux-gnu ca-certificates)
+HOST_PKGS=(qemu-user gcc libc6-dev dpkg-dev gcc-aarch64-linux-gnu g++-aarch64-linux-gnu ca-certificates llvm-19)
+CPUS="cortex-a72 cortex-a76"
 
 SYSROOT="$BOARD_DIR/sysroot"
 SITE="$SYSROOT/usr/local/lib/python$PYVER/dist-packages"
@@ -148,8 +155,37 @@ print(" ".join(f"{p}=={v(p)}" for p in ("apache-tvm", "apache-tvm-ffi", "numpy")
     # a deployed board needs only the runtime; without the 240 MB compiler library `import tvm` is
     # runtime-only, which is 3-5x faster under emulation
     rm -rf "$SITE/tvm/lib/libtvm_compiler.so" "$SITE/tvm/3rdparty" "$SITE/bin" "$BOARD_DIR/pycache"
-    rm -f "$STAMPS/warmup"
+    rm -f "$STAMPS/warmup" "$STAMPS/board_ort"
     stamp_set board_pip "$key"
+    echo "$versions"
+}
+
+board_ort() {
+    local versions key
+    # ONNX Runtime at the host's version (the host quantizes the model with it), and its small pure-Python
+    # dependencies; numpy is there already
+    versions=$("$HOST_PYTHON" -c 'import sys
+from importlib.metadata import PackageNotFoundError, version
+def pin(p, fallback):
+    try:
+        return f"{p}=={version(p)}"
+    except PackageNotFoundError:
+        return fallback
+print(sys.argv[1] or pin("onnxruntime", "onnxruntime==1.32.0"), *(pin(p, p) for p in ("packaging", "flatbuffers", "protobuf")))' \
+        "${ORT_VERSION:+onnxruntime==$ORT_VERSION}")
+    key="$versions"
+    if stamp_ok board_ort "$key" && [ -d "$SITE/onnxruntime/capi" ]; then echo "installed"; return; fi
+    # shellcheck disable=SC2086
+    PIP_CACHE_DIR="$BOARD_DIR/cache/pip" "$HOST_PYTHON" -m pip install --no-input --disable-pip-version-check -q \
+        --target "$SITE" --upgrade --no-deps --only-binary=:all: --no-compile --platform manylinux_2_28_aarch64 \
+        --platform manylinux_2_27_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \
+        --python-version "$PYVER" --implementation cp --abi "cp${PYVER/./}" $versions 2>&1 \
+        | grep -v -e "is ignored: it is neither a file nor a directory" -e "Target directory .* already exists" >&2 \
+        || true
+    [ -d "$SITE/onnxruntime/capi" ] || die "pip did not install the aarch64 onnxruntime into $SITE"
+    rm -rf "$SITE/bin" "$BOARD_DIR/pycache"
+    rm -f "$STAMPS/warmup"
+    stamp_set board_ort "$key"
     echo "$versions"
 }
 
@@ -160,7 +196,10 @@ wrappers() {
 # Run an aarch64 program on the emulated board. BOARD_CPU: the qemu CPU model (cortex-a72 = Raspberry Pi 4,
 # cortex-a76 = Pi 5); never qemu's default "max", which runs instructions a real Pi lacks.
 # BOARD_QEMU_ARGS: more qemu options, e.g. "-plugin $BOARD_DIR/plugins/libicount.so,out=counts.json".
-exec qemu-aarch64 -cpu "\${BOARD_CPU:-cortex-a72}" -L "$SYSROOT" -U LD_PRELOAD -U LD_LIBRARY_PATH \${BOARD_QEMU_ARGS:-} "\$@"
+# The sysroot is that core's (sysroot-\$BOARD_CPU: the Pi's /proc/cpuinfo) when setup.sh built one.
+cpu="\${BOARD_CPU:-cortex-a72}"
+root="$SYSROOT-\$cpu"; [ -d "\$root" ] || root="$SYSROOT"
+exec qemu-aarch64 -cpu "\$cpu" -L "\$root" -U LD_PRELOAD -U LD_LIBRARY_PATH \${BOARD_QEMU_ARGS:-} "\$@"
 EOF
     cat > "$BOARD_DIR/bin/python3" <<EOF
 #!/bin/sh
@@ -170,8 +209,10 @@ EOF
 # bytecode must never be written next to the host's /usr/lib/python$PYVER.
 unset PYTHONHOME PYTHONPATH PYTHONSTARTUP PYTHONDONTWRITEBYTECODE PYTHONEXECUTABLE VIRTUAL_ENV
 export PYTHONNOUSERSITE=1 PYTHONPYCACHEPREFIX="$BOARD_DIR/pycache" TMPDIR="$BOARD_DIR/tmp"
-exec qemu-aarch64 -cpu "\${BOARD_CPU:-cortex-a72}" -L "$SYSROOT" -U LD_PRELOAD -U LD_LIBRARY_PATH \${BOARD_QEMU_ARGS:-} \\
-    -0 "$BOARD_DIR/bin/python3" "$SYSROOT/usr/bin/python$PYVER" "\$@"
+cpu="\${BOARD_CPU:-cortex-a72}"
+root="$SYSROOT-\$cpu"; [ -d "\$root" ] || root="$SYSROOT"
+exec qemu-aarch64 -cpu "\$cpu" -L "\$root" -U LD_PRELOAD -U LD_LIBRARY_PATH \${BOARD_QEMU_ARGS:-} \\
+    -0 "$BOARD_DIR/bin/python3" "\$root/usr/bin/python$PYVER" "\$@"
 EOF
     chmod +x "$BOARD_DIR/bin/board-exec" "$BOARD_DIR/bin/python3"
     cat > "$BOARD_DIR/board.env" <<EOF
@@ -218,16 +259,58 @@ isa_check() {
     echo "bin/isa_check"
 }
 
+cpuinfo() {  # cpuinfo CPU: what /proc/cpuinfo shows on the Pi with that core, with the emulated core's hwcaps
+    local cpu=$1 variant part revision model features i
+    case "$cpu" in
+        cortex-a72) variant=0x0 part=0xd08 revision=3 model="Raspberry Pi 4 Model B" ;;   # BCM2711, A72 r0p3
+        cortex-a76) variant=0x4 part=0xd0b revision=1 model="Raspberry Pi 5 Model B" ;;   # BCM2712, A76 r4p1
+        *) die "no Raspberry Pi has a $cpu core" ;;
+    esac
+    features=$(BOARD_CPU=$cpu "$BOARD_DIR/bin/board-exec" "$BOARD_DIR/bin/isa_check" | sed -n 's/^hwcap: //p')
+    [ -n "$features" ] || die "isa_check printed no hwcaps under -cpu $cpu"
+    for i in 0 1 2 3; do
+        printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: %s\nCPU implementer\t: 0x41\n' "$i" "$features"
+        printf 'CPU architecture: 8\nCPU variant\t: %s\nCPU part\t: %s\nCPU revision\t: %s\n\n' "$variant" "$part" "$revision"
+    done
+    printf 'Model\t\t: %s\n' "$model"
+}
+
+cpu_sysroots() {
+    local key cpu root done_list=""
+    key="$(cat "$STAMPS/sysroot" "$STAMPS/board_pip" "$STAMPS/board_ort" 2>/dev/null | md5sum | cut -c1-12)"
+    key="$key|$(md5sum < "$HERE/setup.sh" | cut -c1-12)|$(md5sum < "$HERE/src/isa_check.c" | cut -c1-12)"
+    if stamp_ok cpu_sysroots "$key" && [ -z "$(for cpu in $CPUS; do [ -f "$SYSROOT-$cpu/proc/cpuinfo" ] || echo "$cpu"; done)" ]
+    then
+        echo "up to date"; return
+    fi
+    for cpu in $CPUS; do
+        root="$SYSROOT-$cpu"
+        rm -rf "$root" "$root.tmp"
+        # hard links: the copy costs no space; the board's files are never written in place
+        cp -al "$SYSROOT" "$root.tmp"
+        mkdir -p "$root.tmp/proc"
+        cpuinfo "$cpu" > "$root.tmp/proc/cpuinfo"
+        mv "$root.tmp" "$root"
+        done_list="$done_list $cpu"
+    done
+    rm -f "$STAMPS/warmup"
+    stamp_set cpu_sysroots "$key"
+    echo "sysroot-{${done_list# }} with a Pi /proc/cpuinfo"
+}
+
 warmup() {
     local key out
-    key=$(cat "$STAMPS/board_pip")
+    key=$(cat "$STAMPS/board_pip" "$STAMPS/board_ort" "$STAMPS/cpu_sysroots")
     if stamp_ok warmup "$key" && [ -d "$BOARD_DIR/pycache" ]; then echo "warm"; return; fi
-    # the first import compiles ~600 modules to bytecode (BOARD_DIR/pycache); every board start reuses it
-    out=$("$BOARD_DIR/bin/python3" -c '
-import platform, numpy, tvm, tvm.rpc, tvm.runtime.vm, tvm.exec.rpc_server, tvm.exec.popen_worker
-print(platform.machine(), "python", platform.python_version(), "tvm", tvm.__version__, "numpy", numpy.__version__)') \
-        || die "the board Python cannot import tvm"
-    [ "${out%% *}" = aarch64 ] || die "the board Python reports '$out', expected aarch64"
+    # the first import compiles ~600 modules to bytecode (BOARD_DIR/pycache); every board start reuses it.
+    # Each core's sysroot has its own paths, so each is warmed; onnxruntime must import (no cpuinfo crash).
+    for cpu in $CPUS; do
+        out=$(BOARD_CPU=$cpu ORT_DISABLE_TELEMETRY=1 "$BOARD_DIR/bin/python3" -c '
+import platform, numpy, tvm, tvm.rpc, tvm.runtime.vm, tvm.exec.rpc_server, tvm.exec.popen_worker, onnxruntime
+print(platform.machine(), "python", platform.python_version(), "tvm", tvm.__version__, "numpy", numpy.__version__,
+      "onnxruntime", onnxruntime.__version__)') || die "the board Python cannot import tvm and onnxruntime on $cpu"
+        [ "${out%% *}" = aarch64 ] || die "the board Python reports '$out', expected aarch64"
+    done
     stamp_set warmup "$key"
     echo "$out"
 }
@@ -245,9 +328,11 @@ main() {
     step arm64-debs arm64_debs
     step sysroot sysroot
     step board-python board_pip
+    step board-ort board_ort
     step wrappers wrappers
     step plugins plugins
     step isa-check isa_check
+    step cpu-sysroots cpu_sysroots
     step warm-up warmup
     log "board ready in $BOARD_DIR ($(du -sh "$BOARD_DIR" | cut -f1), setup $(( $(date +%s) - t0 )) s); start it with:"
     log "  $HOST_PYTHON scripts/board/board.py start"

@@ -362,3 +362,43 @@ def icount_plugin() -> Path:
     if not p.is_file():
         raise BoardError(f"{p} is missing: run scripts/board/setup.sh")
     return p
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX Runtime on the board (cross-installed by setup.sh), for the int8 baseline
+# --------------------------------------------------------------------------------------------
+
+ORT_RUN = REPO / "scripts" / "board" / "src" / "ort_run.py"
+# the ORT library whose instructions are counted: the pybind module links ORT and its MLAS kernels statically
+ORT_LIBRARY = "/onnxruntime_pybind11_state"
+# what repeatable counts of the board Python need (shared/board/ORT.md): no telemetry thread, one numpy thread,
+# a fixed string hash
+ORT_ENV = {"ORT_DISABLE_TELEMETRY": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def require_ort(cpu: str) -> Path:
+    """The core's sysroot, checked to have onnxruntime and the Pi's /proc/cpuinfo (setup.sh builds both)."""
+    root = require_board() / f"sysroot-{cpu}"
+    site = root / "usr" / "local" / "lib" / "python3.11" / "dist-packages"
+    if not (root / "proc" / "cpuinfo").is_file() or not (site / "onnxruntime" / "capi").is_dir():
+        raise BoardError(f"{root} has no onnxruntime or no Pi /proc/cpuinfo: re-run `bash "
+                         f"{REPO / 'scripts/board/setup.sh'}` (it cross-installs onnxruntime per emulated core)")
+    return root
+
+
+def run_ort(model: str | os.PathLike[str], x_path: str | os.PathLike[str], shape: tuple[int, ...], out_path: str |
+            os.PathLike[str], cpu: str, runs: int, *, plugin: str | None = None,
+            timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    """Run an ONNX model ``runs`` times with ONNX Runtime (one thread) in the board's Python under ``-cpu cpu``.
+    Every argument has the same length whatever ``runs`` is (up to 999), so counts of two runs differ only by
+    the inferences."""
+    require_ort(cpu)
+    if not 0 < runs < 1000:
+        raise BoardError(f"runs must be 1..999, not {runs}")
+    env = {**os.environ, **ORT_ENV, "BOARD_CPU": cpu, "BOARD_QEMU_ARGS": f"-plugin {plugin}" if plugin else ""}
+    argv = [str(require_board() / "bin" / "python3"), str(ORT_RUN), str(model), str(x_path),
+            "x".join(map(str, shape)), f"{runs:03d}", str(out_path)]
+    try:
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise BoardError(f"onnxruntime did not finish {runs} run(s) of {model} on -cpu {cpu} in {timeout:.0f} s") from e

@@ -26,17 +26,19 @@ __attribute__((target("arch=armv8.2-a+dotprod"), noinline)) static int sdot_lane
 
 int main(void)
 {
-    static const struct { const char *name; unsigned long bit; } features[] = {
-        {"fp", 1UL << 0},      {"asimd", 1UL << 1},   {"aes", 1UL << 3},     {"pmull", 1UL << 4},
-        {"sha1", 1UL << 5},    {"sha2", 1UL << 6},    {"crc32", 1UL << 7},   {"atomics", 1UL << 8},
-        {"fphp", 1UL << 9},    {"asimdhp", 1UL << 10}, {"asimddp", 1UL << 20}, {"sve", 1UL << 22},
+    /* the kernel's names for the AT_HWCAP bits (arch/arm64/include/uapi/asm/hwcap.h), in bit order */
+    static const char *const features[32] = {
+        "fp",     "asimd",   "evtstrm", "aes",     "pmull",   "sha1",  "sha2",   "crc32",
+        "atomics", "fphp",   "asimdhp", "cpuid",   "asimdrdm", "jscvt", "fcma",   "lrcpc",
+        "dcpop",  "sha3",    "sm3",     "sm4",     "asimddp", "sha512", "sve",    "asimdfhm",
+        "dit",    "uscat",   "ilrcpc",  "flagm",   "ssbs",    "sb",    "paca",   "pacg",
     };
     unsigned long hwcap = getauxval(AT_HWCAP);
 
     printf("hwcap:");
-    for (unsigned i = 0; i < sizeof(features) / sizeof(features[0]); i++) {
-        if (hwcap & features[i].bit) {
-            printf(" %s", features[i].name);
+    for (unsigned i = 0; i < 32; i++) {
+        if (hwcap & (1UL << i)) {
+            printf(" %s", features[i]);
         }
     }
     printf("\n");

@@ -1,0 +1,67 @@
+"""The MetaSchedule runner whose run time is the cycle estimate (tvm_lowbit.cost.runner), on one small kernel:
+a float matmul cross-compiled for the Pi 5 and run on the emulated board. Each measurement starts the board's
+Python under qemu (10-30 s on a loaded 2-core host), hence `slow`; skipped when the board is not built."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tvm_lowbit.cost import mca
+from tvm_lowbit.deploy import board as emu
+
+
+def _ready() -> bool:
+    d = emu.board_dir()
+    try:
+        mca.llvm_version()
+    except mca.CostError:
+        return False
+    return (d / "plugins" / "libicount.so").is_file() and (d / "bin" / "python3").is_file() and \
+        shutil.which("aarch64-linux-gnu-g++") is not None
+
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not _ready(), reason="the emulated board or llvm-mca is missing "
+                                 "(bash scripts/board/setup.sh)")]
+
+
+def _matmul(n: int, path: Path) -> object:
+    """An n x n x n float32 matmul PrimFunc built for rasp5 into ``path``; returns its argument infos."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.support import cc
+
+    from tvm_lowbit.targets import load_target
+
+    a, b = te.placeholder((n, n), "float32", name="A"), te.placeholder((n, n), "float32", name="B")
+    k = te.reduce_axis((0, n), name="k")
+    c = te.compute((n, n), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, b, c])})
+    tvm.compile(mod, target=load_target("rasp5").tvm_target()).export_library(
+        str(path), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+    return ArgInfo.from_prim_func(mod["main"])
+
+
+def test_estimate_runner_on_a_small_kernel(tmp_path: Path) -> None:
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    from tvm_lowbit.cost.runner import EstimateRunner
+
+    small, big = tmp_path / "mm16.so", tmp_path / "mm32.so"
+    info16, info32 = _matmul(16, small), _matmul(32, big)
+    runner = EstimateRunner("rasp5", max_workers=2)
+    results = [f.result() for f in runner.run([RunnerInput(str(small), "cpu", info16),
+                                               RunnerInput(str(big), "cpu", info32),
+                                               RunnerInput(str(tmp_path / "missing.so"), "cpu", info16)])]
+    assert all(r.error_msg is None for r in results[:2]), [r.error_msg for r in results]
+    t16, t32 = (float(r.run_secs[0]) for r in results[:2])
+    # 2.4 GHz Pi 5: 4096 multiply-adds take at least 512 cycles (the A76 peak: two 4-lane FMLA pipes) and
+    # less than 40960 (10 cycles per multiply-add would be worse than scalar code)
+    assert 512 / 2.4e9 <= t16 < 40960 / 2.4e9, t16
+    # 8x the multiply-adds cost more than 4x the time, and no less than the A76 peak allows
+    assert t32 > 4 * t16 and t32 >= 8 * 512 / 2.4e9, (t16, t32)
+    assert results[2].run_secs is None and "missing.so" in str(results[2].error_msg)

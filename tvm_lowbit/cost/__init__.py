@@ -1,0 +1,8 @@
+"""Cost models for code that runs on the emulated Raspberry Pi boards: ``mca`` estimates a Pi core's cycles
+from the blocks the board's TCG plugin recorded, through llvm-mca's scheduling models; ``runner`` (imports TVM,
+so not imported here) is the MetaSchedule runner whose run time is that estimate."""
+
+from tvm_lowbit.cost.mca import (CORES, Block, Core, CostError, Estimate, core, estimate, estimate_file,
+                                 read_blocks)
+
+__all__ = ["CORES", "Block", "Core", "CostError", "Estimate", "core", "estimate", "estimate_file", "read_blocks"]
