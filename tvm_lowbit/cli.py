@@ -144,6 +144,23 @@ def _calib(path: str | None, n: int, allow_degenerate: bool = False) -> np.ndarr
     return accept_degenerate(arr) if allow_degenerate else arr
 
 
+def _model_calib(a: argparse.Namespace):  # -> (nn.Module, np.ndarray)
+    """The model of ``a.model`` and the calibration data, checked to fit each other on one input (so a
+    mislabeled ``--calib`` is an error naming it, not an exception from inside torch)."""
+    import torch
+
+    model = _load_model(a.model)
+    calib = _calib(a.calib, a.calib_size, a.allow_degenerate_calib)
+    if a.calib is not None:
+        try:
+            with torch.no_grad():
+                model(torch.from_numpy(np.ascontiguousarray(calib[:1], np.float32)))
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, ValueError, IndexError...
+            _err(f"--calib {a.calib}: the model cannot run on inputs of shape {tuple(calib[:1].shape)} "
+                 f"({type(e).__name__}: {_one_line(e)})")
+    return model, calib
+
+
 def _check_onnx(path: str) -> None:
     """A readable ONNX model file, or a one-line error (a truncated file is a protobuf DecodeError)."""
     if not Path(path).is_file():
@@ -151,8 +168,8 @@ def _check_onnx(path: str) -> None:
     import onnx
 
     try:
-        onnx.load(path, load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, and others on a damaged file
+        onnx.checker.check_model(onnx.load(path, load_external_data=False))
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, the checker's ValidationError, ...
         _err(f"{path}: not a readable ONNX model ({type(e).__name__}: {_one_line(e)})")
 
 
@@ -280,8 +297,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     if a.scheme not in ("fgq", "auto", *TRAINED_SCHEMES):
         _err(f"unknown scheme {a.scheme!r}: available: fgq, auto, inq, sq, pact")
     out_path = _checked(lambda: safe_io.check_output_file(a.out, a.force, "--out", ours=(".pt2",)))
-    model = _load_model(a.model)
-    calib = _calib(a.calib, a.calib_size, a.allow_degenerate_calib)
+    model, calib = _model_calib(a)
     if a.scheme == "fgq":
         q = quantize(model, _fgq_from_args(a), calib)
     elif a.scheme == "auto":
@@ -390,8 +406,8 @@ def cmd_compile(a: argparse.Namespace) -> None:
     elif source == "pt2":
         art = compile_saved(src, a.target, schedules=sched, verbose=False)
     else:
-        art = backend.compile_for_cli(_load_model(src), _fgq_from_args(a), _calib(a.calib, a.calib_size, a.allow_degenerate_calib), spec,
-                                      a.batch, sched)
+        model, calib = _model_calib(a)
+        art = backend.compile_for_cli(model, _fgq_from_args(a), calib, spec, a.batch, sched)
     print(art.report.text())
     if art.tuning is not None:
         print(art.tuning.text())
@@ -427,8 +443,8 @@ def _board_and_host_builds(a: argparse.Namespace, host: bool):  # -> (board Arti
     else:
         from tvm_lowbit import quantize
 
-        calib = _calib(a.calib, a.calib_size, a.allow_degenerate_calib)
-        q = quantize(_load_model(src), cfg, calib)
+        model, calib = _model_calib(a)
+        q = quantize(model, cfg, calib)
         art = tvm_lowbit.compile(q, calib[:a.batch], spec)
         host_art = tvm_lowbit.compile(q, calib[:a.batch], "x86-host") if host else None
     shape = tuple(art.input_shape)
@@ -512,8 +528,8 @@ def cmd_tune(a: argparse.Namespace) -> None:
         from tvm_lowbit import quantize
         from tvm_lowbit.compiler import import_torch, layer_infos
 
-        calib = _calib(a.calib, a.calib_size, a.allow_degenerate_calib)
-        q = quantize(_load_model(a.model), _fgq_from_args(a), calib)
+        model, calib = _model_calib(a)
+        q = quantize(model, _fgq_from_args(a), calib)
         mod, infos = import_torch(q, torch.as_tensor(calib[:a.batch])), layer_infos(q)
     rep = backend.tune_module(mod, spec, infos=infos, trials_per_task=a.trials, work_dir=a.out, boards=boards,
                               only_kernels=a.kernels_only, seed=a.seed)
