@@ -341,12 +341,18 @@ def _quantize_auto(a: argparse.Namespace, model, calib: np.ndarray):  # -> nn.Mo
     if a.cost != "bytes":
         if not Path(a.cost).is_file():
             _err(f"--cost {a.cost!r}: use 'bytes' or a JSON file mapping format -> cost per weight")
-        cost = json.loads(Path(a.cost).read_text())
+        try:
+            cost = json.loads(Path(a.cost).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            _err(f"--cost {a.cost}: not valid JSON ({_one_line(e)}); give a JSON object format -> cost per weight")
     if a.val:
         if not Path(a.val).is_file():
             _err(f"--val {a.val}: no such file (an .npz with arrays x and y)")
-        arrs = np.load(a.val)
-        if "x" not in arrs:
+        try:
+            arrs = np.load(a.val, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - numpy raises ValueError, OSError, EOFError, BadZipFile...
+            _err(f"--val {a.val}: not a NumPy .npz archive ({type(e).__name__}: {_one_line(e)})")
+        if not isinstance(arrs, np.lib.npyio.NpzFile) or "x" not in arrs:
             _err(f"--val {a.val}: the .npz needs an array 'x' of inputs (and 'y' of labels for a drop budget)")
         val = (arrs["x"].astype(np.float32)[:a.val_size], arrs["y"][:a.val_size] if "y" in arrs else None)
     elif ":" in a.model:
