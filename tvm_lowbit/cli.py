@@ -4,47 +4,173 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from tvm_lowbit import safe_io
 
-def _err(msg: str) -> None:
+
+def _err(msg: str, code: int = 2) -> None:
     print(f"tvm-lowbit: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: its first line of text that is not part of a traceback (TVM's messages
+    carry one), at most 400 characters."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("Traceback", "File ", "^", "~")) and not ln[:1].isdigit()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+# --- strict numbers: argparse types that reject out-of-range, NaN and Inf values before any work ----------
+
+def _int_in(lo: int, hi: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            rng = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {v}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
+POSITIVE = _int_in(1)
+NON_NEGATIVE = _int_in(0)
+PORT = _int_in(1, 65535)
+
+
+def _host_port(text: str) -> str:
+    """``HOST:PORT`` with a port in 1..65535 (the tracker address)."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT with a port in 1..65535, got {text!r}")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``tvm-lowbit: error: argument --batch: must be at least 1, got 0``)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _err(f"{message} (see {self.prog} --help)")
+
+
+def _load_npy(path: str, flag: str) -> np.ndarray:
+    """A numeric ``.npy`` array, or a one-line error naming ``flag`` and the file."""
+    p = Path(path)
+    if not p.is_file():
+        _err(f"{flag} {path}: no such file")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - numpy raises ValueError, OSError, EOFError, UnpicklingError...
+        _err(f"{flag} {path}: not a NumPy .npy array ({type(e).__name__}: {_one_line(e)}); save one with np.save")
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        arr.close()
+        _err(f"{flag} {path}: an .npz archive; {flag} takes one array saved with np.save (.npy)")
+    if arr.dtype.kind not in "fiub":
+        _err(f"{flag} {path}: dtype {arr.dtype} is not numeric; save float32 model inputs")
+    if arr.size == 0:
+        _err(f"{flag} {path}: the array is empty (shape {arr.shape})")
+    return arr
 
 
 def _load_model(spec: str):  # -> nn.Module
     """A built-in model name, or ``path/to/file.py:factory`` returning an nn.Module."""
+    from torch import nn
+
     from tvm_lowbit.models.resnet import load_pretrained
 
     if ":" in spec and spec.split(":")[0].endswith(".py"):
         path, fn = spec.rsplit(":", 1)
         if not Path(path).is_file():
             _err(f"{path}: no such file")
-        mod_spec = importlib.util.spec_from_file_location("user_model", path)
-        mod = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
-        mod_spec.loader.exec_module(mod)  # type: ignore[union-attr]
-        if not hasattr(mod, fn):
+        try:
+            mod_spec = importlib.util.spec_from_file_location("user_model", path)
+            mod = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
+            mod_spec.loader.exec_module(mod)  # type: ignore[union-attr]
+        except Exception as e:  # noqa: BLE001 - the user's file may raise anything
+            _err(f"{path}: importing it failed: {type(e).__name__}: {_one_line(e)}")
+        factory = getattr(mod, fn, None)
+        if not callable(factory):
             _err(f"{path} has no function {fn!r}")
-        return getattr(mod, fn)().eval()
+        try:
+            model = factory()
+        except Exception as e:  # noqa: BLE001
+            _err(f"{path}:{fn}() failed: {type(e).__name__}: {_one_line(e)}")
+        if not isinstance(model, nn.Module):
+            _err(f"{path}:{fn}() returned a {type(model).__name__}, not a torch.nn.Module")
+        return model.eval()
     try:
         return load_pretrained(spec)
     except (ValueError, FileNotFoundError) as e:
         _err(str(e))
 
 
-def _calib(path: str | None, n: int) -> np.ndarray:
+def _calib(path: str | None, n: int, allow_degenerate: bool = False) -> np.ndarray:
     from tvm_lowbit import data
+    from tvm_lowbit.quantizers.input_checks import (DegenerateCalibrationError, accept_degenerate,
+                                                    check_calibration)
 
     if path is None:
         return data.calibration_set(n)
-    arr = np.load(path)
+    arr = _load_npy(path, "--calib")
     if arr.ndim < 2:
         _err(f"{path}: calibration data must be an array [n, ...] of model inputs, got shape {arr.shape}")
-    return arr.astype(np.float32)[:n]
+    arr = arr.astype(np.float32)[:n]
+    try:
+        check_calibration(arr, allow_degenerate, what=f"--calib {path}")
+    except DegenerateCalibrationError as e:
+        _err(str(e).replace("allow_degenerate=True (CLI: --allow-degenerate-calib)", "--allow-degenerate-calib"))
+    return accept_degenerate(arr) if allow_degenerate else arr
+
+
+def _model_calib(a: argparse.Namespace):  # -> (nn.Module, np.ndarray)
+    """The model of ``a.model`` and the calibration data, checked to fit each other on one input (so a
+    mislabeled ``--calib`` is an error naming it, not an exception from inside torch)."""
+    import torch
+
+    model = _load_model(a.model)
+    calib = _calib(a.calib, a.calib_size, a.allow_degenerate_calib)
+    if a.calib is not None:
+        try:
+            with torch.no_grad():
+                model(torch.from_numpy(np.ascontiguousarray(calib[:1], np.float32)))
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, ValueError, IndexError...
+            _err(f"--calib {a.calib}: the model cannot run on inputs of shape {tuple(calib[:1].shape)} "
+                 f"({type(e).__name__}: {_one_line(e)})")
+    return model, calib
+
+
+def _check_onnx(path: str) -> None:
+    """A readable ONNX model file, or a one-line error (a truncated file is a protobuf DecodeError)."""
+    if not Path(path).is_file():
+        _err(f"{path}: no such file")
+    import onnx
+
+    try:
+        onnx.checker.check_model(onnx.load(path, load_external_data=False))
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, the checker's ValidationError, ...
+        _err(f"{path}: not a readable ONNX model ({type(e).__name__}: {_one_line(e)})")
 
 
 def _fgq_from_args(a: argparse.Namespace):
@@ -65,7 +191,17 @@ def _add_fgq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-layer", default="float", help="float | fgq (quantize; for inq/sq/pact any value but float)")
     p.add_argument("--last-layer", default="float", help="float | fgq (quantize; for inq/sq/pact any value but float)")
     p.add_argument("--calib", default=None, help=".npy array of calibration inputs (default: Fashion-MNIST train)")
-    p.add_argument("--calib-size", type=int, default=2048, help="calibration images (default 2048)")
+    p.add_argument("--calib-size", type=POSITIVE, default=2048, help="calibration images (default 2048)")
+    p.add_argument("--allow-degenerate-calib", action="store_true",
+                   help="accept constant or all-zero --calib data (refused by default: it gives meaningless ranges)")
+
+
+def _checked(check):  # -> the checked path
+    """Run an output-path check (``safe_io``), turning its ``OutputError`` into a one-line error."""
+    try:
+        return check()
+    except safe_io.OutputError as e:
+        _err(str(e))
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
@@ -82,7 +218,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     print(f"[1/5] built-in model {a.model}: evaluating FP32 on {len(x)} Fashion-MNIST test images", flush=True)
     fp32 = evaluate.torch_top1(model, x, y, progress=True)
     print(f"[2/5] quantizing with {cfg}", flush=True)
-    q = quantize(model, cfg, _calib(a.calib, a.calib_size))
+    q = quantize(model, cfg, _calib(a.calib, a.calib_size, a.allow_degenerate_calib))
     fq = evaluate.torch_top1(q, x, y, progress=True)
     print(f"[3/5] compiling for {a.target} (batch {a.batch} for accuracy, batch 1 for latency)", flush=True)
     t0 = time.time()
@@ -160,8 +296,8 @@ def cmd_quantize(a: argparse.Namespace) -> None:
 
     if a.scheme not in ("fgq", "auto", *TRAINED_SCHEMES):
         _err(f"unknown scheme {a.scheme!r}: available: fgq, auto, inq, sq, pact")
-    model = _load_model(a.model)
-    calib = _calib(a.calib, a.calib_size)
+    out_path = _checked(lambda: safe_io.check_output_file(a.out, a.force, "--out", ours=(".pt2",)))
+    model, calib = _model_calib(a)
     if a.scheme == "fgq":
         q = quantize(model, _fgq_from_args(a), calib)
     elif a.scheme == "auto":
@@ -190,7 +326,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
         with torch.no_grad():
             pred = torch.cat([q(torch.from_numpy(xv[i:i + 500])).argmax(1) for i in range(0, len(xv), 500)])
         print(f"fake-quant model: top-1 {100.0 * float((pred.numpy() == yv).mean()):.2f}% on {len(xv)} test images")
-    out = save_quantized(q, calib[:a.batch], a.out)
+    out = save_quantized(q, calib[:a.batch], out_path, force=a.force)
     print(f"saved quantized model to {out} (input shape {tuple(calib[:a.batch].shape)})")
 
 
@@ -205,12 +341,18 @@ def _quantize_auto(a: argparse.Namespace, model, calib: np.ndarray):  # -> nn.Mo
     if a.cost != "bytes":
         if not Path(a.cost).is_file():
             _err(f"--cost {a.cost!r}: use 'bytes' or a JSON file mapping format -> cost per weight")
-        cost = json.loads(Path(a.cost).read_text())
+        try:
+            cost = json.loads(Path(a.cost).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            _err(f"--cost {a.cost}: not valid JSON ({_one_line(e)}); give a JSON object format -> cost per weight")
     if a.val:
         if not Path(a.val).is_file():
             _err(f"--val {a.val}: no such file (an .npz with arrays x and y)")
-        arrs = np.load(a.val)
-        if "x" not in arrs:
+        try:
+            arrs = np.load(a.val, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - numpy raises ValueError, OSError, EOFError, BadZipFile...
+            _err(f"--val {a.val}: not a NumPy .npz archive ({type(e).__name__}: {_one_line(e)})")
+        if not isinstance(arrs, np.lib.npyio.NpzFile) or "x" not in arrs:
             _err(f"--val {a.val}: the .npz needs an array 'x' of inputs (and 'y' of labels for a drop budget)")
         val = (arrs["x"].astype(np.float32)[:a.val_size], arrs["y"][:a.val_size] if "y" in arrs else None)
     elif ":" in a.model:
@@ -256,6 +398,7 @@ def cmd_compile(a: argparse.Namespace) -> None:
     except TargetError as e:
         _err(str(e))
     _fgq_from_args(a)  # bad FGQ options fail here, also for a .pt2 that was quantized already
+    out_dir = _checked(lambda: safe_io.check_output_dir(a.out, a.force, "--out"))  # before minutes of compiling
     src, source = a.model, source_of(a.model)
     sched = {"auto": None, "none": False}.get(a.schedules, a.schedules)
     if (why := backend.cli_refusal(spec, source, None if sched in (None, False) else a.schedules)) is not None:
@@ -263,19 +406,20 @@ def cmd_compile(a: argparse.Namespace) -> None:
     if source == "onnx":
         from tvm_lowbit.onnx_quant import quantize_onnx
 
-        calib = _calib(a.calib, a.calib_size)
+        _check_onnx(src)
+        calib = _calib(a.calib, a.calib_size, a.allow_degenerate_calib)
         art = quantize_onnx(src, _fgq_from_args(a), calib, target=a.target, batch=a.batch)
     elif source == "pt2":
         art = compile_saved(src, a.target, schedules=sched, verbose=False)
     else:
-        art = backend.compile_for_cli(_load_model(src), _fgq_from_args(a), _calib(a.calib, a.calib_size), spec,
-                                      a.batch, sched)
+        model, calib = _model_calib(a)
+        art = backend.compile_for_cli(model, _fgq_from_args(a), calib, spec, a.batch, sched)
     print(art.report.text())
     if art.tuning is not None:
         print(art.tuning.text())
     elif sched is None and (note := backend.schedules_note(spec)) is not None:
         print(f"note: {note}")
-    out = art.export(a.out)
+    out = art.export(out_dir, force=a.force)
     print(f"wrote {out}/model.so for {art.target.name} ({art.target.description}); weights {art.weight_bytes:,d} bytes")
 
 
@@ -297,20 +441,21 @@ def _board_and_host_builds(a: argparse.Namespace, host: bool):  # -> (board Arti
     elif src.endswith(".onnx"):
         from tvm_lowbit.onnx_quant import quantize_onnx_module
 
-        mod, infos = quantize_onnx_module(src, cfg, _calib(a.calib, a.calib_size), a.batch)
+        _check_onnx(src)
+        mod, infos = quantize_onnx_module(src, cfg, _calib(a.calib, a.calib_size, a.allow_degenerate_calib), a.batch)
         shape = tuple(int(d) for d in mod["main"].params[0].ty.shape)
         art = build(mod, spec, infos, shape)
         host_art = build(mod, "x86-host", infos, shape) if host else None
     else:
         from tvm_lowbit import quantize
 
-        calib = _calib(a.calib, a.calib_size)
-        q = quantize(_load_model(src), cfg, calib)
+        model, calib = _model_calib(a)
+        q = quantize(model, cfg, calib)
         art = tvm_lowbit.compile(q, calib[:a.batch], spec)
         host_art = tvm_lowbit.compile(q, calib[:a.batch], "x86-host") if host else None
     shape = tuple(art.input_shape)
     if a.input:
-        x = np.load(a.input).astype(np.float32)
+        x = _load_npy(a.input, "--input").astype(np.float32)
         if tuple(x.shape) != shape:
             _err(f"{a.input} has shape {tuple(x.shape)}, the model was compiled for {shape}")
     elif shape[1:] == (1, 28, 28):  # the built-in models' Fashion-MNIST input
@@ -347,10 +492,11 @@ def cmd_export(a: argparse.Namespace) -> None:
     from tvm_lowbit.deploy.bundle import export_bundle
     from tvm_lowbit.deploy.remote import REL_TOLERANCE
 
+    _checked(lambda: safe_io.check_output_dir(a.bundle, a.force, "--bundle"))  # before minutes of compiling
     art, host_art, x = _board_and_host_builds(a, not a.no_check)
     expected = None if host_art is None else host_art.run(x)
     atol = 0.0 if expected is None else REL_TOLERANCE * max(float(np.abs(expected).max()), 1.0)
-    out = export_bundle(art, a.bundle, x, expected, atol)
+    out = export_bundle(art, a.bundle, x, expected, atol, force=a.force)
     print(art.report.text())
     print(f"wrote {out}: model.so, bin/lowbit_runner and lib/ (TVM runtime) for {art.target.name} "
           f"({art.target.description}); copy the folder to the board and run ./run.sh there")
@@ -367,13 +513,11 @@ def cmd_tune(a: argparse.Namespace) -> None:
         _err(str(e))
     if (why := backend.tune_refusal(spec)) is not None:
         _err(why)
-    if a.trials < 1:
-        _err(f"--trials must be at least 1, got {a.trials}")
+    if a.out is not None and Path(a.out).exists() and not Path(a.out).is_dir():
+        _err(f"--out {a.out}: exists and is not a folder (the tuning database is a folder)")
     boards = None
     if a.tracker:
         host, _, port = a.tracker.rpartition(":")
-        if not host or not port.isdigit():
-            _err(f"--tracker must be HOST:PORT, got {a.tracker!r}")
         from tvm_lowbit.tune import RPCBoards
 
         boards = RPCBoards(host, int(port), a.key or spec.name, a.parallel)
@@ -390,8 +534,8 @@ def cmd_tune(a: argparse.Namespace) -> None:
         from tvm_lowbit import quantize
         from tvm_lowbit.compiler import import_torch, layer_infos
 
-        calib = _calib(a.calib, a.calib_size)
-        q = quantize(_load_model(a.model), _fgq_from_args(a), calib)
+        model, calib = _model_calib(a)
+        q = quantize(model, _fgq_from_args(a), calib)
         mod, infos = import_torch(q, torch.as_tensor(calib[:a.batch])), layer_infos(q)
     rep = backend.tune_module(mod, spec, infos=infos, trials_per_task=a.trials, work_dir=a.out, boards=boards,
                               only_kernels=a.kernels_only, seed=a.seed)
@@ -410,22 +554,23 @@ def cmd_targets(_a: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="tvm-lowbit", description="Low-bit quantization and compilation with TVM")
+    ap = _Parser(prog="tvm-lowbit", description="Low-bit quantization and compilation with TVM")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("demo", help="quantize the built-in model with FGQ, compile, evaluate: accuracy, size, speed")
     p.add_argument("--model", default="resnet20")
     p.add_argument("--target", default="x86-host")
-    p.add_argument("--limit", type=int, default=None, help="test images (default: all 10,000)")
-    p.add_argument("--batch", type=int, default=100, help="batch size of the accuracy build")
-    p.add_argument("--repeat", type=int, default=30, help="timing repetitions")
+    p.add_argument("--limit", type=POSITIVE, default=None, help="test images (default: all 10,000)")
+    p.add_argument("--batch", type=POSITIVE, default=100, help="batch size of the accuracy build")
+    p.add_argument("--repeat", type=POSITIVE, default=30, help="timing repetitions")
     _add_fgq_args(p)
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("quantize", help="quantize a model and save it as a torch.export .pt2")
     p.add_argument("--scheme", default="fgq",
                    help="fgq (post-training) | auto (per-layer formats under --budget) | inq | sq | pact (trained here)")
     p.add_argument("--model", default="resnet20", help="built-in name or path/to/file.py:factory")
-    p.add_argument("--out", required=True)
-    p.add_argument("--batch", type=int, default=1, help="batch size the saved program is exported with")
+    p.add_argument("--out", required=True, help="the .pt2 file to write (an existing .pt2 is replaced)")
+    p.add_argument("--force", action="store_true", help="replace --out even if it is not a .pt2 file")
+    p.add_argument("--batch", type=POSITIVE, default=1, help="batch size the saved program is exported with")
     _add_fgq_args(p)
     g = p.add_argument_group("auto (one weight format per layer, the cheapest mix inside an accuracy budget)")
     g.add_argument("--budget", default="1.0",
@@ -440,20 +585,20 @@ def main(argv: list[str] | None = None) -> None:
                         "Fashion-MNIST training images, which the built-in mobilenet never saw)")
     g.add_argument("--heatmap", default=None, help="save the layer x format sensitivity heat map (PNG) here")
     t = p.add_argument_group("training (inq, sq, pact; starts from the model's weights)")
-    t.add_argument("--epochs", type=int, default=1, help="epochs per stage (default 1)")
-    t.add_argument("--subset", type=int, default=None, help="train on the first N training images (CPU budgets)")
-    t.add_argument("--val-size", type=int, default=2000,
+    t.add_argument("--epochs", type=POSITIVE, default=1, help="epochs per stage (default 1)")
+    t.add_argument("--subset", type=POSITIVE, default=None, help="train on the first N training images (CPU budgets)")
+    t.add_argument("--val-size", type=POSITIVE, default=2000,
                    help="test images for the accuracy printed per stage; auto: validation images")
-    t.add_argument("--lr", type=float, default=0.01, help="peak learning rate per stage (default 0.01, fine-tuning)")
+    t.add_argument("--lr", type=_positive_float, default=0.01, help="peak learning rate per stage (default 0.01, fine-tuning)")
     t.add_argument("--lr-schedule", default="cosine",
                    help="cosine | onecycle (restarted every stage) | cosine-run (one cosine over all stages)")
-    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--batch-size", type=POSITIVE, default=128)
     t.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=NON_NEGATIVE, default=0)
     t.add_argument("--checkpoint-dir", default=None, help="default OUT.ckpt; an existing checkpoint is resumed")
     t.add_argument("--from-scratch", action="store_true", help="re-initialize the model before training")
-    t.add_argument("--bits", type=int, default=None, help="inq: weight bits (default 5); pact: k (default 4)")
-    t.add_argument("--weight-bits", type=int, default=None, help="pact: weight bits (default: --bits)")
+    t.add_argument("--bits", type=POSITIVE, default=None, help="inq: weight bits (default 5); pact: k (default 4)")
+    t.add_argument("--weight-bits", type=POSITIVE, default=None, help="pact: weight bits (default: --bits)")
     t.add_argument("--portions", default=None, help="inq: accumulated portions; sq: ratio schedule (e.g. 0.5,0.75,0.875,1)")
     t.add_argument("--strategy", default=None, help="inq: partition strategy")
     t.add_argument("--inner", default="twn", help="sq: twn | bwn | fgq")
@@ -463,8 +608,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("compile", help="compile a quantized .pt2, an ONNX model or a built-in model")
     p.add_argument("model", help="MODEL.pt2 (from `quantize`), MODEL.onnx (quantized here), or a built-in name")
     p.add_argument("--target", default="x86-host")
-    p.add_argument("--out", required=True, help="artifact folder (model.so + meta.json)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--out", required=True, help="artifact folder (model.so + meta.json); must be new, empty or an "
+                   "earlier artifact")
+    p.add_argument("--force", action="store_true", help="replace --out even if it holds files tvm_lowbit did not write")
+    p.add_argument("--batch", type=POSITIVE, default=1)
     p.add_argument("--schedules", default="auto",
                    help="tuning database folder to apply; auto (default): the shipped tvm_lowbit/schedules/<target>/ "
                         "unless it was tuned under emulation; none: default schedules")
@@ -473,41 +620,42 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("deploy", help="compile for a board, run it there over TVM RPC, compare with this host, time it")
     p.add_argument("model", nargs="?", default="resnet20", help="built-in name, path/to/file.py:factory, MODEL.pt2 or MODEL.onnx")
     p.add_argument("--target", default="rasp4b", help="the board's target (default rasp4b)")
-    p.add_argument("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker (else connect to --host/--port)")
+    p.add_argument("--tracker", type=_host_port, default=None, help="HOST:PORT of a TVM RPC tracker (else connect to --host/--port)")
     p.add_argument("--key", default=None, help="the board's tracker key (default: the target name)")
     p.add_argument("--host", default="127.0.0.1", help="RPC server address for a direct connection")
-    p.add_argument("--port", type=int, default=9090, help="RPC server port for a direct connection")
-    p.add_argument("--repeat", type=int, default=10, help="timed runs on the board (default 10)")
-    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the tracker and a free board")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds one remote step (upload, run) may take")
-    p.add_argument("--retries", type=int, default=2, help="new attempts after a lost board or a timeout")
+    p.add_argument("--port", type=PORT, default=9090, help="RPC server port for a direct connection")
+    p.add_argument("--repeat", type=POSITIVE, default=10, help="timed runs on the board (default 10)")
+    p.add_argument("--wait", type=_positive_float, default=60.0, help="seconds to wait for the tracker and a free board")
+    p.add_argument("--timeout", type=_positive_float, default=300.0, help="seconds one remote step (upload, run) may take")
+    p.add_argument("--retries", type=NON_NEGATIVE, default=2, help="new attempts after a lost board or a timeout")
     p.add_argument("--no-compare", action="store_true", help="skip the host build and comparison")
     p.add_argument("--input", default=None, help=".npy input of the compiled shape (default: test images)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=POSITIVE, default=1)
     _add_fgq_args(p)
     p.set_defaults(fn=cmd_deploy)
     p = sub.add_parser("export", help="a self-contained bundle for a board: model.so, the TVM runtime, a C++ runner")
     p.add_argument("model", nargs="?", default="resnet20", help="built-in name, path/to/file.py:factory, MODEL.pt2 or MODEL.onnx")
     p.add_argument("--target", default="rasp4b", help="an aarch64 board target (default rasp4b)")
-    p.add_argument("--bundle", required=True, help="output folder")
+    p.add_argument("--bundle", required=True, help="output folder; must be new, empty or an earlier bundle")
+    p.add_argument("--force", action="store_true", help="replace --bundle even if it holds files tvm_lowbit did not write")
     p.add_argument("--no-check", action="store_true", help="no host build: the bundle carries no expected output")
     p.add_argument("--input", default=None, help=".npy input of the compiled shape (default: test images)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=POSITIVE, default=1)
     _add_fgq_args(p)
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("tune", help="autotune a model's kernels and float ops with MetaSchedule (XGBoost); "
                                     "`compile` then applies tvm_lowbit/schedules/<target>/")
     p.add_argument("model", nargs="?", default="resnet20", help="MODEL.pt2 (from `quantize`) or a built-in name")
     p.add_argument("--target", default="x86-host")
-    p.add_argument("--trials", type=int, default=32, help="measured candidates per task (default 32); a rerun "
+    p.add_argument("--trials", type=POSITIVE, default=32, help="measured candidates per task (default 32); a rerun "
                    "only runs the trials a task still lacks")
     p.add_argument("--out", default=None, help="database folder (default tvm_lowbit/schedules/<target>/)")
     p.add_argument("--kernels-only", action="store_true", help="tune the low-bit kernels only, not the float ops")
-    p.add_argument("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker with the boards (board targets)")
+    p.add_argument("--tracker", type=_host_port, default=None, help="HOST:PORT of a TVM RPC tracker with the boards (board targets)")
     p.add_argument("--key", default=None, help="the boards' tracker key (default: the target name)")
-    p.add_argument("--parallel", type=int, default=1, help="boards measuring at once (default 1)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--parallel", type=POSITIVE, default=1, help="boards measuring at once (default 1)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=None)
+    p.add_argument("--batch", type=POSITIVE, default=1)
     _add_fgq_args(p)
     p.set_defaults(fn=cmd_tune)
     p = sub.add_parser("targets", help="list the targets (tvm_lowbit/targets/*.json)")
@@ -515,8 +663,17 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     try:
         a.fn(a)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        _err(str(e))
+    except KeyboardInterrupt:
+        _err("interrupted", 130)
+    except (ValueError, TypeError, OSError, RuntimeError, KeyError) as e:
+        if os.environ.get("TVM_LOWBIT_TRACEBACK"):
+            raise
+        _err(_one_line(e) if isinstance(e, (ValueError, RuntimeError, OSError)) and str(e)
+             else f"{type(e).__name__}: {_one_line(e)}")
+    except Exception as e:  # noqa: BLE001 - never a traceback from inside TVM, torch or numpy
+        if os.environ.get("TVM_LOWBIT_TRACEBACK"):
+            raise
+        _err(f"unexpected {type(e).__name__}: {_one_line(e)} (set TVM_LOWBIT_TRACEBACK=1 for the traceback)", 1)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """Models into Relax: ``torch.export`` import, the layer table the lowering reads, and the single-output
-unwrap that compiled artifacts and tuning tasks share."""
+unwrap that compiled artifacts and tuning tasks share.
+
+``torch.export`` keeps global state while it traces (two exports at once fail with
+``_EXPORT_MODULE_HIERARCHY must not be None``), so every export, save and load of an exported program in
+tvm_lowbit holds :data:`EXPORT_LOCK`; the rest of a compile runs in parallel."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -11,6 +16,8 @@ from torch import nn
 from tvm_lowbit.errors import CompileError
 from tvm_lowbit.passes.layer_info import LayerInfo, weight_key
 from tvm_lowbit.quantizers.layers import quant_layers
+
+EXPORT_LOCK = threading.RLock()  # torch.export / torch.export.save / load are not thread-safe
 
 
 def layer_infos(qmodel: nn.Module) -> dict[str, LayerInfo]:
@@ -22,7 +29,8 @@ def layer_infos(qmodel: nn.Module) -> dict[str, LayerInfo]:
 def import_torch(model: nn.Module, example: torch.Tensor) -> Any:
     """``torch.export`` the model with ``example`` and import it to a Relax module (weights as constants)."""
     try:
-        ep = torch.export.export(model.eval(), (example,))
+        with EXPORT_LOCK:
+            ep = torch.export.export(model.eval(), (example,))
     except Exception as e:
         raise CompileError(f"torch.export failed on the model with an input of shape {tuple(example.shape)}: "
                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
@@ -34,7 +42,8 @@ def import_exported(ep: Any) -> Any:
     from tvm.relax.frontend.torch import from_exported_program
 
     try:
-        return from_exported_program(ep, keep_params_as_input=False)
+        with EXPORT_LOCK:  # it runs the program's decompositions (torch.export machinery again)
+            return from_exported_program(ep, keep_params_as_input=False)
     except Exception as e:
         msg = str(e).splitlines()
         raise CompileError("TVM's PyTorch importer cannot convert the model: "

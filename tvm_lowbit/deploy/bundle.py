@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from tvm_lowbit import safe_io
+from tvm_lowbit.artifact import write_meta
 from tvm_lowbit.deploy.board import board_dir
 
 RUNNER_SRC = Path(__file__).resolve().parent.parent / "runner" / "lowbit_runner.cc"
@@ -112,12 +114,14 @@ def runtime_kit() -> Path:
         raise BundleError("the runner is cross-compiled with aarch64-linux-gnu-g++, which is not installed: "
                           "apt-get install g++-aarch64-linux-gnu (scripts/setup.sh installs it)")
     (kit / "bin").mkdir(exist_ok=True)
-    tmp_bin = runner.with_suffix(".tmp")
+    tmp_bin = safe_io.temp_sibling(runner)  # unique: two exports may build the runner at once
     r = subprocess.run([cxx, "-std=c++17", "-O2", "-o", str(tmp_bin), str(RUNNER_SRC), f"-I{kit / 'include'}",
                         f"-L{kit / 'lib'}", "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi",
                         "-Wl,-rpath,$ORIGIN/../lib"], capture_output=True, text=True)
     if r.returncode != 0:
+        tmp_bin.unlink(missing_ok=True)
         raise BundleError(f"cross-compiling {RUNNER_SRC.name} failed:\n{r.stderr[-2000:]}")
+    tmp_bin.chmod(0o755)
     tmp_bin.rename(runner)
     return kit
 
@@ -128,20 +132,20 @@ def runner_binary(kit: Path) -> Path:
 
 
 def export_bundle(art: Any, directory: str | os.PathLike[str], example: np.ndarray,
-                  expected: np.ndarray | None = None, atol: float = 0.0) -> Path:
-    """Write a self-contained bundle for ``art`` (a board ``Artifact``) into ``directory`` (replaced atomically).
+                  expected: np.ndarray | None = None, atol: float = 0.0, force: bool = False) -> Path:
+    """Write a self-contained bundle for ``art`` (a board ``Artifact``) into ``directory``, atomically (staged in
+    a new sibling folder, renamed into place). ``directory`` must be new, empty or an earlier output of
+    tvm_lowbit (``safe_io.MARKER``), unless ``force``. ``meta.json`` records every file's sha256.
     ``expected``: the host's output for ``example``; ``run.sh`` then fails if the board differs by more than
     ``atol``."""
     if art.target.arch != "aarch64":
         raise BundleError(f"bundles are for aarch64 boards (rasp4b, rasp5); {art.target.name} is {art.target.arch}, "
                           "and TVM publishes no runtime wheel for it: use `tvm-lowbit compile` and build the TVM "
                           "runtime on the board")
+    out = safe_io.check_output_dir(directory, force, what="--bundle")
     x = art.check_input(example)
     kit = runtime_kit()
-    out = Path(directory)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent))
-    try:
+    with safe_io.staging_dir(out) as tmp:
         staged = art.export(tmp / "b")  # model.so + meta.json
         (staged / "lib").mkdir()
         (staged / "bin").mkdir()
@@ -164,13 +168,9 @@ def export_bundle(art: Any, directory: str | os.PathLike[str], example: np.ndarr
         meta["bundle"] = {"runner": "bin/lowbit_runner", "runner_args": args, "input_shape": list(x.shape),
                           "atol": atol if expected is not None else None,
                           "tvm_runtime": _versions()[0], "tvm_ffi": _versions()[1]}
-        (staged / "meta.json").write_text(json.dumps(meta, indent=2))
+        write_meta(staged, meta)  # the hashes now cover the runner, the runtime and the data files too
         staged.chmod(0o755)  # mkdtemp makes it private; the folder is meant to be copied to a board
-        if out.exists():
-            shutil.rmtree(out)
-        staged.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        safe_io.publish_dir(staged, out, force)
     return out
 
 

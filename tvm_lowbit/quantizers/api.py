@@ -9,6 +9,7 @@ module with its config (a ``SchemeConfig`` dataclass) and handler, one registrat
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Protocol
 
 from torch import nn
@@ -16,6 +17,7 @@ from torch import nn
 from tvm_lowbit.quantizers.auto import Auto, quantize_auto
 from tvm_lowbit.quantizers.config import SchemeConfig, register_config, unregister_config
 from tvm_lowbit.quantizers.fgq import FGQ, quantize_fgq
+from tvm_lowbit.quantizers.input_checks import check_calibration
 from tvm_lowbit.quantizers.inq import INQ
 from tvm_lowbit.quantizers.pact import PACT
 from tvm_lowbit.quantizers.sq import SQ
@@ -47,11 +49,16 @@ def registered_schemes() -> dict[str, type]:
 
 
 def quantize(model: nn.Module, config: object, calib_data: object, val_data: object = None, *,
-             inplace: bool = False, progress: bool = True) -> nn.Module:
+             inplace: bool = False, progress: bool = True, allow_degenerate: bool = False) -> nn.Module:
     """Quantize ``model`` with ``config`` (e.g. ``FGQ(group_size=4, act_bits=8)``) using ``calib_data``
     (an array/tensor of inputs, or an iterable of batches).  Returns a fake-quant copy of the model
     (the caller's model is untouched unless ``inplace=True``) that the compiler consumes.
-    ``val_data`` ((images, labels) held out from training): ``Auto`` verifies its accuracy budget on it."""
+    ``val_data`` ((images, labels) held out from training): ``Auto`` verifies its accuracy budget on it.
+
+    ``calib_data`` is checked first (``input_checks.check_calibration``): empty or NaN/Inf data is an error,
+    and so is constant or all-zero data unless ``allow_degenerate=True``.  ``inplace=True`` is transactional:
+    if quantization fails, the caller's model is restored to its state before the call (a copy of it is kept
+    while the scheme runs)."""
     if isinstance(config, str):
         raise TypeError(f"pass a configuration object, e.g. FGQ(group_size=4), not the string {config!r}; "
                         f"known schemes: {', '.join(registered_schemes())}")
@@ -59,7 +66,17 @@ def quantize(model: nn.Module, config: object, calib_data: object, val_data: obj
     if handler is None:
         raise TypeError(f"unknown quantization scheme {type(config).__name__}; known schemes: "
                         f"{', '.join(c.__name__ for c in _HANDLERS)}")
-    return handler(model, config, calib_data, val_data, inplace=inplace, progress=progress)
+    check_calibration(calib_data, allow_degenerate)
+    if not inplace or not isinstance(model, nn.Module):
+        return handler(model, config, calib_data, val_data, inplace=inplace, progress=progress)
+    backup = copy.deepcopy(model)
+    try:
+        return handler(model, config, calib_data, val_data, inplace=True, progress=progress)
+    except BaseException:
+        # put every attribute back (the replaced submodules, parameters, buffers, hooks, training flag)
+        model.__dict__.clear()
+        model.__dict__.update(backup.__dict__)
+        raise
 
 
 def run_fgq(model: nn.Module, config: FGQ, calib_data: object, val_data: object, *, inplace: bool,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -183,7 +184,9 @@ def host_op_counts(func: Any) -> dict[str, int]:
 class VTAArtifact(Artifact):
     """A model compiled for a VTA target: the host executable plus one VTA program per VTA layer.
     ``run`` executes it here with the VTA layers on the functional simulator (``executor="reference"``:
-    on the NumPy integer reference instead); ``outputs`` keeps each VTA layer's last int8 output."""
+    on the NumPy integer reference instead); ``outputs`` keeps each VTA layer's last int8 output.
+    Runs are serialized by a lock (``outputs``, ``executor`` and the simulated layers are shared state),
+    so one VTAArtifact may be shared by threads; ``export`` follows ``Artifact.export``'s rules."""
 
     partition: Partition | None = None
     functions: dict[str, str] = field(default_factory=dict)
@@ -191,6 +194,11 @@ class VTAArtifact(Artifact):
     seed: int | None = 0
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     _registered: bool = False
+    _lock: Any = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
+
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        with self._lock:
+            return super().run_all(x)
 
     def _register(self) -> None:
         import tvm_ffi
@@ -214,9 +222,10 @@ class VTAArtifact(Artifact):
         if not self.target.is_host:
             raise CompileError(f"this artifact's host code is built for {self.target.name} ({self.target.arch}); "
                                "export it for the board, or compile for vta-sim to simulate it here")
-        if not self._registered:
-            self._register()
-        return super()._machine()
+        with self._lock:
+            if not self._registered:
+                self._register()
+            return super()._machine()
 
     def cycles(self) -> dict[str, int]:
         return {n: l.cycles.total_cycles for n, l in self.partition.layers.items()}
@@ -296,16 +305,17 @@ def compile_vta(qmodel: nn.Module, example: np.ndarray | torch.Tensor, target: s
 def check_against_reference(art: VTAArtifact, x: np.ndarray) -> int:
     """Run ``x`` with the VTA layers on the simulator and on the NumPy reference; raise unless every
     VTA layer's int8 output and the final outputs are bit-identical.  Returns the layers checked."""
-    old = art.executor
-    try:
-        art.executor = "sim"
-        sim_out = art.run_all(x)
-        sim_layers = dict(art.outputs)
-        art.executor = "reference"
-        ref_out = art.run_all(x)
-        ref_layers = dict(art.outputs)
-    finally:
-        art.executor = old
+    with art._lock:  # the executor switch and the outputs are the artifact's shared state
+        old = art.executor
+        try:
+            art.executor = "sim"
+            sim_out = art.run_all(x)
+            sim_layers = dict(art.outputs)
+            art.executor = "reference"
+            ref_out = art.run_all(x)
+            ref_layers = dict(art.outputs)
+        finally:
+            art.executor = old
     for name, ref in ref_layers.items():
         if not np.array_equal(sim_layers.get(name), ref):
             bad = int(np.sum(sim_layers[name] != ref))
