@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import threading
@@ -30,16 +29,12 @@ from torch import nn
 from tvm_lowbit.artifact import Artifact
 from tvm_lowbit.errors import CompileError
 from tvm_lowbit.importer import import_torch
+from tvm_lowbit.passes.layer_info import weight_key
 from tvm_lowbit.quantizers.api import quantize
 from tvm_lowbit.targets import TargetSpec, load_target
 from tvm_lowbit.vta.model import Partition, VTALayer, plan
 
 _IDS = itertools.count()
-
-
-def _weight_key(w: np.ndarray) -> str:
-    a = np.ascontiguousarray(np.asarray(w, np.float32))
-    return f"{a.shape}:{hashlib.sha1(a.tobytes()).hexdigest()}"
 
 
 @dataclass
@@ -98,7 +93,7 @@ def partition_relax(mod: Any, layers: dict[str, VTALayer], prefix: str) -> tuple
     by_key = {}
     for name, vl in layers.items():
         w = vl.math.w_int
-        by_key[_weight_key(w)] = name
+        by_key[weight_key(w)] = name
     fnames = {name: f"{prefix}.{name}" for name in layers}
     func = mod["main"]
     bindings = _bindings(func)
@@ -124,7 +119,7 @@ def partition_relax(mod: Any, layers: dict[str, VTALayer], prefix: str) -> tuple
                     w = w.T if w is not None and w.ndim == 2 else None
             else:
                 return None
-            return None if w is None else by_key.get(_weight_key(w))
+            return None if w is None else by_key.get(weight_key(w))
 
         def visit_var_binding_(self, binding: Any) -> None:
             name = self._layer_of(binding.value)
