@@ -27,6 +27,7 @@ from tvm_lowbit.passes.apply_kernel_schedules import ApplyKernelSchedules
 from tvm_lowbit.passes.fold_requantize import FoldRequantize
 from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.passes.lower_integer_layers import LowerIntegerLayers
+from tvm_lowbit.passes.normalize_take import NormalizeTake
 from tvm_lowbit.passes.report import LoweringReport
 
 FUNC_NAME = "main"
@@ -37,6 +38,7 @@ def lowering_passes(target: tvm.target.Target | None, infos: dict[str, LayerInfo
     """Steps 1-4 of the pipeline (no schedules): canonicalize, fold constants and re-quantizers, lower."""
     report = report if report is not None else LoweringReport()
     return [
+        NormalizeTake(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.DeadCodeElimination([FUNC_NAME]),
         relax.transform.FoldConstant(),
