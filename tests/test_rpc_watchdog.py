@@ -114,3 +114,35 @@ def test_only_loopback_servers_in_these_tests(server) -> None:
         with socket.socket(socket.AF_INET6 if ":" in a else socket.AF_INET) as s:
             s.settimeout(0.5)
             assert s.connect_ex((a, port)) != 0, f"the test server answers on {a}"
+
+
+def test_the_board_server_serves_only_its_work_folder(tmp_path: Path) -> None:
+    """scripts/board/confined_rpc_server.py (the board's server; here with this host's TVM on loopback):
+    upload/download inside the work folder work, names outside it are refused."""
+    from tvm import rpc
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "board" / "confined_rpc_server.py"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(script), "--host", "127.0.0.1", "--port", str(port),
+                             "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "TVM_NUM_THREADS": "1", "PYTHONPATH":
+                                                         f"{script.parent / 'confine'}:{os.environ.get('PYTHONPATH', '')}"})
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the board's clients")
+    try:
+        deadline = time.time() + 120
+        while not _listening(port):
+            assert proc.poll() is None and time.time() < deadline, "the confined RPC server did not start"
+            time.sleep(0.2)
+        sess = rpc.connect("127.0.0.1", port, session_timeout=60)
+        sess.upload(bytearray(b"abc"), "ok.bin")
+        assert bytes(sess.download("ok.bin")) == b"abc"
+        for name in (str(secret), "../" * 12 + str(secret).lstrip("/"), "/etc/passwd"):
+            with pytest.raises(Exception, match="outside the board's work folder"):
+                sess.download(name)
+            with pytest.raises(Exception, match="outside the board's work folder"):
+                sess.upload(bytearray(b"x"), name)
+        assert secret.read_text() == "not for the board's clients"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

@@ -234,13 +234,17 @@ def start(name: str = "default", target: str = "rasp4b", boards: int = 1, key: s
                 [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(tracker_port),
                  "--port-end", str(tracker_port + 1)], rundir / "tracker.log", {**env, "TVM_USE_RUNTIME_LIB": "1"})
         for i, port in enumerate(ports):
-            argv = [str(bdir / "bin" / "python3"), "-m", "tvm.exec.rpc_server", "--host", host, "--port", str(port),
-                    "--port-end", str(port + 1)]
+            # TVM's server confined to its work folder (scripts/board/confined_rpc_server.py)
+            argv = [str(bdir / "bin" / "python3"), str(REPO / "scripts" / "board" / "confined_rpc_server.py"),
+                    "--host", host, "--port", str(port), "--port-end", str(port + 1)]
             if tracker_port is not None:
                 argv += ["--tracker", f"{host}:{tracker_port}", "--key", key]
             else:
                 argv += ["--key", key]
-            state.pids[f"board-{i}"] = _spawn(argv, rundir / f"board-{i}.log", {**env, "BOARD_CPU": cpu})
+            confine = os.pathsep.join(p for p in (str(REPO / "scripts" / "board" / "confine"),
+                                                  env.get("PYTHONPATH")) if p)
+            state.pids[f"board-{i}"] = _spawn(argv, rundir / f"board-{i}.log",
+                                              {**env, "BOARD_CPU": cpu, "PYTHONPATH": confine})
         (rundir / "state.json").write_text(json.dumps(asdict(state), indent=2))
         _wait_ready(state, rundir, t0 + timeout, log)
     except BaseException:
