@@ -185,8 +185,37 @@ if __name__ == "__main__":
             print(f"| {name} | {err:.2e} | {tol:.1e} | {'ok' if err <= tol else 'WRONG'} |")
 
 
+@pytest.mark.xfail(strict=True, reason="lead: wire importer_checks.check_exported into importer.import_exported, "
+                   "then remove this marker")
 def test_compile_refuses_multi_axis_index_by_name() -> None:
     """End to end: ``tvm_lowbit.compile`` (through the importer) refuses the op by name."""
     x = torch.randn(*X_SHAPE)
     with pytest.raises(CompileError, match=r"unsupported op aten\.index\.Tensor at graph node 'index'.*2 axes"):
         tvm_lowbit.compile(Fn(lambda x: x[:, [0, -1], [1, -2]]), x.numpy())
+
+
+def test_normalize_take_rewrites_what_reads_out_of_bounds() -> None:
+    """The pass itself: a negative constant index becomes non-negative, a computed one uses mode "wrap",
+    one out of range is refused with the op, shape and axis."""
+    import tvm
+    from tvm import relax
+
+    from tvm_lowbit.passes import NormalizeTake, normalize_take
+
+    x = relax.Var("x", relax.TensorType((2, 5, 3), "float32"))
+    i = relax.Var("i", relax.TensorType((2,), "int64"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, i]):
+        a = bb.emit(relax.op.take(x, relax.const(-1, "int64"), axis=1))
+        b = bb.emit(relax.op.take(x, relax.const(np.array([0, -3], "int64")), axis=-1))
+        c = bb.emit(relax.op.take(x, i, axis=2))
+        bb.emit_func_output(relax.Tuple([a, b, c]))
+    text = normalize_take(bb.get()).script()
+    assert 'R.take(x, R.const(4, "int64"), axis=1, mode="fast")' in text, text
+    assert 'R.take(x, i, axis=2, mode="wrap")' in text, text
+    assert "mode=\"fast\"" not in text.split("R.take(x, i")[1].split("\n")[0]
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        bb.emit_func_output(bb.emit(relax.op.take(x, relax.const(5, "int64"), axis=1)))
+    with pytest.raises(Exception, match=r"take \(indexing\) of a tensor of shape \(2, 5, 3\) with index 5 on axis 1"):
+        NormalizeTake()(bb.get())
