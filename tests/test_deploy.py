@@ -139,7 +139,7 @@ def test_hung_board_times_out_on_upload(servers, dummy_lib: Path) -> None:
     assert "failed after 2 attempt(s)" in msg, msg
     assert "upload model.so (64 KiB): no answer in 2 s" in msg
     assert "connect to 127.0.0.1" in msg and "no answer in 2 s" in msg.split("attempt 2:")[1]
-    assert time.monotonic() - t0 < 15
+    assert time.monotonic() - t0 < 50  # 2 s bounds, plus a worker process (spawned, importing TVM) per attempt
 
 
 def test_cli_deploy_fails_fast_without_tracker(capsys) -> None:

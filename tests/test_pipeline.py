@@ -115,7 +115,7 @@ def test_pipeline_has_named_passes() -> None:
     seq = lowering_pipeline(X86)
     assert seq.info.name == "tvm_lowbit.LoweringPipeline"
     assert [p.info.name for p in seq.passes] == [
-        "CanonicalizeBindings", "DeadCodeElimination", "FoldConstant", "tvm_lowbit.FoldRequantize",
+        "tvm_lowbit.NormalizeTake", "CanonicalizeBindings", "DeadCodeElimination", "FoldConstant", "tvm_lowbit.FoldRequantize",
         "tvm_lowbit.LowerIntegerLayers", "tvm_lowbit.ApplyKernelSchedules"]
     assert "tvm_lowbit.LowerIntegerLayers" in str(seq)
 

@@ -143,7 +143,11 @@ def test_corrupted_database_keeps_valid_records(tuned, tmp_path) -> None:
     rec = bad / tune.RECORD_FILE
     lines = rec.read_text().splitlines()
     rec.write_text("\n".join(lines[:-1]) + "\n" + "{not json\n" + lines[-1][: len(lines[-1]) // 2])  # truncated
-    db, report = tune.load_database(bad)
+    before = {p.name: p.read_bytes() for p in bad.iterdir()}
+    _, read = tune.load_database(bad)  # a read drops the damaged record and writes nothing
+    assert read.records == len(lines) - 1 and len(read.bad_lines) == 1 and not read.backups, read.bad_lines
+    assert {p.name: p.read_bytes() for p in bad.iterdir()} == before
+    db, report = tune.load_database(bad, repair=True)
     assert report.records == len(lines) - 1 and len(report.bad_lines) == 2, report.bad_lines
     assert "corrupted" in report.text() and report.backups and report.backups[0].is_file()
     assert len(db.get_all_tuning_records()) == len(lines) - 1
@@ -156,7 +160,7 @@ WRITER = textwrap.dedent("""
     from tvm_lowbit import tune
     src, dst, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
     records = tune.load_database(src)[0].get_all_tuning_records()
-    db = tune._make_shared_database(__import__("pathlib").Path(dst))
+    db = tune.shared_database(__import__("pathlib").Path(dst))
     for _ in range(rounds):
         for r in records:
             db.commit_workload(r.workload.mod)

@@ -265,44 +265,71 @@ def ternarize_per_layer(w: torch.Tensor) -> torch.Tensor:
 # 2-bit packing
 # --------------------------------------------------------------------------------------------
 
+def _codes(a: np.ndarray, lo: int, hi: int, what: str) -> np.ndarray:
+    """``a`` as int64 codes after checking that every value is a finite integer in ``lo..hi``."""
+    a = np.asarray(a)
+    if a.ndim == 0:
+        raise ValueError(f"{what} takes an array [..., L], got a scalar")
+    if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise ValueError(f"{what} takes integer codes, got dtype {a.dtype}")
+    if a.size and np.issubdtype(a.dtype, np.floating):
+        bad = ~np.isfinite(a) | (a != np.round(a))
+        if bad.any():
+            first = a[bad].flat[0]
+            raise ValueError(f"{what} takes integer codes in {lo}..{hi}, got {first!r} "
+                             f"({int(bad.sum())} value(s) not a finite integer)")
+    if a.size and (a.min() < lo or a.max() > hi):
+        first = a[(a < lo) | (a > hi)].flat[0]
+        raise ValueError(f"{what} takes integer codes in {lo}..{hi}, got {first!r}")
+    return a.astype(np.int64)
+
+
+def _packed(packed: np.ndarray, length: int, per_byte: int, what: str) -> np.ndarray:
+    """``packed`` as uint8 after checking it holds bytes and at least ``length`` codes per row."""
+    p = _codes(packed, 0, 255, what).astype(np.uint8)
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+        raise ValueError(f"{what}: length must be a non-negative integer, got {length!r}")
+    if length > per_byte * p.shape[-1]:
+        raise ValueError(f"{what}: length {length} is beyond the data ({p.shape[-1]} byte(s) per row hold "
+                         f"{per_byte * p.shape[-1]} codes)")
+    return p
+
+
 def pack_2bit(t: np.ndarray) -> np.ndarray:
-    """int [..., L] with values in {-1, 0, 1} -> uint8 [..., ceil(L / 4)] (four codes per byte)."""
-    t = np.asarray(t)
-    if t.size and (t.min() < -1 or t.max() > 1):
-        raise ValueError("pack_2bit takes ternary values in {-1, 0, 1}")
-    length = t.shape[-1]
+    """int [..., L] with values in {-1, 0, 1} -> uint8 [..., ceil(L / 4)] (four codes per byte).
+    Anything else (0.5, NaN, 2) is a ``ValueError``: a code is never rounded or dropped silently."""
+    codes = (_codes(t, -1, 1, "pack_2bit (ternary codes)") & 3).astype(np.uint8)
+    length = codes.shape[-1]
     pad = (-length) % 4
-    codes = (t.astype(np.int64) & 3).astype(np.uint8)
     if pad:
-        codes = np.concatenate([codes, np.zeros(t.shape[:-1] + (pad,), np.uint8)], axis=-1)
-    codes = codes.reshape(t.shape[:-1] + (-1, 4))
+        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (pad,), np.uint8)], axis=-1)
+    codes = codes.reshape(codes.shape[:-1] + ((length + pad) // 4, 4))
     return (codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)).astype(np.uint8)
 
 
 def unpack_2bit(packed: np.ndarray, length: int) -> np.ndarray:
-    """uint8 [..., B] -> int8 [..., length]: inverse of :func:`pack_2bit`."""
-    p = np.asarray(packed, dtype=np.uint8)
+    """uint8 [..., B] -> int8 [..., length]: inverse of :func:`pack_2bit` (``length <= 4 * B``)."""
+    p = _packed(packed, length, 4, "unpack_2bit")
     shifts = np.array([6, 4, 2, 0], dtype=np.uint8)  # move code j to the top two bits
     top = (p[..., None] << shifts).astype(np.int8)
     vals = (top >> 6).astype(np.int8)  # arithmetic shift sign-extends the 2-bit code
-    return vals.reshape(p.shape[:-1] + (-1,))[..., :length]
+    return vals.reshape(p.shape[:-1] + (4 * p.shape[-1],))[..., :length]
 
 
 def pack_4bit(q: np.ndarray) -> np.ndarray:
     """4-bit values (signed -8..7 or unsigned 0..15) [..., L] -> uint8 [..., ceil(L/2)], low nibble first."""
-    q = np.asarray(q).astype(np.int64)
-    if q.size and (q.min() < -8 or q.max() > 15):
-        raise ValueError("pack_4bit takes values in -8..15")
-    nib = (q & 15).astype(np.uint8)
+    nib = (_codes(q, -8, 15, "pack_4bit") & 15).astype(np.uint8)
     if nib.shape[-1] % 2:
         nib = np.concatenate([nib, np.zeros(nib.shape[:-1] + (1,), np.uint8)], axis=-1)
-    nib = nib.reshape(nib.shape[:-1] + (-1, 2))
+    nib = nib.reshape(nib.shape[:-1] + (nib.shape[-1] // 2, 2))
     return (nib[..., 0] | (nib[..., 1] << 4)).astype(np.uint8)
 
 
 def unpack_4bit(packed: np.ndarray, length: int, signed: bool) -> np.ndarray:
-    p = np.asarray(packed, dtype=np.uint8)
-    nib = np.stack([p & 15, p >> 4], axis=-1).reshape(p.shape[:-1] + (-1,))[..., :length].astype(np.int16)
+    """uint8 [..., B] -> [..., length] (int8 -8..7 when ``signed``, else uint8 0..15): inverse of :func:`pack_4bit`."""
+    p = _packed(packed, length, 2, "unpack_4bit")
+    nib = np.stack([p & 15, p >> 4], axis=-1).reshape(p.shape[:-1] + (2 * p.shape[-1],))[..., :length]
+    nib = nib.astype(np.int16)
     if signed:
         nib = np.where(nib >= 8, nib - 16, nib)
     return nib.astype(np.int8 if signed else np.uint8)
@@ -313,8 +340,9 @@ def unpack_4bit(packed: np.ndarray, length: int, signed: bool) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 def act_range(bits: int, signed: bool) -> tuple[int, int]:
-    if not 2 <= bits <= 8:
-        raise ValueError(f"activation bits must be in 2..8, got {bits}")
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 8:
+        raise ValueError(f"activation bits must be in 2..8 (an integer), got {bits!r}")
+    bits = int(bits)
     if signed:
         hi = 2 ** (bits - 1) - 1
         return -hi, hi
@@ -335,9 +363,17 @@ def quantize_act(x: torch.Tensor, scale: float, bits: int, signed: bool) -> torc
 
 
 def quantize_act_np(x: np.ndarray, scale: float, bits: int, signed: bool) -> np.ndarray:
-    """NumPy twin of :func:`quantize_act` returning int32 codes."""
+    """NumPy twin of :func:`quantize_act` returning int32 codes. ``scale`` must be a finite float32 > 0 and
+    ``x`` free of NaN (``ValueError`` otherwise: a NaN has no code); +-Inf clip to the end codes."""
     lo, hi = act_range(bits, signed)
-    return np.clip(np.round(np.asarray(x, np.float32) / np.float32(scale)), lo, hi).astype(np.int32)
+    s = np.float32(scale) if np.isfinite(scale) else np.float32(np.nan)
+    if not (np.isfinite(s) and s > 0):
+        raise ValueError(f"quantize_act_np: scale must be a finite positive float32, got {scale!r}")
+    xf = np.asarray(x, np.float32)
+    if np.isnan(xf).any():
+        raise ValueError(f"quantize_act_np: the input {tuple(xf.shape)} holds {int(np.isnan(xf).sum())} NaN value(s)")
+    with np.errstate(over="ignore"):  # x / tiny scale overflowing to +-Inf clips to the end code
+        return np.clip(np.round(xf / s), lo, hi).astype(np.int32)
 
 
 def scale_for_range(clip_value: float, bits: int, signed: bool) -> float:
@@ -529,9 +565,9 @@ def pow2_codes(w_int: np.ndarray | torch.Tensor, code_bits: int | None = None) -
 def pack_pow2(codes: np.ndarray, code_bits: int) -> np.ndarray:
     """uint8 codes [..., L] -> packed uint8 [..., ceil(L * code_bits / 8)] (4-bit: low nibble first)."""
     if code_bits == 4:
-        return pack_4bit(codes)
+        return pack_4bit(_codes(codes, 0, 15, "pack_pow2(code_bits=4)"))
     if code_bits == 8:
-        return np.ascontiguousarray(codes, np.uint8)
+        return np.ascontiguousarray(_codes(codes, 0, 255, "pack_pow2(code_bits=8)"), np.uint8)
     raise ValueError(f"code_bits must be 4 or 8, got {code_bits}")
 
 
@@ -540,7 +576,7 @@ def unpack_pow2(packed: np.ndarray, length: int, code_bits: int) -> np.ndarray:
     if code_bits == 4:
         return unpack_4bit(packed, length, signed=False)
     if code_bits == 8:
-        return np.asarray(packed, np.uint8)[..., :length]
+        return _packed(packed, length, 1, "unpack_pow2")[..., :length]
     raise ValueError(f"code_bits must be 4 or 8, got {code_bits}")
 
 

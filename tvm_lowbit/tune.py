@@ -8,8 +8,10 @@ MetaSchedule JSON database per target under ``tvm_lowbit/schedules/<target>/`` t
 * Database: the two standard files (``database_workload.json``, ``database_tuning_record.json``). Every
   measured record is appended as it arrives, under an exclusive file lock, so an interrupted run loses
   nothing, a rerun only tunes the trials still missing, and two runs on one database keep each other's
-  records. A corrupted or truncated line is detected on load: the valid records are kept, the files are
-  rewritten without the bad lines (originals saved beside them) and the user is told.
+  records. A corrupted or truncated line is detected on load and dropped with a warning. Readers
+  (``compile``'s ``apply_database``) write nothing; a tune (a writer) repairs the files first: new files
+  swapped in under the writers' lock (originals saved beside them), and every writer re-reads the
+  workload numbering under that lock before it appends.
 * Workers: MetaSchedule's default builder imports every tensor intrinsic (the GPU ones take 1-2 minutes
   to parse, in each worker), so the GPU intrinsic modules are stubbed and the build skips that import.
 """
@@ -89,6 +91,7 @@ def _cross_export(cc: str) -> Any:
 
 @contextmanager
 def _locked(directory: Path) -> Iterator[None]:
+    """The writers' lock (tunes appending, a repair swapping the files); readers never take it."""
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -110,19 +113,49 @@ class LoadReport:
         s = f"{self.directory}: {self.records} tuning records over {self.workloads} workloads"
         if self.bad_lines:
             shown = "; ".join(self.bad_lines[:5]) + (" ..." if len(self.bad_lines) > 5 else "")
-            s += (f"; {len(self.bad_lines)} corrupted line(s) dropped ({shown}); the valid records were kept and "
-                  f"the originals saved as {', '.join(p.name for p in self.backups)}")
+            s += f"; {len(self.bad_lines)} corrupted line(s) dropped ({shown})"
+            s += (f"; the valid records were kept and the originals saved as {', '.join(p.name for p in self.backups)}"
+                  if self.backups else f"; the files were left as they are (repair them with "
+                  f"tvm_lowbit.tune.repair_database({str(self.directory)!r}), or tune into the folder)")
         return s
 
 
-def _read_lines(path: Path) -> list[str]:
-    if not path.is_file():
-        return []
-    data = path.read_bytes().decode("utf-8", errors="replace")
-    return data.split("\n")  # a final element that is not "" is a line cut off without its newline
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
-def _parse_files(directory: Path, report: LoadReport) -> tuple[list[Any], list[tuple[int, Any]]]:
+def _lines(data: bytes, complete_only: bool) -> list[str]:
+    """The lines of a database file; with ``complete_only`` a last line without its newline (a writer is
+    appending it right now) is left out, else it is kept (and found damaged if it is cut off)."""
+    text = data.decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    tail = lines.pop()  # "" after a final newline; else a line cut off without its newline
+    if tail and not complete_only:
+        lines.append(tail)
+    return lines
+
+
+def _snapshot(directory: Path, under_lock: bool) -> tuple[list[str], list[str]]:
+    """(workload lines, record lines) that belong together. Appends never break this: records are read
+    before workloads, and a tune appends a record's workload before the record. A repair swaps both files
+    (new inodes): a reader that saw a swap under its feet reads again."""
+    wl, rec = directory / WORKLOAD_FILE, directory / RECORD_FILE
+    for _ in range(20):
+        before = (_file_id(wl), _file_id(rec))
+        rec_data = rec.read_bytes() if rec.is_file() else b""
+        wl_data = wl.read_bytes() if wl.is_file() else b""
+        if under_lock or (_file_id(wl), _file_id(rec)) == before:
+            return _lines(wl_data, not under_lock), _lines(rec_data, not under_lock)
+        time.sleep(0.05)
+    raise TuneError(f"{directory}: the tuning database kept being replaced while it was read; try again")
+
+
+def _parse_files(directory: Path, report: LoadReport, under_lock: bool = False
+                 ) -> tuple[list[Any], list[tuple[int, Any]]]:
     """Valid workloads and (workload index, record) pairs; bad lines go into ``report.bad_lines``."""
     from tvm.s_tir import meta_schedule as ms
 
@@ -132,10 +165,11 @@ def _parse_files(directory: Path, report: LoadReport) -> tuple[list[Any], list[t
     # the records are parsed, or every tensorized record would read as damaged
     kernels.register_intrinsics()
 
+    wl_lines, rec_lines = _snapshot(directory, under_lock)
     workloads: list[Any] = []
     valid: dict[int, int] = {}  # record files index workloads by their non-empty line number
     n = -1
-    for i, line in enumerate(_read_lines(directory / WORKLOAD_FILE)):
+    for i, line in enumerate(wl_lines):
         if not line.strip():
             continue
         n += 1
@@ -145,7 +179,7 @@ def _parse_files(directory: Path, report: LoadReport) -> tuple[list[Any], list[t
         except Exception as e:  # noqa: BLE001 - any parse failure means a damaged line
             report.bad_lines.append(f"{WORKLOAD_FILE}:{i + 1}: {type(e).__name__}")
     records: list[tuple[int, Any]] = []
-    for i, line in enumerate(_read_lines(directory / RECORD_FILE)):
+    for i, line in enumerate(rec_lines):
         if not line.strip():
             continue
         try:
@@ -159,7 +193,22 @@ def _parse_files(directory: Path, report: LoadReport) -> tuple[list[Any], list[t
     return workloads, records
 
 
+def _swap_in(directory: Path, name: str, text: str) -> None:
+    """Write ``text`` to a fresh file beside ``name`` and rename it over ``name`` (a new inode)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _write_clean(directory: Path, workloads: list[Any], records: list[tuple[int, Any]], report: LoadReport) -> None:
+    """Under the writers' lock: keep the originals as ``*.corrupt-<time>``, swap in files without the bad lines."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in (WORKLOAD_FILE, RECORD_FILE):
         src = directory / name
@@ -167,27 +216,46 @@ def _write_clean(directory: Path, workloads: list[Any], records: list[tuple[int,
             bak = directory / f"{name}.corrupt-{stamp}"
             bak.write_bytes(src.read_bytes())
             report.backups.append(bak)
-    for name, lines in ((WORKLOAD_FILE, [json.dumps(w.as_json()) for w in workloads]),
-                        (RECORD_FILE, [json.dumps([i, _record_json(r)]) for i, r in records])):
-        tmp = directory / f".{name}.tmp"
-        tmp.write_text("".join(ln + "\n" for ln in lines))
-        os.replace(tmp, directory / name)
+    _swap_in(directory, WORKLOAD_FILE, "".join(json.dumps(w.as_json()) + "\n" for w in workloads))
+    _swap_in(directory, RECORD_FILE, "".join(json.dumps([i, _record_json(r)]) + "\n" for i, r in records))
 
 
-def load_database(directory: str | os.PathLike[str], *, repair: bool = True) -> tuple[Any, LoadReport]:
-    """Read a MetaSchedule JSON database into a MemoryDatabase, checking every line. With ``repair``,
-    damaged files are rewritten without the bad lines (originals kept as ``*.corrupt-<time>``)."""
+def repair_database(directory: str | os.PathLike[str]) -> LoadReport:
+    """Rewrite a damaged database without its bad lines, under the lock tunes append under: the clean files
+    are written beside the old ones and renamed over them, so readers see the old or the new files, and a
+    tune re-reads the workload numbering before its next append. The originals are kept as
+    ``*.corrupt-<time>``. Nothing is written when no line is damaged."""
+    d = Path(directory)
+    report = LoadReport(d)
+    if not (d / WORKLOAD_FILE).is_file():
+        return report
+    with _locked(d):
+        workloads, records = _parse_files(d, report, under_lock=True)
+        if report.bad_lines:
+            _write_clean(d, workloads, records, report)
+    report.workloads, report.records = len(workloads), len(records)
+    return report
+
+
+def load_database(directory: str | os.PathLike[str], *, repair: bool = False) -> tuple[Any, LoadReport]:
+    """Read a MetaSchedule JSON database into a MemoryDatabase, checking every line; damaged lines are
+    dropped and listed in the report. A read writes nothing (no lock file, no repair), so it is safe on a
+    read-only folder and beside a running tune. ``repair=True`` first runs :func:`repair_database`."""
     from tvm.s_tir import meta_schedule as ms
 
     d = Path(directory)
-    report = LoadReport(d)
     mem = ms.database.MemoryDatabase()
-    if not (d / WORKLOAD_FILE).is_file():
-        return mem, report
-    with _locked(d):
+    if repair:
+        fixed = repair_database(d)
+        report = LoadReport(d, backups=fixed.backups, bad_lines=fixed.bad_lines)
+        if not (d / WORKLOAD_FILE).is_file():
+            return mem, report
+        workloads, records = _parse_files(d, LoadReport(d))
+    else:
+        report = LoadReport(d)
+        if not (d / WORKLOAD_FILE).is_file():
+            return mem, report
         workloads, records = _parse_files(d, report)
-        if report.bad_lines and repair:
-            _write_clean(d, workloads, records, report)
     for w in workloads:
         mem.commit_workload(w.mod)
     for _, r in records:
@@ -226,8 +294,10 @@ def _record_json(record: Any) -> Any:
     return _plain_json(_ffi_api.TuningRecordAsJSON(record))
 
 
-def _make_shared_database(directory: Path) -> Any:
-    """A Database that keeps records in memory and appends each one to the JSON files under the lock."""
+def shared_database(directory: Path) -> Any:
+    """A Database that keeps records in memory and appends each one to the JSON files under the lock (the
+    database a tune writes). It repairs a damaged database first, and re-reads the workload numbering under
+    the lock before each append, so a repair by another process (new files, new numbering) is followed."""
     from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
 
@@ -235,7 +305,8 @@ def _make_shared_database(directory: Path) -> Any:
     class SharedJSONDatabase(ms.database.PyDatabase):
         def __init__(self) -> None:
             super().__init__()
-            self.mem, self.load_report = load_database(directory)
+            self.mem, self.load_report = load_database(directory, repair=True)
+            self._file: tuple[int, int] | None = None  # the workload file indexed (device, inode)
             self._offset = 0  # bytes of the workload file already indexed
             self._count = 0  # non-empty lines seen so far
             self._index: dict[str, int] = {}
@@ -243,7 +314,10 @@ def _make_shared_database(directory: Path) -> Any:
         def _sync_index(self) -> None:
             path = directory / WORKLOAD_FILE
             if not path.is_file():
+                self._file, self._offset, self._count, self._index = None, 0, 0, {}
                 return
+            if _file_id(path) != self._file or path.stat().st_size < self._offset:  # replaced by a repair
+                self._file, self._offset, self._count, self._index = _file_id(path), 0, 0, {}
             with open(path, "rb") as f:
                 f.seek(self._offset)
                 data = f.read()
@@ -464,7 +538,7 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
                         "(`tvm-lowbit tune --tracker HOST:PORT --key KEY`)")
     prepared = prepare_module(mod, tgt)
     tasks = [t for t in extract_tasks(prepared, tgt) if t.kind is not None or not only_kernels]
-    database = _make_shared_database(directory)
+    database = shared_database(directory)
     load = database.load_report
     if load.bad_lines:
         print(f"warning: {load.text()}", file=sys.stderr)
@@ -561,7 +635,7 @@ def _cached_database(directory: Path) -> tuple[Any, LoadReport]:
                   for f in (directory / WORKLOAD_FILE, directory / RECORD_FILE))
     key = (str(directory.resolve()), stats)
     if key not in _LOADED:
-        db, load = load_database(directory)
+        db, load = load_database(directory)  # a read: no lock, no repair
         if load.bad_lines:
             print(f"warning: {load.text()}", file=sys.stderr)
         _LOADED[key] = (db, load)

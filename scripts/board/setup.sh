@@ -315,6 +315,19 @@ print(platform.machine(), "python", platform.python_version(), "tvm", tvm.__vers
     echo "$out"
 }
 
+BOARD_USER=${BOARD_USER:-tvm-lowbit-board}
+board_user() {  # the unprivileged user board.py runs the boards' RPC servers as, when root starts them
+    if [ "$(id -u)" != 0 ]; then echo "not root: the boards run as $(id -un)"; return; fi
+    if ! id -u "$BOARD_USER" >/dev/null 2>&1; then
+        useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$BOARD_USER" \
+            || { echo "useradd failed: the boards run as root (confined to their work folder)"; return; }
+    fi
+    chmod -R a+rX,go-w "$BOARD_DIR"  # the sysroot, qemu, the wrappers, the bytecode: readable, not writable
+    mkdir -p "$BOARD_DIR/tmp"  # the servers' work folders (TMPDIR): the board user's only writable place
+    chown "$BOARD_USER" "$BOARD_DIR/tmp" && chmod 700 "$BOARD_DIR/tmp"
+    echo "boards started by root run as $BOARD_USER"
+}
+
 main() {
     [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] || die "the emulated board is built on Linux x86_64 hosts only"
     command -v dpkg-deb >/dev/null || die "needs a Debian host (dpkg-deb, apt-get)"
@@ -334,6 +347,7 @@ main() {
     step isa-check isa_check
     step cpu-sysroots cpu_sysroots
     step warm-up warmup
+    step board-user board_user
     log "board ready in $BOARD_DIR ($(du -sh "$BOARD_DIR" | cut -f1), setup $(( $(date +%s) - t0 )) s); start it with:"
     log "  $HOST_PYTHON scripts/board/board.py start"
 }

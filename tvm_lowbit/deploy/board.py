@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import socket
 import struct
@@ -185,11 +186,37 @@ def tagged_processes(rundir: Path) -> list[int]:
     return pids
 
 
-def _spawn(argv: list[str], log: Path, env: dict[str, str]) -> int:
+def _spawn(argv: list[str], log: Path, env: dict[str, str], user: pwd.struct_passwd | None = None) -> int:
+    ids: dict[str, Any] = {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, cwd=log.parent)
+                                start_new_session=True, cwd=log.parent, **ids)
     return proc.pid
+
+
+# the unprivileged user a board's RPC server runs as when root starts it (created by scripts/board/setup.sh)
+BOARD_USER = "tvm-lowbit-board"
+
+
+def board_user(python: Path, script: Path, workdir: Path, log: Any = print) -> pwd.struct_passwd | None:
+    """The user to run the boards as: ``BOARD_USER`` when root starts them and that user can run the board's
+    Python, read the server script and write the work folder; else None (this process's user)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        user = pwd.getpwnam(BOARD_USER)
+    except KeyError:
+        log(f"note: the boards run as root (confined to their work folder); `bash scripts/board/setup.sh` "
+            f"creates the user {BOARD_USER} to run them unprivileged")
+        return None
+    check = subprocess.run(["/bin/sh", "-c", 'test -x "$1" && test -r "$2" && test -w "$3"', "sh", str(python),
+                            str(script), str(workdir)], user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+                           capture_output=True, timeout=30)
+    if check.returncode != 0:
+        log(f"note: the boards run as root: {BOARD_USER} cannot run {python}, read {script} or write {workdir} "
+            "(rerun scripts/board/setup.sh as root)")
+        return None
+    return user
 
 
 def _tail(path: Path, n: int = 15) -> str:
@@ -233,14 +260,20 @@ def start(name: str = "default", target: str = "rasp4b", boards: int = 1, key: s
             state.pids["tracker"] = _spawn(
                 [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(tracker_port),
                  "--port-end", str(tracker_port + 1)], rundir / "tracker.log", {**env, "TVM_USE_RUNTIME_LIB": "1"})
+        server = REPO / "scripts" / "board" / "confined_rpc_server.py"
+        user = board_user(bdir / "bin" / "python3", server, bdir / "tmp", log)
         for i, port in enumerate(ports):
-            argv = [str(bdir / "bin" / "python3"), "-m", "tvm.exec.rpc_server", "--host", host, "--port", str(port),
-                    "--port-end", str(port + 1)]
+            # TVM's server confined to its work folder (scripts/board/confined_rpc_server.py)
+            argv = [str(bdir / "bin" / "python3"), str(server),
+                    "--host", host, "--port", str(port), "--port-end", str(port + 1)]
             if tracker_port is not None:
                 argv += ["--tracker", f"{host}:{tracker_port}", "--key", key]
             else:
                 argv += ["--key", key]
-            state.pids[f"board-{i}"] = _spawn(argv, rundir / f"board-{i}.log", {**env, "BOARD_CPU": cpu})
+            confine = os.pathsep.join(p for p in (str(REPO / "scripts" / "board" / "confine"),
+                                                  env.get("PYTHONPATH")) if p)
+            state.pids[f"board-{i}"] = _spawn(argv, rundir / f"board-{i}.log",
+                                              {**env, "BOARD_CPU": cpu, "PYTHONPATH": confine}, user)
         (rundir / "state.json").write_text(json.dumps(asdict(state), indent=2))
         _wait_ready(state, rundir, t0 + timeout, log)
     except BaseException:

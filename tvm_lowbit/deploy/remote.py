@@ -9,11 +9,17 @@ Every network step is bounded: waiting for a tracker or a free board (``wait_s``
 away or stops answering is retried with a fresh session ``retries`` times, then a ``DeployError`` says what
 failed where. The server is also asked to end the session after ``session_timeout_s``, so a client that dies
 never keeps a board busy.
+
+The watchdog: each attempt runs its RPC session in a worker process (``multiprocessing``, spawn) that reports
+every step to this process. A step that gets no answer in time ends with the worker killed (SIGKILL): a
+session stuck in TVM's RPC code (a stopped board; a destructor waiting on the session's mutex) is abandoned
+without being waited on, and the kernel closes its socket, which ends the session on the board.
 """
 
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import tempfile
 import threading
@@ -205,6 +211,9 @@ def _run_once(lib: Path, x: np.ndarray, board: Board, key: str, repeat: int,
                                                                        repeat=max(repeat, 1), min_repeat_ms=0))
         res = remote(f"time {repeat} runs", lambda: timer("main"))
         times = [1e3 * float(t) for t in res.results]
+        # drop every remote handle: a board serves one session at a time
+        sess = rlib = dev = vm = x_dev = timer = None  # noqa: F841
+        gc.collect()
         return RemoteRun(out, times, upload_s, 1, board.describe(key))
     except DeployError:
         raise
@@ -214,21 +223,102 @@ def _run_once(lib: Path, x: np.ndarray, board: Board, key: str, repeat: int,
             raise BoardLost(f"the board's session ended during '{step}' ({msg}); the board went away, or the model "
                             "crashed it (an instruction its CPU lacks? check the target)") from e
         raise DeployError(f"'{step}' failed on the board: {msg}") from e
+    # on failure the handles are not released here: a dead session's destructor may wait forever on its
+    # mutex; the worker process exits without running them (see _worker)
+
+
+# The worker process: spawn start-up (importing TVM) may take this long on a loaded machine
+WORKER_START_S = 120.0
+# the watchdog waits this much longer than a step's own bound, so the worker's clearer error comes first
+WATCHDOG_GRACE_S = 10.0
+
+
+def _worker(conn: Any, lib: str, x: np.ndarray, board: Board, key: str, repeat: int) -> None:
+    """One attempt in a worker process: every step and the result (or the error) go to ``conn``."""
+    try:
+        run = _run_once(Path(lib), x, board, key, repeat, lambda step: conn.send(("step", step)))
+        conn.send(("ok", run))
+    except BaseException as e:  # noqa: BLE001 - every failure goes to the parent
+        try:
+            conn.send(("error", e))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle
+            conn.send(("error", DeployError(_first_line(e))))
+    conn.close()
+    os._exit(0)  # no destructors: a dead session's would wait on its mutex
+
+
+def _step_limit(board: Board, step: str) -> float:
+    if step == "connect":  # the tracker wait, the connection, the tracker's request
+        return board.wait_s + 2 * board.connect_timeout_s + WATCHDOG_GRACE_S
+    return board.step_timeout_s + WATCHDOG_GRACE_S
+
+
+def _end(proc: Any) -> None:
+    """The worker is gone when this returns: it has exited, or it was killed."""
+    proc.join(2.0)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(10.0)
+
+
+def _run_watched(lib: Path, x: np.ndarray, board: Board, key: str, repeat: int,
+                 on_step: Callable[[str], None]) -> RemoteRun:
+    """One attempt (:func:`_run_once`) in a worker process that is killed when a step gets no answer in time."""
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker, args=(send, str(lib), x, board, key, repeat), daemon=True,
+                       name=f"tvm-lowbit RPC to {board.describe(key)}")
+    proc.start()
+    send.close()
+    step, limit = "start the RPC worker process", WORKER_START_S
+    try:
+        while True:
+            if not recv.poll(limit):
+                raise StepTimeout(f"{step}: no answer in {limit:g} s (the RPC worker process was killed)")
+            try:
+                kind, value = recv.recv()
+            except EOFError:
+                proc.join(5.0)
+                raise BoardLost(f"the RPC worker process died during '{step}' (exit code {proc.exitcode})") from None
+            if kind == "step":
+                step, limit = value, _step_limit(board, value)
+                on_step(value)
+            elif kind == "ok":
+                return value
+            else:
+                raise value
     finally:
-        # drop every remote handle: a board serves one session at a time
-        sess = rlib = dev = vm = x_dev = timer = None  # noqa: F841
-        gc.collect()
+        _end(proc)
+        recv.close()
+
+
+def _precheck(board: Board, key: str) -> None:
+    """``BoardUnavailable`` when no board can be reached (the tracker's list, or a TCP connection)."""
+    if board.tracker:
+        wait_for_board(board.tracker, key, board.wait_s)
+        return
+    import socket
+
+    try:
+        with socket.create_connection((board.host, board.port), timeout=board.connect_timeout_s):
+            pass
+    except OSError as e:
+        raise BoardUnavailable(f"cannot connect to the RPC server {board.host}:{board.port}: {type(e).__name__}: {e} "
+                               "(is it running? a server registered with a tracker only takes connections "
+                               "through the tracker: pass --tracker)") from e
 
 
 def run_remote(lib: str | os.PathLike[str], x: np.ndarray, board: Board, key: str, *, repeat: int = 10,
                on_step: Callable[[str], None] = lambda _s: None) -> RemoteRun:
     """Upload ``lib`` (an exported model.so for the board), run it on ``x``, time ``repeat`` runs.
-    Lost boards and timeouts are retried ``board.retries`` times with a new session."""
+    Lost boards and timeouts are retried ``board.retries`` times with a new session; each attempt runs in a
+    worker process under a watchdog (see the module docstring), so no step waits longer than its bound."""
     lib = Path(lib)
     errors: list[str] = []
+    _precheck(board, key)  # here, in a few seconds, before a worker process starts
     for attempt in range(1, board.retries + 2):
         try:
-            run = _run_once(lib, np.ascontiguousarray(x), board, key, repeat, on_step)
+            run = _run_watched(lib, np.ascontiguousarray(x), board, key, repeat, on_step)
             run.attempts = attempt
             return run
         except BoardUnavailable as e:

@@ -4,6 +4,8 @@
     >>> print(lowering_pipeline(target))          # the passes, in order
     >>> mod, report = run_pipeline(mod, target, infos)
 
+0. ``tvm_lowbit.NormalizeTake`` (:mod:`.normalize_take`): every ``take`` reads inside its tensor (the importer's
+   ``x[:, -1]`` is a negative index in mode "fast", an out-of-bounds read);
 1. ``relax.transform.CanonicalizeBindings`` and ``DeadCodeElimination``: drop the dead tuple members
    importers leave (e.g. the constant indices of torch's max_pool2d_with_indices);
 2. ``relax.transform.FoldConstant``;
@@ -27,6 +29,7 @@ from tvm_lowbit.passes.apply_kernel_schedules import ApplyKernelSchedules
 from tvm_lowbit.passes.fold_requantize import FoldRequantize
 from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.passes.lower_integer_layers import LowerIntegerLayers
+from tvm_lowbit.passes.normalize_take import NormalizeTake
 from tvm_lowbit.passes.report import LoweringReport
 
 FUNC_NAME = "main"
@@ -34,9 +37,10 @@ FUNC_NAME = "main"
 
 def lowering_passes(target: tvm.target.Target | None, infos: dict[str, LayerInfo] | None = None, *,
                     expose_acc: bool = False, report: LoweringReport | None = None) -> list[tvm.transform.Pass]:
-    """Steps 1-4 of the pipeline (no schedules): canonicalize, fold constants and re-quantizers, lower."""
+    """Steps 0-4 of the pipeline (no schedules): take indices, canonicalize, fold constants and re-quantizers, lower."""
     report = report if report is not None else LoweringReport()
     return [
+        NormalizeTake(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.DeadCodeElimination([FUNC_NAME]),
         relax.transform.FoldConstant(),
