@@ -185,8 +185,6 @@ if __name__ == "__main__":
             print(f"| {name} | {err:.2e} | {tol:.1e} | {'ok' if err <= tol else 'WRONG'} |")
 
 
-@pytest.mark.xfail(strict=True, reason="lead: wire importer_checks.check_exported into importer.import_exported, "
-                   "then remove this marker")
 def test_compile_refuses_multi_axis_index_by_name() -> None:
     """End to end: ``tvm_lowbit.compile`` (through the importer) refuses the op by name."""
     x = torch.randn(*X_SHAPE)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tvm_lowbit.errors import CompileError
+from tvm_lowbit.importer_checks import check_exported
 from tvm_lowbit.passes.layer_info import LayerInfo, weight_key
 from tvm_lowbit.quantizers.layers import quant_layers
 
@@ -41,6 +42,7 @@ def import_exported(ep: Any) -> Any:
     """A ``torch.export`` program as a Relax module (weights bound as constants)."""
     from tvm.relax.frontend.torch import from_exported_program
 
+    check_exported(ep)  # ops the importer would miscompile are refused by name
     try:
         with EXPORT_LOCK:  # it runs the program's decompositions (torch.export machinery again)
             return from_exported_program(ep, keep_params_as_input=False)

@@ -87,10 +87,11 @@ def build(mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None, input_
     pipeline = lowering_pipeline(tgt, infos, expose_acc=expose_acc, report=report, schedule_passes=tuned)
     try:
         mod = pipeline(mod)
-    except tvm.error.TVMError as e:  # a CompileError raised inside a pass arrives wrapped
-        if isinstance(e.__cause__, CompileError):
-            raise e.__cause__ from None
-        raise
+    except Exception as e:  # a CompileError raised inside a pass arrives as a RuntimeError with its message
+        if isinstance(e, CompileError):
+            raise
+        msg = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        raise CompileError(f"lowering for {spec.name} failed: {msg[-1] if msg else type(e).__name__}") from e
     if verbose and tuning is not None:
         print(tuning.text())
     if not expose_acc:
