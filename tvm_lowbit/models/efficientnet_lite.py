@@ -11,6 +11,7 @@ size it runs at.  Preprocessing is TensorFlow's for the Lite models: ``(pixel - 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 
 import numpy as np
@@ -42,3 +43,21 @@ def normalize(images: np.ndarray) -> torch.Tensor:
         raise ValueError(f"EfficientNet-Lite2 takes {SIZE}x{SIZE} RGB images ([n, {SIZE}, {SIZE}, 3]), got "
                          f"{list(imgs.shape)}: make the views with photos.views(split, {SIZE}, per_photo)")
     return torch.from_numpy(np.ascontiguousarray(((imgs - MEAN) / STD).transpose(0, 3, 1, 2)))
+
+
+def explicit_padding(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` where every ``Conv2dStaticSamePadding`` (an ``nn.Conv2d`` subclass that pads in
+    its own ``forward``) is replaced by ``nn.Sequential(its ZeroPad2d, a plain nn.Conv2d)`` with the same
+    weights: the same function, written as a quantizer that replaces conv classes expects.  A user-side
+    workaround for the benchmark, to measure what comes after that failure; not how the zoo model is used."""
+    out = copy.deepcopy(model)
+    for name, mod in list(out.named_modules()):
+        if type(mod).__name__ != "Conv2dStaticSamePadding":
+            continue
+        conv = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                         mod.dilation, mod.groups, bias=mod.bias is not None)
+        conv.load_state_dict(mod.state_dict(), strict=False)
+        pad = mod.static_padding if isinstance(mod.static_padding, nn.ZeroPad2d) else nn.Identity()
+        parent_name, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent_name) if parent_name else out, child, nn.Sequential(pad, conv))
+    return out.eval()

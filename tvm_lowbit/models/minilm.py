@@ -8,15 +8,21 @@
   and tokenized by the small BERT tokenizer below (lower-casing, accent stripping, punctuation split,
   greedy longest-match WordPiece), which is all plain English sentences need.
 * The embedding: mean of the token embeddings over the attention mask (sentence-transformers' pooling).
+* :class:`MiniLM`: the same encoder in PyTorch with the ONNX file's weights (``load_torch``), for
+  ``tvm_lowbit.quantize``; :class:`PackedMiniLM` wraps it into one float input ``[n, 2, seq]``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import unicodedata
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 SENTENCES = (
     "The cat sat quietly on the warm windowsill, watching the birds outside.",
@@ -35,6 +41,25 @@ SENTENCES = (
     "The recipe calls for two cups of flour and a pinch of salt.",
     "Our team won the match in the final minute.",
     "She translated the letter from Portuguese into English.",
+)
+# held apart from SENTENCES: what quantizers calibrate on
+CALIB_SENTENCES = (
+    "The museum opens at nine and closes early on Sundays.",
+    "A gentle breeze carried the smell of fresh bread down the street.",
+    "The software update fixed a bug that crashed the application.",
+    "Two dogs chased each other across the snowy field.",
+    "The committee postponed its decision until next month.",
+    "She poured green tea into a chipped ceramic cup.",
+    "The bridge was closed for repairs after the storm.",
+    "Scientists observed a distant galaxy with the new telescope.",
+    "He practiced the violin every evening after dinner.",
+    "The restaurant serves fresh fish caught that morning.",
+    "Traffic was heavy on the highway during the holiday weekend.",
+    "The library added hundreds of new books to its collection.",
+    "A flock of geese flew south over the frozen lake.",
+    "The students presented their robotics project to the judges.",
+    "Heavy snow delayed flights at the airport overnight.",
+    "The painter mixed blue and yellow to get a soft green.",
 )
 MAX_LEN = 32
 
@@ -178,3 +203,109 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity of two ``[n, d]`` arrays."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     return (a64 * b64).sum(1) / np.clip(np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1), 1e-30, None)
+
+
+# --------------------------------------------------------------------------------------------
+# The same network in PyTorch (weights read from the ONNX file), for tvm_lowbit.quantize
+# --------------------------------------------------------------------------------------------
+
+HEADS = 12  # paraphrase-MiniLM-L3-v2: hidden 384 = 12 heads x 32
+LN_EPS = 1e-12
+
+
+class _Layer(nn.Module):
+    def __init__(self, d: int, ff: int) -> None:
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.attn_out, self.attn_norm = nn.Linear(d, d), nn.LayerNorm(d, eps=LN_EPS)
+        self.intermediate, self.output = nn.Linear(d, ff), nn.Linear(ff, d)
+        self.out_norm = nn.LayerNorm(d, eps=LN_EPS)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        n, s, d = x.shape
+        hd = d // HEADS
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(n, s, HEADS, hd).transpose(1, 2)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + bias, dim=-1)
+        ctx = (att @ v).transpose(1, 2).reshape(n, s, d)
+        x = self.attn_norm(self.attn_out(ctx) + x)
+        return self.out_norm(self.output(F.gelu(self.intermediate(x))) + x)
+
+
+class MiniLM(nn.Module):
+    """BERT encoder: ``forward(input_ids, attention_mask)`` -> token embeddings ``[n, seq, 384]``."""
+
+    def __init__(self, vocab: int = 30522, d: int = 384, ff: int = 1536, layers: int = 3, max_pos: int = 512) -> None:
+        super().__init__()
+        self.word = nn.Embedding(vocab, d)
+        self.position = nn.Embedding(max_pos, d)
+        self.token_type = nn.Embedding(2, d)
+        self.emb_norm = nn.LayerNorm(d, eps=LN_EPS)
+        self.layers = nn.ModuleList(_Layer(d, ff) for _ in range(layers))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.long()
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        x = self.emb_norm(self.word(ids) + self.position(pos)[None] + self.token_type.weight[0])
+        bias = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * torch.finfo(x.dtype).min
+        for layer in self.layers:
+            x = layer(x, bias)
+        return x
+
+
+class PackedMiniLM(nn.Module):
+    """One float input ``[n, 2, seq]`` (token ids and attention mask, as floats) -> mean-pooled
+    sentence embeddings ``[n, 384]``: the single-float-tensor form that ``tvm_lowbit.quantize`` and
+    ``tvm_lowbit.compile`` take today (ids up to 30522 are exact in float32)."""
+
+    def __init__(self, encoder: MiniLM) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        ids, mask = packed[:, 0].long(), packed[:, 1]
+        tokens = self.encoder(ids, mask)
+        m = mask[:, :, None]
+        return (tokens * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def pack(feed: dict[str, np.ndarray]) -> torch.Tensor:
+    """``{"input_ids", "attention_mask"}`` -> the float ``[n, 2, seq]`` input of :class:`PackedMiniLM`."""
+    return torch.from_numpy(np.stack([feed["input_ids"], feed["attention_mask"]], 1).astype(np.float32))
+
+
+def load_torch(path: str | Path | None = None) -> MiniLM:
+    """:class:`MiniLM` with the weights of the ONNX file (linear weights are the MatMul constants, in
+    graph order q, k, v, attention output, intermediate, output per layer)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path or onnx_path()))
+    init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    prefix = "model.0.auto_model."
+    model = MiniLM()
+    sd: dict[str, torch.Tensor] = {}
+    for ours, theirs in (("word", "word_embeddings"), ("position", "position_embeddings"),
+                         ("token_type", "token_type_embeddings")):
+        sd[f"{ours}.weight"] = torch.from_numpy(init[f"{prefix}embeddings.{theirs}.weight"].copy())
+    sd["emb_norm.weight"] = torch.from_numpy(init[f"{prefix}embeddings.LayerNorm.weight"].copy())
+    sd["emb_norm.bias"] = torch.from_numpy(init[f"{prefix}embeddings.LayerNorm.bias"].copy())
+    mats = [n.input[1] for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in init]
+    names = ("query", "key", "value", "attn_out", "intermediate", "output")
+    theirs = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+              "intermediate.dense", "output.dense")
+    if len(mats) != len(names) * len(model.layers):
+        raise ValueError(f"{path or onnx_path()}: expected {len(names) * len(model.layers)} weight MatMuls, "
+                         f"found {len(mats)}: not paraphrase-MiniLM-L3-v2")
+    for i in range(len(model.layers)):
+        for j, (ours, th) in enumerate(zip(names, theirs)):
+            sd[f"layers.{i}.{ours}.weight"] = torch.from_numpy(init[mats[i * 6 + j]].T.copy())
+            sd[f"layers.{i}.{ours}.bias"] = torch.from_numpy(init[f"{prefix}encoder.layer.{i}.{th}.bias"].copy())
+        for ours, th in (("attn_norm", "attention.output.LayerNorm"), ("out_norm", "output.LayerNorm")):
+            for p in ("weight", "bias"):
+                sd[f"layers.{i}.{ours}.{p}"] = torch.from_numpy(init[f"{prefix}encoder.layer.{i}.{th}.{p}"].copy())
+    model.load_state_dict(sd)
+    return model.eval()
