@@ -437,7 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-views", type=int, default=None, help="views per evaluation photo (default 8; 4 quick)")
     ap.add_argument("--calib-views", type=int, default=None, help="views per calibration photo (default 8; 4 quick)")
     ap.add_argument("--batch", type=int, default=8, help="batch the compiled models are built for")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of these --json files "
+                    "(merged, in order; with --json, also write the merged rows there)")
     a = ap.parse_args(argv)
+    if a.table:
+        merged = [Row(**r) for f in a.table for r in json.loads(Path(f).read_text())["rows"]]
+        if a.json:
+            Path(a.json).write_text(json.dumps({"rows": [r.as_dict() for r in merged]}, indent=1))
+        print_table(merged)
+        return 0
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     variants = [v.strip() for v in (a.variants or ",".join(VARIANTS[:-1] if a.quick else VARIANTS)).split(",")]
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]

@@ -165,3 +165,44 @@ def test_resnet18_fgq_compiles_for_x86_and_agrees() -> None:
     agree, diff = _fgq_compile_agreement("resnet18")
     assert agree == 100.0
     assert diff < 1.0  # the logits are O(1); bit-exact integer parts would give float-rounding-level diffs
+
+
+# ---------------------------------------------------------------------------- what fails today (issue 16)
+
+@needs["eff"]
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "issue 16 item 1: quantize replaces the nn.Conv2d subclass Conv2dStaticSamePadding (TensorFlow 'same' "
+    "padding in its own forward) and drops that forward: 'RuntimeError: The size of tensor a (12) must match "
+    "the size of tensor b (14)' in quantizers/calibrate.py run_batches"))
+def test_same_padding_conv_subclass_quantizes_and_compiles() -> None:
+    import tvm_lowbit
+    from efficientnet_lite_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    m = EfficientNet.from_name("efficientnet-lite0", image_size=64).eval()  # third-party code, small size
+    x = torch.randn(8, 3, 64, 64)
+    q = tvm_lowbit.quantize(m, tvm_lowbit.FGQ(group_size=4), x, progress=False)
+    with torch.no_grad():
+        want = q(x).numpy()
+    assert want.shape == (8, 1000)
+    got = tvm_lowbit.compile(q, x.numpy(), "x86-host").run(x.numpy())
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+@needs["vocab"]
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+    "issue 16 item 1: calibration data must be one float tensor; a two-input encoder fed [(input_ids, "
+    "attention_mask)] fails: 'the model failed on a calibration batch of shape (4, 32): TypeError: "
+    "MiniLM.forward() missing 1 required positional argument: attention_mask' (quantizers/fgq.py)"))
+def test_minilm_quantizes_with_token_ids_and_mask() -> None:
+    import tvm_lowbit
+    from tvm_lowbit.models import minilm
+
+    enc = minilm.load_torch()
+    feed = minilm.inputs(minilm.CALIB_SENTENCES[:4])
+    ids, mask = torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"])
+    q = tvm_lowbit.quantize(enc, tvm_lowbit.FGQ(group_size=4), [(ids, mask)], progress=False)
+    with torch.no_grad():
+        emb = minilm.mean_pool(q(ids, mask).numpy(), feed["attention_mask"])
+        ref = minilm.mean_pool(enc(ids, mask).numpy(), feed["attention_mask"])
+    assert minilm.cosines(emb, ref).min() > 0.5
