@@ -164,7 +164,9 @@ def _fgq_compile_agreement(arch: str) -> tuple[float, float]:
 def test_resnet18_fgq_compiles_for_x86_and_agrees() -> None:
     agree, diff = _fgq_compile_agreement("resnet18")
     assert agree == 100.0
-    assert diff < 1.0  # the logits are O(1); bit-exact integer parts would give float-rounding-level diffs
+    # integer parts bit-exact: only the float epilogues may round differently (measured 3.3e-6 here;
+    # at 64x64 the benchmark sees 0.057 on the same architecture, docs/results-models.md)
+    assert diff < 1e-4
 
 
 # ---------------------------------------------------------------------------- what fails today (issue 16)
