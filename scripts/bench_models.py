@@ -458,7 +458,8 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         err = (r.error or "")
         print(f"{r.model:<22} {r.variant:<9} {r.target:<6} {r.metric:<10} {_fmt(r.value, 3 if r.metric == 'cos_min' else 1):>8} "
-              f"{_fmt(r.avg_weight_bits):>6} {_fmt(r.quantize_s, 1):>8} {_fmt(r.compiled_agree, 1):>10} "
+              f"{_fmt(r.avg_weight_bits):>6} {_fmt(r.quantize_s, 1):>8} "
+              f"{_fmt(r.compiled_agree, 4 if r.metric == 'cos_min' else 1):>10} "
               f"{_fmt(r.kl, 4):>8}  {err}")
 
 
