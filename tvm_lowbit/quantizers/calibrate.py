@@ -11,7 +11,6 @@ effect of clipping where it matters).  Signedness is read off the data: a layer 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -20,10 +19,13 @@ from torch import nn
 from tqdm import tqdm
 
 from tvm_lowbit import qmath
+from tvm_lowbit.quantizers import inputs
+from tvm_lowbit.quantizers.inputs import iterate_batches
 from tvm_lowbit.quantizers.layers import QuantLayer
 
 CalibMethod = Literal["minmax", "percentile", "mse", "mse_out"]
 CALIB_METHODS: tuple[str, ...] = ("minmax", "percentile", "mse", "mse_out")
+INPUT_METHODS: tuple[str, ...] = ("minmax", "percentile", "mse")  # methods that need only the input samples
 OUT_IMAGES = 64  # calibration inputs kept per layer for ``mse_out``
 _GRID = np.linspace(0.02, 1.0, 80)  # candidate clips, as fractions of the largest magnitude seen
 _MAX_SAMPLES = 1 << 17  # values kept per layer for percentile/MSE (a random subsample)
@@ -121,37 +123,14 @@ def clip_value_output(layer: QuantLayer, inputs: torch.Tensor, lo: float, hi: fl
     return peak * float(_GRID[int(np.argmin(errs))])
 
 
-def iterate_batches(calib: object, batch_size: int) -> Iterator[torch.Tensor]:
-    """Calibration data as float32 batches: an array/tensor [n, ...] or an iterable of batches
-    (tensors, arrays, or (input, label) pairs as a DataLoader yields)."""
-    if isinstance(calib, np.ndarray):
-        calib = torch.from_numpy(calib)
-    if isinstance(calib, torch.Tensor):
-        if calib.dim() == 0 or calib.shape[0] == 0:
-            raise ValueError("calibration data is empty: pass a few hundred representative inputs")
-        for i in range(0, calib.shape[0], batch_size):
-            yield calib[i:i + batch_size].float()
-        return
-    if isinstance(calib, Iterable):
-        n = 0
-        for b in calib:
-            if isinstance(b, (tuple, list)):
-                b = b[0]
-            yield torch.as_tensor(b).float()
-            n += 1
-        if n == 0:
-            raise ValueError("calibration data is empty: pass a few hundred representative inputs")
-        return
-    raise TypeError(f"calibration data must be an array, a tensor or an iterable of batches, got {type(calib).__name__}")
-
-
 def run_batches(model: nn.Module, calib: object, batch_size: int, desc: str, progress: bool) -> int:
+    """Run ``model`` over the calibration data (``inputs.iterate_batches``); returns the input count."""
     count = 0
     batches = list(iterate_batches(calib, batch_size))
     with torch.no_grad():
         for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            model(b)
-            count += b.shape[0]
+            inputs.call(model, b)
+            count += inputs.batch_len(b)
     return count
 
 

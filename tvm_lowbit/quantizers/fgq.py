@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from tvm_lowbit import qmath
-from tvm_lowbit.quantizers import calibrate, surgery
+from tvm_lowbit.quantizers import calibrate, inputs, surgery
 from tvm_lowbit.quantizers.config import SchemeConfig
-from tvm_lowbit.quantizers.surgery import execution_order
+from tvm_lowbit.quantizers.surgery import analyze
 
 LAYER_POLICIES = ("float", "fgq")
 _LAYER_KEYS = ("group_size", "act_bits", "threshold", "alpha_bits", "calibration", "percentile")
@@ -131,46 +132,44 @@ def _choose(order: list[str], config: FGQ) -> dict[str, FGQ]:
     return chosen
 
 
-def selected_layers(model: nn.Module, config: FGQ, example: torch.Tensor) -> dict[str, FGQ]:
+def selected_layers(model: nn.Module, config: FGQ, example: object) -> dict[str, FGQ]:
     """Layer name -> effective settings, for the Conv2d/Linear layers ``config`` would quantize
-    (in execution order; ``example`` is one input batch)."""
-    was_training = model.training
-    model.eval()
-    try:
-        return _choose(execution_order(model, example), config)
-    finally:
-        model.train(was_training)
+    (in execution order; ``example`` is one input batch: a tensor, tuple or dict)."""
+    return _choose(analyze(model, inputs.as_batch(example)).order, config)
 
 
 def quantize_fgq(model: nn.Module, config: FGQ, calib_data: object, *, inplace: bool = False,
                  progress: bool = True) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize() takes a torch.nn.Module, got {type(model).__name__}")
-    first_batch = next(calibrate.iterate_batches(calib_data, config.batch_size))
+    first_batch = next(inputs.iterate_batches(calib_data, config.batch_size))
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
-    try:
-        order = execution_order(qmodel, first_batch[:1])
-    except Exception as e:
-        raise ValueError(f"the model failed on a calibration batch of shape {tuple(first_batch.shape)}: "
-                         f"{type(e).__name__}: {e}") from e
+    graph = analyze(qmodel, inputs.take(first_batch, 0, 1))
+    order = graph.order
     if not order:
-        raise ValueError("the model has no quantizable layer (no nn.Conv2d or nn.Linear is called in forward)")
+        why = "; ".join(str(s) for s in graph.skipped[:4])
+        raise ValueError("the model has no quantizable layer (no nn.Conv2d or nn.Linear weight use is called in "
+                         f"forward){': ' + why if why else ''}")
     chosen = _choose(order, config)
     if not chosen:
         raise ValueError(f"no layer left to quantize: all {len(order)} Conv2d/Linear layers are kept in float by "
                          "first_layer/last_layer/overrides; relax the policy (e.g. first_layer='fgq')")
 
     weights = {}
-    for name, cfg in chosen.items():
-        w = qmodel.get_submodule(name).weight.detach()
+    bar = tqdm(chosen.items(), desc="ternarizing weights", disable=not progress, leave=False)
+    for name, cfg in bar:
+        w = graph.uses[name].weight
         if not torch.isfinite(w).all():
             raise ValueError(f"layer {name!r}: weight {tuple(w.shape)} holds NaN/Inf values; fix or retrain the "
                              f"model, or keep the layer in float with overrides={{{name!r}: 'float'}}")
         weights[name] = qmath.ternarize_weight(w, cfg.group_size, cfg.threshold, cfg.alpha_bits)  # type: ignore[arg-type]
-    return surgery.build_fake_quant(
+    why = {n: "kept float by first_layer/last_layer/overrides" for n in order if n not in chosen}
+    q = surgery.build_fake_quant(
         qmodel, weights, calib_data, act_bits={n: c.act_bits for n, c in chosen.items()},
         calibration={n: (c.calibration_method(), c.percentile) for n, c in chosen.items()},
         bn_reestimate=config.bn_reestimate, bias_correction=config.bias_correction, batch_size=config.batch_size,
-        progress=progress, inplace=True, reference=model,
+        progress=progress, inplace=True, reference=model, graph=graph, float_layers=why,
         config=config.to_dict())
+    surgery.warn_report(q.tvm_lowbit_report, progress)
+    return q

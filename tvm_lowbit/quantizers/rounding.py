@@ -17,44 +17,71 @@ import torch.nn.functional as F
 from torch import nn
 
 from tvm_lowbit.formats import WeightObject, format_for_recorded
+from tvm_lowbit.quantizers import inputs
+from tvm_lowbit.quantizers.layers import WeightUse, observe_module, unobserve_module
+from tvm_lowbit.quantizers.surgery import analyze
 
 DAMP = 0.01  # H += DAMP * mean(diag H) * I, as GPTQ does, so the Cholesky factor exists
 
 
-def _groups(module: nn.Module) -> int:
-    return module.groups if isinstance(module, nn.Conv2d) else 1
+ROWS_PER_BATCH = 8192  # input rows (conv patches) per layer and batch kept for H: a random subset beyond
 
 
-def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """[groups, rows, d] input rows whose dot product with a weight row [d] gives one output value."""
-    x = x.detach().double()
-    if isinstance(module, nn.Conv2d):
-        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # [B, C*R*S, L]
-        g = module.groups
+def _numeric_padding(use: WeightUse, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(input, numeric padding) equivalent to ``use``'s padding (``"same"``/``"valid"`` resolved)."""
+    if not isinstance(use.padding, str):
+        return x, tuple(use.padding)  # type: ignore[return-value]
+    if use.padding == "valid":
+        return x, (0, 0)
+    kh, kw = use.weight.shape[-2:]
+    th, tw = use.dilation[0] * (kh - 1), use.dilation[1] * (kw - 1)
+    return F.pad(x, [tw // 2, tw - tw // 2, th // 2, th - th // 2]), (0, 0)
+
+
+def _patches(use: WeightUse, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """[groups, rows, d] input rows whose dot product with a weight row [d] gives one output value
+    (at most ``ROWS_PER_BATCH`` rows, a random subset)."""
+    x = x.detach()
+    if use.kind == "conv2d":
+        x, pad = _numeric_padding(use, x)
+        k = tuple(use.weight.shape[-2:])
+        cols = F.unfold(x.float(), k, use.dilation, pad, use.stride)  # [B, C*R*S, L]
+        g = use.groups
         cols = cols.reshape(x.shape[0], g, -1, cols.shape[-1]).permute(1, 0, 3, 2)  # [g, B, L, d]
-        return cols.reshape(g, -1, cols.shape[-1])
-    return x.reshape(1, -1, x.shape[-1])
+        p = cols.reshape(g, -1, cols.shape[-1])
+    else:
+        p = x.float().reshape(1, -1, x.shape[-1])
+    if p.shape[1] > ROWS_PER_BATCH:
+        p = p[:, torch.randperm(p.shape[1], generator=gen)[:ROWS_PER_BATCH]]
+    return p.double()
 
 
-def input_hessians(model: nn.Module, layers: list[str], images: torch.Tensor, batch_size: int = 32
-                   ) -> dict[str, torch.Tensor]:
-    """H = X^T X / rows per layer (and conv group) on the FP32 network: ``[groups, d, d]`` float64."""
+def input_hessians(model: nn.Module, layers: list[str], images: object, batch_size: int = 32,
+                   uses: dict[str, WeightUse] | None = None) -> dict[str, torch.Tensor]:
+    """H = X^T X / rows per layer (and conv group) on the FP32 network: ``[groups, d, d]`` float64.
+    ``images``: calibration inputs (``quantizers.inputs``); ``uses``: each layer's weight use (read
+    off the model when None)."""
     acc: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
+    gen = torch.Generator().manual_seed(0)
+    whole = inputs.gather(images, batch_size)
+    known = uses if uses is not None else analyze(model, inputs.take(whole, 0, 1)).uses
 
-    def hook(m: nn.Module, args: tuple[torch.Tensor, ...], name: str) -> None:
-        p = _patches(m, args[0])
+    def seen(name: str, func: object, args: tuple, kwargs: dict) -> None:
+        p = _patches(known[name], args[0] if args else kwargs["input"], gen)
         acc[name] = acc.get(name, 0) + p.transpose(1, 2) @ p
         rows[name] = rows.get(name, 0) + p.shape[1]
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in layers]
+    mods = {n: model.get_submodule(n) for n in layers if n in known}
+    for n, m in mods.items():
+        observe_module(m, lambda f, a, k, _o, n=n: seen(n, f, a, k))
     try:
         with torch.no_grad():
-            for i in range(0, images.shape[0], batch_size):
-                model(images[i:i + batch_size])
+            for b in inputs.split(whole, batch_size):
+                inputs.call(model, b)
     finally:
-        for h in handles:
-            h.remove()
+        for m in mods.values():
+            unobserve_module(m)
     return {n: acc[n] / rows[n] for n in layers if n in acc}
 
 
