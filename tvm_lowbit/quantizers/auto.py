@@ -90,9 +90,9 @@ _BUDGET_HELP = ("use a number (max top-1 drop in points vs FP32 on the validatio
                 "'agree>=99.5' (min % of predictions equal to FP32's) or 'cos>=0.99' (min cosine of every "
                 "output to FP32's, for embedding models)")
 _BUDGET_OPS = {"drop": "<=", "agree": ">=", "cos": ">="}
-_BUDGET_RANGE = {"drop": (0.0, 100.0, "a top-1 drop in points, 0..100"),
-                 "agree": (0.0, 100.0, "an agreement percentage, 0..100"),
-                 "cos": (-1.0, 1.0, "a cosine, -1..1")}
+_BUDGET_RANGE = {"drop": (0.0, 100.0, "a top-1 drop is a number of points in 0..100"),
+                 "agree": (0.0, 100.0, "agreement is a percentage in 0..100"),
+                 "cos": (-1.0, 1.0, "a cosine is a number in -1..1")}
 
 
 def parse_budget(budget: float | int | str) -> Budget:
@@ -118,7 +118,7 @@ def parse_budget(budget: float | int | str) -> Budget:
         raise TypeError(f"Auto budget {budget!r} ({type(budget).__name__}): {_BUDGET_HELP}")
     lo, hi, what = _BUDGET_RANGE[kind]
     if not math.isfinite(value) or not lo <= value <= hi:
-        raise ValueError(f"Auto budget {budget!r}: the value must be {what}, got {value!r}")
+        raise ValueError(f"Auto budget {budget!r}: {what}, got {value!r}")
     return Budget(kind, value)
 
 
