@@ -304,3 +304,87 @@ def test_bad_budgets_are_one_line_errors_before_any_work(bad: object, match: str
     with pytest.raises(ValueError, match=match) as e:
         Auto(budget=bad)  # the config refuses it: nothing has run yet
     assert "\n" not in str(e.value)
+
+
+# ---- activation calibration and modes ----------------------------------------------------------
+
+def test_entropy_clip_cuts_a_long_tail() -> None:
+    from tvm_lowbit.quantizers.calibrate import clip_value
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(100000, generator=g).abs(), torch.tensor([60.0])])  # one huge outlier
+    c = clip_value(x, 0.0, 60.0, 8, False, "entropy", 99.99)
+    assert 2.0 < c < 20.0  # the outlier is clipped, the bulk kept
+    assert clip_value(x, 0.0, 60.0, 8, False, "minmax", 99.99) == 60.0
+
+
+def test_best_calibration_picks_per_tensor_and_reports_the_method(same_net: tuple[nn.Module, torch.Tensor]) -> None:
+    from tvm_lowbit import qmath
+    from tvm_lowbit.quantizers import calibrate
+
+    model, x = same_net
+    q = quantize(model, FGQ(group_size=4, first_layer="fgq", calibration="best", bn_reestimate=False,
+                            bias_correction=False), x, progress=False)
+    layers = quant_layers(q)
+    rep = calibrate.calibrate_activations(q, layers, x, {n: ("best", 99.99) for n in layers}, progress=False)
+    assert all(r["method"] in calibrate.INPUT_METHODS for r in rep.values())
+    # on a layer input with a long tail, the chosen clip's output error is the smallest of the four methods'
+    layer = layers["pw"]
+    g = torch.Generator().manual_seed(1)
+    xin = torch.relu(torch.randn(8, 12, 7, 7, generator=g)) ** 3
+    samples = xin.flatten()
+    lo, hi = float(xin.min()), float(xin.max())
+    clip, meth = calibrate.clip_value_best(layer, xin, samples, lo, hi, False, 99.99)
+    w = layer.dequantized_weight()
+    ref = F.conv2d(xin, w)
+
+    def out_err(c: float) -> float:
+        s = qmath.scale_for_range(c, 8, False)
+        return float(torch.square(F.conv2d(torch.clamp(torch.round(xin / s), 0, 255) * s, w) - ref).mean())
+
+    errs = {m: out_err(calibrate.clip_value(samples, lo, hi, 8, False, m, 99.99)) for m in calibrate.INPUT_METHODS}
+    assert out_err(clip) == pytest.approx(min(errs.values()), rel=1e-6) and errs[meth] == min(errs.values())
+    assert max(errs.values()) > 2 * min(errs.values())  # the choice matters on this input
+
+
+def test_dynamic_per_token_linear_is_exact_integer_math(bert: nn.Module) -> None:
+    calib = _tokens(16, 0)
+    q = quantize(bert, FGQ(group_size=4, first_layer="fgq", last_layer="fgq", act_mode="dynamic"), calib,
+                 progress=False)
+    layers = quant_layers(q)
+    assert all(m.dynamic for m in layers.values())
+    assert any("per-token dynamic" in n and "stay float when compiled" in n for n in q.tvm_lowbit_report.notes)
+    layer = layers["blocks.0.f2"]
+    got: dict[str, torch.Tensor] = {}
+    h = layer.register_forward_hook(lambda _m, a, o: got.update(x=a[0].detach(), y=o.detach()))
+    with torch.no_grad():
+        q(**_tokens(4, 3))
+    h.remove()
+    x = got["x"].numpy().astype(np.float32)
+    peak = np.abs(x).max(-1, keepdims=True)
+    s = np.where(peak > 0, peak / np.float32(127), np.float32(1)).astype(np.float32)
+    codes = np.clip(np.round(x / s), -127, 127).astype(np.int64)  # independent integer reference
+    acc = codes @ layer.w_int.numpy().astype(np.int64).T
+    y = (acc.astype(np.float32).astype(np.float64) * s.astype(np.float64) * layer.out_scale.numpy().astype(np.float64)
+         + layer.out_bias.numpy().astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(y, got["y"].numpy())
+
+
+def test_act_mode_auto_goes_dynamic_only_where_static_fails(bert: nn.Module) -> None:
+    # an outlier channel in the input of one layer (as BERT's LayerNorm outputs have): static per-tensor fails there
+    model = TinyBert().eval()
+    model.load_state_dict(bert.state_dict())
+    with torch.no_grad():
+        model.blocks[0]["ln1"].weight[3] = 40.0
+    calib, val = _tokens(32, 0), _tokens(16, 1)
+    cfg = dict(group_size=4, first_layer="fgq", last_layer="fgq", bn_reestimate=False)
+    static = quantize(model, FGQ(**cfg), calib, progress=False)
+    auto = quantize(model, FGQ(**cfg, act_mode="auto"), calib, progress=False)
+    dyn = {n for n, m in quant_layers(auto).items() if m.dynamic}
+    assert dyn and dyn != set(quant_layers(auto))
+    assert {"blocks.0.f1"} <= dyn  # the layer fed by the outlier channel
+    with torch.no_grad():
+        ref = model(**val)
+        c_static = F.cosine_similarity(ref, static(**val), dim=-1).mean()
+        c_auto = F.cosine_similarity(ref, auto(**val), dim=-1).mean()
+    assert float(c_auto) > float(c_static)

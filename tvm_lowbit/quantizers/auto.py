@@ -152,6 +152,7 @@ class Auto(SchemeConfig):
     calibration: str = "auto"
     bn_reestimate: bool = True
     bias_correction: bool = True
+    act_mode: str = "static"
     rounding: str = "gptq"
     rounding_images: int = 256
     sensitivity_images: int = 512
@@ -185,6 +186,8 @@ class Auto(SchemeConfig):
             raise ValueError(f"Auto act_bits must be an integer in 2..8, got {self.act_bits!r}")
         if self.calibration not in (*calibrate.CALIB_METHODS, "auto"):
             raise ValueError(f"Auto calibration {self.calibration!r}: use auto or one of {', '.join(calibrate.CALIB_METHODS)}")
+        if self.act_mode not in calibrate.ACT_MODES:
+            raise ValueError(f"Auto act_mode {self.act_mode!r}: use one of {', '.join(calibrate.ACT_MODES)}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"Auto rounding {self.rounding!r}: use one of {', '.join(ROUNDINGS)}")
         if self.max_evals < 1 or self.sensitivity_images < 1 or self.batch_size < 1 or self.rounding_images < 1:
@@ -314,7 +317,8 @@ def build_mixed(model: nn.Module, formats: Mapping[str, str], calib_data: object
         why = {n: f"Auto chose float for {n}" for n, f in formats.items() if parse_format(f).is_float}
         q = build_fake_quant(model, qw, calib, act_bits=cfg.act_bits, calibration=cfg.method(),
                              bn_reestimate=cfg.bn_reestimate, bias_correction=cfg.bias_correction,
-                             batch_size=cfg.batch_size, progress=progress, graph=graph, float_layers=why)
+                             batch_size=cfg.batch_size, progress=progress, graph=graph, float_layers=why,
+                             act_mode=cfg.act_mode)
     q.tvm_lowbit_config = cfg.to_dict()
     return q.eval()
 

@@ -47,7 +47,10 @@ class FGQ(SchemeConfig):
     ResNet-20/Fashion-MNIST).  bn_reestimate: recompute batch-norm
     statistics with the quantized network.  bias_correction: for quantized layers with no batch
     norm right after them (whose output mean BN re-estimation cannot fix), shift the bias by the
-    per-channel mean output difference float - quantized on the calibration data.  first_layer / last_layer: ``float`` (keep in float, as
+    per-channel mean output difference float - quantized on the calibration data (each of the two is
+    kept only if it lowers the output error on held-out calibration inputs).  act_mode: ``static``
+    (calibrated scales, lowered to integer kernels), ``dynamic`` (per-token scales on Linear inputs,
+    stays float when compiled) or ``auto`` (dynamic only on Linear layers where static fails).  first_layer / last_layer: ``float`` (keep in float, as
     most ternary work does) or ``fgq``.  overrides: module-name pattern (fnmatch) -> ``"float"`` to
     keep a layer in float, or a dict of the per-layer keys above; later patterns win.
     """
@@ -63,6 +66,7 @@ class FGQ(SchemeConfig):
     percentile: float = 99.99
     bn_reestimate: bool = True
     bias_correction: bool = True
+    act_mode: str = "static"
     first_layer: str = "float"
     last_layer: str = "float"
     overrides: Mapping[str, Any] = field(default_factory=dict)
@@ -87,6 +91,8 @@ class FGQ(SchemeConfig):
             _check_layer_settings(dict(ov), where=f"FGQ override {pattern!r}")
         if self.batch_size < 1:
             raise ValueError(f"FGQ batch_size must be >= 1, got {self.batch_size}")
+        if self.act_mode not in calibrate.ACT_MODES:
+            raise ValueError(f"FGQ act_mode {self.act_mode!r}: use one of {', '.join(calibrate.ACT_MODES)}")
 
     def calibration_method(self) -> str:
         """The calibration method this setting uses (resolves ``auto`` by activation bits)."""
@@ -169,7 +175,7 @@ def quantize_fgq(model: nn.Module, config: FGQ, calib_data: object, *, inplace: 
         qmodel, weights, calib_data, act_bits={n: c.act_bits for n, c in chosen.items()},
         calibration={n: (c.calibration_method(), c.percentile) for n, c in chosen.items()},
         bn_reestimate=config.bn_reestimate, bias_correction=config.bias_correction, batch_size=config.batch_size,
-        progress=progress, inplace=True, reference=model, graph=graph, float_layers=why,
+        progress=progress, inplace=True, reference=model, graph=graph, float_layers=why, act_mode=config.act_mode,
         config=config.to_dict())
     surgery.warn_report(q.tvm_lowbit_report, progress)
     return q

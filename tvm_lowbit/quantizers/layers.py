@@ -91,6 +91,7 @@ class QuantLayer(nn.Module):
         self.weight_format = str(tw.format)
         self.act_bits = act_bits
         self.act_signed = True
+        self.dynamic = False  # per-token dynamic input scales (set_dynamic), else one static scale
         self.calibrated = False
         self.scale_value = 1.0
         self.acc_dtype = torch.float64
@@ -107,9 +108,22 @@ class QuantLayer(nn.Module):
 
     # -- the two phases before the layer is final -------------------------------------------
     def set_activation(self, scale: float, signed: bool) -> None:
+        self.dynamic = False
         self.act_scale.fill_(scale)
         self.scale_value = float(self.act_scale)  # a Python float, so torch.export sees a constant
         self.act_signed = signed
+        self.calibrated = True
+        self.acc_dtype = self.exact_dtype()
+        self.refresh_epilogue()
+
+    def set_dynamic(self) -> None:
+        """Per-token dynamic input scales: each input row (last dimension) gets the scale of its largest
+        magnitude at run time, codes are signed ``act_bits``; the epilogue multiplies the row's scale
+        back.  Exact in fake-quant; the compiler's lowering does not match this form (it stays float)."""
+        self.dynamic = True
+        self.act_scale.fill_(1.0)
+        self.scale_value = 1.0
+        self.act_signed = True
         self.calibrated = True
         self.acc_dtype = self.exact_dtype()
         self.refresh_epilogue()
@@ -158,6 +172,12 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.calibrated:  # weights-only phase (calibration, BN re-estimation)
             return self.float_op(x, self.dequantized_weight(), self.bias)
+        if self.dynamic:
+            _, qmax = qmath.act_range(self.act_bits, True)
+            s = qmath.token_scales(x, self.act_bits)
+            q = torch.clamp(torch.round(x.to(torch.float32) / s), -qmax, qmax)
+            acc = self._integer_op(q.to(self.acc_dtype), self.w_int.to(self.acc_dtype))
+            return qmath.epilogue_rows(acc, s, self.out_scale, self.out_bias, channel_dim=self.channel_dim)
         q = self.quantize_input(x)
         if self.acc_dtype == torch.float64 and not torch.compiler.is_exporting() and self.split_exact:
             acc = self._split_integer_op(q)
@@ -172,8 +192,9 @@ class QuantLayer(nn.Module):
     channel_dim = -1
 
     def extra_repr(self) -> str:
+        act = "dynamic per-token" if self.dynamic else f"scale={float(self.act_scale):.4g}"
         return (f"{self.layer_name!r}, w={tuple(self.w_int.shape)}, N={self.group_size}, "
-                f"act={'s' if self.act_signed else 'u'}{self.act_bits}, scale={float(self.act_scale):.4g}, "
+                f"act={'s' if self.act_signed else 'u'}{self.act_bits}, {act}, "
                 f"bn_folded={self.folded}")
 
 

@@ -334,13 +334,15 @@ def _bn_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
-def _act_state(layers: Mapping[str, QuantLayer]) -> dict[str, tuple[float, bool, bool]]:
-    return {n: (float(m.act_scale), m.act_signed, m.calibrated) for n, m in layers.items()}
+def _act_state(layers: Mapping[str, QuantLayer]) -> dict[str, tuple[float, bool, bool, bool]]:
+    return {n: (float(m.act_scale), m.act_signed, m.calibrated, m.dynamic) for n, m in layers.items()}
 
 
-def _restore_acts(layers: Mapping[str, QuantLayer], state: Mapping[str, tuple[float, bool, bool]]) -> None:
-    for n, (s, signed, cal) in state.items():
-        if cal:
+def _restore_acts(layers: Mapping[str, QuantLayer], state: Mapping[str, tuple[float, bool, bool, bool]]) -> None:
+    for n, (s, signed, cal, dyn) in state.items():
+        if dyn:
+            layers[n].set_dynamic()
+        elif cal:
             layers[n].set_activation(s, signed)
 
 
@@ -350,8 +352,8 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
                      calibration: str | None | Mapping[str, tuple[str, float]] = None, bn_reestimate: bool = False,
                      bias_correction: bool = False, batch_size: int = 64, progress: bool = True, inplace: bool = False,
                      reference: nn.Module | None = None, config: dict[str, Any] | None = None,
-                     graph: ModelGraph | None = None, verify: bool = True, float_layers: Mapping[str, str] | None = None
-                     ) -> nn.Module:
+                     graph: ModelGraph | None = None, verify: bool = True, float_layers: Mapping[str, str] | None = None,
+                     act_mode: str | Mapping[str, str] = "static") -> nn.Module:
     """The fake-quant model the compiler consumes, from a plain float ``model`` (copied unless ``inplace``).
 
     ``weights``: layer name -> integer weight object (``qmath.TernaryWeight``, ``Pow2Weight``,
@@ -365,7 +367,8 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
     float (``reference``, default ``model``) - quantized.  With ``verify`` each of the two is kept only
     if it lowers the output error on held-out calibration inputs.  Batch norms right after quantized
     convs are folded into their epilogues.  ``graph``: ``analyze`` of ``model`` (computed if None).
-    ``float_layers``: layer -> why the caller keeps it float (for the report).  ``config`` is kept as
+    ``float_layers``: layer -> why the caller keeps it float (for the report).  ``act_mode``:
+    ``static`` | ``dynamic`` | ``auto`` for all layers or per layer (``calibrate.ACT_MODES``).  ``config`` is kept as
     ``tvm_lowbit_config``; the report (``QuantReport``) as ``tvm_lowbit_report``.
     """
     fixed = dict(fixed_activations or {})
@@ -397,8 +400,10 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
         methods = {n: calibration[n] for n in todo}
     else:
         methods = {n: (calibration or calibrate.auto_method(m.act_bits), DEFAULT_PERCENTILE) for n, m in todo.items()}
+    modes = {n: act_mode[n] if isinstance(act_mode, Mapping) else act_mode for n in todo}
     if todo:
-        calibrate.calibrate_activations(qmodel, todo, inputs.split(calib_all, batch_size), methods, batch_size, progress)
+        calibrate.calibrate_activations(qmodel, todo, inputs.split(calib_all, batch_size), methods, batch_size, progress,
+                                        modes)
 
     # held-out inputs to verify the corrections on
     n_check = int(n_calib * CHECK_FRACTION) if n_calib >= 2 * MIN_CHECK and verify else 0
@@ -416,7 +421,7 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
         calibrate.reestimate_batchnorm(qmodel, inputs.split(data, batch_size), batch_size, progress)
         if todo:
             calibrate.calibrate_activations(qmodel, todo, inputs.split(calib_all, batch_size), methods, batch_size,
-                                            progress)
+                                            progress, modes)
 
     if bn_reestimate and has_bn:
         if ref_rows is None:
@@ -460,6 +465,11 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
                 correct_bias(ref_model, qmodel, names, inputs.take(calib_all, 0, BIAS_FIT_MAX))  # refit on all
                 report.notes.append(f"bias correction kept: output error on {where} {after:.3g} (was {before:.3g})")
     fold_batchnorms(qmodel, {c: b for c, b in graph.bn_pairs.items() if c in layers})
+    dynamic = [n for n, m in layers.items() if m.dynamic]
+    if dynamic:
+        report.notes.append(f"{len(dynamic)} layer(s) take per-token dynamic activation scales ({', '.join(dynamic[:6])}"
+                            f"{', ...' if len(dynamic) > 6 else ''}): exact in fake-quant, but the compiler's lowering "
+                            "does not match that form yet, so they stay float when compiled")
     if config is not None:
         qmodel.tvm_lowbit_config = config
     qmodel.tvm_lowbit_report = report
