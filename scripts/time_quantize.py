@@ -1,0 +1,83 @@
+"""How long quantization takes on a real-size model: FGQ N=4, int8 (Auto with formats=("int8",)) and
+Auto, on a torchvision architecture at 224x224 with 64 calibration images (issue 16's floor: FGQ or
+int8 <= 3 minutes, Auto <= 20 minutes on 2 cores).
+
+    python scripts/time_quantize.py [--model efficientnet_b0] [--calib 64] [--val 64] [--threads 2]
+        [--schemes fgq-n4,int8,auto] [--json out.json]
+
+Random weights (torchvision's initialization, batch norms given statistics by a few train-mode passes)
+are fine for timing; the table prints seconds per scheme and the model's parameter count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tvm_lowbit import FGQ, quantize  # noqa: E402
+from tvm_lowbit.formats import avg_weight_bits  # noqa: E402
+from tvm_lowbit.quantizers.auto import Auto  # noqa: E402
+
+
+def build(name: str) -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None)
+    model.train()
+    with torch.no_grad():  # batch-norm statistics of real activations, not the init's (0, 1)
+        for _ in range(2):
+            model(torch.randn(16, 3, 224, 224))
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="efficientnet_b0")
+    ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--val", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--schemes", default="fgq-n4,int8,auto")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model = build(a.model)
+    params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randn(a.calib, 3, 224, 224, generator=g)
+    val = torch.randn(a.val, 3, 224, 224, generator=g)
+    configs = {"fgq-n4": FGQ(group_size=4),
+               "int8": Auto(budget="agree>=0", formats=("int8",), use_cache=False),
+               "auto": Auto(budget="agree>=90", use_cache=False)}
+    rows = []
+    for scheme in a.schemes.split(","):
+        cfg = configs[scheme]
+        t0 = time.time()
+        q = quantize(model, cfg, calib, val if isinstance(cfg, Auto) else None)
+        dt = time.time() - t0
+        with torch.no_grad():
+            agree = 100.0 * float((model(val).argmax(-1) == q(val).argmax(-1)).double().mean())
+        rows.append({"model": a.model, "params": params, "scheme": scheme, "quantize_s": round(dt, 1),
+                     "avg_weight_bits": round(avg_weight_bits(q), 2), "agree_top1": round(agree, 1),
+                     "calib": a.calib, "threads": a.threads})
+        print(f"{a.model:18s} {params / 1e6:5.2f} M  {scheme:8s} {dt:8.1f} s  {avg_weight_bits(q):5.2f} bits  "
+              f"agree {agree:5.1f}%", flush=True)
+    print()
+    print(f"{'model':18s} {'params':>8s} {'scheme':8s} {'quantize':>10s} {'bits':>6s} {'agree':>7s}")
+    for r in rows:
+        print(f"{r['model']:18s} {r['params'] / 1e6:7.2f}M {r['scheme']:8s} {r['quantize_s']:9.1f}s "
+              f"{r['avg_weight_bits']:6.2f} {r['agree_top1']:6.1f}%")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
