@@ -1,0 +1,474 @@
+"""Real models through tvm_lowbit: quantize, compare with FP32, compile, compare with the fake-quant model.
+
+Models (``tvm_lowbit/models``): the torchvision zoo (random weights, batch norm calibrated on photos),
+EfficientNet-Lite2 with its real ImageNet weights (``efficientnet-lite2-pad``: the same network with its
+``Conv2dStaticSamePadding`` convs rewritten as ZeroPad2d + nn.Conv2d, a user-side workaround that shows
+what fails after the padding failure), and paraphrase-MiniLM-L3-v2 (ONNX, and its PyTorch port).  CNNs are
+evaluated on views of real photos (``models/photos.py``; calibration photos are held apart from the
+evaluation photos); MiniLM on a handful of real sentences.
+
+Variants: ``fp32``; ``ort-int8`` (ONNX Runtime: static QDQ, per-channel, s8s8, MinMax, calibrated on the
+calibration photos, for CNNs; dynamic int8 for the transformer); ``int8`` (``Auto(formats=["int8"])``);
+``fgq-n4`` (``FGQ(group_size=4)``); ``auto`` (``Auto(budget="agree>=90")``, the budget checked on
+calibration-photo views, never on the evaluation views).
+
+Each row: ``metric`` ``agree_top1`` (percent of evaluation views whose argmax equals FP32's) or
+``cos_min`` (lowest per-sentence cosine of the mean-pooled embedding to FP32's); ``avg_weight_bits``
+(bits of the compiled model's constants per conv/linear weight, so biases and scales count too; 8 for
+ORT's int8); ``quantize_s``; ``compiled_agree`` (percent of inputs where the compiled model's argmax
+equals the fake-quant model's; for MiniLM the lowest cosine of the compiled embeddings to the
+fake-quant model's); ``target`` (``x86``: built and run here; ``rasp5``: build only, its
+``compiled_agree`` is empty).  A step that fails fills ``error`` (exception text and the innermost
+tvm_lowbit frame) instead of stopping the run.  Extra fields: ``n`` (inputs), ``kl`` (mean KL of the
+softmax to FP32's), ``max_abs_diff`` (compiled vs fake-quant outputs), ``cos_mean``, ``direct_error``
+(MiniLM: what ``quantize_onnx`` and ``quantize`` with (ids, mask) raise; the row's value comes from
+the PyTorch port packed into one float input, ``models/minilm.py``).
+
+    python scripts/bench_models.py --quick --json bench-models.json
+    python scripts/bench_models.py --models efficientnet-lite2 --variants fp32,ort-int8,int8,fgq-n4
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import tvm_lowbit
+from tvm_lowbit.models import efficientnet_lite, minilm, photos, zoo
+
+CNNS = (*zoo.ARCHS, "efficientnet-lite2", "efficientnet-lite2-pad")
+MODELS = (*CNNS, "minilm")
+VARIANTS = ("fp32", "ort-int8", "int8", "fgq-n4", "auto")
+TARGETS = {"x86": "x86-host", "rasp5": "rasp5"}
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def error_text(e: BaseException, step: str) -> str:
+    """``step: Type: message (innermost tvm_lowbit frame)``, one line."""
+    where = ""
+    for fr in reversed(traceback.extract_tb(e.__traceback__)):
+        if "tvm_lowbit" in fr.filename and "bench_models" not in fr.filename:
+            where = f" (at {fr.filename.split('tvm_lowbit/')[-1]}:{fr.lineno} in {fr.name})"
+            break
+    msg = " ".join(str(e).split())
+    return f"{step}: {type(e).__name__}: {msg[:600]}{where}"
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    metric: str
+    value: float | None = None
+    avg_weight_bits: float | None = None
+    quantize_s: float | None = None
+    compiled_agree: float | None = None
+    target: str = "x86"
+    error: str | None = None
+    n: int | None = None
+    kl: float | None = None
+    max_abs_diff: float | None = None
+    cos_mean: float | None = None
+    direct_error: str | None = None   # MiniLM: what the direct calls (two int64 inputs, ONNX path) raise
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        return {k: v for k, v in d.items() if v is not None or k in
+                ("value", "avg_weight_bits", "quantize_s", "compiled_agree")}
+
+    def add_error(self, text: str) -> None:
+        self.error = text if self.error is None else f"{self.error}; {text}"
+
+
+class Results:
+    def __init__(self, path: str | None) -> None:
+        self.rows: list[Row] = []
+        self.path = path
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        self.save()
+        status = f"ERROR {row.error}" if row.error else ""
+        log(f"row {row.model} {row.variant} {row.target}: {row.metric}={_fmt(row.value)} "
+            f"bits={_fmt(row.avg_weight_bits)} q={_fmt(row.quantize_s)}s compiled_agree={_fmt(row.compiled_agree)} {status}")
+
+    def save(self) -> None:
+        if self.path:
+            Path(self.path).write_text(json.dumps({"rows": [r.as_dict() for r in self.rows]}, indent=1))
+
+
+def _fmt(v: float | None, nd: int = 2) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+# --------------------------------------------------------------------------------------------
+# CNNs on photo views
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class CnnCase:
+    name: str
+    model: nn.Module
+    calib: torch.Tensor       # calibration-photo views (also Auto's budget check)
+    evalx: torch.Tensor       # evaluation-photo views
+
+
+def load_cnn(name: str, size: int, eval_per_photo: int, calib_per_photo: int) -> CnnCase:
+    if name.startswith("efficientnet-lite2"):
+        s = efficientnet_lite.SIZE
+        calib = efficientnet_lite.normalize(photos.views("calib", s, calib_per_photo))
+        evalx = efficientnet_lite.normalize(photos.views("eval", s, eval_per_photo))
+        model = efficientnet_lite.load()
+        if name.endswith("-pad"):  # user-side workaround of the padding failure, to measure what follows it
+            model = efficientnet_lite.explicit_padding(model)
+        return CnnCase(name, model, calib, evalx)
+    cal_imgs = photos.views("calib", size, calib_per_photo)
+    model = zoo.load(name, size, calib_images=cal_imgs)
+    return CnnCase(name, model, zoo.normalize(cal_imgs), zoo.normalize(photos.views("eval", size, eval_per_photo)))
+
+
+def num_weights(model: nn.Module) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+@torch.no_grad()
+def logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 16) -> np.ndarray:
+    return np.concatenate([model(x[i:i + batch]).float().numpy() for i in range(0, len(x), batch)])
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64) - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def kl_mean(ref: np.ndarray, out: np.ndarray) -> float:
+    lp, lq = log_softmax(ref), log_softmax(out)
+    return float((np.exp(lp) * (lp - lq)).sum(1).mean())
+
+
+def agree(a: np.ndarray, b: np.ndarray) -> float:
+    return 100.0 * float((a.argmax(1) == b.argmax(1)).mean())
+
+
+def run_compiled(art: Any, x: np.ndarray, batch: int) -> np.ndarray:
+    """The artifact (compiled for ``batch`` inputs) over all of ``x``; the last chunk is padded."""
+    outs = []
+    for i in range(0, len(x), batch):
+        chunk = x[i:i + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+        outs.append(np.asarray(art.run(chunk))[:n])
+    return np.concatenate(outs)
+
+
+def compile_rows(res: Results, base: Row, model: nn.Module, x: torch.Tensor, want: np.ndarray, targets: list[str],
+                 batch: int, nweights: int) -> None:
+    """x86: build, run on every input, agreement with ``want`` (the fake-quant logits); rasp5: build only."""
+    xs = x.numpy()
+    for t in targets:
+        row = Row(**{**base.__dict__, "target": t})
+        try:
+            log(f"{base.model} {base.variant}: compiling for {TARGETS[t]}")
+            tc = time.time()
+            art = tvm_lowbit.compile(model, xs[:batch], TARGETS[t])
+            log(f"{base.model} {base.variant}: compiled for {t} in {time.time() - tc:.0f}s "
+                f"({art.weight_bytes} constant bytes)")
+            if row.avg_weight_bits is None and nweights:
+                row.avg_weight_bits = 8.0 * art.weight_bytes / nweights
+            if t == "x86":
+                got = run_compiled(art, xs, batch)
+                row.compiled_agree = agree(got, want)
+                row.max_abs_diff = float(np.abs(got - want).max())
+        except Exception as e:  # noqa: BLE001 - the row records what broke
+            row.add_error(error_text(e, f"compile {t}"))
+        res.add(row)
+
+
+def quantize_variant(variant: str, case: CnnCase) -> nn.Module:
+    if variant == "fgq-n4":
+        return tvm_lowbit.quantize(case.model, tvm_lowbit.FGQ(group_size=4), case.calib, progress=True)
+    if variant == "int8":
+        return tvm_lowbit.quantize(case.model, tvm_lowbit.Auto(budget="agree>=0", formats=("int8",)), case.calib,
+                                   case.calib, progress=True)
+    if variant == "auto":
+        return tvm_lowbit.quantize(case.model, tvm_lowbit.Auto(budget="agree>=90"), case.calib, case.calib,
+                                   progress=True)
+    raise ValueError(variant)
+
+
+def ort_static_int8(model: nn.Module, calib: torch.Tensor) -> bytes:
+    """ONNX Runtime static int8: QDQ, per-channel weights, s8 activations and weights, MinMax."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader:
+        def __init__(self) -> None:
+            self._it = iter([{"x": calib[i:i + 1].numpy()} for i in range(len(calib))])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (calib[:1],), buf, input_names=["x"], output_names=["y"], dynamo=False,
+                          opset_version=17, dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, pre, q = Path(tmp) / "raw.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "q.onnx"
+        raw.write_bytes(buf.getvalue())
+        quant_pre_process(str(raw), str(pre))
+        quantize_static(str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        return q.read_bytes()
+
+
+def ort_run(model_bytes: bytes, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
+
+
+def bench_cnn(res: Results, name: str, variants: list[str], targets: list[str], size: int, eval_pp: int,
+              calib_pp: int, batch: int) -> None:
+    log(f"{name}: loading (views: {eval_pp}/eval photo, {calib_pp}/calibration photo)")
+    try:
+        case = load_cnn(name, size, eval_pp, calib_pp)
+    except Exception as e:  # noqa: BLE001
+        res.add(Row(name, "fp32", "agree_top1", error=error_text(e, "load")))
+        return
+    nw = num_weights(case.model)
+    ref = logits(case.model, case.evalx)
+    n = len(case.evalx)
+    log(f"{name}: {nw / 1e6:.2f} M conv/linear weights, input {tuple(case.evalx.shape[1:])}, {n} eval views, "
+        f"{len(case.calib)} calibration views; FP32 top-1 classes used: {len(set(ref.argmax(1).tolist()))}")
+    for variant in variants:
+        base = Row(name, variant, "agree_top1", n=n)
+        if variant == "fp32":
+            base.value, base.quantize_s, base.kl = 100.0, 0.0, 0.0
+            compile_rows(res, base, case.model, case.evalx, ref, targets, batch, nw)
+            continue
+        if variant == "ort-int8":
+            base.target, base.avg_weight_bits = "ort", 8.0
+            try:
+                t = time.time()
+                qb = ort_static_int8(case.model, case.calib)
+                base.quantize_s = time.time() - t
+                out = ort_run(qb, {"x": case.evalx.numpy()})[0]
+                base.value, base.kl = agree(out, ref), kl_mean(ref, out)
+            except Exception as e:  # noqa: BLE001
+                base.add_error(error_text(e, "ort-int8"))
+            res.add(base)
+            continue
+        log(f"{name} {variant}: quantizing")
+        t = time.time()
+        try:
+            q = quantize_variant(variant, case)
+        except Exception as e:  # noqa: BLE001
+            base.quantize_s = time.time() - t
+            base.add_error(error_text(e, "quantize"))
+            res.add(base)
+            continue
+        base.quantize_s = time.time() - t
+        try:
+            out = logits(q, case.evalx)
+            base.value, base.kl = agree(out, ref), kl_mean(ref, out)
+        except Exception as e:  # noqa: BLE001
+            base.add_error(error_text(e, "fake-quant forward"))
+            res.add(base)
+            continue
+        compile_rows(res, base, q, case.evalx, out, targets, batch, nw)
+
+
+# --------------------------------------------------------------------------------------------
+# MiniLM (ONNX, token ids + attention mask)
+# --------------------------------------------------------------------------------------------
+
+def bench_minilm(res: Results, variants: list[str], targets: list[str]) -> None:
+    """ORT: the ONNX file.  tvm_lowbit: first the direct calls a user would make (``quantize_onnx`` on the
+    ONNX file; ``quantize`` on the two-input PyTorch encoder with (ids, mask) calibration), whose errors
+    go to ``direct_error``; then the route that works today, the PyTorch encoder packed into one float
+    input (``minilm.PackedMiniLM``), whose embeddings give ``value``.  Calibration sentences
+    (``CALIB_SENTENCES``) are held apart from the evaluation sentences."""
+    name = "minilm"
+    try:
+        path = minilm.onnx_path()
+        feed, cfeed = minilm.inputs(), minilm.inputs(minilm.CALIB_SENTENCES)
+        ref = minilm.embed(path, feed)
+        packed = minilm.PackedMiniLM(minilm.load_torch(path))
+        x, xc = minilm.pack(feed), minilm.pack(cfeed)
+    except Exception as e:  # noqa: BLE001
+        res.add(Row(name, "fp32", "cos_min", error=error_text(e, "load")))
+        return
+    n = len(ref)
+    nw = num_weights(packed)
+    log(f"{name}: {path.name}, {n} sentences x {feed['input_ids'].shape[1]} tokens, {nw / 1e6:.2f} M linear weights")
+
+    def cos_row(row: Row, emb: np.ndarray) -> None:
+        c = minilm.cosines(emb, ref)
+        row.value, row.cos_mean = float(c.min()), float(c.mean())
+
+    def compile_cos(row: Row, model: nn.Module, want: np.ndarray) -> None:
+        for t in targets:
+            r = Row(**{**row.__dict__, "target": t})
+            try:
+                log(f"{name} {row.variant}: compiling for {TARGETS[t]}")
+                art = tvm_lowbit.compile(model, x.numpy(), TARGETS[t])
+                r.avg_weight_bits = 8.0 * art.weight_bytes / nw
+                if t == "x86":
+                    got = np.asarray(art.run(x.numpy()))
+                    r.compiled_agree = float(minilm.cosines(got, want).min())
+                    r.max_abs_diff = float(np.abs(got - want).max())
+            except Exception as e:  # noqa: BLE001
+                r.add_error(error_text(e, f"compile {t}"))
+            res.add(r)
+
+    configs = {"int8": lambda: tvm_lowbit.Auto(budget="agree>=0", formats=("int8",)),
+               "fgq-n4": lambda: tvm_lowbit.FGQ(group_size=4),
+               "auto": lambda: tvm_lowbit.Auto(budget="agree>=90")}
+    for variant in variants:
+        row = Row(name, variant, "cos_min", n=n)
+        if variant == "fp32":
+            row.value, row.cos_mean, row.quantize_s = 1.0, 1.0, 0.0
+            with torch.no_grad():
+                emb = packed(x).numpy()
+            row.max_abs_diff = float(np.abs(emb - ref).max())  # PyTorch port vs the ONNX file
+            compile_cos(row, packed, emb)
+            continue
+        if variant == "ort-int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            row.target, row.avg_weight_bits = "ort", 8.0
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    t = time.time()
+                    quantize_dynamic(str(path), str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8)
+                    row.quantize_s = time.time() - t
+                    cos_row(row, minilm.embed(Path(tmp) / "q.onnx", feed))
+            except Exception as e:  # noqa: BLE001
+                row.add_error(error_text(e, "ort-int8 dynamic"))
+            res.add(row)
+            continue
+        cfg = configs[variant]()
+        direct: list[str] = []
+        if isinstance(cfg, tvm_lowbit.FGQ):  # the ONNX path takes FGQ configurations only
+            from tvm_lowbit.onnx_quant import quantize_onnx
+
+            try:
+                quantize_onnx(str(path), cfg, cfeed["input_ids"], "x86-host", batch=n)
+                direct.append("quantize_onnx: succeeded")
+            except Exception as e:  # noqa: BLE001
+                direct.append(error_text(e, "quantize_onnx"))
+        else:
+            direct.append("quantize_onnx: takes an FGQ configuration only (no int8/Auto route for ONNX models)")
+        try:
+            calib2 = [(torch.from_numpy(cfeed["input_ids"]), torch.from_numpy(cfeed["attention_mask"]))]
+            tvm_lowbit.quantize(packed.encoder, cfg, calib2, calib2, progress=False) if variant != "fgq-n4" else \
+                tvm_lowbit.quantize(packed.encoder, cfg, calib2, progress=False)
+            direct.append("quantize(encoder, (ids, mask)): succeeded")
+        except Exception as e:  # noqa: BLE001
+            direct.append(error_text(e, "quantize(encoder, (ids, mask))"))
+        log(f"{name} {variant}: direct routes: {' | '.join(direct)}")
+        log(f"{name} {variant}: quantizing the packed float-input model")
+        t = time.time()
+        try:
+            q = tvm_lowbit.quantize(packed, cfg, xc, xc, progress=True) if variant != "fgq-n4" else \
+                tvm_lowbit.quantize(packed, cfg, xc, progress=True)
+            row.quantize_s = time.time() - t
+            with torch.no_grad():
+                emb = q(x).numpy()
+            cos_row(row, emb)
+        except Exception as e:  # noqa: BLE001
+            row.quantize_s = time.time() - t
+            row.add_error(error_text(e, "quantize(PackedMiniLM)"))
+            row.direct_error = " | ".join(direct)
+            res.add(row)
+            continue
+        row.direct_error = " | ".join(direct)
+        compile_cos(row, q, emb)
+
+
+# --------------------------------------------------------------------------------------------
+
+def print_table(rows: list[Row]) -> None:
+    head = f"{'model':<20} {'variant':<9} {'target':<6} {'metric':<10} {'value':>8} {'bits':>6} {'quant_s':>8} " \
+           f"{'comp_agree':>10} {'kl':>8}  error"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        err = (r.error or "")
+        print(f"{r.model:<20} {r.variant:<9} {r.target:<6} {r.metric:<10} {_fmt(r.value, 3 if r.metric == 'cos_min' else 1):>8} "
+              f"{_fmt(r.avg_weight_bits):>6} {_fmt(r.quantize_s, 1):>8} {_fmt(r.compiled_agree, 1):>10} "
+              f"{_fmt(r.kl, 4):>8}  {err}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="write the rows here (rewritten after every row)")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    ap.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)} "
+                    "(default: all but auto with --quick, all otherwise)")
+    ap.add_argument("--targets", default="x86,rasp5", help="x86 (build, run, compare) and/or rasp5 (build only)")
+    ap.add_argument("--quick", action="store_true", help="torchvision models at 64x64, 4 views per photo")
+    ap.add_argument("--size", type=int, default=None, help="torchvision input size (default 224; 64 with --quick)")
+    ap.add_argument("--eval-views", type=int, default=None, help="views per evaluation photo (default 8; 4 quick)")
+    ap.add_argument("--calib-views", type=int, default=None, help="views per calibration photo (default 8; 4 quick)")
+    ap.add_argument("--batch", type=int, default=8, help="batch the compiled models are built for")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of these --json files "
+                    "(merged, in order; with --json, also write the merged rows there)")
+    a = ap.parse_args(argv)
+    if a.table:
+        merged = [Row(**r) for f in a.table for r in json.loads(Path(f).read_text())["rows"]]
+        if a.json:
+            Path(a.json).write_text(json.dumps({"rows": [r.as_dict() for r in merged]}, indent=1))
+        print_table(merged)
+        return 0
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    variants = [v.strip() for v in (a.variants or ",".join(VARIANTS[:-1] if a.quick else VARIANTS)).split(",")]
+    targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    for bad, known, what in ((models, MODELS, "model"), (variants, VARIANTS, "variant"), (targets, TARGETS, "target")):
+        unknown = [x for x in bad if x not in known]
+        if unknown:
+            ap.error(f"unknown {what}(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    size = a.size or (64 if a.quick else 224)
+    eval_pp = a.eval_views or (4 if a.quick else 8)
+    calib_pp = a.calib_views or (4 if a.quick else 8)
+    torch.manual_seed(0)
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
+    torch.set_num_threads(2)
+    res = Results(a.json)
+    for m in models:
+        if m == "minilm":
+            bench_minilm(res, variants, targets)
+        else:
+            bench_cnn(res, m, variants, targets, size, eval_pp, calib_pp, a.batch)
+    print_table(res.rows)
+    log(f"done: {len(res.rows)} rows, {sum(r.error is not None for r in res.rows)} with errors")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
