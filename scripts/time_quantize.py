@@ -5,8 +5,9 @@ int8 <= 3 minutes, Auto <= 20 minutes on 2 cores).
     python scripts/time_quantize.py [--model efficientnet_b0] [--calib 64] [--val 64] [--threads 2]
         [--schemes fgq-n4,int8,auto] [--json out.json]
 
-Random weights (torchvision's initialization, batch norms given statistics by a few train-mode passes)
-are fine for timing; the table prints seconds per scheme and the model's parameter count.
+Random weights (the zoo's torchvision models, batch norms calibrated on photo views) are fine for
+timing; calibration and validation inputs are views of the calibration / evaluation photos
+(``models/photos.py``).  The table prints seconds per scheme and the model's parameter count.
 """
 
 from __future__ import annotations
@@ -24,19 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tvm_lowbit import FGQ, quantize  # noqa: E402
 from tvm_lowbit.formats import avg_weight_bits  # noqa: E402
+from tvm_lowbit.models import photos, zoo  # noqa: E402
 from tvm_lowbit.quantizers.auto import Auto  # noqa: E402
 
 
 def build(name: str) -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None)
-    model.train()
-    with torch.no_grad():  # batch-norm statistics of real activations, not the init's (0, 1)
-        for _ in range(2):
-            model(torch.randn(16, 3, 224, 224))
-    return model.eval()
+    """The zoo's torchvision model (random weights, batch norm calibrated on photo views)."""
+    return zoo.load(name, 224)
 
 
 def main() -> None:
@@ -51,9 +46,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     model = build(a.model)
     params = sum(p.numel() for p in model.parameters())
-    g = torch.Generator().manual_seed(1)
-    calib = torch.randn(a.calib, 3, 224, 224, generator=g)
-    val = torch.randn(a.val, 3, 224, 224, generator=g)
+    calib = zoo.normalize(photos.views("calib", 224, 16))[: a.calib]
+    val = zoo.normalize(photos.views("eval", 224, 16))[: a.val]
     configs = {"fgq-n4": FGQ(group_size=4),
                "int8": Auto(budget="agree>=0", formats=("int8",), use_cache=False),
                "auto": Auto(budget="agree>=90", use_cache=False)}

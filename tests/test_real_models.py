@@ -388,3 +388,19 @@ def test_act_mode_auto_goes_dynamic_only_where_static_fails(bert: nn.Module) -> 
         c_static = F.cosine_similarity(ref, static(**val), dim=-1).mean()
         c_auto = F.cosine_similarity(ref, auto(**val), dim=-1).mean()
     assert float(c_auto) > float(c_static)
+
+
+def test_positional_token_inputs_as_tuples_and_lists_of_tuples(bert: nn.Module) -> None:
+    """(ids, mask) as a model with two positional inputs takes them: a tuple of [n, t] tensors, or a list
+    of (ids, mask) batches (a DataLoader's (ids, mask, label) too); validation the same way."""
+    c, v = _tokens(24, 0), _tokens(8, 1)
+    pair = (c["input_ids"], c["attention_mask"])
+    cfg = FGQ(group_size=4, first_layer="fgq", last_layer="fgq")
+    a = quantize(bert, cfg, pair, progress=False)
+    b = quantize(bert, cfg, [(pair[0][:12], pair[1][:12], torch.zeros(12)), (pair[0][12:], pair[1][12:])],
+                 progress=False)
+    val = (v["input_ids"], v["attention_mask"])
+    with torch.no_grad():
+        torch.testing.assert_close(a(*val), b(*val))
+    q = quantize(bert, Auto(budget="cos>=0.9", formats=("int8",), rounding="nearest"), [pair], [val], progress=False)
+    assert q.tvm_lowbit_auto.val_images == 8 and q.tvm_lowbit_auto.met

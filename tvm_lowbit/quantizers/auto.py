@@ -259,36 +259,51 @@ class AutoResult:
 # Building and evaluating one mix
 # --------------------------------------------------------------------------------------------
 
+GPTQ_MAX_BITS = 7  # GPTQ refines codes of formats up to this width; int8's rounding error is already tiny
+
+
 class WeightMaker:
     """Quantized weights of one model's layers, made once per (layer, format): rounded to nearest, or
-    with GPTQ codes (``rounding="gptq"``) from input statistics gathered on the FP32 network.
-    ``uses``: each layer's weight use (``surgery.analyze``): its effective weight is quantized."""
+    with GPTQ codes (``rounding="gptq"``, formats of at most ``GPTQ_MAX_BITS`` bits) from input
+    statistics gathered on the FP32 network the first time such a format is asked for.  ``uses``:
+    each layer's weight use (``surgery.analyze``): its effective weight is quantized."""
 
     def __init__(self, model: nn.Module, rounding: str = "nearest", images: object = None,
-                 layers: list[str] | None = None, uses: Mapping[str, WeightUse] | None = None) -> None:
+                 layers: list[str] | None = None, uses: Mapping[str, WeightUse] | None = None,
+                 progress: bool = False) -> None:
         self.model = model
         self.rounding = rounding
         self.cache: dict[tuple[str, str], Any] = {}
-        self.hessians: dict[str, torch.Tensor] = {}
+        self.hessians: dict[str, torch.Tensor] | None = None
         self.uses = dict(uses) if uses is not None else None
-        if rounding == "gptq":
-            if images is None or layers is None:
-                raise ValueError("GPTQ rounding needs calibration images and the layer names")
-            if self.uses is None:
-                self.uses = analyze(model, inputs.take(inputs.gather(images, 64), 0, 1)).uses
-            self.hessians = input_hessians(model, layers, images, uses=self.uses)
+        self.images = images
+        self.layers = layers
+        self.progress = progress
+        if rounding == "gptq" and (images is None or layers is None):
+            raise ValueError("GPTQ rounding needs calibration images and the layer names")
 
     def weight(self, name: str) -> torch.Tensor:
         if self.uses is not None and name in self.uses:
             return self.uses[name].weight
         return self.model.get_submodule(name).weight.detach()
 
+    def _hessians(self) -> dict[str, torch.Tensor]:
+        if self.hessians is None:
+            if self.uses is None:
+                n_in = inputs.positional_inputs(self.model)
+                self.uses = analyze(self.model, inputs.take(inputs.gather(self.images, 64, n_inputs=n_in), 0, 1)).uses
+            self.hessians = input_hessians(self.model, list(self.layers or []), self.images, uses=self.uses,
+                                           progress=self.progress)
+        return self.hessians
+
     def __call__(self, name: str, fmt: Format) -> Any:
         if (name, fmt.name) not in self.cache:
             w = self.weight(name)
             tw = fmt.quantize(w)
-            if tw is not None and name in self.hessians:
-                tw = refine(tw, w, self.hessians[name])
+            if tw is not None and self.rounding == "gptq" and fmt.bits <= GPTQ_MAX_BITS:
+                h = self._hessians().get(name)
+                if h is not None:
+                    tw = refine(tw, w, h)
             self.cache[(name, fmt.name)] = tw
         return self.cache[(name, fmt.name)]
 
@@ -302,7 +317,7 @@ def build_mixed(model: nn.Module, formats: Mapping[str, str], calib_data: object
     inputs), batch-norm folding.  ``weights`` makes (and caches) the quantized weights; by default
     they are rounded to nearest.  ``graph``: ``surgery.analyze`` of ``model`` (read when None)."""
     cfg = config or Auto()
-    calib = inputs.gather(calib_data, cfg.batch_size)
+    calib = inputs.gather(calib_data, cfg.batch_size, n_inputs=inputs.positional_inputs(model))
     if graph is None:
         graph = analyze(model.eval(), inputs.take(calib, 0, 1))
     make = weights if weights is not None else WeightMaker(model, uses=graph.uses)
@@ -325,7 +340,8 @@ def build_mixed(model: nn.Module, formats: Mapping[str, str], calib_data: object
 
 def outputs(model: nn.Module, x: object, batch: int = 64) -> torch.Tensor:
     """The model's outputs on the inputs ``x`` (any form ``quantizers.inputs`` reads) as float64 rows."""
-    whole = inputs.gather(x, batch) if not isinstance(x, (torch.Tensor, np.ndarray)) else inputs.as_batch(x)
+    whole = inputs.gather(x, batch, n_inputs=inputs.positional_inputs(model)) if not isinstance(
+        x, (torch.Tensor, np.ndarray)) else inputs.as_batch(x)
     with torch.inference_mode():
         return torch.cat([inputs.rows(inputs.call(model, b), inputs.batch_len(b)) for b in inputs.split(whole, batch)])
 
@@ -340,18 +356,27 @@ def cosines(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(ref.double(), got.double(), dim=-1, eps=1e-12)
 
 
-def _val_arrays(val_data: object) -> tuple[Batch, torch.Tensor | None]:
-    """(inputs, labels or None) from (x, y), {"x": x, "y": y}, or x alone; x is any form
-    ``quantizers.inputs`` reads as one batch (a tensor/array, a tuple or dict of them)."""
+def _val_arrays(val_data: object, n_inputs: int = 1) -> tuple[Batch, torch.Tensor | None]:
+    """(inputs, labels or None) from (x, y), {"x": x, "y": y}, or x alone, where x is one batch of any
+    form ``quantizers.inputs`` reads (a tensor/array, a dict, a tuple of ``n_inputs`` tensors), or an
+    iterable of batches (labels then read from none).  ``n_inputs``: ``inputs.positional_inputs(model)``."""
+    y: object = None
     if isinstance(val_data, Mapping) and set(val_data) <= {"x", "y"}:
         x, y = val_data.get("x"), val_data.get("y")
-    elif isinstance(val_data, (tuple, list)) and len(val_data) == 2:
+    elif (isinstance(val_data, (tuple, list)) and len(val_data) == 2
+          and (n_inputs == 1 or isinstance(val_data[0], (tuple, list, Mapping)))
+          and not isinstance(val_data[1], (tuple, list, Mapping))):
         x, y = val_data
     else:
-        x, y = val_data, None
+        x = val_data
     if x is None:
         raise ValueError("validation data: pass (images, labels) or images")
-    xt = inputs.as_batch(x if not isinstance(x, list) else tuple(x))
+    if isinstance(x, (torch.Tensor, np.ndarray, Mapping)) or (
+            isinstance(x, (tuple, list)) and n_inputs >= 2 and len(x) == n_inputs
+            and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in x)):
+        xt = inputs.as_batch(tuple(x) if isinstance(x, list) else x)
+    else:
+        xt = inputs.gather(x, 64, n_inputs=n_inputs)
     first = inputs.first_tensor(xt)
     if first.dim() < 1 or first.shape[0] == 0:
         raise ValueError(f"validation inputs must be [n, ...] with n >= 1, got {inputs.describe(xt)}")
@@ -418,12 +443,12 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
                          "quantize(model, Auto(...), calib_data, val_data) with val_data=(images, labels) held out "
                          "from training and calibration (labels may be omitted for an 'agree>=...' or 'cos>=...' "
                          "budget)")
-    xv, yv = _val_arrays(val_data)
+    xv, yv = _val_arrays(val_data, inputs.positional_inputs(model))
     if budget.kind == "drop" and yv is None:
         raise ValueError(f"a top-1 drop budget ({budget}) needs validation labels: pass val_data=(images, labels), "
                          "or use an agreement budget such as 'agree>=99.5'")
     model = copy.deepcopy(model).cpu().eval()
-    calib = inputs.gather(calib_data, config.batch_size)
+    calib = inputs.gather(calib_data, config.batch_size, n_inputs=inputs.positional_inputs(model))
     graph = analyze(model, inputs.take(calib, 0, 1))
     names = graph.order
     if not names:
@@ -446,7 +471,8 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
             tqdm.write(f"Auto [{time.time() - t_start:6.1f} s] {msg}")
 
     log(f"{len(names)} layers; {'rounding ' + config.rounding}")
-    weights = WeightMaker(model, config.rounding, inputs.take(calib, 0, config.rounding_images), names, graph.uses)
+    weights = WeightMaker(model, config.rounding, inputs.take(calib, 0, config.rounding_images), names, graph.uses,
+                          progress)
     if all(len(c) == 1 for c in cands.values()):  # one format per layer: nothing to search
         sens = Sensitivity(names, sorted({c[0] for c in cands.values()}), {n: {cands[n][0]: 0.0} for n in names},
                            {n: {cands[n][0]: 0} for n in names},

@@ -200,7 +200,7 @@ def dynamic_error(layer: QuantLayer, inputs_: torch.Tensor, ref: torch.Tensor) -
 def run_batches(model: nn.Module, calib: object, batch_size: int, desc: str, progress: bool) -> int:
     """Run ``model`` over the calibration data (``inputs.iterate_batches``); returns the input count."""
     count = 0
-    batches = list(iterate_batches(calib, batch_size))
+    batches = list(iterate_batches(calib, batch_size, inputs.positional_inputs(model)))
     with torch.no_grad():
         for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
             inputs.call(model, b)

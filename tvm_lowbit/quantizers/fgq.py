@@ -148,7 +148,7 @@ def quantize_fgq(model: nn.Module, config: FGQ, calib_data: object, *, inplace: 
                  progress: bool = True) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize() takes a torch.nn.Module, got {type(model).__name__}")
-    first_batch = next(inputs.iterate_batches(calib_data, config.batch_size))
+    first_batch = next(inputs.iterate_batches(calib_data, config.batch_size, inputs.positional_inputs(model)))
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
     graph = analyze(qmodel, inputs.take(first_batch, 0, 1))

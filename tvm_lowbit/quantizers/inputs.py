@@ -8,14 +8,18 @@ A *batch* is what one call of the model takes:
 * a dict of tensors (``input_ids``, ``attention_mask``, ...) -> ``model(**batch)``.
 
 Calibration data is either *one* such batch holding all inputs (a tensor / array ``[n, ...]``, a dict
-of ``[n, ...]`` tensors), split along dimension 0, or an iterable of batches (a list, a DataLoader);
-an element of an iterable that is a tuple/list is read as ``(inputs, label, ...)`` as a DataLoader
-yields, and its first element is the batch.  Tensors are passed untouched, except that float64
+of ``[n, ...]`` tensors, or, for a model whose forward takes k >= 2 positional inputs, a tuple of k
+``[n, ...]`` tensors), split along dimension 0, or an iterable of batches (a list, a DataLoader).
+An element of an iterable that is a tuple/list is read by the model's forward: with k >= 2 required
+positional inputs its first k entries are the inputs (``(ids, mask)``, ``(ids, mask, label)``),
+unless its first entry is itself a tuple/list/dict; otherwise it is ``(inputs, label, ...)`` as a
+DataLoader yields and its first entry is the batch.  Tensors are passed untouched, except that float64
 (NumPy's default) becomes float32: token ids stay integer.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Union
 
@@ -112,8 +116,27 @@ class Batches(list):
     is a batch of positional inputs here, not an ``(inputs, label)`` pair)."""
 
 
-def iterate_batches(data: object, batch_size: int) -> Iterator[Batch]:
-    """Batches of ``data`` (see the module docstring)."""
+def positional_inputs(model: nn.Module | None) -> int:
+    """How many positional inputs ``model.forward`` requires (1 when unknown)."""
+    if model is None:
+        return 1
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return max(1, sum(1 for p in params if p.kind in kinds and p.default is inspect.Parameter.empty))
+
+
+def _is_tensor(v: object) -> bool:
+    return isinstance(v, (torch.Tensor, np.ndarray))
+
+
+def iterate_batches(data: object, batch_size: int, n_inputs: int = 1) -> Iterator[Batch]:
+    """Batches of ``data`` (see the module docstring); ``n_inputs``: ``positional_inputs(model)``."""
+    if (n_inputs >= 2 and isinstance(data, tuple) and len(data) >= n_inputs
+            and all(_is_tensor(v) for v in data[:n_inputs])):
+        data = Batches(split(as_batch(tuple(data[:n_inputs])), batch_size))
     if isinstance(data, Batches):
         if not data:
             raise ValueError("calibration data is empty: pass a few hundred representative inputs")
@@ -133,7 +156,8 @@ def iterate_batches(data: object, batch_size: int) -> Iterator[Batch]:
             if isinstance(b, (tuple, list)):
                 if not b:
                     raise ValueError("a calibration batch is an empty tuple")
-                b = b[0]
+                nested = isinstance(b[0], (tuple, list, Mapping))  # ((inputs...), label)
+                b = tuple(b[:n_inputs]) if n_inputs >= 2 and len(b) >= n_inputs and not nested else b[0]
             yield as_batch(b)
             n += 1
         if n == 0:
@@ -143,11 +167,11 @@ def iterate_batches(data: object, batch_size: int) -> Iterator[Batch]:
                     f"got {type(data).__name__}")
 
 
-def gather(data: object, batch_size: int, limit: int | None = None) -> Batch:
+def gather(data: object, batch_size: int, limit: int | None = None, n_inputs: int = 1) -> Batch:
     """All of ``data`` (at most ``limit`` inputs) as one batch."""
     out: list[Batch] = []
     n = 0
-    for b in iterate_batches(data, batch_size):
+    for b in iterate_batches(data, batch_size, n_inputs):
         out.append(b)
         n += batch_len(b)
         if limit is not None and n >= limit:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from torch import nn
 
 from tvm_lowbit.formats import WeightObject, format_for_recorded
@@ -24,7 +25,7 @@ from tvm_lowbit.quantizers.surgery import analyze
 DAMP = 0.01  # H += DAMP * mean(diag H) * I, as GPTQ does, so the Cholesky factor exists
 
 
-ROWS_PER_BATCH = 8192  # input rows (conv patches) per layer and batch kept for H: a random subset beyond
+ROWS_PER_BATCH = 4096  # input rows (conv patches) per layer and batch kept for H: a random subset beyond
 
 
 def _numeric_padding(use: WeightUse, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -40,36 +41,41 @@ def _numeric_padding(use: WeightUse, x: torch.Tensor) -> tuple[torch.Tensor, tup
 
 def _patches(use: WeightUse, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """[groups, rows, d] input rows whose dot product with a weight row [d] gives one output value
-    (at most ``ROWS_PER_BATCH`` rows, a random subset)."""
-    x = x.detach()
-    if use.kind == "conv2d":
-        x, pad = _numeric_padding(use, x)
-        k = tuple(use.weight.shape[-2:])
-        cols = F.unfold(x.float(), k, use.dilation, pad, use.stride)  # [B, C*R*S, L]
-        g = use.groups
-        cols = cols.reshape(x.shape[0], g, -1, cols.shape[-1]).permute(1, 0, 3, 2)  # [g, B, L, d]
-        p = cols.reshape(g, -1, cols.shape[-1])
-    else:
-        p = x.float().reshape(1, -1, x.shape[-1])
-    if p.shape[1] > ROWS_PER_BATCH:
-        p = p[:, torch.randperm(p.shape[1], generator=gen)[:ROWS_PER_BATCH]]
-    return p.double()
+    (at most ``ROWS_PER_BATCH`` rows: random output positions, unfolded image by image so a large
+    feature map is never unfolded whole)."""
+    x = x.detach().float()
+    if use.kind != "conv2d":
+        p = x.reshape(1, -1, x.shape[-1])
+        if p.shape[1] > ROWS_PER_BATCH:
+            p = p[:, torch.randperm(p.shape[1], generator=gen)[:ROWS_PER_BATCH]]
+        return p
+    x, pad = _numeric_padding(use, x)
+    k = tuple(use.weight.shape[-2:])
+    g = use.groups
+    per_image = max(ROWS_PER_BATCH // x.shape[0], 1)
+    parts = []
+    for img in x:
+        cols = F.unfold(img[None], k, use.dilation, pad, use.stride)[0]  # [C*R*S, L]
+        if cols.shape[1] > per_image:
+            cols = cols[:, torch.randperm(cols.shape[1], generator=gen)[:per_image]]
+        parts.append(cols.reshape(g, -1, cols.shape[1]).transpose(1, 2))  # [g, l, d]
+    return torch.cat(parts, 1)
 
 
 def input_hessians(model: nn.Module, layers: list[str], images: object, batch_size: int = 32,
-                   uses: dict[str, WeightUse] | None = None) -> dict[str, torch.Tensor]:
+                   uses: dict[str, WeightUse] | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
     """H = X^T X / rows per layer (and conv group) on the FP32 network: ``[groups, d, d]`` float64.
     ``images``: calibration inputs (``quantizers.inputs``); ``uses``: each layer's weight use (read
     off the model when None)."""
     acc: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
     gen = torch.Generator().manual_seed(0)
-    whole = inputs.gather(images, batch_size)
+    whole = inputs.gather(images, batch_size, n_inputs=inputs.positional_inputs(model))
     known = uses if uses is not None else analyze(model, inputs.take(whole, 0, 1)).uses
 
     def seen(name: str, func: object, args: tuple, kwargs: dict) -> None:
         p = _patches(known[name], args[0] if args else kwargs["input"], gen)
-        acc[name] = acc.get(name, 0) + p.transpose(1, 2) @ p
+        acc[name] = acc.get(name, 0) + (p.transpose(1, 2) @ p).double()  # float32 products, summed in float64
         rows[name] = rows.get(name, 0) + p.shape[1]
 
     mods = {n: model.get_submodule(n) for n in layers if n in known}
@@ -77,7 +83,8 @@ def input_hessians(model: nn.Module, layers: list[str], images: object, batch_si
         observe_module(m, lambda f, a, k, _o, n=n: seen(n, f, a, k))
     try:
         with torch.no_grad():
-            for b in inputs.split(whole, batch_size):
+            for b in tqdm(inputs.split(whole, batch_size), desc="GPTQ input statistics", disable=not progress,
+                          leave=False):
                 inputs.call(model, b)
     finally:
         for m in mods.values():
@@ -93,23 +100,31 @@ def gptq_codes(w: torch.Tensor, step: torch.Tensor, lo: int, hi: int, hessian: t
     W = w.detach().double().reshape(g, k // g, d).clone()
     S = step.double().reshape(g, k // g, d)
     codes = torch.zeros_like(W)
-    for gi in range(g):
-        H = hessian[gi].clone()
-        dead = torch.diag(H) == 0  # an input that is always zero: its weight does not matter
-        H[dead, dead] = 1.0
-        H += DAMP * torch.diag(H).mean() * torch.eye(d, dtype=H.dtype)
-        try:
-            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-        except RuntimeError:  # not positive definite even after damping: keep nearest rounding
-            codes[gi] = torch.where(S[gi] > 0, torch.round(W[gi] / S[gi].clamp_min(1e-300)), 0).clamp(lo, hi)
-            continue
-        Wg, Sg = W[gi], S[gi]
-        for j in range(d):
-            s = Sg[:, j]
-            c = torch.where(s > 0, torch.round(Wg[:, j] / s.clamp_min(1e-300)), torch.zeros_like(s)).clamp(lo, hi)
-            codes[gi, :, j] = c
-            err = (Wg[:, j] - c * s) / U[j, j]
-            Wg[:, j + 1:] -= err[:, None] * U[j, j + 1:][None, :]
+    H = hessian.double().clone()
+    eye = torch.eye(d, dtype=H.dtype)
+    diag = torch.diagonal(H, dim1=1, dim2=2)
+    dead = diag == 0  # an input that is always zero: its weight does not matter
+    H = H + torch.diag_embed(dead.double())
+    H = H + DAMP * torch.diagonal(H, dim1=1, dim2=2).mean(1)[:, None, None] * eye
+    # all groups at once (a depthwise conv has hundreds of tiny ones); a group whose factorization
+    # fails (not positive definite even after damping) keeps nearest rounding
+    L, info = torch.linalg.cholesky_ex(H)
+    ok = info == 0
+    U = torch.zeros_like(H)
+    if bool(ok.any()):
+        Hinv = torch.cholesky_inverse(L[ok])
+        Uo, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+        idx = torch.nonzero(ok).flatten()
+        good = info2 == 0
+        U[idx[good]] = Uo[good]
+        ok[idx[~good]] = False
+    U[~ok] = eye  # identity: no error feedback (nearest rounding) for these groups
+    for j in range(d):
+        s = S[:, :, j]
+        c = torch.where(s > 0, torch.round(W[:, :, j] / s.clamp_min(1e-300)), torch.zeros_like(s)).clamp(lo, hi)
+        codes[:, :, j] = c
+        err = (W[:, :, j] - c * s) / U[:, j, j][:, None]
+        W[:, :, j + 1:] -= err[:, :, None] * U[:, j, j + 1:][:, None, :]
     return codes.reshape(w.shape)
 
 

@@ -222,7 +222,8 @@ def layer_sensitivity(model: nn.Module, images: object, formats: list[str] | tup
     if metric not in METRICS:
         raise ValueError(f"sensitivity metric {metric!r}: use one of {', '.join(METRICS)}")
     fmts = [parse_format(f) for f in formats]
-    x = inputs.gather(images if not isinstance(images, np.ndarray) else inputs.as_tensor(images), batch_size)
+    x = inputs.gather(images if not isinstance(images, np.ndarray) else inputs.as_tensor(images), batch_size,
+                      n_inputs=inputs.positional_inputs(model))
     if inputs.batch_len(x) == 0:
         raise ValueError("sensitivity analysis needs calibration images (got none)")
     model = copy.deepcopy(model).cpu().eval()

@@ -375,7 +375,7 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
     qmodel = model if inplace else copy.deepcopy(model).cpu()
     qmodel.eval()
     ref_model = model if reference is None else reference
-    calib_all = inputs.gather(calib_data, batch_size)
+    calib_all = inputs.gather(calib_data, batch_size, n_inputs=inputs.positional_inputs(model))
     n_calib = inputs.batch_len(calib_all)
     if graph is None:
         graph = analyze(qmodel, inputs.take(calib_all, 0, 1))
