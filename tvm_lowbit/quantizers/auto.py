@@ -25,7 +25,12 @@ callable ``(layer, format, numel, nbytes) -> cost``.
 
 The budget is checked on ``val_data`` (never the calibration data): ``budget=1.0`` or ``"drop<=1.0"``
 allows a top-1 drop of at most 1 point against FP32 on it; ``"agree>=99.5"`` asks that at least
-99.5 % of its predictions equal FP32's.  An unreachable budget raises :class:`BudgetError` holding
+99.5 % of its predictions equal FP32's; ``"cos>=0.99"`` (embedding models) asks that the output of
+*every* validation input has a cosine of at least 0.99 to FP32's (the sensitivity pass then ranks
+layers by 1 - cosine instead of KL).  Budgets are parsed strictly when the config is made: another
+operator (``agree<=50``, ``drop>=1``), a value out of range (``drop<=-1``, ``agree>=120``) or NaN is
+a one-line ValueError.  ``val_data`` and ``calib_data`` may be any model inputs
+(``quantizers.inputs``: tensors of any dtype, tuples, dicts of token ids and masks).  An unreachable budget raises :class:`BudgetError` holding
 the best mix found and its cost.
 """
 
@@ -126,8 +131,8 @@ def parse_budget(budget: float | int | str) -> Budget:
 class Auto(SchemeConfig):
     """Per-layer precision search (see the module docstring).
 
-    budget: max top-1 drop in points (a number or ``"drop<=X"``) or ``"agree>=Y"`` (% agreement with
-    FP32), on ``val_data``.  cost: ``"bytes"``, a mapping format -> cost per weight, or a callable
+    budget: max top-1 drop in points (a number or ``"drop<=X"``), ``"agree>=Y"`` (% agreement with
+    FP32) or ``"cos>=C"`` (lowest output cosine to FP32), on ``val_data``.  cost: ``"bytes"``, a mapping format -> cost per weight, or a callable
     ``(layer, format, numel, nbytes) -> cost``.  formats: candidate formats for every layer
     (``tvm_lowbit.formats``).  overrides: module-name pattern (fnmatch) -> a format or list of formats
     for matching layers (later patterns win), e.g. ``{"classifier": "int8"}``.  act_bits /

@@ -438,8 +438,6 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
                 report.notes.append(f"batch-norm re-estimation dropped: output error on {where} "
                                     f"{after:.3g} with it, {before:.3g} without")
             else:
-                if n_check:
-                    reestimate(calib_all)  # verified: refit on every calibration input
                 report.notes.append(f"batch-norm re-estimation kept: output error on {where} {after:.3g} "
                                     f"(was {before:.3g})")
     if bias_correction:
