@@ -404,3 +404,25 @@ def test_positional_token_inputs_as_tuples_and_lists_of_tuples(bert: nn.Module) 
         torch.testing.assert_close(a(*val), b(*val))
     q = quantize(bert, Auto(budget="cos>=0.9", formats=("int8",), rounding="nearest"), [pair], [val], progress=False)
     assert q.tvm_lowbit_auto.val_images == 8 and q.tvm_lowbit_auto.met
+
+
+def test_corrections_are_kept_only_when_they_help_on_held_out_inputs(bert: nn.Module) -> None:
+    """Bias correction and BN re-estimation are fitted on the first 3/4 of the calibration inputs and
+    kept only if the output error on the last 1/4 does not grow: the final model is never worse there
+    than the one built without them."""
+    from tvm_lowbit.quantizers.surgery import damage, output_rows
+
+    calib = _tokens(32, 0)
+    check = [inputs.take(calib, 24)]
+    cfg = FGQ(group_size=4, first_layer="fgq", last_layer="fgq", act_bits=4)
+    on = quantize(bert, cfg, calib, progress=False)
+    off = quantize(bert, FGQ(group_size=4, first_layer="fgq", last_layer="fgq", act_bits=4, bias_correction=False),
+                   calib, progress=False)
+    ref = output_rows(bert, check)
+    notes = " ".join(on.tvm_lowbit_report.notes)
+    assert "bias correction kept" in notes or "bias correction dropped" in notes
+    assert damage(ref, output_rows(on, check)) <= damage(ref, output_rows(off, check)) + 1e-12
+    same_net_model = SameNet().eval()
+    x = torch.randn(32, 3, 27, 27)
+    q = quantize(_trained_bn(same_net_model, x), FGQ(group_size=4, act_bits=4), x, progress=False)
+    assert any("batch-norm re-estimation" in n for n in q.tvm_lowbit_report.notes)

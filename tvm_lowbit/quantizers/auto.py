@@ -511,7 +511,7 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
             if tuple(e.formats[n] for n in names) == key:
                 return e
         t0 = time.time()
-        q = build_mixed(model, mix, calib, config, weights=weights, graph=graph)
+        q = build_mixed(model, mix, calib, config, weights=weights, graph=graph, progress=progress)
         rows = outputs(q, xv)
         pred = rows.argmax(-1)
         agree = 100.0 * float((pred == ref).double().mean())
