@@ -92,6 +92,7 @@ class QuantLayer(nn.Module):
         self.act_bits = act_bits
         self.act_signed = True
         self.dynamic = False  # per-token dynamic input scales (set_dynamic), else one static scale
+        self.fast = False  # while building: one float32 op instead of the exact split (statistics only)
         self.calibrated = False
         self.scale_value = 1.0
         self.acc_dtype = torch.float64
@@ -179,7 +180,9 @@ class QuantLayer(nn.Module):
             acc = self._integer_op(q.to(self.acc_dtype), self.w_int.to(self.acc_dtype))
             return qmath.epilogue_rows(acc, s, self.out_scale, self.out_bias, channel_dim=self.channel_dim)
         q = self.quantize_input(x)
-        if self.acc_dtype == torch.float64 and not torch.compiler.is_exporting() and self.split_exact:
+        if self.fast and not torch.compiler.is_exporting():
+            acc = self._integer_op(q, self.w_int)  # float32: may round low bits of large sums
+        elif self.acc_dtype == torch.float64 and not torch.compiler.is_exporting() and self.split_exact:
             acc = self._split_integer_op(q)
         else:  # the exported graph keeps one integer op per layer, which the compiler lowers
             acc = self._integer_op(q.to(self.acc_dtype), self.w_int.to(self.acc_dtype))

@@ -395,6 +395,8 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
         Skipped(n, type(mods[n]).__name__, (float_layers or {}).get(n, "kept float by the configuration"), True)
         for n in graph.order if n not in weights]
     layers = quant_layers(qmodel)
+    for m in layers.values():
+        m.fast = True  # the passes below gather statistics: float32 integer ops are close enough
     todo = {n: m for n, m in layers.items() if n not in fixed}
     if isinstance(calibration, Mapping):
         methods = {n: calibration[n] for n in todo}
@@ -462,6 +464,8 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
             else:
                 correct_bias(ref_model, qmodel, names, inputs.take(calib_all, 0, BIAS_FIT_MAX))  # refit on all
                 report.notes.append(f"bias correction kept: output error on {where} {after:.3g} (was {before:.3g})")
+    for m in layers.values():
+        m.fast = False
     fold_batchnorms(qmodel, {c: b for c, b in graph.bn_pairs.items() if c in layers})
     dynamic = [n for n, m in layers.items() if m.dynamic]
     if dynamic:
