@@ -42,8 +42,9 @@ class FGQ(SchemeConfig):
     multiplies).  act_bits: 8 or 4 (2..8 accepted).  threshold: ``exact`` (L2-optimal, default),
     ``twn`` (0.7 * mean|w|) or ``asym`` (separate positive/negative thresholds, one alpha).
     alpha_bits: width of the integer alpha codes (against a per-channel float scale).
-    calibration: ``minmax`` | ``percentile`` | ``mse`` (input MSE) | ``mse_out`` (MSE of the layer's
-    output) | ``auto`` (default: ``mse`` at 8 bits, ``percentile`` below; chosen from measurements on
+    calibration: ``minmax`` | ``percentile`` | ``mse`` (input MSE) | ``entropy`` (TensorRT's KL) |
+    ``mse_out`` (MSE of the layer's output) | ``best`` (per tensor, the one of minmax / percentile /
+    mse / entropy with the least layer-output error) | ``auto`` (default: ``mse`` at 8 bits, ``percentile`` below; chosen from measurements on
     ResNet-20/Fashion-MNIST).  bn_reestimate: recompute batch-norm
     statistics with the quantized network.  bias_correction: for quantized layers with no batch
     norm right after them (whose output mean BN re-estimation cannot fix), shift the bias by the
