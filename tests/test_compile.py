@@ -15,7 +15,7 @@ from tvm_lowbit import FGQ, data, qmath, quantize
 from tvm_lowbit.compiler import CompileError, load_artifact
 from tvm_lowbit.kernels.avx2 import has_avx2
 from tvm_lowbit.models import load_pretrained
-from tvm_lowbit.quantizers.layers import QConv2d, quant_layers
+from tvm_lowbit.quantizers.layers import QConv2d, quant_layer, quant_layers
 from tvm_lowbit.targets import TargetError, load_target
 
 
@@ -156,8 +156,8 @@ def test_unlowerable_layer_falls_back_with_a_report() -> None:
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(8 * 36, 3)).eval()
     q = quantize(model, FGQ(first_layer="fgq"), torch.randn(16, 4, 6, 6), progress=False)
-    q[2].w_int[0, 0, 0, 0] = 3.0  # no longer alpha_q * t in its group
-    q[2].w_int[0, 1, 0, 0] = -5.0
+    quant_layer(q, "2").w_int[0, 0, 0, 0] = 3.0  # no longer alpha_q * t in its group
+    quant_layer(q, "2").w_int[0, 1, 0, 0] = -5.0
     x = torch.randn(1, 4, 6, 6).numpy()
     art = tvm_lowbit.compile(q, x)
     assert [name for name, _ in art.report.fallback] == ["2"]

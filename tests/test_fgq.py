@@ -12,8 +12,8 @@ from torch import nn
 
 from tvm_lowbit import qmath
 from tvm_lowbit.quantizers import FGQ, quantize
-from tvm_lowbit.quantizers.layers import QConv2d, QLinear, QuantLayer, quant_layers
 from tvm_lowbit.quantizers.input_checks import accept_degenerate
+from tvm_lowbit.quantizers.layers import QConv2d, QLinear, quant_layer, quant_layers
 
 
 class Tiny(nn.Module):
@@ -139,18 +139,18 @@ def test_callers_model_is_not_modified() -> None:
 def test_first_last_policies_and_overrides() -> None:
     m = _tiny()
     q = _q(m)
-    assert isinstance(q.conv1, nn.Conv2d) and not isinstance(q.conv1, QuantLayer)  # first: float
-    assert isinstance(q.fc, nn.Linear) and not isinstance(q.fc, QuantLayer)  # last: float
+    assert isinstance(q.conv1, nn.Conv2d) and "conv1" not in quant_layers(q)  # first: float
+    assert isinstance(q.fc, nn.Linear) and "fc" not in quant_layers(q)  # last: float
     assert set(quant_layers(q)) == {"dw", "grouped", "ragged", "mid"}
 
     q = _q(m, FGQ(group_size=4, first_layer="fgq", last_layer="fgq"))
-    assert isinstance(q.conv1, QConv2d) and isinstance(q.fc, QLinear)
-    assert q.conv1.act_signed  # the normalised network input is signed
-    assert not q.mid.act_signed and not q.fc.act_signed  # after a ReLU: unsigned
+    assert isinstance(quant_layer(q, "conv1"), QConv2d) and isinstance(quant_layer(q, "fc"), QLinear)
+    assert quant_layer(q, "conv1").act_signed  # the normalised network input is signed
+    assert not quant_layer(q, "mid").act_signed and not quant_layer(q, "fc").act_signed  # after a ReLU: unsigned
 
     q = _q(m, FGQ(group_size=4, overrides={"r*": "float", "mid": {"group_size": 8, "act_bits": 4}}))
-    assert isinstance(q.ragged, nn.Conv2d) and not isinstance(q.ragged, QuantLayer)
-    assert q.mid.group_size == 8 and q.mid.act_bits == 4 and q.grouped.act_bits == 8
+    assert isinstance(q.ragged, nn.Conv2d) and "ragged" not in quant_layers(q)
+    assert quant_layer(q, "mid").group_size == 8 and quant_layer(q, "mid").act_bits == 4 and quant_layer(q, "grouped").act_bits == 8
     # later patterns win
     q = _q(m, FGQ(group_size=4, overrides={"*": "float", "dw": {}}))
     assert set(quant_layers(q)) == {"dw"}
@@ -161,9 +161,9 @@ def test_depthwise_grouped_ragged_quantize_and_run(n: int) -> None:
     m = _tiny()
     cfg = FGQ(group_size=n, first_layer="fgq", last_layer="fgq")
     q = _q(m, cfg)
-    assert q.dw.tw.layout.along == "taps" and q.dw.groups == 8
-    assert q.grouped.groups == 4 and q.grouped.w_int.shape == (12, 2, 3, 3)
-    assert q.ragged.w_int.shape == (10, 12, 3, 3)
+    assert quant_layer(q, "dw").tw.layout.along == "taps" and quant_layer(q, "dw").groups == 8
+    assert quant_layer(q, "grouped").groups == 4 and quant_layer(q, "grouped").w_int.shape == (12, 2, 3, 3)
+    assert quant_layer(q, "ragged").w_int.shape == (10, 12, 3, 3)
     for layer in quant_layers(q).values():
         assert layer.calibrated and set(layer.tw.t.unique().tolist()) <= {-1, 0, 1}
         # w_int really is alpha_q * t in the weight's shape
@@ -202,23 +202,23 @@ def test_all_zero_and_constant_activations(method: str) -> None:
     torch.manual_seed(0)
     m = DeadRelu().eval()
     q = _q(m, FGQ(group_size=4, first_layer="fgq", calibration=method))
-    assert not q.b.act_signed and q.b.scale_value > 0  # all-zero input: unsigned, a valid scale
+    assert not quant_layer(q, "b").act_signed and quant_layer(q, "b").scale_value > 0  # all-zero input: unsigned, a valid scale
     x = torch.from_numpy(_calib(4))
     torch.testing.assert_close(q(x), m(x), rtol=0, atol=1e-5)  # zeros quantize exactly
     const = np.full((16, 3, 12, 12), 0.7, np.float32)  # a constant calibration input
     q = _q(m, FGQ(group_size=4, first_layer="fgq", calibration=method), calib=accept_degenerate(const))
-    assert not q.a.act_signed and torch.isfinite(q(torch.from_numpy(const))).all()
+    assert not quant_layer(q, "a").act_signed and torch.isfinite(q(torch.from_numpy(const))).all()
     # 0.7 itself is represented to within half a step
-    assert abs(round(0.7 / q.a.scale_value) * q.a.scale_value - 0.7) <= q.a.scale_value / 2 + 1e-7
+    assert abs(round(0.7 / quant_layer(q, "a").scale_value) * quant_layer(q, "a").scale_value - 0.7) <= quant_layer(q, "a").scale_value / 2 + 1e-7
 
 
 def test_signed_unsigned_detection() -> None:
     q = _q(_tiny(), FGQ(group_size=4, first_layer="fgq"))
-    assert q.conv1.act_signed
-    assert all(not q.get_submodule(n).act_signed for n in ("dw", "grouped", "ragged", "mid"))
+    assert quant_layer(q, "conv1").act_signed
+    assert all(not quant_layer(q, n).act_signed for n in ("dw", "grouped", "ragged", "mid"))
     pos = np.abs(_calib())  # a non-negative network input is detected as unsigned
     q = _q(_tiny(), FGQ(group_size=4, first_layer="fgq"), calib=pos)
-    assert not q.conv1.act_signed
+    assert not quant_layer(q, "conv1").act_signed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def test_signed_unsigned_detection() -> None:
 @pytest.mark.parametrize("name", ["dw", "grouped", "ragged"])
 def test_accumulators_equal_integer_reference(name: str) -> None:
     q = _q(_tiny(), FGQ(group_size=4, act_bits=8))
-    layer: QConv2d = q.get_submodule(name)
+    layer: QConv2d = quant_layer(q, name)
     seen: dict[str, torch.Tensor] = {}
     original = layer._integer_op
 
@@ -296,8 +296,8 @@ def test_bias_correction_matches_output_means() -> None:
     x = torch.from_numpy(calib)
     with torch.no_grad():
         y_ref, y_on, y_off = m(x).mean(0), on(x).mean(0), off(x).mean(0)
-    assert torch.equal(off.fc.bias, m.fc.bias.detach())
-    assert not torch.equal(on.fc.bias, m.fc.bias.detach())
+    assert torch.equal(quant_layer(off, "fc").bias, m.fc.bias.detach())
+    assert not torch.equal(quant_layer(on, "fc").bias, m.fc.bias.detach())
     # the last layer's output mean on the calibration data matches the float model's
     torch.testing.assert_close(y_on, y_ref, rtol=0, atol=1e-4)
     assert float((y_off - y_ref).abs().max()) > float((y_on - y_ref).abs().max())

@@ -2,9 +2,8 @@
 
 Loaders: photo views, torchvision architectures (third-party model code, random weights), EfficientNet-Lite2
 with its real ImageNet weights, paraphrase-MiniLM-L3-v2 (ONNX, and its PyTorch port).  Then one torchvision
-architecture quantized with FGQ and compiled for x86, compiled vs fake-quant; the cases that fail today
-are xfail with the reason measured by scripts/bench_models.py (docs/results-models.md), strict, so the
-quantizer fix flips them.
+architecture quantized with FGQ and compiled for x86, compiled vs fake-quant; the two cases issue 16
+item 1 fixed (a TF-"same" padding Conv2d subclass, a token-id + mask encoder) quantize (and compile).
 """
 
 from __future__ import annotations
@@ -172,10 +171,6 @@ def test_resnet18_fgq_compiles_for_x86_and_agrees() -> None:
 # ---------------------------------------------------------------------------- what fails today (issue 16)
 
 @needs["eff"]
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "issue 16 item 1: quantize replaces the nn.Conv2d subclass Conv2dStaticSamePadding (TensorFlow 'same' "
-    "padding in its own forward) and drops that forward: 'RuntimeError: The size of tensor a (12) must match "
-    "the size of tensor b (14)' in quantizers/calibrate.py run_batches"))
 def test_same_padding_conv_subclass_quantizes_and_compiles() -> None:
     import tvm_lowbit
     from efficientnet_lite_pytorch import EfficientNet
@@ -192,10 +187,6 @@ def test_same_padding_conv_subclass_quantizes_and_compiles() -> None:
 
 
 @needs["vocab"]
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "issue 16 item 1: calibration data must be one float tensor; a two-input encoder fed [(input_ids, "
-    "attention_mask)] fails: 'the model failed on a calibration batch of shape (4, 32): TypeError: "
-    "MiniLM.forward() missing 1 required positional argument: attention_mask' (quantizers/fgq.py)"))
 def test_minilm_quantizes_with_token_ids_and_mask() -> None:
     import tvm_lowbit
     from tvm_lowbit.models import minilm

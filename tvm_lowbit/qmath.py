@@ -382,6 +382,25 @@ def scale_for_range(clip_value: float, bits: int, signed: bool) -> float:
     return float(np.float32(max(clip_value, 1e-8) / hi))
 
 
+def token_scales(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token (last-dimension row) dynamic activation scales, float32 ``[..., 1]``: the row's largest
+    magnitude over the largest signed code (a row of zeros gets scale 1)."""
+    _, hi = act_range(bits, True)
+    peak = x.detach().to(torch.float32).abs().amax(dim=-1, keepdim=True)
+    return torch.where(peak > 0, peak / hi, torch.ones_like(peak))
+
+
+def epilogue_rows(acc: torch.Tensor, row_scale: torch.Tensor, out_scale: torch.Tensor, out_bias: torch.Tensor,
+                  channel_dim: int) -> torch.Tensor:
+    """float32(float64(float32(acc)) * row_scale * out_scale + out_bias): the epilogue of a layer with
+    per-token dynamic input scales ``row_scale`` ([..., 1], float32)."""
+    shape = [1] * acc.dim()
+    shape[channel_dim] = -1
+    y = acc.to(torch.float32).to(torch.float64) * row_scale.to(torch.float64)
+    y = y * out_scale.to(torch.float64).reshape(shape)
+    return (y + out_bias.to(torch.float64).reshape(shape)).to(torch.float32)
+
+
 # --------------------------------------------------------------------------------------------
 # The layer epilogue and a NumPy reference of whole layers
 # --------------------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ def model_weight_bytes(model: nn.Module) -> tuple[int, int]:
             n = m.w_int.numel()
             total += weight_bytes(compiled_weight(m), n)
         elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            if any(isinstance(c, IntegerLayer) for c in m.children()):
+                continue  # a wrapped layer: its integer child is counted
             n = m.weight.numel()
             total += 4 * n
         else:

@@ -25,7 +25,12 @@ callable ``(layer, format, numel, nbytes) -> cost``.
 
 The budget is checked on ``val_data`` (never the calibration data): ``budget=1.0`` or ``"drop<=1.0"``
 allows a top-1 drop of at most 1 point against FP32 on it; ``"agree>=99.5"`` asks that at least
-99.5 % of its predictions equal FP32's.  An unreachable budget raises :class:`BudgetError` holding
+99.5 % of its predictions equal FP32's; ``"cos>=0.99"`` (embedding models) asks that the output of
+*every* validation input has a cosine of at least 0.99 to FP32's (the sensitivity pass then ranks
+layers by 1 - cosine instead of KL).  Budgets are parsed strictly when the config is made: another
+operator (``agree<=50``, ``drop>=1``), a value out of range (``drop<=-1``, ``agree>=120``) or NaN is
+a one-line ValueError.  ``val_data`` and ``calib_data`` may be any model inputs
+(``quantizers.inputs``: tensors of any dtype, tuples, dicts of token ids and masks).  An unreachable budget raises :class:`BudgetError` holding
 the best mix found and its cost.
 """
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -45,15 +51,17 @@ from torch import nn
 from tqdm import tqdm
 
 from tvm_lowbit.formats import Format, avg_weight_bits, model_weight_bytes, parse_format
-from tvm_lowbit.quantizers import calibrate
+from tvm_lowbit.quantizers import calibrate, inputs
+from tvm_lowbit.quantizers.inputs import Batch
+from tvm_lowbit.quantizers.layers import WeightUse
 from tvm_lowbit.quantizers.config import SchemeConfig
 from tvm_lowbit.quantizers.rounding import input_hessians, refine
 from tvm_lowbit.quantizers.sensitivity import Sensitivity, layer_sensitivity
-from tvm_lowbit.quantizers.surgery import build_fake_quant, conv_bn_pairs, correct_bias, execution_order
+from tvm_lowbit.quantizers.surgery import ModelGraph, analyze, build_fake_quant, warn_report
 
 DEFAULT_FORMATS = ("ternary-n16", "ternary", "pow2-3", "pow2-4", "pow2-5", "int4", "int8", "float")
 ROUNDINGS = ("nearest", "gptq")
-_BUDGET = re.compile(r"^\s*(drop|agree)\s*(<=|>=|=)?\s*([-+]?\d+(?:\.\d*)?)\s*(?:%|pp|pt)?\s*$")
+_BUDGET = re.compile(r"^\s*(drop|agree|cos)\s*(<=|>=|=<|=>|<|>|==|=)\s*([^\s%]+)\s*(?:%|pp|pt)?\s*$")
 
 
 class BudgetError(ValueError):
@@ -68,28 +76,54 @@ class BudgetError(ValueError):
 
 @dataclass(frozen=True)
 class Budget:
-    kind: str      # "drop": max top-1 drop in points vs FP32; "agree": min % agreement with FP32
-    value: float
+    kind: str      # "drop": max top-1 drop in points vs FP32; "agree": min % agreement with FP32;
+    value: float   # "cos": min cosine of an output to FP32's (every validation input)
 
-    def met(self, drop: float, agree: float) -> bool:
-        return drop <= self.value + 1e-9 if self.kind == "drop" else agree >= self.value - 1e-9
+    def met(self, drop: float, agree: float, cos_min: float = float("nan")) -> bool:
+        if self.kind == "drop":
+            return drop <= self.value + 1e-9
+        if self.kind == "agree":
+            return agree >= self.value - 1e-9
+        return cos_min >= self.value - 1e-12
 
     def __str__(self) -> str:
-        return f"drop<={self.value:g}pp" if self.kind == "drop" else f"agree>={self.value:g}%"
+        return {"drop": f"drop<={self.value:g}pp", "agree": f"agree>={self.value:g}%",
+                "cos": f"cos>={self.value:g}"}[self.kind]
+
+
+_BUDGET_HELP = ("use a number (max top-1 drop in points vs FP32 on the validation data), 'drop<=1.0', "
+                "'agree>=99.5' (min % of predictions equal to FP32's) or 'cos>=0.99' (min cosine of every "
+                "output to FP32's, for embedding models)")
+_BUDGET_OPS = {"drop": "<=", "agree": ">=", "cos": ">="}
+_BUDGET_RANGE = {"drop": (0.0, 100.0, "a top-1 drop is a number of points in 0..100"),
+                 "agree": (0.0, 100.0, "agreement is a percentage in 0..100"),
+                 "cos": (-1.0, 1.0, "a cosine is a number in -1..1")}
 
 
 def parse_budget(budget: float | int | str) -> Budget:
+    """A budget from a number (max top-1 drop) or ``drop<=X`` / ``agree>=Y`` / ``cos>=C``; anything else
+    (another operator, a value out of range, NaN) is a ValueError naming the budget."""
     if isinstance(budget, bool):
-        raise TypeError("Auto budget: pass a number (max top-1 drop in points) or 'drop<=X' / 'agree>=Y'")
+        raise TypeError(f"Auto budget {budget!r}: {_BUDGET_HELP}")
     if isinstance(budget, (int, float)):
-        return Budget("drop", float(budget))
-    m = _BUDGET.match(str(budget).lower())
-    if m is None:
-        raise ValueError(f"Auto budget {budget!r}: use a number (max top-1 drop in points vs FP32 on the "
-                         "validation data), 'drop<=1.0' or 'agree>=99.5' (min % of predictions equal to FP32's)")
-    kind, value = m.group(1), float(m.group(3))
-    if kind == "agree" and not 0 <= value <= 100:
-        raise ValueError(f"Auto budget {budget!r}: agreement is a percentage in 0..100")
+        kind, value = "drop", float(budget)
+    elif isinstance(budget, str):
+        m = _BUDGET.match(budget.lower())
+        if m is None:
+            raise ValueError(f"Auto budget {budget!r}: {_BUDGET_HELP}")
+        kind, op, num = m.group(1), m.group(2), m.group(3)
+        if op != _BUDGET_OPS[kind]:
+            raise ValueError(f"Auto budget {budget!r}: a {kind} budget is written '{kind}{_BUDGET_OPS[kind]}X' "
+                             f"(got the operator {op!r})")
+        try:
+            value = float(num)
+        except ValueError:
+            raise ValueError(f"Auto budget {budget!r}: {num!r} is not a number; {_BUDGET_HELP}") from None
+    else:
+        raise TypeError(f"Auto budget {budget!r} ({type(budget).__name__}): {_BUDGET_HELP}")
+    lo, hi, what = _BUDGET_RANGE[kind]
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise ValueError(f"Auto budget {budget!r}: {what}, got {value!r}")
     return Budget(kind, value)
 
 
@@ -97,8 +131,8 @@ def parse_budget(budget: float | int | str) -> Budget:
 class Auto(SchemeConfig):
     """Per-layer precision search (see the module docstring).
 
-    budget: max top-1 drop in points (a number or ``"drop<=X"``) or ``"agree>=Y"`` (% agreement with
-    FP32), on ``val_data``.  cost: ``"bytes"``, a mapping format -> cost per weight, or a callable
+    budget: max top-1 drop in points (a number or ``"drop<=X"``), ``"agree>=Y"`` (% agreement with
+    FP32) or ``"cos>=C"`` (lowest output cosine to FP32), on ``val_data``.  cost: ``"bytes"``, a mapping format -> cost per weight, or a callable
     ``(layer, format, numel, nbytes) -> cost``.  formats: candidate formats for every layer
     (``tvm_lowbit.formats``).  overrides: module-name pattern (fnmatch) -> a format or list of formats
     for matching layers (later patterns win), e.g. ``{"classifier": "int8"}``.  act_bits /
@@ -123,6 +157,7 @@ class Auto(SchemeConfig):
     calibration: str = "auto"
     bn_reestimate: bool = True
     bias_correction: bool = True
+    act_mode: str = "static"
     rounding: str = "gptq"
     rounding_images: int = 256
     sensitivity_images: int = 512
@@ -156,6 +191,8 @@ class Auto(SchemeConfig):
             raise ValueError(f"Auto act_bits must be an integer in 2..8, got {self.act_bits!r}")
         if self.calibration not in (*calibrate.CALIB_METHODS, "auto"):
             raise ValueError(f"Auto calibration {self.calibration!r}: use auto or one of {', '.join(calibrate.CALIB_METHODS)}")
+        if self.act_mode not in calibrate.ACT_MODES:
+            raise ValueError(f"Auto act_mode {self.act_mode!r}: use one of {', '.join(calibrate.ACT_MODES)}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"Auto rounding {self.rounding!r}: use one of {', '.join(ROUNDINGS)}")
         if self.max_evals < 1 or self.sensitivity_images < 1 or self.batch_size < 1 or self.rounding_images < 1:
@@ -184,6 +221,7 @@ class Evaluation:
     met: bool
     stage: str
     seconds: float
+    cos_min: float = float("nan")
 
 
 @dataclass
@@ -204,6 +242,7 @@ class AutoResult:
     evaluations: list[Evaluation]
     sensitivity: Sensitivity
     val_images: int
+    cos_min: float = float("nan")
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -214,7 +253,7 @@ class AutoResult:
         return (f"Auto: {len(self.formats)} layers ({mix}); {self.avg_weight_bits:.2f} avg weight bits, "
                 f"{self.weight_bytes:,d} weight bytes; on {self.val_images} validation images top-1 "
                 f"{self.top1:.2f}% (FP32 {self.fp32_top1:.2f}%, drop {self.drop:.2f} pp), agreement with "
-                f"FP32 {self.agree:.2f}%: {state} the budget {self.budget} ({len(self.evaluations)} mixes evaluated)")
+                f"FP32 {self.agree:.2f}%, lowest cosine to FP32 {self.cos_min:.4f}: {state} the budget {self.budget} ({len(self.evaluations)} mixes evaluated)")
 
     def table(self) -> str:
         lines = [f"{'layer':28s} format"] + [f"{n:28s} {f}" for n, f in self.formats.items()]
@@ -225,39 +264,68 @@ class AutoResult:
 # Building and evaluating one mix
 # --------------------------------------------------------------------------------------------
 
+GPTQ_MAX_BITS = 7  # GPTQ refines codes of formats up to this width; int8's rounding error is already tiny
+
+
 class WeightMaker:
     """Quantized weights of one model's layers, made once per (layer, format): rounded to nearest, or
-    with GPTQ codes (``rounding="gptq"``) from input statistics gathered on the FP32 network."""
+    with GPTQ codes (``rounding="gptq"``, formats of at most ``GPTQ_MAX_BITS`` bits) from input
+    statistics gathered on the FP32 network the first time such a format is asked for.  ``uses``:
+    each layer's weight use (``surgery.analyze``): its effective weight is quantized."""
 
-    def __init__(self, model: nn.Module, rounding: str = "nearest", images: torch.Tensor | None = None,
-                 layers: list[str] | None = None) -> None:
+    def __init__(self, model: nn.Module, rounding: str = "nearest", images: object = None,
+                 layers: list[str] | None = None, uses: Mapping[str, WeightUse] | None = None,
+                 progress: bool = False) -> None:
         self.model = model
         self.rounding = rounding
         self.cache: dict[tuple[str, str], Any] = {}
-        self.hessians: dict[str, torch.Tensor] = {}
-        if rounding == "gptq":
-            if images is None or layers is None:
-                raise ValueError("GPTQ rounding needs calibration images and the layer names")
-            self.hessians = input_hessians(model, layers, images)
+        self.hessians: dict[str, torch.Tensor] | None = None
+        self.uses = dict(uses) if uses is not None else None
+        self.images = images
+        self.layers = layers
+        self.progress = progress
+        if rounding == "gptq" and (images is None or layers is None):
+            raise ValueError("GPTQ rounding needs calibration images and the layer names")
+
+    def weight(self, name: str) -> torch.Tensor:
+        if self.uses is not None and name in self.uses:
+            return self.uses[name].weight
+        return self.model.get_submodule(name).weight.detach()
+
+    def _hessians(self) -> dict[str, torch.Tensor]:
+        if self.hessians is None:
+            if self.uses is None:
+                n_in = inputs.positional_inputs(self.model)
+                self.uses = analyze(self.model, inputs.take(inputs.gather(self.images, 64, n_inputs=n_in), 0, 1)).uses
+            self.hessians = input_hessians(self.model, list(self.layers or []), self.images, uses=self.uses,
+                                           progress=self.progress)
+        return self.hessians
 
     def __call__(self, name: str, fmt: Format) -> Any:
         if (name, fmt.name) not in self.cache:
-            w = self.model.get_submodule(name).weight.detach()
+            w = self.weight(name)
             tw = fmt.quantize(w)
-            if tw is not None and name in self.hessians:
-                tw = refine(tw, w, self.hessians[name])
+            if tw is not None and self.rounding == "gptq" and fmt.bits <= GPTQ_MAX_BITS:
+                h = self._hessians().get(name)
+                if h is not None:
+                    tw = refine(tw, w, h)
             self.cache[(name, fmt.name)] = tw
         return self.cache[(name, fmt.name)]
 
 
 def build_mixed(model: nn.Module, formats: Mapping[str, str], calib_data: object, config: Auto | None = None, *,
-                weights: WeightMaker | None = None, progress: bool = False) -> nn.Module:
+                weights: WeightMaker | None = None, progress: bool = False, graph: ModelGraph | None = None
+                ) -> nn.Module:
     """The fake-quant model with layer ``name`` in format ``formats[name]`` (``float`` or absent: stays
     float), through the FGQ activation pipeline: calibration, batch-norm re-estimation, bias correction
-    of layers with no batch norm after them, batch-norm folding.  ``weights`` makes (and caches) the
-    quantized weights; by default they are rounded to nearest."""
+    of layers with no batch norm after them (each kept only if it helps on held-out calibration
+    inputs), batch-norm folding.  ``weights`` makes (and caches) the quantized weights; by default
+    they are rounded to nearest.  ``graph``: ``surgery.analyze`` of ``model`` (read when None)."""
     cfg = config or Auto()
-    make = weights if weights is not None else WeightMaker(model)
+    calib = inputs.gather(calib_data, cfg.batch_size, n_inputs=inputs.positional_inputs(model))
+    if graph is None:
+        graph = analyze(model.eval(), inputs.take(calib, 0, 1))
+    make = weights if weights is not None else WeightMaker(model, uses=graph.uses)
     qw = {}
     for name, fname in formats.items():
         fmt = parse_format(fname)
@@ -266,41 +334,62 @@ def build_mixed(model: nn.Module, formats: Mapping[str, str], calib_data: object
     if not qw:
         q = copy.deepcopy(model).cpu().eval()
     else:
-        q = build_fake_quant(model, qw, calib_data, act_bits=cfg.act_bits, calibration=cfg.method(),
-                             bn_reestimate=cfg.bn_reestimate, batch_size=cfg.batch_size, progress=progress)
-        if cfg.bias_correction:
-            first = next(calibrate.iterate_batches(calib_data, cfg.batch_size))
-            pairs = conv_bn_pairs(model)
-            order = [n for n in execution_order(model.eval(), first[:1]) if n in qw and n not in pairs]
-            correct_bias(model, q, order, calib_data, cfg.batch_size, progress)
+        why = {n: f"Auto chose float for {n}" for n, f in formats.items() if parse_format(f).is_float}
+        q = build_fake_quant(model, qw, calib, act_bits=cfg.act_bits, calibration=cfg.method(),
+                             bn_reestimate=cfg.bn_reestimate, bias_correction=cfg.bias_correction,
+                             batch_size=cfg.batch_size, progress=progress, graph=graph, float_layers=why,
+                             act_mode=cfg.act_mode)
     q.tvm_lowbit_config = cfg.to_dict()
     return q.eval()
 
 
-def predictions(model: nn.Module, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    # small batches: a depthwise-separable net runs 2-4x faster on the CPU at 64 images than at 500
+def outputs(model: nn.Module, x: object, batch: int = 64) -> torch.Tensor:
+    """The model's outputs on the inputs ``x`` (any form ``quantizers.inputs`` reads) as float64 rows."""
+    whole = inputs.gather(x, batch, n_inputs=inputs.positional_inputs(model)) if not isinstance(
+        x, (torch.Tensor, np.ndarray)) else inputs.as_batch(x)
     with torch.inference_mode():
-        return torch.cat([model(x[i:i + batch]).argmax(-1) for i in range(0, x.shape[0], batch)])
+        return torch.cat([inputs.rows(inputs.call(model, b), inputs.batch_len(b)) for b in inputs.split(whole, batch)])
 
 
-def _val_arrays(val_data: object) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(images, labels or None) from (x, y), a dict with x/y, or x alone."""
-    if isinstance(val_data, Mapping):
+def predictions(model: nn.Module, x: object, batch: int = 64) -> torch.Tensor:
+    # small batches: a depthwise-separable net runs 2-4x faster on the CPU at 64 images than at 500
+    return outputs(model, x, batch).argmax(-1)
+
+
+def cosines(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+    """Per-row cosine of two output matrices."""
+    return torch.nn.functional.cosine_similarity(ref.double(), got.double(), dim=-1, eps=1e-12)
+
+
+def _val_arrays(val_data: object, n_inputs: int = 1) -> tuple[Batch, torch.Tensor | None]:
+    """(inputs, labels or None) from (x, y), {"x": x, "y": y}, or x alone, where x is one batch of any
+    form ``quantizers.inputs`` reads (a tensor/array, a dict, a tuple of ``n_inputs`` tensors), or an
+    iterable of batches (labels then read from none).  ``n_inputs``: ``inputs.positional_inputs(model)``."""
+    y: object = None
+    if isinstance(val_data, Mapping) and set(val_data) <= {"x", "y"}:
         x, y = val_data.get("x"), val_data.get("y")
-    elif isinstance(val_data, (tuple, list)) and len(val_data) == 2:
+    elif (isinstance(val_data, (tuple, list)) and len(val_data) == 2
+          and (n_inputs == 1 or isinstance(val_data[0], (tuple, list, Mapping)))
+          and not isinstance(val_data[1], (tuple, list, Mapping))):
         x, y = val_data
     else:
-        x, y = val_data, None
+        x = val_data
     if x is None:
         raise ValueError("validation data: pass (images, labels) or images")
-    xt = torch.as_tensor(np.asarray(x, np.float32) if not isinstance(x, torch.Tensor) else x).float()
-    if xt.dim() < 2 or xt.shape[0] == 0:
-        raise ValueError(f"validation images must be an array [n, ...] with n >= 1, got shape {tuple(xt.shape)}")
+    if isinstance(x, (torch.Tensor, np.ndarray, Mapping)) or (
+            isinstance(x, (tuple, list)) and n_inputs >= 2 and len(x) == n_inputs
+            and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in x)):
+        xt = inputs.as_batch(tuple(x) if isinstance(x, list) else x)
+    else:
+        xt = inputs.gather(x, 64, n_inputs=n_inputs)
+    first = inputs.first_tensor(xt)
+    if first.dim() < 1 or first.shape[0] == 0:
+        raise ValueError(f"validation inputs must be [n, ...] with n >= 1, got {inputs.describe(xt)}")
     yt = None
     if y is not None:
         yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).long().reshape(-1)
-        if yt.shape[0] != xt.shape[0]:
-            raise ValueError(f"validation data: {xt.shape[0]} images but {yt.shape[0]} labels")
+        if yt.shape[0] != inputs.batch_len(xt):
+            raise ValueError(f"validation data: {inputs.batch_len(xt)} inputs but {yt.shape[0]} labels")
     return xt, yt
 
 
@@ -357,42 +446,60 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
     if val_data is None:
         raise ValueError(f"Auto(budget={config.budget!r}) needs validation data to verify the budget: call "
                          "quantize(model, Auto(...), calib_data, val_data) with val_data=(images, labels) held out "
-                         "from training and calibration (labels may be omitted for an 'agree>=...' budget)")
-    xv, yv = _val_arrays(val_data)
+                         "from training and calibration (labels may be omitted for an 'agree>=...' or 'cos>=...' "
+                         "budget)")
+    xv, yv = _val_arrays(val_data, inputs.positional_inputs(model))
     if budget.kind == "drop" and yv is None:
         raise ValueError(f"a top-1 drop budget ({budget}) needs validation labels: pass val_data=(images, labels), "
                          "or use an agreement budget such as 'agree>=99.5'")
     model = copy.deepcopy(model).cpu().eval()
-    calib = torch.cat(list(calibrate.iterate_batches(calib_data, config.batch_size)))
-    try:
-        names = execution_order(model, calib[:1])
-    except Exception as e:
-        raise ValueError(f"the model failed on a calibration batch of shape {tuple(calib[:1].shape)}: "
-                         f"{type(e).__name__}: {e}") from e
+    calib = inputs.gather(calib_data, config.batch_size, n_inputs=inputs.positional_inputs(model))
+    graph = analyze(model, inputs.take(calib, 0, 1))
+    names = graph.order
     if not names:
-        raise ValueError("the model has no quantizable layer (no nn.Conv2d or nn.Linear is called in forward)")
+        why = "; ".join(str(s) for s in graph.skipped[:4])
+        raise ValueError("the model has no quantizable layer (no nn.Conv2d or nn.Linear weight use is called in "
+                         f"forward){': ' + why if why else ''}")
     try:
-        model(xv[:1])
+        inputs.call(model, inputs.take(xv, 0, 1))
     except Exception as e:
-        raise ValueError(f"the model failed on a validation batch of shape {tuple(xv[:1].shape)}: "
+        raise ValueError(f"the model failed on a validation batch {inputs.describe(inputs.take(xv, 0, 1))}: "
                          f"{type(e).__name__}: {e}") from e
     for n in names:
-        if not torch.isfinite(model.get_submodule(n).weight).all():
+        if not torch.isfinite(graph.uses[n].weight).all():
             raise ValueError(f"layer {n!r}: weight holds NaN/Inf values; fix or retrain the model")
     cands = {n: config.candidates(n) for n in names}
+    t_start = time.time()
 
-    weights = WeightMaker(model, config.rounding, calib[:config.rounding_images], names)
-    sub = calib[:config.sensitivity_images]
-    sens = layer_sensitivity(model, sub, config.formats, layers=names, candidates=cands, act_bits=config.act_bits,
-                             calibration=config.method(), bias_correction=config.bias_correction,
-                             batch_size=config.batch_size, cache_dir=config.cache_dir, use_cache=config.use_cache,
-                             weight_fn=weights, weight_fn_key=f"{config.rounding}:{config.rounding_images}",
-                             progress=progress)
-    cf = _cost_fn(config.cost)
-    cost = {n: {f: cf(n, f, sens.numel[n], sens.bytes[n][f]) for f in cands[n]} for n in names}
-    path = lagrangian_path(sens, cands, cost)
+    def log(msg: str) -> None:
+        if progress:
+            tqdm.write(f"Auto [{time.time() - t_start:6.1f} s] {msg}")
 
-    ref = predictions(model, xv)
+    log(f"{len(names)} layers; {'rounding ' + config.rounding}")
+    weights = WeightMaker(model, config.rounding, inputs.take(calib, 0, config.rounding_images), names, graph.uses,
+                          progress)
+    if all(len(c) == 1 for c in cands.values()):  # one format per layer: nothing to search
+        sens = Sensitivity(names, sorted({c[0] for c in cands.values()}), {n: {cands[n][0]: 0.0} for n in names},
+                           {n: {cands[n][0]: 0} for n in names},
+                           {n: int(graph.uses[n].weight.numel()) for n in names}, 0, "", False, {"skipped": "one format"})
+        path = [{n: cands[n][0] for n in names}]
+        cost = {n: {cands[n][0]: 0.0} for n in names}
+        log("one candidate format per layer: no sensitivity pass, one build")
+    else:
+        sub = inputs.take(calib, 0, config.sensitivity_images)
+        sens = layer_sensitivity(model, sub, config.formats, layers=names, candidates=cands,
+                                 act_bits=config.act_bits, calibration=config.method(),
+                                 bias_correction=config.bias_correction, batch_size=config.batch_size,
+                                 cache_dir=config.cache_dir, use_cache=config.use_cache, weight_fn=weights,
+                                 weight_fn_key=f"{config.rounding}:{config.rounding_images}", progress=progress,
+                                 uses=graph.uses, metric="cos" if budget.kind == "cos" else "kl")
+        log(f"sensitivity {'from the cache' if sens.from_cache else 'measured'}")
+        cf = _cost_fn(config.cost)
+        cost = {n: {f: cf(n, f, sens.numel[n], sens.bytes[n][f]) for f in cands[n]} for n in names}
+        path = lagrangian_path(sens, cands, cost)
+
+    ref_rows = outputs(model, xv)
+    ref = ref_rows.argmax(-1)
     fp32 = 100.0 * float((ref == yv).double().mean()) if yv is not None else float("nan")
     evals: list[Evaluation] = []
     models: dict[tuple, nn.Module] = {}
@@ -404,27 +511,32 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
             if tuple(e.formats[n] for n in names) == key:
                 return e
         t0 = time.time()
-        q = build_mixed(model, mix, calib, config, weights=weights)
-        pred = predictions(q, xv)
+        q = build_mixed(model, mix, calib, config, weights=weights, graph=graph, progress=progress)
+        rows = outputs(q, xv)
+        pred = rows.argmax(-1)
         agree = 100.0 * float((pred == ref).double().mean())
+        cos_min = float(cosines(ref_rows, rows).min())
         top1 = 100.0 * float((pred == yv).double().mean()) if yv is not None else float("nan")
         drop = fp32 - top1 if yv is not None else float("nan")
         nbytes, _ = model_weight_bytes(q)
         e = Evaluation(dict(mix), sum(cost[n][mix[n]] for n in names), nbytes, avg_weight_bits(q), top1, agree, drop,
-                       budget.met(drop, agree), stage, time.time() - t0)
+                       budget.met(drop, agree, cos_min), stage, time.time() - t0, cos_min)
         evals.append(e)
         models[key] = q
         bar.update()
+        log(f"{stage}: {e.avg_weight_bits:.2f} avg weight bits, agreement {agree:.2f}%, lowest cosine "
+            f"{cos_min:.4f}{'' if yv is None else f', top-1 {top1:.2f}%'} -> {'meets' if e.met else 'misses'} "
+            f"{budget} ({e.seconds:.1f} s)")
         return e
 
     # the most accurate end of the path first: if it fails, nothing on the path can pass
     best = evaluate(path[-1], "most accurate")
     if not best.met:
         bar.close()
-        res = _result(budget, best, fp32, evals, sens, xv.shape[0])
+        res = _result(budget, best, fp32, evals, sens, inputs.batch_len(xv))
         raise BudgetError(f"the budget {budget} is unreachable with formats {', '.join(config.formats)}: the most "
                           f"accurate mix found (top-1 {best.top1:.2f}%, drop {best.drop:.2f} pp, agreement "
-                          f"{best.agree:.2f}%) costs {best.cost:,.0f} ({best.weight_bytes:,d} weight bytes, "
+                          f"{best.agree:.2f}%, lowest cosine {best.cos_min:.4f}) costs {best.cost:,.0f} ({best.weight_bytes:,d} weight bytes, "
                           f"{best.avg_weight_bits:.2f} avg weight bits); allow more formats (e.g. 'int8', "
                           "'float') or loosen the budget", res, models[tuple(best.formats[n] for n in names)])
     lo, hi = 0, len(path) - 1  # path[hi] meets the budget
@@ -460,11 +572,13 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
             frozen.add(n)
     bar.close()
     q = models[tuple(chosen.formats[n] for n in names)]
-    q.tvm_lowbit_auto = _result(budget, chosen, fp32, evals, sens, xv.shape[0])
+    q.tvm_lowbit_auto = _result(budget, chosen, fp32, evals, sens, inputs.batch_len(xv))
+    warn_report(q.tvm_lowbit_report, progress)
+    log(q.tvm_lowbit_auto.summary())
     return q
 
 
 def _result(budget: Budget, e: Evaluation, fp32: float, evals: list[Evaluation], sens: Sensitivity,
             n_val: int) -> AutoResult:
     return AutoResult(budget, dict(e.formats), fp32, e.top1, e.agree, e.drop, e.cost, e.weight_bytes,
-                      e.avg_weight_bits, e.met, list(evals), sens, n_val)
+                      e.avg_weight_bits, e.met, list(evals), sens, n_val, e.cos_min)

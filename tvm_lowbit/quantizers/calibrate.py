@@ -5,13 +5,21 @@ Methods: ``minmax`` (largest magnitude seen), ``percentile`` (a high percentile 
 matters most at 4 bits) and ``mse_out`` (the clip value minimising the mean squared error of the
 layer's *output*, computed with the layer's quantized weights on the first ``OUT_IMAGES``
 calibration inputs: it weighs each input error by how much the weights amplify it, and measures the
-effect of clipping where it matters).  Signedness is read off the data: a layer whose inputs are never negative
-(after a ReLU) gets unsigned codes.
+effect of clipping where it matters), ``entropy`` (TensorRT's: the clip minimising the KL divergence
+between the histogram of magnitudes and its quantized version) and ``best`` (per tensor, whichever of
+minmax / percentile / mse / entropy gives the layer's output the smallest squared error on kept
+inputs).  Signedness is read off the data: a layer whose inputs are never negative (after a ReLU) gets
+unsigned codes.
+
+Activation modes (``ACT_MODES``): ``static`` (one calibrated scale per tensor, what the lowering
+turns into integer kernels), ``dynamic`` (per-token scales computed at run time from each row's
+largest magnitude, Linear layers only: exact in fake-quant, stays float when compiled) and ``auto``
+(per Linear layer: dynamic only where the static scale's output error is both above
+``STATIC_FAILS`` and ``DYNAMIC_GAIN`` times the dynamic one's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -20,11 +28,19 @@ from torch import nn
 from tqdm import tqdm
 
 from tvm_lowbit import qmath
+from tvm_lowbit.quantizers import inputs
+from tvm_lowbit.quantizers.inputs import iterate_batches
 from tvm_lowbit.quantizers.layers import QuantLayer
 
-CalibMethod = Literal["minmax", "percentile", "mse", "mse_out"]
-CALIB_METHODS: tuple[str, ...] = ("minmax", "percentile", "mse", "mse_out")
-OUT_IMAGES = 64  # calibration inputs kept per layer for ``mse_out``
+CalibMethod = Literal["minmax", "percentile", "mse", "entropy", "mse_out", "best"]
+CALIB_METHODS: tuple[str, ...] = ("minmax", "percentile", "mse", "entropy", "mse_out", "best")
+INPUT_METHODS: tuple[str, ...] = ("minmax", "percentile", "mse", "entropy")  # need only the input samples
+OUTPUT_METHODS: tuple[str, ...] = ("mse_out", "best")  # need kept inputs and the layer's weights
+ACT_MODES: tuple[str, ...] = ("static", "dynamic", "auto")
+OUT_IMAGES = 64  # calibration inputs kept per layer for ``mse_out`` / ``best`` ...
+OUT_ELEMENTS = 1 << 21  # ... but at most this many values per layer (at least one input)
+STATIC_FAILS = 1e-3  # act_mode auto: static output error (relative MSE) above this ...
+DYNAMIC_GAIN = 4.0   # ... and this many times the dynamic one's -> dynamic per-token scales
 _GRID = np.linspace(0.02, 1.0, 80)  # candidate clips, as fractions of the largest magnitude seen
 _MAX_SAMPLES = 1 << 17  # values kept per layer for percentile/MSE (a random subsample)
 # ``calibration="auto"``: measured on ResNet-20 / Fashion-MNIST (2048 calibration images, 10k test)
@@ -57,8 +73,10 @@ class Observer:
         self.lo = min(self.lo, lo)
         self.hi = max(self.hi, hi)
         kept_inputs = sum(t.shape[0] for t in self.inputs)
-        if kept_inputs < self.keep_inputs:
-            self.inputs.append(x[: self.keep_inputs - kept_inputs].clone())
+        per_input = max(x[0].numel(), 1) if x.dim() > 0 and x.shape[0] else 1
+        room = min(self.keep_inputs, max(OUT_ELEMENTS // per_input, 1)) - kept_inputs
+        if room > 0:
+            self.inputs.append(x[:room].clone())
         flat = x.reshape(-1)
         take = min(flat.numel(), max(2048, _MAX_SAMPLES // 8))
         if self.kept < _MAX_SAMPLES:
@@ -83,10 +101,39 @@ def clip_value(samples: torch.Tensor, lo: float, hi: float, bits: int, signed: b
         return peak
     if method == "percentile":
         return float(np.percentile(mag.numpy(), percentile)) or peak
+    if method == "entropy":
+        return entropy_clip(mag.numpy(), peak, bits, signed)
     # mse: grid search over fractions of the peak, error measured on the samples
     cands = [peak * float(f) for f in _GRID]
     errs = mse_errors(samples.numpy(), cands, bits, signed)
     return cands[int(np.argmin(errs))]  # first minimum
+
+
+def entropy_clip(mag: np.ndarray, peak: float, bits: int, signed: bool, bins: int = 2048, step: int = 16) -> float:
+    """TensorRT's entropy calibration: the clip whose quantized histogram of magnitudes (``levels``
+    bins) is closest in KL divergence to the clipped histogram (outliers folded into the last bin)."""
+    _, hi = qmath.act_range(bits, signed)
+    levels = hi + 1
+    hist, edges = np.histogram(np.asarray(mag, np.float64), bins=bins, range=(0.0, peak))
+    hist = hist.astype(np.float64)
+    best, best_kl = peak, np.inf
+    for i in range(max(levels, step), bins + 1, step):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()
+        if p.sum() == 0:
+            continue
+        # quantize the i bins into `levels` groups, spread each group's mass over its non-empty bins
+        idx = (np.arange(i) * levels) // i
+        nz = (hist[:i] > 0).astype(np.float64)
+        mass = np.bincount(idx, weights=hist[:i], minlength=levels)
+        cnt = np.bincount(idx, weights=nz, minlength=levels)
+        q = np.where(nz > 0, mass[idx] / np.maximum(cnt[idx], 1), 0.0)
+        ps, qs = p / p.sum(), q / max(q.sum(), 1e-300)
+        m = ps > 0
+        kl = float(np.sum(ps[m] * np.log(ps[m] / np.maximum(qs[m], 1e-12))))
+        if kl < best_kl:
+            best, best_kl = float(edges[i]), kl
+    return best
 
 
 def mse_errors(x: np.ndarray, clips: list[float], bits: int, signed: bool, chunk: int = 16) -> np.ndarray:
@@ -103,64 +150,74 @@ def mse_errors(x: np.ndarray, clips: list[float], bits: int, signed: bool, chunk
     return np.concatenate(out)
 
 
+def _output_error(layer: QuantLayer, inputs_: torch.Tensor, ref: torch.Tensor, clip: float, signed: bool) -> float:
+    w = layer.dequantized_weight()
+    s = qmath.scale_for_range(clip, layer.act_bits, signed)
+    xq = qmath.quantize_act(inputs_, s, layer.act_bits, signed) * s
+    return float(torch.square(layer.float_op(xq, w, torch.zeros_like(layer.bias)) - ref).mean())
+
+
+def _reference_output(layer: QuantLayer, inputs_: torch.Tensor) -> torch.Tensor:
+    return layer.float_op(inputs_, layer.dequantized_weight(), torch.zeros_like(layer.bias))
+
+
 def clip_value_output(layer: QuantLayer, inputs: torch.Tensor, lo: float, hi: float, signed: bool) -> float:
     """``mse_out``: the clip of the layer's input minimising the mean squared error of its output
     (quantized weights; reference = the same layer on the unquantized input)."""
     peak = max(abs(lo), abs(hi)) if signed else max(hi, 0.0)
     if peak <= 0:
         return 1.0
-    w = layer.dequantized_weight()
     with torch.no_grad():
-        ref = layer.float_op(inputs, w, torch.zeros_like(layer.bias))
-        errs = []
-        for frac in _GRID:
-            s = qmath.scale_for_range(peak * float(frac), layer.act_bits, signed)
-            xq = qmath.quantize_act(inputs, s, layer.act_bits, signed) * s
-            errs.append(float(torch.square(layer.float_op(xq, w, torch.zeros_like(layer.bias)) - ref).mean()))
+        ref = _reference_output(layer, inputs)
+        errs = [_output_error(layer, inputs, ref, peak * float(frac), signed) for frac in _GRID]
     return peak * float(_GRID[int(np.argmin(errs))])
 
 
-def iterate_batches(calib: object, batch_size: int) -> Iterator[torch.Tensor]:
-    """Calibration data as float32 batches: an array/tensor [n, ...] or an iterable of batches
-    (tensors, arrays, or (input, label) pairs as a DataLoader yields)."""
-    if isinstance(calib, np.ndarray):
-        calib = torch.from_numpy(calib)
-    if isinstance(calib, torch.Tensor):
-        if calib.dim() == 0 or calib.shape[0] == 0:
-            raise ValueError("calibration data is empty: pass a few hundred representative inputs")
-        for i in range(0, calib.shape[0], batch_size):
-            yield calib[i:i + batch_size].float()
-        return
-    if isinstance(calib, Iterable):
-        n = 0
-        for b in calib:
-            if isinstance(b, (tuple, list)):
-                b = b[0]
-            yield torch.as_tensor(b).float()
-            n += 1
-        if n == 0:
-            raise ValueError("calibration data is empty: pass a few hundred representative inputs")
-        return
-    raise TypeError(f"calibration data must be an array, a tensor or an iterable of batches, got {type(calib).__name__}")
+def clip_value_best(layer: QuantLayer, inputs: torch.Tensor, samples: torch.Tensor, lo: float, hi: float,
+                    signed: bool, percentile: float) -> tuple[float, str]:
+    """``best``: (clip, method) of the input-based method whose clip gives the layer's output the
+    smallest squared error on ``inputs``."""
+    peak = max(abs(lo), abs(hi)) if signed else max(hi, 0.0)
+    if peak <= 0:
+        return 1.0, "minmax"
+    clips = {m: clip_value(samples, lo, hi, layer.act_bits, signed, m, percentile) for m in INPUT_METHODS}  # type: ignore[arg-type]
+    with torch.no_grad():
+        ref = _reference_output(layer, inputs)
+        errs = {m: _output_error(layer, inputs, ref, c, signed) for m, c in clips.items()}
+    m = min(errs, key=lambda k: (errs[k], list(clips).index(k)))
+    return clips[m], m
+
+
+def dynamic_error(layer: QuantLayer, inputs_: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean squared output error of per-token dynamic input scales (Linear layers)."""
+    _, qmax = qmath.act_range(layer.act_bits, True)
+    s = qmath.token_scales(inputs_, layer.act_bits)
+    xq = torch.clamp(torch.round(inputs_.float() / s), -qmax, qmax) * s
+    return float(torch.square(layer.float_op(xq, layer.dequantized_weight(), torch.zeros_like(layer.bias)) - ref).mean())
 
 
 def run_batches(model: nn.Module, calib: object, batch_size: int, desc: str, progress: bool) -> int:
+    """Run ``model`` over the calibration data (``inputs.iterate_batches``); returns the input count."""
     count = 0
-    batches = list(iterate_batches(calib, batch_size))
+    batches = list(iterate_batches(calib, batch_size, inputs.positional_inputs(model)))
     with torch.no_grad():
         for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            model(b)
-            count += b.shape[0]
+            inputs.call(model, b)
+            count += inputs.batch_len(b)
     return count
 
 
 def calibrate_activations(model: nn.Module, layers: dict[str, QuantLayer], calib: object, method: dict[str, tuple[str, float]],
-                          batch_size: int = 64, progress: bool = True) -> dict[str, dict[str, float]]:
+                          batch_size: int = 64, progress: bool = True,
+                          act_modes: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
     """Observe every quantized layer's input over ``calib`` and set its activation scale.
 
-    ``method`` maps layer name -> (calibration method, percentile).  Returns a per-layer report.
-    """
-    observers = {name: Observer(seed=i, keep_inputs=OUT_IMAGES if method[name][0] == "mse_out" else 0)
+    ``method`` maps layer name -> (calibration method, percentile); ``act_modes`` layer name ->
+    ``static`` (default) | ``dynamic`` | ``auto`` (``ACT_MODES``; dynamic needs a Linear layer, a
+    conv stays static).  Returns a per-layer report (method chosen, clip, scale, mode)."""
+    modes = {n: ((act_modes or {}).get(n, "static") if layers[n].kind == "linear" else "static") for n in layers}
+    observers = {name: Observer(seed=i, keep_inputs=OUT_IMAGES if method[name][0] in OUTPUT_METHODS
+                                or modes[name] == "auto" else 0)
                  for i, name in enumerate(layers)}
     handles = [layers[n].register_forward_pre_hook(observers[n]) for n in layers]
     was_calibrated = {n: m.calibrated for n, m in layers.items()}
@@ -174,19 +231,41 @@ def calibrate_activations(model: nn.Module, layers: dict[str, QuantLayer], calib
         for n, m in layers.items():
             m.calibrated = was_calibrated[n]
     report = {}
-    for name, layer in layers.items():
+    for name, layer in tqdm(layers.items(), desc="choosing activation scales", disable=not progress, leave=False):
         ob = observers[name]
         if ob.lo == float("inf"):
             raise ValueError(f"layer {name!r} was never executed on the calibration data: is it used in forward()?")
         signed = ob.lo < 0
         meth, pct = method[name]
+        if modes[name] == "dynamic":
+            layer.set_dynamic()
+            report[name] = {"min": ob.lo, "max": ob.hi, "mode": "dynamic"}
+            continue
+        chosen = meth
         if meth == "mse_out":
             c = clip_value_output(layer, torch.cat(ob.inputs), ob.lo, ob.hi, signed)
+        elif meth == "best":
+            c, chosen = clip_value_best(layer, torch.cat(ob.inputs), ob.samples(), ob.lo, ob.hi, signed, pct)
         else:
             c = clip_value(ob.samples(), ob.lo, ob.hi, layer.act_bits, signed, meth, pct)  # type: ignore[arg-type]
+        mode = "static"
+        if modes[name] == "auto":
+            kept = torch.cat(ob.inputs)
+            with torch.no_grad():
+                ref = _reference_output(layer, kept)
+                e_static = _output_error(layer, kept, ref, c, signed)
+                e_dyn = dynamic_error(layer, kept, ref)
+            rel = e_static / max(float(torch.square(ref).mean()), 1e-30)
+            if rel > STATIC_FAILS and e_static > DYNAMIC_GAIN * e_dyn:
+                mode = "dynamic"
+        if mode == "dynamic":
+            layer.set_dynamic()
+            report[name] = {"min": ob.lo, "max": ob.hi, "mode": "dynamic"}
+            continue
         scale = qmath.scale_for_range(c, layer.act_bits, signed)
         layer.set_activation(scale, signed)
-        report[name] = {"min": ob.lo, "max": ob.hi, "clip": c, "scale": scale, "signed": float(signed)}
+        report[name] = {"min": ob.lo, "max": ob.hi, "clip": c, "scale": scale, "signed": float(signed),
+                        "method": chosen, "mode": "static"}
     return report
 
 

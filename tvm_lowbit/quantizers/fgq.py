@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from tvm_lowbit import qmath
-from tvm_lowbit.quantizers import calibrate, surgery
+from tvm_lowbit.quantizers import calibrate, inputs, surgery
 from tvm_lowbit.quantizers.config import SchemeConfig
-from tvm_lowbit.quantizers.surgery import execution_order
+from tvm_lowbit.quantizers.surgery import analyze
 
 LAYER_POLICIES = ("float", "fgq")
 _LAYER_KEYS = ("group_size", "act_bits", "threshold", "alpha_bits", "calibration", "percentile")
@@ -41,12 +42,16 @@ class FGQ(SchemeConfig):
     multiplies).  act_bits: 8 or 4 (2..8 accepted).  threshold: ``exact`` (L2-optimal, default),
     ``twn`` (0.7 * mean|w|) or ``asym`` (separate positive/negative thresholds, one alpha).
     alpha_bits: width of the integer alpha codes (against a per-channel float scale).
-    calibration: ``minmax`` | ``percentile`` | ``mse`` (input MSE) | ``mse_out`` (MSE of the layer's
-    output) | ``auto`` (default: ``mse`` at 8 bits, ``percentile`` below; chosen from measurements on
+    calibration: ``minmax`` | ``percentile`` | ``mse`` (input MSE) | ``entropy`` (TensorRT's KL) |
+    ``mse_out`` (MSE of the layer's output) | ``best`` (per tensor, the one of minmax / percentile /
+    mse / entropy with the least layer-output error) | ``auto`` (default: ``mse`` at 8 bits, ``percentile`` below; chosen from measurements on
     ResNet-20/Fashion-MNIST).  bn_reestimate: recompute batch-norm
     statistics with the quantized network.  bias_correction: for quantized layers with no batch
     norm right after them (whose output mean BN re-estimation cannot fix), shift the bias by the
-    per-channel mean output difference float - quantized on the calibration data.  first_layer / last_layer: ``float`` (keep in float, as
+    per-channel mean output difference float - quantized on the calibration data (each of the two is
+    kept only if it lowers the output error on held-out calibration inputs).  act_mode: ``static``
+    (calibrated scales, lowered to integer kernels), ``dynamic`` (per-token scales on Linear inputs,
+    stays float when compiled) or ``auto`` (dynamic only on Linear layers where static fails).  first_layer / last_layer: ``float`` (keep in float, as
     most ternary work does) or ``fgq``.  overrides: module-name pattern (fnmatch) -> ``"float"`` to
     keep a layer in float, or a dict of the per-layer keys above; later patterns win.
     """
@@ -62,6 +67,7 @@ class FGQ(SchemeConfig):
     percentile: float = 99.99
     bn_reestimate: bool = True
     bias_correction: bool = True
+    act_mode: str = "static"
     first_layer: str = "float"
     last_layer: str = "float"
     overrides: Mapping[str, Any] = field(default_factory=dict)
@@ -86,6 +92,8 @@ class FGQ(SchemeConfig):
             _check_layer_settings(dict(ov), where=f"FGQ override {pattern!r}")
         if self.batch_size < 1:
             raise ValueError(f"FGQ batch_size must be >= 1, got {self.batch_size}")
+        if self.act_mode not in calibrate.ACT_MODES:
+            raise ValueError(f"FGQ act_mode {self.act_mode!r}: use one of {', '.join(calibrate.ACT_MODES)}")
 
     def calibration_method(self) -> str:
         """The calibration method this setting uses (resolves ``auto`` by activation bits)."""
@@ -131,46 +139,44 @@ def _choose(order: list[str], config: FGQ) -> dict[str, FGQ]:
     return chosen
 
 
-def selected_layers(model: nn.Module, config: FGQ, example: torch.Tensor) -> dict[str, FGQ]:
+def selected_layers(model: nn.Module, config: FGQ, example: object) -> dict[str, FGQ]:
     """Layer name -> effective settings, for the Conv2d/Linear layers ``config`` would quantize
-    (in execution order; ``example`` is one input batch)."""
-    was_training = model.training
-    model.eval()
-    try:
-        return _choose(execution_order(model, example), config)
-    finally:
-        model.train(was_training)
+    (in execution order; ``example`` is one input batch: a tensor, tuple or dict)."""
+    return _choose(analyze(model, inputs.as_batch(example)).order, config)
 
 
 def quantize_fgq(model: nn.Module, config: FGQ, calib_data: object, *, inplace: bool = False,
                  progress: bool = True) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize() takes a torch.nn.Module, got {type(model).__name__}")
-    first_batch = next(calibrate.iterate_batches(calib_data, config.batch_size))
+    first_batch = next(inputs.iterate_batches(calib_data, config.batch_size, inputs.positional_inputs(model)))
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
-    try:
-        order = execution_order(qmodel, first_batch[:1])
-    except Exception as e:
-        raise ValueError(f"the model failed on a calibration batch of shape {tuple(first_batch.shape)}: "
-                         f"{type(e).__name__}: {e}") from e
+    graph = analyze(qmodel, inputs.take(first_batch, 0, 1))
+    order = graph.order
     if not order:
-        raise ValueError("the model has no quantizable layer (no nn.Conv2d or nn.Linear is called in forward)")
+        why = "; ".join(str(s) for s in graph.skipped[:4])
+        raise ValueError("the model has no quantizable layer (no nn.Conv2d or nn.Linear weight use is called in "
+                         f"forward){': ' + why if why else ''}")
     chosen = _choose(order, config)
     if not chosen:
         raise ValueError(f"no layer left to quantize: all {len(order)} Conv2d/Linear layers are kept in float by "
                          "first_layer/last_layer/overrides; relax the policy (e.g. first_layer='fgq')")
 
     weights = {}
-    for name, cfg in chosen.items():
-        w = qmodel.get_submodule(name).weight.detach()
+    bar = tqdm(chosen.items(), desc="ternarizing weights", disable=not progress, leave=False)
+    for name, cfg in bar:
+        w = graph.uses[name].weight
         if not torch.isfinite(w).all():
             raise ValueError(f"layer {name!r}: weight {tuple(w.shape)} holds NaN/Inf values; fix or retrain the "
                              f"model, or keep the layer in float with overrides={{{name!r}: 'float'}}")
         weights[name] = qmath.ternarize_weight(w, cfg.group_size, cfg.threshold, cfg.alpha_bits)  # type: ignore[arg-type]
-    return surgery.build_fake_quant(
+    why = {n: "kept float by first_layer/last_layer/overrides" for n in order if n not in chosen}
+    q = surgery.build_fake_quant(
         qmodel, weights, calib_data, act_bits={n: c.act_bits for n, c in chosen.items()},
         calibration={n: (c.calibration_method(), c.percentile) for n, c in chosen.items()},
         bn_reestimate=config.bn_reestimate, bias_correction=config.bias_correction, batch_size=config.batch_size,
-        progress=progress, inplace=True, reference=model,
+        progress=progress, inplace=True, reference=model, graph=graph, float_layers=why, act_mode=config.act_mode,
         config=config.to_dict())
+    surgery.warn_report(q.tvm_lowbit_report, progress)
+    return q

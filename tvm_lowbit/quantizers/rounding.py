@@ -14,47 +14,81 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from torch import nn
 
 from tvm_lowbit.formats import WeightObject, format_for_recorded
+from tvm_lowbit.quantizers import inputs
+from tvm_lowbit.quantizers.layers import WeightUse, observe_module, unobserve_module
+from tvm_lowbit.quantizers.surgery import analyze
 
 DAMP = 0.01  # H += DAMP * mean(diag H) * I, as GPTQ does, so the Cholesky factor exists
 
 
-def _groups(module: nn.Module) -> int:
-    return module.groups if isinstance(module, nn.Conv2d) else 1
+ROWS_PER_BATCH = 4096  # input rows (conv patches) per layer and batch kept for H: a random subset beyond
 
 
-def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """[groups, rows, d] input rows whose dot product with a weight row [d] gives one output value."""
-    x = x.detach().double()
-    if isinstance(module, nn.Conv2d):
-        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # [B, C*R*S, L]
-        g = module.groups
-        cols = cols.reshape(x.shape[0], g, -1, cols.shape[-1]).permute(1, 0, 3, 2)  # [g, B, L, d]
-        return cols.reshape(g, -1, cols.shape[-1])
-    return x.reshape(1, -1, x.shape[-1])
+def _numeric_padding(use: WeightUse, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(input, numeric padding) equivalent to ``use``'s padding (``"same"``/``"valid"`` resolved)."""
+    if not isinstance(use.padding, str):
+        return x, tuple(use.padding)  # type: ignore[return-value]
+    if use.padding == "valid":
+        return x, (0, 0)
+    kh, kw = use.weight.shape[-2:]
+    th, tw = use.dilation[0] * (kh - 1), use.dilation[1] * (kw - 1)
+    return F.pad(x, [tw // 2, tw - tw // 2, th // 2, th - th // 2]), (0, 0)
 
 
-def input_hessians(model: nn.Module, layers: list[str], images: torch.Tensor, batch_size: int = 32
-                   ) -> dict[str, torch.Tensor]:
-    """H = X^T X / rows per layer (and conv group) on the FP32 network: ``[groups, d, d]`` float64."""
+def _patches(use: WeightUse, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """[groups, rows, d] input rows whose dot product with a weight row [d] gives one output value
+    (at most ``ROWS_PER_BATCH`` rows: random output positions, unfolded image by image so a large
+    feature map is never unfolded whole)."""
+    x = x.detach().float()
+    if use.kind != "conv2d":
+        p = x.reshape(1, -1, x.shape[-1])
+        if p.shape[1] > ROWS_PER_BATCH:
+            p = p[:, torch.randperm(p.shape[1], generator=gen)[:ROWS_PER_BATCH]]
+        return p
+    x, pad = _numeric_padding(use, x)
+    k = tuple(use.weight.shape[-2:])
+    g = use.groups
+    per_image = max(ROWS_PER_BATCH // x.shape[0], 1)
+    parts = []
+    for img in x:
+        cols = F.unfold(img[None], k, use.dilation, pad, use.stride)[0]  # [C*R*S, L]
+        if cols.shape[1] > per_image:
+            cols = cols[:, torch.randperm(cols.shape[1], generator=gen)[:per_image]]
+        parts.append(cols.reshape(g, -1, cols.shape[1]).transpose(1, 2))  # [g, l, d]
+    return torch.cat(parts, 1)
+
+
+def input_hessians(model: nn.Module, layers: list[str], images: object, batch_size: int = 32,
+                   uses: dict[str, WeightUse] | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
+    """H = X^T X / rows per layer (and conv group) on the FP32 network: ``[groups, d, d]`` float64.
+    ``images``: calibration inputs (``quantizers.inputs``); ``uses``: each layer's weight use (read
+    off the model when None)."""
     acc: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
+    gen = torch.Generator().manual_seed(0)
+    whole = inputs.gather(images, batch_size, n_inputs=inputs.positional_inputs(model))
+    known = uses if uses is not None else analyze(model, inputs.take(whole, 0, 1)).uses
 
-    def hook(m: nn.Module, args: tuple[torch.Tensor, ...], name: str) -> None:
-        p = _patches(m, args[0])
-        acc[name] = acc.get(name, 0) + p.transpose(1, 2) @ p
+    def seen(name: str, func: object, args: tuple, kwargs: dict) -> None:
+        p = _patches(known[name], args[0] if args else kwargs["input"], gen)
+        acc[name] = acc.get(name, 0) + (p.transpose(1, 2) @ p).double()  # float32 products, summed in float64
         rows[name] = rows.get(name, 0) + p.shape[1]
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in layers]
+    mods = {n: model.get_submodule(n) for n in layers if n in known}
+    for n, m in mods.items():
+        observe_module(m, lambda f, a, k, _o, n=n: seen(n, f, a, k))
     try:
         with torch.no_grad():
-            for i in range(0, images.shape[0], batch_size):
-                model(images[i:i + batch_size])
+            for b in tqdm(inputs.split(whole, batch_size), desc="GPTQ input statistics", disable=not progress,
+                          leave=False):
+                inputs.call(model, b)
     finally:
-        for h in handles:
-            h.remove()
+        for m in mods.values():
+            unobserve_module(m)
     return {n: acc[n] / rows[n] for n in layers if n in acc}
 
 
@@ -66,23 +100,31 @@ def gptq_codes(w: torch.Tensor, step: torch.Tensor, lo: int, hi: int, hessian: t
     W = w.detach().double().reshape(g, k // g, d).clone()
     S = step.double().reshape(g, k // g, d)
     codes = torch.zeros_like(W)
-    for gi in range(g):
-        H = hessian[gi].clone()
-        dead = torch.diag(H) == 0  # an input that is always zero: its weight does not matter
-        H[dead, dead] = 1.0
-        H += DAMP * torch.diag(H).mean() * torch.eye(d, dtype=H.dtype)
-        try:
-            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-        except RuntimeError:  # not positive definite even after damping: keep nearest rounding
-            codes[gi] = torch.where(S[gi] > 0, torch.round(W[gi] / S[gi].clamp_min(1e-300)), 0).clamp(lo, hi)
-            continue
-        Wg, Sg = W[gi], S[gi]
-        for j in range(d):
-            s = Sg[:, j]
-            c = torch.where(s > 0, torch.round(Wg[:, j] / s.clamp_min(1e-300)), torch.zeros_like(s)).clamp(lo, hi)
-            codes[gi, :, j] = c
-            err = (Wg[:, j] - c * s) / U[j, j]
-            Wg[:, j + 1:] -= err[:, None] * U[j, j + 1:][None, :]
+    H = hessian.double().clone()
+    eye = torch.eye(d, dtype=H.dtype)
+    diag = torch.diagonal(H, dim1=1, dim2=2)
+    dead = diag == 0  # an input that is always zero: its weight does not matter
+    H = H + torch.diag_embed(dead.double())
+    H = H + DAMP * torch.diagonal(H, dim1=1, dim2=2).mean(1)[:, None, None] * eye
+    # all groups at once (a depthwise conv has hundreds of tiny ones); a group whose factorization
+    # fails (not positive definite even after damping) keeps nearest rounding
+    L, info = torch.linalg.cholesky_ex(H)
+    ok = info == 0
+    U = torch.zeros_like(H)
+    if bool(ok.any()):
+        Hinv = torch.cholesky_inverse(L[ok])
+        Uo, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+        idx = torch.nonzero(ok).flatten()
+        good = info2 == 0
+        U[idx[good]] = Uo[good]
+        ok[idx[~good]] = False
+    U[~ok] = eye  # identity: no error feedback (nearest rounding) for these groups
+    for j in range(d):
+        s = S[:, :, j]
+        c = torch.where(s > 0, torch.round(W[:, :, j] / s.clamp_min(1e-300)), torch.zeros_like(s)).clamp(lo, hi)
+        codes[:, :, j] = c
+        err = (W[:, :, j] - c * s) / U[:, j, j][:, None]
+        W[:, :, j + 1:] -= err[:, :, None] * U[:, j, j + 1:][:, None, :]
     return codes.reshape(w.shape)
 
 

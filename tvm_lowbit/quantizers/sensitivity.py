@@ -29,10 +29,13 @@ from tqdm import tqdm
 
 from tvm_lowbit import qmath
 from tvm_lowbit.formats import Format, parse_format, weight_bytes
-from tvm_lowbit.quantizers import calibrate
-from tvm_lowbit.quantizers.surgery import execution_order, make_quant_layer, set_module
+from tvm_lowbit.quantizers import calibrate, inputs
+from tvm_lowbit.quantizers.inputs import Batch
+from tvm_lowbit.quantizers.layers import (WeightUse, make_quant_layer, observe_module, unobserve_module, unwrap_module,
+                                          wrap_module)
+from tvm_lowbit.quantizers.surgery import analyze
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class _Stop(Exception):
@@ -104,19 +107,23 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TVM_LOWBIT_CACHE") or Path.home() / ".cache" / "tvm_lowbit") / "sensitivity"
 
 
-def _hash(model: nn.Module, images: torch.Tensor, settings: dict) -> str:
+def _hash(model: nn.Module, images: Batch, settings: dict) -> str:
     h = hashlib.sha1()
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    h.update(images.contiguous().numpy().tobytes())
+    parts = images.items() if isinstance(images, dict) else enumerate(images) if isinstance(images, tuple) else [("", images)]
+    for k, t in parts:
+        h.update(str(k).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.contiguous().numpy().tobytes())
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
 
 
-def _logits(net: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+def _logits(net: nn.Module, batches: list[Batch]) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([net(b).reshape(b.shape[0], -1) for b in batches]).double()
+        return torch.cat([inputs.rows(inputs.call(net, b), inputs.batch_len(b)) for b in batches])
 
 
 def kl_div(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
@@ -126,21 +133,42 @@ def kl_div(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-def input_scales(model: nn.Module, layers: list[str], batches: list[torch.Tensor], act_bits: int,
+def cos_damage(ref: torch.Tensor, got: torch.Tensor) -> float:
+    """Mean over rows of 1 - cosine(ref, got) (embedding models)."""
+    return float(1.0 - torch.nn.functional.cosine_similarity(ref.double(), got.double(), dim=-1, eps=1e-12).mean())
+
+
+METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {"kl": kl_div, "cos": cos_damage}
+
+
+def observe_call_inputs(model: nn.Module, layers: list[str], seen: Callable[[str, torch.Tensor], None]
+                        ) -> Callable[[], None]:
+    """Call ``seen(layer, x)`` with the input of each layer's conv/linear call (after any padding its
+    forward does) from now on; returns the function that stops it."""
+    mods = {n: model.get_submodule(n) for n in layers}
+    for n, m in mods.items():
+        observe_module(m, lambda _f, a, k, _o, n=n: seen(n, a[0] if a else k["input"]))
+
+    def stop() -> None:
+        for m in mods.values():
+            unobserve_module(m)
+    return stop
+
+
+def input_scales(model: nn.Module, layers: list[str], batches: list[Batch], act_bits: int,
                  method: str, percentile: float = 99.99) -> dict[str, tuple[float, bool]]:
     """(scale, signed) of each layer's input on the FP32 network, by an input-based calibration method
     (``mse_out`` needs a quantized layer; it falls back to ``mse`` here)."""
-    if method == "mse_out":
+    if method not in calibrate.INPUT_METHODS:
         method = "mse"
     obs = {n: calibrate.Observer(seed=i) for i, n in enumerate(layers)}
-    handles = [model.get_submodule(n).register_forward_pre_hook(obs[n]) for n in layers]
+    stop = observe_call_inputs(model, layers, lambda n, x: obs[n](None, (x,)))
     try:
         with torch.no_grad():
             for b in batches:
-                model(b)
+                inputs.call(model, b)
     finally:
-        for h in handles:
-            h.remove()
+        stop()
     out = {}
     for n in layers:
         ob = obs[n]
@@ -150,23 +178,23 @@ def input_scales(model: nn.Module, layers: list[str], batches: list[torch.Tensor
     return out
 
 
-def _capture_input(model: nn.Module, name: str, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+def _capture_input(model: nn.Module, name: str, batches: list[Batch]) -> list[torch.Tensor]:
     got: list[torch.Tensor] = []
 
-    def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        got.append(args[0].detach())
+    def seen(_n: str, x: torch.Tensor) -> None:
+        got.append(x.detach())
         raise _Stop
 
-    h = model.get_submodule(name).register_forward_pre_hook(hook)
+    stop = observe_call_inputs(model, [name], seen)
     try:
         with torch.no_grad():
             for b in batches:
                 try:
-                    model(b)
+                    inputs.call(model, b)
                 except _Stop:
                     pass
     finally:
-        h.remove()
+        stop()
     return got
 
 
@@ -175,32 +203,43 @@ def _channel_mean(y: torch.Tensor, dim: int) -> torch.Tensor:
     return y.reshape(-1, y.shape[-1]).mean(0)
 
 
-def layer_sensitivity(model: nn.Module, images: torch.Tensor | np.ndarray, formats: list[str] | tuple[str, ...],
+def layer_sensitivity(model: nn.Module, images: object, formats: list[str] | tuple[str, ...],
                       *, layers: list[str] | None = None, candidates: dict[str, list[str]] | None = None,
                       act_bits: int = 8, calibration: str = "auto", bias_correction: bool = True,
                       batch_size: int = 64, cache_dir: str | os.PathLike[str] | None = None, use_cache: bool = True,
                       weight_fn: Callable[[str, Format], object] | None = None, weight_fn_key: str = "nearest",
-                      progress: bool = True) -> Sensitivity:
+                      progress: bool = True, uses: dict[str, WeightUse] | None = None, metric: str = "kl"
+                      ) -> Sensitivity:
     """Measure (or load from the cache) the damage of every layer x format (see the module docstring).
 
-    ``layers``: Conv2d/Linear names (default: all, in execution order); ``candidates``: per-layer
-    format lists (default: ``formats`` for every layer).  ``weight_fn(layer, format)``: the quantized
-    weight to use (default ``format.quantize(weight)``), named by ``weight_fn_key`` in the cache key.
+    ``images``: calibration inputs (a tensor, or any form ``quantizers.inputs`` reads).  ``layers``:
+    Conv2d/Linear names (default: all, in execution order); ``candidates``: per-layer format lists
+    (default: ``formats`` for every layer).  ``weight_fn(layer, format)``: the quantized weight to use
+    (default ``format.quantize(weight)``), named by ``weight_fn_key`` in the cache key.  ``uses``: each
+    layer's weight use (``surgery.analyze``; read off the model when None).  ``metric``: ``kl``
+    (softmax outputs, classifiers) or ``cos`` (1 - cosine of the outputs, embedding models).
     """
+    if metric not in METRICS:
+        raise ValueError(f"sensitivity metric {metric!r}: use one of {', '.join(METRICS)}")
     fmts = [parse_format(f) for f in formats]
-    x = torch.as_tensor(np.asarray(images, np.float32) if not isinstance(images, torch.Tensor) else images).float()
-    if x.dim() == 0 or x.shape[0] == 0:
+    x = inputs.gather(images if not isinstance(images, np.ndarray) else inputs.as_tensor(images), batch_size,
+                      n_inputs=inputs.positional_inputs(model))
+    if inputs.batch_len(x) == 0:
         raise ValueError("sensitivity analysis needs calibration images (got none)")
     model = copy.deepcopy(model).cpu().eval()
-    batches = [x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)]
-    names = layers if layers is not None else execution_order(model, x[:1])
+    batches = inputs.split(x, batch_size)
+    if uses is None or layers is None:
+        graph = analyze(model, inputs.take(x, 0, 1))
+        uses = graph.uses if uses is None else uses
+        layers = graph.order if layers is None else layers
+    names = list(layers)
     if not names:
         raise ValueError("the model has no Conv2d/Linear layer to quantize")
     cand = {n: [parse_format(f).name for f in (candidates or {}).get(n, [f.name for f in fmts])] for n in names}
     all_fmts = list(dict.fromkeys([f.name for f in fmts] + [f for c in cand.values() for f in c]))
     method = calibration if calibration != "auto" else calibrate.auto_method(act_bits)
     settings = {"v": CACHE_VERSION, "layers": names, "candidates": cand, "act_bits": act_bits, "method": method,
-                "bias_correction": bias_correction, "weights": weight_fn_key}
+                "bias_correction": bias_correction, "weights": weight_fn_key, "metric": metric}
     key = _hash(model, x, settings)
     cache_file = Path(cache_dir or default_cache_dir()) / f"{key[:20]}.json"
     if use_cache and cache_file.is_file():
@@ -211,16 +250,18 @@ def layer_sensitivity(model: nn.Module, images: torch.Tensor | np.ndarray, forma
         except (ValueError, KeyError):
             pass  # a damaged cache file is recomputed and rewritten
 
+    score = METRICS[metric]
     ref = _logits(model, batches)
     scales = input_scales(model, names, batches, act_bits, method)
     kl: dict[str, dict[str, float]] = {n: {} for n in names}
     nbytes: dict[str, dict[str, int]] = {n: {} for n in names}
-    numel = {n: int(model.get_submodule(n).weight.numel()) for n in names}
+    numel = {n: int(uses[n].weight.numel()) for n in names}
     todo = sum(len(c) for c in cand.values())
     bar = tqdm(total=todo, desc="layer sensitivity", disable=not progress, leave=False)
     for name in names:
         module = model.get_submodule(name)
-        w = module.weight.detach()
+        use = uses[name]
+        w = use.weight
         xin = None
         for fname in cand[name]:
             fmt = parse_format(fname)
@@ -230,26 +271,27 @@ def layer_sensitivity(model: nn.Module, images: torch.Tensor | np.ndarray, forma
                 kl[name][fname] = 0.0
                 bar.update()
                 continue
-            q = make_quant_layer(name, module, tw, act_bits)
+            q = make_quant_layer(name, use, tw, act_bits)
             q.set_activation(*scales[name])
+            q.fast = True  # a damage estimate: float32 integer ops are close enough
             if bias_correction:
                 xin = xin if xin is not None else _capture_input(model, name, batches)
                 with torch.no_grad():
-                    diff = sum(_channel_mean(module(b), q.channel_dim) - _channel_mean(q(b), q.channel_dim)
-                               for b in xin) / len(xin)
+                    diff = sum(_channel_mean(q.float_op(b, w, q.bias), q.channel_dim)
+                               - _channel_mean(q(b), q.channel_dim) for b in xin) / len(xin)
                 q.bias += diff.float()
                 q.refresh_epilogue()
-            set_module(model, name, q)
+            wrap_module(module, q)
             try:
-                kl[name][fname] = kl_div(ref, _logits(model, batches))
+                kl[name][fname] = score(ref, _logits(model, batches))
             finally:
-                set_module(model, name, module)
+                unwrap_module(module)
             bar.update()
         xin = None
     bar.close()
-    res = Sensitivity(names, all_fmts, kl, nbytes, numel, int(x.shape[0]), key, False,
+    res = Sensitivity(names, all_fmts, kl, nbytes, numel, inputs.batch_len(x), key, False,
                       {"act_bits": act_bits, "calibration": method, "bias_correction": bias_correction,
-                       "weights": weight_fn_key})
+                       "weights": weight_fn_key, "metric": metric})
     bad = [(n, f) for n in names for f, v in kl[n].items() if not math.isfinite(v)]
     if bad:
         raise ValueError(f"layer sensitivity is not finite for {bad[:3]}: NaN/Inf in the model's outputs")

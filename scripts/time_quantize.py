@@ -1,0 +1,81 @@
+"""How long quantization takes on a real-size model: FGQ N=4, int8 (Auto with formats=("int8",)) and
+Auto, on a torchvision architecture at 224x224 with 64 calibration images (issue 16's floor: FGQ or
+int8 <= 3 minutes, Auto <= 20 minutes on 2 cores).
+
+    python scripts/time_quantize.py [--model efficientnet_b0] [--calib 64] [--val 64] [--threads 2]
+        [--schemes fgq-n4,int8,auto] [--json out.json]
+
+Random weights (the zoo's torchvision models, batch norms calibrated on photo views) are fine for
+timing; calibration and validation inputs are views of the calibration / evaluation photos
+(``models/photos.py``).  The table prints wall seconds and process CPU seconds per scheme (on a shared,
+oversubscribed machine the CPU seconds bound what an idle 2-core machine needs: wall <= CPU there),
+the load average, and the model's parameter count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tvm_lowbit import FGQ, quantize  # noqa: E402
+from tvm_lowbit.formats import avg_weight_bits  # noqa: E402
+from tvm_lowbit.models import photos, zoo  # noqa: E402
+from tvm_lowbit.quantizers.auto import Auto  # noqa: E402
+
+
+def build(name: str) -> nn.Module:
+    """The zoo's torchvision model (random weights, batch norm calibrated on photo views)."""
+    return zoo.load(name, 224)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="efficientnet_b0")
+    ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--val", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--schemes", default="fgq-n4,int8,auto")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model = build(a.model)
+    params = sum(p.numel() for p in model.parameters())
+    calib = zoo.normalize(photos.views("calib", 224, 16))[: a.calib]
+    val = zoo.normalize(photos.views("eval", 224, 16))[: a.val]
+    configs = {"fgq-n4": FGQ(group_size=4),
+               "int8": Auto(budget="agree>=0", formats=("int8",), use_cache=False),
+               "auto": Auto(budget="agree>=90", use_cache=False)}
+    rows = []
+    for scheme in a.schemes.split(","):
+        cfg = configs[scheme]
+        t0, c0 = time.time(), time.process_time()
+        q = quantize(model, cfg, calib, val if isinstance(cfg, Auto) else None)
+        dt, cpu = time.time() - t0, time.process_time() - c0
+        with torch.no_grad():
+            agree = 100.0 * float((model(val).argmax(-1) == q(val).argmax(-1)).double().mean())
+        rows.append({"model": a.model, "params": params, "scheme": scheme, "quantize_s": round(dt, 1),
+                     "cpu_s": round(cpu, 1), "load_avg": round(os.getloadavg()[0], 1),
+                     "avg_weight_bits": round(avg_weight_bits(q), 2), "agree_top1": round(agree, 1),
+                     "calib": a.calib, "threads": a.threads})
+        print(f"{a.model:18s} {params / 1e6:5.2f} M  {scheme:8s} {dt:8.1f} s wall {cpu:8.1f} s CPU  "
+              f"{avg_weight_bits(q):5.2f} bits  agree {agree:5.1f}%  (load average {os.getloadavg()[0]:.1f})", flush=True)
+    print()
+    print(f"{'model':18s} {'params':>8s} {'scheme':8s} {'wall':>9s} {'CPU':>9s} {'load':>5s} {'bits':>6s} {'agree':>7s}")
+    for r in rows:
+        print(f"{r['model']:18s} {r['params'] / 1e6:7.2f}M {r['scheme']:8s} {r['quantize_s']:8.1f}s {r['cpu_s']:8.1f}s "
+              f"{r['load_avg']:5.1f} {r['avg_weight_bits']:6.2f} {r['agree_top1']:6.1f}%")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
