@@ -80,6 +80,9 @@ class QuantLayer(nn.Module):
     """Common state of QConv2d and QLinear; built by the quantizer, not by hand."""
 
     kind = "linear"
+    # class defaults too, so layers pickled before these existed (the shipped retrained checkpoints) load
+    dynamic = False
+    fast = False
 
     def __init__(self, name: str, tw: qmath.TernaryWeight, bias: torch.Tensor | None, act_bits: int) -> None:
         """``tw``: the weight in an integer form: anything with ``w_int`` (integers, the weight's shape),

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tvm_lowbit import qmath
-from tvm_lowbit.quantizers.layers import QConv2d, QLinear, QuantLayer, quant_layers
+from tvm_lowbit.quantizers.layers import QConv2d, QLinear, QuantLayer, host_name, is_wrapped, quant_layers
 from tvm_lowbit.vta.config import VTAConfig
 from tvm_lowbit.vta.cycles import CycleReport, estimate
 from tvm_lowbit.vta.lower import (HAZARD_DISTANCE, NO_CHAIN, LayerProgram, LoweringError, WeightChain, lower_conv,
@@ -153,9 +153,10 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, tuple[int, ...]
     shapes: dict[str, tuple[int, ...]] = {}
     macs: dict[str, int] = {}
     hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear, QuantLayer)):
-            def hook(mod, args, out, name=name):
+    for path, m in model.named_modules():
+        # a wrapped conv/linear runs its QuantLayer child: count the layer once, by the wrapped module's path
+        if isinstance(m, (nn.Conv2d, nn.Linear, QuantLayer)) and not is_wrapped(m):
+            def hook(mod, args, out, name=host_name(path)):
                 shapes[name] = tuple(args[0].shape)
                 macs[name] = _macs(mod, args[0], out)
             hooks.append(m.register_forward_hook(hook))
