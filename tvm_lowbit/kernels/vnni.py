@@ -102,6 +102,22 @@ def _decode_intrin(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
                     W[vi, vq] = T.Cast("int8", (T.bitwise_xor(T.shift_right(T.Cast("int32", C[vi]), vq * 2) & 3, 2)
                                                 - 2) * T.Cast("int32", A[vi]))
 
+    # the same in the int64 index arithmetic of Relax-emitted kernels (emit_te widens the decode's int32 math)
+    @T.prim_func(s_tir=True)
+    def desc64(c: T.handle, a: T.handle, w: T.handle) -> None:
+        C = T.match_buffer(c, (T.int64(lanes),), "uint8", offset_factor=1)
+        A = T.match_buffer(a, (T.int64(lanes),), "uint8", offset_factor=1)
+        W = T.match_buffer(w, (T.int64(lanes), T.int64(4)), "int8", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:T.int64(lanes)], A[0:T.int64(lanes)])
+            T.writes(W[0:T.int64(lanes), 0:T.int64(4)])
+            for i, q in T.grid(T.int64(lanes), T.int64(4)):
+                with T.sblock("update"):
+                    vi, vq = T.axis.remap("SS", [i, q])
+                    W[vi, vq] = T.Cast("int8", (T.bitwise_xor(
+                        T.shift_right(T.Cast("int64", T.Cast("int32", C[vi])), vq * T.int64(2)) & T.int64(3),
+                        T.int64(2)) - T.int64(2)) * T.Cast("int64", T.Cast("int32", A[vi])))
+
     @T.prim_func(s_tir=True)
     def impl(c: T.handle, a: T.handle, w: T.handle) -> None:
         C = T.match_buffer(c, (lanes,), "uint8", offset_factor=1)
@@ -124,20 +140,23 @@ def _decode_intrin(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
                              T.shift_left(((T.bitwise_xor(T.shift_right(b, T.broadcast(6, lanes)) & m3, two) - two)
                                            * al) & m8, T.broadcast(24, lanes))))))
 
-    return desc, impl
+    return desc, desc64, impl
 
 
 DECODE_INTRIN = {16: "tvm_lowbit_decode_2bit_16x4_alpha", 8: "tvm_lowbit_decode_2bit_8x4_alpha"}
+DECODE64_INTRIN = {16: "tvm_lowbit_decode_2bit_16x4_alpha_i64", 8: "tvm_lowbit_decode_2bit_8x4_alpha_i64"}
 
 
 def register() -> tuple[str, ...]:
     """Register the 16-lane (zmm) and 8-lane (ymm) dot-product and 2-bit decode intrinsics (idempotent);
     returns their names."""
     for lanes in VNNI_INTRIN:
-        for name, make in ((VNNI_INTRIN[lanes], _intrin), (DECODE_INTRIN[lanes], _decode_intrin)):
+        desc, desc64, impl = _decode_intrin(lanes)
+        for name, pair_ in ((VNNI_INTRIN[lanes], _intrin(lanes)), (DECODE_INTRIN[lanes], (desc, impl)),
+                            (DECODE64_INTRIN[lanes], (desc64, impl))):
             if tvm.s_tir.TensorIntrin.get(name, allow_missing=True) is None:
-                tvm.s_tir.TensorIntrin.register(name, *make(lanes))
-    return (*VNNI_INTRIN.values(), *DECODE_INTRIN.values())
+                tvm.s_tir.TensorIntrin.register(name, *pair_)
+    return (*VNNI_INTRIN.values(), *DECODE_INTRIN.values(), *DECODE64_INTRIN.values())
 
 
 def vnni_lanes(target: tvm.target.Target | None) -> int:
@@ -425,7 +444,9 @@ def _lanes_of_sch(sch: tvm.s_tir.Schedule) -> int:
 
 def _decode(sch: tvm.s_tir.Schedule, wb, lanes: int) -> None:
     """The 2-bit decode stage: ``lanes`` code bytes -> ``lanes`` int8 words at a time (the decode intrinsic)."""
-    sch.tensorize(sch.get_loops(wb)[-2], DECODE_INTRIN[lanes])
+    loop = sch.get_loops(wb)[-2]
+    wide = str(sch.get(loop).loop_var.ty) == "int64"
+    sch.tensorize(loop, (DECODE64_INTRIN if wide else DECODE_INTRIN)[lanes])
 
 
 def schedule_conv2d_vnni(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> None:
