@@ -84,8 +84,9 @@ def _intrin(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
 
 def _decode_intrin(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
     """``W[i, q] = int8(t(C[i], q) * A[i])`` for ``lanes`` code bytes: the four 2-bit fields of each byte
-    decoded and scaled by the alpha code in int32 lanes, packed into one int8 word per lane (exact while
-    ``A <= 127``)."""
+    decoded and scaled by the alpha code in int32 lanes, one int8 word per lane, by byte-wise arithmetic
+    with one multiply (SWAR).  Exact for ``A <= 127`` and the ternary codes 0, 1, 3 that ``qmath.pack_2bit``
+    writes (the unused code 2 decodes to 0 here)."""
     u8, i32, i8 = f"uint8x{lanes}", f"int32x{lanes}", f"int8x{4 * lanes}"
 
     @T.prim_func(s_tir=True)
@@ -128,17 +129,19 @@ def _decode_intrin(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
             T.writes(W[0:lanes, 0:4])
             b = T.Cast(i32, C.vload([0], u8))
             al = T.Cast(i32, A.vload([0], u8))
-            m3 = T.broadcast(3, lanes)
-            two = T.broadcast(2, lanes)
-            m8 = T.broadcast(255, lanes)
-            W.vstore([0, 0], T.reinterpret(i8, T.bitwise_or(
-                T.bitwise_or(((T.bitwise_xor(b & m3, two) - two) * al) & m8,
-                             T.shift_left(((T.bitwise_xor(T.shift_right(b, T.broadcast(2, lanes)) & m3, two) - two)
-                                           * al) & m8, T.broadcast(8, lanes))),
-                T.bitwise_or(T.shift_left(((T.bitwise_xor(T.shift_right(b, T.broadcast(4, lanes)) & m3, two) - two)
-                                           * al) & m8, T.broadcast(16, lanes)),
-                             T.shift_left(((T.bitwise_xor(T.shift_right(b, T.broadcast(6, lanes)) & m3, two) - two)
-                                           * al) & m8, T.broadcast(24, lanes))))))
+            ones = T.broadcast(0x01010101, lanes)
+            # field q (bits 2q..2q+1) moved to byte q: one code per byte
+            spread = T.bitwise_or(T.bitwise_or(b & T.broadcast(3, lanes),
+                                               T.shift_left(b & T.broadcast(12, lanes), T.broadcast(6, lanes))),
+                                  T.bitwise_or(T.shift_left(b & T.broadcast(48, lanes), T.broadcast(12, lanes)),
+                                               T.shift_left(b & T.broadcast(192, lanes), T.broadcast(18, lanes))))
+            pos = spread & ones  # codes 1 and 3: |t| = 1
+            # code 3: t = -1 (only where alpha > 0, so that negating a zero byte never carries)
+            neg = T.shift_right(spread, T.broadcast(1, lanes)) & pos & T.shift_right(
+                T.broadcast(0, lanes) - al, T.broadcast(31, lanes))
+            # byte-wise: alpha where |t| = 1 (alpha <= 127: no carry), then two's complement where t = -1
+            W.vstore([0, 0], T.reinterpret(i8, T.bitwise_xor(
+                pos * al, T.shift_left(neg, T.broadcast(8, lanes)) - neg) + neg))
 
     return desc, desc64, impl
 
@@ -639,4 +642,4 @@ for _lanes in (16, 8):
         register_kernel(Kernel(f"{_family}_{_op}_{SUFFIX[_lanes]}", family=_family, op=_op, isa=ISA[_lanes],
                                compute=_compute, schedule=_conv_schedule if _op == "conv2d" else _dense_schedule,
                                operands=_operands(_lanes), fits=_fits(_lanes), preference=PREFERENCE[_lanes],
-                               intrinsics=register))
+                               intrinsics=register, layouts=LAYOUTS if _op == "conv2d" else ("NCHW",)))
