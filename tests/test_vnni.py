@@ -139,3 +139,12 @@ def test_registry_picks_vnni_by_alpha_width() -> None:
     assert kernels.select(_spec(127), tvm.target.Target(AVX_VNNI)).kernel.name == "ternary_conv2d_avxvnni"
     # signed activation codes: only the VNNI kernel (zero-point shift) takes them on x86
     assert kernels.select(_spec(127, act_signed=True), tgt).kernel.name == "ternary_conv2d_vnni"
+
+
+def test_batch1_dense_rule_on_vnni() -> None:
+    """A batch-1 ternary dense layer: the folded VNNI kernel where it fits (measured faster than the LUT
+    kernel), else the LUT kernel, on a VNNI target; the LUT kernel on AVX2 only."""
+    tgt = tvm.target.Target(AVX512_VNNI)
+    assert kernels.select(_spec(127, op="dense"), tgt).kernel.name == "ternary_dense_vnni"
+    assert kernels.select(_spec(255, op="dense"), tgt).kernel.name == "ternary_dense_lut"
+    assert kernels.select(_spec(127, op="dense"), tvm.target.Target(AVX2_ONLY)).kernel.name == "ternary_dense_lut"
