@@ -6,7 +6,8 @@
   target, and why), :func:`schedule_default`, :func:`register_intrinsics`;
 * generic kernels per weight format (every target): :mod:`.ternary`, :mod:`.pow2`, :mod:`.intw`, with
   their default schedules in :mod:`.generic`;
-* one module per ISA family: :mod:`.avx2` (x86 AVX2), :mod:`.sdot` (aarch64 dot product), :mod:`.lut`
+* one module per ISA family: :mod:`.avx2` (x86 AVX2), :mod:`.vnni` (x86 AVX-512 VNNI / AVX-VNNI, alpha folded
+  into int8 weights), :mod:`.sdot` (aarch64 dot product), :mod:`.lut`
   (lookup table, on AVX2 targets).
 
 Each kernel module registers its kernels when imported: adding an ISA is one new module plus its import
