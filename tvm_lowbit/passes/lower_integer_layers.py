@@ -439,10 +439,21 @@ def lower_integer_layers(mod: tvm.IRModule, infos: dict[str, LayerInfo] | None =
     on AVX2, else the generic kernels (both row rules measured with ``scripts/bench_gemm.py --shapes``).
     The result is the same, bit for bit.
     """
-    report = LoweringReport()
-    mod = prepare(mod, func_name, nhwc=integer_layout(target) == "NHWC")
-    mod, report.requant_folded = fold_requantize(mod, func_name)
-    return lower_layers(mod, infos, expose_acc=expose_acc, func_name=func_name, target=target, report=report)
+    def run(nhwc: bool) -> tuple[tvm.IRModule, LoweringReport]:
+        report = LoweringReport()
+        prepared = prepare(mod, func_name, nhwc=nhwc)
+        prepared, report.requant_folded = fold_requantize(prepared, func_name)
+        return lower_layers(prepared, infos, expose_acc=expose_acc, func_name=func_name, target=target,
+                            report=report)
+
+    if integer_layout(target) != "NHWC":
+        return run(False)
+    out, report = run(True)
+    if report.fallback:  # a layer the NHWC graph hides (an op without a layout rule): keep NCHW if it lowers more
+        nchw = run(False)
+        if len(nchw[1].fallback) < len(report.fallback):
+            return nchw
+    return out, report
 
 
 def prepare(mod: tvm.IRModule, func_name: str = "main", nhwc: bool = False) -> tvm.IRModule:
