@@ -17,6 +17,9 @@ Everything is measured on the fly (nothing is hard-coded):
 
     python scripts/bench_accuracy.py                       # full 10k test set, 2048 calibration images
     python scripts/bench_accuracy.py --limit 1000 --json acc.json
+    # FGQ's alpha width and stem (issue 17): 7-bit alpha codes make alpha * t an int8 (the VNNI kernels)
+    python scripts/bench_accuracy.py --models resnet20 --retrained skip --group-sizes 4 --act-bits 8 \
+        --alpha-bits 8,7 --first-layer int8,float
 """
 
 from __future__ import annotations
@@ -169,6 +172,13 @@ def main() -> int:
     ap.add_argument("--retrained", choices=("include", "only", "skip"), default="include",
                     help="rows of the retrained models in tvm_lowbit/zoo/retrained (made by "
                          "scripts/train_quantized.py): include (default), only, or skip")
+    ap.add_argument("--group-sizes", default=",".join(map(str, GROUP_SIZES)), help="FGQ rows: group sizes N")
+    ap.add_argument("--act-bits", default=",".join(map(str, ACT_BITS)), help="FGQ rows: activation bits")
+    ap.add_argument("--alpha-bits", default="8",
+                    help="FGQ rows: alpha code widths (comma list; rows other than 8 say -alphaB)")
+    ap.add_argument("--first-layer", default="int8",
+                    help="FGQ rows: first-layer policies (comma list of int8, float, fgq; rows other than FGQ's "
+                         "default int8 say -firstP)")
     ap.add_argument("--models", default="resnet20,mobilenet", help="comma-separated: resnet20, mobilenet")
     ap.add_argument("--auto-budget", default="0.5",
                     help="Auto's budget for the compact model: max top-1 drop (points) on the validation split, "
@@ -189,8 +199,15 @@ def main() -> int:
 
     jobs: list[tuple[str, str, object]] = [("fp32", "fp32", None)] if "resnet20" in models else []
     if args.retrained != "only" and "resnet20" in models:
-        jobs += [("fgq", f"N{n}-a{a}", FGQ(group_size=n, act_bits=a)) for n in GROUP_SIZES for a in ACT_BITS]
-        jobs += [("ternary-per-layer", f"a{a}", FGQ(group_size=64, act_bits=a)) for a in ACT_BITS]
+        sizes = [int(v) for v in args.group_sizes.split(",") if v]
+        acts = [int(v) for v in args.act_bits.split(",") if v]
+        alphas = [int(v) for v in args.alpha_bits.split(",") if v]
+        firsts = [v for v in args.first_layer.split(",") if v]
+        jobs += [("fgq", f"N{n}-a{a}" + (f"-alpha{ab}" if ab != 8 else "") + (f"-first{fl}" if fl != "int8" else ""),
+                  FGQ(group_size=n, act_bits=a, alpha_bits=ab, first_layer=fl))
+                 for n in sizes for a in acts for ab in alphas for fl in firsts]
+        if args.group_sizes == ",".join(map(str, GROUP_SIZES)):
+            jobs += [("ternary-per-layer", f"a{a}", FGQ(group_size=64, act_bits=a)) for a in acts]
     if args.retrained != "skip" and "resnet20" in models:
         for path in sorted(RETRAINED.glob("*.pt"), key=lambda p: RETRAINED_ORDER.get(p.stem, 99)):
             ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own committed files

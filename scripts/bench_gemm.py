@@ -18,11 +18,25 @@ the numpy integer reference on a slice of rows before timing):
 * ``avx2-dot``: ``kernels.avx2`` (the project's vpmaddubsw/vpmaddwd tensor intrinsic), built for an AVX2-only
   CPU (``--mcpu``, default x86-64-v3) so no AVX-512/VNNI instruction is used;
 * ``default``: the default ternary dense kernel (``kernels.ternary_dense`` + ``schedule_default``);
+* ``vnni``: ``kernels.vnni`` (``vpdpbusd`` with the group alpha folded into int8 weights, decoded from
+  the packed 2-bit codes tile by tile), built for ``--vnni-mcpu`` (default: this host's CPU); zmm with
+  AVX-512 VNNI, ymm with AVX-VNNI;
+* ``ort-int8``: ONNX Runtime's int8 GEMM on the same shape: a float ``MatMul`` by a random [K, N]
+  weight, ``quantize_dynamic`` (per-tensor int8 weights, ``MatMulInteger`` with uint8 activations
+  quantized on the fly), ``--threads`` intra-op threads; MLAS picks its kernel by CPUID at run time
+  (the script prints which ISA that is on this host).  Its rows time a different quantization (int8 weights,
+  4x the bytes of the 2-bit codes), so they are not checked against the ternary reference;
 * ``lut``: the lookup-table kernel (``kernels.lut``: 81 partial sums per 4 input channels, one lookup per 4
   weights), built for the same CPU; LowerIntegerLayers gives it the x86 dense layers with at most
   ``kernels.lut.LUT_MAX_ROWS`` rows, the rule this script measures with ``--shapes``:
 
     python scripts/bench_gemm.py --shapes 1x1000x512,4x1000x512,8x1000x512,1x4096x4096 --kernels avx2-dot,lut
+
+The batch-1 4096 x 4096 dense row against onnxruntime int8 (issue 17's floor: >= 1.5x faster):
+
+    python scripts/bench_gemm.py --shapes 1x4096x4096 --kernels vnni,lut,avx2-dot,default,ort-int8
+
+The alpha codes are drawn from 0..127 (7 bits, FGQ ``alpha_bits=7``), which every kernel takes.
 
 On a shared machine the wall-clock rate measures the share of the cores this process got. The script also
 prints the rate per CPU-second the process was actually given (``time.process_time`` over the timed runs,
@@ -31,7 +45,8 @@ goes into the JSON.
 
     python scripts/bench_gemm.py --json gemm.json
 ``--shapes MxNxK,...`` runs several shapes (default: ``--m``, ``--n``, ``--k``). ``--json`` writes
-``{"rows": [{"shape", "kernel", "gops", "peak_gops", "fraction_of_peak"}, ...]}`` with ``shape`` = [M, N, K].
+``{"rows": [{"shape", "kernel", "ms", "gops", "peak_gops", "fraction_of_peak"}, ...]}`` with ``shape`` = [M, N, K]
+and ``ms`` the median time of one call.
 """
 
 from __future__ import annotations
@@ -97,6 +112,64 @@ def build_lut(m: int, n: int, k: int, group_size: int, target: dict):  # -> comp
     return tvm.compile(sch.mod, target=tvm.target.Target(target))
 
 
+def host_isa() -> str:
+    """The widest int8 dot-product ISA this host's CPU reports (what MLAS dispatches to by CPUID)."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    for flag, name in (("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"), ("avx2", "AVX2")):
+        if flag in flags:
+            return name
+    return "SSE"
+
+
+def build_ort_int8(m: int, n: int, k: int, threads: int):  # -> (callable, input array)
+    """ONNX Runtime's dynamic int8 MatMul (MatMulInteger) of an [m, k] float input by a [k, n] weight."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, q8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(model, str(fp32))
+        quantize_dynamic(str(fp32), str(q8), weight_type=QuantType.QInt8)
+        qbytes = q8.read_bytes()
+    ops = sorted({node.op_type for node in onnx.load_from_string(qbytes).graph.node})
+    if "MatMulInteger" not in ops:
+        raise SystemExit(f"quantize_dynamic gave no MatMulInteger (ops: {ops})")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(qbytes, so, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    return (lambda: sess.run(None, {"x": x})), ops
+
+
+def median_seconds(fn, repeat: int, number: int = 3) -> float:
+    """Median over ``repeat`` timings of ``number`` calls each (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - t0) / number)
+    return float(np.median(times))
+
+
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     try:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s.strip()]
@@ -117,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", default="avx2-dot,default")
     ap.add_argument("--mcpu", default="x86-64-v3",
                     help="LLVM CPU of the build (default x86-64-v3: AVX2, no AVX-512; znver3 also has SSE4a: SIGILL on Intel)")
+    ap.add_argument("--vnni-mcpu", default=None,
+                    help="LLVM CPU of the vnni kernel's build (default: this host's, which must have VNNI)")
     ap.add_argument("--ghz", type=float, default=None, help="clock for the peak (default: /proc/cpuinfo)")
     ap.add_argument("--macs-per-cycle", type=int, default=AVX2_INT8_MACS_PER_CYCLE)
     ap.add_argument("--repeat", type=int, default=5)
@@ -126,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     import tvm
 
     from tvm_lowbit import qmath
-    from tvm_lowbit.kernels import avx2, lut
+    from tvm_lowbit.kernels import avx2, lut, vnni
 
     cores = int(os.environ["TVM_NUM_THREADS"])
     ghz = a.ghz or cpu_ghz()
@@ -134,17 +209,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak = {cores} cores x {ghz:.3f} GHz x {a.macs_per_cycle} int8 MACs/cycle x 2 = {peak:.1f} GOP/s")
     gs = a.group_size
     target = {"kind": "llvm", "mcpu": a.mcpu, "num-cores": cores}
+    vnni_target = {"kind": "llvm", "mcpu": a.vnni_mcpu or tvm.target.codegen.llvm_get_system_cpu(), "num-cores": cores}
+    print(f"CPU ISA (what onnxruntime's MLAS dispatches to): {host_isa()}; TVM builds: avx2-dot/default/lut for "
+          f"mcpu={a.mcpu}, vnni for mcpu={vnni_target['mcpu']}")
     rows = []
     for m, n, k in parse_shapes(a.shapes) if a.shapes else [(a.m, a.n, a.k)]:
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (m, k)).astype(np.uint8)
         t = rng.integers(-1, 2, (n, k))
         codes = qmath.pack_2bit(t)
-        alpha = rng.integers(0, 256, (n, -(-k // gs))).astype(np.int16)
+        alpha = rng.integers(0, 128, (n, -(-k // gs))).astype(np.int16)  # 7-bit codes: every kernel takes them
         ref = avx2.reference_ternary(x[:8], codes, alpha, n, k, gs)
         for kernel in a.kernels.split(","):
-            weights = codes
-            if kernel == "avx2-dot":
+            weights, alpha_arg = codes, alpha
+            if kernel == "ort-int8":
+                run, ops = build_ort_int8(m, n, k, cores)
+                sec = median_seconds(run, a.repeat)
+                gops = 2.0 * m * n * k / sec / 1e9
+                rows.append({"shape": [m, n, k], "kernel": kernel, "ms": round(sec * 1e3, 4), "gops": round(gops, 2),
+                             "peak_gops": round(peak, 2), "fraction_of_peak": round(gops / peak, 4)})
+                print(f"{kernel:10} M={m} N={n} K={k}: {sec * 1e3:8.3f} ms  {gops:7.1f} GOP/s  {100 * gops / peak:5.1f}% "
+                      f"of peak  (onnxruntime {'+'.join(ops)}, int8 weights, {host_isa()} by CPUID)")
+                continue
+            if kernel == "vnni":
+                if k % 4 or gs % 4 or n % 16:
+                    raise SystemExit(f"vnni needs K % 4 == 0, N % 16 == 0 and --group-size % 4 == 0, got N={n}, K={k}")
+                f, _ = vnni.build_dense(m, n, k, group_size=gs, target=vnni_target)
+                weights, alpha_arg = vnni.ternary_tiles(codes, alpha, qmath.group_layout((n, k), gs), 16)
+            elif kernel == "avx2-dot":
                 f, _ = avx2.build_dense("ternary", m, n, k, group_size=gs, target=target)
             elif kernel == "default":
                 f = build_default(m, n, k, gs, target)
@@ -153,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"lut needs K % 4 == 0 and --group-size % 4 == 0, got K={k}, group size {gs}")
                 f, weights = build_lut(m, n, k, gs, target), lut.base3_codes(t)
             else:
-                raise SystemExit(f"unknown kernel {kernel!r} (avx2-dot, default, lut)")
-            args = [tvm.runtime.tensor(v) for v in (x, weights, alpha, np.ones(n, np.float32),
+                raise SystemExit(f"unknown kernel {kernel!r} (avx2-dot, vnni, default, lut, ort-int8)")
+            args = [tvm.runtime.tensor(v) for v in (x, weights, alpha_arg, np.ones(n, np.float32),
                                                    np.zeros(n, np.float32), np.zeros((m, n), np.int32))]
             mod = f.mod if hasattr(f, "mod") else f
             mod["main"](*args)
@@ -165,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             cpu = (time.process_time() - cpu0) / (3 * a.repeat + 1)  # CPU-seconds per run (+1: the warm-up run)
             gops = 2.0 * m * n * k / sec / 1e9
             gops_cpu = 2.0 * m * n * k / cpu / 1e9 * cores
-            rows.append({"shape": [m, n, k], "kernel": kernel, "gops": round(gops, 2), "peak_gops": round(peak, 2),
+            rows.append({"shape": [m, n, k], "kernel": kernel, "ms": round(sec * 1e3, 4), "gops": round(gops, 2),
+                         "peak_gops": round(peak, 2),
                          "fraction_of_peak": round(gops / peak, 4)})
             print(f"{kernel:10} M={m} N={n} K={k} g={gs}: {sec * 1e3:8.3f} ms  {gops:7.1f} GOP/s  "
                   f"{100 * gops / peak:5.1f}% of peak  (bit-exact); per CPU-second given: {gops_cpu:7.1f} GOP/s "

@@ -2,7 +2,10 @@
 """Batch-1 latency on the x86 host: TVM FP32 (untuned) vs FGQ low-bit TVM builds vs PyTorch vs ORT int8.
 
 Every row reports ``ratio_vs_tvm_fp32`` = its median / the TVM FP32 median of the same model in the
-same run (the host is shared, so only ratios from one run are comparable). All runtimes use 2 threads.
+same run, and ``ratio_vs_ort_int8`` = its median / the onnxruntime int8 median of the same run (null when
+that variant is not run); the host is shared, so only ratios from one run are comparable. All runtimes use
+2 threads. The FGQ rows quantize the stem int8 per channel (FGQ's default), every other conv and the
+classifier ternary with 7-bit alpha codes (so ``alpha * t`` is an int8 and the VNNI kernels take them).
 
     python scripts/bench_speed.py --models resnet20,resnet18-224 --repeat 20 --json bench.json
 
@@ -35,7 +38,7 @@ VARIANTS = ("tvm-fp32", "tvm-fgq-n4", "tvm-fgq-n64", "torch-fp32", "ort-int8", "
             "tvm-pow2-tuned")
 TUNE = {"trials": 64, "dir": Path("bench_schedules"), "scheduler": "gradient"}  # from --trials etc.
 TARGET = "x86-host"
-FIELDS = ("model", "variant", "target", "median_ms", "ratio_vs_tvm_fp32", "weight_bytes")
+FIELDS = ("model", "variant", "target", "median_ms", "ratio_vs_tvm_fp32", "weight_bytes", "ratio_vs_ort_int8")
 
 
 class Timed(Protocol):
@@ -63,9 +66,10 @@ def load_model(name: str) -> tuple[nn.Module, np.ndarray, np.ndarray, str]:
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
-# first layer kept float (its 3 or 1 input channels make groups degenerate); every other conv and the
-# classifier are FGQ-ternary, so weight_bytes counts what a deployed low-bit model stores
-FGQ_POLICY = {"first_layer": "float", "last_layer": "fgq"}
+# first layer int8 per channel (FGQ's default: its 3 or 1 input channels make groups degenerate); every
+# other conv and the classifier are FGQ-ternary with 7-bit alpha codes (alpha * t fits int8: the VNNI
+# kernels), so weight_bytes counts what a deployed low-bit model stores
+FGQ_POLICY = {"first_layer": "int8", "last_layer": "fgq", "alpha_bits": 7}
 
 
 def fgq(group_size: int) -> Callable[[nn.Module, np.ndarray, np.ndarray], Timed]:
@@ -74,9 +78,27 @@ def fgq(group_size: int) -> Callable[[nn.Module, np.ndarray, np.ndarray], Timed]
         from tvm_lowbit.quantizers.fgq import FGQ
 
         qmodel = tvm_lowbit.quantize(model, FGQ(group_size=group_size, act_bits=8, **FGQ_POLICY), calib)
-        return tvm_lowbit.compile(qmodel, example, target="x86")
+        art = tvm_lowbit.compile(qmodel, example, target="x86")
+        log(f"  kernels: {kernel_counts(art.report.kernel_names)}; in float: {len(art.report.fallback)}")
+        return art
 
     return build
+
+
+def kernel_counts(names: dict[str, str]) -> str:
+    """'ternary_conv2d_vnni x19, int_conv2d_vnni x1': which kernels (hence which ISA) the layers run on."""
+    counts: dict[str, int] = {}
+    for k in names.values():
+        counts[k] = counts.get(k, 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def host_isa() -> str:
+    """The widest int8 dot-product ISA of this host (what onnxruntime's MLAS dispatches to by CPUID)."""
+    text = Path("/proc/cpuinfo").read_text()
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    return next((name for flag, name in (("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"), ("avx2", "AVX2"))
+                 if flag in flags), "SSE")
 
 
 def pow2_model(model: nn.Module, calib: np.ndarray) -> nn.Module:
@@ -156,14 +178,19 @@ def bench_model(name: str, variants: list[str], repeat: int) -> tuple[list[dict[
         rows.append({"model": name, "variant": variant, "target": TARGET, "median_ms": ms,
                      "ratio_vs_tvm_fp32": None if ref_ms is None else ms / ref_ms,
                      "weight_bytes": int(runner.weight_bytes)})
+    ort = next((r["median_ms"] for r in rows if r["variant"] == "ort-int8"), None)
+    for r in rows:
+        r["ratio_vs_ort_int8"] = None if ort is None else r["median_ms"] / ort
     return rows, problems
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'model':<14}{'variant':<18}{'target':<10}{'median_ms':>12}{'vs tvm-fp32':>13}{'weight_bytes':>15}")
+    print(f"{'model':<14}{'variant':<18}{'target':<10}{'median_ms':>12}{'vs tvm-fp32':>13}{'vs ort-int8':>13}"
+          f"{'weight_bytes':>15}")
     for r in rows:
         ratio = "-" if r["ratio_vs_tvm_fp32"] is None else f"{r['ratio_vs_tvm_fp32']:.3f}x"
-        print(f"{r['model']:<14}{r['variant']:<18}{r['target']:<10}{r['median_ms']:>12.3f}{ratio:>13}"
+        ort = "-" if r.get("ratio_vs_ort_int8") is None else f"{r['ratio_vs_ort_int8']:.3f}x"
+        print(f"{r['model']:<14}{r['variant']:<18}{r['target']:<10}{r['median_ms']:>12.3f}{ratio:>13}{ort:>13}"
               f"{r['weight_bytes']:>15,}")
 
 
@@ -194,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     baselines.set_threads(NUM_THREADS)
     log(f"threads: {NUM_THREADS} for every runtime (TVM_NUM_THREADS, torch.set_num_threads, "
         f"ORT intra_op_num_threads); batch 1; target {TARGET}; TVM FP32 is untuned (default pipeline)")
+    log(f"host int8 ISA: {host_isa()} (onnxruntime's MLAS picks its kernels by CPUID; the TVM rows' kernels are "
+        "logged per variant: *_vnni = AVX-512 VNNI vpdpbusd, *_avx2 = vpmaddubsw/vpmaddwd)")
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     for name in models:

@@ -160,3 +160,29 @@ def test_bad_conv_inputs_are_explained() -> None:
     with pytest.raises(ValueError, match="8-bit codes"):
         avx2.pow2_conv2d_avx2(te.placeholder((1, 8, 4, 4), "uint8"), te.placeholder((8, 72), "uint8"), s, s,
                               weight_shape=(8, 8, 3, 3), code_bits=8)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_ternary_conv_avx2_layouts_bit_exact(layout: str) -> None:
+    """The AVX2 conv reads and writes NCHW or NHWC codes (the NHWC integer region of passes.convert_layout)."""
+    from tvm_lowbit import kernels
+
+    k, c, h, r = 16, 8, 6, 3
+    rng = np.random.default_rng(5)
+    tw = qmath.ternarize_weight(torch.randn(k, c, r, r, generator=torch.Generator().manual_seed(5)), 4)
+    codes, al = tw.packed_codes(), tw.alpha_q.numpy().reshape(k, -1).astype(np.uint8)
+    x = te.placeholder((1, c, h, h) if layout == "NCHW" else (1, h, h, c), "uint8", name="x")
+    ph = [te.placeholder(v.shape, "uint8", name=n) for n, v in (("codes", codes), ("alpha", al))]
+    sc, bi = te.placeholder((k,), "float32", name="s"), te.placeholder((k,), "float32", name="b")
+    out = avx2.ternary_conv2d_avx2(x, *ph, sc, bi, weight_shape=(k, c, r, r), padding=1, group_size=4, out_mode="acc",
+                                   in_layout=layout, out_layout=layout)
+    sch = tvm.s_tir.Schedule(kernels.make_prim_func([x, *ph, sc, bi], out, "main"))
+    avx2.schedule_conv2d_avx2(sch)
+    xv = rng.integers(0, 256, (1, c, h, h)).astype(np.uint8)
+    got = _run(tvm.compile(sch.mod, target=tvm.target.Target(AVX2_ONLY)),
+               xv if layout == "NCHW" else np.ascontiguousarray(xv.transpose(0, 2, 3, 1)), codes, al,
+               np.ones(k, np.float32), np.zeros(k, np.float32), out_shape=[int(v) for v in out.shape])
+    if layout == "NHWC":
+        got = got.transpose(0, 3, 1, 2)
+    ref = qmath.conv2d_int_np(xv.astype(np.int64), tw.w_int.numpy().astype(np.int64), (1, 1), (1, 1), (1, 1), 1)
+    np.testing.assert_array_equal(got.astype(np.int64), ref)

@@ -14,6 +14,7 @@ import tvm_lowbit
 from tvm_lowbit import FGQ, data, qmath, quantize
 from tvm_lowbit.compiler import CompileError, load_artifact
 from tvm_lowbit.kernels.avx2 import has_avx2
+from tvm_lowbit.kernels.vnni import vnni_lanes
 from tvm_lowbit.models import load_pretrained
 from tvm_lowbit.quantizers.layers import QConv2d, quant_layer, quant_layers
 from tvm_lowbit.targets import TargetError, load_target
@@ -61,9 +62,21 @@ def builtin_q() -> nn.Module:
 def test_builtin_model_accumulators_bit_exact(builtin_q: nn.Module) -> None:
     x, _ = data.load("test", limit=2)
     art = check_bit_exact(builtin_q, x)
-    assert len(art.report.lowered) == len(quant_layers(builtin_q)) == 20
+    assert len(art.report.lowered) == len(quant_layers(builtin_q)) == 21  # the int8 stem + 20 ternary layers
     if has_avx2(art.target.tvm_target()):  # every ternary layer of ResNet-20 fits the AVX2 dot-product kernels
-        assert art.report.fast_kernels == {n: "avx2" for n in art.report.lowered}
+        ternary = [n for n in art.report.lowered if n != "conv1"]  # 8-bit alpha codes: not the folded VNNI ones
+        assert {n: art.report.fast_kernels.get(n) for n in ternary} == {n: "avx2" for n in ternary}
+    if vnni_lanes(art.target.tvm_target()):  # the signed int8 stem runs on vpdpbusd
+        assert art.report.kernel_names["conv1"] == "int_conv2d_vnni"
+
+
+def test_builtin_model_7bit_alpha_takes_the_folded_vnni_kernels() -> None:
+    q = quantize(load_pretrained(), FGQ(group_size=4, act_bits=8, alpha_bits=7), data.calibration_set(128),
+                 progress=False)
+    x, _ = data.load("test", limit=2, offset=5)
+    art = check_bit_exact(q, x)  # NHWC end to end on a VNNI host
+    if vnni_lanes(art.target.tvm_target()):
+        assert set(art.report.fast_kernels.values()) == {"avx512vnni"}
 
 
 def test_ternary_classifier_at_batch_1_takes_the_lut_kernel() -> None:
@@ -85,7 +98,7 @@ def test_builtin_model_bit_exact_without_avx2(builtin_q: nn.Module) -> None:
     spec = dataclasses.replace(host, target_dict={**host.target_dict, "mcpu": "x86-64"})
     x, _ = data.load("test", limit=2, offset=3)
     art = check_bit_exact(builtin_q, x, spec)
-    assert art.report.fast_kernels == {} and len(art.report.lowered) == 20
+    assert art.report.fast_kernels == {} and len(art.report.lowered) == 21
 
 
 def test_builtin_model_n64_bit_exact() -> None:

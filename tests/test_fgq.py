@@ -79,7 +79,7 @@ def test_unknown_scheme_and_options() -> None:
     with pytest.raises(ValueError, match="unknown calibration"):
         FGQ(calibration="kl")
     with pytest.raises(ValueError, match="first_layer"):
-        FGQ(first_layer="int8")
+        FGQ(first_layer="int4")
     with pytest.raises(ValueError, match="unknown option"):
         FGQ(overrides={"conv*": {"bits": 4}})
     with pytest.raises(ValueError, match="use 'float' or a dict"):
@@ -107,9 +107,9 @@ def test_non_finite_weights_name_the_layer(bad: float) -> None:
 def test_no_quantizable_layer_and_empty_calibration() -> None:
     with pytest.raises(ValueError, match="no quantizable layer"):
         quantize(nn.Sequential(nn.ReLU(), nn.Flatten()), FGQ(), _calib(), progress=False)
-    lone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 4))  # first == last: kept float by default
+    lone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 4))  # first == last: both policies float
     with pytest.raises(ValueError, match="no layer left to quantize"):
-        quantize(lone, FGQ(), _calib(), progress=False)
+        quantize(lone, FGQ(first_layer="float"), _calib(), progress=False)
     with pytest.raises(ValueError, match="calibration data is empty"):
         _q(_tiny(), calib=np.zeros((0, 3, 12, 12), np.float32))
     with pytest.raises(ValueError, match="calibration data is empty"):
@@ -139,8 +139,11 @@ def test_callers_model_is_not_modified() -> None:
 def test_first_last_policies_and_overrides() -> None:
     m = _tiny()
     q = _q(m)
-    assert isinstance(q.conv1, nn.Conv2d) and "conv1" not in quant_layers(q)  # first: float
+    assert quant_layer(q, "conv1").weight_format == "int8"  # first: int8 per channel
     assert isinstance(q.fc, nn.Linear) and "fc" not in quant_layers(q)  # last: float
+    assert set(quant_layers(q)) == {"conv1", "dw", "grouped", "ragged", "mid"}
+    q = _q(m, FGQ(group_size=4, first_layer="float"))
+    assert isinstance(q.conv1, nn.Conv2d) and "conv1" not in quant_layers(q)  # first: float
     assert set(quant_layers(q)) == {"dw", "grouped", "ragged", "mid"}
 
     q = _q(m, FGQ(group_size=4, first_layer="fgq", last_layer="fgq"))
@@ -301,3 +304,16 @@ def test_bias_correction_matches_output_means() -> None:
     # the last layer's output mean on the calibration data matches the float model's
     torch.testing.assert_close(y_on, y_ref, rtol=0, atol=1e-4)
     assert float((y_off - y_ref).abs().max()) > float((y_on - y_ref).abs().max())
+
+
+def test_first_layer_defaults_to_int8_per_channel() -> None:
+    """FGQ's default stem is int8 with one scale per output channel; first_layer='float' keeps it float."""
+    from tvm_lowbit.quantizers.layers import quant_layers
+
+    m = _tiny()
+    layers = quant_layers(_q(m, FGQ(group_size=4)))
+    first = next(iter(layers.values()))
+    assert first.weight_format == "int8"
+    assert all(l.weight_format.startswith("ternary") for l in list(layers.values())[1:])
+    kept = quant_layers(_q(m, FGQ(group_size=4, first_layer="float")))
+    assert len(kept) == len(layers) - 1

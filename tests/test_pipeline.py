@@ -14,6 +14,7 @@ from tvm_lowbit import qmath
 from tvm_lowbit.passes import (FoldRequantize, LayerInfo, apply_default_schedules, lower_integer_layers, lowering_pipeline,
                                run_pipeline, weight_key)
 from tvm_lowbit.passes import patterns as P
+from tvm_lowbit.passes.convert_layout import integer_layout
 
 X86 = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3"})
 
@@ -114,8 +115,11 @@ def _two_linear() -> tuple[tvm.IRModule, dict[str, LayerInfo]]:
 def test_pipeline_has_named_passes() -> None:
     seq = lowering_pipeline(X86)
     assert seq.info.name == "tvm_lowbit.LoweringPipeline"
+    nhwc = ["ConvertLayout", "tvm_lowbit.SinkPermutes", "CanonicalizeBindings", "DeadCodeElimination"]
+    assert integer_layout(X86) == "NHWC"  # an x86 target with AVX2: the integer region runs in NHWC
     assert [p.info.name for p in seq.passes] == [
-        "tvm_lowbit.NormalizeTake", "CanonicalizeBindings", "DeadCodeElimination", "FoldConstant", "tvm_lowbit.FoldRequantize",
+        "tvm_lowbit.NormalizeTake", "CanonicalizeBindings", "DeadCodeElimination", *nhwc, "FoldConstant",
+        "tvm_lowbit.FoldRequantize",
         "tvm_lowbit.LowerIntegerLayers", "tvm_lowbit.ApplyKernelSchedules"]
     assert "tvm_lowbit.LowerIntegerLayers" in str(seq)
 

@@ -17,8 +17,9 @@ from tvm_lowbit.artifact import Artifact
 from tvm_lowbit.backends.base import Backend, Schedules
 from tvm_lowbit.errors import CompileError
 from tvm_lowbit.importer import import_torch, layer_infos, strip_single_tuple
-from tvm_lowbit.passes.pipeline import lowering_pipeline
-from tvm_lowbit.passes.report import LoweringReport
+from tvm_lowbit.passes.apply_kernel_schedules import apply_default_schedules
+from tvm_lowbit.passes.lower_integer_layers import lower_integer_layers
+from tvm_lowbit.passes.normalize_take import normalize_take
 from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.targets import TargetSpec
 
@@ -66,12 +67,11 @@ def build(mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None, input_
 
     t0 = time.time()
     tgt = spec.tvm_target()
-    report = LoweringReport()
     tuning = None
     db_dir = schedules_dir(spec, schedules, verbose)
 
     def apply_tuned(m: Any, _ctx: Any) -> Any:
-        """Tuned schedules first; the kernels without a record get their default in the next pass."""
+        """Tuned schedules first; the kernels without a record get their default schedule after."""
         nonlocal tuning
         try:
             m, tuning = tune.apply_database(m, tgt, db_dir)
@@ -82,11 +82,14 @@ def build(mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None, input_
                   "default schedules used", file=sys.stderr)
         return m
 
-    tuned = [] if db_dir is None else [tvm.transform.module_pass(apply_tuned, opt_level=0,
-                                                                 name="tvm_lowbit.ApplyTuningDatabase")]
-    pipeline = lowering_pipeline(tgt, infos, expose_acc=expose_acc, report=report, schedule_passes=tuned)
+    # the pipeline's passes (tvm_lowbit.passes.pipeline), with the integer region's layout chosen per model:
+    # lower_integer_layers tries NHWC and keeps NCHW when NHWC would leave more layers in float
     try:
-        mod = pipeline(mod)
+        mod = normalize_take(mod)
+        mod, report = lower_integer_layers(mod, infos, expose_acc=expose_acc, target=tgt)
+        if db_dir is not None:
+            mod = apply_tuned(mod, None)
+        mod = apply_default_schedules(mod, tgt)
     except Exception as e:  # a CompileError raised inside a pass arrives as a RuntimeError with its message
         if isinstance(e, CompileError):
             raise

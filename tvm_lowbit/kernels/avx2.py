@@ -166,7 +166,7 @@ def pow2_dense_avx2(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out
 def _conv_avx2(kind: str, data: te.Tensor, w8: te.Tensor, scale2: te.Tensor, weight_shape: tuple[int, int, int, int],
                strides: int | Sequence[int], padding: int | Sequence[int], out_scale: te.Tensor,
                out_bias: te.Tensor, relu: bool, out_mode: str, requant_scale: float | None, out_bits: int,
-               out_signed: bool) -> te.Tensor:
+               out_signed: bool, in_layout: str = "NCHW", out_layout: str = "NCHW") -> te.Tensor:
     """NCHW conv in the intrinsic's layout: the input codes are copied once into a zero-padded NHWC
     stage ``x_nhwc`` (four input channels contiguous), ``acc[b, i, j, k]`` sums over (r, s, c) with
     ``w8[k//8, r*S+s, c//4, k%8, c%4]`` and ``scale2[k//8, r*S+s, c//4, k%8, c%2]`` (exact int32), and
@@ -174,14 +174,21 @@ def _conv_avx2(kind: str, data: te.Tensor, w8: te.Tensor, scale2: te.Tensor, wei
     if str(data.dtype) != "uint8":
         raise ValueError(f"the AVX2 kernels take unsigned 8-bit activation codes, got {data.dtype}")
     kout, cin, kh, kw = weight_shape
-    batch, _, height, width = (int(v) for v in data.shape)
+    if in_layout not in CONV_LAYOUTS or out_layout not in CONV_LAYOUTS:
+        raise ValueError(f"layouts must be one of {CONV_LAYOUTS}, got in {in_layout!r}, out {out_layout!r}")
+    if in_layout == "NCHW":
+        batch, _, height, width = (int(v) for v in data.shape)
+        get = lambda b, c, h, w: data[b, c, h, w]  # noqa: E731
+    else:
+        batch, height, width, _ = (int(v) for v in data.shape)
+        get = lambda b, c, h, w: data[b, h, w, c]  # noqa: E731
     (sh, sw), (ph, pw) = pair(strides), pair(padding)
     oh, ow = conv_out_size(height, kh, sh, ph), conv_out_size(width, kw, sw, pw)
     x = te.compute(
         (batch, height + 2 * ph, width + 2 * pw, cin),
         lambda b, h, w, c: tirx.if_then_else(
             tirx.all(h >= ph, h < ph + height, w >= pw, w < pw + width),
-            data[b, c, h - ph, w - pw], tirx.const(0, "uint8")),
+            get(b, c, h - ph, w - pw), tirx.const(0, "uint8")),
         name="x_nhwc")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
@@ -194,29 +201,43 @@ def _conv_avx2(kind: str, data: te.Tensor, w8: te.Tensor, scale2: te.Tensor, wei
 
     acc = te.compute((batch, oh, ow, kout), lambda b, i, j, k: te.sum(term(b, i, j, k), axis=[ry, rx, rc]),
                      name="acc")
-    if out_mode == "acc":
-        return te.compute((batch, kout, oh, ow), lambda b, k, i, j: acc[b, i, j, k], name="out",
-                          attrs=kernel_attrs(kind))
-    return te.compute(
-        (batch, kout, oh, ow),
-        lambda b, k, i, j: epilogue(acc[b, i, j, k], out_scale[k], out_bias[k], relu, out_mode, requant_scale,
-                                     out_bits, out_signed),
-        name="out", attrs=kernel_attrs(kind))
+
+    def body(b, i, j, k):
+        if out_mode == "acc":
+            return acc[b, i, j, k]
+        return epilogue(acc[b, i, j, k], out_scale[k], out_bias[k], relu, out_mode, requant_scale, out_bits,
+                        out_signed)
+
+    if out_layout == "NHWC":
+        return te.compute((batch, oh, ow, kout), body, name="out", attrs=kernel_attrs(kind))
+    return te.compute((batch, kout, oh, ow), lambda b, k, i, j: body(b, i, j, k), name="out",
+                      attrs=kernel_attrs(kind))
 
 
+CONV_LAYOUTS = ("NCHW", "NHWC")  # the conv kernels read and write either (in_layout= / out_layout=)
 conv_unsupported = dot_conv_unsupported  # the public name tests and kernels.sdot knew it by
+
+
+def _conv_dims(data: te.Tensor, weight_shape: Sequence[int], groups: int, layout: str) -> tuple[int, int, int, int]:
+    """``common.conv_dims`` for an NCHW or NHWC input."""
+    kout, cg, kh, kw = (int(v) for v in weight_shape)
+    chans = int(data.shape[1 if layout == "NCHW" else 3])
+    if chans != cg * groups or kout % groups:
+        raise ValueError(f"conv shapes do not match: C={chans} ({layout}), weight {tuple(weight_shape)}, "
+                         f"groups={groups}")
+    return kout, cg, kh, kw
 
 
 def ternary_conv2d_avx2(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, out_scale: te.Tensor,
                         out_bias: te.Tensor, *, weight_shape: Sequence[int], strides: int | Sequence[int] = 1,
                         padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
                         group_size: int, relu: bool = False, out_mode: OutMode = "float",
-                        requant_scale: float | None = None, out_bits: int = 8, out_signed: bool = False
-                        ) -> te.Tensor:
+                        requant_scale: float | None = None, out_bits: int = 8, out_signed: bool = False,
+                        in_layout: str = "NCHW", out_layout: str = "NCHW") -> te.Tensor:
     """``kernels.ternary_conv2d`` (same inputs, same result) on the AVX2 intrinsic: groups=1, dilation 1,
     K % 8 == 0, C % 4 == 0 and ``group_size % 4 == 0`` along the channels of each tap."""
     check_mode(out_mode, requant_scale)
-    kout, cg, kh, kw = conv_dims(data, weight_shape, groups)
+    kout, cg, kh, kw = _conv_dims(data, weight_shape, groups, in_layout)
     why = conv_unsupported(weight_shape, strides, dilation, groups, str(data.dtype))
     lay = qmath.group_layout((kout, cg, kh, kw), group_size)
     if why is None and (lay.along != "in" or lay.group_size % 4):
@@ -237,17 +258,18 @@ def ternary_conv2d_avx2(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, o
     w8 = te.compute((*shape, 4), t8, name="w_int")
     scale2 = te.compute((*shape, 2), s2, name="w_scale")
     return _conv_avx2("ternary_conv2d_avx2", data, w8, scale2, (kout, cg, kh, kw), strides, padding, out_scale,
-                      out_bias, relu, out_mode, requant_scale, out_bits, out_signed)
+                      out_bias, relu, out_mode, requant_scale, out_bits, out_signed, in_layout, out_layout)
 
 
 def pow2_conv2d_avx2(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bias: te.Tensor, *,
                      weight_shape: Sequence[int], code_bits: int = 4, strides: int | Sequence[int] = 1,
                      padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
                      relu: bool = False, out_mode: OutMode = "float", requant_scale: float | None = None,
-                     out_bits: int = 8, out_signed: bool = False) -> te.Tensor:
+                     out_bits: int = 8, out_signed: bool = False, in_layout: str = "NCHW",
+                     out_layout: str = "NCHW") -> te.Tensor:
     """``kernels.pow2_conv2d`` on the AVX2 intrinsic: 4-bit codes (|w| <= 2^6), decoded to int8."""
     check_mode(out_mode, requant_scale)
-    kout, cg, kh, kw = conv_dims(data, weight_shape, groups)
+    kout, cg, kh, kw = _conv_dims(data, weight_shape, groups, in_layout)
     why = conv_unsupported(weight_shape, strides, dilation, groups, str(data.dtype))
     if why is None and code_bits != 4:
         why = f"{code_bits}-bit codes: need 4-bit codes (|w| <= {MAX_WEIGHT})"
@@ -261,7 +283,7 @@ def pow2_conv2d_avx2(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, ou
                     name="w_int")
     one = te.compute((*shape, 2), lambda *_: tirx.const(1, "int16"), name="w_scale")
     return _conv_avx2("pow2_conv2d_avx2", data, w8, one, (kout, cg, kh, kw), strides, padding, out_scale, out_bias,
-                      relu, out_mode, requant_scale, out_bits, out_signed)
+                      relu, out_mode, requant_scale, out_bits, out_signed, in_layout, out_layout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,4 +433,4 @@ for _family, _op, _compute, _operands in (("ternary", "conv2d", ternary_conv2d_a
     register_kernel(Kernel(f"{_family}_{_op}_avx2", family=_family, op=_op, isa="avx2", compute=_compute,
                            schedule=_conv_schedule if _op == "conv2d" else _dense_schedule, operands=_operands,
                            fits=avx2_conv_fits if _op == "conv2d" else avx2_dense_fits, preference=PREFERENCE,
-                           intrinsics=register))
+                           intrinsics=register, layouts=CONV_LAYOUTS if _op == "conv2d" else ("NCHW",)))

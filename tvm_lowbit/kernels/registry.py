@@ -44,7 +44,9 @@ class Kernel:
     and ``out_scale`` plus its extra keyword arguments (an array among them becomes a constant too);
     ``schedule(sch, target, pick)`` is its default schedule (``pick`` samples the tile sizes when tuning);
     ``fits(layer, target)`` is None when the kernel runs the layer exactly on the target, else why not;
-    ``intrinsics()`` registers its tensor intrinsics (idempotent) and returns their names."""
+    ``intrinsics()`` registers its tensor intrinsics (idempotent) and returns their names; ``layouts`` are
+    the activation layouts a conv kernel reads and writes (``in_layout=`` / ``out_layout=`` keywords of
+    ``compute`` when it has more than NCHW)."""
 
     name: str                   # the kernel marker (KERNEL_ATTR) and the PrimFunc name
     family: str
@@ -56,6 +58,7 @@ class Kernel:
     fits: Callable[[LayerSpec, tvm.target.Target | None], str | None] = always_fits
     preference: int = 0
     intrinsics: Callable[[], object] | None = None
+    layouts: tuple[str, ...] = ("NCHW",)
     doc: str = field(default="", compare=False)
 
     @property

@@ -36,6 +36,7 @@ from tvm import relax
 
 from tvm_lowbit import formats, kernels, qmath
 from tvm_lowbit.kernels import Kernel, LayerSpec
+from tvm_lowbit.passes.convert_layout import integer_layout, nhwc_passes
 from tvm_lowbit.passes.fold_requantize import fold_requantize
 from tvm_lowbit.passes.layer_info import LayerInfo, weight_key
 from tvm_lowbit.passes.patterns import (ADD, ASTYPE, CONV2D, DIVIDE, INTEGER_OP, MULTIPLY, PERMUTE_DIMS, RELU,
@@ -72,6 +73,16 @@ class _Layer:
     kernel: Kernel                # the registry's choice for the layer on the target
     reason: str                   # and why
     requant: _Quant | None = None
+    nhwc: bool = False            # an NHWC conv (passes.convert_layout): its codes in and out are NHWC
+
+
+def _nchw_shape(codes: relax.Var, nhwc: bool) -> tuple[int, ...]:
+    """The shape of a layer's input codes, as NCHW for an NHWC conv."""
+    shape = tuple(int(d) for d in codes.ty.shape)
+    return (shape[0], shape[3], shape[1], shape[2]) if nhwc else shape
+
+
+TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
 
 
 def _bits_of(lo: float, hi: float) -> tuple[int, bool] | None:
@@ -155,6 +166,8 @@ class _Analysis:
             return None  # a float layer the configuration does not quantize
         wconst = call.args[1]
         perm = None if is_conv else bound_call(PERMUTE_DIMS, wconst, self.values)
+        nhwc = is_conv and (call.attrs.data_layout, call.attrs.kernel_layout, call.attrs.out_layout) == \
+            ("NHWC", "OHWI", "NHWC")
         if perm is not None:
             w = const_value(perm.args[0], self.values)
             chain_in.append(wconst)
@@ -162,6 +175,8 @@ class _Analysis:
             w = const_value(wconst, self.values)
             if w is not None and not is_conv:
                 w = w.T if w.ndim == 2 else None
+            if w is not None and nhwc:  # passes.convert_layout: OHWI -> the OIHW weight the formats read
+                w = np.ascontiguousarray(w.transpose(0, 3, 1, 2))
         key = weight_key(w) if w is not None else ""
         info = self.infos.get(key)
         name = info.name if info else f"{'conv2d' if is_conv else 'linear'} '{anchor.name}'"
@@ -223,8 +238,9 @@ class _Analysis:
         if is_conv:
             a = call.attrs
             pad = [int(p) for p in a.padding]
-            if a.data_layout != "NCHW" or a.kernel_layout != "OIHW":
-                self.report.fallback.append((name, f"layout {a.data_layout}/{a.kernel_layout}: only NCHW/OIHW"))
+            if not nhwc and (a.data_layout, a.kernel_layout) != ("NCHW", "OIHW"):
+                self.report.fallback.append((name, f"layout {a.data_layout}/{a.kernel_layout}: only NCHW/OIHW "
+                                                   "and NHWC/OHWI"))
                 return None
             if pad[0] != pad[2] or pad[1] != pad[3]:
                 self.report.fallback.append((name, f"asymmetric padding {pad} is not supported by the kernel"))
@@ -245,13 +261,13 @@ class _Analysis:
                 return None
         op = "conv2d" if is_conv else "dense"
         spec = LayerSpec(name, op, formats.kernel_family(tw), tw, attrs, quant.bits, quant.signed,
-                         tuple(int(d) for d in quant.var.ty.shape))
+                         _nchw_shape(quant.var, nhwc))
         kernel, reason = kernels.select(spec, self.target)
         if kernel is None:
             self.report.fallback.append((name, f"no integer kernel fits: {reason}"))
             return None
         return _Layer(name, op, quant, tw, attrs, out_scale, out_bias, relu,
-                      cur, chain + [v for v in chain_in if isinstance(v, relax.Var)], kernel, reason)
+                      cur, chain + [v for v in chain_in if isinstance(v, relax.Var)], kernel, reason, nhwc=nhwc)
 
     def plan_requant(self) -> None:
         """Fuse requantization where a layer's output feeds only quantized layers with one quantizer."""
@@ -320,24 +336,35 @@ class _Lowering(relax.PyExprMutator):
     def _emit(self, l: _Layer) -> relax.Expr:
         x = self._codes(l.quant)
         spec = LayerSpec(l.name, l.kind, l.kernel.family, l.tw, l.attrs, l.quant.bits, l.quant.signed,
-                         tuple(int(d) for d in l.quant.var.ty.shape))
+                         _nchw_shape(l.quant.var, l.nhwc))
         weights, extra = l.kernel.operands(spec)
+        # an NHWC conv: the kernel's NHWC form, or transposes around a kernel that takes NCHW only
+        native = l.nhwc and "NHWC" in l.kernel.layouts
+        wrap = l.nhwc and not native
+        if wrap:
+            x = self.builder_.emit(relax.op.permute_dims(x, TO_NCHW))
         args = [x, *(relax.const(w) for w in weights), relax.const(l.out_scale), relax.const(l.out_bias)]
         kw = dict(l.attrs, **{k: relax.const(v) if isinstance(v, np.ndarray) else v for k, v in extra.items()},
                   relu=l.relu)
+        layout = dict(in_layout="NHWC", out_layout="NHWC") if native else {}
         fn, name = l.kernel.compute, l.kernel.name
-        if self.expose_acc:
-            acc = self.builder_.emit_te(fn, *args, **kw, out_mode="acc", primfunc_name_hint=name,
+
+        def emit(**mode: object) -> relax.Expr:
+            out = self.builder_.emit_te(fn, *args, **kw, **layout, **mode, primfunc_name_hint=name,
+                                        primfunc_attrs=kernels.kernel_attrs(name))
+            return self.builder_.emit(relax.op.permute_dims(out, TO_NHWC)) if wrap else out
+
+        if self.expose_acc:  # the accumulators in NCHW, as the references compute them
+            acc = self.builder_.emit_te(fn, *args, **kw, **(dict(layout, out_layout="NCHW") if native else {}),
+                                        out_mode="acc", primfunc_name_hint=name,
                                         primfunc_attrs=kernels.kernel_attrs(name))
             self.accs.append(self.builder_.emit_output(acc))
         if l.requant is not None:
-            out = self.builder_.emit_te(fn, *args, **kw, out_mode="requant", requant_scale=l.requant.scale,
-                                        out_bits=l.requant.bits, out_signed=l.requant.signed,
-                                        primfunc_name_hint=name, primfunc_attrs=kernels.kernel_attrs(name))
+            out = emit(out_mode="requant", requant_scale=l.requant.scale, out_bits=l.requant.bits,
+                       out_signed=l.requant.signed)
             self.codes[("layer", id(l))] = out
             return out
-        return self.builder_.emit_te(fn, *args, **kw, out_mode="float", primfunc_name_hint=name,
-                                     primfunc_attrs=kernels.kernel_attrs(name))
+        return emit(out_mode="float")
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         h = binding.var.__hash__()
@@ -412,17 +439,31 @@ def lower_integer_layers(mod: tvm.IRModule, infos: dict[str, LayerInfo] | None =
     on AVX2, else the generic kernels (both row rules measured with ``scripts/bench_gemm.py --shapes``).
     The result is the same, bit for bit.
     """
-    report = LoweringReport()
-    mod = prepare(mod, func_name)
-    mod, report.requant_folded = fold_requantize(mod, func_name)
-    return lower_layers(mod, infos, expose_acc=expose_acc, func_name=func_name, target=target, report=report)
+    def run(nhwc: bool) -> tuple[tvm.IRModule, LoweringReport]:
+        report = LoweringReport()
+        prepared = prepare(mod, func_name, nhwc=nhwc)
+        prepared, report.requant_folded = fold_requantize(prepared, func_name)
+        return lower_layers(prepared, infos, expose_acc=expose_acc, func_name=func_name, target=target,
+                            report=report)
+
+    if integer_layout(target) != "NHWC":
+        return run(False)
+    out, report = run(True)
+    if report.fallback:  # a layer the NHWC graph hides (an op without a layout rule): keep NCHW if it lowers more
+        nchw = run(False)
+        if len(nchw[1].fallback) < len(report.fallback):
+            return nchw
+    return out, report
 
 
-def prepare(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModule:
+def prepare(mod: tvm.IRModule, func_name: str = "main", nhwc: bool = False) -> tvm.IRModule:
     """CanonicalizeBindings + DCE (which drop dead tuple members the importers leave, e.g. the constant
-    "indices" of torch's max_pool2d_with_indices, a whole activation-sized array), then FoldConstant."""
+    "indices" of torch's max_pool2d_with_indices, a whole activation-sized array), [``nhwc``: the convs and
+    the integer region in NHWC, :mod:`.convert_layout`], then FoldConstant."""
     mod = relax.transform.CanonicalizeBindings()(mod)
     mod = relax.transform.DeadCodeElimination([func_name])(mod)
+    if nhwc:
+        mod = tvm.transform.Sequential(nhwc_passes(func_name))(mod)
     return relax.transform.FoldConstant()(mod)
 
 

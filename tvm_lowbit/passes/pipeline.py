@@ -9,6 +9,9 @@
 1. ``relax.transform.CanonicalizeBindings`` and ``DeadCodeElimination``: drop the dead tuple members
    importers leave (e.g. the constant indices of torch's max_pool2d_with_indices);
 2. ``relax.transform.FoldConstant``;
+   On targets whose conv kernels take NHWC (``integer_layout``): ``relax.transform.ConvertLayout`` to
+   NHWC convs and ``tvm_lowbit.SinkPermutes`` (:mod:`.convert_layout`), so the integer region runs in
+   NHWC end to end and transposes stay at the float boundaries;
 3. ``tvm_lowbit.FoldRequantize`` (:mod:`.fold_requantize`): a quantizer that re-quantizes codes it would
    reproduce exactly reads the first quantizer's codes;
 4. ``tvm_lowbit.LowerIntegerLayers`` (:mod:`.lower_integer_layers`): every fake-quant layer becomes one
@@ -26,6 +29,7 @@ import tvm
 from tvm import relax
 
 from tvm_lowbit.passes.apply_kernel_schedules import ApplyKernelSchedules
+from tvm_lowbit.passes.convert_layout import integer_layout, nhwc_passes
 from tvm_lowbit.passes.fold_requantize import FoldRequantize
 from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.passes.lower_integer_layers import LowerIntegerLayers
@@ -37,12 +41,15 @@ FUNC_NAME = "main"
 
 def lowering_passes(target: tvm.target.Target | None, infos: dict[str, LayerInfo] | None = None, *,
                     expose_acc: bool = False, report: LoweringReport | None = None) -> list[tvm.transform.Pass]:
-    """Steps 0-4 of the pipeline (no schedules): take indices, canonicalize, fold constants and re-quantizers, lower."""
+    """Steps 0-4 of the pipeline (no schedules): take indices, canonicalize, [NHWC], fold constants and
+    re-quantizers, lower."""
     report = report if report is not None else LoweringReport()
+    layout = nhwc_passes(FUNC_NAME) if integer_layout(target) == "NHWC" else []
     return [
         NormalizeTake(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.DeadCodeElimination([FUNC_NAME]),
+        *layout,
         relax.transform.FoldConstant(),
         FoldRequantize(FUNC_NAME, report=report),
         LowerIntegerLayers(infos, target=target, expose_acc=expose_acc, report=report, func_name=FUNC_NAME),

@@ -30,7 +30,7 @@ from tvm_lowbit.quantizers import calibrate, inputs, surgery
 from tvm_lowbit.quantizers.config import SchemeConfig
 from tvm_lowbit.quantizers.surgery import analyze
 
-LAYER_POLICIES = ("float", "fgq")
+LAYER_POLICIES = ("float", "fgq", "int8")
 _LAYER_KEYS = ("group_size", "act_bits", "threshold", "alpha_bits", "calibration", "percentile")
 
 
@@ -51,8 +51,10 @@ class FGQ(SchemeConfig):
     per-channel mean output difference float - quantized on the calibration data (each of the two is
     kept only if it lowers the output error on held-out calibration inputs).  act_mode: ``static``
     (calibrated scales, lowered to integer kernels), ``dynamic`` (per-token scales on Linear inputs,
-    stays float when compiled) or ``auto`` (dynamic only on Linear layers where static fails).  first_layer / last_layer: ``float`` (keep in float, as
-    most ternary work does) or ``fgq``.  overrides: module-name pattern (fnmatch) -> ``"float"`` to
+    stays float when compiled) or ``auto`` (dynamic only on Linear layers where static fails).
+    first_layer / last_layer: ``float`` (keep in float, as most ternary work does), ``fgq`` or ``int8``
+    (8-bit integers, one scale per output channel; the first layer's default: its few input channels make
+    groups degenerate, and int8 keeps the stem integer).  overrides: module-name pattern (fnmatch) -> ``"float"`` to
     keep a layer in float, or a dict of the per-layer keys above; later patterns win.
     """
 
@@ -68,7 +70,7 @@ class FGQ(SchemeConfig):
     bn_reestimate: bool = True
     bias_correction: bool = True
     act_mode: str = "static"
-    first_layer: str = "float"
+    first_layer: str = "int8"
     last_layer: str = "float"
     overrides: Mapping[str, Any] = field(default_factory=dict)
     batch_size: int = 64
@@ -129,6 +131,15 @@ def _check_layer_settings(s: dict[str, Any], where: str) -> None:
         raise ValueError(f"{where}: percentile must be in (50, 100], got {s['percentile']!r}")
 
 
+def _policy(name: str, order: list[str], config: FGQ) -> str:
+    """``int8`` for a first/last layer whose policy says so (unless an override names it), else ``fgq``."""
+    pos = "first" if name == order[0] else "last" if name == order[-1] else None
+    policy = config.first_layer if pos == "first" else config.last_layer if pos == "last" else "fgq"
+    if any(fnmatch.fnmatchcase(name, p) for p in config.overrides):
+        return "fgq"
+    return policy
+
+
 def _choose(order: list[str], config: FGQ) -> dict[str, FGQ]:
     chosen: dict[str, FGQ] = {}
     for i, name in enumerate(order):
@@ -170,6 +181,9 @@ def quantize_fgq(model: nn.Module, config: FGQ, calib_data: object, *, inplace: 
         if not torch.isfinite(w).all():
             raise ValueError(f"layer {name!r}: weight {tuple(w.shape)} holds NaN/Inf values; fix or retrain the "
                              f"model, or keep the layer in float with overrides={{{name!r}: 'float'}}")
+        if _policy(name, order, config) == "int8":
+            weights[name] = qmath.int_quantize_weight(w, 8)
+            continue
         weights[name] = qmath.ternarize_weight(w, cfg.group_size, cfg.threshold, cfg.alpha_bits)  # type: ignore[arg-type]
     why = {n: "kept float by first_layer/last_layer/overrides" for n in order if n not in chosen}
     q = surgery.build_fake_quant(
