@@ -264,7 +264,7 @@ def test_tune_rasp5_with_the_cycle_estimate(tmp_path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 16)).eval()
     calib = torch.randn(8, 32)
-    q = quantize(model, FGQ(group_size=4, act_bits=8), calib, progress=False)
+    q = quantize(model, FGQ(group_size=4, act_bits=8, first_layer="fgq", last_layer="fgq"), calib, progress=False)
     d = tmp_path / "rasp5"
     rep = tune.tune(q, calib[:1].numpy(), "rasp5", trials_per_task=2, work_dir=d, only_kernels=True,
                     progress=False, seed=0, max_trials_global=4, estimate_workers=2)

@@ -12,6 +12,10 @@ MetaSchedule JSON database per target under ``tvm_lowbit/schedules/<target>/`` t
   (``compile``'s ``apply_database``) write nothing; a tune (a writer) repairs the files first: new files
   swapped in under the writers' lock (originals saved beside them), and every writer re-reads the
   workload numbering under that lock before it appends.
+* Measuring: on this host for a host target; on real boards through an RPC tracker (``RPCBoards``); for a board
+  target with an emulated board (rasp4b, rasp5) and no boards, with the cycle estimate (``tvm_lowbit.cost``: each
+  candidate runs on the emulated board and llvm-mca times the blocks it executed); such a database carries the
+  ``MEASURED_BY_ESTIMATE`` file and applies by default.
 * Workers: MetaSchedule's default builder imports every tensor intrinsic (the GPU ones take 1-2 minutes
   to parse, in each worker), so the GPU intrinsic modules are stubbed and the build skips that import.
 """
