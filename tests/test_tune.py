@@ -244,6 +244,23 @@ def test_board_targets_tune_with_the_estimate_unless_boards_are_given() -> None:
         tune.measurement(no_emulator, None)
 
 
+def test_estimated_and_measured_run_times_do_not_mix(tmp_path) -> None:
+    d = tmp_path / "db"
+    d.mkdir()
+    tune.check_database_kind(d, "estimate")
+    tune.check_database_kind(d, "rpc")
+    (d / tune.EMULATED_MARK).write_text("timed under qemu\n")
+    with pytest.raises(tune.TuneError, match="measured under emulation"):
+        tune.check_database_kind(d, "estimate")
+    tune.check_database_kind(d, "rpc")
+    (d / tune.EMULATED_MARK).unlink()
+    (d / tune.ESTIMATE_MARK).write_text("estimated\n")
+    tune.check_database_kind(d, "estimate")
+    for how in ("rpc", "local"):
+        with pytest.raises(tune.TuneError, match="estimated run times"):
+            tune.check_database_kind(d, how)
+
+
 def _estimate_ready() -> bool:
     from tvm_lowbit.cost import mca
     from tvm_lowbit.deploy import board as emu

@@ -526,6 +526,16 @@ def measurement(spec: Any, boards: RPCBoards | None) -> str:
                     "boards=RPCBoards(tracker_host, tracker_port, key) (`tvm-lowbit tune --tracker HOST:PORT --key KEY`)")
 
 
+def check_database_kind(directory: Path, how: str) -> None:
+    """Refuse to mix estimated run times with measured ones in one database (their units rank differently)."""
+    if how == "estimate" and (directory / EMULATED_MARK).is_file():
+        raise TuneError(f"{directory} holds run times measured under emulation ({EMULATED_MARK}): tune with the cycle "
+                        "estimate into another folder (--out / work_dir), or remove that database first")
+    if how != "estimate" and (directory / ESTIMATE_MARK).is_file():
+        raise TuneError(f"{directory} holds estimated run times ({ESTIMATE_MARK}): tune with measurements into "
+                        "another folder (--out / work_dir), or remove that database first")
+
+
 def write_estimate_mark(directory: Path, cpu: str) -> None:
     """Mark ``directory`` as tuned with the cycle estimate for qemu core ``cpu``, naming the model and LLVM version
     (raises ``TuneError`` when llvm-mca or the core's model is missing, before any trial)."""
@@ -575,6 +585,7 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
     mod = strip_single_tuple(lower_integer_layers(mod, infos, target=tgt)[0])
     directory = Path(work_dir) if work_dir is not None else SCHEDULES_DIR / spec.name
     how = measurement(spec, boards)
+    check_database_kind(directory, how)
     prepared = prepare_module(mod, tgt)
     tasks = [t for t in extract_tasks(prepared, tgt) if t.kind is not None or not only_kernels]
     database = shared_database(directory)
