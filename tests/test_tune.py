@@ -242,6 +242,8 @@ def test_board_targets_tune_with_the_estimate_unless_boards_are_given() -> None:
     assert tune.measurement(no_emulator, boards) == "rpc"
     with pytest.raises(tune.TuneError, match="boards=RPCBoards"):
         tune.measurement(no_emulator, None)
+    with pytest.raises(tune.TuneError, match="no cycle model"):  # armv7 Cortex-A53: no llvm-mca model here
+        tune.measurement(load_target("rasp3b"), None)
 
 
 def test_estimated_and_measured_run_times_do_not_mix(tmp_path) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from tvm_lowbit.cost.mca import CostError, core, llvm_tool, llvm_version
+from tvm_lowbit.cost.mca import CORES, CostError, core, llvm_tool, llvm_version
 
 # the shipped databases travel with the package (tvm_lowbit/schedules/<target>/); TVM_LOWBIT_SCHEDULES names another
 SCHEDULES_DIR = Path(os.environ.get("TVM_LOWBIT_SCHEDULES", Path(__file__).resolve().parent / "schedules"))
@@ -515,14 +515,14 @@ def _progress_callback(bar: Any, errors: list[str], measured: list[int]) -> Any:
 
 def measurement(spec: Any, boards: RPCBoards | None) -> str:
     """How ``tune_module`` measures candidates for target ``spec``: "local" (this host), "rpc" (``boards``, over a
-    tracker) or "estimate" (a board target with an emulated board and no ``boards``: estimated cycles)."""
+    tracker) or "estimate" (a board target whose emulated core has a cycle model, and no ``boards``)."""
     if spec.is_host:
         return "local"
     if boards is not None:
         return "rpc"
-    if spec.qemu_cpu:
+    if spec.arch == "aarch64" and spec.qemu_cpu in CORES:
         return "estimate"
-    raise TuneError(f"target {spec.name} runs on a board and has no emulated board to estimate with: pass "
+    raise TuneError(f"target {spec.name} runs on a board and has no cycle model to estimate with: pass "
                     "boards=RPCBoards(tracker_host, tracker_port, key) (`tvm-lowbit tune --tracker HOST:PORT --key KEY`)")
 
 
