@@ -522,8 +522,8 @@ def measurement(spec: Any, boards: RPCBoards | None) -> str:
         return "rpc"
     if spec.arch == "aarch64" and spec.qemu_cpu in CORES:
         return "estimate"
-    raise TuneError(f"target {spec.name} runs on a board and has no cycle model to estimate with: pass "
-                    "boards=RPCBoards(tracker_host, tracker_port, key) (`tvm-lowbit tune --tracker HOST:PORT --key KEY`)")
+    raise TuneError(f"target {spec.name} runs on a board and has no cycle model to estimate with: pass boards="
+                    "RPCBoards(tracker_host, tracker_port, key) (`tvm-lowbit tune --tracker HOST:PORT --key KEY`)")
 
 
 def check_database_kind(directory: Path, how: str) -> None:
