@@ -17,6 +17,12 @@ Models (--models): resnet20 and mobilenet are the trained Fashion-MNIST checkpoi
 an untrained ResNet-18 at ImageNet shape (1x3x224x224, tvm_lowbit.models.resnet_imagenet, seed 0), calibrated on
 random-but-fixed normal inputs: fine for counting, its outputs mean nothing.
 
+A TVM row whose build applied a tuned-schedule database (at least one workload) is named with a "-tuned" suffix
+(tvm-fgq-n4-tuned). --schedules shipped (the default) applies tvm_lowbit/schedules/<target>/ as ``compile`` does
+by default (a database marked MEASURED_UNDER_EMULATION is not applied; one tuned with the cycle estimate,
+MEASURED_BY_ESTIMATE, is); --schedules none builds with the default schedules. ratio_vs_fp32 compares with the
+untuned tvm-fp32 row when there is one.
+
 TVM variants are compiled for the target, bundled (tvm_lowbit.deploy.bundle) and run by the C++ runner with one
 TVM thread; every board run is checked against the same model compiled for and run on the host (the runner's
 --expect). ORT variants run in the board's Python (scripts/board/src/ort_run.py) on a sysroot with the Pi's
@@ -37,6 +43,7 @@ measured Pi latency.
     python scripts/bench_arm.py --json arm.json                 # resnet20, every variant, both boards
     python scripts/bench_arm.py --models resnet20,resnet18-224 --variants tvm-fgq-n4,ort-int8,ort-fp32
     python scripts/bench_arm.py --quick                         # CI: resnet20, tvm-fgq-n4 + ort-int8, K=1
+    python scripts/bench_arm.py --schedules none --variants tvm-fgq-n4  # default schedules, no database
 
 Floor checked at the end (resnet20): tvm-fgq-n4 executes at most 0.5x the instructions of tvm-fp32 on rasp4b.
 """
@@ -64,6 +71,8 @@ from tvm_lowbit.deploy.board import ORT_LIBRARY, BoardError, icount_plugin, qemu
 TARGETS = ("rasp4b", "rasp5")
 MODELS = ("resnet20", "mobilenet", "resnet18-224")
 VARIANTS = ("tvm-fp32", "tvm-fgq-n4", "tvm-pow2", "ort-fp32", "ort-int8")
+SCHEDULES = ("shipped", "none")
+TUNED = "-tuned"  # suffix of a TVM row whose build applied a tuned-schedule database
 CLASSES = ("dot", "widening_mul", "load_store", "simd_other", "scalar_float", "other")
 # the contract: the first five are the original fields
 FIELDS = ("model", "variant", "target", "model_insns", "ratio_vs_fp32", "ratio_vs_ort_int8", "insn_classes",
@@ -195,7 +204,19 @@ def isa_of(classes: dict[str, int]) -> str:
     return "scalar fp"
 
 
-def bench_tvm(variant: str, bench: Bench, targets: list[str], k: int, tmp: Path) -> list[dict[str, Any]]:
+def base_variant(variant: str) -> str:
+    """The variant without the "-tuned" suffix."""
+    return variant[:-len(TUNED)] if variant.endswith(TUNED) else variant
+
+
+def row_variant(variant: str, tuning: Any) -> str:
+    """The row's variant name: "-tuned" appended when the build applied a database (``Artifact.tuning``, a
+    ``tune.ApplyReport``) with at least one workload."""
+    return variant + TUNED if tuning is not None and tuning.applied else variant
+
+
+def bench_tvm(variant: str, bench: Bench, targets: list[str], k: int, tmp: Path,
+              schedules: str = "shipped") -> list[dict[str, Any]]:
     import tvm_lowbit
     from tvm_lowbit.deploy.bundle import export_bundle, run_bundle_emulated
     from tvm_lowbit.deploy.remote import REL_TOLERANCE
@@ -206,7 +227,9 @@ def bench_tvm(variant: str, bench: Bench, targets: list[str], k: int, tmp: Path)
     for target in targets:
         t0 = time.perf_counter()
         cpu = qemu_cpu(target)
-        art = tvm_lowbit.compile(model, bench.x, target)
+        # shipped: compile's default (tvm_lowbit/schedules/<target>/ unless marked as timed under emulation)
+        art = tvm_lowbit.compile(model, bench.x, target, schedules=None if schedules == "shipped" else False)
+        name = row_variant(variant, art.tuning)
         # the runner checks every board run against the host's output: a count of wrong code is no count
         bundle = export_bundle(art, tmp / f"{bench.name}-{variant}-{target}", bench.x, host_out,
                                REL_TOLERANCE * max(float(np.abs(host_out).max()), 1.0))
@@ -219,8 +242,8 @@ def bench_tvm(variant: str, bench: Bench, targets: list[str], k: int, tmp: Path)
 
         insns, classes, cycles, unmodelled = per_inference(run, bundle, "/model.so", cpu, k,
                                                            f"{bench.name} {variant} on {target}")
-        rows.append(row(bench, variant, target, "model.so", insns, classes, cycles, unmodelled))
-        print(f"{bench.name:12s} {variant:10s} {target:7s} (-cpu {cpu}): {insns:,d} instructions, {cycles:,d} est. "
+        rows.append(row(bench, name, target, "model.so", insns, classes, cycles, unmodelled))
+        print(f"{bench.name:12s} {name:16s} {target:7s} (-cpu {cpu}): {insns:,d} instructions, {cycles:,d} est. "
               f"cycles per inference in model.so ({time.perf_counter() - t0:.0f} s)", flush=True)
     return rows
 
@@ -260,7 +283,7 @@ def bench_ort(variant: str, bench: Bench, onnx_file: Path, targets: list[str], k
         insns, classes, cycles, unmodelled = per_inference(run, folder, ORT_LIBRARY, cpu, k,
                                                            f"{bench.name} {variant} on {target}", ORT_JITTER)
         rows.append(row(bench, variant, target, ORT_LIBRARY.strip("/") + ".so", insns, classes, cycles, unmodelled))
-        print(f"{bench.name:12s} {variant:10s} {target:7s} (-cpu {cpu}): {insns:,d} instructions, {cycles:,d} est. "
+        print(f"{bench.name:12s} {variant:16s} {target:7s} (-cpu {cpu}): {insns:,d} instructions, {cycles:,d} est. "
               f"cycles per inference in onnxruntime; max |board - host| {diff:.3g} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return rows
@@ -276,7 +299,9 @@ def row(bench: Bench, variant: str, target: str, library: str, insns: int, class
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     def by(variant: str, key: str) -> dict[tuple[str, str], int]:
-        return {(r["model"], r["target"]): r[key] for r in rows if r["variant"] == variant}
+        """``key`` of ``variant``'s row per (model, target): the untuned row when there is one, else the tuned."""
+        tuned = {(r["model"], r["target"]): r[key] for r in rows if r["variant"] == variant + TUNED}
+        return {**tuned, **{(r["model"], r["target"]): r[key] for r in rows if r["variant"] == variant}}
 
     fp32, ort_insns, ort_cycles = by("tvm-fp32", "model_insns"), by("ort-int8", "model_insns"), by("ort-int8",
                                                                                                     "est_cycles")
@@ -293,17 +318,17 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
         return "" if v is None else f"{v:.3f}"
 
     print()
-    print(f"{'model':12s} {'variant':10s} {'target':7s} {'model_insns':>14s} {'ratio_vs_fp32':>13s} "
+    print(f"{'model':12s} {'variant':16s} {'target':7s} {'model_insns':>14s} {'ratio_vs_fp32':>13s} "
           f"{'vs_ort_int8':>11s} {'est_cycles':>14s} {'vs_ort_int8_cyc':>15s} {'est_ms':>9s}  isa")
     for r in rows:
-        print(f"{r['model']:12s} {r['variant']:10s} {r['target']:7s} {r['model_insns']:14,d} "
+        print(f"{r['model']:12s} {r['variant']:16s} {r['target']:7s} {r['model_insns']:14,d} "
               f"{ratio(r['ratio_vs_fp32']):>13s} {ratio(r['ratio_vs_ort_int8']):>11s} {r['est_cycles']:14,d} "
               f"{ratio(r['ratio_vs_ort_int8_cycles']):>15s} {r['est_ms']:9.3f}  {r['isa']}")
     print()
     print("instructions per inference by class (millions)")
-    print(f"{'model':12s} {'variant':10s} {'target':7s} " + " ".join(f"{c:>12s}" for c in CLASSES))
+    print(f"{'model':12s} {'variant':16s} {'target':7s} " + " ".join(f"{c:>12s}" for c in CLASSES))
     for r in rows:
-        print(f"{r['model']:12s} {r['variant']:10s} {r['target']:7s} "
+        print(f"{r['model']:12s} {r['variant']:16s} {r['target']:7s} "
               + " ".join(f"{r['insn_classes'][c] / 1e6:12.3f}" for c in CLASSES))
     notes = sorted({f"{r['model']}: weights {r['weights']}, calibration {r['calibration']}" for r in rows})
     print()
@@ -321,6 +346,9 @@ def main() -> int:
                     "resnet18-224 uses at most 16)")
     ap.add_argument("--quick", action="store_true", help="CI: resnet20, tvm-fgq-n4 and ort-int8, K=1, 32 "
                     "calibration images")
+    ap.add_argument("--schedules", choices=SCHEDULES, default="shipped",
+                    help="TVM variants: 'shipped' applies tvm_lowbit/schedules/<target>/ as compile does by default "
+                    "(rows then named <variant>-tuned), 'none' the default schedules (default shipped)")
     ap.add_argument("--json", type=Path, default=None, help="write {'rows': [...]} here")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                     help="measure nothing: print the table of the rows in these --json files (a later file's row "
@@ -369,7 +397,7 @@ def main() -> int:
                     assert onnx_files is not None
                     rows += bench_ort(variant, bench, onnx_files[variant == "ort-int8"], targets, args.runs, tmp)
                 else:
-                    rows += bench_tvm(variant, bench, targets, args.runs, tmp)
+                    rows += bench_tvm(variant, bench, targets, args.runs, tmp, args.schedules)
     return report(rows, args.json)
 
 
@@ -380,11 +408,11 @@ def report(rows: list[dict[str, Any]], json_path: Path | None) -> int:
     if json_path:
         json_path.write_text(json.dumps({"rows": [{k: r.get(k) for k in FIELDS} for r in rows]}, indent=2) + "\n")
         print(f"wrote {json_path}")
-    floor = [r for r in rows if r["model"] == "resnet20" and r["variant"] == "tvm-fgq-n4" and r["target"] == "rasp4b"
-             and r["ratio_vs_fp32"]]
+    floor = [r for r in rows if r["model"] == "resnet20" and base_variant(r["variant"]) == "tvm-fgq-n4"
+             and r["target"] == "rasp4b" and r["ratio_vs_fp32"]]
     for r in floor:
         ok = r["ratio_vs_fp32"] <= FLOOR
-        print(f"floor: tvm-fgq-n4 on rasp4b executes {r['ratio_vs_fp32']:.3f}x the instructions of tvm-fp32 "
+        print(f"floor: {r['variant']} on rasp4b executes {r['ratio_vs_fp32']:.3f}x the instructions of tvm-fp32 "
               f"(must be <= {FLOOR}): {'PASS' if ok else 'FAIL'}")
         if not ok:
             return 1

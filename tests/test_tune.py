@@ -226,3 +226,73 @@ def test_tune_on_the_emulated_board_over_rpc(tiny, tmp_path) -> None:
     assert rep.trials_run >= 2 and rep.failed == 0, rep.errors[:1]
     _, load = tune.load_database(tmp_path / "rasp4b")  # the aarch64 traces (transform_layout) read back
     assert load.records == rep.trials_run and not load.bad_lines
+
+
+def test_board_targets_tune_with_the_estimate_unless_boards_are_given() -> None:
+    import dataclasses
+
+    from tvm_lowbit.targets import load_target
+
+    pi5, pi4 = load_target("rasp5"), load_target("rasp4b")
+    boards = tune.RPCBoards("127.0.0.1", 9190, "rasp5")
+    assert tune.measurement(load_target("x86-host"), None) == "local"
+    assert tune.measurement(pi5, None) == "estimate" and tune.measurement(pi4, None) == "estimate"
+    assert tune.measurement(pi5, boards) == "rpc"
+    no_emulator = dataclasses.replace(pi4, qemu_cpu=None)  # a board with no emulated board: only RPC measures it
+    assert tune.measurement(no_emulator, boards) == "rpc"
+    with pytest.raises(tune.TuneError, match="boards=RPCBoards"):
+        tune.measurement(no_emulator, None)
+    with pytest.raises(tune.TuneError, match="no cycle model"):  # armv7 Cortex-A53: no llvm-mca model here
+        tune.measurement(load_target("rasp3b"), None)
+
+
+def test_estimated_and_measured_run_times_do_not_mix(tmp_path) -> None:
+    d = tmp_path / "db"
+    d.mkdir()
+    tune.check_database_kind(d, "estimate")
+    tune.check_database_kind(d, "rpc")
+    (d / tune.EMULATED_MARK).write_text("timed under qemu\n")
+    with pytest.raises(tune.TuneError, match="measured under emulation"):
+        tune.check_database_kind(d, "estimate")
+    tune.check_database_kind(d, "rpc")
+    (d / tune.EMULATED_MARK).unlink()
+    (d / tune.ESTIMATE_MARK).write_text("estimated\n")
+    tune.check_database_kind(d, "estimate")
+    for how in ("rpc", "local"):
+        with pytest.raises(tune.TuneError, match="estimated run times"):
+            tune.check_database_kind(d, how)
+
+
+def _estimate_ready() -> bool:
+    from tvm_lowbit.cost import mca
+    from tvm_lowbit.deploy import board as emu
+
+    try:
+        version = mca.llvm_version()
+    except mca.CostError:
+        return False
+    d = emu.board_dir()
+    return version.startswith("19") and (d / "plugins" / "libicount.so").is_file() and \
+        (d / "bin" / "python3").is_file() and shutil.which("aarch64-linux-gnu-g++") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _estimate_ready(), reason="the emulated board or llvm-mca 19 is missing "
+                    "(bash scripts/board/setup.sh)")
+def test_tune_rasp5_with_the_cycle_estimate(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16)).eval()
+    calib = torch.randn(8, 32)
+    q = quantize(model, FGQ(group_size=4, act_bits=8, first_layer="fgq", last_layer="fgq"), calib, progress=False)
+    d = tmp_path / "rasp5"
+    rep = tune.tune(q, calib[:1].numpy(), "rasp5", trials_per_task=2, work_dir=d, only_kernels=True,
+                    progress=False, seed=0, max_trials_global=4, estimate_workers=2)
+    assert rep.trials_run >= 2 and rep.failed == 0, rep.errors[:1]
+    mark = (d / tune.ESTIMATE_MARK).read_text()
+    assert "NeoverseN1Model" in mark and "llvm: 19" in mark, mark
+    assert not (d / tune.EMULATED_MARK).exists()
+    db, load = tune.load_database(d)
+    assert load.records == rep.trials_run and not load.bad_lines
+    secs = [float(r.run_secs[0]) for r in db.get_all_tuning_records()]
+    # estimated run time of a 32x16 ternary dense call at 2.4 GHz: finite, positive, well under a millisecond
+    assert len(secs) == rep.trials_run and all(np.isfinite(s) and 0 < s < 1e-3 for s in secs), secs

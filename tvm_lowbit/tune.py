@@ -12,6 +12,10 @@ MetaSchedule JSON database per target under ``tvm_lowbit/schedules/<target>/`` t
   (``compile``'s ``apply_database``) write nothing; a tune (a writer) repairs the files first: new files
   swapped in under the writers' lock (originals saved beside them), and every writer re-reads the
   workload numbering under that lock before it appends.
+* Measuring: on this host for a host target; on real boards through an RPC tracker (``RPCBoards``); for a board
+  target with an emulated board (rasp4b, rasp5) and no boards, with the cycle estimate (``tvm_lowbit.cost``: each
+  candidate runs on the emulated board and llvm-mca times the blocks it executed); such a database carries the
+  ``MEASURED_BY_ESTIMATE`` file and applies by default.
 * Workers: MetaSchedule's default builder imports every tensor intrinsic (the GPU ones take 1-2 minutes
   to parse, in each worker), so the GPU intrinsic modules are stubbed and the build skips that import.
 """
@@ -33,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from tvm_lowbit.cost.mca import CORES, CostError, core, llvm_tool, llvm_version
+
 # the shipped databases travel with the package (tvm_lowbit/schedules/<target>/); TVM_LOWBIT_SCHEDULES names another
 SCHEDULES_DIR = Path(os.environ.get("TVM_LOWBIT_SCHEDULES", Path(__file__).resolve().parent / "schedules"))
 WORKLOAD_FILE = "database_workload.json"
@@ -40,6 +46,9 @@ RECORD_FILE = "database_tuning_record.json"
 # a database folder holding this file was measured on an emulated board: `compile` applies it only when asked
 # by path (qemu's timings rank schedules unlike the real core; see tvm_lowbit/schedules/README.md)
 EMULATED_MARK = "MEASURED_UNDER_EMULATION"
+# a database folder holding this file was tuned with the cycle estimate (tvm_lowbit.cost: llvm-mca over the blocks the
+# emulated board ran); the file names the core model and the LLVM version. It is applied by default like a board's.
+ESTIMATE_MARK = "MEASURED_BY_ESTIMATE"
 
 
 def emulated_default(target_name: str) -> str | None:
@@ -504,11 +513,50 @@ def _progress_callback(bar: Any, errors: list[str], measured: list[int]) -> Any:
     return Progress()
 
 
+def measurement(spec: Any, boards: RPCBoards | None) -> str:
+    """How ``tune_module`` measures candidates for target ``spec``: "local" (this host), "rpc" (``boards``, over a
+    tracker) or "estimate" (a board target whose emulated core has a cycle model, and no ``boards``)."""
+    if spec.is_host:
+        return "local"
+    if boards is not None:
+        return "rpc"
+    if spec.arch == "aarch64" and spec.qemu_cpu in CORES:
+        return "estimate"
+    raise TuneError(f"target {spec.name} runs on a board and has no cycle model to estimate with: pass boards="
+                    "RPCBoards(tracker_host, tracker_port, key) (`tvm-lowbit tune --tracker HOST:PORT --key KEY`)")
+
+
+def check_database_kind(directory: Path, how: str) -> None:
+    """Refuse to mix estimated run times with measured ones in one database (their units rank differently)."""
+    if how == "estimate" and (directory / EMULATED_MARK).is_file():
+        raise TuneError(f"{directory} holds run times measured under emulation ({EMULATED_MARK}): tune with the cycle "
+                        "estimate into another folder (--out / work_dir), or remove that database first")
+    if how != "estimate" and (directory / ESTIMATE_MARK).is_file():
+        raise TuneError(f"{directory} holds estimated run times ({ESTIMATE_MARK}): tune with measurements into "
+                        "another folder (--out / work_dir), or remove that database first")
+
+
+def write_estimate_mark(directory: Path, cpu: str) -> None:
+    """Mark ``directory`` as tuned with the cycle estimate for qemu core ``cpu``, naming the model and LLVM version
+    (raises ``TuneError`` when llvm-mca or the core's model is missing, before any trial)."""
+    try:
+        c = core(cpu)
+        mca, version = llvm_tool("llvm-mca"), llvm_version()
+    except CostError as e:
+        raise TuneError(f"cannot tune with the cycle estimate: {e}") from e
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / ESTIMATE_MARK).write_text(
+        f"Run times in this database are estimated cycles / clock, not measurements: each candidate ran on the "
+        f"emulated board (qemu-aarch64 -cpu {c.qemu_cpu}) and llvm-mca timed the blocks it executed.\n"
+        f"board: {c.board}\ncore model: llvm-mca -mcpu={c.mcpu} ({c.model})\nclock_hz: {c.clock_hz:.0f}\n"
+        f"llvm: {version} ({mca})\n")
+
+
 def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = None, trials_per_task: int = 16,
                 work_dir: str | os.PathLike[str] | None = None, boards: RPCBoards | None = None,
                 num_trials_per_iter: int | None = None, progress: bool = True, seed: int | None = None,
                 only_kernels: bool = False, max_trials_global: int | None = None,
-                scheduler: str = "auto") -> TuneReport:
+                scheduler: str = "auto", estimate_workers: int | None = None) -> TuneReport:
     """Tune every task of an imported Relax module (``importer.import_torch`` / ``compiler.load_saved``; ``infos`` is
     its layer table) for ``target``. Records go to ``work_dir`` (default ``SCHEDULES_DIR/<target>/``), appended as
     they are measured; a task that already has ``trials_per_task`` records is skipped (resume).
@@ -516,7 +564,10 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
     ``scheduler`` "round-robin" gives every task the same share, "gradient" (MetaSchedule's gradient-based
     task scheduler) gives more to the tasks that weigh most in the model's latency after a first round;
     "auto" is "gradient" when ``max_trials_global`` is less than the trials the tasks still lack in all,
-    else "round-robin" (each task gets its own trials, so a rerun resumes exactly)."""
+    else "round-robin" (each task gets its own trials, so a rerun resumes exactly).
+    A board target (rasp4b, rasp5) is measured on ``boards`` when given; without them, a target with an emulated
+    board is tuned with the cycle estimate (``tvm_lowbit.cost.runner.EstimateRunner``, ``estimate_workers`` qemu
+    processes at once) and its database gets the ``MEASURED_BY_ESTIMATE`` file (see ``measurement``)."""
     if scheduler not in ("auto", "round-robin", "gradient"):
         raise ValueError(f"scheduler={scheduler!r}: choose 'auto', 'round-robin' or 'gradient'")
     stub_gpu_intrinsics()
@@ -533,9 +584,8 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
     # the lowering passes, as the CPU backend's build runs them (tvm_lowbit.backends.cpu.build)
     mod = strip_single_tuple(lower_integer_layers(mod, infos, target=tgt)[0])
     directory = Path(work_dir) if work_dir is not None else SCHEDULES_DIR / spec.name
-    if not spec.is_host and boards is None:
-        raise TuneError(f"target {spec.name} runs on a board: pass boards=RPCBoards(tracker_host, tracker_port, key) "
-                        "(`tvm-lowbit tune --tracker HOST:PORT --key KEY`)")
+    how = measurement(spec, boards)
+    check_database_kind(directory, how)
     prepared = prepare_module(mod, tgt)
     tasks = [t for t in extract_tasks(prepared, tgt) if t.kind is not None or not only_kernels]
     database = shared_database(directory)
@@ -562,11 +612,20 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
 
     errors: list[str] = []
     if ctxs:
-        if boards is None:
+        if how == "local":
             builder = ms.builder.LocalBuilder(f_build=fast_build, max_workers=1, timeout_sec=180)
             runner = ms.runner.LocalRunner(timeout_sec=60, evaluator_config=ms.runner.EvaluatorConfig(
                 number=3, repeat=1, min_repeat_ms=10, enable_cpu_cache_flush=False))
+        elif how == "estimate":
+            # imported here, after stub_gpu_intrinsics (it imports MetaSchedule), like ``ms`` above
+            from tvm_lowbit.cost.runner import EstimateRunner
+
+            write_estimate_mark(directory, str(spec.qemu_cpu))
+            builder = ms.builder.LocalBuilder(f_build=fast_build, f_export=_cross_export(spec.compiler_path()),
+                                              max_workers=1, timeout_sec=240)
+            runner = EstimateRunner(spec.name, max_workers=estimate_workers or max(1, min(4, os.cpu_count() or 1)))
         else:
+            assert boards is not None
             builder = ms.builder.LocalBuilder(f_build=fast_build, f_export=_cross_export(spec.compiler_path()),
                                               max_workers=1, timeout_sec=180)
             runner = ms.runner.RPCRunner(
