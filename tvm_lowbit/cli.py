@@ -522,8 +522,15 @@ def cmd_tune(a: argparse.Namespace) -> None:
 
         boards = RPCBoards(host, int(port), a.key or spec.name, a.parallel)
     elif not spec.is_host:
-        _err(f"{spec.name} is a board: tune through an RPC tracker with --tracker HOST:PORT --key KEY "
-             "(the emulated board: scripts/board/board.py)")
+        from tvm_lowbit.tune import TuneError, measurement
+
+        try:  # the emulated Pis tune on the cycle estimate without boards
+            estimated = measurement(spec, None) == "estimate"
+        except TuneError:
+            estimated = False
+        if not estimated:
+            _err(f"{spec.name} is a board: tune through an RPC tracker with --tracker HOST:PORT --key KEY "
+                 "(the emulated board: scripts/board/board.py)")
     if a.model.endswith(".pt2"):
         from tvm_lowbit.compiler import load_saved
 
