@@ -176,8 +176,8 @@ def test_builtin_fgq_model_on_sdot_kernels_matches_the_host_on_an_emulated_pi5(b
     from tvm_lowbit.deploy.bundle import export_bundle, run_bundle_emulated
     from tvm_lowbit.models import load_pretrained
 
-    qmodel = tvm_lowbit.quantize(load_pretrained(), FGQ(group_size=4, act_bits=8), data.calibration_set(256),
-                                 progress=False)
+    qmodel = tvm_lowbit.quantize(load_pretrained(), FGQ(group_size=4, act_bits=8, first_layer="float"),
+                                 data.calibration_set(256), progress=False)
     x = data.load("test", limit=1, offset=5)[0]
     art = tvm_lowbit.compile(qmodel, x, "rasp5")
     # the 20 ternary convs (the stem conv and the classifier stay float)

@@ -209,6 +209,8 @@ EOF
 # bytecode must never be written next to the host's /usr/lib/python$PYVER.
 unset PYTHONHOME PYTHONPATH PYTHONSTARTUP PYTHONDONTWRITEBYTECODE PYTHONEXECUTABLE VIRTUAL_ENV
 export PYTHONNOUSERSITE=1 PYTHONPYCACHEPREFIX="$BOARD_DIR/pycache" TMPDIR="$BOARD_DIR/tmp"
+# the board's own module path (the confined RPC server's sitecustomize), kept for the children it starts
+[ -n "\${BOARD_PYTHONPATH:-}" ] && export PYTHONPATH="\$BOARD_PYTHONPATH"
 cpu="\${BOARD_CPU:-cortex-a72}"
 root="$SYSROOT-\$cpu"; [ -d "\$root" ] || root="$SYSROOT"
 exec qemu-aarch64 -cpu "\$cpu" -L "\$root" -U LD_PRELOAD -U LD_LIBRARY_PATH \${BOARD_QEMU_ARGS:-} \\

@@ -270,10 +270,10 @@ def start(name: str = "default", target: str = "rasp4b", boards: int = 1, key: s
                 argv += ["--tracker", f"{host}:{tracker_port}", "--key", key]
             else:
                 argv += ["--key", key]
-            confine = os.pathsep.join(p for p in (str(REPO / "scripts" / "board" / "confine"),
-                                                  env.get("PYTHONPATH")) if p)
+            # the board's python3 wrapper drops the host's PYTHONPATH and takes BOARD_PYTHONPATH instead
+            confine = str(REPO / "scripts" / "board" / "confine")
             state.pids[f"board-{i}"] = _spawn(argv, rundir / f"board-{i}.log",
-                                              {**env, "BOARD_CPU": cpu, "PYTHONPATH": confine}, user)
+                                              {**env, "BOARD_CPU": cpu, "BOARD_PYTHONPATH": confine}, user)
         (rundir / "state.json").write_text(json.dumps(asdict(state), indent=2))
         _wait_ready(state, rundir, t0 + timeout, log)
     except BaseException:
