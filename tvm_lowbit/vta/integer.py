@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tvm_lowbit import qmath
-from tvm_lowbit.quantizers.layers import QConv2d
+from tvm_lowbit.quantizers.layers import QUANT_ATTR, QConv2d
 from tvm_lowbit.vta.config import VTAConfig
 from tvm_lowbit.vta.cycles import CycleReport, estimate
 from tvm_lowbit.vta.lower import (ConvSpec, Epilogue, LayerProgram, Shortcut, lower_conv, pack_input,
@@ -288,14 +288,21 @@ def _stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def _qconv(m: object) -> QConv2d | None:
+    """The quantized conv of ``m``: ``m`` itself, or the QuantLayer a wrapped Conv2d holds."""
+    q = m if isinstance(m, QConv2d) else getattr(m, QUANT_ATTR, None) if isinstance(m, nn.Module) else None
+    return q if isinstance(q, QConv2d) else None
+
+
 def _shortcut_conv(blk: nn.Module) -> QConv2d | None:
     sc = getattr(blk, "shortcut", None) or getattr(blk, "downsample", None)
     if sc is None or isinstance(sc, nn.Identity):
         return None
     conv = sc[0] if isinstance(sc, nn.Sequential) else sc
-    if not isinstance(conv, QConv2d):
+    q = _qconv(conv)
+    if q is None:
         raise NotVTAInteger(f"the shortcut {type(conv).__name__} is not a quantized conv")
-    return conv
+    return q
 
 
 def from_resnet(qmodel: nn.Module, calib: np.ndarray, batch: int = 64, samples: int = 200_000) -> IntNet:
@@ -307,7 +314,7 @@ def from_resnet(qmodel: nn.Module, calib: np.ndarray, batch: int = 64, samples: 
     if not blocks:
         raise NotVTAInteger("the model has no layer1..layer4 stages of residual blocks")
     for name, blk in blocks:
-        if not (isinstance(getattr(blk, "conv1", None), QConv2d) and isinstance(getattr(blk, "conv2", None), QConv2d)):
+        if _qconv(getattr(blk, "conv1", None)) is None or _qconv(getattr(blk, "conv2", None)) is None:
             raise NotVTAInteger(f"block {name}: conv1/conv2 are not quantized convolutions")
     pool = getattr(qmodel, "pool", None) or getattr(qmodel, "avgpool")
     # float activations of the fake-quant model at every tensor the integer body keeps
@@ -335,8 +342,8 @@ def from_resnet(qmodel: nn.Module, calib: np.ndarray, batch: int = 64, samples: 
     layers = []
     for i, (name, blk) in enumerate(blocks):
         tin, tmid, tout = tensors[i], f"{name}.mid", tensors[i + 1]
-        layers.append(_conv_layer(f"{name}.conv1", blk.conv1, exps[tin], exps[tmid], tin, tmid))
-        layers.append(_block_conv2(f"{name}.conv2", blk.conv2, _shortcut_conv(blk), exps[tmid], exps[tin],
+        layers.append(_conv_layer(f"{name}.conv1", _qconv(blk.conv1), exps[tin], exps[tmid], tin, tmid))
+        layers.append(_block_conv2(f"{name}.conv2", _qconv(blk.conv2), _shortcut_conv(blk), exps[tmid], exps[tin],
                                    exps[tout], tmid, tin, tout))
 
     def stem(x: torch.Tensor) -> torch.Tensor:
