@@ -26,7 +26,7 @@ CFG = load_target("vta-sim").vta_config()
 def builtin_q() -> nn.Module:
     """The built-in ResNet-20 with FGQ N=4, 8-bit activations and 7-bit alpha codes (what VTA runs)."""
     torch.set_num_threads(1)
-    return quantize(load_pretrained(), FGQ(group_size=4, act_bits=8, alpha_bits=7), data.calibration_set(64),
+    return quantize(load_pretrained(), FGQ(group_size=4, act_bits=8, alpha_bits=7, first_layer="float"), data.calibration_set(64),
                     progress=False)
 
 
@@ -138,7 +138,7 @@ def test_tiny_model_through_relax_and_host_fallback() -> None:
     torch.manual_seed(0)
     model = _Tiny().eval()
     calib = torch.randn(64, 3, 8, 8).numpy()
-    q = quantize(model, FGQ(group_size=4, act_bits=8, alpha_bits=7), calib, progress=False)
+    q = quantize(model, FGQ(group_size=4, act_bits=8, alpha_bits=7, first_layer="float"), calib, progress=False)
     art = tvm_lowbit.compile(q, calib[:3], "vta-sim")            # dispatches to VTA; no calibration: bound shifts
     assert list(art.partition.layers) == ["c1", "l0", "l1"]
     assert art.partition.layers["l1"].math.kind == "dense"
@@ -148,7 +148,7 @@ def test_tiny_model_through_relax_and_host_fallback() -> None:
         want = m(torch.from_numpy(calib[:3])).numpy()
     np.testing.assert_allclose(art.run(calib[:3]), want, rtol=1e-5, atol=1e-5)
     # 8-bit alpha codes do not fit int8 weights: those layers stay on the host, with the reason
-    q8 = quantize(model, FGQ(group_size=4, act_bits=8, alpha_bits=8), calib, progress=False)
+    q8 = quantize(model, FGQ(group_size=4, act_bits=8, alpha_bits=8, first_layer="float"), calib, progress=False)
     part = plan(q8, calib[:3], CFG)
     why = dict(part.host)
     assert not part.layers and "not exact on VTA" in why["c1"] and "255" in why["c1"]
