@@ -144,11 +144,11 @@ def _saved_meta(text: str, path: Path) -> dict[str, Any]:
         raise CompileError(f"{path}: its {_META} is not valid JSON ({e}); the file is damaged: save it again") from None
     ok = isinstance(meta, dict) and isinstance(meta.get("layers", {}), dict) and all(
         isinstance(v, dict) and isinstance(v.get("name"), str) and isinstance(v.get("group_size"), int)
-        and v["group_size"] >= 1 and isinstance(v.get("weight_format", ""), str)
+        and v["group_size"] >= 0 and isinstance(v.get("weight_format", ""), str)
         for v in meta.get("layers", {}).values())
     if not ok:
         raise CompileError(f"{path}: field 'layers' of its {_META} is not a table of layers "
-                           "({name, group_size >= 1, weight_format}); the file is damaged: save it again")
+                           "({name, group_size >= 0, weight_format}); the file is damaged: save it again")
     shape = meta.get("input_shape")
     if shape is not None and not (isinstance(shape, list) and shape and all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
