@@ -64,6 +64,9 @@ def test_a_new_kind_is_one_backend_and_one_register(tmp_path: Path, monkeypatch:
         backend_for(spec)
     monkeypatch.setattr(backends, "BACKENDS", dict(backends.BACKENDS))
     toy = backends.register(ToyBackend())
+    with pytest.raises(ValueError, match="kind 'toy' is already compiled by ToyBackend; pass replace=True"):
+        backends.register(ToyBackend())
+    assert backends.register(toy) is toy
     x = np.zeros((1, 3), np.float32)
     art = tvm_lowbit.compile(nn.Linear(3, 2), x, str(path))
     assert art.target.name == "toy-board" and art.input_shape == (1, 3)

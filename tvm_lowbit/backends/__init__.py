@@ -13,8 +13,13 @@ from tvm_lowbit.targets import TargetError, TargetSpec
 BACKENDS: dict[str, Backend] = {}
 
 
-def register(backend: Backend) -> Backend:
-    """Make ``backend`` the one for targets of kind ``backend.kind`` (replacing any before it)."""
+def register(backend: Backend, *, replace: bool = False) -> Backend:
+    """Make ``backend`` the one for targets of kind ``backend.kind``.  A kind another backend already
+    compiles for is an error unless ``replace=True`` (registering the same object again is a no-op)."""
+    old = BACKENDS.get(backend.kind)
+    if old is not None and old is not backend and not replace:
+        raise ValueError(f"backend {type(backend).__name__}: kind {backend.kind!r} is already compiled by "
+                         f"{type(old).__name__}; pass replace=True to replace it or choose another kind")
     BACKENDS[backend.kind] = backend
     return backend
 
