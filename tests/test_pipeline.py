@@ -124,6 +124,14 @@ def test_pipeline_has_named_passes() -> None:
     assert "tvm_lowbit.LowerIntegerLayers" in str(seq)
 
 
+def test_pipeline_description_names_the_tuned_database_step() -> None:
+    from tvm_lowbit.compiler import TUNED_STEP, pipeline_description
+
+    steps = pipeline_description("x86-host").split(" -> ")
+    assert steps.index("tvm_lowbit.LowerIntegerLayers") < steps.index(TUNED_STEP) \
+        < steps.index("tvm_lowbit.ApplyKernelSchedules")
+
+
 def test_run_pipeline_is_lowering_then_default_schedules() -> None:
     mod, infos = _two_linear()
     got, report = run_pipeline(mod, X86, infos)

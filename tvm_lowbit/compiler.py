@@ -41,6 +41,7 @@ __all__ = ["Artifact", "CompileError", "build", "compile", "compile_saved", "imp
 
 IMPORT_STEP = "import (torch.export / ONNX) -> Relax"
 BUILD_STEP = "tvm.compile (Relax default pipeline)"
+TUNED_STEP = "tune.apply_database (a tuned MetaSchedule database, when one applies)"
 
 
 def pipeline_description(target: str | TargetSpec = "x86-host") -> str:
@@ -49,6 +50,8 @@ def pipeline_description(target: str | TargetSpec = "x86-host") -> str:
     from tvm_lowbit.passes.pipeline import lowering_pipeline  # imports TVM: only when asked
 
     names = [p.info.name for p in lowering_pipeline(load_target(target).tvm_target()).passes]
+    # the compiler applies a tuned database between the lowering and the default schedules (schedule_passes)
+    names.insert(len(names) - 1, TUNED_STEP)
     return " -> ".join([IMPORT_STEP, *names, BUILD_STEP])
 
 
