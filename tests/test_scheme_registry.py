@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -122,3 +123,64 @@ def test_saved_model_config_reads_back(tmp_path) -> None:
         torch.export.load(str(path), extra_files=extra)
         saved = json.loads(extra["tvm_lowbit.json"])["config"]
         assert config_from_dict(saved) == (cfg, auto)[i]
+
+
+USER_MODEL = '''
+import copy
+from dataclasses import dataclass
+
+from torch import nn
+
+from tvm_lowbit.quantizers import SchemeConfig, register_scheme, registered_schemes
+
+
+@dataclass(frozen=True)
+class Mark(SchemeConfig):
+    SCHEME = "mark"
+    VERSION = 1
+    note: str = "default"
+
+
+def mark(model, config, calib_data, val_data, *, inplace, progress):
+    q = model if inplace else copy.deepcopy(model)
+    print("mark scheme ran with note", config.note)
+    return q
+
+
+if "mark" not in registered_schemes():
+    register_scheme(Mark, mark)
+
+
+def make():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 2)).eval()
+'''
+
+
+def test_cli_runs_a_scheme_the_model_file_registers(tmp_path, capsys) -> None:
+    pytest.importorskip("tvm")
+    import numpy as np
+
+    from tvm_lowbit import cli
+    from tvm_lowbit.quantizers import api
+
+    (tmp_path / "user.py").write_text(USER_MODEL)
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32))
+    (tmp_path / "mark.json").write_text(json.dumps({"note": "from file"}))
+    (tmp_path / "wrong.json").write_text(json.dumps(FGQ().to_dict()))
+    base = ["quantize", "--model", f"{tmp_path}/user.py:make", "--calib", str(tmp_path / "calib.npy")]
+    try:
+        cli.main([*base, "--scheme", "mark", "--out", str(tmp_path / "a.pt2")])
+        assert "mark scheme ran with note default" in capsys.readouterr().out and (tmp_path / "a.pt2").is_file()
+        cli.main([*base, "--scheme", "mark", "--config", str(tmp_path / "mark.json"), "--out", str(tmp_path / "b.pt2")])
+        assert "mark scheme ran with note from file" in capsys.readouterr().out
+        for extra, message in [(["--scheme", "nope"], "unknown scheme 'nope': available: fgq, auto, mark, inq, sq, pact"),
+                               (["--scheme", "mark", "--config", str(tmp_path / "wrong.json")],
+                                "a mark config is a JSON object with \"scheme\": \"mark\" \\(got 'fgq'\\)"),
+                               (["--scheme", "mark", "--config", str(tmp_path / "none.json")], "not a readable JSON")]:
+            with pytest.raises(SystemExit):
+                cli.main([*base, *extra, "--out", str(tmp_path / "c.pt2")])
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    finally:
+        for cls in [c for name, c in api.registered_schemes().items() if name == "mark"]:
+            unregister_scheme(cls)

@@ -294,21 +294,29 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     from tvm_lowbit import quantize
     from tvm_lowbit.compiler import save_quantized
 
-    if a.scheme not in ("fgq", "auto", *TRAINED_SCHEMES):
-        _err(f"unknown scheme {a.scheme!r}: available: fgq, auto, inq, sq, pact")
+    from tvm_lowbit.quantizers import registered_schemes
+
     out_path = _checked(lambda: safe_io.check_output_file(a.out, a.force, "--out", ours=(".pt2",)))
-    model, calib = _model_calib(a)
-    if a.scheme == "fgq":
+    model, calib = _model_calib(a)  # a model file (--model path.py:factory) may register its own schemes
+    schemes = registered_schemes()
+    if a.scheme not in schemes and a.scheme not in TRAINED_SCHEMES:
+        _err(f"unknown scheme {a.scheme!r}: available: {', '.join([*schemes, *TRAINED_SCHEMES])} (a scheme registered with "
+             "tvm_lowbit.register_scheme in the --model file is available too)")
+    if a.config is not None and a.scheme not in TRAINED_SCHEMES:
+        q = quantize(model, _config_file(a.config, a.scheme), calib)
+    elif a.scheme == "fgq":
         q = quantize(model, _fgq_from_args(a), calib)
     elif a.scheme == "auto":
         q = _quantize_auto(a, model, calib)
+    elif a.scheme not in TRAINED_SCHEMES:
+        q = quantize(model, schemes[a.scheme](), calib)  # a registered post-training scheme, default config
     else:
         import torch
 
         from tvm_lowbit import data
         from tvm_lowbit.quantizers.train import flip_crop, train
 
-        cfg = _training_config(a)
+        cfg = _config_file(a.config, a.scheme) if a.config is not None else _training_config(a)
         if a.from_scratch:
             for m in model.modules():
                 if hasattr(m, "reset_parameters"):
@@ -328,6 +336,27 @@ def cmd_quantize(a: argparse.Namespace) -> None:
         print(f"fake-quant model: top-1 {100.0 * float((pred.numpy() == yv).mean()):.2f}% on {len(xv)} test images")
     out = save_quantized(q, calib[:a.batch], out_path, force=a.force)
     print(f"saved quantized model to {out} (input shape {tuple(calib[:a.batch].shape)})")
+
+
+def _config_file(path: str, scheme: str):  # -> SchemeConfig
+    """``--config FILE.json``: a scheme config as ``SchemeConfig.to_dict`` writes it, for ``--scheme``."""
+    import json
+
+    from tvm_lowbit.quantizers import config_from_dict
+
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        _err(f"--config {path}: not a readable JSON file ({type(e).__name__}: {_one_line(e)})")
+    if isinstance(d, dict) and "scheme" not in d:
+        d = {"scheme": scheme, "version": 1, **d}
+    if not isinstance(d, dict) or d.get("scheme") != scheme:
+        _err(f"--config {path}: a {scheme} config is a JSON object with \"scheme\": \"{scheme}\" "
+             f"(got {d.get('scheme') if isinstance(d, dict) else type(d).__name__!r})")
+    try:
+        return config_from_dict(d)
+    except (ValueError, TypeError) as e:
+        _err(f"--config {path}: {_one_line(e)}")
 
 
 def _quantize_auto(a: argparse.Namespace, model, calib: np.ndarray):  # -> nn.Module
@@ -573,7 +602,11 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("quantize", help="quantize a model and save it as a torch.export .pt2")
     p.add_argument("--scheme", default="fgq",
-                   help="fgq (post-training) | auto (per-layer formats under --budget) | inq | sq | pact (trained here)")
+                   help="fgq (post-training) | auto (per-layer formats under --budget) | inq | sq | pact (trained here)"
+                        " | a scheme your --model file registers")
+    p.add_argument("--config", default=None, metavar="FILE.json",
+                   help="the scheme's config as JSON (the fields of its config class, as to_dict writes them); "
+                        "replaces the scheme's command-line options")
     p.add_argument("--model", default="resnet20", help="built-in name or path/to/file.py:factory")
     p.add_argument("--out", required=True, help="the .pt2 file to write (an existing .pt2 is replaced)")
     p.add_argument("--force", action="store_true", help="replace --out even if it is not a .pt2 file")
