@@ -1,0 +1,248 @@
+"""``tvm_lowbit.compile`` for a VTA target, integer-only body (the default for ResNets; see
+docs/design/vta-integer.md): the host graph is ``stem -> VTA body -> head``.
+
+1. :func:`tvm_lowbit.vta.integer.from_resnet` converts the fake-quant model (power-of-two scales from the
+   calibration data) and :func:`tvm_lowbit.vta.integer.lower_net` lowers every body layer into one DRAM
+   layout: layer i's output buffer is layer i+1's input, nothing returns to the host in between.
+2. The host parts are imported to Relax (``torch.export``): the stem (ending with its int8 codes of the
+   first body tensor) and the head (dequantization, global pooling, classifier).  ``main`` calls the stem,
+   then ``R.call_dps_packed("tvm_lowbit.vta.<id>.body", codes) -> int8`` (the last body tensor), then the
+   head; TVM builds it for the target's host CPU.
+3. The packed function runs all body programs in order on the functional simulator over one DRAM (or,
+   with ``executor="reference"``, the NumPy integer reference: same host graph, so the two executors'
+   logits must be bit-identical, and so must every body tensor).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tvm_lowbit.artifact import Artifact
+from tvm_lowbit.errors import CompileError
+from tvm_lowbit.importer import import_torch, strip_single_tuple
+from tvm_lowbit.vta import integer
+from tvm_lowbit.vta.integer import CODE_MAX, IntNet, NetProgram
+
+EXECUTORS = ("sim", "reference")
+
+
+@dataclass
+class BodyReport:
+    """Which op runs where (``ops``: (op, "host" | "vta", what), in execution order) and the body's cycles."""
+
+    netp: NetProgram
+    ops: list[tuple[str, str, str]]
+
+    @property
+    def host_roundtrips(self) -> int:
+        return self.netp.net.host_roundtrips()
+
+    @property
+    def lowered(self) -> list[str]:
+        return [op for op, where, _ in self.ops if where == "vta"]
+
+    @property
+    def fallback(self) -> list[tuple[str, str]]:
+        return [(op, f"on the host: {what}") for op, where, what in self.ops if where == "host"]
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        return {n: "vta" for n in self.lowered}
+
+    def text(self) -> str:
+        p = self.netp
+        cyc = p.total_cycles
+        gb = sum(p.gemm_bound(n) for n in p.programs)
+        lines = [f"VTA ({p.cfg.name}): integer-only body, {len(p.programs)} layer(s) on VTA, {cyc:,d} cycles "
+                 f"({cyc / p.cfg.clock_mhz:.0f} us at {p.cfg.clock_mhz:g} MHz), GEMM utilization "
+                 f"{100 * gb / max(cyc, 1):.1f}%; activations stay in VTA's layout in DRAM; host round trips "
+                 f"between the first and the last VTA layer: {self.host_roundtrips}"]
+        lines += [f"  {where:4s} {op:16s} {what}" for op, where, what in self.ops]
+        return "\n".join(lines)
+
+
+class _StemCodes(nn.Module):
+    """Host: the model's stem, then the int8 codes of the first body tensor (as float32)."""
+
+    def __init__(self, net: IntNet) -> None:
+        super().__init__()
+        self.model = net.model  # registers the stem's parameters
+        self.stem = net.stem
+        self.inv_scale = 2.0 ** -net.exps[net.first]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(self.stem(x) * self.inv_scale), 0, CODE_MAX)
+
+
+class _Head(nn.Module):
+    """Host: the last body tensor's codes (as float32) -> dequantize, pooling, classifier."""
+
+    def __init__(self, net: IntNet) -> None:
+        super().__init__()
+        self.model = net.model
+        self.head = net.head
+        self.scale = 2.0 ** net.exps[net.last]
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.head(codes * self.scale)
+
+
+def host_graph(net: IntNet, x: np.ndarray, shapes: dict[str, tuple[int, int, int, int]], fname: str) -> Any:
+    """The Relax module ``main(x) = head(call_dps_packed(fname, stem(x)))`` (stem and head imported from torch)."""
+    from tvm import relax
+
+    first, last = shapes[net.first], shapes[net.last]
+    stem = strip_single_tuple(import_torch(_StemCodes(net), torch.from_numpy(x)))
+    head = strip_single_tuple(import_torch(_Head(net), torch.zeros(last)))
+    bb = relax.BlockBuilder()
+    gs = bb.add_func(stem["main"].without_attr("global_symbol"), "host_stem")
+    gh = bb.add_func(head["main"].without_attr("global_symbol"), "host_head")
+    inp = relax.Var("x", relax.TensorType(list(x.shape), "float32"))
+    with bb.function("main", [inp]):
+        with bb.dataflow():
+            codes = bb.emit(relax.op.astype(bb.emit(relax.Call(gs, [inp])), "int8"))
+            assert [int(d) for d in codes.ty.shape] == list(first), (codes.ty.shape, first)
+            y8 = bb.emit(relax.call_dps_packed(fname, [codes], out_ty=relax.TensorType(list(last), "int8")))
+            out = bb.emit_output(bb.emit(relax.Call(gh, [bb.emit(relax.op.astype(y8, "float32"))])))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@dataclass
+class VTABodyArtifact(Artifact):
+    """A ResNet compiled for a VTA target with its whole body on VTA: the host executable (stem, head) and
+    one VTA program per body layer over one DRAM.  ``run`` executes it here with the body on the functional
+    simulator (``executor="reference"``: on the NumPy integer reference); ``outputs`` keeps every body
+    tensor's codes (NCHW int64) of the last run.  Runs are serialized by a lock (shared state)."""
+
+    netp: NetProgram | None = None
+    function: str = ""
+    executor: str = "sim"
+    seed: int | None = 0
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    _registered: bool = False
+    _lock: Any = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
+
+    @property
+    def net(self) -> IntNet:
+        return self.netp.net
+
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        with self._lock:
+            return super().run_all(x)
+
+    def _body(self, codes: np.ndarray) -> dict[str, np.ndarray]:
+        if self.executor == "reference":
+            return integer.reference(self.net, codes)
+        if self.executor != "sim":
+            raise ValueError(f"unknown VTA executor {self.executor!r}: use one of {', '.join(EXECUTORS)}")
+        return self.netp.run(codes, seed=self.seed)
+
+    def _register(self) -> None:
+        import tvm_ffi
+
+        def run(x: Any, out: Any) -> None:
+            t = self._body(x.numpy().astype(np.int64))
+            self.outputs = t
+            out.copyfrom(np.ascontiguousarray(t[self.net.last], np.int8))
+
+        tvm_ffi.register_global_func(self.function, run, override=True)
+        self._registered = True
+
+    def _machine(self) -> Any:
+        if not self.target.is_host:
+            raise CompileError(f"this artifact's host code is built for {self.target.name} ({self.target.arch}); "
+                               "export it for the board, or compile for vta-sim to simulate it here")
+        with self._lock:
+            if not self._registered:
+                self._register()
+            return super()._machine()
+
+    def cycles(self) -> dict[str, int]:
+        return {n: c.total_cycles for n, c in self.netp.cycles.items()}
+
+    def median_ms(self, x: np.ndarray, repeat: int = 20) -> float:
+        """Accelerator time of the body from the cycle model (the simulator's wall time means nothing);
+        the host part (stem, head) is not included."""
+        return self.netp.total_cycles / (self.netp.cfg.clock_mhz * 1e3)
+
+    def _write_files(self, directory: Path) -> dict[str, Any]:
+        """``model.so`` (the host graph, calling the body by name), ``vta/dram.bin`` (the DRAM image: every
+        body tensor's buffer, zero, and every layer's constants) and ``vta/<layer>.insn.bin`` (run them in
+        ``meta.json``'s order on that one DRAM: the host writes the first tensor in VTA's layout
+        ``(N, C/16, H, W, 16)`` int8, reads the last one back)."""
+        extra = super()._write_files(directory)
+        vdir = directory / "vta"
+        vdir.mkdir()
+        p = self.netp
+        (vdir / "dram.bin").write_bytes(p.dram().tobytes())
+        layers = {}
+        for l in self.net.layers:
+            prog = p.programs[l.name].program
+            (vdir / f"{l.name}.insn.bin").write_bytes(prog.insn_bytes())
+            layers[l.name] = {"insn_count": len(prog.insns), "input": l.inp, "output": l.out,
+                              "shortcut_input": l.sc_inp, "shortcut": l.sc_kind or None,
+                              "bias": list(l.epi.bias), "shift": list(l.epi.shift), "post_shift": l.epi.post_shift,
+                              "clip": list(l.epi.clip), "tiling": p.programs[l.name].tiling.__dict__,
+                              "cycles": p.cycles[l.name].total_cycles}
+        tensors = {n: {"offset": b.offset, "nbytes": b.nbytes, "shape": list(p.shapes[n]),
+                       "scale_exponent": self.net.exps[n]} for n, b in p.tensors.items()}
+        return {**extra, "kind": "vta", "vta": self.target.vta, "body": "integer", "function": self.function,
+                "first": self.net.first, "last": self.net.last, "tensors": tensors, "layers": layers,
+                "host_roundtrips": self.report.host_roundtrips,
+                "ops": [{"op": op, "where": where, "what": what} for op, where, what in self.report.ops]}
+
+
+def check_body(art: VTABodyArtifact, x: np.ndarray) -> int:
+    """Run ``x`` with the body on the simulator and on the NumPy reference; raise unless every body tensor
+    and the logits are bit-identical.  Returns the number of body layers checked."""
+    with art._lock:  # the executor switch and the outputs are the artifact's shared state
+        old = art.executor
+        try:
+            art.executor = "sim"
+            sim_out = art.run(x)
+            sim_t = dict(art.outputs)
+            art.executor = "reference"
+            ref_out = art.run(x)
+            ref_t = dict(art.outputs)
+        finally:
+            art.executor = old
+    for l in art.net.layers:
+        if not np.array_equal(sim_t.get(l.out), ref_t[l.out]):
+            bad = int(np.sum(sim_t[l.out] != ref_t[l.out]))
+            raise RuntimeError(f"VTA layer {l.name}: {bad} of {ref_t[l.out].size} simulator outputs differ from the "
+                               "integer reference")
+    if not np.array_equal(sim_out, ref_out):
+        raise RuntimeError("the model outputs differ between the simulator and the integer reference")
+    return len(art.net.layers)
+
+
+def compile_body(net: IntNet, x: np.ndarray, spec: Any, fname: str, *, calib_images: int, progress: bool = False,
+                 search: bool = True) -> VTABodyArtifact:
+    """Lower ``net``'s body for ``spec`` at the batch of ``x`` and build the host graph around it;
+    ``fname``: the packed function the host graph calls (unique per artifact)."""
+    import tvm
+
+    cfg = spec.vta_config()
+    shapes = net.shapes(x.shape[0], tuple(x.shape[2:]), x.shape[1])
+    netp = integer.lower_net(net, cfg, shapes, progress=progress, search=search)
+    mod = host_graph(net, x, shapes, fname)
+    try:
+        ex = tvm.compile(mod, target=spec.tvm_target())
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise CompileError(f"TVM failed to build the host part for {spec.name}: {type(e).__name__}: "
+                           f"{msg[-1] if msg else ''}") from e
+    ops = net.ops()
+    ops[0] = (ops[0][0], ops[0][1], ops[0][2] + f"; scales calibrated on {calib_images} image(s)")
+    wbytes = sum(len(lp.program.constants["wgt"]) + len(lp.program.constants.get("wgt_sc", b""))
+                 for lp in netp.programs.values())
+    return VTABodyArtifact(spec, ex, tuple(x.shape), report=BodyReport(netp, ops), weight_bytes=wbytes,
+                           netp=netp, function=fname)
