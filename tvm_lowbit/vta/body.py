@@ -15,8 +15,7 @@ docs/design/vta-integer.md): the host graph is ``stem -> VTA body -> head``.
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from tvm_lowbit.artifact import Artifact
-from tvm_lowbit.errors import CompileError
 from tvm_lowbit.importer import import_torch, strip_single_tuple
 from tvm_lowbit.vta import integer
 from tvm_lowbit.vta.integer import CODE_MAX, IntNet, NetProgram
-
-EXECUTORS = ("sim", "reference")
+from tvm_lowbit.vta.runtime import EXECUTORS, SimulatedArtifact, build_host, compare
 
 
 @dataclass
@@ -116,27 +112,18 @@ def host_graph(net: IntNet, x: np.ndarray, shapes: dict[str, tuple[int, int, int
 
 
 @dataclass
-class VTABodyArtifact(Artifact):
+class VTABodyArtifact(SimulatedArtifact):
     """A ResNet compiled for a VTA target with its whole body on VTA: the host executable (stem, head) and
     one VTA program per body layer over one DRAM.  ``run`` executes it here with the body on the functional
     simulator (``executor="reference"``: on the NumPy integer reference); ``outputs`` keeps every body
-    tensor's codes (NCHW int64) of the last run.  Runs are serialized by a lock (shared state)."""
+    tensor's codes (NCHW int64) of the last run."""
 
     netp: NetProgram | None = None
     function: str = ""
-    executor: str = "sim"
-    seed: int | None = 0
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)
-    _registered: bool = False
-    _lock: Any = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
 
     @property
     def net(self) -> IntNet:
         return self.netp.net
-
-    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
-        with self._lock:
-            return super().run_all(x)
 
     def _body(self, codes: np.ndarray) -> dict[str, np.ndarray]:
         if self.executor == "reference":
@@ -145,7 +132,7 @@ class VTABodyArtifact(Artifact):
             raise ValueError(f"unknown VTA executor {self.executor!r}: use one of {', '.join(EXECUTORS)}")
         return self.netp.run(codes, seed=self.seed)
 
-    def _register(self) -> None:
+    def register(self) -> None:
         import tvm_ffi
 
         def run(x: Any, out: Any) -> None:
@@ -154,16 +141,6 @@ class VTABodyArtifact(Artifact):
             out.copyfrom(np.ascontiguousarray(t[self.net.last], np.int8))
 
         tvm_ffi.register_global_func(self.function, run, override=True)
-        self._registered = True
-
-    def _machine(self) -> Any:
-        if not self.target.is_host:
-            raise CompileError(f"this artifact's host code is built for {self.target.name} ({self.target.arch}); "
-                               "export it for the board, or compile for vta-sim to simulate it here")
-        with self._lock:
-            if not self._registered:
-                self._register()
-            return super()._machine()
 
     def cycles(self) -> dict[str, int]:
         return {n: c.total_cycles for n, c in self.netp.cycles.items()}
@@ -203,43 +180,18 @@ class VTABodyArtifact(Artifact):
 def check_body(art: VTABodyArtifact, x: np.ndarray) -> int:
     """Run ``x`` with the body on the simulator and on the NumPy reference; raise unless every body tensor
     and the logits are bit-identical.  Returns the number of body layers checked."""
-    with art._lock:  # the executor switch and the outputs are the artifact's shared state
-        old = art.executor
-        try:
-            art.executor = "sim"
-            sim_out = art.run(x)
-            sim_t = dict(art.outputs)
-            art.executor = "reference"
-            ref_out = art.run(x)
-            ref_t = dict(art.outputs)
-        finally:
-            art.executor = old
-    for l in art.net.layers:
-        if not np.array_equal(sim_t.get(l.out), ref_t[l.out]):
-            bad = int(np.sum(sim_t[l.out] != ref_t[l.out]))
-            raise RuntimeError(f"VTA layer {l.name}: {bad} of {ref_t[l.out].size} simulator outputs differ from the "
-                               "integer reference")
-    if not np.array_equal(sim_out, ref_out):
-        raise RuntimeError("the model outputs differ between the simulator and the integer reference")
-    return len(art.net.layers)
+    return compare(*art.run_both(x), {l.out: l.name for l in art.net.layers})
 
 
 def compile_body(net: IntNet, x: np.ndarray, spec: Any, fname: str, *, calib_images: int, progress: bool = False,
                  search: bool = True) -> VTABodyArtifact:
     """Lower ``net``'s body for ``spec`` at the batch of ``x`` and build the host graph around it;
     ``fname``: the packed function the host graph calls (unique per artifact)."""
-    import tvm
-
     cfg = spec.vta_config()
     shapes = net.shapes(x.shape[0], tuple(x.shape[2:]), x.shape[1])
     netp = integer.lower_net(net, cfg, shapes, progress=progress, search=search)
     mod = host_graph(net, x, shapes, fname)
-    try:
-        ex = tvm.compile(mod, target=spec.tvm_target())
-    except Exception as e:
-        msg = str(e).strip().splitlines()
-        raise CompileError(f"TVM failed to build the host part for {spec.name}: {type(e).__name__}: "
-                           f"{msg[-1] if msg else ''}") from e
+    ex = build_host(mod, spec)
     ops = net.ops()
     ops[0] = (ops[0][0], ops[0][1], ops[0][2] + f"; scales calibrated on {calib_images} image(s)")
     wbytes = sum(len(lp.program.constants["wgt"]) + len(lp.program.constants.get("wgt_sc", b""))

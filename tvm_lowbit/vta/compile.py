@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -31,7 +30,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from tvm_lowbit.artifact import Artifact
 from tvm_lowbit.errors import CompileError
 from tvm_lowbit.importer import import_torch
 from tvm_lowbit.passes.layer_info import weight_key
@@ -40,6 +38,7 @@ from tvm_lowbit.targets import TargetSpec, load_target
 from tvm_lowbit.vta import integer
 from tvm_lowbit.vta.body import VTABodyArtifact, check_body, compile_body
 from tvm_lowbit.vta.model import Partition, VTALayer, plan
+from tvm_lowbit.vta.runtime import SimulatedArtifact, build_host, compare
 
 _IDS = itertools.count()
 
@@ -185,26 +184,16 @@ def host_op_counts(func: Any) -> dict[str, int]:
 
 
 @dataclass
-class VTAArtifact(Artifact):
-    """A model compiled for a VTA target: the host executable plus one VTA program per VTA layer.
-    ``run`` executes it here with the VTA layers on the functional simulator (``executor="reference"``:
-    on the NumPy integer reference instead); ``outputs`` keeps each VTA layer's last int8 output.
-    Runs are serialized by a lock (``outputs``, ``executor`` and the simulated layers are shared state),
-    so one VTAArtifact may be shared by threads; ``export`` follows ``Artifact.export``'s rules."""
+class VTAArtifact(SimulatedArtifact):
+    """A model compiled for a VTA target with the per-layer partition: the host executable plus one VTA
+    program per VTA layer.  ``run`` executes it here with the VTA layers on the functional simulator
+    (``executor="reference"``: on the NumPy integer reference instead); ``outputs`` keeps each VTA layer's
+    last int8 output."""
 
     partition: Partition | None = None
     functions: dict[str, str] = field(default_factory=dict)
-    executor: str = "sim"
-    seed: int | None = 0
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)
-    _registered: bool = False
-    _lock: Any = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
 
-    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
-        with self._lock:
-            return super().run_all(x)
-
-    def _register(self) -> None:
+    def register(self) -> None:
         import tvm_ffi
 
         for name, fname in self.functions.items():
@@ -220,16 +209,6 @@ class VTAArtifact(Artifact):
                 out.copyfrom(np.ascontiguousarray(y, np.int8))
 
             tvm_ffi.register_global_func(fname, run, override=True)
-        self._registered = True
-
-    def _machine(self) -> Any:
-        if not self.target.is_host:
-            raise CompileError(f"this artifact's host code is built for {self.target.name} ({self.target.arch}); "
-                               "export it for the board, or compile for vta-sim to simulate it here")
-        with self._lock:
-            if not self._registered:
-                self._register()
-            return super()._machine()
 
     def cycles(self) -> dict[str, int]:
         return {n: l.cycles.total_cycles for n, l in self.partition.layers.items()}
@@ -311,7 +290,6 @@ def compile_per_layer(qmodel: nn.Module, x: np.ndarray, spec: TargetSpec, *, cal
     """The per-layer partition (for models the integer-only body cannot take): ``calib`` (model inputs)
     lets the requantization use calibrated shifts where the cycle model allows (``requant="auto"``);
     without it every VTA layer uses the data-free worst-case shift (see :mod:`tvm_lowbit.vta.quant`)."""
-    import tvm
     from tvm import relax
 
     cfg = spec.vta_config()
@@ -322,12 +300,7 @@ def compile_per_layer(qmodel: nn.Module, x: np.ndarray, spec: TargetSpec, *, cal
     prefix = f"tvm_lowbit.vta.{os.getpid()}_{next(_IDS)}"
     mod, fnames = partition_relax(mod, part.layers, prefix)
     report = VTAReport(part, host_op_counts(mod["main"]))
-    try:
-        ex = tvm.compile(mod, target=spec.tvm_target())
-    except Exception as e:
-        msg = str(e).strip().splitlines()
-        raise CompileError(f"TVM failed to build the host part for {spec.name}: {type(e).__name__}: "
-                           f"{msg[-1] if msg else ''}") from e
+    ex = build_host(mod, spec)
     wbytes = sum(l.weight_bytes for l in part.layers.values())
     return VTAArtifact(spec, ex, tuple(x.shape), report=report, weight_bytes=wbytes, partition=part, functions=fnames)
 
@@ -337,24 +310,7 @@ def check_against_reference(art: VTAArtifact | VTABodyArtifact, x: np.ndarray) -
     VTA layer's int8 output and the final outputs are bit-identical.  Returns the layers checked."""
     if isinstance(art, VTABodyArtifact):
         return check_body(art, x)
-    with art._lock:  # the executor switch and the outputs are the artifact's shared state
-        old = art.executor
-        try:
-            art.executor = "sim"
-            sim_out = art.run_all(x)
-            sim_layers = dict(art.outputs)
-            art.executor = "reference"
-            ref_out = art.run_all(x)
-            ref_layers = dict(art.outputs)
-        finally:
-            art.executor = old
-    for name, ref in ref_layers.items():
-        if not np.array_equal(sim_layers.get(name), ref):
-            bad = int(np.sum(sim_layers[name] != ref))
-            raise RuntimeError(f"VTA layer {name}: {bad} of {ref.size} simulator outputs differ from the integer reference")
-    if not all(np.array_equal(a, b) for a, b in zip(sim_out, ref_out)):
-        raise RuntimeError("the model outputs differ between the simulator and the integer reference")
-    return len(ref_layers)
+    return compare(*art.run_both(x), {n: n for n in art.partition.layers})
 
 
 def vta_fgq(fgq: Any) -> Any:
