@@ -14,8 +14,9 @@ from tvm_lowbit import FGQ, data, quantize
 from tvm_lowbit.errors import CompileError
 from tvm_lowbit.models import load_pretrained, mobilenet
 from tvm_lowbit.models.resnet import BasicBlock, ResNet
+from tvm_lowbit.safe_io import IntegrityError
 from tvm_lowbit.vta import integer
-from tvm_lowbit.vta.body import VTABodyArtifact
+from tvm_lowbit.vta.body import VTABodyArtifact, load_body
 from tvm_lowbit.vta.compile import VTAArtifact, check_against_reference, compile_vta
 
 VTA_FGQ = FGQ(group_size=4, act_bits=8, alpha_bits=7)   # what scripts/bench_vta.py measures
@@ -64,14 +65,32 @@ def test_resnet20_simulator_bit_exact_vs_reference(resnet20_art) -> None:
         assert (q(torch.from_numpy(x)).argmax(1).numpy() == logits.argmax(1)).all()
 
 
-def test_body_export(resnet20_art, tmp_path) -> None:
-    _, art, _ = resnet20_art
+def test_body_export_and_load_round_trip(resnet20_art, tmp_path) -> None:
+    _, art, x = resnet20_art
     out = art.export(tmp_path / "a")
     assert (out / "vta" / "dram.bin").stat().st_size == art.netp.dram_bytes
     for l in art.net.layers:
         assert (out / "vta" / f"{l.name}.insn.bin").read_bytes() == art.netp.programs[l.name].program.insn_bytes()
     with pytest.raises(CompileError, match="holds VTA programs"):
         tvm_lowbit.load_artifact(out)
+    # the export alone (host library, DRAM image, instruction streams) runs the model, bit for bit
+    loaded = load_body(out)
+    got = loaded.run(x)
+    art.executor = "sim"
+    np.testing.assert_array_equal(got, art.run(x))
+    assert loaded.outputs.keys() == art.outputs.keys()
+    for k, v in art.outputs.items():
+        np.testing.assert_array_equal(loaded.outputs[k], v, err_msg=k)
+    assert loaded.cycles() == art.cycles()
+    loaded.executor = "reference"
+    with pytest.raises(ValueError, match="runs on the simulator only"):
+        loaded.run(x)
+    # a changed byte in the DRAM image is caught before anything runs
+    raw = bytearray((out / "vta" / "dram.bin").read_bytes())
+    raw[-1] ^= 1
+    (out / "vta" / "dram.bin").write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="dram.bin"):
+        load_body(out)
 
 
 def test_body_for_a_board_builds_but_runs_there() -> None:

@@ -11,11 +11,13 @@ docs/design/vta-integer.md): the host graph is ``stem -> VTA body -> head``.
 3. The packed function runs all body programs in order on the functional simulator over one DRAM (or,
    with ``executor="reference"``, the NumPy integer reference: same host graph, so the two executors'
    logits must be bit-identical, and so must every body tensor).
+4. ``export`` writes ``model.so``, ``vta/dram.bin`` and one ``vta/<layer>.insn.bin`` per layer;
+   :func:`load_body` reads them back and runs them on the simulator.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from tvm_lowbit import safe_io
+from tvm_lowbit.artifact import read_meta
+from tvm_lowbit.errors import CompileError
 from tvm_lowbit.importer import import_torch, strip_single_tuple
-from tvm_lowbit.vta import integer
-from tvm_lowbit.vta.integer import CODE_MAX, IntNet, NetProgram
+from tvm_lowbit.passes.report import LoweringReport
+from tvm_lowbit.targets import TargetError, load_target
+from tvm_lowbit.vta import integer, isa
+from tvm_lowbit.vta.integer import CODE_MAX, IntNet, NetProgram, Step, run_steps
+from tvm_lowbit.vta.program import Buffer, Program
 from tvm_lowbit.vta.runtime import EXECUTORS, SimulatedArtifact, build_host, compare
 
 
@@ -198,3 +206,93 @@ def compile_body(net: IntNet, x: np.ndarray, spec: Any, fname: str, *, calib_ima
                  for lp in netp.programs.values())
     return VTABodyArtifact(spec, ex, tuple(x.shape), report=BodyReport(netp, ops), weight_bytes=wbytes,
                            netp=netp, function=fname)
+
+
+# ---- an export read back ---------------------------------------------------------------------
+
+@dataclass
+class ExportedBody:
+    """A body from an export's files: the DRAM image and each layer's instruction stream, run in order."""
+
+    cfg: Any
+    dram: np.ndarray
+    steps: list[Step]
+    tensors: dict[str, Buffer]
+    shapes: dict[str, tuple[int, ...]]
+    first: str
+    last: str
+
+    def run(self, codes: np.ndarray, seed: int | None = 0) -> dict[str, np.ndarray]:
+        return run_steps(self.cfg, self.dram.copy(), self.steps, self.tensors, self.shapes, {self.first: codes}, seed)
+
+
+@dataclass
+class LoadedVTABody(SimulatedArtifact):
+    """An integer-body export read back by :func:`load_body`: its ``model.so`` with the body's programs on
+    the functional simulator (the NumPy reference needs the model, which an export does not hold)."""
+
+    body: ExportedBody | None = None
+    function: str = ""
+    cycle_counts: dict[str, int] = field(default_factory=dict)
+
+    def register(self) -> None:
+        import tvm_ffi
+
+        def run(x: Any, out: Any) -> None:
+            if self.executor != "sim":
+                raise ValueError(f"executor {self.executor!r}: a loaded VTA export runs on the simulator only "
+                                 "(the reference needs the model: compile it again)")
+            t = self.body.run(x.numpy().astype(np.int64), self.seed)
+            self.outputs = t
+            out.copyfrom(np.ascontiguousarray(t[self.body.last], np.int8))
+
+        tvm_ffi.register_global_func(self.function, run, override=True)
+
+    def cycles(self) -> dict[str, int]:
+        return dict(self.cycle_counts)
+
+
+def load_body(directory: str | Path) -> LoadedVTABody:
+    """Read back what :meth:`VTABodyArtifact.export` wrote (``tvm_lowbit.load_artifact`` refuses VTA exports):
+    ``meta.json`` schema-checked and every file's sha256 verified first; runnable here for ``vta-sim``."""
+    d = Path(directory)
+    meta = read_meta(d)
+    if meta.get("kind") != "vta" or meta.get("body") != "integer":
+        raise CompileError(f"{d}: not an integer-only VTA body export (kind {meta.get('kind')!r}, body "
+                           f"{meta.get('body')!r}); load other artifacts with tvm_lowbit.load_artifact")
+    try:
+        spec = load_target(meta["target"])
+    except TargetError as e:
+        raise CompileError(f"{d / 'meta.json'}: field 'target': {e}") from None
+    if spec.vta != meta.get("vta"):
+        raise CompileError(f"{d}: exported for another VTA configuration than {spec.name}'s target file describes "
+                           "now: compile it again")
+    safe_io.verify_tree(d, meta["files"])
+    cfg = spec.vta_config()
+    try:
+        dram = np.fromfile(d / "vta" / "dram.bin", np.uint8)
+        tensors = {n: Buffer(n, int(t["offset"]), int(t["nbytes"]), cfg.inp_elem_bytes) for n, t in meta["tensors"].items()}
+        shapes = {n: tuple(int(v) for v in t["shape"]) for n, t in meta["tensors"].items()}
+        steps = []
+        for name, l in meta["layers"].items():
+            raw = (d / "vta" / f"{name}.insn.bin").read_bytes()
+            insns = [isa.decode(raw[i:i + 16], cfg) for i in range(0, len(raw), 16)]
+            ins = (l["input"],) + ((l["shortcut_input"],) if l["shortcut_input"] else ())
+            steps.append(Step(name, Program(cfg, insns, {}, {}, len(dram)), ins, l["output"]))
+        body = ExportedBody(cfg, dram, steps, tensors, shapes, meta["first"], meta["last"])
+        function, cyc = meta["function"], {n: int(l["cycles"]) for n, l in meta["layers"].items()}
+    except (KeyError, TypeError, ValueError) as e:  # ValueError includes isa.ISAError
+        raise CompileError(f"{d / 'meta.json'}: the VTA body entries are incomplete or damaged ({type(e).__name__}: "
+                           f"{e}): export it again") from None
+    lib = None
+    if spec.is_host:
+        import tvm
+
+        try:
+            lib = tvm.runtime.load_module(str(d / "model.so"))
+        except Exception as e:  # noqa: BLE001 - TVM's loader errors name no file
+            raise CompileError(f"{d / 'model.so'}: TVM cannot load it ({type(e).__name__}); export it again") from None
+    rep = LoweringReport(lowered=meta.get("lowered", []), fallback=[tuple(x) for x in meta.get("fallback", [])],
+                         kernels=dict(meta.get("kernels", {})))
+    return LoadedVTABody(spec, lib, tuple(meta["input_shape"]), meta.get("input_dtype", "float32"), rep,
+                         meta.get("weight_bytes", 0), body=body, function=function, cycle_counts=cyc)

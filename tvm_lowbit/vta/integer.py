@@ -46,7 +46,7 @@ from tvm_lowbit.vta.cycles import CycleReport, estimate
 from tvm_lowbit.vta.lower import (ConvSpec, Epilogue, LayerProgram, Shortcut, lower_conv, pack_input,
                                   tile_candidates, unpack_output)
 from tvm_lowbit.vta.model import run_with_pre_hooks
-from tvm_lowbit.vta.program import DRAM_ALIGN, Buffer, DramLayout
+from tvm_lowbit.vta.program import DRAM_ALIGN, Buffer, DramLayout, Program
 from tvm_lowbit.vta.sim import Simulator
 
 CODE_MAX = 127          # activation codes after a ReLU: int8 0..127
@@ -417,38 +417,15 @@ class NetProgram:
                 d[b.offset:b.offset + len(raw)] = np.frombuffer(raw, np.uint8)
         return d
 
-    def spec_of(self, tensor: str) -> ConvSpec:
-        n, c, h, w = self.shapes[tensor]
-        return ConvSpec(n, c, h, w, c)
-
     def run(self, codes: np.ndarray, seed: int | None = 0, layers: list[str] | None = None,
             inputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Run the programs in order on the functional simulator (one simulator, one DRAM); the host
         writes the stem's codes once and reads every tensor back only to return it.  ``layers``: a
         subset (consecutive or not), whose input tensors come from ``inputs`` (codes, NCHW)."""
-        d = self.dram()
-        todo = [l for l in self.net.layers if layers is None or l.name in layers]
-        given = dict(inputs or {})
-        given[self.net.first] = codes
-        written = set()
-        for name, v in given.items():
-            if name in self.tensors:
-                x = pack_input(np.asarray(v), self.spec_of(name))
-                b = self.tensors[name]
-                d[b.offset:b.offset + x.nbytes] = x.view(np.uint8).reshape(-1)
-                written.add(name)
-        sim = Simulator(self.cfg, seed=seed)
-        for l in todo:
-            for t in (l.inp, l.sc_inp):
-                if t is not None and t not in written:
-                    raise ValueError(f"{l.name}: its input tensor {t} was neither given nor computed")
-            sim.run(self.programs[l.name].program, d)
-            written.add(l.out)
-        out = {}
-        for name in written:
-            b = self.tensors[name]
-            out[name] = unpack_output(d[b.offset:b.offset + b.nbytes], self.spec_of(name)).astype(np.int64)
-        return out
+        steps = [Step(l.name, self.programs[l.name].program, (l.inp,) + ((l.sc_inp,) if l.sc_inp else ()), l.out)
+                 for l in self.net.layers if layers is None or l.name in layers]
+        return run_steps(self.cfg, self.dram(), steps, self.tensors, self.shapes,
+                         {**(inputs or {}), self.net.first: codes}, seed)
 
     @property
     def total_cycles(self) -> int:
@@ -456,6 +433,43 @@ class NetProgram:
 
     def gemm_bound(self, name: str) -> int:
         return -(-self.programs[name].spec.gemm_uops() // self.cfg.gemm_width) * self.cfg.timing.gemm_ii
+
+
+@dataclass(frozen=True)
+class Step:
+    """One layer program of a network over a shared DRAM: the tensors it reads and the one it writes."""
+
+    name: str
+    program: Program
+    inputs: tuple[str, ...]
+    output: str
+
+
+def _tensor_spec(shape: tuple[int, ...]) -> ConvSpec:
+    n, c, h, w = shape
+    return ConvSpec(n, c, h, w, c)
+
+
+def run_steps(cfg: VTAConfig, dram: np.ndarray, steps: list[Step], tensors: dict[str, Buffer],
+              shapes: dict[str, tuple[int, ...]], given: dict[str, np.ndarray], seed: int | None = 0) -> dict[str, np.ndarray]:
+    """Write the ``given`` tensors (codes, NCHW) into ``dram`` in VTA's layout, run the programs in order on
+    one simulator over it, and read back every tensor written (NCHW int64)."""
+    written = set()
+    for name, v in given.items():
+        if name in tensors:
+            x = pack_input(np.asarray(v), _tensor_spec(shapes[name]))
+            b = tensors[name]
+            dram[b.offset:b.offset + x.nbytes] = x.view(np.uint8).reshape(-1)
+            written.add(name)
+    sim = Simulator(cfg, seed=seed)
+    for st in steps:
+        for t in st.inputs:
+            if t not in written:
+                raise ValueError(f"{st.name}: its input tensor {t} was neither given nor computed")
+        sim.run(st.program, dram)
+        written.add(st.output)
+    return {name: unpack_output(dram[tensors[name].offset:tensors[name].offset + tensors[name].nbytes],
+                                _tensor_spec(shapes[name])).astype(np.int64) for name in written}
 
 
 def lower_net(net: IntNet, cfg: VTAConfig, shapes: dict[str, tuple[int, int, int, int]],

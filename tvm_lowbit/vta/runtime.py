@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -32,37 +32,37 @@ def build_host(mod: Any, spec: Any) -> Any:
 @dataclass
 class SimulatedArtifact(Artifact):
     """A VTA artifact run here: ``outputs`` keeps the VTA part's int8 results of the last run (by layer or
-    tensor name).  Runs are serialized by a lock (``outputs``, ``executor`` and the simulated DRAM/SRAM are
-    shared state), so one artifact may be shared by threads; ``export`` follows ``Artifact.export``'s rules."""
+    tensor name).  The host graph finds the VTA part by packed-function name, so every run registers this
+    artifact's functions first, and runs of all VTA artifacts in the process are serialized by one lock
+    (``outputs``, ``executor``, the registered functions and the simulated DRAM/SRAM are shared state): one
+    artifact may be shared by threads, and two artifacts with the same function names (an export and the
+    artifact it was loaded from) do not call each other's.  ``export`` follows ``Artifact.export``'s rules."""
+
+    LOCK: ClassVar[threading.RLock] = threading.RLock()
 
     executor: str = "sim"
     seed: int | None = 0
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
-    _registered: bool = field(default=False, init=False, repr=False, compare=False)
-    _lock: Any = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
 
     def register(self) -> None:
         """Register the packed functions the host graph calls (subclasses)."""
         raise NotImplementedError
 
     def run_all(self, x: np.ndarray) -> list[np.ndarray]:
-        with self._lock:
+        with self.LOCK:
+            self.register()   # before the VM is made: it looks the functions up then
             return super().run_all(x)
 
     def _machine(self) -> Any:
         if not self.target.is_host:
             raise CompileError(f"this artifact's host code is built for {self.target.name} ({self.target.arch}); "
                                "export it for the board, or compile for vta-sim to simulate it here")
-        with self._lock:
-            if not self._registered:
-                self.register()
-                self._registered = True
-            return super()._machine()
+        return super()._machine()
 
     def run_both(self, x: np.ndarray) -> tuple[tuple[list[np.ndarray], dict[str, np.ndarray]],
                                                 tuple[list[np.ndarray], dict[str, np.ndarray]]]:
         """``x`` run with the VTA part on the simulator, then on the reference: (outputs, VTA results) each."""
-        with self._lock:
+        with self.LOCK:
             old = self.executor
             try:
                 self.executor = "sim"
