@@ -112,7 +112,9 @@ def host_graph(net: IntNet, x: np.ndarray, shapes: dict[str, tuple[int, int, int
     with bb.function("main", [inp]):
         with bb.dataflow():
             codes = bb.emit(relax.op.astype(bb.emit(relax.Call(gs, [inp])), "int8"))
-            assert [int(d) for d in codes.ty.shape] == list(first), (codes.ty.shape, first)
+            if [int(d) for d in codes.ty.shape] != list(first):
+                raise CompileError(f"the host stem imported from torch gives {list(codes.ty.shape)}, the body "
+                                   f"expects {list(first)} (a stem op the import changed?)")
             y8 = bb.emit(relax.call_dps_packed(fname, [codes], out_ty=relax.TensorType(list(last), "int8")))
             out = bb.emit_output(bb.emit(relax.Call(gh, [bb.emit(relax.op.astype(y8, "float32"))])))
         bb.emit_func_output(out)
