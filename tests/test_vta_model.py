@@ -157,6 +157,8 @@ def test_tiny_model_through_relax_and_host_fallback() -> None:
     with pytest.warns(UserWarning, match=r"_Tiny has no layer1\.\.layer4 stages .*its own VTA program"):
         art = tvm_lowbit.compile(q, calib[:3], "vta-sim")        # dispatches to VTA; no calibration: bound shifts
     assert "_Tiny has no layer1..layer4" in art.report.text()
+    assert art.report.host_roundtrips == 2
+    assert "host round trips between the first and the last VTA layer: 2" in art.report.text()
     assert list(art.partition.layers) == ["c1", "l0", "l1"]
     assert art.partition.layers["l1"].math.kind == "dense"
     assert check_against_reference(art, calib[:3]) == 3

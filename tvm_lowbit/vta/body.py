@@ -273,7 +273,8 @@ def load_body(directory: str | Path) -> LoadedVTABody:
     cfg = spec.vta_config()
     try:
         dram = np.fromfile(d / "vta" / "dram.bin", np.uint8)
-        tensors = {n: Buffer(n, int(t["offset"]), int(t["nbytes"]), cfg.inp_elem_bytes) for n, t in meta["tensors"].items()}
+        tensors = {n: Buffer(n, int(t["offset"]), int(t["nbytes"]), cfg.inp_elem_bytes)
+                   for n, t in meta["tensors"].items()}
         shapes = {n: tuple(int(v) for v in t["shape"]) for n, t in meta["tensors"].items()}
         steps = []
         for name, l in meta["layers"].items():

@@ -63,10 +63,17 @@ class VTAReport:
     def kernels(self) -> dict[str, str]:
         return {n: "vta" for n in self.partition.layers}
 
+    @property
+    def host_roundtrips(self) -> int:
+        """Every VTA layer after the first gets its input from the host (its predecessor's epilogue)."""
+        return max(len(self.partition.layers) - 1, 0)
+
     def text(self) -> str:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.host_ops.items(), key=lambda kv: -kv[1]))
         return ((self.note + "\n" if self.note else "") + self.partition.text()
-                + (f"\nhost graph ops: {ops}" if ops else ""))
+                + (f"\nhost graph ops: {ops}" if ops else "")
+                + f"\nhost round trips between the first and the last VTA layer: {self.host_roundtrips} (per-layer "
+                "partition: each layer's epilogue runs on the host)")
 
 
 def _bindings(func: Any) -> dict[int, Any]:
@@ -244,7 +251,8 @@ class VTAArtifact(SimulatedArtifact):
                             "uops_prefetched_by_previous": bool(vl.lowered.info.get("uops_preloaded")),
                             "prefetches_next_weights": bool(vl.lowered.info.get("prefetches_next")),
                             "prefetches_next_uops": bool(vl.lowered.info.get("prefetches_next_uops"))}
-        return {**extra, "kind": "vta", "vta": self.target.vta, "layers": layers}
+        return {**extra, "kind": "vta", "vta": self.target.vta, "body": "per-layer", "layers": layers,
+                "host_roundtrips": self.report.host_roundtrips}
 
 
 def compile_vta(qmodel: nn.Module, example: np.ndarray | torch.Tensor, target: str | TargetSpec = "vta-sim", *,

@@ -385,8 +385,8 @@ def check_structure(qmodel: nn.Module, blocks: list[tuple[str, nn.Module]], stem
         for name, blk in blocks:
             want = blk(y)
             if not _close(_block_as_converted(blk, y), want):
-                raise NotVTAInteger(f"block {name} ({type(blk).__name__}): its forward is not relu(conv2(relu(conv1(x)))"
-                                    " + shortcut(x)) with folded batch norms (another op in it?)")
+                raise NotVTAInteger(f"block {name} ({type(blk).__name__}): its forward is not relu(conv2(relu("
+                                    "conv1(x))) + shortcut(x)) with folded batch norms (another op in it?)")
             y = want
         if not _close(head(y), qmodel(x)):
             raise NotVTAInteger(f"{type(qmodel).__name__}: its forward is not stem -> layer1..layer4 -> pooling -> fc "
@@ -451,7 +451,8 @@ def _tensor_spec(shape: tuple[int, ...]) -> ConvSpec:
 
 
 def run_steps(cfg: VTAConfig, dram: np.ndarray, steps: list[Step], tensors: dict[str, Buffer],
-              shapes: dict[str, tuple[int, ...]], given: dict[str, np.ndarray], seed: int | None = 0) -> dict[str, np.ndarray]:
+              shapes: dict[str, tuple[int, ...]], given: dict[str, np.ndarray],
+              seed: int | None = 0) -> dict[str, np.ndarray]:
     """Write the ``given`` tensors (codes, NCHW) into ``dram`` in VTA's layout, run the programs in order on
     one simulator over it, and read back every tensor written (NCHW int64)."""
     written = set()

@@ -82,7 +82,8 @@ def compare(sim: tuple[list[np.ndarray], dict[str, np.ndarray]], ref: tuple[list
         a, b = sim[1].get(key), ref[1][key]
         if not np.array_equal(a, b):
             bad = b.size if a is None or a.shape != b.shape else int(np.sum(a != b))
-            raise RuntimeError(f"VTA layer {layer}: {bad} of {b.size} simulator outputs differ from the integer reference")
+            raise RuntimeError(f"VTA layer {layer}: {bad} of {b.size} simulator outputs differ from the integer "
+                               "reference")
     if not all(np.array_equal(a, b) for a, b in zip(sim[0], ref[0])):
         raise RuntimeError("the model outputs differ between the simulator and the integer reference")
     return len(names)
