@@ -346,9 +346,12 @@ def from_resnet(qmodel: nn.Module, calib: np.ndarray, batch: int = 64, samples: 
     layers = []
     for i, (name, blk) in enumerate(blocks):
         tin, tmid, tout = tensors[i], f"{name}.mid", tensors[i + 1]
-        layers.append(_conv_layer(f"{name}.conv1", _qconv(blk.conv1), exps[tin], exps[tmid], tin, tmid))
-        layers.append(_block_conv2(f"{name}.conv2", _qconv(blk.conv2), _shortcut_conv(blk), exps[tmid], exps[tin],
-                                   exps[tout], tmid, tin, tout))
+        try:
+            layers.append(_conv_layer(f"{name}.conv1", _qconv(blk.conv1), exps[tin], exps[tmid], tin, tmid))
+            layers.append(_block_conv2(f"{name}.conv2", _qconv(blk.conv2), _shortcut_conv(blk), exps[tmid],
+                                       exps[tin], exps[tout], tmid, tin, tout))
+        except NotVTAInteger as e:
+            raise (e if str(e).startswith(name) else NotVTAInteger(f"block {name}: {e}")) from None
 
     def stem(x: torch.Tensor) -> torch.Tensor:
         y = qmodel.relu(qmodel.bn1(qmodel.conv1(x)))
