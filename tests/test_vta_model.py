@@ -12,6 +12,7 @@ from torch import nn
 
 import tvm_lowbit
 from tvm_lowbit import FGQ, data, quantize
+from tvm_lowbit.errors import CompileError
 from tvm_lowbit.models import load_pretrained
 from tvm_lowbit.quantizers.layers import quant_layers
 from tvm_lowbit.targets import load_target
@@ -104,17 +105,30 @@ def test_partition_and_simulator_match_reference(builtin_q: nn.Module) -> None:
 
 
 def test_cli_compile_vta_sim_end_to_end(tmp_path, capsys) -> None:
+    """The CLI compiles ResNet-20 to the integer-only body: 18 VTA layers (the shortcuts fused into the
+    blocks' second convs), host only at the stem and the head, checked against the reference."""
     from tvm_lowbit.cli import main
 
     out = tmp_path / "art"
     main(["compile", "resnet20", "--target", "vta-sim", "--out", str(out), "--calib-size", "64", "--batch", "2"])
     text = capsys.readouterr().out
-    assert "all 20 VTA layers' int8 outputs on the simulator equal the NumPy integer reference" in text
-    assert "host: conv1: not quantized" in text and "call_dps_packed x20" in text
+    assert ("all 18 VTA layers (every body tensor in DRAM) on the simulator equal the NumPy integer reference, "
+            "and the logits are bit-identical") in text
+    assert "integer-only body, 18 layer(s) on VTA" in text
+    assert "host round trips between the first and the last VTA layer: 0" in text
+    assert "scales calibrated on 64 image(s)" in text
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["kind"] == "vta" and len(meta["layers"]) == 20 and (out / "model.so").is_file()
+    assert meta["kind"] == "vta" and meta["body"] == "integer" and meta["host_roundtrips"] == 0
+    assert len(meta["layers"]) == 18 and (out / "model.so").is_file()
+    assert [o["where"] for o in meta["ops"]] == ["host"] + ["vta"] * 18 + ["host"]
     first = meta["layers"]["layer1.0.conv1"]
     assert (out / "vta" / "layer1.0.conv1.insn.bin").stat().st_size == 16 * first["insn_count"]
+    assert first["input"] == meta["first"] and meta["layers"]["layer3.2.conv2"]["output"] == meta["last"]
+    # the activations live in the one DRAM image: every tensor's buffer inside it
+    dram = (out / "vta" / "dram.bin").stat().st_size
+    assert all(t["offset"] + t["nbytes"] <= dram for t in meta["tensors"].values())
+    with pytest.raises(CompileError, match="holds VTA programs"):
+        tvm_lowbit.load_artifact(out)
 
 
 class _Tiny(nn.Module):
@@ -139,7 +153,12 @@ def test_tiny_model_through_relax_and_host_fallback() -> None:
     model = _Tiny().eval()
     calib = torch.randn(64, 3, 8, 8).numpy()
     q = quantize(model, FGQ(group_size=4, act_bits=8, alpha_bits=7, first_layer="float"), calib, progress=False)
-    art = tvm_lowbit.compile(q, calib[:3], "vta-sim")            # dispatches to VTA; no calibration: bound shifts
+    # not a ResNet: the integer-only body cannot take it; the per-layer partition runs it, saying why
+    with pytest.warns(UserWarning, match=r"_Tiny has no layer1\.\.layer4 stages .*its own VTA program"):
+        art = tvm_lowbit.compile(q, calib[:3], "vta-sim")        # dispatches to VTA; no calibration: bound shifts
+    assert "_Tiny has no layer1..layer4" in art.report.text()
+    assert art.report.host_roundtrips == 2
+    assert "host round trips between the first and the last VTA layer: 2" in art.report.text()
     assert list(art.partition.layers) == ["c1", "l0", "l1"]
     assert art.partition.layers["l1"].math.kind == "dense"
     assert check_against_reference(art, calib[:3]) == 3

@@ -1,5 +1,6 @@
-"""The VTA backend (``"kind": "vta"`` targets): the model is partitioned between the accelerator and its host
-CPU by ``tvm_lowbit.vta.compile``; it takes nn.Modules only and has nothing for MetaSchedule to tune."""
+"""The VTA backend (``"kind": "vta"`` targets): ``tvm_lowbit.vta.compile`` puts a ResNet's whole body on the
+accelerator (integer-only, host only at the stem and the classifier; other models: per-layer partition); it
+takes nn.Modules only and has nothing for MetaSchedule to tune."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tvm_lowbit.errors import CompileError
 from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.targets import TargetSpec
 from tvm_lowbit.tune import TuneError
+from tvm_lowbit.vta.body import VTABodyArtifact
 from tvm_lowbit.vta.compile import VTAArtifact, compile_for_cli, compile_vta
 
 
@@ -21,9 +23,11 @@ class VTABackend(Backend):
     kind = "vta"
 
     def compile(self, qmodel: nn.Module, example_input: torch.Tensor | np.ndarray, spec: TargetSpec, *,
-                expose_acc: bool = False, verbose: bool = False, schedules: Schedules = None) -> VTAArtifact:
-        # the VTA layers' accumulators never reach the host graph and their schedules are the programs
-        # themselves: expose_acc and schedules do not apply
+                expose_acc: bool = False, verbose: bool = False,
+                schedules: Schedules = None) -> VTAArtifact | VTABodyArtifact:
+        # the example input also calibrates the body's power-of-two scales (compile_vta takes calib= for more
+        # images); the VTA layers' accumulators never reach the host graph and their schedules are the
+        # programs themselves: expose_acc and schedules do not apply
         return compile_vta(qmodel, example_input, spec, verbose=verbose)
 
     def build(self, mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None, input_shape: tuple[int, ...],
@@ -39,7 +43,7 @@ class VTABackend(Backend):
                 "on the host with default schedules, so there is nothing to tune; tune a CPU target")
 
     def compile_for_cli(self, model: nn.Module, fgq: Any, calib: np.ndarray, spec: TargetSpec, batch: int,
-                        schedules: Schedules) -> VTAArtifact:
+                        schedules: Schedules) -> VTAArtifact | VTABodyArtifact:
         return compile_for_cli(model, fgq, calib, spec, batch)
 
     def cli_refusal(self, spec: TargetSpec, source: str, schedules: str | None) -> str | None:

@@ -1,4 +1,8 @@
-"""``tvm_lowbit.compile`` for a VTA target: partition, a Relax graph calling VTA, a host build.
+"""``tvm_lowbit.compile`` for a VTA target.
+
+A ResNet of BasicBlocks compiles to the integer-only body (:mod:`tvm_lowbit.vta.body`: the whole body on
+VTA, host only at the stem and the pooling + classifier).  Any other model gets the per-layer partition
+(:func:`compile_per_layer`), with a warning naming why:
 
 1. :func:`tvm_lowbit.vta.model.plan` picks the layers VTA runs exactly and lowers them to programs.
 2. The model is imported to Relax (``torch.export``); in it, each VTA layer's integer op
@@ -16,8 +20,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,13 +30,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from tvm_lowbit.artifact import Artifact
 from tvm_lowbit.errors import CompileError
 from tvm_lowbit.importer import import_torch
 from tvm_lowbit.passes.layer_info import weight_key
 from tvm_lowbit.quantizers.api import quantize
 from tvm_lowbit.targets import TargetSpec, load_target
+from tvm_lowbit.vta import integer
+from tvm_lowbit.vta.body import VTABodyArtifact, check_body, compile_body
 from tvm_lowbit.vta.model import Partition, VTALayer, plan
+from tvm_lowbit.vta.runtime import SimulatedArtifact, build_host, compare
 
 _IDS = itertools.count()
 
@@ -43,6 +49,7 @@ class VTAReport:
 
     partition: Partition
     host_ops: dict[str, int] = field(default_factory=dict)
+    note: str = ""   # why the model got the per-layer partition instead of the integer-only body
 
     @property
     def lowered(self) -> list[str]:
@@ -56,9 +63,17 @@ class VTAReport:
     def kernels(self) -> dict[str, str]:
         return {n: "vta" for n in self.partition.layers}
 
+    @property
+    def host_roundtrips(self) -> int:
+        """Every VTA layer after the first gets its input from the host (its predecessor's epilogue)."""
+        return max(len(self.partition.layers) - 1, 0)
+
     def text(self) -> str:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.host_ops.items(), key=lambda kv: -kv[1]))
-        return self.partition.text() + (f"\nhost graph ops: {ops}" if ops else "")
+        return ((self.note + "\n" if self.note else "") + self.partition.text()
+                + (f"\nhost graph ops: {ops}" if ops else "")
+                + f"\nhost round trips between the first and the last VTA layer: {self.host_roundtrips} (per-layer "
+                "partition: each layer's epilogue runs on the host)")
 
 
 def _bindings(func: Any) -> dict[int, Any]:
@@ -176,26 +191,16 @@ def host_op_counts(func: Any) -> dict[str, int]:
 
 
 @dataclass
-class VTAArtifact(Artifact):
-    """A model compiled for a VTA target: the host executable plus one VTA program per VTA layer.
-    ``run`` executes it here with the VTA layers on the functional simulator (``executor="reference"``:
-    on the NumPy integer reference instead); ``outputs`` keeps each VTA layer's last int8 output.
-    Runs are serialized by a lock (``outputs``, ``executor`` and the simulated layers are shared state),
-    so one VTAArtifact may be shared by threads; ``export`` follows ``Artifact.export``'s rules."""
+class VTAArtifact(SimulatedArtifact):
+    """A model compiled for a VTA target with the per-layer partition: the host executable plus one VTA
+    program per VTA layer.  ``run`` executes it here with the VTA layers on the functional simulator
+    (``executor="reference"``: on the NumPy integer reference instead); ``outputs`` keeps each VTA layer's
+    last int8 output."""
 
     partition: Partition | None = None
     functions: dict[str, str] = field(default_factory=dict)
-    executor: str = "sim"
-    seed: int | None = 0
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)
-    _registered: bool = False
-    _lock: Any = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
 
-    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
-        with self._lock:
-            return super().run_all(x)
-
-    def _register(self) -> None:
+    def register(self) -> None:
         import tvm_ffi
 
         for name, fname in self.functions.items():
@@ -211,16 +216,6 @@ class VTAArtifact(Artifact):
                 out.copyfrom(np.ascontiguousarray(y, np.int8))
 
             tvm_ffi.register_global_func(fname, run, override=True)
-        self._registered = True
-
-    def _machine(self) -> Any:
-        if not self.target.is_host:
-            raise CompileError(f"this artifact's host code is built for {self.target.name} ({self.target.arch}); "
-                               "export it for the board, or compile for vta-sim to simulate it here")
-        with self._lock:
-            if not self._registered:
-                self._register()
-            return super()._machine()
 
     def cycles(self) -> dict[str, int]:
         return {n: l.cycles.total_cycles for n, l in self.partition.layers.items()}
@@ -256,26 +251,56 @@ class VTAArtifact(Artifact):
                             "uops_prefetched_by_previous": bool(vl.lowered.info.get("uops_preloaded")),
                             "prefetches_next_weights": bool(vl.lowered.info.get("prefetches_next")),
                             "prefetches_next_uops": bool(vl.lowered.info.get("prefetches_next_uops"))}
-        return {**extra, "kind": "vta", "vta": self.target.vta, "layers": layers}
+        return {**extra, "kind": "vta", "vta": self.target.vta, "body": "per-layer", "layers": layers,
+                "host_roundtrips": self.report.host_roundtrips}
 
 
 def compile_vta(qmodel: nn.Module, example: np.ndarray | torch.Tensor, target: str | TargetSpec = "vta-sim", *,
                 calib: np.ndarray | None = None, requant: str = "auto", target_utilization: float = 0.7,
-                verbose: bool = False, progress: bool = False) -> VTAArtifact:
-    """Compile a quantized model for a VTA target.  ``calib`` (model inputs) lets the requantization
-    use calibrated shifts where the cycle model allows (``requant="auto"``); without it every VTA layer
-    uses the data-free worst-case shift (see :mod:`tvm_lowbit.vta.quant`)."""
-    import tvm
-    from tvm import relax
+                verbose: bool = False, progress: bool = False, search: bool = True) -> VTAArtifact | VTABodyArtifact:
+    """Compile a quantized model for a VTA target.
 
+    A ResNet of BasicBlocks gets the **integer-only body** (:mod:`tvm_lowbit.vta.body`): every layer from
+    the first block to the last on VTA, activations kept in VTA's layout in DRAM, power-of-two scales
+    calibrated on ``calib`` (default: the example input); only the stem and the pooling + classifier run on
+    the host.  A model the conversion cannot take (another graph, an op it does not know) is compiled with
+    the per-layer partition instead (:func:`compile_per_layer`: each quantized conv/dense on VTA, its float
+    epilogue on the host), with a one-line warning saying why.  ``requant`` and ``target_utilization``
+    apply to the per-layer partition; ``search=False`` skips the cycle model's tiling search (tests)."""
     spec = load_target(target)
     if not spec.is_vta:
         raise CompileError(f"target {spec.name!r} is not a VTA target")
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"compile() takes a torch.nn.Module (from tvm_lowbit.quantize), got {type(qmodel).__name__}")
-    cfg = spec.vta_config()
     t0 = time.time()
     x = np.asarray(example, np.float32)
+    cal = x if calib is None else np.asarray(calib, np.float32)
+    try:
+        net = integer.from_resnet(qmodel, cal)
+    except integer.NotVTAInteger as e:
+        note = (f"VTA: {e}; the integer-only body cannot take it, so each quantized layer runs as its own VTA "
+                "program with its float epilogue on the host in between")
+        warnings.warn(note, stacklevel=2)
+        art = compile_per_layer(qmodel, x, spec, calib=calib, requant=requant, target_utilization=target_utilization,
+                                progress=progress)
+        art.report.note = note
+    else:
+        art = compile_body(net, x, spec, f"tvm_lowbit.vta.{os.getpid()}_{next(_IDS)}.body",
+                           calib_images=len(cal), progress=progress, search=search)
+    art.compile_seconds = time.time() - t0
+    if verbose:
+        print(art.report.text())
+    return art
+
+
+def compile_per_layer(qmodel: nn.Module, x: np.ndarray, spec: TargetSpec, *, calib: np.ndarray | None = None,
+                      requant: str = "auto", target_utilization: float = 0.7, progress: bool = False) -> VTAArtifact:
+    """The per-layer partition (for models the integer-only body cannot take): ``calib`` (model inputs)
+    lets the requantization use calibrated shifts where the cycle model allows (``requant="auto"``);
+    without it every VTA layer uses the data-free worst-case shift (see :mod:`tvm_lowbit.vta.quant`)."""
+    from tvm import relax
+
+    cfg = spec.vta_config()
     part = plan(qmodel, x, cfg, calib=calib, requant=requant, target_utilization=target_utilization,
                 progress=progress)
     mod = import_torch(qmodel, torch.from_numpy(x))
@@ -283,54 +308,40 @@ def compile_vta(qmodel: nn.Module, example: np.ndarray | torch.Tensor, target: s
     prefix = f"tvm_lowbit.vta.{os.getpid()}_{next(_IDS)}"
     mod, fnames = partition_relax(mod, part.layers, prefix)
     report = VTAReport(part, host_op_counts(mod["main"]))
-    try:
-        ex = tvm.compile(mod, target=spec.tvm_target())
-    except Exception as e:
-        msg = str(e).strip().splitlines()
-        raise CompileError(f"TVM failed to build the host part for {spec.name}: {type(e).__name__}: "
-                           f"{msg[-1] if msg else ''}") from e
+    ex = build_host(mod, spec)
     wbytes = sum(l.weight_bytes for l in part.layers.values())
-    art = VTAArtifact(spec, ex, tuple(x.shape), report=report, weight_bytes=wbytes,
-                      compile_seconds=time.time() - t0, partition=part, functions=fnames)
-    if verbose:
-        print(report.text())
-    return art
+    return VTAArtifact(spec, ex, tuple(x.shape), report=report, weight_bytes=wbytes, partition=part, functions=fnames)
 
 
-def check_against_reference(art: VTAArtifact, x: np.ndarray) -> int:
+def check_against_reference(art: VTAArtifact | VTABodyArtifact, x: np.ndarray) -> int:
     """Run ``x`` with the VTA layers on the simulator and on the NumPy reference; raise unless every
     VTA layer's int8 output and the final outputs are bit-identical.  Returns the layers checked."""
-    with art._lock:  # the executor switch and the outputs are the artifact's shared state
-        old = art.executor
-        try:
-            art.executor = "sim"
-            sim_out = art.run_all(x)
-            sim_layers = dict(art.outputs)
-            art.executor = "reference"
-            ref_out = art.run_all(x)
-            ref_layers = dict(art.outputs)
-        finally:
-            art.executor = old
-    for name, ref in ref_layers.items():
-        if not np.array_equal(sim_layers.get(name), ref):
-            bad = int(np.sum(sim_layers[name] != ref))
-            raise RuntimeError(f"VTA layer {name}: {bad} of {ref.size} simulator outputs differ from the integer reference")
-    if not all(np.array_equal(a, b) for a, b in zip(sim_out, ref_out)):
-        raise RuntimeError("the model outputs differ between the simulator and the integer reference")
-    return len(ref_layers)
+    if isinstance(art, VTABodyArtifact):
+        return check_body(art, x)
+    return compare(*art.run_both(x), {n: n for n in art.partition.layers})
 
 
-def compile_for_cli(model: nn.Module, fgq: Any, calib: np.ndarray, spec: TargetSpec, batch: int) -> VTAArtifact:
-    """``tvm-lowbit compile MODEL --target vta-*``: FGQ with alpha codes that fit int8, compile, and (when
-    the target runs here) check the simulator against the integer reference on the first batch."""
+def vta_fgq(fgq: Any) -> Any:
+    """The VTA flavour of an FGQ config: 7-bit alpha codes, so an alpha code times a ternary weight is an
+    int8 weight (what the per-layer partition needs exactly, and what the integer-only body's accuracy was
+    measured with: scripts/bench_vta.py)."""
+    return fgq if fgq.alpha_bits <= 7 else replace(fgq, alpha_bits=7)
+
+
+def compile_for_cli(model: nn.Module, fgq: Any, calib: np.ndarray, spec: TargetSpec,
+                    batch: int) -> VTAArtifact | VTABodyArtifact:
+    """``tvm-lowbit compile MODEL --target vta-*``: FGQ in its VTA flavour, compile (scales calibrated on
+    ``calib``), and (when the target runs here) check the simulator against the integer reference on the
+    first batch."""
     if fgq.alpha_bits > 7:
-        print(f"VTA: quantizing with 7-bit alpha codes instead of {fgq.alpha_bits}: alpha_q * t must fit an int8 "
-              "weight exactly, and 8-bit codes reach 255", flush=True)
-        fgq = replace(fgq, alpha_bits=7)
+        print(f"VTA: quantizing with 7-bit alpha codes instead of {fgq.alpha_bits} (the VTA FGQ config: an alpha "
+              "code times a ternary weight fits an int8 weight)", flush=True)
+        fgq = vta_fgq(fgq)
     q = quantize(model, fgq, calib)
     art = compile_vta(q, calib[:batch], spec, calib=calib, progress=True)
     if spec.is_host:
         n = check_against_reference(art, np.asarray(calib[:batch], np.float32))
-        print(f"checked: on {batch} input(s) all {n} VTA layers' int8 outputs on the simulator equal the NumPy "
+        what = "every body tensor in DRAM" if isinstance(art, VTABodyArtifact) else "their int8 outputs"
+        print(f"checked: on {batch} input(s) all {n} VTA layers ({what}) on the simulator equal the NumPy "
               "integer reference, and the logits are bit-identical", flush=True)
     return art

@@ -45,7 +45,8 @@ from tvm_lowbit.vta.config import VTAConfig
 from tvm_lowbit.vta.cycles import CycleReport, estimate
 from tvm_lowbit.vta.lower import (ConvSpec, Epilogue, LayerProgram, Shortcut, lower_conv, pack_input,
                                   tile_candidates, unpack_output)
-from tvm_lowbit.vta.program import DRAM_ALIGN, Buffer, DramLayout
+from tvm_lowbit.vta.model import run_with_pre_hooks
+from tvm_lowbit.vta.program import DRAM_ALIGN, Buffer, DramLayout, Program
 from tvm_lowbit.vta.sim import Simulator
 
 CODE_MAX = 127          # activation codes after a ReLU: int8 0..127
@@ -111,8 +112,8 @@ class IntNet:
 
     def ops(self) -> list[tuple[str, str, str]]:
         """Every op of the network in execution order: (op, where, what)."""
-        out = [("stem", "host", "float conv + batch norm + ReLU (+ max-pool), quantize to int8 codes "
-                f"(scale 2^{self.exps[self.first]}) in VTA's layout")]
+        out = [("stem", "host", "the model's conv1 + bn1 + ReLU (+ max-pool) in float math, quantize to int8 "
+                f"codes (scale 2^{self.exps[self.first]}) in VTA's layout")]
         for l in self.layers:
             sc = "" if l.sc_inp is None else f", + {l.sc_kind} shortcut of {l.sc_inp} in the same accumulators"
             out.append((l.name, "vta", f"conv {l.w8.shape[2]}x{l.w8.shape[3]}/{l.stride[0]} {l.inp} -> {l.out}"
@@ -308,11 +309,20 @@ def _shortcut_conv(blk: nn.Module) -> QConv2d | None:
 def from_resnet(qmodel: nn.Module, calib: np.ndarray, batch: int = 64, samples: int = 200_000) -> IntNet:
     """The integer-only VTA version of a fake-quant ResNet (``tvm_lowbit.quantize`` with FGQ or int8
     weights; BasicBlocks in ``layer1..layer4``; float stem ``conv1``/``bn1``/``relu`` [+ ``maxpool``]
-    and head ``pool``/``avgpool`` + ``fc`` on the host).  ``calib`` sets each tensor's power-of-two scale."""
+    and head ``pool``/``avgpool`` + ``fc`` on the host).  ``calib`` sets each tensor's power-of-two scale.
+    A model of another shape raises :class:`NotVTAInteger` naming the block or attribute: its forward is
+    checked against that structure on the first calibration images (:func:`check_structure`)."""
     qmodel = qmodel.eval()
+    kind = type(qmodel).__name__
     blocks = _stages(qmodel)
     if not blocks:
-        raise NotVTAInteger("the model has no layer1..layer4 stages of residual blocks")
+        raise NotVTAInteger(f"{kind} has no layer1..layer4 stages of residual blocks (not a ResNet of BasicBlocks)")
+    missing = [a for a in ("conv1", "bn1", "relu", "fc") if not isinstance(getattr(qmodel, a, None), nn.Module)]
+    if not isinstance(getattr(qmodel, "pool", None) or getattr(qmodel, "avgpool", None), nn.Module):
+        missing.append("pool/avgpool")
+    if missing:
+        raise NotVTAInteger(f"{kind} has no {', '.join(missing)}: the integer-only body needs a ResNet's host stem "
+                            "(conv1, bn1, relu) and head (pool/avgpool, fc)")
     for name, blk in blocks:
         if _qconv(getattr(blk, "conv1", None)) is None or _qconv(getattr(blk, "conv2", None)) is None:
             raise NotVTAInteger(f"block {name}: conv1/conv2 are not quantized convolutions")
@@ -325,26 +335,23 @@ def from_resnet(qmodel: nn.Module, calib: np.ndarray, batch: int = 64, samples: 
         a = v.detach().double().numpy().reshape(-1)
         acts.setdefault(key, []).append(a[rng.integers(0, a.size, min(a.size, samples // 8))])
 
-    hooks = []
+    hooks: list[tuple[nn.Module, Callable]] = []
     for name, blk in blocks:
-        hooks.append(blk.conv1.register_forward_pre_hook(lambda m, a, k=f"{name}.in": keep(k, a[0])))
-        hooks.append(blk.conv2.register_forward_pre_hook(lambda m, a, k=f"{name}.mid": keep(k, a[0])))
-    hooks.append(pool.register_forward_pre_hook(lambda m, a: keep("out", a[0])))
-    try:
-        with torch.no_grad():
-            for i in range(0, len(calib), batch):
-                qmodel(torch.from_numpy(np.asarray(calib[i:i + batch], np.float32)))
-    finally:
-        for h in hooks:
-            h.remove()
+        hooks.append((blk.conv1, lambda m, a, k=f"{name}.in": keep(k, a[0])))
+        hooks.append((blk.conv2, lambda m, a, k=f"{name}.mid": keep(k, a[0])))
+    hooks.append((pool, lambda m, a: keep("out", a[0])))
+    run_with_pre_hooks(qmodel, hooks, calib, batch)
     exps = {k: _best_exponent(np.concatenate(v)) for k, v in acts.items()}
     tensors = [f"{name}.in" for name, _ in blocks] + ["out"]
     layers = []
     for i, (name, blk) in enumerate(blocks):
         tin, tmid, tout = tensors[i], f"{name}.mid", tensors[i + 1]
-        layers.append(_conv_layer(f"{name}.conv1", _qconv(blk.conv1), exps[tin], exps[tmid], tin, tmid))
-        layers.append(_block_conv2(f"{name}.conv2", _qconv(blk.conv2), _shortcut_conv(blk), exps[tmid], exps[tin],
-                                   exps[tout], tmid, tin, tout))
+        try:
+            layers.append(_conv_layer(f"{name}.conv1", _qconv(blk.conv1), exps[tin], exps[tmid], tin, tmid))
+            layers.append(_block_conv2(f"{name}.conv2", _qconv(blk.conv2), _shortcut_conv(blk), exps[tmid],
+                                       exps[tin], exps[tout], tmid, tin, tout))
+        except NotVTAInteger as e:
+            raise (e if str(e).startswith(name) else NotVTAInteger(f"block {name}: {e}")) from None
 
     def stem(x: torch.Tensor) -> torch.Tensor:
         y = qmodel.relu(qmodel.bn1(qmodel.conv1(x)))
@@ -354,7 +361,39 @@ def from_resnet(qmodel: nn.Module, calib: np.ndarray, batch: int = 64, samples: 
     def head(y: torch.Tensor) -> torch.Tensor:
         return qmodel.fc(torch.flatten(pool(y), 1))
 
+    check_structure(qmodel, blocks, stem, head, torch.from_numpy(np.asarray(calib[:4], np.float32)))
     return IntNet(qmodel, layers, exps, tensors[0], "out", stem, head)
+
+
+def _block_as_converted(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the integer body computes for a block (in float): relu(conv2(relu(conv1(x))) + shortcut(x)),
+    batch norms folded into the convs."""
+    sc = getattr(blk, "shortcut", None) or getattr(blk, "downsample", None)
+    r = x if sc is None else sc(x)
+    return torch.relu(blk.conv2(torch.relu(blk.conv1(x))) + r)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + float(b.abs().max()))))
+
+
+def check_structure(qmodel: nn.Module, blocks: list[tuple[str, nn.Module]], stem: Callable, head: Callable,
+                    x: torch.Tensor) -> None:
+    """Raise :class:`NotVTAInteger` unless ``qmodel(x)`` is ``head(blocks(stem(x)))`` and every block computes
+    ``relu(conv2(relu(conv1(x))) + shortcut(x))``: the conversion reads only those modules, so a block with
+    another op (an unfolded batch norm, another activation, an extra layer) or a forward with more steps
+    would otherwise become a different network."""
+    with torch.no_grad():
+        y = stem(x)
+        for name, blk in blocks:
+            want = blk(y)
+            if not _close(_block_as_converted(blk, y), want):
+                raise NotVTAInteger(f"block {name} ({type(blk).__name__}): its forward is not relu(conv2(relu("
+                                    "conv1(x))) + shortcut(x)) with folded batch norms (another op in it?)")
+            y = want
+        if not _close(head(y), qmodel(x)):
+            raise NotVTAInteger(f"{type(qmodel).__name__}: its forward is not stem -> layer1..layer4 -> pooling -> fc "
+                                "(another op between them?)")
 
 
 # ---- the network on VTA ----------------------------------------------------------------------
@@ -381,38 +420,15 @@ class NetProgram:
                 d[b.offset:b.offset + len(raw)] = np.frombuffer(raw, np.uint8)
         return d
 
-    def spec_of(self, tensor: str) -> ConvSpec:
-        n, c, h, w = self.shapes[tensor]
-        return ConvSpec(n, c, h, w, c)
-
     def run(self, codes: np.ndarray, seed: int | None = 0, layers: list[str] | None = None,
             inputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Run the programs in order on the functional simulator (one simulator, one DRAM); the host
         writes the stem's codes once and reads every tensor back only to return it.  ``layers``: a
         subset (consecutive or not), whose input tensors come from ``inputs`` (codes, NCHW)."""
-        d = self.dram()
-        todo = [l for l in self.net.layers if layers is None or l.name in layers]
-        given = dict(inputs or {})
-        given[self.net.first] = codes
-        written = set()
-        for name, v in given.items():
-            if name in self.tensors:
-                x = pack_input(np.asarray(v), self.spec_of(name))
-                b = self.tensors[name]
-                d[b.offset:b.offset + x.nbytes] = x.view(np.uint8).reshape(-1)
-                written.add(name)
-        sim = Simulator(self.cfg, seed=seed)
-        for l in todo:
-            for t in (l.inp, l.sc_inp):
-                if t is not None and t not in written:
-                    raise ValueError(f"{l.name}: its input tensor {t} was neither given nor computed")
-            sim.run(self.programs[l.name].program, d)
-            written.add(l.out)
-        out = {}
-        for name in written:
-            b = self.tensors[name]
-            out[name] = unpack_output(d[b.offset:b.offset + b.nbytes], self.spec_of(name)).astype(np.int64)
-        return out
+        steps = [Step(l.name, self.programs[l.name].program, (l.inp,) + ((l.sc_inp,) if l.sc_inp else ()), l.out)
+                 for l in self.net.layers if layers is None or l.name in layers]
+        return run_steps(self.cfg, self.dram(), steps, self.tensors, self.shapes,
+                         {**(inputs or {}), self.net.first: codes}, seed)
 
     @property
     def total_cycles(self) -> int:
@@ -420,6 +436,44 @@ class NetProgram:
 
     def gemm_bound(self, name: str) -> int:
         return -(-self.programs[name].spec.gemm_uops() // self.cfg.gemm_width) * self.cfg.timing.gemm_ii
+
+
+@dataclass(frozen=True)
+class Step:
+    """One layer program of a network over a shared DRAM: the tensors it reads and the one it writes."""
+
+    name: str
+    program: Program
+    inputs: tuple[str, ...]
+    output: str
+
+
+def _tensor_spec(shape: tuple[int, ...]) -> ConvSpec:
+    n, c, h, w = shape
+    return ConvSpec(n, c, h, w, c)
+
+
+def run_steps(cfg: VTAConfig, dram: np.ndarray, steps: list[Step], tensors: dict[str, Buffer],
+              shapes: dict[str, tuple[int, ...]], given: dict[str, np.ndarray],
+              seed: int | None = 0) -> dict[str, np.ndarray]:
+    """Write the ``given`` tensors (codes, NCHW) into ``dram`` in VTA's layout, run the programs in order on
+    one simulator over it, and read back every tensor written (NCHW int64)."""
+    written = set()
+    for name, v in given.items():
+        if name in tensors:
+            x = pack_input(np.asarray(v), _tensor_spec(shapes[name]))
+            b = tensors[name]
+            dram[b.offset:b.offset + x.nbytes] = x.view(np.uint8).reshape(-1)
+            written.add(name)
+    sim = Simulator(cfg, seed=seed)
+    for st in steps:
+        for t in st.inputs:
+            if t not in written:
+                raise ValueError(f"{st.name}: its input tensor {t} was neither given nor computed")
+        sim.run(st.program, dram)
+        written.add(st.output)
+    return {name: unpack_output(dram[tensors[name].offset:tensors[name].offset + tensors[name].nbytes],
+                                _tensor_spec(shapes[name])).astype(np.int64) for name in written}
 
 
 def lower_net(net: IntNet, cfg: VTAConfig, shapes: dict[str, tuple[int, int, int, int]],

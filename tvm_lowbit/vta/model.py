@@ -193,15 +193,23 @@ def _calibrate(qmodel: nn.Module, maths: dict[str, VTALayerMath], calib: np.ndar
             acc = acc.reshape(acc.shape[0], -1)
             lo, hi = ranges.get(name, (np.zeros(acc.shape[0]), np.zeros(acc.shape[0])))
             ranges[name] = (np.minimum(lo, acc.min(1).values.numpy()), np.maximum(hi, acc.max(1).values.numpy()))
-        hooks.append(layers[name].register_forward_pre_hook(hook))
+        hooks.append((layers[name], hook))
+    run_with_pre_hooks(qmodel, hooks, calib, batch)
+    return ranges
+
+
+def run_with_pre_hooks(model: nn.Module, hooks: list[tuple[nn.Module, Callable]], calib: np.ndarray,
+                       batch: int) -> None:
+    """Run ``model`` over ``calib`` in batches (no grad) with the forward pre-hooks ``(module, fn(module,
+    args))`` installed; they are removed afterwards, also on an error."""
+    handles = [m.register_forward_pre_hook(fn) for m, fn in hooks]
     try:
         with torch.no_grad():
             for i in range(0, len(calib), batch):
-                qmodel(torch.from_numpy(np.asarray(calib[i:i + batch], np.float32)))
+                model(torch.from_numpy(np.asarray(calib[i:i + batch], np.float32)))
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
-    return ranges
 
 
 def plan(qmodel: nn.Module, example: np.ndarray, cfg: VTAConfig, *, calib: np.ndarray | None = None,
