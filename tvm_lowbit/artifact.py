@@ -1,11 +1,11 @@
 """A compiled model (:class:`Artifact`): run it, time it, export it; :func:`load_artifact` reads an export back.
 
-Backends return an ``Artifact`` (or a subclass with their own files, like ``vta.compile.VTAArtifact``).
+Backends return an ``Artifact`` (or a subclass with their own files, like ``vta.body.VTABodyArtifact``).
 
 Thread safety: one ``Artifact`` may be shared by several threads; ``run``, ``run_all`` and ``median_ms``
 give each thread its own Relax VM (a TVM VM keeps its registers per VM, so one VM used by two threads at
 once corrupts them).  ``export`` may run beside them.  Subclasses with state of their own
-(``VTAArtifact``) serialize their runs with a lock.
+(the simulated VTA artifacts, ``vta.runtime.SimulatedArtifact``) serialize their runs with one process-wide lock.
 
 Exports are checked: ``meta.json`` records the sha256 of every file (``"files"``) and :func:`load_artifact`
 verifies them, and the schema of ``meta.json``, before it loads ``model.so``; an export made before the hashes
@@ -203,8 +203,10 @@ def load_artifact(directory: str | os.PathLike[str]) -> Artifact:
     d = Path(directory)
     meta = read_meta(d)
     if meta.get("kind") == "vta":
-        raise CompileError(f"{d} holds VTA programs ({meta['target']}): its host graph calls the VTA layers by name, "
-                           "so it runs only with a VTA runtime; compile again with tvm_lowbit.compile to simulate it")
+        how = ("load it with tvm_lowbit.vta.body.load_body(path) to run it on the simulator" if meta.get("body")
+               else "compile again with tvm_lowbit.compile to simulate it")
+        raise CompileError(f"{d} holds VTA programs ({meta['target']}): its host graph calls the VTA runtime, "
+                           f"which load_artifact does not provide; {how}")
     try:
         spec = load_target(meta["target"])
     except TargetError as e:
