@@ -158,16 +158,22 @@ def build_ort_int8(m: int, n: int, k: int, threads: int):  # -> (callable, input
     return (lambda: sess.run(None, {"x": x})), ops
 
 
-def median_seconds(fn, repeat: int, number: int = 3) -> float:
-    """Median over ``repeat`` timings of ``number`` calls each (after one warm-up call)."""
-    fn()
-    times = []
+def interleaved_times(runs: dict, repeat: int, number: int = 3) -> tuple[dict, dict]:
+    """``repeat`` rounds; each round times ``number`` calls of every kernel in turn (after one warm-up call
+    each), so a change in the machine's load hits every kernel alike.  Returns the wall and the CPU seconds
+    (``time.process_time``: all this process's threads) per call of each round, by kernel."""
+    for fn in runs.values():
+        fn()
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        times.append((time.perf_counter() - t0) / number)
-    return float(np.median(times))
+        for name, fn in runs.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(number):
+                fn()
+            wall[name].append((time.perf_counter() - t0) / number)
+            cpu[name].append((time.process_time() - c0) / number)
+    return wall, cpu
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -201,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     import tvm
 
     from tvm_lowbit import qmath
-    from tvm_lowbit.kernels import avx2, lut, vnni
+    from tvm_lowbit.kernels import avx2, lut, vlut, vnni
 
     cores = int(os.environ["TVM_NUM_THREADS"])
     ghz = a.ghz or cpu_ghz()
@@ -220,22 +226,25 @@ def main(argv: list[str] | None = None) -> int:
         codes = qmath.pack_2bit(t)
         alpha = rng.integers(0, 128, (n, -(-k // gs))).astype(np.int16)  # 7-bit codes: every kernel takes them
         ref = avx2.reference_ternary(x[:8], codes, alpha, n, k, gs)
+        runs: dict[str, object] = {}
+        notes: dict[str, str] = {}
         for kernel in a.kernels.split(","):
             weights, alpha_arg = codes, alpha
             if kernel == "ort-int8":
-                run, ops = build_ort_int8(m, n, k, cores)
-                sec = median_seconds(run, a.repeat)
-                gops = 2.0 * m * n * k / sec / 1e9
-                rows.append({"shape": [m, n, k], "kernel": kernel, "ms": round(sec * 1e3, 4), "gops": round(gops, 2),
-                             "peak_gops": round(peak, 2), "fraction_of_peak": round(gops / peak, 4)})
-                print(f"{kernel:10} M={m} N={n} K={k}: {sec * 1e3:8.3f} ms  {gops:7.1f} GOP/s  {100 * gops / peak:5.1f}% "
-                      f"of peak  (onnxruntime {'+'.join(ops)}, int8 weights, {host_isa()} by CPUID)")
+                runs[kernel], ops = build_ort_int8(m, n, k, cores)
+                notes[kernel] = f"onnxruntime {'+'.join(ops)}, int8 weights, {host_isa()} by CPUID"
                 continue
             if kernel == "vnni":
                 if k % 4 or gs % 4 or n % 16:
                     raise SystemExit(f"vnni needs K % 4 == 0, N % 16 == 0 and --group-size % 4 == 0, got N={n}, K={k}")
                 f, _ = vnni.build_dense(m, n, k, group_size=gs, target=vnni_target)
                 weights, alpha_arg = vnni.ternary_tiles(codes, alpha, qmath.group_layout((n, k), gs), 16)
+            elif kernel == "vlut":
+                if gs != vlut.GROUP_SIZE or k % vlut.STEP or n % 64:
+                    raise SystemExit(f"vlut needs --group-size {vlut.GROUP_SIZE}, K % {vlut.STEP} == 0 and N % 64 == 0, "
+                                     f"got N={n}, K={k}, group size {gs}")
+                f = vlut.build_dense(m, n, k, target=vnni_target)
+                weights, alpha_arg = vlut.vlut_tiles(codes, alpha)
             elif kernel == "avx2-dot":
                 f, _ = avx2.build_dense("ternary", m, n, k, group_size=gs, target=target)
             elif kernel == "default":
@@ -245,24 +254,35 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"lut needs K % 4 == 0 and --group-size % 4 == 0, got K={k}, group size {gs}")
                 f, weights = build_lut(m, n, k, gs, target), lut.base3_codes(t)
             else:
-                raise SystemExit(f"unknown kernel {kernel!r} (avx2-dot, vnni, default, lut, ort-int8)")
-            args = [tvm.runtime.tensor(v) for v in (x, weights, alpha_arg, np.ones(n, np.float32),
-                                                   np.zeros(n, np.float32), np.zeros((m, n), np.int32))]
+                raise SystemExit(f"unknown kernel {kernel!r} (avx2-dot, vnni, vlut, default, lut, ort-int8)")
+            operands = (x, weights, alpha_arg) if kernel == "vlut" else (x, weights, alpha_arg, np.ones(n, np.float32),
+                                                                       np.zeros(n, np.float32))
+            args = [tvm.runtime.tensor(v) for v in (*operands, np.zeros((m, n), np.int32))]
             mod = f.mod if hasattr(f, "mod") else f
-            mod["main"](*args)
+            func = mod["main"]
+            func(*args)
             if not np.array_equal(args[-1].numpy()[:8].astype(np.int64), ref):
                 raise SystemExit(f"{kernel}: accumulators differ from the numpy reference")
-            cpu0 = time.process_time()
-            sec = float(np.median(mod.time_evaluator("main", tvm.cpu(), number=3, repeat=a.repeat)(*args).results))
-            cpu = (time.process_time() - cpu0) / (3 * a.repeat + 1)  # CPU-seconds per run (+1: the warm-up run)
+            runs[kernel] = (lambda fn=func, av=args: fn(*av))
+            notes[kernel] = "bit-exact"
+        wall, cpu = interleaved_times(runs, a.repeat)  # type: ignore[arg-type]
+        ort_ms = float(np.median(wall["ort-int8"])) * 1e3 if "ort-int8" in wall else None
+        for kernel in runs:
+            sec = float(np.median(wall[kernel]))
+            cpu_sec = float(np.median(cpu[kernel]))
             gops = 2.0 * m * n * k / sec / 1e9
-            gops_cpu = 2.0 * m * n * k / cpu / 1e9 * cores
-            rows.append({"shape": [m, n, k], "kernel": kernel, "ms": round(sec * 1e3, 4), "gops": round(gops, 2),
-                         "peak_gops": round(peak, 2),
-                         "fraction_of_peak": round(gops / peak, 4)})
+            gops_cpu = 2.0 * m * n * k / cpu_sec / 1e9 * cores if cpu_sec > 0 else float("nan")
+            row = {"shape": [m, n, k], "kernel": kernel, "ms": round(sec * 1e3, 4), "gops": round(gops, 2),
+                   "peak_gops": round(peak, 2), "fraction_of_peak": round(gops / peak, 4)}
+            vs = ""
+            if ort_ms is not None:
+                row["ratio_vs_ort_int8"] = round(sec * 1e3 / ort_ms, 4)
+                vs = f"  ORT int8 / this {ort_ms / (sec * 1e3):5.2f}x"
+            rows.append(row)
             print(f"{kernel:10} M={m} N={n} K={k} g={gs}: {sec * 1e3:8.3f} ms  {gops:7.1f} GOP/s  "
-                  f"{100 * gops / peak:5.1f}% of peak  (bit-exact); per CPU-second given: {gops_cpu:7.1f} GOP/s "
-                  f"= {100 * gops_cpu / peak:5.1f}%")
+                  f"{100 * gops / peak:5.1f}% of peak; CPU {cpu_sec * 1e3:8.3f} ms/call "
+                  f"(per CPU-second {gops_cpu:7.1f} GOP/s = {100 * gops_cpu / peak:5.1f}%){vs}  ({notes[kernel]})")
+    print(f"load average (1, 5, 15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"rows": rows}, indent=2) + "\n")

@@ -1,0 +1,153 @@
+"""A decode-free grouped-ternary dense kernel for few activation rows on AVX-512 VBMI + VNNI (T-MAC style:
+``vpermb`` table lookups feeding ``vpdpbusd``).
+
+At batch 1 nothing reuses a decoded weight, so decoding the 2-bit codes into int8 ``alpha * t`` costs more
+than the dot product it feeds.  This kernel never decodes a weight.  For groups of 4 weights (FGQ N=4) it
+computes, for output channel ``k`` and group ``s`` (inputs ``4s..4s+3``),
+
+    P[k, s] = sum_q t[k, 4s + q] * x[4s + q]          (the group's partial sum)
+    acc[k]  = sum_s alpha_q[k, s] * P[k, s]
+
+exactly, by splitting every activation code into nibbles, ``x = xl + 16 xh`` (``xl, xh`` in 0..15):
+
+* a code byte (4 weights) is two nibbles of 2 weights each; for one pair of inputs the 16 possible nibbles
+  have partial sums ``t0 * xn0 + t1 * xn1`` in -30..30, so two lookups give a group's ``Pl`` (or ``Ph``) in
+  -60..60: an int8;
+* one ``vpermb`` looks 64 nibbles up in a 64-byte table: 16 output channels x 4 consecutive groups, the
+  table holding the 16 entries of each of the 4 groups (built once per call from the activations: 4 tables
+  of 64 bytes per 16 inputs);
+* ``vpdpbusd`` multiplies the 4 groups' alpha codes (u8, up to 255) by their ``Pl`` (s8) and adds the 4
+  products into the channel's int32 lane with no saturation; a second accumulator takes ``Ph``, and
+  ``acc = accL + 16 * accH``.
+
+Per 256 weights that is one 64-byte load of codes, one of alpha codes, 4 ``vpermb``, 2 byte adds, 2
+``vpdpbusd`` and a few masks, against 4 decodes (each 2 shuffles, 2 mask tests, 2 masked moves) and 4
+``vpdpbusd`` for the folded kernel (``kernels.vnni``).  The stored weight is the packed 2-bit codes and the
+alpha codes, reordered at compile time into the kernel's tile order (the same bytes: :func:`vlut_tiles`).
+Exact in int32: the numpy integer reference is the test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+from tvm.target.codegen import target_has_features
+
+from tvm_lowbit.kernels.common import TargetLike
+
+LANES = 16        # int32 lanes (output channels) of a zmm vpdpbusd
+STEP = 16         # input channels per step: 4 groups of 4
+GROUP_SIZE = 4    # the groups this kernel takes (one alpha code per code byte)
+_VPERMB = "llvm.x86.avx512.permvar.qi.512"
+_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+
+
+def has_vlut(target: tvm.target.Target | None) -> bool:
+    """Whether an x86 target has what the kernel needs: AVX-512 BW + VBMI (``vpermb``) + VNNI (``vpdpbusd``)."""
+    if target is None or str(target.kind.name) != "llvm" \
+            or str(target.attrs.get("mtriple", "x86_64")).startswith(("aarch64", "arm")):
+        return False
+    return all(target_has_features(f, target) for f in ("avx512bw", "avx512vbmi", "avx512vnni"))
+
+
+def vlut_tiles(codes: np.ndarray, alpha_q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The packed 2-bit codes [K, C/4] (``qmath.pack_2bit``) and alpha codes [K, C/4] (groups of 4) in the
+    kernel's tile order ``[K/16, C/16, 64]``: byte (kb, sb, 4 i + p) is group ``4 sb + p`` of channel
+    ``16 kb + i`` (the same bytes, reordered)."""
+    kout, nbytes = codes.shape
+    if alpha_q.shape != codes.shape or kout % LANES or nbytes % 4:
+        raise ValueError(f"vlut_tiles takes codes and alpha codes [K, C/4] with K % {LANES} == 0 and C % {STEP} "
+                         f"== 0 (groups of {GROUP_SIZE}), got {codes.shape} and {alpha_q.shape}")
+    if alpha_q.min(initial=0) < 0 or alpha_q.max(initial=0) > 255:
+        raise ValueError("vlut_tiles takes alpha codes in 0..255")
+
+    def order(a: np.ndarray) -> np.ndarray:
+        t = a.reshape(kout // LANES, LANES, nbytes // 4, 4).transpose(0, 2, 1, 3)
+        return np.ascontiguousarray(t.reshape(kout // LANES, nbytes // 4, 4 * LANES), np.uint8)
+
+    return order(codes), order(alpha_q)
+
+
+def _table_consts() -> tuple[list[tirx.PrimExpr], list[tirx.PrimExpr]]:
+    """For table byte ``e = 16 p + nib`` (int8x64 masks, constants LLVM folds): where the nibble's weight 0 /
+    weight 1 has code 1 (t = +1) and code 3 (t = -1)."""
+    nib = tirx.Ramp(tirx.const(0, "int8"), tirx.const(1, "int8"), 64) & tirx.Broadcast(tirx.const(15, "int8"), 64)
+    ones, zeros = tirx.Broadcast(tirx.const(-1, "int8"), 64), tirx.Broadcast(tirx.const(0, "int8"), 64)
+
+    def mask(w: int, code: int) -> tirx.PrimExpr:
+        field = (nib >> tirx.Broadcast(tirx.const(2 * w, "int8"), 64)) & tirx.Broadcast(tirx.const(3, "int8"), 64)
+        return tirx.Select(field == tirx.Broadcast(tirx.const(code, "int8"), 64), ones, zeros)
+
+    return [mask(0, 1), mask(1, 1)], [mask(0, 3), mask(1, 3)]
+
+
+def dense_vlut_func(rows: int, kout: int, cin: int, nb: int = 4) -> tirx.PrimFunc:
+    """``acc[m, k] = sum_c x[m, c] * alpha_q[k, c // 4] * t[k, c]`` (int32) for uint8 activation codes
+    ``x[rows, cin]`` and the tiles of :func:`vlut_tiles`; ``nb`` blocks of 16 channels share each table load."""
+    if kout % (LANES * nb) or cin % STEP:
+        raise ValueError(f"the vpermb LUT kernel needs K % {LANES * nb} == 0 and C % {STEP} == 0, got K={kout}, "
+                         f"C={cin}")
+    nkb, nsb = kout // LANES, cin // STEP
+    (pos0, pos1), (neg0, neg1) = _table_consts()
+    # source byte of every table byte: input 4p + 2h + w of the step (h: which nibble of the code byte)
+    src = [[[4 * (e // 16) + 2 * h + w for e in range(64)] for w in (0, 1)] for h in (0, 1)]
+    posmask = T.reinterpret("uint8x64", T.broadcast(T.uint32(0x30201000), LANES))  # byte j: 16 * (j % 4)
+
+    def table(xv: tirx.PrimExpr, h: int) -> tirx.PrimExpr:
+        """The 64-byte table of nibble ``h`` of the code bytes for the 16 activation nibbles ``xv``."""
+        x0 = tirx.Shuffle([xv, xv, xv, xv], src[h][0])
+        x1 = tirx.Shuffle([xv, xv, xv, xv], src[h][1])
+        return (x0 & pos0) - (x0 & neg0) + (x1 & pos1) - (x1 & neg1)
+
+    @T.prim_func(s_tir=True)
+    def main(x: T.Buffer((rows, cin), "uint8"), codes: T.Buffer((nkb, nsb, 64), "uint8"),
+             alpha: T.Buffer((nkb, nsb, 64), "uint8"), out: T.Buffer((rows, kout), "int32")) -> None:
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        # tables [row, step, 4, 64]: (xl | xh) x (low | high nibble of the code byte)
+        tab = T.alloc_buffer((rows, nsb, 4, 64), "int8")
+        for r, sb in T.grid(rows, nsb):
+            xl = T.reinterpret("int8x16", x.vload([r, sb * STEP], "uint8x16") & T.broadcast(T.uint8(15), 16))
+            xh = T.reinterpret("int8x16", x.vload([r, sb * STEP], "uint8x16") >> T.broadcast(T.uint8(4), 16))
+            tab.vstore([r, sb, 0, 0], table(xl, 0))
+            tab.vstore([r, sb, 1, 0], table(xl, 1))
+            tab.vstore([r, sb, 2, 0], table(xh, 0))
+            tab.vstore([r, sb, 3, 0], table(xh, 1))
+        for kbo in T.parallel(nkb // nb):
+            for r in T.serial(rows):
+                acc = T.alloc_buffer((nb, 2, LANES), "int32", scope="local")
+                for j in T.unroll(nb):
+                    acc.vstore([j, 0, 0], T.broadcast(0, LANES))
+                    acc.vstore([j, 1, 0], T.broadcast(0, LANES))
+                for sb in T.serial(nsb):
+                    t_ll = tab.vload([r, sb, 0, 0], "int8x64")
+                    t_lh = tab.vload([r, sb, 1, 0], "int8x64")
+                    t_hl = tab.vload([r, sb, 2, 0], "int8x64")
+                    t_hh = tab.vload([r, sb, 3, 0], "int8x64")
+                    for j in T.unroll(nb):
+                        c = codes.vload([kbo * nb + j, sb, 0], "uint8x64")
+                        a = T.reinterpret("int8x64", alpha.vload([kbo * nb + j, sb, 0], "uint8x64"))
+                        lo = T.reinterpret("int8x64", (c & T.broadcast(T.uint8(15), 64)) | posmask)
+                        hi = T.reinterpret("int8x64", (c >> T.broadcast(T.uint8(4), 64)) | posmask)
+                        pl = (T.call_llvm_pure_intrin("int8x64", _VPERMB, t_ll, lo)
+                              + T.call_llvm_pure_intrin("int8x64", _VPERMB, t_lh, hi))
+                        ph = (T.call_llvm_pure_intrin("int8x64", _VPERMB, t_hl, lo)
+                              + T.call_llvm_pure_intrin("int8x64", _VPERMB, t_hh, hi))
+                        acc.vstore([j, 0, 0], T.call_llvm_pure_intrin("int32x16", _VPDPBUSD,
+                                                                      acc.vload([j, 0, 0], "int32x16"), a, pl))
+                        acc.vstore([j, 1, 0], T.call_llvm_pure_intrin("int32x16", _VPDPBUSD,
+                                                                      acc.vload([j, 1, 0], "int32x16"), a, ph))
+                for j in T.unroll(nb):
+                    out.vstore([r, (kbo * nb + j) * LANES], acc.vload([j, 0, 0], "int32x16")
+                               + (acc.vload([j, 1, 0], "int32x16") << T.broadcast(4, LANES)))
+
+    return main
+
+
+def build_dense(rows: int, kout: int, cin: int, *, nb: int = 4, target: TargetLike = None) -> tvm.runtime.Module:
+    """The compiled kernel (arguments ``x, codes_v, alpha_v, out``; the weights from :func:`vlut_tiles`)."""
+    tgt = tvm.target.Target(target if target is not None else {"kind": "llvm", "mcpu": "znver4"})
+    if not has_vlut(tgt):
+        raise ValueError(f"target {tgt} lacks AVX-512 BW/VBMI/VNNI (vpermb, vpdpbusd) for the vpermb LUT kernel")
+    return tvm.compile(tvm.IRModule({"main": dense_vlut_func(rows, kout, cin, nb)}), target=tgt)
