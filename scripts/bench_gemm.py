@@ -23,9 +23,14 @@ the numpy integer reference on a slice of rows before timing):
   AVX-512 VNNI, ymm with AVX-VNNI;
 * ``ort-int8``: ONNX Runtime's int8 GEMM on the same shape: a float ``MatMul`` by a random [K, N]
   weight, ``quantize_dynamic`` (per-tensor int8 weights, ``MatMulInteger`` with uint8 activations
-  quantized on the fly), ``--threads`` intra-op threads; MLAS picks its kernel by CPUID at run time
+  quantized on the fly), ``TVM_NUM_THREADS`` intra-op threads (the cores); MLAS picks its kernel by CPUID at run time
   (the script prints which ISA that is on this host).  Its rows time a different quantization (int8 weights,
   4x the bytes of the 2-bit codes), so they are not checked against the ternary reference;
+* ``vlut`` / ``vlut-1t``: ``kernels.vlut``, the decode-free lookup-table kernel (``vpermb`` lookups of the
+  2-bit codes in 64-byte tables built from the activation nibbles, feeding ``vpdpbusd`` with the alpha
+  codes; groups of 4; AVX-512 VBMI + VNNI), built for ``--vnni-mcpu``; ``vlut`` splits the output channels
+  over TVM's thread pool, ``vlut-1t`` runs on one thread (no parallel loop);
+* ``ort-int8-1t``: the ``ort-int8`` row with one intra-op thread;
 * ``lut``: the lookup-table kernel (``kernels.lut``: 81 partial sums per 4 input channels, one lookup per 4
   weights), built for the same CPU; LowerIntegerLayers gives it the x86 dense layers with at most
   ``kernels.lut.LUT_MAX_ROWS`` rows, the rule this script measures with ``--shapes``:
@@ -34,19 +39,25 @@ the numpy integer reference on a slice of rows before timing):
 
 The batch-1 4096 x 4096 dense row against onnxruntime int8 (issue 17's floor: >= 1.5x faster):
 
-    python scripts/bench_gemm.py --shapes 1x4096x4096 --kernels vnni,lut,avx2-dot,default,ort-int8
+    python scripts/bench_gemm.py --shapes 1x4096x4096 --kernels vlut,vlut-1t,vnni,ort-int8,ort-int8-1t --repeat 30
+
+Timing: every kernel is built and checked first, then ``--repeat`` rounds each time 3 calls of every kernel
+in turn (interleaved, so a change in the machine's load hits all alike); the medians over the rounds are
+reported, wall clock and the CPU time of the process (``time.process_time``, all its threads: the TVM
+thread pool's spin-waits count, also those a parallel kernel leaves behind while the next one runs).
+With an ``ort-int8`` row every row also gets ``ratio_vs_ort_int8`` = its median / the ORT int8 median.
+The script ends with the load average.
 
 The alpha codes are drawn from 0..127 (7 bits, FGQ ``alpha_bits=7``), which every kernel takes.
 
 On a shared machine the wall-clock rate measures the share of the cores this process got. The script also
-prints the rate per CPU-second the process was actually given (``time.process_time`` over the timed runs,
-times the cores; the thread pool's spin-waits count as busy, so this errs low). Only the wall-clock rate
-goes into the JSON.
+prints the rate per CPU-second the process was actually given (the CPU time times the cores; spin-waits
+count as busy, so this errs low). Only the wall-clock numbers go into the JSON.
 
     python scripts/bench_gemm.py --json gemm.json
 ``--shapes MxNxK,...`` runs several shapes (default: ``--m``, ``--n``, ``--k``). ``--json`` writes
-``{"rows": [{"shape", "kernel", "ms", "gops", "peak_gops", "fraction_of_peak"}, ...]}`` with ``shape`` = [M, N, K]
-and ``ms`` the median time of one call.
+``{"rows": [{"shape", "kernel", "ms", "gops", "peak_gops", "fraction_of_peak"(, "ratio_vs_ort_int8")}, ...]}``
+with ``shape`` = [M, N, K] and ``ms`` the median wall time of one call.
 """
 
 from __future__ import annotations
@@ -230,20 +241,21 @@ def main(argv: list[str] | None = None) -> int:
         notes: dict[str, str] = {}
         for kernel in a.kernels.split(","):
             weights, alpha_arg = codes, alpha
-            if kernel == "ort-int8":
-                runs[kernel], ops = build_ort_int8(m, n, k, cores)
-                notes[kernel] = f"onnxruntime {'+'.join(ops)}, int8 weights, {host_isa()} by CPUID"
+            if kernel in ("ort-int8", "ort-int8-1t"):
+                threads = cores if kernel == "ort-int8" else 1
+                runs[kernel], ops = build_ort_int8(m, n, k, threads)
+                notes[kernel] = f"onnxruntime {'+'.join(ops)}, int8 weights, {host_isa()} by CPUID, {threads} thread(s)"
                 continue
             if kernel == "vnni":
                 if k % 4 or gs % 4 or n % 16:
                     raise SystemExit(f"vnni needs K % 4 == 0, N % 16 == 0 and --group-size % 4 == 0, got N={n}, K={k}")
                 f, _ = vnni.build_dense(m, n, k, group_size=gs, target=vnni_target)
                 weights, alpha_arg = vnni.ternary_tiles(codes, alpha, qmath.group_layout((n, k), gs), 16)
-            elif kernel == "vlut":
+            elif kernel in ("vlut", "vlut-1t"):
                 if gs != vlut.GROUP_SIZE or k % vlut.STEP or n % 64:
                     raise SystemExit(f"vlut needs --group-size {vlut.GROUP_SIZE}, K % {vlut.STEP} == 0 and N % 64 == 0, "
                                      f"got N={n}, K={k}, group size {gs}")
-                f = vlut.build_dense(m, n, k, target=vnni_target)
+                f = vlut.build_dense(m, n, k, parallel=kernel == "vlut", target=vnni_target)
                 weights, alpha_arg = vlut.vlut_tiles(codes, alpha)
             elif kernel == "avx2-dot":
                 f, _ = avx2.build_dense("ternary", m, n, k, group_size=gs, target=target)
@@ -254,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"lut needs K % 4 == 0 and --group-size % 4 == 0, got K={k}, group size {gs}")
                 f, weights = build_lut(m, n, k, gs, target), lut.base3_codes(t)
             else:
-                raise SystemExit(f"unknown kernel {kernel!r} (avx2-dot, vnni, vlut, default, lut, ort-int8)")
-            operands = (x, weights, alpha_arg) if kernel == "vlut" else (x, weights, alpha_arg, np.ones(n, np.float32),
+                raise SystemExit(f"unknown kernel {kernel!r} (avx2-dot, vnni, vlut, vlut-1t, default, lut, ort-int8, ort-int8-1t)")
+            operands = (x, weights, alpha_arg) if kernel.startswith("vlut") else (x, weights, alpha_arg, np.ones(n, np.float32),
                                                                        np.zeros(n, np.float32))
             args = [tvm.runtime.tensor(v) for v in (*operands, np.zeros((m, n), np.int32))]
             mod = f.mod if hasattr(f, "mod") else f

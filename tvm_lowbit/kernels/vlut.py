@@ -83,9 +83,10 @@ def _table_consts() -> tuple[list[tirx.PrimExpr], list[tirx.PrimExpr]]:
     return [mask(0, 1), mask(1, 1)], [mask(0, 3), mask(1, 3)]
 
 
-def dense_vlut_func(rows: int, kout: int, cin: int, nb: int = 4) -> tirx.PrimFunc:
+def dense_vlut_func(rows: int, kout: int, cin: int, nb: int = 4, parallel: bool = True) -> tirx.PrimFunc:
     """``acc[m, k] = sum_c x[m, c] * alpha_q[k, c // 4] * t[k, c]`` (int32) for uint8 activation codes
-    ``x[rows, cin]`` and the tiles of :func:`vlut_tiles`; ``nb`` blocks of 16 channels share each table load."""
+    ``x[rows, cin]`` and the tiles of :func:`vlut_tiles`; ``nb`` blocks of 16 channels share each table load.
+    ``parallel``: the blocks of channels over TVM's thread pool (else one thread)."""
     if kout % (LANES * nb) or cin % STEP:
         raise ValueError(f"the vpermb LUT kernel needs K % {LANES * nb} == 0 and C % {STEP} == 0, got K={kout}, "
                          f"C={cin}")
@@ -101,6 +102,8 @@ def dense_vlut_func(rows: int, kout: int, cin: int, nb: int = 4) -> tirx.PrimFun
         x1 = tirx.Shuffle([xv, xv, xv, xv], src[h][1])
         return (x0 & pos0) - (x0 & neg0) + (x1 & pos1) - (x1 & neg1)
 
+    blocks = T.parallel if parallel else T.serial
+
     @T.prim_func(s_tir=True)
     def main(x: T.Buffer((rows, cin), "uint8"), codes: T.Buffer((nkb, nsb, 64), "uint8"),
              alpha: T.Buffer((nkb, nsb, 64), "uint8"), out: T.Buffer((rows, kout), "int32")) -> None:
@@ -114,7 +117,7 @@ def dense_vlut_func(rows: int, kout: int, cin: int, nb: int = 4) -> tirx.PrimFun
             tab.vstore([r, sb, 1, 0], table(xl, 1))
             tab.vstore([r, sb, 2, 0], table(xh, 0))
             tab.vstore([r, sb, 3, 0], table(xh, 1))
-        for kbo in T.parallel(nkb // nb):
+        for kbo in blocks(nkb // nb):
             for r in T.serial(rows):
                 acc = T.alloc_buffer((nb, 2, LANES), "int32", scope="local")
                 for j in T.unroll(nb):
@@ -145,9 +148,10 @@ def dense_vlut_func(rows: int, kout: int, cin: int, nb: int = 4) -> tirx.PrimFun
     return main
 
 
-def build_dense(rows: int, kout: int, cin: int, *, nb: int = 4, target: TargetLike = None) -> tvm.runtime.Module:
+def build_dense(rows: int, kout: int, cin: int, *, nb: int = 4, parallel: bool = True,
+                target: TargetLike = None) -> tvm.runtime.Module:
     """The compiled kernel (arguments ``x, codes_v, alpha_v, out``; the weights from :func:`vlut_tiles`)."""
     tgt = tvm.target.Target(target if target is not None else {"kind": "llvm", "mcpu": "znver4"})
     if not has_vlut(tgt):
         raise ValueError(f"target {tgt} lacks AVX-512 BW/VBMI/VNNI (vpermb, vpdpbusd) for the vpermb LUT kernel")
-    return tvm.compile(tvm.IRModule({"main": dense_vlut_func(rows, kout, cin, nb)}), target=tgt)
+    return tvm.compile(tvm.IRModule({"main": dense_vlut_func(rows, kout, cin, nb, parallel)}), target=tgt)
