@@ -136,7 +136,7 @@ def host_isa() -> str:
     return "SSE"
 
 
-def build_ort_int8(m: int, n: int, k: int, threads: int):  # -> (callable, input array)
+def build_ort_int8(m: int, n: int, k: int, threads: int, spin: bool = True):  # -> (callable, ops)
     """ONNX Runtime's dynamic int8 MatMul (MatMulInteger) of an [m, k] float input by a [k, n] weight."""
     import tempfile
 
@@ -164,6 +164,8 @@ def build_ort_int8(m: int, n: int, k: int, threads: int):  # -> (callable, input
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin:  # ORT's idle intra-op threads then sleep instead of spinning on a core
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(qbytes, so, providers=["CPUExecutionProvider"])
     x = rng.standard_normal((m, k)).astype(np.float32)
     return (lambda: sess.run(None, {"x": x})), ops
@@ -212,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ghz", type=float, default=None, help="clock for the peak (default: /proc/cpuinfo)")
     ap.add_argument("--macs-per-cycle", type=int, default=AVX2_INT8_MACS_PER_CYCLE)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--ort-spin", choices=("on", "off"), default="on",
+                    help="onnxruntime's idle intra-op threads spin (its default) or sleep; spinning threads take "
+                         "a core from the TVM thread pool of the next kernel in the same process")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
 
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             weights, alpha_arg = codes, alpha
             if kernel in ("ort-int8", "ort-int8-1t"):
                 threads = cores if kernel == "ort-int8" else 1
-                runs[kernel], ops = build_ort_int8(m, n, k, threads)
+                runs[kernel], ops = build_ort_int8(m, n, k, threads, a.ort_spin == "on")
                 notes[kernel] = f"onnxruntime {'+'.join(ops)}, int8 weights, {host_isa()} by CPUID, {threads} thread(s)"
                 continue
             if kernel == "vnni":
