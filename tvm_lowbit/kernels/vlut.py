@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import tirx
+from tvm import te, tirx
 from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as B
 from tvm.target.codegen import target_has_features
 
 from tvm_lowbit.kernels.common import TargetLike
@@ -83,18 +85,17 @@ def _table_consts() -> tuple[list[tirx.PrimExpr], list[tirx.PrimExpr]]:
     return [mask(0, 1), mask(1, 1)], [mask(0, 3), mask(1, 3)]
 
 
-def dense_vlut_func(rows: int, kout: int, cin: int, nb: int = 4, parallel: bool = True) -> tirx.PrimFunc:
-    """``acc[m, k] = sum_c x[m, c] * alpha_q[k, c // 4] * t[k, c]`` (int32) for uint8 activation codes
-    ``x[rows, cin]`` and the tiles of :func:`vlut_tiles`; ``nb`` blocks of 16 channels share each table load.
-    ``parallel``: the blocks of channels over TVM's thread pool (else one thread)."""
-    if kout % (LANES * nb) or cin % STEP:
-        raise ValueError(f"the vpermb LUT kernel needs K % {LANES * nb} == 0 and C % {STEP} == 0, got K={kout}, "
-                         f"C={cin}")
-    nkb, nsb = kout // LANES, cin // STEP
+def _lut_stmt(x: tirx.Buffer, codes: tirx.Buffer, alpha: tirx.Buffer, out: tirx.Buffer, nb: int,
+              parallel: bool) -> tirx.Stmt:
+    """The kernel's loops on the buffers ``x[rows, C]`` (u8), ``codes`` / ``alpha`` ``[K/16, C/16, 64]``
+    (:func:`vlut_tiles`) and ``out[rows, K]`` (int32 accumulators): the body of a ``te.extern``."""
+    rows, nsb = int(x.shape[0]), int(codes.shape[1])
+    nkb = int(codes.shape[0])
     (pos0, pos1), (neg0, neg1) = _table_consts()
     # source byte of every table byte: input 4p + 2h + w of the step (h: which nibble of the code byte)
     src = [[[4 * (e // 16) + 2 * h + w for e in range(64)] for w in (0, 1)] for h in (0, 1)]
     posmask = T.reinterpret("uint8x64", T.broadcast(T.uint32(0x30201000), LANES))  # byte j: 16 * (j % 4)
+    low4, four = T.broadcast(T.uint8(15), 64), T.broadcast(T.uint8(4), 64)
 
     def table(xv: tirx.PrimExpr, h: int) -> tirx.PrimExpr:
         """The 64-byte table of nibble ``h`` of the code bytes for the 16 activation nibbles ``xv``."""
@@ -102,50 +103,69 @@ def dense_vlut_func(rows: int, kout: int, cin: int, nb: int = 4, parallel: bool 
         x1 = tirx.Shuffle([xv, xv, xv, xv], src[h][1])
         return (x0 & pos0) - (x0 & neg0) + (x1 & pos1) - (x1 & neg1)
 
-    blocks = T.parallel if parallel else T.serial
+    def vpermb(tab: tirx.PrimExpr, idx: tirx.PrimExpr) -> tirx.PrimExpr:
+        return T.call_llvm_pure_intrin("int8x64", _VPERMB, tab, idx)
 
-    @T.prim_func(s_tir=True)
-    def main(x: T.Buffer((rows, cin), "uint8"), codes: T.Buffer((nkb, nsb, 64), "uint8"),
-             alpha: T.Buffer((nkb, nsb, 64), "uint8"), out: T.Buffer((rows, kout), "int32")) -> None:
-        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        # tables [row, step, 4, 64]: (xl | xh) x (low | high nibble of the code byte)
-        tab = T.alloc_buffer((rows, nsb, 4, 64), "int8")
-        for r, sb in T.grid(rows, nsb):
-            xl = T.reinterpret("int8x16", x.vload([r, sb * STEP], "uint8x16") & T.broadcast(T.uint8(15), 16))
-            xh = T.reinterpret("int8x16", x.vload([r, sb * STEP], "uint8x16") >> T.broadcast(T.uint8(4), 16))
-            tab.vstore([r, sb, 0, 0], table(xl, 0))
-            tab.vstore([r, sb, 1, 0], table(xl, 1))
-            tab.vstore([r, sb, 2, 0], table(xh, 0))
-            tab.vstore([r, sb, 3, 0], table(xh, 1))
-        for kbo in blocks(nkb // nb):
-            for r in T.serial(rows):
-                acc = T.alloc_buffer((nb, 2, LANES), "int32", scope="local")
-                for j in T.unroll(nb):
-                    acc.vstore([j, 0, 0], T.broadcast(0, LANES))
-                    acc.vstore([j, 1, 0], T.broadcast(0, LANES))
-                for sb in T.serial(nsb):
-                    t_ll = tab.vload([r, sb, 0, 0], "int8x64")
-                    t_lh = tab.vload([r, sb, 1, 0], "int8x64")
-                    t_hl = tab.vload([r, sb, 2, 0], "int8x64")
-                    t_hh = tab.vload([r, sb, 3, 0], "int8x64")
-                    for j in T.unroll(nb):
-                        c = codes.vload([kbo * nb + j, sb, 0], "uint8x64")
-                        a = T.reinterpret("int8x64", alpha.vload([kbo * nb + j, sb, 0], "uint8x64"))
-                        lo = T.reinterpret("int8x64", (c & T.broadcast(T.uint8(15), 64)) | posmask)
-                        hi = T.reinterpret("int8x64", (c >> T.broadcast(T.uint8(4), 64)) | posmask)
-                        pl = (T.call_llvm_pure_intrin("int8x64", _VPERMB, t_ll, lo)
-                              + T.call_llvm_pure_intrin("int8x64", _VPERMB, t_lh, hi))
-                        ph = (T.call_llvm_pure_intrin("int8x64", _VPERMB, t_hl, lo)
-                              + T.call_llvm_pure_intrin("int8x64", _VPERMB, t_hh, hi))
-                        acc.vstore([j, 0, 0], T.call_llvm_pure_intrin("int32x16", _VPDPBUSD,
-                                                                      acc.vload([j, 0, 0], "int32x16"), a, pl))
-                        acc.vstore([j, 1, 0], T.call_llvm_pure_intrin("int32x16", _VPDPBUSD,
-                                                                      acc.vload([j, 1, 0], "int32x16"), a, ph))
-                for j in T.unroll(nb):
-                    out.vstore([r, (kbo * nb + j) * LANES], acc.vload([j, 0, 0], "int32x16")
-                               + (acc.vload([j, 1, 0], "int32x16") << T.broadcast(4, LANES)))
+    with IRBuilder() as ib:
+        with B.seq_scope():
+            # tables [row, step, 4, 64]: (xl | xh) x (low | high nibble of the code byte), 256 bytes per 16 inputs
+            tab = B.alloc_buffer((rows, nsb, 4, 64), "int8")
+            with B.grid(rows, nsb) as (r, sb):
+                xv = x.vload([r, sb * STEP], "uint8x16")
+                xl = T.reinterpret("int8x16", xv & T.broadcast(T.uint8(15), 16))
+                xh = T.reinterpret("int8x16", xv >> T.broadcast(T.uint8(4), 16))
+                for w, (xn, h) in enumerate(((xl, 0), (xl, 1), (xh, 0), (xh, 1))):
+                    B.buffer_store(tab, table(xn, h), [r, sb, w, slice(0, 64)])
+            with (B.parallel if parallel else B.serial)(0, nkb // nb) as kbo:
+                with B.serial(0, rows) as r:
+                    acc = B.alloc_buffer((nb, 2, LANES), "int32", scope="local")
+                    if True:
+                        with B.unroll(0, nb) as j:
+                            B.buffer_store(acc, T.broadcast(0, LANES), [j, 0, slice(0, LANES)])
+                            B.buffer_store(acc, T.broadcast(0, LANES), [j, 1, slice(0, LANES)])
+                        with B.serial(0, nsb) as sb:
+                            t = [tab.vload([r, sb, w, 0], "int8x64") for w in range(4)]
+                            with B.unroll(0, nb) as j:
+                                c = codes.vload([kbo * nb + j, sb, 0], "uint8x64")
+                                a = T.reinterpret("int8x64", alpha.vload([kbo * nb + j, sb, 0], "uint8x64"))
+                                lo = T.reinterpret("int8x64", (c & low4) | posmask)
+                                hi = T.reinterpret("int8x64", (c >> four) | posmask)
+                                for half in range(2):  # xl, xh
+                                    part = vpermb(t[2 * half], lo) + vpermb(t[2 * half + 1], hi)
+                                    B.buffer_store(acc, T.call_llvm_pure_intrin(
+                                        "int32x16", _VPDPBUSD, acc.vload([j, half, 0], "int32x16"), a, part),
+                                        [j, half, slice(0, LANES)])
+                        with B.unroll(0, nb) as j:
+                            B.buffer_store(out, acc.vload([j, 0, 0], "int32x16")
+                                           + (acc.vload([j, 1, 0], "int32x16") << T.broadcast(4, LANES)),
+                                           [r, slice((kbo * nb + j) * LANES, (kbo * nb + j + 1) * LANES)])
+    return ib.get()
 
-    return main
+
+def lut_acc(x: te.Tensor, codes_v: te.Tensor, alpha_v: te.Tensor, nb: int = 4, parallel: bool = True) -> te.Tensor:
+    """The int32 accumulators ``[rows, K]`` of uint8 activation codes ``x[rows, C]`` by the tiles of
+    :func:`vlut_tiles` (a ``te.extern`` stage named ``acc``)."""
+    nkb, nsb = (int(v) for v in codes_v.shape[:2])
+    rows, cin = (int(v) for v in x.shape)
+    if cin != STEP * nsb or nkb % nb or str(x.dtype) != "uint8":
+        raise ValueError(f"the vpermb LUT kernel takes uint8 x[rows, {STEP * nsb}] and K % {LANES * nb} == 0, got x "
+                         f"{x.dtype}{list(x.shape)}, K={LANES * nkb}")
+    return te.extern((rows, LANES * nkb), [x, codes_v, alpha_v],
+                     lambda ins, outs: _lut_stmt(*ins, *outs, nb, parallel), dtype="int32", name="acc")
+
+
+def dense_vlut_func(rows: int, kout: int, cin: int, nb: int = 4, parallel: bool = True) -> tirx.PrimFunc:
+    """``acc[m, k] = sum_c x[m, c] * alpha_q[k, c // 4] * t[k, c]`` (int32) for uint8 activation codes
+    ``x[rows, cin]`` and the tiles of :func:`vlut_tiles`; ``nb`` blocks of 16 channels share each table load.
+    ``parallel``: the blocks of channels over TVM's thread pool (else one thread)."""
+    if kout % (LANES * nb) or cin % STEP:
+        raise ValueError(f"the vpermb LUT kernel needs K % {LANES * nb} == 0 and C % {STEP} == 0, got K={kout}, "
+                         f"C={cin}")
+    x = te.placeholder((rows, cin), "uint8", name="x")
+    codes = te.placeholder((kout // LANES, cin // STEP, 64), "uint8", name="codes")
+    alpha = te.placeholder((kout // LANES, cin // STEP, 64), "uint8", name="alpha")
+    acc = lut_acc(x, codes, alpha, nb, parallel)
+    return te.create_prim_func([x, codes, alpha, acc]).with_attr("global_symbol", "main")
 
 
 def build_dense(rows: int, kout: int, cin: int, *, nb: int = 4, parallel: bool = True,
