@@ -75,3 +75,84 @@ def test_vlut_tiles_are_the_same_bytes() -> None:
     assert cv[1, 1, 4 * 3 + 2] == codes[16 + 3, 4 + 2] and av[1, 1, 4 * 3 + 2] == alpha[16 + 3, 4 + 2]
     with pytest.raises(ValueError, match="K % 16"):
         vlut.vlut_tiles(codes[:20], alpha[:20])
+
+
+@needs_host
+@pytest.mark.parametrize("signed,out_mode", [(True, "acc"), (False, "float"), (True, "requant")])
+def test_vlut_te_compute(signed: bool, out_mode: str) -> None:
+    """The registered TE compute: signed codes through the zero-point term, and the epilogues, against the
+    numpy reference (the epilogue by the generic ternary kernel's own math: kernels.ternary_dense)."""
+    from tvm import te
+
+    from tvm_lowbit import kernels
+    from tvm_lowbit.kernels import vnni
+
+    m, n, k = 2, 64, 128
+    rng = np.random.default_rng(7)
+    dt = "int8" if signed else "uint8"
+    xv = (rng.integers(-128, 128, (m, k)) if signed else rng.integers(0, 256, (m, k))).astype(dt)
+    t = rng.integers(-1, 2, (n, k))
+    alpha = rng.integers(0, 256, (n, k // 4)).astype(np.int16)
+    w = t * np.repeat(alpha.astype(np.int64), 4, axis=1)
+    cv, av = vlut.vlut_tiles(qmath.pack_2bit(t), alpha)
+    x = te.placeholder((m, k), dt, name="x")
+    pc, pa = te.placeholder(cv.shape, "uint8", name="cv"), te.placeholder(av.shape, "uint8", name="av")
+    sc, bi = te.placeholder((n,), "float32", name="s"), te.placeholder((n,), "float32", name="b")
+    zp = te.placeholder((n,), "int32", name="zp") if signed else None
+    mode = dict(out_mode=out_mode, requant_scale=0.05 if out_mode == "requant" else None, relu=out_mode != "acc")
+    out = vlut.ternary_dense_vlut(x, pc, pa, sc, bi, weight_shape=(n, k), group_size=4, zp=zp, **mode)
+    ins = [x, pc, pa, sc, bi, *([zp] if signed else [])]
+    sch = tvm.s_tir.Schedule(kernels.make_prim_func(ins, out, "main"))
+    vlut.schedule_dense_vlut(sch)
+    f = tvm.compile(sch.mod, target=tvm.target.Target(AVX512_VBMI_VNNI))
+    scale = (rng.random(n) * 1e-4).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    args = [xv, cv, av, scale, bias, *([vnni.zero_point_term(w)] if signed else [])]
+    res = tvm.runtime.tensor(np.zeros([int(v) for v in out.shape], str(out.dtype)))
+    f["main"](*[tvm.runtime.tensor(a) for a in args], res)
+    acc = qmath.dense_int_np(xv.astype(np.int64), w)
+    if out_mode == "acc":
+        np.testing.assert_array_equal(res.numpy().astype(np.int64), acc)
+        return
+    # the generic kernel's epilogue on the same accumulators (ternary_dense's float / requant math)
+    codes, gx = te.placeholder((n, k // 4), "uint8", name="codes"), te.placeholder((m, k), dt, name="gx")
+    ga = te.placeholder((n, k // 4), "int16", name="ga")
+    ref_out = kernels.ternary_dense(gx, codes, ga, sc, bi, weight_shape=(n, k), group_size=4, **mode)
+    g = tvm.compile(kernels.schedule_default(kernels.make_prim_func([gx, codes, ga, sc, bi], ref_out, "main"),
+                                             AVX512_VBMI_VNNI), target=tvm.target.Target(AVX512_VBMI_VNNI))
+    ref = tvm.runtime.tensor(np.zeros(res.shape, str(out.dtype)))
+    g["main"](*[tvm.runtime.tensor(a) for a in (xv, qmath.pack_2bit(t), alpha, scale, bias)], ref)
+    np.testing.assert_array_equal(res.numpy(), ref.numpy())
+
+
+@needs_host
+def test_vlut_in_a_compiled_model() -> None:
+    """LowerIntegerLayers gives the batch-1 ternary dense layers (groups of 4) the vpermb LUT kernel on this
+    host, and the compiled model's accumulators and output equal those of the same build without it."""
+    import torch
+    from torch import nn
+
+    import tvm_lowbit
+    from tvm_lowbit import kernels
+    from tvm_lowbit.quantizers.fgq import FGQ
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 32)).eval()
+    calib = np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32)
+    q = tvm_lowbit.quantize(model, FGQ(group_size=4, act_bits=8, first_layer="fgq", last_layer="fgq"), calib,
+                            progress=False)
+    x = calib[:1]
+    art = tvm_lowbit.compile(q, x, "x86-host", expose_acc=True)
+    assert set(art.report.kernel_names.values()) == {vlut.NAME}, art.report.kernel_reasons
+    got = art.run_all(x)
+    kernels.unregister(vlut.NAME)
+    try:
+        other = tvm_lowbit.compile(q, x, "x86-host", expose_acc=True)
+    finally:
+        kernels.register(vlut.TERNARY_DENSE_VLUT)
+    assert vlut.NAME not in other.report.kernel_names.values()
+    for a, b in zip(got, other.run_all(x), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # more rows than the measured rule: not this kernel
+    art4 = tvm_lowbit.compile(q, calib[:vlut.MAX_ROWS + 1], "x86-host")
+    assert vlut.NAME not in art4.report.kernel_names.values()

@@ -29,6 +29,8 @@ Exact in int32: the numpy integer reference is the test.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import tvm
 from tvm import te, tirx
@@ -37,7 +39,10 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as B
 from tvm.target.codegen import target_has_features
 
-from tvm_lowbit.kernels.common import TargetLike
+from tvm_lowbit.kernels.common import (LayerSpec, OutMode, Pick, TargetLike, check_mode, epilogue, kernel_attrs,
+                                       maybe_block)
+from tvm_lowbit.kernels.registry import Kernel, Operands, register
+from tvm_lowbit.kernels.vnni import ZERO_POINT, zero_point_term
 
 LANES = 16        # int32 lanes (output channels) of a zmm vpdpbusd
 STEP = 16         # input channels per step: 4 groups of 4
@@ -175,3 +180,98 @@ def build_dense(rows: int, kout: int, cin: int, *, nb: int = 4, parallel: bool =
     if not has_vlut(tgt):
         raise ValueError(f"target {tgt} lacks AVX-512 BW/VBMI/VNNI (vpermb, vpdpbusd) for the vpermb LUT kernel")
     return tvm.compile(tvm.IRModule({"main": dense_vlut_func(rows, kout, cin, nb, parallel)}), target=tgt)
+
+
+# --------------------------------------------------------------------------------------------
+# The registered kernel: TE compute (the extern accumulators + the epilogue), operands, rule
+# --------------------------------------------------------------------------------------------
+
+# activation rows (batch x tokens) up to which a ternary dense layer takes this kernel on a target that
+# has it: measured with scripts/bench_gemm.py --shapes Mx4096x4096 --kernels vlut-1t,vnni (docs/results.md);
+# its tables and lookups grow with the rows, while the VNNI kernel's decode is shared by every row
+MAX_ROWS = 4
+PREFERENCE = 31  # before kernels.lut (30) and the VNNI dense kernel (26) for the rows it takes
+NAME = "ternary_dense_vlut"
+
+
+def _blocks(kout: int) -> int:
+    """Blocks of 16 channels that share a table load (4, else 2, else 1)."""
+    return next(nb for nb in (4, 2, 1) if kout % (LANES * nb) == 0)
+
+
+def ternary_dense_vlut(data: te.Tensor, codes_v: te.Tensor, alpha_v: te.Tensor, out_scale: te.Tensor,
+                       out_bias: te.Tensor, *, weight_shape: Sequence[int], group_size: int,
+                       zp: te.Tensor | None = None, relu: bool = False, out_mode: OutMode = "float",
+                       requant_scale: float | None = None, out_bits: int = 8, out_signed: bool = False) -> te.Tensor:
+    """``kernels.ternary_dense`` (same result) of 8-bit activation codes ``data[rows, C]`` by the tiles of
+    :func:`vlut_tiles`; groups of 4; signed codes are shifted by 128 and ``zp`` (int32 [K],
+    ``vnni.zero_point_term``) adds back ``-128 * sum(w[k])``."""
+    check_mode(out_mode, requant_scale)
+    kout, cin = (int(v) for v in weight_shape)
+    if group_size != GROUP_SIZE:
+        raise ValueError(f"the vpermb LUT kernel takes groups of {GROUP_SIZE}, got {group_size}")
+    if len(data.shape) != 2 or int(data.shape[1]) != cin or str(data.dtype) not in ("uint8", "int8"):
+        raise ValueError(f"the vpermb LUT kernel takes 8-bit activation codes [rows, {cin}], got {data.dtype}"
+                         f"{[int(v) for v in data.shape]}")
+    signed = str(data.dtype) == "int8"
+    if signed != (zp is not None):
+        raise ValueError("signed activation codes need the zero-point term zp (int32 [K]) and unsigned ones none")
+    x = data
+    if signed:
+        x = te.compute(data.shape, lambda i, c: (data[i, c].astype("int32") + ZERO_POINT).astype("uint8"),
+                       name="x_u8")
+    acc = lut_acc(x, codes_v, alpha_v, _blocks(kout))
+
+    def body(i, k):
+        a = acc[i, k] if zp is None else acc[i, k] + zp[k]
+        if out_mode == "acc":
+            return a
+        return epilogue(a, out_scale[k], out_bias[k], relu, out_mode, requant_scale, out_bits, out_signed)
+
+    return te.compute((int(data.shape[0]), kout), body, name="out", attrs=kernel_attrs(NAME))
+
+
+def vlut_fits(layer: LayerSpec, target: tvm.target.Target | None) -> str | None:
+    """A ternary dense layer with groups of 4 along the input channels, K % 16 == 0, C % 16 == 0, 2-D
+    activations of at most :data:`MAX_ROWS` rows and at most 8 bits, on a target with AVX-512 VBMI + VNNI."""
+    if not has_vlut(target):
+        return "the target lacks AVX-512 BW/VBMI/VNNI (vpermb, vpdpbusd)"
+    if layer.act_bits > 8:
+        return f"{layer.act_bits}-bit activation codes"
+    if len(layer.act_shape) != 2:
+        return f"activations of shape {tuple(layer.act_shape)}: takes [rows, C]"
+    if layer.rows > MAX_ROWS:
+        return f"{layer.rows} activation rows > MAX_ROWS={MAX_ROWS}"
+    kout, cin = (int(v) for v in layer.attrs["weight_shape"])
+    tw = layer.weight
+    if tw.layout.along != "in" or tw.layout.group_size != GROUP_SIZE:
+        return f"ternary groups of {tw.layout.group_size} along {tw.layout.along!r}: takes {GROUP_SIZE} along the inputs"
+    if kout % LANES or cin % STEP:
+        return f"K={kout}, C={cin}: need K % {LANES} == 0 and C % {STEP} == 0"
+    return None
+
+
+def vlut_operands(layer: LayerSpec) -> Operands:
+    """The tile-ordered codes and alpha codes, the group size, and the zero-point term of signed codes."""
+    tw = layer.weight
+    kout, cin = (int(v) for v in layer.attrs["weight_shape"])
+    cv, av = vlut_tiles(tw.packed_codes().reshape(kout, -1)[:, :cin // 4], tw.alpha_q.numpy().reshape(kout, -1))
+    extra = {"zp": zero_point_term(tw.w_int.numpy())} if layer.act_signed else {}
+    return [cv, av], {"group_size": tw.layout.group_size, **extra}
+
+
+def schedule_dense_vlut(sch: tvm.s_tir.Schedule, _target: TargetLike = None, pick: Pick | None = None) -> None:
+    """The accumulators are the extern's own loops; the epilogue (and the shift of signed codes) is
+    vectorized over 16 channels."""
+    for name in ("out", "x_u8"):
+        blk = maybe_block(sch, name)
+        if blk is None:
+            continue
+        inner = sch.get_loops(blk)[-1]
+        if int(sch.get(inner).extent) % LANES == 0:
+            sch.vectorize(sch.split(inner, [None, LANES])[1])
+
+
+TERNARY_DENSE_VLUT = register(Kernel(NAME, family="ternary", op="dense", isa="vlut", compute=ternary_dense_vlut,
+                                     schedule=schedule_dense_vlut, operands=vlut_operands, fits=vlut_fits,
+                                     preference=PREFERENCE))
