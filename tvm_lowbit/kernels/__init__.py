@@ -8,7 +8,8 @@
   their default schedules in :mod:`.generic`;
 * one module per ISA family: :mod:`.avx2` (x86 AVX2), :mod:`.vnni` (x86 AVX-512 VNNI / AVX-VNNI, alpha folded
   into int8 weights), :mod:`.sdot` (aarch64 dot product), :mod:`.lut`
-  (lookup table, on AVX2 targets).
+  (lookup table, on AVX2 targets), :mod:`.vlut` (decode-free ``vpermb`` lookup table + ``vpdpbusd``, on
+  AVX-512 VBMI + VNNI targets, batch-1 dense layers).
 
 Each kernel module registers its kernels when imported: adding an ISA is one new module plus its import
 line below.  Importing this package imports TVM.

@@ -25,6 +25,12 @@ Per 256 weights that is one 64-byte load of codes, one of alpha codes, 4 ``vperm
 ``vpdpbusd`` for the folded kernel (``kernels.vnni``).  The stored weight is the packed 2-bit codes and the
 alpha codes, reordered at compile time into the kernel's tile order (the same bytes: :func:`vlut_tiles`).
 Exact in int32: the numpy integer reference is the test.
+
+Registered as ``ternary_dense_vlut``: ``LowerIntegerLayers`` gives it the ternary dense layers with groups of
+4, K % 16 == 0, C % 16 == 0 and at most :data:`MAX_ROWS` activation rows on targets with AVX-512 BW + VBMI +
+VNNI (``target_has_features``), before the VNNI and the LUT kernels (the rule is measured:
+``scripts/bench_gemm.py --shapes Mx4096x4096 --kernels vlut-1t,vnni``).  The accumulators are a
+``te.extern`` stage whose loops are written with TVM's IRBuilder; the epilogue is an ordinary TE stage.
 """
 
 from __future__ import annotations
