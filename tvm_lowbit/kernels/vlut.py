@@ -130,26 +130,25 @@ def _lut_stmt(x: tirx.Buffer, codes: tirx.Buffer, alpha: tirx.Buffer, out: tirx.
             with (B.parallel if parallel else B.serial)(0, nkb // nb) as kbo:
                 with B.serial(0, rows) as r:
                     acc = B.alloc_buffer((nb, 2, LANES), "int32", scope="local")
-                    if True:
+                    with B.unroll(0, nb) as j:
+                        B.buffer_store(acc, T.broadcast(0, LANES), [j, 0, slice(0, LANES)])
+                        B.buffer_store(acc, T.broadcast(0, LANES), [j, 1, slice(0, LANES)])
+                    with B.serial(0, nsb) as sb:
+                        t = [tab.vload([r, sb, w, 0], "int8x64") for w in range(4)]
                         with B.unroll(0, nb) as j:
-                            B.buffer_store(acc, T.broadcast(0, LANES), [j, 0, slice(0, LANES)])
-                            B.buffer_store(acc, T.broadcast(0, LANES), [j, 1, slice(0, LANES)])
-                        with B.serial(0, nsb) as sb:
-                            t = [tab.vload([r, sb, w, 0], "int8x64") for w in range(4)]
-                            with B.unroll(0, nb) as j:
-                                c = codes.vload([kbo * nb + j, sb, 0], "uint8x64")
-                                a = T.reinterpret("int8x64", alpha.vload([kbo * nb + j, sb, 0], "uint8x64"))
-                                lo = T.reinterpret("int8x64", (c & low4) | posmask)
-                                hi = T.reinterpret("int8x64", (c >> four) | posmask)
-                                for half in range(2):  # xl, xh
-                                    part = vpermb(t[2 * half], lo) + vpermb(t[2 * half + 1], hi)
-                                    B.buffer_store(acc, T.call_llvm_pure_intrin(
-                                        "int32x16", _VPDPBUSD, acc.vload([j, half, 0], "int32x16"), a, part),
-                                        [j, half, slice(0, LANES)])
-                        with B.unroll(0, nb) as j:
-                            B.buffer_store(out, acc.vload([j, 0, 0], "int32x16")
-                                           + (acc.vload([j, 1, 0], "int32x16") << T.broadcast(4, LANES)),
-                                           [r, slice((kbo * nb + j) * LANES, (kbo * nb + j + 1) * LANES)])
+                            c = codes.vload([kbo * nb + j, sb, 0], "uint8x64")
+                            a = T.reinterpret("int8x64", alpha.vload([kbo * nb + j, sb, 0], "uint8x64"))
+                            lo = T.reinterpret("int8x64", (c & low4) | posmask)
+                            hi = T.reinterpret("int8x64", (c >> four) | posmask)
+                            for half in range(2):  # xl, xh
+                                part = vpermb(t[2 * half], lo) + vpermb(t[2 * half + 1], hi)
+                                B.buffer_store(acc, T.call_llvm_pure_intrin(
+                                    "int32x16", _VPDPBUSD, acc.vload([j, half, 0], "int32x16"), a, part),
+                                    [j, half, slice(0, LANES)])
+                    with B.unroll(0, nb) as j:
+                        B.buffer_store(out, acc.vload([j, 0, 0], "int32x16")
+                                       + (acc.vload([j, 1, 0], "int32x16") << T.broadcast(4, LANES)),
+                                       [r, slice((kbo * nb + j) * LANES, (kbo * nb + j + 1) * LANES)])
     return ib.get()
 
 
