@@ -20,6 +20,10 @@ Everything is measured on the fly (nothing is hard-coded):
     # FGQ's alpha width and stem (issue 17): 7-bit alpha codes make alpha * t an int8 (the VNNI kernels)
     python scripts/bench_accuracy.py --models resnet20 --retrained skip --group-sizes 4 --act-bits 8 \
         --alpha-bits 8,7 --first-layer int8,float
+
+ResNet-20 also gets an ``ort-int8`` row (unless ``--no-ort``): onnxruntime's static int8 of the same FP32
+model (QDQ, per-channel int8 weights, uint8 activations, MinMax on the same calibration images; run at
+batch 1 on every test image), the runtime a user would otherwise deploy.
 """
 
 from __future__ import annotations
@@ -53,6 +57,21 @@ GROUP_SIZES = (4, 8, 16, 32, 64)
 ACT_BITS = (8, 4)
 FIELDS = ("model", "scheme", "config", "top1", "fp32_top1", "drop_pp", "avg_weight_bits")
 PI_TARGETS = {"rasp4b": "AArch64", "rasp5": "AArch64", "rasp3b": "ARM"}  # readelf -h machine of the export
+
+
+ORT_INT8 = "ort-int8"
+
+
+def ort_int8_top1(model: nn.Module, calib: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Top-1 % of onnxruntime's static int8 model (``baselines.ort_int8``: QDQ, per-channel int8 weights,
+    uint8 activations, MinMax on the same calibration images) on the test images, and its average weight
+    bits (8 x its int8 initializer bytes / the Conv2d and Linear weights of the FP32 model)."""
+    from tvm_lowbit.baselines import ort_int8
+
+    ort = ort_int8(model, x[:1], calib)
+    pred = np.array([int(ort.run(x[i:i + 1]).argmax()) for i in range(len(x))])
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    return 100.0 * float((pred == y).mean()), 8.0 * ort.weight_bytes / n
 
 
 def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
@@ -185,6 +204,7 @@ def main() -> int:
                          "or agree>=X (default 0.5)")
     ap.add_argument("--auto-rounding", default="gptq", choices=("nearest", "gptq"))
     ap.add_argument("--heatmap", type=Path, default=None, help="write the compact model's sensitivity heat map (PNG)")
+    ap.add_argument("--no-ort", action="store_true", help="skip the onnxruntime int8 row of ResNet-20")
     ap.add_argument("--no-compile", action="store_true", help="skip compiling the Auto mix (x86 run + Pi builds)")
     args = ap.parse_args()
     models = {m.strip() for m in args.models.split(",") if m.strip()}
@@ -208,6 +228,8 @@ def main() -> int:
                  for n in sizes for a in acts for ab in alphas for fl in firsts]
         if args.group_sizes == ",".join(map(str, GROUP_SIZES)):
             jobs += [("ternary-per-layer", f"a{a}", FGQ(group_size=64, act_bits=a)) for a in acts]
+        if not args.no_ort:
+            jobs.append(("ort-int8", "qdq-s8-pc", ORT_INT8))
     if args.retrained != "skip" and "resnet20" in models:
         for path in sorted(RETRAINED.glob("*.pt"), key=lambda p: RETRAINED_ORDER.get(p.stem, 99)):
             ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own committed files
@@ -222,6 +244,8 @@ def main() -> int:
         if cfg is None:
             acc = fp32 = top1(model, x_t, y_t)
             bits = avg_weight_bits(model)
+        elif cfg == ORT_INT8:  # onnxruntime static int8 of the same FP32 model, same calibration images
+            acc, bits = ort_int8_top1(model, calib, x, y)
         elif isinstance(cfg, nn.Module):  # a retrained, exported fake-quant model
             acc = top1(cfg.eval(), x_t, y_t)
             bits = avg_weight_bits(cfg)

@@ -23,9 +23,14 @@ the numpy integer reference on a slice of rows before timing):
   AVX-512 VNNI, ymm with AVX-VNNI;
 * ``ort-int8``: ONNX Runtime's int8 GEMM on the same shape: a float ``MatMul`` by a random [K, N]
   weight, ``quantize_dynamic`` (per-tensor int8 weights, ``MatMulInteger`` with uint8 activations
-  quantized on the fly), ``--threads`` intra-op threads; MLAS picks its kernel by CPUID at run time
+  quantized on the fly), ``TVM_NUM_THREADS`` intra-op threads (the cores); MLAS picks its kernel by CPUID at run time
   (the script prints which ISA that is on this host).  Its rows time a different quantization (int8 weights,
   4x the bytes of the 2-bit codes), so they are not checked against the ternary reference;
+* ``vlut`` / ``vlut-1t``: ``kernels.vlut``, the decode-free lookup-table kernel (``vpermb`` lookups of the
+  2-bit codes in 64-byte tables built from the activation nibbles, feeding ``vpdpbusd`` with the alpha
+  codes; groups of 4; AVX-512 VBMI + VNNI), built for ``--vnni-mcpu``; ``vlut`` splits the output channels
+  over TVM's thread pool, ``vlut-1t`` runs on one thread (no parallel loop);
+* ``ort-int8-1t``: the ``ort-int8`` row with one intra-op thread;
 * ``lut``: the lookup-table kernel (``kernels.lut``: 81 partial sums per 4 input channels, one lookup per 4
   weights), built for the same CPU; LowerIntegerLayers gives it the x86 dense layers with at most
   ``kernels.lut.LUT_MAX_ROWS`` rows, the rule this script measures with ``--shapes``:
@@ -34,19 +39,25 @@ the numpy integer reference on a slice of rows before timing):
 
 The batch-1 4096 x 4096 dense row against onnxruntime int8 (issue 17's floor: >= 1.5x faster):
 
-    python scripts/bench_gemm.py --shapes 1x4096x4096 --kernels vnni,lut,avx2-dot,default,ort-int8
+    python scripts/bench_gemm.py --shapes 1x4096x4096 --kernels vlut,vlut-1t,vnni,ort-int8,ort-int8-1t --repeat 30
+
+Timing: every kernel is built and checked first, then ``--repeat`` rounds each time 3 calls of every kernel
+in turn (interleaved, so a change in the machine's load hits all alike); the medians over the rounds are
+reported, wall clock and the CPU time of the process (``time.process_time``, all its threads: the TVM
+thread pool's spin-waits count, also those a parallel kernel leaves behind while the next one runs).
+With an ``ort-int8`` row every row also gets ``ratio_vs_ort_int8`` = its median / the ORT int8 median.
+The script ends with the load average.
 
 The alpha codes are drawn from 0..127 (7 bits, FGQ ``alpha_bits=7``), which every kernel takes.
 
 On a shared machine the wall-clock rate measures the share of the cores this process got. The script also
-prints the rate per CPU-second the process was actually given (``time.process_time`` over the timed runs,
-times the cores; the thread pool's spin-waits count as busy, so this errs low). Only the wall-clock rate
-goes into the JSON.
+prints the rate per CPU-second the process was actually given (the CPU time times the cores; spin-waits
+count as busy, so this errs low). Only the wall-clock numbers go into the JSON.
 
     python scripts/bench_gemm.py --json gemm.json
 ``--shapes MxNxK,...`` runs several shapes (default: ``--m``, ``--n``, ``--k``). ``--json`` writes
-``{"rows": [{"shape", "kernel", "ms", "gops", "peak_gops", "fraction_of_peak"}, ...]}`` with ``shape`` = [M, N, K]
-and ``ms`` the median time of one call.
+``{"rows": [{"shape", "kernel", "ms", "gops", "peak_gops", "fraction_of_peak"(, "ratio_vs_ort_int8")}, ...]}``
+with ``shape`` = [M, N, K] and ``ms`` the median wall time of one call.
 """
 
 from __future__ import annotations
@@ -125,7 +136,7 @@ def host_isa() -> str:
     return "SSE"
 
 
-def build_ort_int8(m: int, n: int, k: int, threads: int):  # -> (callable, input array)
+def build_ort_int8(m: int, n: int, k: int, threads: int, spin: bool = True):  # -> (callable, ops)
     """ONNX Runtime's dynamic int8 MatMul (MatMulInteger) of an [m, k] float input by a [k, n] weight."""
     import tempfile
 
@@ -153,21 +164,29 @@ def build_ort_int8(m: int, n: int, k: int, threads: int):  # -> (callable, input
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin:  # ORT's idle intra-op threads then sleep instead of spinning on a core
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(qbytes, so, providers=["CPUExecutionProvider"])
     x = rng.standard_normal((m, k)).astype(np.float32)
     return (lambda: sess.run(None, {"x": x})), ops
 
 
-def median_seconds(fn, repeat: int, number: int = 3) -> float:
-    """Median over ``repeat`` timings of ``number`` calls each (after one warm-up call)."""
-    fn()
-    times = []
+def interleaved_times(runs: dict, repeat: int, number: int = 3) -> tuple[dict, dict]:
+    """``repeat`` rounds; each round times ``number`` calls of every kernel in turn (after one warm-up call
+    each), so a change in the machine's load hits every kernel alike.  Returns the wall and the CPU seconds
+    (``time.process_time``: all this process's threads) per call of each round, by kernel."""
+    for fn in runs.values():
+        fn()
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        times.append((time.perf_counter() - t0) / number)
-    return float(np.median(times))
+        for name, fn in runs.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(number):
+                fn()
+            wall[name].append((time.perf_counter() - t0) / number)
+            cpu[name].append((time.process_time() - c0) / number)
+    return wall, cpu
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -195,13 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ghz", type=float, default=None, help="clock for the peak (default: /proc/cpuinfo)")
     ap.add_argument("--macs-per-cycle", type=int, default=AVX2_INT8_MACS_PER_CYCLE)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--ort-spin", choices=("on", "off"), default="on",
+                    help="onnxruntime's idle intra-op threads spin (its default) or sleep; spinning threads take "
+                         "a core from the TVM thread pool of the next kernel in the same process")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
 
     import tvm
 
     from tvm_lowbit import qmath
-    from tvm_lowbit.kernels import avx2, lut, vnni
+    from tvm_lowbit.kernels import avx2, lut, vlut, vnni
 
     cores = int(os.environ["TVM_NUM_THREADS"])
     ghz = a.ghz or cpu_ghz()
@@ -220,22 +242,26 @@ def main(argv: list[str] | None = None) -> int:
         codes = qmath.pack_2bit(t)
         alpha = rng.integers(0, 128, (n, -(-k // gs))).astype(np.int16)  # 7-bit codes: every kernel takes them
         ref = avx2.reference_ternary(x[:8], codes, alpha, n, k, gs)
+        runs: dict[str, object] = {}
+        notes: dict[str, str] = {}
         for kernel in a.kernels.split(","):
             weights, alpha_arg = codes, alpha
-            if kernel == "ort-int8":
-                run, ops = build_ort_int8(m, n, k, cores)
-                sec = median_seconds(run, a.repeat)
-                gops = 2.0 * m * n * k / sec / 1e9
-                rows.append({"shape": [m, n, k], "kernel": kernel, "ms": round(sec * 1e3, 4), "gops": round(gops, 2),
-                             "peak_gops": round(peak, 2), "fraction_of_peak": round(gops / peak, 4)})
-                print(f"{kernel:10} M={m} N={n} K={k}: {sec * 1e3:8.3f} ms  {gops:7.1f} GOP/s  {100 * gops / peak:5.1f}% "
-                      f"of peak  (onnxruntime {'+'.join(ops)}, int8 weights, {host_isa()} by CPUID)")
+            if kernel in ("ort-int8", "ort-int8-1t"):
+                threads = cores if kernel == "ort-int8" else 1
+                runs[kernel], ops = build_ort_int8(m, n, k, threads, a.ort_spin == "on")
+                notes[kernel] = f"onnxruntime {'+'.join(ops)}, int8 weights, {host_isa()} by CPUID, {threads} thread(s)"
                 continue
             if kernel == "vnni":
                 if k % 4 or gs % 4 or n % 16:
                     raise SystemExit(f"vnni needs K % 4 == 0, N % 16 == 0 and --group-size % 4 == 0, got N={n}, K={k}")
                 f, _ = vnni.build_dense(m, n, k, group_size=gs, target=vnni_target)
                 weights, alpha_arg = vnni.ternary_tiles(codes, alpha, qmath.group_layout((n, k), gs), 16)
+            elif kernel in ("vlut", "vlut-1t"):
+                if gs != vlut.GROUP_SIZE or k % vlut.STEP or n % 64:
+                    raise SystemExit(f"vlut needs --group-size {vlut.GROUP_SIZE}, K % {vlut.STEP} == 0 and N % 64 == 0, "
+                                     f"got N={n}, K={k}, group size {gs}")
+                f = vlut.build_dense(m, n, k, parallel=kernel == "vlut", target=vnni_target)
+                weights, alpha_arg = vlut.vlut_tiles(codes, alpha)
             elif kernel == "avx2-dot":
                 f, _ = avx2.build_dense("ternary", m, n, k, group_size=gs, target=target)
             elif kernel == "default":
@@ -245,24 +271,35 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"lut needs K % 4 == 0 and --group-size % 4 == 0, got K={k}, group size {gs}")
                 f, weights = build_lut(m, n, k, gs, target), lut.base3_codes(t)
             else:
-                raise SystemExit(f"unknown kernel {kernel!r} (avx2-dot, vnni, default, lut, ort-int8)")
-            args = [tvm.runtime.tensor(v) for v in (x, weights, alpha_arg, np.ones(n, np.float32),
-                                                   np.zeros(n, np.float32), np.zeros((m, n), np.int32))]
+                raise SystemExit(f"unknown kernel {kernel!r} (avx2-dot, vnni, vlut, vlut-1t, default, lut, ort-int8, ort-int8-1t)")
+            operands = (x, weights, alpha_arg) if kernel.startswith("vlut") else (x, weights, alpha_arg, np.ones(n, np.float32),
+                                                                       np.zeros(n, np.float32))
+            args = [tvm.runtime.tensor(v) for v in (*operands, np.zeros((m, n), np.int32))]
             mod = f.mod if hasattr(f, "mod") else f
-            mod["main"](*args)
+            func = mod["main"]
+            func(*args)
             if not np.array_equal(args[-1].numpy()[:8].astype(np.int64), ref):
                 raise SystemExit(f"{kernel}: accumulators differ from the numpy reference")
-            cpu0 = time.process_time()
-            sec = float(np.median(mod.time_evaluator("main", tvm.cpu(), number=3, repeat=a.repeat)(*args).results))
-            cpu = (time.process_time() - cpu0) / (3 * a.repeat + 1)  # CPU-seconds per run (+1: the warm-up run)
+            runs[kernel] = (lambda fn=func, av=args: fn(*av))
+            notes[kernel] = "bit-exact"
+        wall, cpu = interleaved_times(runs, a.repeat)  # type: ignore[arg-type]
+        ort_ms = float(np.median(wall["ort-int8"])) * 1e3 if "ort-int8" in wall else None
+        for kernel in runs:
+            sec = float(np.median(wall[kernel]))
+            cpu_sec = float(np.median(cpu[kernel]))
             gops = 2.0 * m * n * k / sec / 1e9
-            gops_cpu = 2.0 * m * n * k / cpu / 1e9 * cores
-            rows.append({"shape": [m, n, k], "kernel": kernel, "ms": round(sec * 1e3, 4), "gops": round(gops, 2),
-                         "peak_gops": round(peak, 2),
-                         "fraction_of_peak": round(gops / peak, 4)})
+            gops_cpu = 2.0 * m * n * k / cpu_sec / 1e9 * cores if cpu_sec > 0 else float("nan")
+            row = {"shape": [m, n, k], "kernel": kernel, "ms": round(sec * 1e3, 4), "gops": round(gops, 2),
+                   "peak_gops": round(peak, 2), "fraction_of_peak": round(gops / peak, 4)}
+            vs = ""
+            if ort_ms is not None:
+                row["ratio_vs_ort_int8"] = round(sec * 1e3 / ort_ms, 4)
+                vs = f"  ORT int8 / this {ort_ms / (sec * 1e3):5.2f}x"
+            rows.append(row)
             print(f"{kernel:10} M={m} N={n} K={k} g={gs}: {sec * 1e3:8.3f} ms  {gops:7.1f} GOP/s  "
-                  f"{100 * gops / peak:5.1f}% of peak  (bit-exact); per CPU-second given: {gops_cpu:7.1f} GOP/s "
-                  f"= {100 * gops_cpu / peak:5.1f}%")
+                  f"{100 * gops / peak:5.1f}% of peak; CPU {cpu_sec * 1e3:8.3f} ms/call "
+                  f"(per CPU-second {gops_cpu:7.1f} GOP/s = {100 * gops_cpu / peak:5.1f}%){vs}  ({notes[kernel]})")
+    print(f"load average (1, 5, 15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"rows": rows}, indent=2) + "\n")

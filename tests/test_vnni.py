@@ -142,9 +142,13 @@ def test_registry_picks_vnni_by_alpha_width() -> None:
 
 
 def test_batch1_dense_rule_on_vnni() -> None:
-    """A batch-1 ternary dense layer: the folded VNNI kernel where it fits (measured faster than the LUT
-    kernel), else the LUT kernel, on a VNNI target; the LUT kernel on AVX2 only."""
+    """A batch-1 ternary dense layer: the decode-free vpermb LUT kernel (kernels.vlut) on a target with
+    AVX-512 VBMI + VNNI (any 8-bit alpha); without VBMI the folded VNNI kernel where its 7-bit alpha fits
+    (measured faster than the LUT kernel), else the LUT kernel; the LUT kernel on AVX2 only."""
     tgt = tvm.target.Target(AVX512_VNNI)
-    assert kernels.select(_spec(127, op="dense"), tgt).kernel.name == "ternary_dense_vnni"
-    assert kernels.select(_spec(255, op="dense"), tgt).kernel.name == "ternary_dense_lut"
+    assert kernels.select(_spec(127, op="dense"), tgt).kernel.name == "ternary_dense_vlut"
+    assert kernels.select(_spec(255, op="dense"), tgt).kernel.name == "ternary_dense_vlut"
+    no_vbmi = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 1})  # AVX-512 VNNI, no VBMI
+    assert kernels.select(_spec(127, op="dense"), no_vbmi).kernel.name == "ternary_dense_vnni"
+    assert kernels.select(_spec(255, op="dense"), no_vbmi).kernel.name == "ternary_dense_lut"
     assert kernels.select(_spec(127, op="dense"), tvm.target.Target(AVX2_ONLY)).kernel.name == "ternary_dense_lut"

@@ -204,47 +204,70 @@ def _checked(check):  # -> the checked path
         _err(str(e))
 
 
+def _interleaved_ms(runners: list, x: np.ndarray, repeat: int) -> list[float]:
+    """Median ms of one ``run(x)`` of each runner, timed in interleaved rounds (a shared host's load then
+    hits every runner alike)."""
+    for r in runners:
+        r.run(x)
+    times: list[list[float]] = [[] for _ in runners]
+    for _ in range(repeat):
+        for i, r in enumerate(runners):
+            t0 = time.perf_counter()
+            r.run(x)
+            times[i].append(time.perf_counter() - t0)
+    return [1e3 * float(np.median(t)) for t in times]
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     import torch
 
     import tvm_lowbit
     from tvm_lowbit import data, evaluate, quantize
-    from tvm_lowbit.baselines import torch_fp32, tvm_fp32
+    from tvm_lowbit.baselines import ort_int8, torch_fp32, tvm_fp32
     from tvm_lowbit.models import load_pretrained
 
     cfg = _fgq_from_args(a)
     model = load_pretrained(a.model)
     x, y = data.load("test", limit=a.limit)
-    print(f"[1/5] built-in model {a.model}: evaluating FP32 on {len(x)} Fashion-MNIST test images", flush=True)
+    print(f"[1/6] built-in model {a.model}: evaluating FP32 on {len(x)} Fashion-MNIST test images", flush=True)
     fp32 = evaluate.torch_top1(model, x, y, progress=True)
-    print(f"[2/5] quantizing with {cfg}", flush=True)
-    q = quantize(model, cfg, _calib(a.calib, a.calib_size, a.allow_degenerate_calib))
+    print(f"[2/6] quantizing with {cfg}", flush=True)
+    calib = _calib(a.calib, a.calib_size, a.allow_degenerate_calib)
+    q = quantize(model, cfg, calib)
     fq = evaluate.torch_top1(q, x, y, progress=True)
-    print(f"[3/5] compiling for {a.target} (batch {a.batch} for accuracy, batch 1 for latency)", flush=True)
+    print(f"[3/6] compiling for {a.target} (batch {a.batch} for accuracy, batch 1 for latency)", flush=True)
     t0 = time.time()
     art = tvm_lowbit.compile(q, x[:a.batch], a.target)
     art1 = tvm_lowbit.compile(q, x[:1], a.target)
     print(f"      {art.report.text()}\n      compiled in {time.time() - t0:.1f} s", flush=True)
-    print("[4/5] evaluating the compiled model", flush=True)
+    print("[4/6] evaluating the compiled model", flush=True)
     pred = evaluate.predictions(art, x, progress=True)
     with torch.no_grad():
         fq_pred = np.concatenate([q(torch.from_numpy(x[i:i + 500])).argmax(1).numpy() for i in range(0, len(pred), 500)])
     tvm_top1 = 100.0 * float((pred == y[:len(pred)]).mean())
     agree = 100.0 * float((pred == fq_pred[:len(pred)]).mean())
-    print("[5/5] timing at batch 1 (TVM FP32 untuned, PyTorch eager, TVM FGQ)", flush=True)
+    n_ort = min(256, len(calib))
+    print(f"[5/6] onnxruntime int8 (static QDQ, per-channel int8 weights, calibrated on {n_ort} of the same "
+          "calibration images): quantizing and evaluating", flush=True)
+    ort = ort_int8(model, x[:1], calib[:n_ort])
+    ort_top1 = 100.0 * float(np.mean([int(ort.run(x[i:i + 1]).argmax()) == int(y[i]) for i in range(len(x))]))
+    print("[6/6] timing at batch 1, interleaved (onnxruntime int8, PyTorch eager, TVM FP32 untuned, TVM FGQ)",
+          flush=True)
     base = tvm_fp32(model, torch.from_numpy(x[:1]))
     eager = torch_fp32(model)
-    t_fp32, t_eager, t_fgq = base.median_ms(x[:1], a.repeat), eager.median_ms(x[:1], a.repeat), art1.median_ms(x[:1], a.repeat)
+    t_ort, t_eager, t_fp32, t_fgq = _interleaved_ms([ort, eager, base, art1], x[:1], a.repeat)
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     print()
     print(f"{'':28}{'top-1 %':>10}{'weights (bytes)':>18}{'latency ms':>12}")
     print(f"{'FP32 (PyTorch eager)':28}{fp32:10.2f}{fp32_bytes:18,d}{t_eager:12.3f}")
+    print(f"{'int8 (onnxruntime, MLAS)':28}{ort_top1:10.2f}{ort.weight_bytes:18,d}{t_ort:12.3f}")
     print(f"{'FP32 (TVM, untuned)':28}{'':>10}{base.weight_bytes:18,d}{t_fp32:12.3f}")
     print(f"{'FGQ fake-quant (PyTorch)':28}{fq:10.2f}{'':>18}{'':>12}")
     print(f"{'FGQ compiled (TVM ' + art.target.name + ')':28}{tvm_top1:10.2f}{art.weight_bytes:18,d}{t_fgq:12.3f}")
     print(f"\ncompiled vs fake-quant predictions agree on {agree:.2f}% of {len(pred)} images; "
-          f"weights {fp32_bytes / max(art.weight_bytes, 1):.1f}x smaller than FP32; "
-          f"{t_fp32 / t_fgq:.1f}x faster than TVM FP32 untuned")
+          f"weights {fp32_bytes / max(art.weight_bytes, 1):.1f}x smaller than FP32 and "
+          f"{ort.weight_bytes / max(art.weight_bytes, 1):.1f}x smaller than onnxruntime int8; latency "
+          f"{t_fgq / t_ort:.2f}x onnxruntime int8's and {t_fgq / t_eager:.2f}x PyTorch's (same run)")
 
 
 TRAINED_SCHEMES = ("inq", "sq", "pact")

@@ -83,11 +83,14 @@ def _intrin(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
 
 
 def _decode_intrin(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
-    """``W[i, q] = int8(t(C[i], q) * A[i])`` for ``lanes`` code bytes: the four 2-bit fields of each byte
-    decoded and scaled by the alpha code in int32 lanes, one int8 word per lane, by byte-wise arithmetic
-    with one multiply (SWAR).  Exact for ``A <= 127`` and the ternary codes 0, 1, 3 that ``qmath.pack_2bit``
-    writes (the unused code 2 decodes to 0 here)."""
-    u8, i32, i8 = f"uint8x{lanes}", f"int32x{lanes}", f"int8x{4 * lanes}"
+    """``W[i, q] = int8(t(C[i], q) * A[i])`` for ``lanes`` code bytes: each code byte and alpha code spread
+    to the four bytes of its int32 lane (one byte shuffle each, ``vpermb`` on AVX-512 VBMI), the two bits of
+    field q tested byte-wise (``vptestmb``), then alpha, -alpha or 0 by masked byte moves: no multiply.
+    Exact for ``A <= 127`` and the ternary codes 0, 1, 3 that ``qmath.pack_2bit`` writes (the unused code 2
+    decodes to 0 here)."""
+    u8, u8x4, i8 = f"uint8x{lanes}", f"uint8x{4 * lanes}", f"int8x{4 * lanes}"
+    spread = [i // 4 for i in range(4 * lanes)]
+    zero = T.broadcast(T.uint8(0), 4 * lanes)
 
     @T.prim_func(s_tir=True)
     def desc(c: T.handle, a: T.handle, w: T.handle) -> None:
@@ -127,21 +130,14 @@ def _decode_intrin(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:lanes])
             T.writes(W[0:lanes, 0:4])
-            b = T.Cast(i32, C.vload([0], u8))
-            al = T.Cast(i32, A.vload([0], u8))
-            ones = T.broadcast(0x01010101, lanes)
-            # field q (bits 2q..2q+1) moved to byte q: one code per byte
-            spread = T.bitwise_or(T.bitwise_or(b & T.broadcast(3, lanes),
-                                               T.shift_left(b & T.broadcast(12, lanes), T.broadcast(6, lanes))),
-                                  T.bitwise_or(T.shift_left(b & T.broadcast(48, lanes), T.broadcast(12, lanes)),
-                                               T.shift_left(b & T.broadcast(192, lanes), T.broadcast(18, lanes))))
-            pos = spread & ones  # codes 1 and 3: |t| = 1
-            # code 3: t = -1 (only where alpha > 0, so that negating a zero byte never carries)
-            neg = T.shift_right(spread, T.broadcast(1, lanes)) & pos & T.shift_right(
-                T.broadcast(0, lanes) - al, T.broadcast(31, lanes))
-            # byte-wise: alpha where |t| = 1 (alpha <= 127: no carry), then two's complement where t = -1
-            W.vstore([0, 0], T.reinterpret(i8, T.bitwise_xor(
-                pos * al, T.shift_left(neg, T.broadcast(8, lanes)) - neg) + neg))
+            # byte 4i + q of the tile takes code byte i and alpha code i (one byte shuffle each)
+            cb = T.Shuffle([C.vload([0], u8)] * 4, spread)
+            ab = T.reinterpret(i8, T.Shuffle([A.vload([0], u8)] * 4, spread))
+            # field q of byte 4i + q: bit 2q (|t| = 1) and bit 2q + 1 (t = -1), tested byte-wise (vptestmb)
+            nonzero = T.bitwise_and(cb, T.reinterpret(u8x4, T.broadcast(T.uint32(0x40100401), lanes))) != zero
+            negative = T.bitwise_and(cb, T.reinterpret(u8x4, T.broadcast(T.uint32(0x80200802), lanes))) != zero
+            W.vstore([0, 0], T.Select(nonzero, T.Select(negative, T.broadcast(T.int8(0), 4 * lanes) - ab, ab),
+                                      T.broadcast(T.int8(0), 4 * lanes)))
 
     return desc, desc64, impl
 
