@@ -99,10 +99,10 @@ def _asm(case: tuple, target: str) -> str:
 
 
 def test_neon_instructions() -> None:
-    """Pi 5: the inner loop is sdot (no per-group mla, no widening multiply); Pi 4: smull/smlal into int16
+    """Pi 5: the inner loop is by-element sdot (no per-group mla, no widening multiply); Pi 4: smull/smlal into int16
     and sadalp into int32, no sdot."""
     asm = _asm(("ternary", 32, 16, 8, 3, 1, 1, False, False), "rasp5")
-    assert re.search(r"^\s+sdot\s+v\d+\.4s", asm, re.M)
+    assert re.search(r"^\s+sdot\s+v\d+\.4s, v\d+\.16b, v\d+\.4b\[3\]", asm, re.M)  # by element: 16 channels a load
     assert not re.search(r"^\s+(mla|smlal2?|smull2?)\s+v\d+\.4s", asm, re.M)
     asm = _asm(("ternary", 32, 16, 8, 3, 1, 1, False, True), "rasp4b")
     assert re.search(r"^\s+smull\s+v\d+\.8h", asm, re.M) and re.search(r"^\s+smlal\s+v\d+\.8h", asm, re.M)

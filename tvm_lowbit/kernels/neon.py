@@ -51,6 +51,50 @@ MAX_WEIGHT = 127          # |w| bound: int8 weights, and two products of the wid
 LAYOUTS = ("NCHW", "NHWC")
 LAYOUT_ATTR = "tvm_lowbit.out_layout"
 WIDEN_INTRIN = "tvm_lowbit_neon_smull_sadalp_4x8_i8i8s32"
+SDOT_LANE_INTRIN = "tvm_lowbit_sdot_lane_4x16_i8i8s32"
+
+
+# --------------------------------------------------------------------------------------------
+# The by-element sdot step (+dotprod): one 16-byte activation load feeds four sdots
+# --------------------------------------------------------------------------------------------
+
+@T.prim_func(s_tir=True)
+def _sdot_lane_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (16,), "int8", offset_factor=1)
+    sb = T.int32()
+    B = T.match_buffer(b, (4, 4, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:16], B[0:4, 0:4, 0:4])
+        T.writes(C[0:4])
+        for i, k in T.grid(4, 16):
+            with T.sblock("update"):
+                vi, vk = T.axis.remap("SR", [i, k])
+                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vk // 4, vi, vk % 4])
+
+
+@T.prim_func(s_tir=True)
+def _sdot_lane_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (16,), "int8", offset_factor=1)
+    sb = T.int32()
+    B = T.match_buffer(b, (4, 4, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:16], B[0:4, 0:4, 0:4])
+        T.writes(C[0:4])
+        words = T.reinterpret("int32x4", A.vload([0], "int8x16"))
+        c0 = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", C.vload([0], "int32x4"),
+                                     B.vload([0, 0, 0], "int8x16"),
+                                     T.reinterpret("int8x16", T.Shuffle([words], [0, 0, 0, 0])))
+        c1 = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", c0,
+                                     B.vload([1, 0, 0], "int8x16"),
+                                     T.reinterpret("int8x16", T.Shuffle([words], [1, 1, 1, 1])))
+        c2 = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", c1,
+                                     B.vload([2, 0, 0], "int8x16"),
+                                     T.reinterpret("int8x16", T.Shuffle([words], [2, 2, 2, 2])))
+        C[0:4] = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", c2,
+                                         B.vload([3, 0, 0], "int8x16"),
+                                         T.reinterpret("int8x16", T.Shuffle([words], [3, 3, 3, 3])))
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,11 +138,13 @@ def _widen_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 def register() -> tuple[str, ...]:
     """Register the widening step and the intrinsics this module borrows (sdot's plain step, vnni's
     8-lane 2-bit decode); idempotent.  Returns their names."""
-    if tvm.s_tir.TensorIntrin.get(WIDEN_INTRIN, allow_missing=True) is None:
-        tvm.s_tir.TensorIntrin.register(WIDEN_INTRIN, _widen_desc, _widen_impl)
+    for name, desc, impl in ((WIDEN_INTRIN, _widen_desc, _widen_impl),
+                             (SDOT_LANE_INTRIN, _sdot_lane_desc, _sdot_lane_impl)):
+        if tvm.s_tir.TensorIntrin.get(name, allow_missing=True) is None:
+            tvm.s_tir.TensorIntrin.register(name, desc, impl)
     _, plain = sdot.register()
     vnni.register()
-    return WIDEN_INTRIN, plain, vnni.DECODE_INTRIN[LANES], vnni.DECODE64_INTRIN[LANES]
+    return WIDEN_INTRIN, SDOT_LANE_INTRIN, plain, vnni.DECODE_INTRIN[LANES], vnni.DECODE64_INTRIN[LANES]
 
 
 def is_aarch64(target: tvm.target.Target | None) -> bool:
@@ -329,12 +375,17 @@ def schedule_conv2d_neon(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> N
     else:
         b, i, j, k, ry, rx, rc = lps
     ow, kout = (int(sch.get(lp).extent) for lp in (j, k))
-    mb = tile(ow, (4, 8, 7, 2, 14, 1) if not widen else (2, 1), pick)
-    nb = tile(kout // LANES, (2, 1) if not widen else (1,), pick)  # blocks of 8 output channels (the weight tile's)
+    lane_step = not widen and int(sch.get(rc).extent) % 16 == 0
+    # accumulators + the weights of a step + activations within the 32 q registers
+    mb = tile(ow, (2, 1) if widen else (8, 7, 4, 2, 1) if lane_step else (4, 8, 7, 2, 14, 1), pick)
+    nb = tile(kout // LANES, (2, 1) if not widen and not lane_step else (1,), pick)  # blocks of 8 channels
     jo, ji = sch.split(j, [None, mb])
     no, nm, nh, ni = sch.split(k, [None, nb, 2, 4])
     if widen:
         sch.reorder(no, b, i, jo, ry, rx, c8, ji, nm, nh, ni, h, rs, rq)
+    elif lane_step:  # 16 channels a step: one activation load, four by-element sdots
+        co, ci = sch.split(rc, [None, 16])
+        sch.reorder(no, b, i, jo, ry, rx, co, ji, nm, nh, ni, ci)
     else:
         co, ci = sch.split(rc, [None, 4])
         sch.reorder(no, b, i, jo, ry, rx, co, ji, nm, nh, ni, ci)
@@ -355,7 +406,7 @@ def schedule_conv2d_neon(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> N
     init = sch.decompose_reduction(acc, ry)
     il = sch.get_loops(init)
     sch.vectorize(sch.fuse(il[-2], il[-1]) if widen else il[-1])
-    sch.tensorize(ni, WIDEN_INTRIN if widen else sdot.register()[1])
+    sch.tensorize(ni, WIDEN_INTRIN if widen else SDOT_LANE_INTRIN if lane_step else sdot.register()[1])
     sch.unroll(ji)
     sch.unroll(nm)
     sch.unroll(nh)
