@@ -128,3 +128,35 @@ def test_registry_picks_the_folded_kernels_on_arm() -> None:
     assert kernels.select(_spec(127, cin=12), pi4).kernel.isa == kernels.GENERIC
     assert kernels.select(_spec(127, cin=12), pi5).kernel.name == "ternary_conv2d_dotprod"
     assert kernels.select(_spec(127), tvm.target.Target(HOST)).kernel.isa not in ("dotprod", "neon")
+
+
+def test_sdot_kernels_take_nhwc() -> None:
+    """kernels.sdot's convs (8-bit alpha codes, power-of-two weights) read and write NHWC too, so that they
+    sit in the NHWC integer region without transposes: same result as NCHW, and the schedule compiles."""
+    from tvm_lowbit.kernels import sdot
+
+    rng = np.random.default_rng(3)
+    k, c, hw = 16, 16, 6
+    tw = qmath.ternarize_weight(torch.randn(k, c, 3, 3, generator=torch.Generator().manual_seed(3)), 4)
+    codes, alpha = tw.packed_codes(), tw.alpha_q.numpy().reshape(k, -1).astype(np.uint8)  # 8-bit alpha codes
+    xv = rng.integers(0, 256, (1, c, hw, hw)).astype(np.uint8)
+    outs = {}
+    for layout in ("NCHW", "NHWC"):
+        x = te.placeholder((1, c, hw, hw) if layout == "NCHW" else (1, hw, hw, c), "uint8", name="x")
+        cp, ap = te.placeholder(codes.shape, "uint8", name="codes"), te.placeholder(alpha.shape, "uint8", name="a")
+        sc, bi = te.placeholder((k,), "float32", name="s"), te.placeholder((k,), "float32", name="b")
+        out = sdot.ternary_conv2d_sdot(x, cp, ap, sc, bi, weight_shape=(k, c, 3, 3), padding=1, group_size=4,
+                                       out_mode="acc", in_layout=layout, out_layout=layout)
+        func = kernels.make_prim_func([x, cp, ap, sc, bi], out, "main")
+        f = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(HOST))
+        args = [xv if layout == "NCHW" else np.ascontiguousarray(xv.transpose(0, 2, 3, 1)), codes,
+                alpha, np.ones(k, np.float32), np.zeros(k, np.float32)]
+        t = [tvm.runtime.tensor(a) for a in args] + [tvm.runtime.tensor(np.zeros([int(v) for v in out.shape], "int32"))]
+        f["main"](*t)
+        outs[layout] = t[-1].numpy()
+        sch = tvm.s_tir.Schedule(func)
+        sdot.schedule_conv2d_sdot(sch)
+        assert "sdot" in tvm.compile(sch.mod, target=load_target("rasp5").tvm_target()).mod.inspect_source("asm")
+    ref = qmath.conv2d_int_np(xv.astype(np.int64), tw.w_int.numpy().astype(np.int64), (1, 1), (1, 1), (1, 1), 1)
+    np.testing.assert_array_equal(outs["NCHW"], ref)
+    np.testing.assert_array_equal(outs["NHWC"].transpose(0, 3, 1, 2), ref)
