@@ -40,9 +40,10 @@ def conv_case(kind: str, k: int, c: int, hw: int, r: int, stride: int, pad: int,
         out = neon.COMPUTE[("ternary", widen)](x, *ph, sc, bi, group_size=n, **common)
     else:
         wint = qmath.int_quantize_weight(w, 8).w_int.numpy()
-        vals = [neon.int_tile(wint, widen)]
+        fold = neon.folds_width(wint.shape, widen)  # the widening kernel's RGB-stem form
+        vals = [neon.int_tile(wint, widen, fold)]
         ph = [te.placeholder(vals[0].shape, "int8", name="w8")]
-        out = neon.COMPUTE[("int", widen)](x, *ph, sc, bi, **common)
+        out = neon.COMPUTE[("int", widen)](x, *ph, sc, bi, fold_width=fold, **common)
     ins = [x, *ph, sc, bi, *([zp] if zp is not None else [])]
     func = kernels.make_prim_func(ins, out, f"{kind}_{k}_{c}_{hw}_{r}_{stride}_{int(signed)}_{int(widen)}_{layout}_{out_mode}")
     xv = (rng.integers(-128, 128, (1, c, hw, hw)) if signed else rng.integers(0, 256, (1, c, hw, hw))).astype(dt)
@@ -70,7 +71,16 @@ CASES = [  # kind, K, C, HW, R, stride, pad, signed, widen, N, layout, out_mode
     ("int", 16, 3, 12, 3, 1, 1, True, False, 0, "NCHW", "acc"),
     ("int", 16, 3, 12, 3, 1, 1, True, True, 0, "NHWC", "requant"),
     ("int", 8, 5, 7, 3, 2, 1, False, True, 0, "NHWC", "acc"),
+    ("int", 16, 3, 15, 7, 2, 3, True, True, 0, "NHWC", "requant"),  # the 7x7 RGB stem, columns folded
+    ("int", 16, 12, 6, 3, 1, 1, True, True, 0, "NCHW", "acc"),  # 36 channels folded would be too many: padded
+    ("ternary", 16, 16, 7, 3, 1, 1, False, True, 4, "NHWC", "requant"),  # odd width: one computed column more
 ]
+
+
+def test_stem_folding_rule() -> None:
+    assert neon.folds_width((64, 3, 7, 7), True) and neon.folds_width((16, 1, 3, 3), True)
+    assert not neon.folds_width((64, 3, 7, 7), False)  # sdot steps are 4 channels: 3 of 4 is fine
+    assert not neon.folds_width((16, 12, 3, 3), True) and not neon.folds_width((16, 16, 3, 3), True)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -125,8 +125,10 @@ def _widen_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     with T.sblock("root"):
         T.reads(C[0:4, 0:2], A[0:8], B[0:2, 0:4, 0:4])
         T.writes(C[0:4, 0:2])
-        a0 = T.Cast("int16x8", T.reinterpret("int8x8", T.broadcast(T.reinterpret("int32", A.vload([0], "int8x4")), 2)))
-        a1 = T.Cast("int16x8", T.reinterpret("int8x8", T.broadcast(T.reinterpret("int32", A.vload([4], "int8x4")), 2)))
+        # one 8-byte load (an immediate offset, unlike ld1r), each 4-byte half duplicated
+        a8 = A.vload([0], "int8x8")
+        a0 = T.Cast("int16x8", T.Shuffle([a8], [0, 1, 2, 3, 0, 1, 2, 3]))
+        a1 = T.Cast("int16x8", T.Shuffle([a8], [4, 5, 6, 7, 4, 5, 6, 7]))
         lo = a0 * T.Cast("int16x8", B.vload([0, 0, 0], "int8x8")) + a1 * T.Cast("int16x8", B.vload([1, 0, 0], "int8x8"))
         hi = a0 * T.Cast("int16x8", B.vload([0, 2, 0], "int8x8")) + a1 * T.Cast("int16x8", B.vload([1, 2, 0], "int8x8"))
         C.vstore([0, 0], C.vload([0, 0], "int32x4") + T.call_llvm_pure_intrin(
@@ -166,10 +168,15 @@ def _to_int8(v: tirx.PrimExpr, signed: bool) -> tirx.PrimExpr:
 def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor | None, out_scale: te.Tensor,
                       out_bias: te.Tensor, *, kernel: tuple[int, int], strides: int | Sequence[int],
                       padding: int | Sequence[int], in_layout: str, out_layout: str, widen: bool, relu: bool,
-                      out_mode: str, requant_scale: float | None, out_bits: int, out_signed: bool) -> te.Tensor:
+                      out_mode: str, requant_scale: float | None, out_bits: int, out_signed: bool,
+                      fold_width: bool = False) -> te.Tensor:
     """The conv on an int8 weight tile ``w8[K/8, taps, C4, 8, 4]`` (a tensor or a decode stage), int8
     activations, exact in int32; ``zp[k]`` (``128 * sum w[k]``, unsigned codes) added in the output stage.
-    ``widen``: the accumulators are split by ``h = (c % 4) // 2`` (the widening kernel's lanes)."""
+    ``widen``: the accumulators are split by ``h = (c % 4) // 2`` (the widening kernel's lanes).
+    ``fold_width``: the kernel's columns are folded into the channels (a layer with few input channels, the
+    RGB stem): the padded copy holds, per output column, the ``kw * C`` inputs it reads (channel
+    ``s * C + c``: column s, channel c), and the conv is ``kh x 1`` over them, so a step of 8 channels is
+    not mostly padding; the tile then has ``kh`` taps of ``kw * C`` channels (:func:`int_tile`)."""
     dtype = str(data.dtype)
     if dtype not in ("uint8", "int8"):
         raise ValueError(f"the NEON conv kernels take 8-bit activation codes (uint8 or int8), got {dtype}")
@@ -180,7 +187,7 @@ def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
         raise ValueError(f"layouts must be one of {LAYOUTS}, got in {in_layout!r}, out {out_layout!r}")
     nkb, taps, c4, lanes, _ = (int(v) for v in w8.shape)
     kh, kw = kernel
-    if taps != kh * kw or lanes != LANES:
+    if taps != (kh if fold_width else kh * kw) or lanes != LANES:
         raise ValueError(f"weight tile {tuple(w8.shape)} does not fit a {kh}x{kw} kernel with {LANES} lanes")
     kout = nkb * lanes
     if in_layout == "NCHW":
@@ -190,19 +197,33 @@ def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
         batch, height, width, cin = (int(v) for v in data.shape)
         get = lambda b, c, h, w: data[b, h, w, c]  # noqa: E731
     step = 8 if widen else 4  # channels per step: the widening step takes 8
-    if not 0 <= 4 * c4 - cin < step or (4 * c4) % step:
-        raise ValueError(f"input has {cin} channels, the weight tile {4 * c4}: need the channels rounded up to "
+    ctile = kw * cin if fold_width else cin  # the channels of the tile
+    if not 0 <= 4 * c4 - ctile < step or (4 * c4) % step:
+        raise ValueError(f"input has {ctile} channels, the weight tile {4 * c4}: need the channels rounded up to "
                          f"a multiple of {step}")
     cpad = 4 * c4
     (sh, sw), (ph, pw) = pair(strides), pair(padding)
     oh, ow = conv_out_size(height, kh, sh, ph), conv_out_size(width, kw, sw, pw)
     pad_code = tirx.const(0 if signed else -ZERO_POINT, "int8")  # a zero activation, shifted
-    x = te.compute(
-        (batch, height + 2 * ph, width + 2 * pw, cpad),
-        lambda b, h, w, c: tirx.if_then_else(
-            tirx.all(h >= ph, h < ph + height, w >= pw, w < pw + width, c < cin),
-            _to_int8(get(b, c, h - ph, w - pw), signed), pad_code),
-        name="x_nhwc")
+    # the widening kernel's 2-pixel tile: an odd output width computes one more column (not written out),
+    # whose input columns are padding
+    owp = ow + ow % 2 if widen else ow
+    if fold_width:
+        def folded(b, h, j, q):
+            w = j * sw + q // cin  # the padded input column of output column j, kernel column q // cin
+            return tirx.if_then_else(
+                tirx.all(h >= ph, h < ph + height, w >= pw, w < pw + width, q < ctile),
+                _to_int8(get(b, q % cin, h - ph, w - pw), signed), pad_code)
+
+        x = te.compute((batch, height + 2 * ph, owp, cpad), folded, name="x_nhwc")
+        kw, sw = 1, 1  # the conv over the folded copy
+    else:
+        x = te.compute(
+            (batch, height + 2 * ph, max(width + 2 * pw, (owp - 1) * sw + kw), cpad),
+            lambda b, h, w, c: tirx.if_then_else(
+                tirx.all(h >= ph, h < ph + height, w >= pw, w < pw + width, c < cin),
+                _to_int8(get(b, c, h - ph, w - pw), signed), pad_code),
+            name="x_nhwc")
     ry, rx = te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx")
 
     if not widen:
@@ -225,7 +246,7 @@ def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
                           * w8[k // lanes, ry * kw + rx, c8 * 2 + rs, k % lanes, h * 2 + rq].astype("int32"),
                           axis=[ry, rx, c8, rs, rq])
 
-        part_acc = te.compute((batch, oh, ow, kout, 2), part, name="acc")
+        part_acc = te.compute((batch, oh, owp, kout, 2), part, name="acc")
         rh = te.reduce_axis((0, 2), name="rh")
         acc = te.compute((batch, oh, ow, kout), lambda b, i, j, k: te.sum(part_acc[b, i, j, k, rh], axis=rh),
                          name="acc_sum")
@@ -290,15 +311,17 @@ def _int_conv(widen: bool) -> Callable[..., te.Tensor]:
                 weight_shape: Sequence[int], strides: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
                 dilation: int | Sequence[int] = 1, groups: int = 1, zp: te.Tensor | None = None,
                 in_layout: str = "NCHW", out_layout: str = "NCHW", relu: bool = False, out_mode: OutMode = "float",
-                requant_scale: float | None = None, out_bits: int = 8, out_signed: bool = False) -> te.Tensor:
+                requant_scale: float | None = None, out_bits: int = 8, out_signed: bool = False,
+                fold_width: bool = False) -> te.Tensor:
         """``kernels.int_conv2d`` for per-channel int8 weights (|w| <= 127): ``w8`` from
-        ``vnni.int8_tiles(w, 8)`` (any number of input channels, rounded up with zero weights)."""
+        :func:`int_tile` (any number of input channels, rounded up with zero weights; ``fold_width``: the
+        kernel columns folded into the channels)."""
         _check(out_mode, requant_scale, groups, dilation)
         _, _, kh, kw = (int(v) for v in weight_shape)
         return conv2d_neon_tiled(_kind("int", widen), data, w8, zp, out_scale, out_bias, kernel=(kh, kw),
                                  strides=strides, padding=padding, in_layout=in_layout, out_layout=out_layout,
                                  widen=widen, relu=relu, out_mode=out_mode, requant_scale=requant_scale,
-                                 out_bits=out_bits, out_signed=out_signed)
+                                 out_bits=out_bits, out_signed=out_signed, fold_width=fold_width)
 
     return compute
 
@@ -334,9 +357,23 @@ def ternary_operands(layer: LayerSpec) -> Operands:
     return [ct, at], {"group_size": tw.layout.group_size, **_zp(layer, tw.w_int.numpy())}
 
 
-def int_tile(w_int: np.ndarray, widen: bool) -> np.ndarray:
-    """``vnni.int8_tiles(w, 8)``; for the widening kernel with the input channels rounded up to 8 (zeros)."""
+FOLD_MAX_CHANNELS = 32  # fold the kernel columns into the channels when kw * C is at most this
+
+
+def folds_width(weight_shape: Sequence[int], widen: bool) -> bool:
+    """Whether the widening kernel folds a layer's kernel columns into its channels: few input channels
+    that are not a multiple of 8 (the RGB stem: 3 x 7 columns = 21 of 24 channels instead of 3 of 8)."""
+    _, cin, _, kw = (int(v) for v in weight_shape)
+    return widen and kw > 1 and cin % 8 != 0 and kw * cin <= FOLD_MAX_CHANNELS
+
+
+def int_tile(w_int: np.ndarray, widen: bool, fold_width: bool = False) -> np.ndarray:
+    """``vnni.int8_tiles(w, 8)``; for the widening kernel with the input channels rounded up to 8 (zeros);
+    ``fold_width``: the weight as ``[K, kw * C, kh, 1]`` (channel ``s * C + c``) first."""
     w = np.asarray(w_int)
+    if fold_width:
+        k, c, kh, kw = w.shape
+        w = np.ascontiguousarray(w.transpose(0, 3, 1, 2)).reshape(k, kw * c, kh, 1)
     step = 8 if widen else 4
     pad = -w.shape[1] % step
     if pad:
@@ -348,7 +385,8 @@ def int_operands(widen: bool) -> Callable[[LayerSpec], Operands]:
     """The int8 weight tile and the zero-point term for unsigned codes."""
     def operands(layer: LayerSpec) -> Operands:
         w = layer.weight.w_int.numpy()
-        return [int_tile(w, widen)], _zp(layer, w)
+        fold = folds_width(w.shape, widen)
+        return [int_tile(w, widen, fold)], {**_zp(layer, w), **({"fold_width": True} if fold else {})}
 
     return operands
 
@@ -381,8 +419,10 @@ def schedule_conv2d_neon(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> N
     nb = tile(kout // LANES, (2, 1) if not widen and not lane_step else (1,), pick)  # blocks of 8 channels
     jo, ji = sch.split(j, [None, mb])
     no, nm, nh, ni = sch.split(k, [None, nb, 2, 4])
-    if widen:
-        sch.reorder(no, b, i, jo, ry, rx, c8, ji, nm, nh, ni, h, rs, rq)
+    if widen:  # two 8-channel steps an iteration where the channels allow (half the loop control)
+        c8o, c8i = sch.split(c8, [None, 2 if int(sch.get(c8).extent) % 2 == 0 else 1])
+        sch.reorder(no, b, i, jo, ry, rx, c8o, c8i, ji, nm, nh, ni, h, rs, rq)
+        sch.unroll(c8i)
     elif lane_step:  # 16 channels a step: one activation load, four by-element sdots
         co, ci = sch.split(rc, [None, 16])
         sch.reorder(no, b, i, jo, ry, rx, co, ji, nm, nh, ni, ci)
