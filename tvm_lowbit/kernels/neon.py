@@ -52,6 +52,8 @@ LAYOUTS = ("NCHW", "NHWC")
 LAYOUT_ATTR = "tvm_lowbit.out_layout"
 WIDEN_INTRIN = "tvm_lowbit_neon_smull_sadalp_4x8_i8i8s32"
 SDOT_LANE_INTRIN = "tvm_lowbit_sdot_lane_4x16_i8i8s32"
+DECODE_INTRIN = "tvm_lowbit_neon_decode_2bit_8x4_alpha"
+DECODE64_INTRIN = "tvm_lowbit_neon_decode_2bit_8x4_alpha_i64"
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,16 +139,78 @@ def _widen_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
             "int32x4", "llvm.aarch64.neon.saddlp.v4i32.v8i16", hi))
 
 
+# --------------------------------------------------------------------------------------------
+# The 2-bit decode with the alpha folded in: W[i, q] = int8(t(C[i], q) * A[i]) for 8 code bytes
+# --------------------------------------------------------------------------------------------
+
+@T.prim_func(s_tir=True)
+def _decode_desc(c: T.handle, a: T.handle, w: T.handle) -> None:
+    C = T.match_buffer(c, (8,), "uint8", offset_factor=1)
+    A = T.match_buffer(a, (8,), "uint8", offset_factor=1)
+    W = T.match_buffer(w, (8, 4), "int8", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:8])
+        T.writes(W[0:8, 0:4])
+        for i, q in T.grid(8, 4):
+            with T.sblock("update"):
+                vi, vq = T.axis.remap("SS", [i, q])
+                W[vi, vq] = T.Cast("int8", (T.bitwise_xor(T.shift_right(T.Cast("int32", C[vi]), vq * 2) & 3, 2)
+                                            - 2) * T.Cast("int32", A[vi]))
+
+
+# the same in the int64 index arithmetic of Relax-emitted kernels (emit_te widens the decode's int32 math)
+@T.prim_func(s_tir=True)
+def _decode_desc64(c: T.handle, a: T.handle, w: T.handle) -> None:
+    C = T.match_buffer(c, (T.int64(8),), "uint8", offset_factor=1)
+    A = T.match_buffer(a, (T.int64(8),), "uint8", offset_factor=1)
+    W = T.match_buffer(w, (T.int64(8), T.int64(4)), "int8", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:T.int64(8)], A[0:T.int64(8)])
+        T.writes(W[0:T.int64(8), 0:T.int64(4)])
+        for i, q in T.grid(T.int64(8), T.int64(4)):
+            with T.sblock("update"):
+                vi, vq = T.axis.remap("SS", [i, q])
+                W[vi, vq] = T.Cast("int8", (T.bitwise_xor(
+                    T.shift_right(T.Cast("int64", T.Cast("int32", C[vi])), vq * T.int64(2)) & T.int64(3),
+                    T.int64(2)) - T.int64(2)) * T.Cast("int64", T.Cast("int32", A[vi])))
+
+
+@T.prim_func(s_tir=True)
+def _decode_impl(c: T.handle, a: T.handle, w: T.handle) -> None:
+    C = T.match_buffer(c, (8,), "uint8", offset_factor=1)
+    A = T.match_buffer(a, (8,), "uint8", offset_factor=1)
+    W = T.match_buffer(w, (8, 4), "int8", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:8])
+        T.writes(W[0:8, 0:4])
+        codes = C.vload([0], "uint8x8")
+        alpha = T.reinterpret("int8x8", A.vload([0], "uint8x8"))
+        # tbl: field value -> t, the bytes 0, 1, -2, -1 of decode_2bit (2 is never written by pack_2bit)
+        table = T.reinterpret("int8x16", T.broadcast(T.int32(-130816), 4))
+        t0 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", table,
+                                     T.reinterpret("int8x8", codes & T.broadcast(T.uint8(3), 8)))
+        t1 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", table, T.reinterpret(
+            "int8x8", T.shift_right(codes, T.broadcast(T.uint8(2), 8)) & T.broadcast(T.uint8(3), 8)))
+        t2 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", table, T.reinterpret(
+            "int8x8", T.shift_right(codes, T.broadcast(T.uint8(4), 8)) & T.broadcast(T.uint8(3), 8)))
+        t3 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", table, T.reinterpret(
+            "int8x8", T.shift_right(codes, T.broadcast(T.uint8(6), 8))))
+        # byte-wise products (int8 wrap, as the description's cast), stored interleaved: W[i, q] (st4)
+        W.vstore([0, 0], T.Shuffle([t0 * alpha, t1 * alpha, t2 * alpha, t3 * alpha],
+                                   [q * 8 + i for i in range(8) for q in range(4)]))
+
+
 def register() -> tuple[str, ...]:
     """Register the widening step and the intrinsics this module borrows (sdot's plain step, vnni's
     8-lane 2-bit decode); idempotent.  Returns their names."""
     for name, desc, impl in ((WIDEN_INTRIN, _widen_desc, _widen_impl),
-                             (SDOT_LANE_INTRIN, _sdot_lane_desc, _sdot_lane_impl)):
+                             (SDOT_LANE_INTRIN, _sdot_lane_desc, _sdot_lane_impl),
+                             (DECODE_INTRIN, _decode_desc, _decode_impl),
+                             (DECODE64_INTRIN, _decode_desc64, _decode_impl)):
         if tvm.s_tir.TensorIntrin.get(name, allow_missing=True) is None:
             tvm.s_tir.TensorIntrin.register(name, desc, impl)
     _, plain = sdot.register()
-    vnni.register()
-    return WIDEN_INTRIN, SDOT_LANE_INTRIN, plain, vnni.DECODE_INTRIN[LANES], vnni.DECODE64_INTRIN[LANES]
+    return WIDEN_INTRIN, SDOT_LANE_INTRIN, plain, DECODE_INTRIN, DECODE64_INTRIN
 
 
 def is_aarch64(target: tvm.target.Target | None) -> bool:
@@ -441,7 +505,7 @@ def schedule_conv2d_neon(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> N
         sch.compute_at(wb, no, preserve_unit_loops=True)
         loop = sch.get_loops(wb)[-2]
         wide = str(sch.get(loop).loop_var.ty) == "int64"
-        sch.tensorize(loop, (vnni.DECODE64_INTRIN if wide else vnni.DECODE_INTRIN)[LANES])
+        sch.tensorize(loop, DECODE64_INTRIN if wide else DECODE_INTRIN)
     sch.parallel(no)
     init = sch.decompose_reduction(acc, ry)
     il = sch.get_loops(init)
