@@ -5,18 +5,20 @@ cores without it (Cortex-A72, Raspberry Pi 4).
 The weights are those of :mod:`.vnni` with 8 output-channel lanes: a grouped-ternary layer whose alpha
 codes fit 7 bits (FGQ's default) has ``w = alpha_q * t`` in int8; it stays stored as the packed 2-bit codes
 and the alpha codes in tile order (``vnni.ternary_tiles``) and is decoded into the int8 tile
-``[K/8, taps, C4, 8, 4]`` once per block of output channels, reused by every output pixel (the decode is
-``vnni``'s SWAR intrinsic: plain vector arithmetic, no x86 instruction); an int8 per-channel layer (FGQ's
-stem) stores that tile as it is (``vnni.int8_tiles``).
+``[K/8, taps, C4, 8, 4]`` once per block of output channels, reused by every output pixel (the decode
+intrinsic: per 8 code bytes, ``tbl`` per 2-bit field, a byte multiply by the alpha codes, ``st4`` into the
+tile order); an int8 per-channel layer (FGQ's stem) stores that tile as it is (:func:`int_tile`; the RGB
+stem's kernel columns folded into its channels for the widening kernel).
 
 Activations are int8 in the kernel: unsigned codes (0..255) are shifted by the zero point, ``x - 128``,
 in the padded NHWC stage the kernel makes anyway (padding is code 0, i.e. -128), and the output stage
 adds ``128 * sum(w[k])``; signed codes are used as they are.  Exact in int32:
 ``sum w * x = sum w * (x - 128) + 128 * sum w``.
 
-* ``dotprod`` (``sdot``): the step ``C[4] += A[4] . B[4, 4]`` (kernels.sdot's plain intrinsic) on a
-  register tile of output pixels x blocks of 4 output channels; per step one 4-byte broadcast load per
-  pixel, one 16-byte weight load per block, and ``sdot``s;
+* ``dotprod`` (``sdot``): a register tile of 8 (or 7) output pixels x 8 output channels; per 16 input
+  channels one 16-byte activation load per pixel feeds four by-element ``sdot v.4s, w.16b, a.4b[i]``
+  (``SDOT_LANE_INTRIN``); channels not a multiple of 16 (the stem) take kernels.sdot's plain 4-channel
+  step with a 4-byte broadcast load;
 * ``neon`` (no dot product): two steps of 4 channels at once: ``smull`` of the first 8 bytes, ``smlal``
   of the second 8 into int16 (``|x| <= 128`` and ``|w| <= 127`` keep two products in int16), then ``sadalp``
   into int32 -- 16 multiply-adds per widening multiply pair.  The int32 lanes hold, per output channel,
