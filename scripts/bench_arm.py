@@ -5,7 +5,7 @@ the library that does the work: our model.so, or ONNX Runtime's library for the 
 For each model, target (rasp4b = Pi 4, qemu -cpu cortex-a72; rasp5 = Pi 5, cortex-a76 with dotprod) and variant:
 
   tvm-fp32    the float model through TVM's default pipeline (untuned)
-  tvm-fgq-n4  FGQ grouped ternary, N=4, 8-bit activations (first conv float, classifier ternary)
+  tvm-fgq-n4  FGQ grouped ternary, N=4, 8-bit activations (first conv int8 per channel, classifier ternary)
   tvm-pow2    the retrained power-of-two INQ model (tvm_lowbit/zoo/retrained/inq-b5.pt): shift-add kernels
               (resnet20 only: the checkpoint is a resnet20)
   ort-fp32    the same float model exported to ONNX, run by the aarch64 onnxruntime wheel (MLAS), one thread
@@ -124,7 +124,7 @@ def tvm_model(variant: str, bench: Bench) -> nn.Module:
     if variant == "tvm-fp32":
         return bench.fp32
     if variant == "tvm-fgq-n4":
-        return quantize(bench.fp32, FGQ(group_size=4, act_bits=8, first_layer="float", last_layer="fgq"),
+        return quantize(bench.fp32, FGQ(group_size=4, act_bits=8, first_layer="int8", last_layer="fgq"),
                         bench.calib, progress=False)
     if variant == "tvm-pow2":
         ckpt = torch.load(POW2_CHECKPOINT, map_location="cpu", weights_only=False)  # our own committed file

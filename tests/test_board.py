@@ -166,11 +166,58 @@ def test_sdot_conv_kernels_are_bit_exact_on_the_pi5_board(board_built: Path, tmp
         assert got.dtype == want.dtype and np.array_equal(got, want), name
 
 
+NEON_CASES = [  # kernels.neon: kind, K, C, HW, R, stride, pad, signed, widen, N, layout, out_mode (test_neon.py)
+    ("ternary", 32, 16, 16, 3, 1, 1, False, False, 4, "NHWC", "requant"),
+    ("ternary", 64, 32, 9, 3, 2, 1, False, False, 4, "NHWC", "acc"),
+    ("ternary", 32, 64, 8, 1, 2, 0, False, False, 64, "NCHW", "acc"),
+    ("int", 16, 3, 14, 3, 1, 1, True, False, 0, "NHWC", "requant"),
+    ("ternary", 32, 16, 16, 3, 1, 1, False, True, 4, "NHWC", "requant"),
+    ("ternary", 64, 32, 9, 3, 2, 1, False, True, 4, "NHWC", "acc"),
+    ("ternary", 16, 64, 8, 1, 2, 0, False, True, 64, "NCHW", "acc"),
+    ("int", 16, 3, 14, 3, 1, 1, True, True, 0, "NHWC", "requant"),
+    ("int", 16, 3, 15, 7, 2, 3, True, True, 0, "NHWC", "requant"),
+    ("ternary", 16, 16, 7, 3, 1, 1, False, True, 4, "NHWC", "requant"),
+]
+
+
+@pytest.mark.parametrize("cpu,widen", [("rasp5", False), ("rasp4b", True)])
+def test_folded_alpha_neon_kernels_are_bit_exact_on_the_board(board_built: Path, tmp_path: Path, cpu: str,
+                                                             widen: bool) -> None:
+    """kernels.neon (alpha folded into int8 weights; sdot on the emulated Cortex-A76, smull/smlal/sadalp on the
+    Cortex-A72), scheduled for the board, compute the numpy integer reference bit for bit."""
+    import tvm
+
+    from test_neon import conv_case, expected
+    from tvm_lowbit.kernels import neon
+    from tvm_lowbit.targets import load_target
+
+    target = load_target(cpu)
+    feeds, want = {}, {}
+    for case in [c for c in NEON_CASES if c[8] == widen]:
+        func, args, shape, dtype, ref, scale, bias = conv_case(*case)
+        name = str(func.attrs["global_symbol"])
+        sch = tvm.s_tir.Schedule(func)
+        neon.schedule_conv2d_neon(sch)
+        lib = tvm.compile(sch.mod, target=target.tvm_target())
+        lib.export_library(str(tmp_path / f"{name}.so"), cc=target.compiler_path())
+        feeds.update({f"{name}/{i}": a for i, a in enumerate([*args, np.zeros(shape, dtype)])})
+        want[name] = expected(ref, scale, bias, case[11], case[10])
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    (tmp_path / "run.py").write_text(BOARD_RUN)
+    r = subprocess.run([str(board_built / "bin" / "python3"), str(tmp_path / "run.py"), str(tmp_path / "feeds.npz"),
+                        str(tmp_path)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "BOARD_CPU": emu.qemu_cpu(cpu), "TVM_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name, w in want.items():
+        got = np.load(tmp_path / f"{name}.out.npy")
+        assert got.dtype == w.dtype and np.array_equal(got, w), name
+
+
 def test_builtin_fgq_model_on_sdot_kernels_matches_the_host_on_an_emulated_pi5(board_built: Path, tmp_path: Path,
                                                                                one_thread) -> None:
-    """rasp5 (+dotprod) builds put every ternary conv on kernels.sdot; the bundle's C++ runner on the emulated
-    Cortex-A76 reproduces the x86 host's logits exactly (the host uses its AVX2 kernels: two independent
-    integer kernels, one answer)."""
+    """rasp5 (+dotprod) builds put every ternary conv on kernels.neon's sdot kernel (alpha folded: FGQ's
+    7-bit alpha codes); the bundle's C++ runner on the emulated Cortex-A76 reproduces the x86 host's logits
+    exactly (the host uses its own x86 kernels: two independent integer kernels, one answer)."""
     import tvm_lowbit
     from tvm_lowbit import FGQ, data
     from tvm_lowbit.deploy.bundle import export_bundle, run_bundle_emulated
@@ -181,7 +228,7 @@ def test_builtin_fgq_model_on_sdot_kernels_matches_the_host_on_an_emulated_pi5(b
     x = data.load("test", limit=1, offset=5)[0]
     art = tvm_lowbit.compile(qmodel, x, "rasp5")
     # the 20 ternary convs (the stem conv and the classifier stay float)
-    assert art.report.fast_kernels == {n: "sdot" for n in art.report.lowered}, art.report.text()
+    assert art.report.fast_kernels == {n: "dotprod" for n in art.report.lowered}, art.report.text()
     assert len(art.report.lowered) == 20
     host_out = tvm_lowbit.compile(qmodel, x, "x86-host").run(x)
     bundle = export_bundle(art, tmp_path / "bundle", x, host_out, atol=0.0)

@@ -20,6 +20,7 @@ X86_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
 X86_PLAIN = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
 RASP5 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
                            "mattr": ["+neon", "+dotprod"]})
+RASP4 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]})
 
 
 class Res(nn.Module):
@@ -48,7 +49,8 @@ def _qmodel() -> nn.Module:
 
 def test_layout_by_target() -> None:
     assert integer_layout(X86_AVX2) == "NHWC"
-    assert integer_layout(X86_PLAIN) == "NCHW" and integer_layout(RASP5) == "NCHW" and integer_layout(None) == "NCHW"
+    assert integer_layout(X86_PLAIN) == "NCHW" and integer_layout(None) == "NCHW"
+    assert integer_layout(RASP5) == "NHWC" and integer_layout(RASP4) == "NHWC"  # kernels.neon reads/writes NHWC
 
 
 def test_transposes_only_at_float_boundaries() -> None:
@@ -63,6 +65,11 @@ def test_transposes_only_at_float_boundaries() -> None:
     out, report = lower_integer_layers(mod, layer_infos(q), target=X86_AVX2)
     assert report.kernel_names["stem"] == "int_conv2d"
     assert out["main"].script().count("R.permute_dims") == 4
+    # aarch64: the folded-alpha kernels of kernels.neon take NHWC, the stem (signed codes) too
+    for target, isa in ((RASP5, "dotprod"), (RASP4, "neon")):
+        out, report = lower_integer_layers(mod, layer_infos(q), target=target)
+        assert not report.fallback and set(report.fast_kernels.values()) == {isa}, report.kernel_names
+        assert out["main"].script().count("R.permute_dims") == 2
     nchw, _ = lower_integer_layers(mod, layer_infos(q), target=X86_PLAIN)
     assert nchw["main"].script().count("R.permute_dims") == 0
 

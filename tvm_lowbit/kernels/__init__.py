@@ -24,7 +24,7 @@ from tvm_lowbit.kernels.ternary import ternary_conv2d, ternary_dense
 from tvm_lowbit.kernels.pow2 import pow2_conv2d, pow2_dense
 from tvm_lowbit.kernels.intw import int_conv2d, int_dense
 # the ISA kernels: one import line each registers them
-from tvm_lowbit.kernels import avx2, lut, sdot, vlut, vnni  # noqa: F401  (imported for their registrations)
+from tvm_lowbit.kernels import avx2, lut, neon, sdot, vlut, vnni  # noqa: F401  (imported for their registrations)
 
 __all__ = [
     "GENERIC",

@@ -42,6 +42,7 @@ from tvm_lowbit.kernels.ternary import ternary_operands
 SDOT_SCALED_4x4_INTRIN = "tvm_lowbit_sdot_4x4_i8i8s32_scaled"
 SDOT_4x4_INTRIN = "tvm_lowbit_sdot_4x4_i8i8s32"
 ZERO_POINT = 128
+LAYOUTS = ("NCHW", "NHWC")  # activation layouts of the conv input and output (in_layout / out_layout)
 
 
 @T.prim_func(s_tir=True)
@@ -116,22 +117,41 @@ def has_sdot(target: tvm.target.Target) -> bool:
         and bool(target_has_features("dotprod", target))
 
 
+def _dims(data: te.Tensor, weight_shape: Sequence[int], groups: int, in_layout: str) -> tuple[int, int, int, int]:
+    """(K, Cg, R, S) of a conv weight, checked against the NCHW or NHWC input and ``groups``."""
+    if in_layout != "NHWC":
+        return conv_dims(data, weight_shape, groups)
+    kout, cg, kh, kw = (int(v) for v in weight_shape)
+    chans = int(data.shape[3])
+    if chans != cg * groups or kout % groups:
+        raise ValueError(f"conv shapes do not match: C={chans} (NHWC), weight {tuple(weight_shape)}, groups={groups}")
+    return kout, cg, kh, kw
+
+
 def _conv_sdot(kind: str, data: te.Tensor, w8: te.Tensor, s4: te.Tensor | None, w_at: Callable[..., tirx.PrimExpr],
                weight_shape: tuple[int, int, int, int],
                strides: int | Sequence[int], padding: int | Sequence[int], out_scale: te.Tensor, out_bias: te.Tensor,
-               relu: bool, out_mode: str, requant_scale: float | None, out_bits: int, out_signed: bool) -> te.Tensor:
+               relu: bool, out_mode: str, requant_scale: float | None, out_bits: int, out_signed: bool,
+               in_layout: str = "NCHW", out_layout: str = "NCHW") -> te.Tensor:
     """NCHW conv with ``w8[k//4, r*S+s, c//4, k%4, c%4]`` (times ``s4[k//4, tap, c//4, k%4]`` if given);
     ``w_at(k, tap, c)`` is the int32 weight from the packed inputs, for the zero-point term ``sum w``
     (computed from the inputs, so the weight stages can live per block of channels)."""
     kout, cin, kh, kw = weight_shape
-    batch, _, height, width = (int(v) for v in data.shape)
+    if in_layout not in LAYOUTS or out_layout not in LAYOUTS:
+        raise ValueError(f"layouts must be one of {LAYOUTS}, got in {in_layout!r}, out {out_layout!r}")
+    if in_layout == "NCHW":
+        batch, _, height, width = (int(v) for v in data.shape)
+        get = lambda b, c, h, w: data[b, c, h, w]  # noqa: E731
+    else:
+        batch, height, width, _ = (int(v) for v in data.shape)
+        get = lambda b, c, h, w: data[b, h, w, c]  # noqa: E731
     (sh, sw), (ph, pw) = pair(strides), pair(padding)
     oh, ow = conv_out_size(height, kh, sh, ph), conv_out_size(width, kw, sw, pw)
     x = te.compute(
         (batch, height + 2 * ph, width + 2 * pw, cin),
         lambda b, h, w, c: (tirx.if_then_else(
             tirx.all(h >= ph, h < ph + height, w >= pw, w < pw + width),
-            data[b, c, h - ph, w - pw], tirx.const(0, "uint8")).astype("int32") - ZERO_POINT).astype("int8"),
+            get(b, c, h - ph, w - pw), tirx.const(0, "uint8")).astype("int32") - ZERO_POINT).astype("int8"),
         name="x_nhwc")
     ry, rx = te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx")
     rc = te.reduce_axis((0, cin), name="rc")
@@ -152,6 +172,9 @@ def _conv_sdot(kind: str, data: te.Tensor, w8: te.Tensor, s4: te.Tensor | None, 
             return a
         return epilogue(a, out_scale[k], out_bias[k], relu, out_mode, requant_scale, out_bits, out_signed)
 
+    if out_layout == "NHWC":
+        return te.compute((batch, oh, ow, kout), lambda b, i, j, k: body(b, k, i, j), name="out",
+                          attrs=kernel_attrs(kind))
     return te.compute((batch, kout, oh, ow), body, name="out", attrs=kernel_attrs(kind))
 
 
@@ -159,12 +182,12 @@ def ternary_conv2d_sdot(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, o
                         out_bias: te.Tensor, *, weight_shape: Sequence[int], strides: int | Sequence[int] = 1,
                         padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
                         group_size: int, relu: bool = False, out_mode: OutMode = "float",
-                        requant_scale: float | None = None, out_bits: int = 8, out_signed: bool = False
-                        ) -> te.Tensor:
+                        requant_scale: float | None = None, out_bits: int = 8, out_signed: bool = False,
+                        in_layout: str = "NCHW", out_layout: str = "NCHW") -> te.Tensor:
     """``kernels.ternary_conv2d`` (same inputs, same result) on ``sdot``: uint8 codes, groups=1, dilation 1,
     K % 4 == 0, C % 4 == 0, ternary groups of a multiple of 4 along the input channels."""
     check_mode(out_mode, requant_scale)
-    kout, cg, kh, kw = conv_dims(data, weight_shape, groups)
+    kout, cg, kh, kw = _dims(data, weight_shape, groups, in_layout)
     why = dot_conv_unsupported(weight_shape, strides, dilation, groups, str(data.dtype), lanes=4)
     lay = qmath.group_layout((kout, cg, kh, kw), group_size)
     if why is None and (lay.along != "in" or lay.group_size % 4):
@@ -188,17 +211,18 @@ def ternary_conv2d_sdot(data: te.Tensor, codes: te.Tensor, alpha_q: te.Tensor, o
     w8 = te.compute((*shape, 4), t8, name="w_int")
     s4 = te.compute(shape, lambda nb, tap, cb, i: alpha(nb * 4 + i, tap, cb * 4), name="w_scale")
     return _conv_sdot("ternary_conv2d_sdot", data, w8, s4, w_at, (kout, cg, kh, kw), strides, padding, out_scale, out_bias,
-                      relu, out_mode, requant_scale, out_bits, out_signed)
+                      relu, out_mode, requant_scale, out_bits, out_signed, in_layout, out_layout)
 
 
 def pow2_conv2d_sdot(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, out_bias: te.Tensor, *,
                      weight_shape: Sequence[int], code_bits: int = 4, strides: int | Sequence[int] = 1,
                      padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
                      relu: bool = False, out_mode: OutMode = "float", requant_scale: float | None = None,
-                     out_bits: int = 8, out_signed: bool = False) -> te.Tensor:
+                     out_bits: int = 8, out_signed: bool = False, in_layout: str = "NCHW",
+                     out_layout: str = "NCHW") -> te.Tensor:
     """``kernels.pow2_conv2d`` on ``sdot``: 4-bit codes (|w| <= 2^6), decoded to int8 ``sign << e``."""
     check_mode(out_mode, requant_scale)
-    kout, cg, kh, kw = conv_dims(data, weight_shape, groups)
+    kout, cg, kh, kw = _dims(data, weight_shape, groups, in_layout)
     why = dot_conv_unsupported(weight_shape, strides, dilation, groups, str(data.dtype), lanes=4)
     if why is None and code_bits != 4:
         why = f"{code_bits}-bit codes: need 4-bit codes (|w| <= {MAX_WEIGHT})"
@@ -211,7 +235,8 @@ def pow2_conv2d_sdot(data: te.Tensor, codes: te.Tensor, out_scale: te.Tensor, ou
                     lambda nb, tap, cb, i, q: pow2_int8(codes, nb * 4 + i, tap * cg + cb * 4 + q), name="w_int")
     return _conv_sdot("pow2_conv2d_sdot", data, w8, None,
                       lambda k, tap, c: pow2_int8(codes, k, tap * cg + c).astype("int32"), (kout, cg, kh, kw),
-                      strides, padding, out_scale, out_bias, relu, out_mode, requant_scale, out_bits, out_signed)
+                      strides, padding, out_scale, out_bias, relu, out_mode, requant_scale, out_bits, out_signed,
+                      in_layout, out_layout)
 
 
 def schedule_conv2d_sdot(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> None:
@@ -271,7 +296,8 @@ PREFERENCE = 20  # faster than the generic kernels wherever it fits (instruction
 TERNARY_CONV2D_SDOT = register_kernel(Kernel("ternary_conv2d_sdot", family="ternary", op="conv2d", isa="sdot",
                                              compute=ternary_conv2d_sdot, schedule=_conv_schedule,
                                              operands=ternary_operands, fits=sdot_conv_fits, preference=PREFERENCE,
-                                             intrinsics=register))
+                                             intrinsics=register, layouts=LAYOUTS))
 POW2_CONV2D_SDOT = register_kernel(Kernel("pow2_conv2d_sdot", family="pow2", op="conv2d", isa="sdot",
                                           compute=pow2_conv2d_sdot, schedule=_conv_schedule, operands=pow2_operands,
-                                          fits=sdot_conv_fits, preference=PREFERENCE, intrinsics=register))
+                                          fits=sdot_conv_fits, preference=PREFERENCE, intrinsics=register,
+                                          layouts=LAYOUTS))

@@ -19,6 +19,7 @@ from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from tvm_lowbit.kernels.avx2 import has_avx2
+from tvm_lowbit.kernels.neon import is_aarch64
 from tvm_lowbit.kernels.vnni import vnni_lanes
 
 NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
@@ -96,11 +97,17 @@ class SinkPermutes:
 
 def integer_layout(target: tvm.target.Target | None) -> str:
     """The activation layout of the integer region on ``target``: NHWC where the conv kernels the registry
-    prefers there read and write NHWC (x86 with VNNI or AVX2: ``Kernel.layouts``), else NCHW (the generic
-    and sdot kernels take NCHW and transpose inside)."""
+    prefers there read and write NHWC (x86 with VNNI or AVX2, aarch64: ``Kernel.layouts``), else NCHW (the
+    generic kernels take NCHW)."""
     if target is None:
         return "NCHW"
-    return "NHWC" if vnni_lanes(target) or has_avx2(target) else "NCHW"
+    return "NHWC" if vnni_lanes(target) or has_avx2(target) or arm_nhwc(target) else "NCHW"
+
+
+def arm_nhwc(target: tvm.target.Target) -> bool:
+    """aarch64: the folded-alpha kernels of ``kernels.neon`` (sdot on +dotprod, widening multiplies
+    otherwise) read and write NHWC, so the integer region runs NHWC there."""
+    return is_aarch64(target)
 
 
 def nhwc_passes(func_name: str = "main") -> list[tvm.transform.Pass]:

@@ -31,6 +31,8 @@ class LoweringReport:
                  f"{len(self.requant_fused)} with fused requantization)"]
         described = {"avx2": "AVX2 int8 dot-product kernels (vpmaddubsw/vpmaddwd)",
                      "sdot": "aarch64 int8 dot-product kernels (sdot)",
+                     "dotprod": "aarch64 folded-alpha int8 dot-product kernels (sdot)",
+                     "neon": "aarch64 folded-alpha int8 kernels (smull/smlal/sadalp)",
                      "lut": "lookup-table ternary kernel (few rows, large weight)"}
         for isa in dict.fromkeys([*described, *self.fast_kernels.values()]):
             n = sum(v == isa for v in self.fast_kernels.values())

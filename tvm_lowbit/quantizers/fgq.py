@@ -64,7 +64,7 @@ class FGQ(SchemeConfig):
     group_size: int = 4
     act_bits: int = 8
     threshold: str = "exact"
-    alpha_bits: int = 8
+    alpha_bits: int = 7
     calibration: str = "auto"
     percentile: float = 99.99
     bn_reestimate: bool = True
