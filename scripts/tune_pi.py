@@ -91,6 +91,7 @@ def main() -> int:
         if not args.no_swap:
             old = args.schedules / target
             shutil.rmtree(old, ignore_errors=True)
+            (new / ".lock").unlink(missing_ok=True)  # the writers' lock file: not part of the database
             new.rename(old)
             print(f"{old}: replaced by the database tuned on the estimate", flush=True)
     return 0

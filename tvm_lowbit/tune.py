@@ -16,6 +16,9 @@ MetaSchedule JSON database per target under ``tvm_lowbit/schedules/<target>/`` t
   target with an emulated board (rasp4b, rasp5) and no boards, with the cycle estimate (``tvm_lowbit.cost``: each
   candidate runs on the emulated board and llvm-mca times the blocks it executed); such a database carries the
   ``MEASURED_BY_ESTIMATE`` file and applies by default.
+* Earning their place: for a board target every kernel task's default schedule is measured with the same builder and
+  runner before the trials (``DEFAULTS_FILE``); ``compile`` applies a workload's records only when the best one beats
+  that default (``load_database(winners_only=True)``), so a database never slows a kernel down by its own measure.
 * Workers: MetaSchedule's default builder imports every tensor intrinsic (the GPU ones take 1-2 minutes
   to parse, in each worker), so the GPU intrinsic modules are stubbed and the build skips that import.
 """
@@ -714,6 +717,7 @@ def write_defaults(directory: Path, entries: dict[str, dict[str, Any]]) -> None:
     with _locked(directory):
         merged = {**read_defaults(directory), **entries}
         _swap_in(directory, DEFAULTS_FILE, json.dumps(merged, indent=1, sort_keys=True) + "\n")
+        os.chmod(directory / DEFAULTS_FILE, 0o644)  # readable like the database files (mkstemp makes 0600)
 
 
 def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = None, trials_per_task: int = 16,
@@ -787,10 +791,6 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
             write_estimate_mark(directory, str(spec.qemu_cpu))
             builder = warm_builder(_cross_export(spec.compiler_path()), timeout_sec=240)
             runner = EstimateRunner(spec.name, max_workers=estimate_workers or 1)
-            known = read_defaults(directory)
-            missing = [t for t in tasks if t.kind is not None and workload_key(t.mod) not in known]
-            if missing:  # the bar each task's records must beat to be applied (compile's rule)
-                write_defaults(directory, measure_defaults(missing, tgt, builder, runner))
         else:
             assert boards is not None
             builder = ms.builder.LocalBuilder(f_build=fast_build, f_export=_cross_export(spec.compiler_path()),
@@ -801,6 +801,10 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
                                                session_timeout_sec=int(boards.timeout_sec)),
                 evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=10),
                 f_alloc_argument=_host_fill, max_workers=boards.n_parallel)
+        if how != "local":  # a board target: the bar each kernel's records must beat to be applied (compile's rule)
+            known = read_defaults(directory)
+            if missing := [t for t in tasks if t.kind is not None and workload_key(t.mod) not in known]:
+                write_defaults(directory, measure_defaults(missing, tgt, builder, runner))
         total = sum(todo) if max_trials_global is None else min(sum(todo), max_trials_global)
         if scheduler == "auto":  # measured on ResNet-18 (README): gradient helps when the budget is short
             scheduler = "gradient" if total < sum(todo) else "round-robin"
