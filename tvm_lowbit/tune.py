@@ -874,7 +874,7 @@ _LOADED: dict[tuple, tuple[Any, LoadReport]] = {}
 def _cached_database(directory: Path) -> tuple[Any, LoadReport]:
     """load_database once per process and file version (parsing every workload's IR takes seconds)."""
     stats = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None
-                  for f in (directory / WORKLOAD_FILE, directory / RECORD_FILE))
+                  for f in (directory / WORKLOAD_FILE, directory / RECORD_FILE, directory / DEFAULTS_FILE))
     key = (str(directory.resolve()), stats)
     if key not in _LOADED:
         db, load = load_database(directory, winners_only=True)  # a read: no lock, no repair
