@@ -54,9 +54,12 @@ def test_estimate_runner_on_a_small_kernel(tmp_path: Path) -> None:
     small, big = tmp_path / "mm16.so", tmp_path / "mm32.so"
     info16, info32 = _matmul(16, small), _matmul(32, big)
     runner = EstimateRunner("rasp5", max_workers=2)
-    results = [f.result() for f in runner.run([RunnerInput(str(small), "cpu", info16),
-                                               RunnerInput(str(big), "cpu", info32),
-                                               RunnerInput(str(tmp_path / "missing.so"), "cpu", info16)])]
+    try:
+        results = [f.result() for f in runner.run([RunnerInput(str(small), "cpu", info16),
+                                                   RunnerInput(str(big), "cpu", info32),
+                                                   RunnerInput(str(tmp_path / "missing.so"), "cpu", info16)])]
+    finally:
+        runner.close()  # the warm boards
     assert all(r.error_msg is None for r in results[:2]), [r.error_msg for r in results]
     t16, t32 = (float(r.run_secs[0]) for r in results[:2])
     # 2.4 GHz Pi 5: 4096 multiply-adds take at least 512 cycles (the A76 peak: two 4-lane FMLA pipes) and
