@@ -16,6 +16,7 @@ and best estimated microseconds.
     python scripts/tune_pi.py                                   # rasp4b and rasp5, resnet20, 64 trials each, swap in
     python scripts/tune_pi.py --targets rasp4b --no-swap        # tune into tvm_lowbit/schedules/rasp4b.new only
     python scripts/tune_pi.py --models resnet20,mobilenet --trials 128
+    python scripts/tune_pi.py --models mobilenet --add          # add a model's records to the shipped folders
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main() -> int:
     ap.add_argument("--parallel", type=int, default=1, help="warm emulated boards measuring at once (default 1)")
     ap.add_argument("--schedules", type=Path, default=tune.SCHEDULES_DIR, help="the folder holding <target>/")
     ap.add_argument("--no-swap", action="store_true", help="leave the result in <target>.new")
+    ap.add_argument("--add", action="store_true", help="tune into the shipped <target>/ itself (add a model's "
+                    "records to it; a task already tuned there is resumed, not re-run)")
     args = ap.parse_args()
 
     import torch
@@ -60,8 +63,9 @@ def main() -> int:
     torch.set_num_threads(1)
     benches = [load_model(m, args.calib) for m in args.models.split(",")]
     for target in args.targets.split(","):
-        new = args.schedules / f"{target}.new"
-        shutil.rmtree(new, ignore_errors=True)
+        new = args.schedules / (target if args.add else f"{target}.new")
+        if not args.add:
+            shutil.rmtree(new, ignore_errors=True)
         wall0, cpu0, load0 = time.time(), cpu_seconds(), os.getloadavg()
         trials = failed = 0
         rows = []
@@ -88,10 +92,10 @@ def main() -> int:
             r = f"{v.best / v.default:.3f}" if v.best is not None and v.default else "-"
             print(f"| {model} | {v.task} | {d} | {b} | {r} | {'yes' if v.wins else 'no (default kept)'} |")
         print(flush=True)
-        if not args.no_swap:
+        (new / ".lock").unlink(missing_ok=True)  # the writers' lock file: not part of the database
+        if not args.no_swap and not args.add:
             old = args.schedules / target
             shutil.rmtree(old, ignore_errors=True)
-            (new / ".lock").unlink(missing_ok=True)  # the writers' lock file: not part of the database
             new.rename(old)
             print(f"{old}: replaced by the database tuned on the estimate", flush=True)
     return 0

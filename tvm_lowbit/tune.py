@@ -858,8 +858,9 @@ class ApplyReport:
 
     def text(self) -> str:
         if not self.applied and self.missing:
+            why = "; the others did not beat their default schedule" if self.load.default_wins else ""
             return (f"tuned schedules from {self.directory}: no record matches any of this model's {len(self.missing)} "
-                    "workloads (tuned for another model, quantization or kernel version); default schedules used")
+                    f"workloads (tuned for another model, quantization or kernel version{why}); default schedules used")
         s = f"tuned schedules from {self.directory}: {len(self.applied)} workloads applied"
         if self.load.default_wins:
             s += f" ({len(self.load.default_wins)} workloads of the database keep the default schedule: no record beat it)"
