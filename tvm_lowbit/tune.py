@@ -858,7 +858,7 @@ class ApplyReport:
 
     def text(self) -> str:
         if not self.applied and self.missing:
-            why = "; the others did not beat their default schedule" if self.load.default_wins else ""
+            why = ", or its record did not beat the default schedule" if self.load.default_wins else ""
             return (f"tuned schedules from {self.directory}: no record matches any of this model's {len(self.missing)} "
                     f"workloads (tuned for another model, quantization or kernel version{why}); default schedules used")
         s = f"tuned schedules from {self.directory}: {len(self.applied)} workloads applied"
