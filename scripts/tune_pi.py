@@ -13,9 +13,9 @@ task's records only when its best one beats that default by the estimate. Printe
 (this process and its children: the builder, the board's qemu, llvm-mca), the load average, and per task the default
 and best estimated microseconds.
 
-    python scripts/tune_pi.py                                   # rasp4b and rasp5, resnet20, 64 trials each, swap in
+    python scripts/tune_pi.py                                   # rasp4b and rasp5, both models, 64 trials each, swap in
     python scripts/tune_pi.py --targets rasp4b --no-swap        # tune into tvm_lowbit/schedules/rasp4b.new only
-    python scripts/tune_pi.py --models resnet20,mobilenet --trials 128
+    python scripts/tune_pi.py --models resnet20 --trials 128
     python scripts/tune_pi.py --models mobilenet --add          # add a model's records to the shipped folders
 """
 
@@ -45,8 +45,9 @@ def cpu_seconds() -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default="rasp4b,rasp5")
-    ap.add_argument("--models", default="resnet20", help="comma list of resnet20, mobilenet (default resnet20)")
-    ap.add_argument("--trials", type=int, default=64, help="trials per model and target, shared out over its "
+    ap.add_argument("--models", default="resnet20,mobilenet", help="comma list of resnet20, mobilenet (default both: "
+                    "what the shipped folders hold)")
+    ap.add_argument("--trials", type=int, default=64, help="trials per model and target, shared out over the model's "
                     "kernel tasks by MetaSchedule's gradient scheduler (default 64)")
     ap.add_argument("--trials-per-task", type=int, default=16, help="at most this many per task (default 16)")
     ap.add_argument("--calib", type=int, default=256, help="calibration images, as bench_arm's --calib (default 256)")
