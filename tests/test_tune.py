@@ -88,12 +88,55 @@ def test_a_database_tuned_under_emulation_applies_only_when_asked(tiny, tuned, t
     assert CONV in tvm_lowbit.compile(q, x, schedules=tmp_path / "x86-host").tuning.applied
 
 
-def test_shipped_pi_databases_are_marked_as_emulated() -> None:
-    # they were timed on the emulated boards; by instruction count they lose to the default schedules
+def test_compile_applies_only_records_that_beat_the_default_schedule(tiny, tuned, tmp_path) -> None:
+    """DEFAULTS_FILE holds each workload's default-schedule time from tune time: a workload whose default is faster
+    than its best record keeps the default schedule; the others get their best record."""
+    q, x = tiny
+    d, _ = tuned
+    db = tmp_path / "db"
+    shutil.copytree(d, db)
+    best: dict[str, float] = {}
+    kind: dict[str, str] = {}
+    for r in tune.load_database(db)[0].get_all_tuning_records():
+        key = tune.workload_key(r.workload.mod)
+        best[key] = min(best.get(key, float("inf")), float(r.run_secs[0]))
+        kind[key] = str(tune.kernel_kind(r.workload.mod))
+    assert sorted(kind.values()) == sorted([CONV, "quantize_act"])
+    # the conv's default is twice as fast as its best record; the quantizer's default twice as slow
+    defaults = {k: {"task": kind[k], "kind": kind[k], "seconds": best[k] * (0.5 if kind[k] == CONV else 2.0)}
+                for k in best}
+    (db / tune.DEFAULTS_FILE).write_text(json.dumps(defaults))
+    art = tvm_lowbit.compile(q, x, schedules=db)
+    assert art.tuning.applied == ["quantize_act"] and CONV in art.tuning.missing, art.tuning.text()
+    assert art.tuning.load.default_wins == [CONV]
+    assert "1 workloads of the database keep the default schedule" in art.tuning.text()
+    np.testing.assert_array_equal(art.run(x), tvm_lowbit.compile(q, x, schedules=False).run(x))
+    # without the file (a database tuned before it existed) every best record applies, as before
+    (db / tune.DEFAULTS_FILE).unlink()
+    assert set(tvm_lowbit.compile(q, x, schedules=db).tuning.applied) == {CONV, "quantize_act"}
+
+
+def test_a_database_for_another_model_says_so_in_one_line(tuned) -> None:
+    d, _ = tuned
+    torch.manual_seed(1)  # the tiny model's layers on 6x6 inputs: every workload has other shapes
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 6 * 6, 10)).eval()
+    calib = torch.randn(16, 8, 6, 6)
+    q = quantize(model, FGQ(group_size=4, act_bits=8, first_layer="float"), calib, progress=False)
+    art = tvm_lowbit.compile(q, calib[:1].numpy(), schedules=d)
+    text = art.tuning.text()
+    assert not art.tuning.applied and "\n" not in text, text
+    assert "no record matches any of this model's" in text and "default schedules used" in text, text
+
+
+def test_shipped_pi_databases_are_tuned_on_the_estimate() -> None:
+    # tuned by scripts/tune_pi.py on the cycle estimate; every workload's default schedule was measured with them
     for name in ("rasp4b", "rasp5"):
         d = tune.SCHEDULES_DIR / name
         if (d / tune.WORKLOAD_FILE).is_file():
-            assert (d / tune.EMULATED_MARK).is_file(), f"{d} has no {tune.EMULATED_MARK}"
+            assert (d / tune.ESTIMATE_MARK).is_file() and not (d / tune.EMULATED_MARK).exists(), d
+            workloads = [json.loads(ln) for ln in (d / tune.WORKLOAD_FILE).read_text().splitlines() if ln.strip()]
+            assert len(tune.read_defaults(d)) >= len(workloads), f"{d}: a workload has no default measurement"
 
 
 def test_rerun_resumes_without_new_trials(tiny, tuned, tmp_path, capsys) -> None:

@@ -597,7 +597,7 @@ def cmd_tune(a: argparse.Namespace) -> None:
         q = quantize(model, _fgq_from_args(a), calib)
         mod, infos = import_torch(q, torch.as_tensor(calib[:a.batch])), layer_infos(q)
     rep = backend.tune_module(mod, spec, infos=infos, trials_per_task=a.trials, work_dir=a.out, boards=boards,
-                              only_kernels=a.kernels_only, seed=a.seed)
+                              only_kernels=a.kernels_only, seed=a.seed, estimate_workers=a.parallel)
     print(rep.text())
     if rep.failed:
         print(f"{rep.failed} candidates failed and were recorded as failed; first error: "
@@ -716,7 +716,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kernels-only", action="store_true", help="tune the low-bit kernels only, not the float ops")
     p.add_argument("--tracker", type=_host_port, default=None, help="HOST:PORT of a TVM RPC tracker with the boards (board targets)")
     p.add_argument("--key", default=None, help="the boards' tracker key (default: the target name)")
-    p.add_argument("--parallel", type=POSITIVE, default=1, help="boards measuring at once (default 1)")
+    p.add_argument("--parallel", type=POSITIVE, default=1, help="boards measuring at once (default 1; without "
+                   "--tracker on rasp4b/rasp5: warm emulated boards timing candidates on the cycle estimate)")
     p.add_argument("--seed", type=NON_NEGATIVE, default=None)
     p.add_argument("--batch", type=POSITIVE, default=1)
     _add_fgq_args(p)

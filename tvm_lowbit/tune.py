@@ -16,6 +16,9 @@ MetaSchedule JSON database per target under ``tvm_lowbit/schedules/<target>/`` t
   target with an emulated board (rasp4b, rasp5) and no boards, with the cycle estimate (``tvm_lowbit.cost``: each
   candidate runs on the emulated board and llvm-mca times the blocks it executed); such a database carries the
   ``MEASURED_BY_ESTIMATE`` file and applies by default.
+* Earning their place: for a board target every kernel task's default schedule is measured with the same builder and
+  runner before the trials (``DEFAULTS_FILE``); ``compile`` applies a workload's records only when the best one beats
+  that default (``load_database(winners_only=True)``), so a database never slows a kernel down by its own measure.
 * Workers: MetaSchedule's default builder imports every tensor intrinsic (the GPU ones take 1-2 minutes
   to parse, in each worker), so the GPU intrinsic modules are stubbed and the build skips that import.
 """
@@ -49,6 +52,10 @@ EMULATED_MARK = "MEASURED_UNDER_EMULATION"
 # a database folder holding this file was tuned with the cycle estimate (tvm_lowbit.cost: llvm-mca over the blocks the
 # emulated board ran); the file names the core model and the LLVM version. It is applied by default like a board's.
 ESTIMATE_MARK = "MEASURED_BY_ESTIMATE"
+# {workload structural hash: {"task", "kind", "seconds"}}: each tuned kernel's default schedule, measured by the same
+# builder and runner as the candidates at tune time. ``compile`` applies a workload's records only when the best one
+# beats its default schedule here (a workload without an entry: its best record, as before).
+DEFAULTS_FILE = "default_schedules.json"
 
 
 def emulated_default(target_name: str) -> str | None:
@@ -94,6 +101,43 @@ def _cross_export(cc: str) -> Any:
     return export
 
 
+def _build_export(f_build: Any, f_export: Any, mod: Any, target: Any) -> str:
+    return f_export(f_build(mod, target, None))
+
+
+def warm_builder(f_export: Any, timeout_sec: float, uses: int = 200) -> Any:
+    """MetaSchedule's LocalBuilder build (``fast_build`` + ``f_export``) in one worker process kept between batches:
+    LocalBuilder starts a fresh worker per batch (a guard against leaks), and importing TVM there takes 5-20 s on
+    a loaded 2-core host, which a small batch of cross-compiled candidates pays each time. The worker is
+    restarted after ``uses`` builds instead; ``close`` stops it."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    @derived_object
+    class WarmBuilder(PyBuilder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = PopenPoolExecutor(max_workers=1, timeout=timeout_sec, maximum_process_uses=uses)
+
+        def build(self, build_inputs: list[Any]) -> list[Any]:
+            out = []
+            jobs = [(fast_build, f_export, b.mod, b.target) for b in build_inputs]
+            for r in self.pool.map_with_error_catching(lambda job: _build_export(*job), jobs):
+                if r.status == StatusKind.COMPLETE:
+                    out.append(BuilderResult(r.value, None))
+                elif r.status == StatusKind.TIMEOUT:
+                    out.append(BuilderResult(None, f"WarmBuilder: timeout, killed after {timeout_sec} seconds"))
+                else:
+                    out.append(BuilderResult(None, f"WarmBuilder: an exception occurred\n{r.value}"))
+            return out
+
+        def close(self) -> None:
+            self.pool.shutdown()
+
+    return WarmBuilder()
+
+
 # --------------------------------------------------------------------------------------------
 # The database: standard JSON files, appended under a lock, checked on load
 # --------------------------------------------------------------------------------------------
@@ -117,9 +161,12 @@ class LoadReport:
     records: int = 0
     bad_lines: list[str] = field(default_factory=list)  # "file:line: why"
     backups: list[Path] = field(default_factory=list)
+    default_wins: list[str] = field(default_factory=list)  # tasks whose default schedule beat every record
 
     def text(self) -> str:
         s = f"{self.directory}: {self.records} tuning records over {self.workloads} workloads"
+        if self.default_wins:
+            s += f"; {len(self.default_wins)} workload(s) keep the default schedule (no record beat it)"
         if self.bad_lines:
             shown = "; ".join(self.bad_lines[:5]) + (" ..." if len(self.bad_lines) > 5 else "")
             s += f"; {len(self.bad_lines)} corrupted line(s) dropped ({shown})"
@@ -246,10 +293,67 @@ def repair_database(directory: str | os.PathLike[str]) -> LoadReport:
     return report
 
 
-def load_database(directory: str | os.PathLike[str], *, repair: bool = False) -> tuple[Any, LoadReport]:
+def workload_key(mod: Any) -> str:
+    """A workload's key in ``DEFAULTS_FILE``: its structural hash (as the database matches workloads)."""
+    import tvm_ffi
+
+    return f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def read_defaults(directory: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The default-schedule measurements of a database folder (``DEFAULTS_FILE``); {} when there are none."""
+    f = Path(directory) / DEFAULTS_FILE
+    if not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text())
+    except ValueError as e:
+        print(f"warning: {f}: unreadable ({e}); every workload's best record is applied", file=sys.stderr)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _best_seconds(record: Any) -> float | None:
+    secs = [float(s) for s in (record.run_secs or [])]
+    return sum(secs) / len(secs) if secs and all(np.isfinite(s) and s < 1e9 for s in secs) else None
+
+
+@dataclass
+class VersusDefault:
+    """One tuned workload: its default schedule's run time and its best record's (seconds; None: not measured)."""
+
+    task: str
+    default: float | None
+    best: float | None
+
+    @property
+    def wins(self) -> bool:
+        """The best record is applied: it beats the default schedule (or the default was not measured)."""
+        return self.best is not None and (self.default is None or self.best < self.default)
+
+
+def versus_default(workloads: list[Any], records: list[tuple[int, Any]],
+                   defaults: dict[str, dict[str, Any]]) -> list[VersusDefault]:
+    """Per workload (in ``workloads`` order), the default schedule's time against the best record's."""
+    best: dict[int, float] = {}
+    for i, r in records:
+        s = _best_seconds(r)
+        if s is not None and s < best.get(i, float("inf")):
+            best[i] = s
+    out = []
+    for i, w in enumerate(workloads):
+        entry = defaults.get(workload_key(w.mod), {})
+        out.append(VersusDefault(str(entry.get("task", f"workload {i}")), entry.get("seconds"), best.get(i)))
+    return out
+
+
+def load_database(directory: str | os.PathLike[str], *, repair: bool = False,
+                  winners_only: bool = False) -> tuple[Any, LoadReport]:
     """Read a MetaSchedule JSON database into a MemoryDatabase, checking every line; damaged lines are
     dropped and listed in the report. A read writes nothing (no lock file, no repair), so it is safe on a
-    read-only folder and beside a running tune. ``repair=True`` first runs :func:`repair_database`."""
+    read-only folder and beside a running tune. ``repair=True`` first runs :func:`repair_database`.
+    ``winners_only=True`` (what ``compile`` reads) leaves out the records of every workload whose default
+    schedule, measured at tune time (``DEFAULTS_FILE``), is at least as fast as its best record."""
     from tvm.s_tir import meta_schedule as ms
 
     d = Path(directory)
@@ -265,10 +369,17 @@ def load_database(directory: str | os.PathLike[str], *, repair: bool = False) ->
         if not (d / WORKLOAD_FILE).is_file():
             return mem, report
         workloads, records = _parse_files(d, report)
+    losers: set[int] = set()
+    if winners_only and (defaults := read_defaults(d)):
+        for i, v in enumerate(versus_default(workloads, records, defaults)):
+            if not v.wins and v.best is not None:
+                losers.add(i)
+                report.default_wins.append(v.task)
     for w in workloads:
         mem.commit_workload(w.mod)
-    for _, r in records:
-        mem.commit_tuning_record(r)
+    for i, r in records:
+        if i not in losers:
+            mem.commit_tuning_record(r)
     report.workloads, report.records = len(workloads), len(records)
     return mem, report
 
@@ -489,10 +600,15 @@ class TuneReport:
     seconds: float
     load: LoadReport
     errors: list[str] = field(default_factory=list)  # the failed candidates' build/run errors
+    versus: list[VersusDefault] = field(default_factory=list)  # this model's kernel tasks against their defaults
 
     def text(self) -> str:
-        return (f"tuned {len(self.tasks)} tasks: {self.trials_run} trials run ({self.failed} failed to build or run), "
-                f"{self.trials_skipped} already in the database, {self.seconds:.0f} s -> {self.directory}")
+        s = (f"tuned {len(self.tasks)} tasks: {self.trials_run} trials run ({self.failed} failed to build or run), "
+             f"{self.trials_skipped} already in the database, {self.seconds:.0f} s -> {self.directory}")
+        if self.versus:
+            s += (f"; {sum(v.wins for v in self.versus)} of {len(self.versus)} kernel tasks beat their default "
+                  "schedule (compile applies those; the others keep the default)")
+        return s
 
 
 def _progress_callback(bar: Any, errors: list[str], measured: list[int]) -> Any:
@@ -550,6 +666,58 @@ def write_estimate_mark(directory: Path, cpu: str) -> None:
         f"emulated board (qemu-aarch64 -cpu {c.qemu_cpu}) and llvm-mca timed the blocks it executed.\n"
         f"board: {c.board}\ncore model: llvm-mca -mcpu={c.mcpu} ({c.model})\nclock_hz: {c.clock_hz:.0f}\n"
         f"llvm: {version} ({mca})\n")
+
+
+@contextmanager
+def _closing(*workers: Any) -> Iterator[None]:
+    """Stop warm workers (``EstimateRunner``'s boards, ``warm_builder``'s process) however the tune ends."""
+    try:
+        yield
+    finally:
+        for w in workers:
+            if hasattr(w, "close"):
+                w.close()
+
+
+def measure_defaults(tasks: list[Task], target: Any, builder: Any, runner: Any) -> dict[str, dict[str, Any]]:
+    """Each kernel task's default schedule (``kernels.schedule_default``, what ``compile`` builds without a record),
+    built and measured by the tune's own builder and runner: {workload_key: {"task", "kind", "seconds"}}
+    ("seconds" None when it did not build or run)."""
+    import shutil
+
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_lowbit.kernels import schedule_default
+
+    kernel_tasks = [t for t in tasks if t.kind is not None]
+    funcs = [schedule_default(t.mod, target) for t in kernel_tasks]
+    built = builder.build([ms.builder.BuilderInput(tvm.IRModule({"main": f}), target) for f in funcs])
+    pending = [runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", ms.arg_info.ArgInfo.from_prim_func(f))])[0]
+               if b.error_msg is None else None for b, f in zip(built, funcs)]
+    out: dict[str, dict[str, Any]] = {}
+    for t, b, fut in zip(kernel_tasks, built, pending):
+        seconds = None
+        if fut is not None:
+            res = fut.result()
+            seconds = _best_seconds(res) if res.error_msg is None else None
+            if res.error_msg is not None:
+                print(f"warning: the default schedule of {t.name} did not run: {str(res.error_msg)[:300]}",
+                      file=sys.stderr)
+        else:
+            print(f"warning: the default schedule of {t.name} did not build: {str(b.error_msg)[:300]}", file=sys.stderr)
+        if b.artifact_path is not None:
+            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+        out[workload_key(t.mod)] = {"task": t.name, "kind": t.kind, "seconds": seconds}
+    return out
+
+
+def write_defaults(directory: Path, entries: dict[str, dict[str, Any]]) -> None:
+    """Merge ``entries`` into ``directory``'s ``DEFAULTS_FILE`` (under the writers' lock)."""
+    with _locked(directory):
+        merged = {**read_defaults(directory), **entries}
+        _swap_in(directory, DEFAULTS_FILE, json.dumps(merged, indent=1, sort_keys=True) + "\n")
+        os.chmod(directory / DEFAULTS_FILE, 0o644)  # readable like the database files (mkstemp makes 0600)
 
 
 def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = None, trials_per_task: int = 16,
@@ -621,9 +789,8 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
             from tvm_lowbit.cost.runner import EstimateRunner
 
             write_estimate_mark(directory, str(spec.qemu_cpu))
-            builder = ms.builder.LocalBuilder(f_build=fast_build, f_export=_cross_export(spec.compiler_path()),
-                                              max_workers=1, timeout_sec=240)
-            runner = EstimateRunner(spec.name, max_workers=estimate_workers or max(1, min(4, os.cpu_count() or 1)))
+            builder = warm_builder(_cross_export(spec.compiler_path()), timeout_sec=240)
+            runner = EstimateRunner(spec.name, max_workers=estimate_workers or 1)
         else:
             assert boards is not None
             builder = ms.builder.LocalBuilder(f_build=fast_build, f_export=_cross_export(spec.compiler_path()),
@@ -634,6 +801,10 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
                                                session_timeout_sec=int(boards.timeout_sec)),
                 evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=10),
                 f_alloc_argument=_host_fill, max_workers=boards.n_parallel)
+        if how != "local":  # a board target: the bar each kernel's records must beat to be applied (compile's rule)
+            known = read_defaults(directory)
+            if missing := [t for t in tasks if t.kind is not None and workload_key(t.mod) not in known]:
+                write_defaults(directory, measure_defaults(missing, tgt, builder, runner))
         total = sum(todo) if max_trials_global is None else min(sum(todo), max_trials_global)
         if scheduler == "auto":  # measured on ResNet-18 (README): gradient helps when the budget is short
             scheduler = "gradient" if total < sum(todo) else "round-robin"
@@ -642,7 +813,7 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
         with tqdm(total=total, desc=f"tuning {spec.name}", unit="trial", disable=not progress) as bar:
             measured = [0]
             cb = _progress_callback(bar, errors, measured)
-            with tempfile.TemporaryDirectory(prefix="tvm-lowbit-tune-") as logs:
+            with tempfile.TemporaryDirectory(prefix="tvm-lowbit-tune-") as logs, _closing(builder, runner):
                 ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=logs, max_trials_global=total,
                               max_trials_per_task=max(todo), num_trials_per_iter=per_iter,
                               builder=builder, runner=runner, database=database,
@@ -654,7 +825,14 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
             run = measured[0]
     else:
         run = 0
-    return TuneReport(directory, tasks, run, skipped, len(errors), time.time() - t0, load, errors)
+    versus: list[VersusDefault] = []
+    if defaults := read_defaults(directory):
+        names = {workload_key(t.mod): t.name for t in tasks if t.kind is not None}
+        workloads, records = _parse_files(directory, LoadReport(directory))
+        versus = [VersusDefault(names[workload_key(w.mod)], v.default, v.best)
+                  for w, v in zip(workloads, versus_default(workloads, records, defaults))
+                  if workload_key(w.mod) in names]
+    return TuneReport(directory, tasks, run, skipped, len(errors), time.time() - t0, load, errors, versus)
 
 
 def tune(qmodel: Any, example_input: Any, target: str | Any = "x86-host", **kw: Any) -> TuneReport:
@@ -679,7 +857,13 @@ class ApplyReport:
     load: LoadReport
 
     def text(self) -> str:
+        if not self.applied and self.missing:
+            why = ", or its record did not beat the default schedule" if self.load.default_wins else ""
+            return (f"tuned schedules from {self.directory}: no record matches any of this model's {len(self.missing)} "
+                    f"workloads (tuned for another model, quantization or kernel version{why}); default schedules used")
         s = f"tuned schedules from {self.directory}: {len(self.applied)} workloads applied"
+        if self.load.default_wins:
+            s += f" ({len(self.load.default_wins)} workloads of the database keep the default schedule: no record beat it)"
         if self.missing:
             s += f", {len(self.missing)} without a record (default schedule): {', '.join(self.missing)}"
         return s
@@ -691,10 +875,10 @@ _LOADED: dict[tuple, tuple[Any, LoadReport]] = {}
 def _cached_database(directory: Path) -> tuple[Any, LoadReport]:
     """load_database once per process and file version (parsing every workload's IR takes seconds)."""
     stats = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None
-                  for f in (directory / WORKLOAD_FILE, directory / RECORD_FILE))
+                  for f in (directory / WORKLOAD_FILE, directory / RECORD_FILE, directory / DEFAULTS_FILE))
     key = (str(directory.resolve()), stats)
     if key not in _LOADED:
-        db, load = load_database(directory)  # a read: no lock, no repair
+        db, load = load_database(directory, winners_only=True)  # a read: no lock, no repair
         if load.bad_lines:
             print(f"warning: {load.text()}", file=sys.stderr)
         _LOADED[key] = (db, load)

@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,7 +190,7 @@ class BlockCycles:
                 per_iter = (c2 - c1) / (ITERATIONS[1] - ITERATIONS[0]) if kept else 0.0
                 self.table[self.key(b)] = [per_iter, len(b) - kept]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = self.path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")  # runner threads write too
         tmp.write_text(json.dumps(self.table))
         tmp.replace(self.path)
 
