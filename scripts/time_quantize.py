@@ -3,7 +3,7 @@ Auto, on EfficientNet-Lite2 (real weights, 260x260) or a torchvision architectur
 int8 <= 3 minutes, Auto <= 20 minutes on 2 cores).
 
     python scripts/time_quantize.py [--model efficientnet_b0] [--calib 64] [--val 64] [--threads 2]
-        [--schemes fgq-n4,int8,auto] [--json out.json]
+        [--schemes fgq-n4,int8,auto] [--budget agree>=90] [--json out.json]
 
 Random weights (the zoo's torchvision models, batch norms calibrated on photo views) are fine for
 timing; calibration and validation inputs are views of the calibration / evaluation photos
@@ -53,20 +53,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--schemes", default="fgq-n4,int8,auto")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--budget", default="agree>=90", help="Auto's budget (checked on the calibration views)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model, calib, val = build(a.model, a.calib, a.val)
     params = sum(p.numel() for p in model.parameters())
     print(f"{a.model}: {params / 1e6:.2f} M parameters, {len(calib)} calibration and {len(val)} validation views "
           f"{tuple(calib.shape[1:])}, {a.threads} threads, load average {os.getloadavg()[0]:.1f}", flush=True)
+    # the configurations of scripts/bench_models.py (int8_config, auto_config), without the sensitivity cache
     configs = {"fgq-n4": FGQ(group_size=4),
-               "int8": Auto(budget="agree>=0", formats=("int8",), use_cache=False),
-               "auto": Auto(budget="agree>=90", use_cache=False)}
+               "int8": Auto(budget="agree>=0", formats=("int8",), calibration="best", use_cache=False),
+               "auto": Auto(budget=a.budget, calibration="best", sensitivity_images=16, max_evals=8, use_cache=False)}
     rows = []
     for scheme in a.schemes.split(","):
         cfg = configs[scheme]
         t0, c0 = time.time(), time.process_time()
-        q = quantize(model, cfg, calib, val if isinstance(cfg, Auto) else None)
+        # Auto checks its budget on the calibration views (as bench_models does); agreement is measured on
+        # the evaluation views, which no quantizer sees
+        q = quantize(model, cfg, calib, calib if isinstance(cfg, Auto) else None)
         dt, cpu = time.time() - t0, time.process_time() - c0
         with torch.no_grad():
             agree = 100.0 * float((model(val).argmax(-1) == q(val).argmax(-1)).double().mean())

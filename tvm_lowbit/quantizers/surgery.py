@@ -479,6 +479,7 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
             calibrate.calibrate_activations(qmodel, todo, inputs.split(calib_all, batch_size), methods, batch_size,
                                             progress, modes)
 
+    current: float | None = None  # the output error on the check inputs of the model as it stands
     if bn_reestimate and has_bn:
         if ref_rows is None:
             reestimate(calib_all)
@@ -493,7 +494,9 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
                 _restore_acts(todo, act_saved)
                 report.notes.append(f"batch-norm re-estimation dropped: output error on {where} "
                                     f"{after:.3g} with it, {before:.3g} without")
+                current = before
             else:
+                current = after
                 report.notes.append(f"batch-norm re-estimation kept: output error on {where} {after:.3g} "
                                     f"(was {before:.3g})")
     if bias_correction:
@@ -501,7 +504,7 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
         if names and ref_rows is None:
             correct_bias(ref_model, qmodel, names, inputs.take(calib_all, 0, BIAS_FIT_MAX))
         elif names:
-            before = err()
+            before = current if current is not None else err()
             saved = {n: layers[n].bias.clone() for n in names}
 
             def restore() -> None:
@@ -511,12 +514,11 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
 
             correct_bias(ref_model, qmodel, names, inputs.take(fit, 0, BIAS_FIT_MAX))
             after = err()
-            restore()
             if after > before:
+                restore()
                 report.notes.append(f"bias correction dropped: output error on {where} {after:.3g} with it, "
                                     f"{before:.3g} without")
-            else:
-                correct_bias(ref_model, qmodel, names, inputs.take(calib_all, 0, BIAS_FIT_MAX))  # refit on all
+            else:  # the correction that was verified is kept (no refit on all inputs: two forwards fewer)
                 report.notes.append(f"bias correction kept: output error on {where} {after:.3g} (was {before:.3g})")
     for m in layers.values():
         m.fast = False
