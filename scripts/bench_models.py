@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 import tvm_lowbit
+from tvm_lowbit.formats import avg_weight_bits
 from tvm_lowbit.models import efficientnet_lite, minilm, photos, zoo
 
 CNNS = (*zoo.ARCHS, "efficientnet-lite2", "efficientnet-lite2-pad")
@@ -212,12 +213,19 @@ def run_compiled(art: Any, x: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate(outs)
 
 
+def fake_quant_bits(model: nn.Module) -> float:
+    """Average bits per conv/linear weight of the fake-quant model as it would be stored (codes, scale codes,
+    per-channel scales; float layers 32): ``tvm_lowbit.formats.avg_weight_bits``, the figure Auto's budget
+    search reports.  Biases and batch-norm constants are not counted (the compiled rows count them)."""
+    return float(avg_weight_bits(model))
+
+
 def compile_rows(res: Results, base: Row, model: nn.Module, x: torch.Tensor, want: np.ndarray, targets: list[str],
                  batch: int, nweights: int) -> None:
     """x86: build, run on every input, agreement with ``want`` (the fake-quant logits); rasp5: build only."""
     xs = x.numpy()
-    if not targets:  # --targets none: the fake-quant row alone
-        res.add(Row(**{**base.__dict__, "target": "none"}))
+    if not targets:  # --targets none: the fake-quant row alone (bits of its weights, no compiled constants)
+        res.add(Row(**{**base.__dict__, "target": "none", "avg_weight_bits": fake_quant_bits(model)}))
     for t in targets:
         row = Row(**{**base.__dict__, "target": t})
         try:
@@ -385,8 +393,8 @@ def bench_minilm(res: Results, variants: list[str], targets: list[str]) -> None:
         row.value, row.cos_mean = float(c.min()), float(c.mean())
 
     def compile_cos(row: Row, model: nn.Module, want: np.ndarray) -> None:
-        if not targets:  # --targets none: the fake-quant row alone
-            res.add(Row(**{**row.__dict__, "target": "none"}))
+        if not targets:  # --targets none: the fake-quant row alone (bits of its weights, no compiled constants)
+            res.add(Row(**{**row.__dict__, "target": "none", "avg_weight_bits": fake_quant_bits(model)}))
         for t in targets:
             r = Row(**{**row.__dict__, "target": t})
             try:
