@@ -514,11 +514,12 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
 
             correct_bias(ref_model, qmodel, names, inputs.take(fit, 0, BIAS_FIT_MAX))
             after = err()
+            restore()
             if after > before:
-                restore()
                 report.notes.append(f"bias correction dropped: output error on {where} {after:.3g} with it, "
                                     f"{before:.3g} without")
-            else:  # the correction that was verified is kept (no refit on all inputs: two forwards fewer)
+            else:
+                correct_bias(ref_model, qmodel, names, inputs.take(calib_all, 0, BIAS_FIT_MAX))  # refit on all
                 report.notes.append(f"bias correction kept: output error on {where} {after:.3g} (was {before:.3g})")
     for m in layers.values():
         m.fast = False
