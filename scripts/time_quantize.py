@@ -1,9 +1,9 @@
 """How long quantization takes on a real-size model: FGQ N=4, int8 (Auto with formats=("int8",)) and
-Auto, on a torchvision architecture at 224x224 with 64 calibration images (issue 16's floor: FGQ or
+Auto, on EfficientNet-Lite2 (real weights, 260x260) or a torchvision architecture at 224x224 with 64 calibration images (issue 16's floor: FGQ or
 int8 <= 3 minutes, Auto <= 20 minutes on 2 cores).
 
     python scripts/time_quantize.py [--model efficientnet_b0] [--calib 64] [--val 64] [--threads 2]
-        [--schemes fgq-n4,int8,auto] [--json out.json]
+        [--schemes fgq-n4,int8,auto] [--budget agree>=90] [--json out.json]
 
 Random weights (the zoo's torchvision models, batch norms calibrated on photo views) are fine for
 timing; calibration and validation inputs are views of the calibration / evaluation photos
@@ -28,37 +28,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tvm_lowbit import FGQ, quantize  # noqa: E402
 from tvm_lowbit.formats import avg_weight_bits  # noqa: E402
-from tvm_lowbit.models import photos, zoo  # noqa: E402
+from tvm_lowbit.models import efficientnet_lite, photos, zoo  # noqa: E402
 from tvm_lowbit.quantizers.auto import Auto  # noqa: E402
 
 
-def build(name: str) -> nn.Module:
-    """The zoo's torchvision model (random weights, batch norm calibrated on photo views)."""
-    return zoo.load(name, 224)
+def build(name: str, n_calib: int, n_val: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(model, calibration views, validation views): ``efficientnet-lite2`` (real ImageNet weights, 260x260)
+    or the zoo's torchvision model (random weights, batch norm calibrated on photo views, 224x224).
+    Views are taken evenly over all photos (16 per photo, then the first ``n`` of a fixed shuffle)."""
+    pick = lambda x, n: x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]  # noqa: E731
+    if name == efficientnet_lite.NAME:
+        s = efficientnet_lite.SIZE
+        return (efficientnet_lite.load(), pick(efficientnet_lite.normalize(photos.views("calib", s, 16)), n_calib),
+                pick(efficientnet_lite.normalize(photos.views("eval", s, 16)), n_val))
+    return (zoo.load(name, 224), pick(zoo.normalize(photos.views("calib", 224, 16)), n_calib),
+            pick(zoo.normalize(photos.views("eval", 224, 16)), n_val))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="efficientnet_b0")
+    ap.add_argument("--model", default="efficientnet_b0", help="a zoo architecture or efficientnet-lite2")
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--val", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--schemes", default="fgq-n4,int8,auto")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--budget", default="agree>=90", help="Auto's budget (checked on the calibration views)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    model = build(a.model)
+    model, calib, val = build(a.model, a.calib, a.val)
     params = sum(p.numel() for p in model.parameters())
-    calib = zoo.normalize(photos.views("calib", 224, 16))[: a.calib]
-    val = zoo.normalize(photos.views("eval", 224, 16))[: a.val]
+    print(f"{a.model}: {params / 1e6:.2f} M parameters, {len(calib)} calibration and {len(val)} validation views "
+          f"{tuple(calib.shape[1:])}, {a.threads} threads, load average {os.getloadavg()[0]:.1f}", flush=True)
+    # the configurations of scripts/bench_models.py (int8_config, auto_config), without the sensitivity cache
     configs = {"fgq-n4": FGQ(group_size=4),
-               "int8": Auto(budget="agree>=0", formats=("int8",), use_cache=False),
-               "auto": Auto(budget="agree>=90", use_cache=False)}
+               "int8": Auto(budget="agree>=0", formats=("int8",), calibration="best", use_cache=False),
+               "auto": Auto(budget=a.budget, calibration="best", sensitivity_images=16, max_evals=8, use_cache=False)}
     rows = []
     for scheme in a.schemes.split(","):
         cfg = configs[scheme]
         t0, c0 = time.time(), time.process_time()
-        q = quantize(model, cfg, calib, val if isinstance(cfg, Auto) else None)
+        # Auto checks its budget on the calibration views (as bench_models does); agreement is measured on
+        # the evaluation views, which no quantizer sees
+        q = quantize(model, cfg, calib, calib if isinstance(cfg, Auto) else None)
         dt, cpu = time.time() - t0, time.process_time() - c0
         with torch.no_grad():
             agree = 100.0 * float((model(val).argmax(-1) == q(val).argmax(-1)).double().mean())

@@ -3,6 +3,7 @@ depthwise ReLU6 blocks, a BERT-like encoder fed token ids and masks, strict Auto
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -426,3 +427,50 @@ def test_corrections_are_kept_only_when_they_help_on_held_out_inputs(bert: nn.Mo
     x = torch.randn(32, 3, 27, 27)
     q = quantize(_trained_bn(same_net_model, x), FGQ(group_size=4, act_bits=4), x, progress=False)
     assert any("batch-norm re-estimation" in n for n in q.tvm_lowbit_report.notes)
+
+
+def test_batchnorm_reestimation_is_relative_to_the_float_network(same_net: tuple[nn.Module, torch.Tensor]) -> None:
+    """BN re-estimation shifts the float statistics by what quantization changed: on calibration inputs
+    from another distribution (the EfficientNet-Lite2 case: 12 photos that are not ImageNet), an
+    unquantized copy keeps its statistics exactly, and a quantized one moves its means by the measured
+    input shift, not to the calibration data's own statistics."""
+    from tvm_lowbit.quantizers.surgery import correct_batchnorm
+
+    model, _ = same_net
+    other = 3.0 * torch.rand(16, 3, 27, 27) + 1.0  # far from the statistics the BNs hold
+    same = copy.deepcopy(model)
+    assert correct_batchnorm(model, same, other) == 3
+    for (_, a), (_, b) in zip(model.named_buffers(), same.named_buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+    ref = copy.deepcopy(model)
+    q2 = copy.deepcopy(model)
+    with torch.no_grad():
+        q2.dw.weight.mul_(1.5)  # a "quantization" that scales bn1's input by 1.5
+    correct_batchnorm(ref, q2, other)
+    assert torch.allclose(q2.bn1.running_var, model.bn1.running_var * 2.25, rtol=1e-4)
+    with torch.no_grad():
+        shift = 0.5 * model.dw(F.relu6(model.bn0(model.stem(other)))).mean((0, 2, 3))
+    assert torch.allclose(q2.bn1.running_mean, model.bn1.running_mean + shift, atol=1e-4)
+
+
+def test_proxy_sensitivity_measures_one_probe_per_layer(same_net: tuple[nn.Module, torch.Tensor], tmp_path) -> None:
+    """The proxy pass measures one format per layer (equal to the full pass's value there) and scales the
+    others by the layer's own output error: per layer, the order of the damages is the order of the
+    output errors, and every value is finite and >= 0."""
+    from tvm_lowbit.quantizers.sensitivity import layer_sensitivity
+
+    model, x = same_net
+    fmts = ("ternary", "int4", "int8")
+    full = layer_sensitivity(model, x[:16], fmts, cache_dir=tmp_path, progress=False, mode="full")
+    proxy = layer_sensitivity(model, x[:16], fmts, cache_dir=tmp_path, progress=False, mode="proxy")
+    assert not proxy.from_cache and proxy.info["mode"] == "proxy"
+    for n in full.layers:
+        same = [f for f in fmts if math.isclose(full.kl[n][f], proxy.kl[n][f], rel_tol=1e-9, abs_tol=1e-15)]
+        assert len(same) >= 1, (n, full.kl[n], proxy.kl[n])
+        assert all(math.isfinite(v) and v >= 0 for v in proxy.kl[n].values())
+    with pytest.raises(ValueError, match="sensitivity mode"):
+        layer_sensitivity(model, x[:16], fmts, progress=False, mode="fast")
+    assert Auto(sensitivity="proxy").sensitivity_mode(3) == "proxy"
+    assert Auto().sensitivity_mode(3) == "full" and Auto().sensitivity_mode(65) == "proxy"
+    with pytest.raises(ValueError, match="Auto sensitivity"):
+        Auto(sensitivity="fast")

@@ -56,11 +56,12 @@ from tvm_lowbit.quantizers.inputs import Batch
 from tvm_lowbit.quantizers.layers import WeightUse
 from tvm_lowbit.quantizers.config import SchemeConfig
 from tvm_lowbit.quantizers.rounding import input_hessians, refine
-from tvm_lowbit.quantizers.sensitivity import Sensitivity, layer_sensitivity
+from tvm_lowbit.quantizers.sensitivity import SENSITIVITY_MODES, Sensitivity, layer_sensitivity
 from tvm_lowbit.quantizers.surgery import ModelGraph, analyze, build_fake_quant, warn_report
 
 DEFAULT_FORMATS = ("ternary-n16", "ternary", "pow2-3", "pow2-4", "pow2-5", "int4", "int8", "float")
 ROUNDINGS = ("nearest", "gptq")
+PROXY_LAYERS = 24  # sensitivity="auto": the proxy pass above this many layers
 _BUDGET = re.compile(r"^\s*(drop|agree|cos)\s*(<=|>=|=<|=>|<|>|==|=)\s*([^\s%]+)\s*(?:%|pp|pt)?\s*$")
 
 
@@ -141,7 +142,11 @@ class Auto(SchemeConfig):
     ``rounding_images`` calibration images, ``quantizers.rounding``; same scales, same compiled form)
     or ``nearest``.  On the built-in mobilenet at a 0.5-point budget, gptq reached 3.53 average weight
     bits where nearest rounding needed 3.86 (scripts/bench_accuracy.py).
-    sensitivity_images: calibration images the sensitivity pass uses.  max_evals: how many mixes may
+    sensitivity_images: calibration images the sensitivity pass uses.  sensitivity: ``full`` (one
+    network forward per layer x format), ``proxy`` (one per layer: a probe format's damage measured,
+    the others scaled by the layer's own output error, ``quantizers.sensitivity``) or ``auto`` (proxy
+    above ``PROXY_LAYERS`` layers: on EfficientNet-Lite2's 65 layers x 7 formats the full pass is ~7x
+    the forwards).  max_evals: how many mixes may
     be built and evaluated on the validation data.  cache_dir / use_cache: the sensitivity cache
     (default ``$TVM_LOWBIT_CACHE`` or ``~/.cache/tvm_lowbit``).
     """
@@ -161,6 +166,7 @@ class Auto(SchemeConfig):
     rounding: str = "gptq"
     rounding_images: int = 256
     sensitivity_images: int = 512
+    sensitivity: str = "auto"
     max_evals: int = 14
     batch_size: int = 64
     cache_dir: str | None = None
@@ -193,6 +199,8 @@ class Auto(SchemeConfig):
             raise ValueError(f"Auto calibration {self.calibration!r}: use auto or one of {', '.join(calibrate.CALIB_METHODS)}")
         if self.act_mode not in calibrate.ACT_MODES:
             raise ValueError(f"Auto act_mode {self.act_mode!r}: use one of {', '.join(calibrate.ACT_MODES)}")
+        if self.sensitivity not in (*SENSITIVITY_MODES, "auto"):
+            raise ValueError(f"Auto sensitivity {self.sensitivity!r}: use auto or one of {', '.join(SENSITIVITY_MODES)}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"Auto rounding {self.rounding!r}: use one of {', '.join(ROUNDINGS)}")
         if self.max_evals < 1 or self.sensitivity_images < 1 or self.batch_size < 1 or self.rounding_images < 1:
@@ -204,6 +212,12 @@ class Auto(SchemeConfig):
             if fnmatch.fnmatchcase(name, pattern):
                 out = [parse_format(f).name for f in ([ov] if isinstance(ov, str) else list(ov))]
         return out
+
+    def sensitivity_mode(self, n_layers: int) -> str:
+        """The sensitivity pass this setting runs on a model of ``n_layers`` layers."""
+        if self.sensitivity != "auto":
+            return self.sensitivity
+        return "proxy" if n_layers > PROXY_LAYERS else "full"
 
     def method(self) -> str:
         return self.calibration if self.calibration != "auto" else calibrate.auto_method(self.act_bits)
@@ -492,7 +506,8 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
                                  bias_correction=config.bias_correction, batch_size=config.batch_size,
                                  cache_dir=config.cache_dir, use_cache=config.use_cache, weight_fn=weights,
                                  weight_fn_key=f"{config.rounding}:{config.rounding_images}", progress=progress,
-                                 uses=graph.uses, metric="cos" if budget.kind == "cos" else "kl")
+                                 uses=graph.uses, metric="cos" if budget.kind == "cos" else "kl",
+                                 mode=config.sensitivity_mode(len(names)))
         log(f"sensitivity {'from the cache' if sens.from_cache else 'measured'}")
         cf = _cost_fn(config.cost)
         cost = {n: {f: cf(n, f, sens.numel[n], sens.bytes[n][f]) for f in cands[n]} for n in names}

@@ -45,8 +45,9 @@ class FGQ(SchemeConfig):
     calibration: ``minmax`` | ``percentile`` | ``mse`` (input MSE) | ``entropy`` (TensorRT's KL) |
     ``mse_out`` (MSE of the layer's output) | ``best`` (per tensor, the one of minmax / percentile /
     mse / entropy with the least layer-output error) | ``auto`` (default: ``mse`` at 8 bits, ``percentile`` below; chosen from measurements on
-    ResNet-20/Fashion-MNIST).  bn_reestimate: recompute batch-norm
-    statistics with the quantized network.  bias_correction: for quantized layers with no batch
+    ResNet-20/Fashion-MNIST).  bn_reestimate: shift batch-norm
+    statistics by what quantization changed in their inputs (relative to the float network on the
+    same calibration inputs, ``surgery.correct_batchnorm``).  bias_correction: for quantized layers with no batch
     norm right after them (whose output mean BN re-estimation cannot fix), shift the bias by the
     per-channel mean output difference float - quantized on the calibration data (each of the two is
     kept only if it lowers the output error on held-out calibration inputs).  act_mode: ``static``

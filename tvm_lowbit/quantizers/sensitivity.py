@@ -36,6 +36,7 @@ from tvm_lowbit.quantizers.layers import (WeightUse, make_quant_layer, observe_m
 from tvm_lowbit.quantizers.surgery import analyze
 
 CACHE_VERSION = 2
+SENSITIVITY_MODES = ("full", "proxy")
 
 
 class _Stop(Exception):
@@ -208,8 +209,8 @@ def layer_sensitivity(model: nn.Module, images: object, formats: list[str] | tup
                       act_bits: int = 8, calibration: str = "auto", bias_correction: bool = True,
                       batch_size: int = 64, cache_dir: str | os.PathLike[str] | None = None, use_cache: bool = True,
                       weight_fn: Callable[[str, Format], object] | None = None, weight_fn_key: str = "nearest",
-                      progress: bool = True, uses: dict[str, WeightUse] | None = None, metric: str = "kl"
-                      ) -> Sensitivity:
+                      progress: bool = True, uses: dict[str, WeightUse] | None = None, metric: str = "kl",
+                      mode: str = "full") -> Sensitivity:
     """Measure (or load from the cache) the damage of every layer x format (see the module docstring).
 
     ``images``: calibration inputs (a tensor, or any form ``quantizers.inputs`` reads).  ``layers``:
@@ -218,7 +219,12 @@ def layer_sensitivity(model: nn.Module, images: object, formats: list[str] | tup
     (default ``format.quantize(weight)``), named by ``weight_fn_key`` in the cache key.  ``uses``: each
     layer's weight use (``surgery.analyze``; read off the model when None).  ``metric``: ``kl``
     (softmax outputs, classifiers) or ``cos`` (1 - cosine of the outputs, embedding models).
+    ``mode``: ``full`` (one network forward per layer x format) or ``proxy`` (one network forward per
+    layer: the damage of one probe format is measured, every other format's is that damage scaled by
+    the ratio of the layer's own output errors on its captured inputs, ``SENSITIVITY_MODES``).
     """
+    if mode not in SENSITIVITY_MODES:
+        raise ValueError(f"sensitivity mode {mode!r}: use one of {', '.join(SENSITIVITY_MODES)}")
     if metric not in METRICS:
         raise ValueError(f"sensitivity metric {metric!r}: use one of {', '.join(METRICS)}")
     fmts = [parse_format(f) for f in formats]
@@ -240,6 +246,8 @@ def layer_sensitivity(model: nn.Module, images: object, formats: list[str] | tup
     method = calibration if calibration != "auto" else calibrate.auto_method(act_bits)
     settings = {"v": CACHE_VERSION, "layers": names, "candidates": cand, "act_bits": act_bits, "method": method,
                 "bias_correction": bias_correction, "weights": weight_fn_key, "metric": metric}
+    if mode != "full":
+        settings["mode"] = mode
     key = _hash(model, x, settings)
     cache_file = Path(cache_dir or default_cache_dir()) / f"{key[:20]}.json"
     if use_cache and cache_file.is_file():
@@ -263,6 +271,7 @@ def layer_sensitivity(model: nn.Module, images: object, formats: list[str] | tup
         use = uses[name]
         w = use.weight
         xin = None
+        layer_q: dict[str, object] = {}
         for fname in cand[name]:
             fmt = parse_format(fname)
             tw = weight_fn(name, fmt) if weight_fn is not None else fmt.quantize(w)
@@ -274,24 +283,43 @@ def layer_sensitivity(model: nn.Module, images: object, formats: list[str] | tup
             q = make_quant_layer(name, use, tw, act_bits)
             q.set_activation(*scales[name])
             q.fast = True  # a damage estimate: float32 integer ops are close enough
-            if bias_correction:
+            if bias_correction or mode == "proxy":
                 xin = xin if xin is not None else _capture_input(model, name, batches)
+            if bias_correction:
                 with torch.no_grad():
                     diff = sum(_channel_mean(q.float_op(b, w, q.bias), q.channel_dim)
                                - _channel_mean(q(b), q.channel_dim) for b in xin) / len(xin)
                 q.bias += diff.float()
                 q.refresh_epilogue()
+            if mode == "proxy":
+                layer_q[fname] = q
+                continue
             wrap_module(module, q)
             try:
                 kl[name][fname] = score(ref, _logits(model, batches))
             finally:
                 unwrap_module(module)
             bar.update()
+        if layer_q:
+            with torch.no_grad():  # the layer's own output error in each format, on its captured inputs
+                errs = {f: sum(float(torch.square(q(b) - q.float_op(b, w, q.bias)).mean()) for b in xin)  # type: ignore[union-attr,operator]
+                        for f, q in layer_q.items()}
+            ordered = sorted(errs, key=lambda f: errs[f])
+            probe = ordered[len(ordered) // 2]  # the median error: the scaling is linear around it
+            wrap_module(module, layer_q[probe])  # type: ignore[arg-type]
+            try:
+                measured = score(ref, _logits(model, batches))
+            finally:
+                unwrap_module(module)
+            gain = measured / errs[probe] if errs[probe] > 0 else 0.0
+            for f in layer_q:
+                kl[name][f] = measured if f == probe else gain * errs[f]
+                bar.update()
         xin = None
     bar.close()
     res = Sensitivity(names, all_fmts, kl, nbytes, numel, inputs.batch_len(x), key, False,
                       {"act_bits": act_bits, "calibration": method, "bias_correction": bias_correction,
-                       "weights": weight_fn_key, "metric": metric})
+                       "weights": weight_fn_key, "metric": metric, "mode": mode})
     bad = [(n, f) for n in names for f, v in kl[n].items() if not math.isfinite(v)]
     if bad:
         raise ValueError(f"layer sensitivity is not finite for {bad[:3]}: NaN/Inf in the model's outputs")

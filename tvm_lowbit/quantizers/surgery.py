@@ -9,8 +9,8 @@ effective weight, bias and conv arguments the module's own forward passed to ``F
 Whatever cannot be quantized is named with its module path, class and reason (``ModelGraph.skipped``);
 if ``torch.export`` fails, that is said, and the batch norms that then stay unfolded are named.
 
-``build_fake_quant`` runs: wrap layers -> calibrate activations -> re-estimate batch norms (kept only
-if it helps) -> recalibrate -> bias correction (kept only if it helps) -> fold batch norms into the
+``build_fake_quant`` runs: wrap layers -> calibrate activations -> re-estimate batch norms relative to
+the float network (kept only if it helps) -> recalibrate -> bias correction (kept only if it helps) -> fold batch norms into the
 layers' epilogues.  "Helps" is measured on inputs the correction was not fitted on (the last quarter
 of the calibration data): a correction fitted on a few inputs can hurt.  FGQ, Auto and the training
 quantizers (INQ, SQ, PACT) all build through it.
@@ -318,6 +318,59 @@ def correct_bias(model: nn.Module, qmodel: nn.Module, names: list[str], calib: B
             h.remove()
 
 
+def _bn_input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (dim 1) mean and variance of a batch-norm input, float64."""
+    y = x.detach().double().movedim(1, -1)
+    y = y.reshape(-1, y.shape[-1])
+    return y.mean(0), y.var(0, unbiased=False)
+
+
+def correct_batchnorm(model: nn.Module, qmodel: nn.Module, calib: Batch) -> int:
+    """Batch-norm re-estimation relative to the float network: each batch norm of ``qmodel`` keeps the
+    float ``model``'s statistics, shifted by what quantization changed on ``calib`` (one batch):
+    ``mean += E_q[x] - E_f[x]``, ``var *= Var_q[x] / Var_f[x]``, per channel.  Re-estimating the
+    statistics outright would replace the training set's statistics by the calibration data's, which
+    changes the function itself when the calibration inputs are few or not from the training
+    distribution (EfficientNet-Lite2 on 12 photos: output error 1.42 instead of 0.054).  One forward
+    of each network: a batch norm is corrected as the batch reaches it, so later ones see the
+    corrected network.  Returns how many batch norms were corrected."""
+    ref: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    fmodel = copy.deepcopy(model).eval()
+    fmods = {n: m for n, m in fmodel.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    def seen(n: str, a: tuple) -> None:
+        ref.setdefault(n, _bn_input_stats(a[0]))
+
+    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: seen(n, a)) for n, m in fmods.items()]
+    try:
+        with torch.no_grad():
+            inputs.call(fmodel, calib)
+    finally:
+        for h in handles:
+            h.remove()
+    done = 0
+
+    def fix(m: nn.Module, a: tuple, n: str) -> None:
+        nonlocal done
+        if n not in ref or m.running_mean is None or m.running_var is None:
+            return
+        mf, vf = ref.pop(n)
+        mq, vq = _bn_input_stats(a[0])
+        ratio = torch.where(vf > 1e-12, vq / vf.clamp_min(1e-12), torch.ones_like(vf))
+        m.running_mean.copy_((m.running_mean.double() + mq - mf).to(m.running_mean.dtype))
+        m.running_var.copy_((m.running_var.double() * ratio).to(m.running_var.dtype))
+        done += 1
+
+    qmods = {n: m for n, m in qmodel.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: fix(m, a, n)) for n, m in qmods.items()]
+    try:
+        with torch.no_grad():
+            inputs.call(qmodel.eval(), calib)
+    finally:
+        for h in handles:
+            h.remove()
+    return done
+
+
 def output_rows(model: nn.Module, batches: list[Batch]) -> torch.Tensor:
     """The model's outputs on ``batches`` as float64 rows [n, features]."""
     with torch.no_grad():
@@ -361,8 +414,9 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
     bits, one for all or per layer.  ``fixed_activations``: layer name -> (scale, signed, bits) for
     inputs whose scale is known (PACT's alpha / (2^k - 1), unsigned k bits); every other quantized
     layer's input is calibrated on ``calib_data`` by ``calibration``: a method for all (default:
-    ``auto`` for each layer's width), or per layer (method, percentile).  ``bn_reestimate``: recompute
-    batch-norm statistics with the quantized network, then recalibrate.  ``bias_correction``: layers
+    ``auto`` for each layer's width), or per layer (method, percentile).  ``bn_reestimate``: shift the
+    batch-norm statistics by what quantization changed in their inputs (``correct_batchnorm``, relative
+    to the float network on the same inputs), then recalibrate.  ``bias_correction``: layers
     with no batch norm after them get their bias shifted by the per-channel mean output difference
     float (``reference``, default ``model``) - quantized.  With ``verify`` each of the two is kept only
     if it lowers the output error on held-out calibration inputs.  Batch norms right after quantized
@@ -420,11 +474,12 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in qmodel.modules())
 
     def reestimate(data: Batch) -> None:
-        calibrate.reestimate_batchnorm(qmodel, inputs.split(data, batch_size), batch_size, progress)
+        correct_batchnorm(ref_model, qmodel, inputs.take(data, 0, BIAS_FIT_MAX))
         if todo:
             calibrate.calibrate_activations(qmodel, todo, inputs.split(calib_all, batch_size), methods, batch_size,
                                             progress, modes)
 
+    current: float | None = None  # the output error on the check inputs of the model as it stands
     if bn_reestimate and has_bn:
         if ref_rows is None:
             reestimate(calib_all)
@@ -439,7 +494,9 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
                 _restore_acts(todo, act_saved)
                 report.notes.append(f"batch-norm re-estimation dropped: output error on {where} "
                                     f"{after:.3g} with it, {before:.3g} without")
+                current = before
             else:
+                current = after
                 report.notes.append(f"batch-norm re-estimation kept: output error on {where} {after:.3g} "
                                     f"(was {before:.3g})")
     if bias_correction:
@@ -447,7 +504,7 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
         if names and ref_rows is None:
             correct_bias(ref_model, qmodel, names, inputs.take(calib_all, 0, BIAS_FIT_MAX))
         elif names:
-            before = err()
+            before = current if current is not None else err()
             saved = {n: layers[n].bias.clone() for n in names}
 
             def restore() -> None:
