@@ -159,7 +159,8 @@ def load_minilm() -> tuple[nn.Module, dict[str, np.ndarray], dict[str, torch.Ten
 
     feed = minilm.inputs(minilm.SENTENCES[:1], SIZE["seq"])
     calib = {k: torch.from_numpy(v) for k, v in minilm.inputs(minilm.CALIB_SENTENCES, SIZE["seq"]).items()}
-    return minilm.load_torch(), feed, calib, f"{len(minilm.CALIB_SENTENCES)} calibration sentences, {SIZE['seq']} tokens"
+    note = f"{len(minilm.CALIB_SENTENCES)} calibration sentences, {SIZE['seq']} tokens"
+    return minilm.load_torch(), feed, calib, note
 
 
 # first layer int8 per channel (FGQ's default: its 3 or 1 input channels make groups degenerate); every

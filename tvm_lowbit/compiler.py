@@ -23,7 +23,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -32,7 +31,8 @@ from tvm_lowbit.artifact import Artifact, load_artifact
 from tvm_lowbit.backends import backend_for
 from tvm_lowbit.backends.base import Schedules
 from tvm_lowbit.errors import CompileError
-from tvm_lowbit.importer import EXPORT_LOCK, example_batch, export_torch, import_exported, import_torch, layer_infos
+from tvm_lowbit.importer import (EXPORT_LOCK, example_batch, export_torch, import_exported, import_torch,
+                                 layer_infos)
 from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.targets import TargetSpec, load_target
 
