@@ -98,3 +98,24 @@ def test_se_depthwise_block_accumulators_bit_exact() -> None:
 def _record(codes: dict[str, np.ndarray], name: str, c: torch.Tensor) -> torch.Tensor:
     codes[name] = c.detach().numpy().copy()
     return c
+
+
+def test_silu_before_a_quantizer_gives_pytorchs_code_at_a_midpoint() -> None:
+    """SiLU(0.97115785) / 0.093923949 is 7.4999995 in PyTorch (code 7); the importer's ``x * sigmoid(x)`` is one
+    ulp higher (7.5 -> code 8), the value that made efficientnet_b0's build differ (passes.torch_silu)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.SiLU(), nn.Conv2d(4, 4, 1, bias=False)).eval()
+    x = torch.full((1, 4, 2, 2), 0.97115785)
+    calib = torch.randn(16, 4, 2, 2)
+    q = tvm_lowbit.quantize(model, tvm_lowbit.FGQ(bn_reestimate=False, bias_correction=False), calib, progress=False)
+    layer = quant_layers(q)["1"]
+    layer.set_activation(float(np.float32(0.09392394870519638)), True)
+    with torch.no_grad():
+        codes = layer.quantize_input(nn.functional.silu(x)).numpy()
+        want = q(x).numpy()
+    assert (codes == 7).all()
+    art = tvm_lowbit.compile(q, x, "x86-host", expose_acc=True)
+    out, acc = art.run_all(x.numpy())
+    ref = qmath.conv2d_int_np(codes.astype(np.int64), layer.w_int.numpy().astype(np.int64), (1, 1), (0, 0), (1, 1), 1)
+    np.testing.assert_array_equal(acc.astype(np.int64), ref)
+    np.testing.assert_array_equal(out, want)
