@@ -8,6 +8,14 @@ that variant is not run); the host is shared, so only ratios from one run are co
 classifier ternary with 7-bit alpha codes (so ``alpha * t`` is an int8 and the VNNI kernels take them).
 
     python scripts/bench_speed.py --models resnet20,resnet18-224 --repeat 20 --json bench.json
+    python scripts/bench_speed.py --models resnet18,mobilenet_v2,efficientnet-lite2,minilm --size 224
+
+Real models (the zoo, ``tvm_lowbit/models``): the torchvision architectures (``zoo.ARCHS``: random weights,
+batch norm calibrated on photos, ``--size`` pixels), ``efficientnet-lite2`` (real weights, 260x260) and
+``minilm`` (paraphrase-MiniLM-L3-v2, inputs ``input_ids`` and ``attention_mask``, ``--seq`` tokens). The
+CNNs calibrate on calibration-photo views; their ``ort-int8`` is static QDQ. MiniLM calibrates on the
+calibration sentences; its ``ort-int8`` is ONNX Runtime's dynamic int8 of the shipped ONNX file, its
+``torch-fp32`` the PyTorch port, and the TVM rows take the two inputs by name.
 
 The ``*-tuned`` rows (``tvm-fp32-tuned``, ``tvm-fgq-n4-tuned``, ``tvm-pow2-tuned``, not in the default
 ``--variants``) tune with MetaSchedule first, ``--trials`` trials per variant over all its tasks (shared out
@@ -31,9 +39,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # baselines sets TVM_NUM_THREADS before anything imports tvm
 from tvm_lowbit import baselines  # noqa: E402
-from tvm_lowbit.baselines import NUM_THREADS  # noqa: E402
+from tvm_lowbit.baselines import NUM_THREADS, Runner  # noqa: E402
 
 MODELS = ("resnet20", "resnet18-224")
+ZOO_CNNS = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x1_0",
+            "regnet_x_400mf", "efficientnet-lite2")
+ZOO = (*ZOO_CNNS, "minilm")
+SIZE = {"size": 224, "seq": 32}  # from --size / --seq
 VARIANTS = ("tvm-fp32", "tvm-fgq-n4", "tvm-fgq-n64", "torch-fp32", "ort-int8", "tvm-fp32-tuned", "tvm-fgq-n4-tuned",
             "tvm-pow2-tuned")
 TUNE = {"trials": 64, "dir": Path("bench_schedules"), "scheduler": "gradient"}  # from --trials etc.
@@ -63,7 +75,92 @@ def load_model(name: str) -> tuple[nn.Module, np.ndarray, np.ndarray, str]:
         # untrained weights and no ImageNet here: a fixed-seed N(0,1) batch is enough for timing
         calib = np.random.default_rng(0).standard_normal((32, 3, 224, 224)).astype(np.float32)
         return resnet18(1000, seed=0), calib[:1].copy(), calib, "32 fixed-seed random-normal images"
-    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    if name in ZOO_CNNS:
+        from tvm_lowbit.models import efficientnet_lite, photos, zoo
+
+        if name == "efficientnet-lite2":
+            calib = efficientnet_lite.normalize(photos.views("calib", efficientnet_lite.SIZE, 2)).numpy()
+            return efficientnet_lite.load(), calib[:1].copy(), calib, f"{len(calib)} calibration-photo views"
+        views = photos.views("calib", SIZE["size"], 2)
+        calib = zoo.normalize(views).numpy()
+        return zoo.load(name, SIZE["size"], calib_images=views), calib[:1].copy(), calib, \
+            f"{len(calib)} calibration-photo views at {SIZE['size']}px"
+    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS + ZOO)}")
+
+
+class FeedRunner(Runner):
+    """A model of several named inputs (a dict feed) timed like ``baselines.Runner``."""
+
+    def __init__(self, fn: Callable[[dict[str, np.ndarray]], Any], weight_bytes: int) -> None:
+        super().__init__(fn, weight_bytes)  # type: ignore[arg-type]
+
+    def median_ms(self, x: Any, repeat: int = 50, warmup: int = 5) -> float:
+        for _ in range(warmup):
+            self._fn(x)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            self._fn(x)
+            times.append(time.perf_counter() - t0)
+        return 1e3 * float(np.median(times))
+
+
+def minilm_builders() -> dict[str, Callable[[nn.Module, Any, Any], Timed]]:
+    """The variants of the transformer (dict inputs): TVM through ``tvm_lowbit.compile`` with the feed,
+    PyTorch eager, ONNX Runtime dynamic int8 of the ONNX file."""
+    import tvm_lowbit
+    from tvm_lowbit.models import minilm
+    from tvm_lowbit.quantizers.fgq import FGQ
+
+    def tvm_fp32(m: nn.Module, x: dict, c: dict) -> Timed:
+        return tvm_lowbit.compile(m, x, target=TARGET)
+
+    def tvm_fgq(m: nn.Module, x: dict, c: dict) -> Timed:
+        q = tvm_lowbit.quantize(m, FGQ(group_size=4, act_bits=8, alpha_bits=7, first_layer="fgq", last_layer="fgq"), c)
+        art = tvm_lowbit.compile(q, x, target=TARGET)
+        log(f"  kernels: {kernel_counts(art.report.kernel_names)}; in float: {len(art.report.fallback)}")
+        return art
+
+    def torch_fp32(m: nn.Module, x: dict, c: dict) -> Timed:
+        baselines.set_threads()
+
+        def fn(feed: dict[str, np.ndarray]) -> np.ndarray:
+            with torch.inference_mode():
+                return m(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()
+
+        return FeedRunner(fn, baselines.fp32_weight_bytes(m))
+
+    def ort_dynamic(m: nn.Module, x: dict, c: dict) -> Timed:
+        import tempfile
+
+        import onnx
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "int8.onnx"
+            quantize_dynamic(str(minilm.onnx_path()), str(out), weight_type=QuantType.QInt8)
+            qbytes = out.read_bytes()
+        proto = onnx.load_from_string(qbytes)
+        wbytes = sum(int(np.prod(t.dims)) for t in proto.graph.initializer
+                     if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8))
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = NUM_THREADS, 1
+        sess = ort.InferenceSession(qbytes, so, providers=["CPUExecutionProvider"])
+        names = {i.name for i in sess.get_inputs()}
+        return FeedRunner(lambda feed: sess.run(None, {k: v for k, v in feed.items() if k in names})[0], wbytes)
+
+    return {"tvm-fp32": tvm_fp32, "tvm-fgq-n4": tvm_fgq, "tvm-fgq-n64": tvm_fgq, "torch-fp32": torch_fp32,
+            "ort-int8": ort_dynamic}
+
+
+def load_minilm() -> tuple[nn.Module, dict[str, np.ndarray], dict[str, torch.Tensor], str]:
+    from tvm_lowbit.models import minilm
+
+    feed = minilm.inputs(minilm.SENTENCES[:1], SIZE["seq"])
+    calib = {k: torch.from_numpy(v) for k, v in minilm.inputs(minilm.CALIB_SENTENCES, SIZE["seq"]).items()}
+    note = f"{len(minilm.CALIB_SENTENCES)} calibration sentences, {SIZE['seq']} tokens"
+    return minilm.load_torch(), feed, calib, note
 
 
 # first layer int8 per channel (FGQ's default: its 3 or 1 input channels make groups degenerate); every
@@ -155,8 +252,14 @@ def log(msg: str) -> None:
 
 
 def bench_model(name: str, variants: list[str], repeat: int) -> tuple[list[dict[str, Any]], list[str]]:
-    model, example, calib, calib_note = load_model(name)
-    log(f"[{name}] input {tuple(example.shape)}, calibration: {calib_note}")
+    if name == "minilm":
+        model, example, calib, calib_note = load_minilm()
+        builders: dict[str, Callable[..., Timed]] = minilm_builders()
+        shape = {k: v.shape for k, v in example.items()}
+    else:
+        model, example, calib, calib_note = load_model(name)
+        builders, shape = BUILDERS, tuple(example.shape)
+    log(f"[{name}] input {shape}, calibration: {calib_note}")
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     ref_ms: float | None = None
@@ -165,7 +268,9 @@ def bench_model(name: str, variants: list[str], repeat: int) -> tuple[list[dict[
         try:
             log(f"[{name}] {variant}: building ...")
             t0 = time.perf_counter()
-            runner = BUILDERS[variant](model, example, calib)
+            if variant not in builders:
+                raise ValueError(f"variant {variant} is not measured for {name}")
+            runner = builders[variant](model, example, calib)
             log(f"[{name}] {variant}: built in {time.perf_counter() - t0:.1f} s; timing {repeat} runs ...")
             ms = float(runner.median_ms(example, repeat=repeat))
         except Exception as e:  # one broken variant should not lose the other numbers
@@ -185,18 +290,20 @@ def bench_model(name: str, variants: list[str], repeat: int) -> tuple[list[dict[
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'model':<14}{'variant':<18}{'target':<10}{'median_ms':>12}{'vs tvm-fp32':>13}{'vs ort-int8':>13}"
+    print(f"{'model':<20}{'variant':<18}{'target':<10}{'median_ms':>12}{'vs tvm-fp32':>13}{'vs ort-int8':>13}"
           f"{'weight_bytes':>15}")
     for r in rows:
         ratio = "-" if r["ratio_vs_tvm_fp32"] is None else f"{r['ratio_vs_tvm_fp32']:.3f}x"
         ort = "-" if r.get("ratio_vs_ort_int8") is None else f"{r['ratio_vs_ort_int8']:.3f}x"
-        print(f"{r['model']:<14}{r['variant']:<18}{r['target']:<10}{r['median_ms']:>12.3f}{ratio:>13}{ort:>13}"
+        print(f"{r['model']:<20}{r['variant']:<18}{r['target']:<10}{r['median_ms']:>12.3f}{ratio:>13}{ort:>13}"
               f"{r['weight_bytes']:>15,}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS + ZOO)}")
+    ap.add_argument("--size", type=int, default=224, help="input size of the torchvision zoo models (default 224)")
+    ap.add_argument("--seq", type=int, default=32, help="MiniLM tokens per input (default 32)")
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if not v.endswith("-tuned")),
                     help=f"comma list of {', '.join(VARIANTS)} (default: all but the tuned ones)")
     ap.add_argument("--repeat", type=int, default=20, help="timed runs per variant (median reported)")
@@ -209,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="how MetaSchedule shares the trials among the tasks (tune.tune_module; default gradient)")
     args = ap.parse_args(argv)
     TUNE.update(trials=args.trials, dir=args.tune_dir, scheduler=args.scheduler)
+    SIZE.update(size=args.size, seq=args.seq)
 
     models = [m for m in args.models.split(",") if m]
     variants = [v for v in args.variants.split(",") if v]

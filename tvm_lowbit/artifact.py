@@ -29,6 +29,25 @@ from tvm_lowbit.passes.report import LoweringReport
 from tvm_lowbit.targets import TargetError, TargetSpec, load_target
 
 META_FORMAT = 2  # 2: "files" (sha256 of every file) and the MARKER file
+INPUT_DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64", "bool")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input of a compiled model: the name of its parameter (the model's ``forward`` argument for a
+    PyTorch model: ``input_ids``, ``attention_mask``), its shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+def module_inputs(func: Any) -> tuple[InputSpec, ...]:
+    """The inputs of a Relax function (``main``'s parameters), in call order."""
+    return tuple(InputSpec(str(p.name), tuple(int(d) for d in p.ty.shape), str(p.ty.dtype)) for p in func.params)
 
 
 @dataclass
@@ -45,6 +64,7 @@ class Artifact:
     num_outputs: int = 1
     compile_seconds: float = 0.0
     tuning: Any = None  # tune.ApplyReport when a tuned-schedule database was applied
+    inputs: tuple[InputSpec, ...] = ()  # every input, in call order (empty: the one input_shape/input_dtype)
     _local: threading.local = field(default_factory=threading.local, init=False, repr=False, compare=False)
 
     def _machine(self) -> Any:
@@ -60,30 +80,73 @@ class Artifact:
             vm = self._local.vm = relax.VirtualMachine(self.executable, tvm.cpu())
         return vm
 
-    def check_input(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=self.input_dtype)
-        if tuple(x.shape) != tuple(self.input_shape):
-            raise ValueError(f"input shape {tuple(x.shape)} does not match the compiled shape {self.input_shape}; "
-                             "compile again with an example input of the shape you will run")
-        return x
+    def input_specs(self) -> tuple[InputSpec, ...]:
+        """Every input, in call order (an artifact of a single-input model: that one input)."""
+        return self.inputs or (InputSpec("x", tuple(self.input_shape), self.input_dtype),)
 
-    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        """The single input as the compiled array (a float input is cast to the compiled float dtype)."""
+        spec = self.input_specs()[0]
+        if len(self.input_specs()) > 1:
+            raise ValueError(f"this model takes {len(self.input_specs())} inputs ({self._names()}): pass a dict "
+                             "{name: array} or a tuple in that order")
+        return self._check_one(spec, x)
+
+    def _names(self) -> str:
+        return ", ".join(f"{s.name} {list(s.shape)} {s.dtype}" for s in self.input_specs())
+
+    def _check_one(self, spec: InputSpec, x: Any) -> np.ndarray:
+        a = np.asarray(x.numpy() if hasattr(x, "numpy") and not isinstance(x, np.ndarray) else x)
+        want = np.dtype(spec.dtype)
+        single_float = len(self.input_specs()) == 1 and want.kind == "f"  # cast as before: images of any dtype
+        same_kind = a.dtype.kind == want.kind or {a.dtype.kind, want.kind} <= {"i", "u"}
+        if a.dtype != want and not single_float and not same_kind:
+            raise ValueError(f"input {spec.name!r}: dtype {a.dtype} does not match the compiled {spec.dtype}; "
+                             f"pass {spec.dtype} (the model's inputs: {self._names()})")
+        a = np.ascontiguousarray(a, dtype=want)
+        if tuple(a.shape) != tuple(spec.shape):
+            what = "input shape" if len(self.input_specs()) == 1 else f"input {spec.name!r}: shape"
+            raise ValueError(f"{what} {tuple(a.shape)} does not match the compiled shape {tuple(spec.shape)}; "
+                             "compile again with an example input of the shape you will run")
+        return a
+
+    def check_inputs(self, x: Any) -> list[np.ndarray]:
+        """The model's inputs from one array (a single-input model), a tuple/list in call order, or a dict
+        by name; a ``ValueError`` naming the input when a name, count, dtype or shape does not match."""
+        specs = self.input_specs()
+        if isinstance(x, dict):
+            names = [s.name for s in specs]
+            if sorted(map(str, x)) != sorted(names):
+                raise ValueError(f"input names {sorted(map(str, x))} do not match the compiled inputs {names}; "
+                                 f"pass exactly these ({self._names()})")
+            return [self._check_one(s, x[s.name]) for s in specs]
+        if isinstance(x, (tuple, list)):
+            if len(x) != len(specs):
+                raise ValueError(f"{len(x)} inputs given, the model takes {len(specs)} ({self._names()})")
+            return [self._check_one(s, v) for s, v in zip(specs, x)]
+        if len(specs) != 1:
+            raise ValueError(f"one array given, the model takes {len(specs)} inputs ({self._names()}): pass a "
+                             "dict {name: array} or a tuple in that order")
+        return [self._check_one(specs[0], x)]
+
+    def run_all(self, x: Any) -> list[np.ndarray]:
+        """Every output for one input batch: an array (single-input model), a tuple or a dict of arrays."""
         import tvm
 
-        out = self._machine()["main"](tvm.runtime.tensor(self.check_input(x)))
+        out = self._machine()["main"](*(tvm.runtime.tensor(a) for a in self.check_inputs(x)))
         if hasattr(out, "numpy"):
             return [out.numpy()]
         return [o.numpy() for o in out]
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """The model output for one input batch of the compiled shape."""
+    def run(self, x: Any) -> np.ndarray:
+        """The model output for one input batch of the compiled shape (see :meth:`run_all`)."""
         return self.run_all(x)[0]
 
-    def median_ms(self, x: np.ndarray, repeat: int = 20) -> float:
+    def median_ms(self, x: Any, repeat: int = 20) -> float:
         import tvm
 
         vm = self._machine()
-        vm.set_input("main", tvm.runtime.tensor(self.check_input(x)))
+        vm.set_input("main", *(tvm.runtime.tensor(a) for a in self.check_inputs(x)))
         timer = vm.time_evaluator("invoke_stateful", tvm.cpu(), number=1, repeat=max(repeat, 1), min_repeat_ms=0)
         res = timer("main")
         return float(np.median(np.asarray(res.results)) * 1e3)
@@ -104,7 +167,8 @@ class Artifact:
         return {"format": META_FORMAT, "target": self.target.name, "target_dict": self.target.target_dict,
                 "arch": self.target.arch, "input_shape": list(self.input_shape), "input_dtype": self.input_dtype,
                 "num_outputs": self.num_outputs, "weight_bytes": self.weight_bytes,
-                "lowered": self.report.lowered, "fallback": self.report.fallback, "kernels": self.report.kernels}
+                "lowered": self.report.lowered, "fallback": self.report.fallback, "kernels": self.report.kernels,
+                "inputs": [s.as_json() for s in self.input_specs()]}
 
     def export(self, directory: str | os.PathLike[str], force: bool = False) -> Path:
         """Write ``model.so`` and ``meta.json`` into the folder ``directory``, atomically: the files are
@@ -133,6 +197,7 @@ META_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "target_dict": ((dict,), False), "arch": ((str,), False), "input_dtype": ((str,), False),
     "num_outputs": (_INT, False), "weight_bytes": (_INT, False), "lowered": ((list,), False),
     "fallback": ((list,), False), "kernels": ((dict,), False), "kind": ((str,), False),
+    "inputs": ((list,), False),
 }
 
 
@@ -159,8 +224,13 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
     shape = meta["input_shape"]
     if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
         raise bad(f"field 'input_shape' should be a list of positive integers, got {shape!r}")
-    if meta.get("input_dtype", "float32") not in ("float32", "float16", "int8", "uint8", "int32"):
+    if meta.get("input_dtype", "float32") not in INPUT_DTYPES:
         raise bad(f"field 'input_dtype' {meta['input_dtype']!r} is not a dtype the artifacts use")
+    for spec in meta.get("inputs", []):
+        if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and spec.get("dtype") in INPUT_DTYPES
+                and isinstance(spec.get("shape"), list) and all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in spec["shape"])):
+            raise bad(f"field 'inputs' should be a list of {{name, shape, dtype}}, got {spec!r}")
     for name in ("num_outputs", "weight_bytes"):
         if name in meta and meta[name] < (1 if name == "num_outputs" else 0):
             raise bad(f"field {name!r} is {meta[name]}")
@@ -223,5 +293,6 @@ def load_artifact(directory: str | os.PathLike[str]) -> Artifact:
                                f"{str(e).strip().splitlines()[-1:] or ''}); export it again") from None
     rep = LoweringReport(lowered=meta.get("lowered", []), fallback=[tuple(x) for x in meta.get("fallback", [])],
                          kernels=dict(meta.get("kernels", {})))
+    inputs = tuple(InputSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in meta.get("inputs", []))
     return Artifact(spec, lib, tuple(meta["input_shape"]), meta.get("input_dtype", "float32"), rep,
-                    meta.get("weight_bytes", 0), meta.get("num_outputs", 1))
+                    meta.get("weight_bytes", 0), meta.get("num_outputs", 1), inputs=inputs)

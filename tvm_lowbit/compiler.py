@@ -23,7 +23,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -32,7 +31,8 @@ from tvm_lowbit.artifact import Artifact, load_artifact
 from tvm_lowbit.backends import backend_for
 from tvm_lowbit.backends.base import Schedules
 from tvm_lowbit.errors import CompileError
-from tvm_lowbit.importer import EXPORT_LOCK, import_exported, import_torch, layer_infos
+from tvm_lowbit.importer import (EXPORT_LOCK, example_batch, export_torch, import_exported, import_torch,
+                                 layer_infos)
 from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.targets import TargetSpec, load_target
 
@@ -67,12 +67,19 @@ def build(mod: Any, target: str | TargetSpec, infos: dict[str, LayerInfo] | None
                                    schedules=schedules)
 
 
-def compile(qmodel: nn.Module, example_input: torch.Tensor | np.ndarray, target: str | TargetSpec = "x86-host",
+def compile(qmodel: nn.Module, example_input: Any, target: str | TargetSpec = "x86-host",
             *, expose_acc: bool = False, verbose: bool = False, schedules: Schedules = None) -> Artifact:
-    """Compile a model returned by ``tvm_lowbit.quantize`` (or a float model: everything stays float)."""
+    """Compile a model returned by ``tvm_lowbit.quantize`` (or a float model: everything stays float).
+
+    ``example_input``: what one call of the model takes, at the batch size to compile for: a tensor or array
+    (any dtype; float64 becomes float32), a tuple (positional inputs) or a dict (keyword inputs, e.g.
+    ``{"input_ids": ids, "attention_mask": mask}``); the artifact then runs on the same structure."""
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"compile() takes a torch.nn.Module (from tvm_lowbit.quantize), got {type(qmodel).__name__}")
     spec = load_target(target)  # a bad target name fails before the slow import
+    if not isinstance(example_batch(example_input), torch.Tensor) and backend_for(spec).kind != "cpu":
+        raise CompileError(f"target {spec.name} takes a model with one input tensor; this example input is a "
+                           f"{type(example_input).__name__}: compile for a CPU target (x86-host, rasp5, ...)")
     return backend_for(spec).compile(qmodel, example_input, spec, expose_acc=expose_acc, verbose=verbose,
                                      schedules=schedules)
 
@@ -102,6 +109,18 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def program_inputs(ep: Any) -> list[dict[str, Any]]:
+    """The user inputs of an exported program: ``{name, shape, dtype}`` in call order."""
+    names = set(ep.graph_signature.user_inputs)
+    out = []
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in names and isinstance(node.meta.get("val"), torch.Tensor):
+            v = node.meta["val"]
+            out.append({"name": node.name, "shape": [int(d) for d in v.shape],
+                        "dtype": str(v.dtype).replace("torch.", "")})
+    return out
+
+
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     """A ``ValueError`` naming the first floating-point tensor with a NaN or an Inf."""
     for name, t in tensors.items():
@@ -111,7 +130,7 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
                              "fix the model's weights (or the file is damaged)")
 
 
-def save_quantized(qmodel: nn.Module, example_input: torch.Tensor | np.ndarray, path: str | os.PathLike[str],
+def save_quantized(qmodel: nn.Module, example_input: Any, path: str | os.PathLike[str],
                    force: bool = False) -> Path:
     """Save a quantized model as a ``torch.export`` program (.pt2) that ``tvm-lowbit compile`` reads.
 
@@ -119,15 +138,15 @@ def save_quantized(qmodel: nn.Module, example_input: torch.Tensor | np.ndarray, 
     the file is written under a unique temporary name and renamed, and an existing file is replaced only
     when it is a ``.pt2`` (or with ``force``)."""
     path = safe_io.check_output_file(path, force, what="output file", ours=(".pt2",))
-    x = torch.as_tensor(np.asarray(example_input, dtype=np.float32))
-    with EXPORT_LOCK:
-        ep = torch.export.export(qmodel.eval(), (x,))
+    ep = export_torch(qmodel, example_input)  # a tensor, a tuple or a dict of inputs (see compile)
+    inputs = program_inputs(ep)
     tensors = program_tensors(ep)
     check_finite(tensors, f"the model to save as {path}")
     meta = {"format": SAVED_FORMAT, "weights_sha256": tensors_sha256(tensors),
             "layers": {k: {"name": v.name, "group_size": v.group_size, "weight_format": v.weight_format}
                        for k, v in layer_infos(qmodel).items()},
-            "input_shape": list(x.shape), "config": getattr(qmodel, "tvm_lowbit_config", {})}
+            "input_shape": inputs[0]["shape"] if inputs else [], "inputs": inputs,
+            "config": getattr(qmodel, "tvm_lowbit_config", {})}
     tmp = safe_io.temp_sibling(path, ".pt2")
     try:
         with EXPORT_LOCK:

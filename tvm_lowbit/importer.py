@@ -16,6 +16,7 @@ from torch import nn
 from tvm_lowbit.errors import CompileError
 from tvm_lowbit.importer_checks import check_exported
 from tvm_lowbit.passes.layer_info import LayerInfo, weight_key
+from tvm_lowbit.quantizers.inputs import Batch, as_batch, describe, export_args
 from tvm_lowbit.quantizers.layers import quant_layers
 
 EXPORT_LOCK = threading.RLock()  # torch.export / torch.export.save / load are not thread-safe
@@ -27,15 +28,35 @@ def layer_infos(qmodel: nn.Module) -> dict[str, LayerInfo]:
             for name, m in quant_layers(qmodel).items()}
 
 
-def import_torch(model: nn.Module, example: torch.Tensor) -> Any:
-    """``torch.export`` the model with ``example`` and import it to a Relax module (weights as constants)."""
+def example_batch(example: object) -> Batch:
+    """An example input as the model takes it: a tensor/array (any dtype; float64 becomes float32), a tuple
+    of them (positional inputs) or a dict (keyword inputs: ``input_ids``, ``attention_mask``)."""
+    if isinstance(example, list):
+        example = tuple(example)
+    try:
+        return as_batch(example)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"the example input must be a tensor, an array, a tuple or a dict of them, got "
+                        f"{type(example).__name__} ({e})") from None
+
+
+def export_torch(model: nn.Module, example: object) -> Any:
+    """``torch.export`` of ``model`` called on ``example`` (see :func:`example_batch`), or a ``CompileError``
+    naming the inputs and the first line of torch's message."""
+    b = example_batch(example)
+    args, kwargs = export_args(b)
     try:
         with EXPORT_LOCK:
-            ep = torch.export.export(model.eval(), (example,))
+            return torch.export.export(model.eval(), args, kwargs=kwargs)
     except Exception as e:
-        raise CompileError(f"torch.export failed on the model with an input of shape {tuple(example.shape)}: "
+        raise CompileError(f"torch.export failed on the model with the inputs {describe(b)}: "
                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    return import_exported(ep)
+
+
+def import_torch(model: nn.Module, example: object) -> Any:
+    """``torch.export`` the model with ``example`` (a tensor, a tuple or a dict of inputs) and import it to a
+    Relax module (weights as constants; one parameter per input, named as the model's ``forward`` names it)."""
+    return import_exported(export_torch(model, example))
 
 
 def import_exported(ep: Any) -> Any:

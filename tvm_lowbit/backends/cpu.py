@@ -8,15 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
 from tvm_lowbit import tune
-from tvm_lowbit.artifact import Artifact
+from tvm_lowbit.artifact import Artifact, module_inputs
 from tvm_lowbit.backends.base import Backend, Schedules
 from tvm_lowbit.errors import CompileError
-from tvm_lowbit.importer import import_torch, layer_infos, strip_single_tuple
+from tvm_lowbit.importer import example_batch, import_torch, layer_infos, strip_single_tuple
+from tvm_lowbit.quantizers.inputs import first_tensor
 from tvm_lowbit.passes.apply_kernel_schedules import apply_default_schedules
 from tvm_lowbit.passes.lower_integer_layers import lower_integer_layers
 from tvm_lowbit.passes.normalize_take import normalize_take
@@ -108,7 +107,10 @@ def build(mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None, input_
                            f"{msg[-1] if msg else ''}") from e
     ret = mod["main"].ret_ty
     n_out = len(ret.fields) if hasattr(ret, "fields") else 1
-    art = Artifact(spec, ex, tuple(input_shape), "float32", report, weight_bytes, n_out, time.time() - t0, tuning)
+    inputs = module_inputs(mod["main"])
+    dtype = inputs[0].dtype if inputs else "float32"
+    art = Artifact(spec, ex, tuple(input_shape), dtype, report, weight_bytes, n_out, time.time() - t0, tuning,
+                   inputs=inputs if len(inputs) != 1 or dtype != "float32" else ())
     if verbose:
         print(report.text())
     return art
@@ -117,12 +119,12 @@ def build(mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None, input_
 class CPUBackend(Backend):
     kind = "cpu"
 
-    def compile(self, qmodel: nn.Module, example_input: torch.Tensor | np.ndarray, spec: TargetSpec, *,
+    def compile(self, qmodel: nn.Module, example_input: Any, spec: TargetSpec, *,
                 expose_acc: bool = False, verbose: bool = False, schedules: Schedules = None) -> Artifact:
-        x = torch.as_tensor(np.asarray(example_input, dtype=np.float32))
+        x = example_batch(example_input)  # a tensor (any dtype), a tuple or a dict of inputs
         mod = import_torch(qmodel, x)
-        return build(mod, spec, layer_infos(qmodel), tuple(x.shape), expose_acc=expose_acc, verbose=verbose,
-                     schedules=schedules)
+        return build(mod, spec, layer_infos(qmodel), tuple(first_tensor(x).shape), expose_acc=expose_acc,
+                     verbose=verbose, schedules=schedules)
 
     def build(self, mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None, input_shape: tuple[int, ...],
               *, expose_acc: bool = False, verbose: bool = False, schedules: Schedules = None) -> Artifact:

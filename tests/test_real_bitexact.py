@@ -1,0 +1,121 @@
+"""Compiled vs fake-quant, layer by layer, on an EfficientNet-style block (issue 16 item 6): a stride-2 stem,
+an expansion conv, a depthwise conv, squeeze-excitation (pool, two 1x1 convs, SiLU, sigmoid gate multiply),
+a projection conv and a residual add, FGQ N=4 with the int8 stem.
+
+Every lowered layer's int32 accumulators (``expose_acc``) must equal, bit for bit, an independent int64
+reference (``qmath.conv2d_int_np``) computed from the codes the fake-quant model fed that layer; the
+outputs must agree to float rounding.  The float ops between the integer layers (SiLU, sigmoid, the mean,
+the gate multiply) are TVM's, not PyTorch's: they may differ in the last bit (docs/results-models.md,
+"Speed and compiled-vs-fake-quant"), which moves a code only for a value within one ulp of a rounding
+midpoint; the inputs here have none.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tvm_lowbit
+from tvm_lowbit import qmath
+from tvm_lowbit.quantizers.layers import QConv2d, quant_layers
+
+
+def _cbs(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.SiLU()) if act else nn.Sequential(*layers)
+
+
+class SEBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _cbs(3, 16, 3, 2)
+        self.expand = _cbs(16, 32, 1)
+        self.dw = _cbs(32, 32, 3, groups=32)
+        self.se_reduce, self.se_expand = nn.Conv2d(32, 8, 1), nn.Conv2d(8, 32, 1)
+        self.project = _cbs(32, 16, 1, act=False)
+        self.head = _cbs(16, 48, 1)
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        h = self.dw(self.expand(x))
+        g = torch.sigmoid(self.se_expand(nn.functional.silu(self.se_reduce(h.mean((2, 3), keepdim=True)))))
+        x = x + self.project(h * g)
+        return self.fc(self.head(x).mean((2, 3)))
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+@pytest.mark.slow
+def test_se_depthwise_block_accumulators_bit_exact() -> None:
+    torch.manual_seed(0)
+    model = SEBlock().eval()
+    _randomize_bn(model)
+    g = torch.Generator().manual_seed(2)
+    calib = torch.randn(32, 3, 32, 32, generator=g)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    q = tvm_lowbit.quantize(model, tvm_lowbit.FGQ(group_size=4, bn_reestimate=False), calib, progress=False)
+    layers = quant_layers(q)
+    assert {"stem.0", "expand.0", "dw.0", "se_reduce", "se_expand", "project.0", "head.0"} <= set(layers)
+
+    codes: dict[str, np.ndarray] = {}
+    for name, m in layers.items():  # record the codes each layer's quantizer gives (instance attribute)
+        orig = m.quantize_input
+        m.quantize_input = lambda t, name=name, orig=orig: _record(codes, name, orig(t))
+    with torch.no_grad():
+        want = q(x).numpy()
+    for m in layers.values():
+        del m.quantize_input
+
+    art = tvm_lowbit.compile(q, x, "x86-host", expose_acc=True)
+    outs = art.run_all(x.numpy())
+    assert not art.report.fallback, art.report.fallback
+    assert len(outs) == 1 + len(art.report.lowered)
+    for name, acc in zip(art.report.lowered, outs[1:]):
+        m = layers[name]
+        w = m.w_int.numpy().astype(np.int64)
+        c = codes[name].astype(np.int64)
+        if isinstance(m, QConv2d):
+            ref = qmath.conv2d_int_np(c, w, m.stride, m.padding, m.dilation, m.groups)
+        else:
+            ref = c @ w.T
+        assert acc.dtype == np.int32, name
+        np.testing.assert_array_equal(acc.astype(np.int64), ref, err_msg=f"layer {name}")
+    np.testing.assert_allclose(outs[0], want, rtol=0, atol=1e-5)
+    assert (outs[0].argmax(1) == want.argmax(1)).all()
+
+
+def _record(codes: dict[str, np.ndarray], name: str, c: torch.Tensor) -> torch.Tensor:
+    codes[name] = c.detach().numpy().copy()
+    return c
+
+
+def test_silu_before_a_quantizer_gives_pytorchs_code_at_a_midpoint() -> None:
+    """SiLU(0.97115785) / 0.093923949 is 7.4999995 in PyTorch (code 7); the importer's ``x * sigmoid(x)`` is one
+    ulp higher (7.5 -> code 8), the value that made efficientnet_b0's build differ (passes.torch_silu)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.SiLU(), nn.Conv2d(4, 4, 1, bias=False)).eval()
+    x = torch.full((1, 4, 2, 2), 0.97115785)
+    calib = torch.randn(16, 4, 2, 2)
+    q = tvm_lowbit.quantize(model, tvm_lowbit.FGQ(bn_reestimate=False, bias_correction=False), calib, progress=False)
+    layer = quant_layers(q)["1"]
+    layer.set_activation(float(np.float32(0.09392394870519638)), True)
+    with torch.no_grad():
+        codes = layer.quantize_input(nn.functional.silu(x)).numpy()
+        want = q(x).numpy()
+    assert (codes == 7).all()
+    art = tvm_lowbit.compile(q, x, "x86-host", expose_acc=True)
+    out, acc = art.run_all(x.numpy())
+    ref = qmath.conv2d_int_np(codes.astype(np.int64), layer.w_int.numpy().astype(np.int64), (1, 1), (0, 0), (1, 1), 1)
+    np.testing.assert_array_equal(acc.astype(np.int64), ref)
+    np.testing.assert_array_equal(out, want)
