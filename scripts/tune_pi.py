@@ -4,7 +4,7 @@ candidate runs on the emulated board, warm, and llvm-mca times the blocks it exe
 in for the old folder. The models are the ones scripts/bench_arm.py measures (--calib images as there), so the
 shipped records match what its floor checks:
 
-  resnet20   the trained Fashion-MNIST ResNet-20, tvm-fgq-n4 (FGQ N=4, 8-bit activations, first conv float,
+  resnet20   the trained Fashion-MNIST ResNet-20, tvm-fgq-n4 (FGQ N=4, 8-bit activations, first conv int8,
              classifier ternary)
   mobilenet  the trained Fashion-MNIST MobileNet, tvm-fgq-n4
 
