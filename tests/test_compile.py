@@ -56,7 +56,9 @@ def check_bit_exact(qmodel: nn.Module, x: np.ndarray, target: object = "x86") ->
 
 @pytest.fixture(scope="module")
 def builtin_q() -> nn.Module:
-    return quantize(load_pretrained(), FGQ(group_size=4, act_bits=8), data.calibration_set(128), progress=False)
+    # 8-bit alpha codes (FGQ's default is 7): the AVX2 kernels, not the folded VNNI ones (the next test's)
+    return quantize(load_pretrained(), FGQ(group_size=4, act_bits=8, alpha_bits=8), data.calibration_set(128),
+                    progress=False)
 
 
 def test_builtin_model_accumulators_bit_exact(builtin_q: nn.Module) -> None:
@@ -103,7 +105,9 @@ def test_builtin_model_bit_exact_without_avx2(builtin_q: nn.Module) -> None:
 
 def test_builtin_model_n64_bit_exact() -> None:
     # N=64 makes accumulator bounds exceed float32's exact range: the float64 fake-quant path
-    q = quantize(load_pretrained(), FGQ(group_size=64, act_bits=8), data.calibration_set(128), progress=False)
+    # (with 8-bit alpha codes: 7-bit ones keep N=64's bounds inside float32)
+    q = quantize(load_pretrained(), FGQ(group_size=64, act_bits=8, alpha_bits=8), data.calibration_set(128),
+                 progress=False)
     assert any(m.acc_dtype == torch.float64 for m in quant_layers(q).values())
     x, _ = data.load("test", limit=2, offset=7)
     check_bit_exact(q, x)

@@ -22,9 +22,13 @@ from tvm_lowbit.compiler import CompileError
 
 def _host_conv_kernel() -> str:
     from tvm_lowbit.kernels.avx2 import has_avx2
+    from tvm_lowbit.kernels.vnni import vnni_lanes
     from tvm_lowbit.targets import load_target
 
-    return "ternary_conv2d_avx2" if has_avx2(load_target("x86-host").tvm_target()) else "ternary_conv2d"
+    host = load_target("x86-host").tvm_target()
+    if vnni_lanes(host):  # FGQ's 7-bit alpha codes fold into int8 weights: the VNNI kernel where the CPU has it
+        return "ternary_conv2d_vnni"
+    return "ternary_conv2d_avx2" if has_avx2(host) else "ternary_conv2d"
 
 
 CONV = _host_conv_kernel()  # the x86 host's kernel for the tiny model's ternary conv

@@ -4,6 +4,7 @@ the target's tuned schedules, build with ``tvm.compile``; tuning with MetaSchedu
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,12 @@ from tvm_lowbit.passes.lower_integer_layers import lower_integer_layers
 from tvm_lowbit.passes.normalize_take import normalize_take
 from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.targets import TargetSpec
+
+
+# One build at a time per process: TVM's TE tag scope (``te.tag_scope``, entered by the TOPI functions that
+# legalization and constant folding call) is a process-global stack, so two threads building at once fail with
+# "nested op_tag is not allowed".  Runs of built artifacts stay parallel (per-thread VMs).
+BUILD_LOCK = threading.Lock()
 
 
 def constants_bytes(func: Any) -> int:
@@ -62,12 +69,18 @@ def build(mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None, input_
     ``schedules``: a MetaSchedule database folder (``tvm-lowbit tune``) to apply; ``None`` uses
     ``tune.SCHEDULES_DIR/<target>/`` when it exists and was not measured under emulation (``tune.EMULATED_MARK``);
     ``False`` keeps the default schedules."""
+    t0 = time.time()
+    db_dir = schedules_dir(spec, schedules, verbose)
+    with BUILD_LOCK:  # TVM's TE tag scope (used by legalization and constant folding) is process-global
+        return _build_locked(mod, spec, infos, input_shape, expose_acc, verbose, schedules, db_dir, t0)
+
+
+def _build_locked(mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None, input_shape: tuple[int, ...],
+                  expose_acc: bool, verbose: bool, schedules: Schedules, db_dir: Any, t0: float) -> Artifact:
     import tvm
 
-    t0 = time.time()
     tgt = spec.tvm_target()
     tuning = None
-    db_dir = schedules_dir(spec, schedules, verbose)
 
     def apply_tuned(m: Any, _ctx: Any) -> Any:
         """Tuned schedules first; the kernels without a record get their default schedule after."""
