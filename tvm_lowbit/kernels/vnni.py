@@ -588,6 +588,10 @@ def _common_unfit(layer: LayerSpec, target: tvm.target.Target | None, lanes: int
             return f"dilation {pair(layer.attrs.get('dilation', 1))}"
     elif shape[1] % 4:
         return f"C={shape[1]}: need C % 4 == 0"
+    elif sum(int(d) > 1 for d in layer.act_shape[:-1]) > 1:
+        # the schedule fuses the leading dims into one row loop; tiling a fusion of two non-unit dims leaves
+        # bindings that tensorize cannot blockize
+        return f"input {tuple(layer.act_shape)}: more than one leading dimension above 1 (batch x tokens)"
     return None
 
 
