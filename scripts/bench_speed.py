@@ -39,7 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # baselines sets TVM_NUM_THREADS before anything imports tvm
 from tvm_lowbit import baselines  # noqa: E402
-from tvm_lowbit.baselines import NUM_THREADS, Runner  # noqa: E402
+from tvm_lowbit.baselines import NUM_THREADS, Runner, median_call_ms  # noqa: E402
 
 MODELS = ("resnet20", "resnet18-224")
 ZOO_CNNS = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x1_0",
@@ -95,14 +95,7 @@ class FeedRunner(Runner):
         super().__init__(fn, weight_bytes)  # type: ignore[arg-type]
 
     def median_ms(self, x: Any, repeat: int = 50, warmup: int = 5) -> float:
-        for _ in range(warmup):
-            self._fn(x)
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            self._fn(x)
-            times.append(time.perf_counter() - t0)
-        return 1e3 * float(np.median(times))
+        return median_call_ms(self._fn, x, repeat, warmup)  # the feed as it is (no float32 cast)
 
 
 def minilm_builders() -> dict[str, Callable[[nn.Module, Any, Any], Timed]]:

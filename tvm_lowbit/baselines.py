@@ -44,15 +44,19 @@ class Runner:
 
     def median_ms(self, x: np.ndarray, repeat: int = 50, warmup: int = 5) -> float:
         """Median wall time of ``run`` over ``repeat`` calls after ``warmup`` calls (median: the host is shared)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        for _ in range(warmup):
-            self._fn(x)
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            self._fn(x)
-            times.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(times)
+        return median_call_ms(self._fn, np.ascontiguousarray(x, dtype=np.float32), repeat, warmup)
+
+
+def median_call_ms(fn: Callable[[Any], Any], x: Any, repeat: int = 50, warmup: int = 5) -> float:
+    """Median wall time in ms of ``fn(x)`` over ``repeat`` calls after ``warmup`` uncounted calls."""
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
 
 
 def host_target() -> Any:
