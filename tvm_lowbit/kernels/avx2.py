@@ -33,7 +33,7 @@ from tvm_lowbit import qmath
 from tvm_lowbit.kernels.common import (KERNEL_ATTR, MAX_WEIGHT, LayerSpec, OutMode, Pick, TargetLike, check_mode,
                                        conv_dims, conv_out_size, decode_2bit, dense_dims, dense_with_epilogue,
                                        dot_conv_unsupported, epilogue, int8_dot_unsupported, kernel_attrs,
-                                       maybe_block, pair, pow2_int8, tile)
+                                       layout_reader, maybe_block, pair, pow2_int8, tile)
 from tvm_lowbit.kernels.pow2 import pow2_operands
 from tvm_lowbit.kernels.registry import Kernel
 from tvm_lowbit.kernels.registry import register as register_kernel
@@ -176,12 +176,7 @@ def _conv_avx2(kind: str, data: te.Tensor, w8: te.Tensor, scale2: te.Tensor, wei
     kout, cin, kh, kw = weight_shape
     if in_layout not in CONV_LAYOUTS or out_layout not in CONV_LAYOUTS:
         raise ValueError(f"layouts must be one of {CONV_LAYOUTS}, got in {in_layout!r}, out {out_layout!r}")
-    if in_layout == "NCHW":
-        batch, _, height, width = (int(v) for v in data.shape)
-        get = lambda b, c, h, w: data[b, c, h, w]  # noqa: E731
-    else:
-        batch, height, width, _ = (int(v) for v in data.shape)
-        get = lambda b, c, h, w: data[b, h, w, c]  # noqa: E731
+    batch, _, height, width, get = layout_reader(data, in_layout)
     (sh, sw), (ph, pw) = pair(strides), pair(padding)
     oh, ow = conv_out_size(height, kh, sh, ph), conv_out_size(width, kw, sw, pw)
     x = te.compute(

@@ -113,6 +113,16 @@ def pow2_int8(codes: te.Tensor, row: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.Pr
     return tirx.if_then_else(c >= 8, 0 - mag, mag).astype("int8")
 
 
+def layout_reader(data: te.Tensor, layout: str) -> tuple[int, int, int, int, Callable[..., tirx.PrimExpr]]:
+    """``(batch, channels, height, width, get)`` of an activation tensor in ``layout`` (``"NCHW"`` or
+    ``"NHWC"``); ``get(b, c, h, w)`` reads element (b, c, h, w) in either layout."""
+    if layout == "NCHW":
+        batch, chans, height, width = (int(v) for v in data.shape)
+        return batch, chans, height, width, lambda b, c, h, w: data[b, c, h, w]
+    batch, height, width, chans = (int(v) for v in data.shape)
+    return batch, chans, height, width, lambda b, c, h, w: data[b, h, w, c]
+
+
 def conv_out_size(size: int, kernel: int, stride: int, pad: int, dilation: int = 1) -> int:
     """Output height (or width) of a convolution with symmetric padding ``pad``."""
     return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1

@@ -43,7 +43,8 @@ from tvm.target.codegen import target_has_features
 from tvm_lowbit import qmath
 from tvm_lowbit.kernels import sdot, vnni
 from tvm_lowbit.kernels.common import (KERNEL_ATTR, LayerSpec, OutMode, Pick, TargetLike, check_mode, conv_out_size,
-                                       decode_2bit, epilogue, kernel_attrs, maybe_block, pair, target_kind, tile)
+                                       decode_2bit, epilogue, kernel_attrs, layout_reader, maybe_block, pair,
+                                       target_kind, tile)
 from tvm_lowbit.kernels.registry import Kernel, Operands
 from tvm_lowbit.kernels.registry import register as register_kernel
 
@@ -256,12 +257,7 @@ def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
     if taps != (kh if fold_width else kh * kw) or lanes != LANES:
         raise ValueError(f"weight tile {tuple(w8.shape)} does not fit a {kh}x{kw} kernel with {LANES} lanes")
     kout = nkb * lanes
-    if in_layout == "NCHW":
-        batch, cin, height, width = (int(v) for v in data.shape)
-        get = lambda b, c, h, w: data[b, c, h, w]  # noqa: E731
-    else:
-        batch, height, width, cin = (int(v) for v in data.shape)
-        get = lambda b, c, h, w: data[b, h, w, c]  # noqa: E731
+    batch, cin, height, width, get = layout_reader(data, in_layout)
     step = 8 if widen else 4  # channels per step: the widening step takes 8
     ctile = kw * cin if fold_width else cin  # the channels of the tile
     if not 0 <= 4 * c4 - ctile < step or (4 * c4) % step:

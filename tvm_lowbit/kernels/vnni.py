@@ -35,7 +35,7 @@ from tvm.target.codegen import target_has_features
 
 from tvm_lowbit import qmath
 from tvm_lowbit.kernels.common import (KERNEL_ATTR, LayerSpec, OutMode, Pick, TargetLike, check_mode, conv_out_size,
-                                       decode_2bit, epilogue, kernel_attrs, maybe_block, pair, tile)
+                                       decode_2bit, epilogue, kernel_attrs, layout_reader, maybe_block, pair, tile)
 from tvm_lowbit.kernels.registry import Kernel, Operands
 from tvm_lowbit.kernels.registry import register as register_kernel
 
@@ -217,12 +217,7 @@ def conv2d_vnni_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
     if taps != kh * kw:
         raise ValueError(f"weight tile has {taps} taps for a {kh}x{kw} kernel")
     kout = nkb * lanes
-    if in_layout == "NCHW":
-        batch, cin, height, width = (int(v) for v in data.shape)
-        get = lambda b, c, h, w: data[b, c, h, w]  # noqa: E731
-    else:
-        batch, height, width, cin = (int(v) for v in data.shape)
-        get = lambda b, c, h, w: data[b, h, w, c]  # noqa: E731
+    batch, cin, height, width, get = layout_reader(data, in_layout)
     if -(-cin // 4) != c4:
         raise ValueError(f"input has {cin} channels, the weight tile {4 * c4} (channels rounded up to 4)")
     (sh, sw), (ph, pw) = pair(strides), pair(padding)
