@@ -157,3 +157,26 @@ def test_tbl_kernel_is_bit_exact_on_the_board(board_built: Path, tmp_path: Path,
         assert got.dtype == expected.dtype and np.array_equal(got, expected), name
     ext = np.load(tmp_path / "u_ext.out.npy")
     assert ext[0, 0] == 255 * 127 * 512 and ext[0, 1] == -255 * 127 * 512
+
+
+@pytest.mark.slow
+def test_ternary_mlp_on_tbl_matches_the_host_on_the_pi4_board(board_built: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A ternary MLP compiled for rasp4b runs every linear on kernels.tbl and, on the emulated Cortex-A72,
+    gives the host's output exactly (the bundle's runner compares with atol 0)."""
+    from torch import nn
+
+    import tvm_lowbit
+    from tvm_lowbit.deploy.bundle import export_bundle, run_bundle_emulated
+    from tvm_lowbit.quantizers.fgq import FGQ
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)).eval()
+    q = tvm_lowbit.quantize(model, FGQ(group_size=4, act_bits=8, first_layer="fgq", last_layer="fgq"),
+                            torch.randn(32, 64), progress=False)
+    x = torch.randn(1, 64).numpy()
+    host_out = tvm_lowbit.compile(q, x, "x86-host").run(x)
+    art = tvm_lowbit.compile(q, x, "rasp4b")
+    assert set(art.report.kernel_names.values()) == {"ternary_dense_tbl"}, art.report.kernel_reasons
+    bundle = export_bundle(art, tmp_path / "bundle", x, host_out, 0.0)
+    r = run_bundle_emulated(bundle, "cortex-a72")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]

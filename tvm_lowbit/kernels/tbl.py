@@ -188,9 +188,12 @@ def build_dense(rows: int, kout: int, cin: int, *, signed: bool = False, paralle
 # The registered kernel: TE compute (the extern accumulators + the epilogue), operands, rule
 # --------------------------------------------------------------------------------------------
 
-# activation rows (batch x tokens) up to which a ternary dense layer takes this kernel on aarch64: measured
-# with scripts/bench_gemm.py --arm (docs/results-arm.md); its tables and lookups grow with the rows
-MAX_ROWS = 32
+# activation rows (batch x tokens) up to which a ternary dense layer takes this kernel on aarch64, measured with
+# scripts/bench_gemm.py --arm (docs/results-arm.md, 2026-12-05): on the emulated Pi 4 and Pi 5 it executes
+# 0.29-0.31 instructions per MAC at every row count, the generic kernel 1.6 at one row, 0.75 at 8, 0.63 at 64
+# (its decode is shared by the rows, never below ~0.6), so it wins up to 64 rows, the most measured; above that
+# its tables (16 bytes per activation) outgrow the caches, which the estimate does not see: the generic kernel
+MAX_ROWS = 64
 PREFERENCE = 31  # before the generic dense kernel (0) for the rows it takes
 NAME = "ternary_dense_tbl"
 
