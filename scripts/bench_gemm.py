@@ -294,7 +294,7 @@ def arm_main(a: argparse.Namespace) -> int:
     from tvm_lowbit.deploy.board import ORT_LIBRARY, BoardError, icount_plugin, qemu_cpu, require_ort, run_ort
 
     shapes = parse_shapes(a.shapes or ARM_SHAPES)
-    names = a.kernels.split(",") if a.kernels != "avx2-dot,default" else list(ARM_KERNELS)
+    names = a.kernels.split(",") if a.kernels else list(ARM_KERNELS)
     targets = a.targets.split(",")
     for kernel in names:
         if kernel not in ARM_KERNELS:
@@ -329,7 +329,8 @@ def arm_main(a: argparse.Namespace) -> int:
                             def run(plugin: str | None, count: int) -> None:
                                 r = run_ort(model, x_path, (m, k), out_path, cpu, count, plugin=plugin)
                                 if r.returncode != 0:
-                                    raise BoardError(f"onnxruntime failed on -cpu {cpu}: {(r.stdout + r.stderr)[-600:]}")
+                                    raise BoardError(f"onnxruntime failed on -cpu {cpu}: "
+                                                     f"{(r.stdout + r.stderr)[-600:]}")
 
                             run(None, 1)  # uncounted warm-up (the board Python compiles its .pyc files once)
                             insns, classes, cycles, _ = per_inference(run, folder, ORT_LIBRARY, cpu, runs,
@@ -371,7 +372,8 @@ def arm_main(a: argparse.Namespace) -> int:
           f"{'vs_ort_int8':>11s} {'est_cycles':>13s} {'cyc_vs_def':>10s} {'cyc_vs_ort':>10s} {'est_ms':>8s}")
     for r in rows:
         m, n, k = r["shape"]
-        print(f"{r['target']:7s} {f'{m}x{n}x{k}':16s} {r['kernel']:9s} {r['insns']:13,d} {r['insns'] / (m * n * k):8.3f} "
+        print(f"{r['target']:7s} {f'{m}x{n}x{k}':16s} {r['kernel']:9s} {r['insns']:13,d} "
+              f"{r['insns'] / (m * n * k):8.3f} "
               f"{ratio(r['ratio_vs_default']):>10s} {ratio(r['ratio_vs_ort_int8']):>11s} {r['est_cycles']:13,d} "
               f"{ratio(r['ratio_vs_default_cycles']):>10s} {ratio(r['ratio_vs_ort_int8_cycles']):>10s} "
               f"{r['est_ms']:8.3f}")
@@ -391,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=2048, help="reduction length (default 2048)")
     ap.add_argument("--shapes", default=None, help="MxNxK,... (several shapes; overrides --m/--n/--k)")
     ap.add_argument("--group-size", type=int, default=4)
-    ap.add_argument("--kernels", default="avx2-dot,default")
+    ap.add_argument("--kernels", default=None,
+                    help="comma list (default avx2-dot,default; with --arm tbl,default,ort-int8)")
     ap.add_argument("--mcpu", default="x86-64-v3",
                     help="LLVM CPU of the build (default x86-64-v3: AVX2, no AVX-512; znver3 also has SSE4a: SIGILL on Intel)")
     ap.add_argument("--vnni-mcpu", default=None,
@@ -436,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = avx2.reference_ternary(x[:8], codes, alpha, n, k, gs)
         runs: dict[str, object] = {}
         notes: dict[str, str] = {}
-        for kernel in a.kernels.split(","):
+        for kernel in (a.kernels or "avx2-dot,default").split(","):
             weights, alpha_arg = codes, alpha
             if kernel in ("ort-int8", "ort-int8-1t"):
                 threads = cores if kernel == "ort-int8" else 1

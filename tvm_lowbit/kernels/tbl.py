@@ -60,6 +60,8 @@ MAX_P = 60        # |Pl|, |Ph|: two table entries of at most 2 * 15 each
 _TBL = "llvm.aarch64.neon.tbl1.v16i8"
 VALUES = (0, 1, 0, -1)  # the table's value of a 2-bit code (0, +1, never written, -1)
 
+MAX_CIN = (2**31 - 1) // (255 * MAX_ALPHA)  # input channels for which |acc| <= 255 * 127 * C fits int32
+
 assert SPAN * MAX_ALPHA * MAX_P <= 32767, "the int16 sums of a span would overflow"
 
 
@@ -246,7 +248,8 @@ def _ravel(idx: Sequence[tirx.PrimExpr], lead: Sequence[int]) -> tirx.PrimExpr:
 
 def tbl_fits(layer: LayerSpec, target: tvm.target.Target | None) -> str | None:
     """A ternary dense layer with groups of 4 along the input channels, 7-bit alpha codes, K % 16 == 0,
-    C % 16 == 0 and at most :data:`MAX_ROWS` rows of at most 8-bit activation codes, on an aarch64 target."""
+    C % 16 == 0 (and C <= :data:`MAX_CIN`, for int32) and at most :data:`MAX_ROWS` rows of at most 8-bit
+    activation codes, on an aarch64 target."""
     if not is_aarch64(target):
         return "the target is not aarch64"
     if layer.act_bits > 8:
@@ -256,9 +259,10 @@ def tbl_fits(layer: LayerSpec, target: tvm.target.Target | None) -> str | None:
     kout, cin = (int(v) for v in layer.attrs["weight_shape"])
     tw = layer.weight
     if tw.layout.along != "in" or tw.layout.group_size != GROUP_SIZE:
-        return f"ternary groups of {tw.layout.group_size} along {tw.layout.along!r}: takes {GROUP_SIZE} along the inputs"
-    if kout % LANES or cin % STEP:
-        return f"K={kout}, C={cin}: need K % {LANES} == 0 and C % {STEP} == 0"
+        return (f"ternary groups of {tw.layout.group_size} along {tw.layout.along!r}: takes {GROUP_SIZE} along the "
+                "inputs")
+    if kout % LANES or cin % STEP or cin > MAX_CIN:
+        return f"K={kout}, C={cin}: need K % {LANES} == 0, C % {STEP} == 0 and C <= {MAX_CIN}"
     top = int(tw.alpha_q.max()) if tw.alpha_q.numel() else 0
     if top > MAX_ALPHA:
         return f"alpha codes up to {top} > {MAX_ALPHA} (quantize with alpha_bits=7)"
