@@ -48,6 +48,35 @@ thread pool's spin-waits count, also those a parallel kernel leaves behind while
 With an ``ort-int8`` row every row also gets ``ratio_vs_ort_int8`` = its median / the ORT int8 median.
 The script ends with the load average.
 
+``--arm``: the emulated Raspberry Pi boards instead of the x86 host (``bash scripts/board/setup.sh`` once).  For
+each ``--targets`` core (rasp4b = Pi 4, qemu -cpu cortex-a72; rasp5 = Pi 5, cortex-a76) and shape it counts the
+guest instructions and estimates the Pi cycles of one call, the way ``scripts/bench_arm.py`` counts a model:
+
+* ``tbl``: ``kernels.tbl`` (NEON ``tbl`` lookups of the 2-bit codes in 16-byte tables built from the activation
+  nibbles, ``smlal`` by the alpha codes; groups of 4, alpha codes of 7 bits), what ``kernels.select`` gives a
+  ternary dense layer of at most ``kernels.tbl.MAX_ROWS`` rows on aarch64, the rule these rows measure;
+* ``default``: the generic ternary dense kernel (``kernels.ternary_dense`` + ``schedule_default`` for the
+  target), what ``kernels.select`` gave every aarch64 dense layer before ``kernels.tbl``;
+* ``ort-int8``: onnxruntime's ``quantize_dynamic`` MatMul (``DynamicQuantizeLinear`` + ``MatMulInteger`` + the
+  float scaling, int8 weights) run by the aarch64 onnxruntime wheel on the board, one thread, counted inside
+  its library (the per-run session overhead included, as in ``bench_arm.py``).
+
+The TVM kernels are cross-compiled for the target and run in one warm board Python (``cost.runner.BoardServer``:
+one forked child per count, TVM_NUM_THREADS=1) with the TCG plugin counting inside the kernel's library; a
+call's count is (count(1 + K) - count(1)) / K (K = ``--runs``), so loading cancels; counts are deterministic, so
+one run each suffices.  ``est_cycles``: the executed blocks timed by llvm-mca with the core's model
+(``tvm_lowbit.cost``; Pi 4 = Cortex-A57 model, Pi 5 = Neoverse N1), caches and DRAM ignored.  The kernels'
+arguments are small random integers (the counts do not depend on the values); bit-exactness on the boards is
+``tests/test_tbl.py``'s.  The table prints, per shape and core, the instructions and estimated cycles of every
+kernel and its ratios to ``default`` and to ``ort-int8``:
+
+    python scripts/bench_gemm.py --arm --json arm-gemm.json          # the shapes of docs/results-arm.md
+    python scripts/bench_gemm.py --arm --shapes 1x4096x4096 --kernels tbl,default --targets rasp4b
+
+With ``--arm`` the ``--json`` rows are ``{"shape", "kernel", "target", "insns", "insn_classes", "est_cycles",
+"est_ms", "ratio_vs_default", "ratio_vs_ort_int8", "ratio_vs_default_cycles", "ratio_vs_ort_int8_cycles"}``
+(``est_ms``: estimated cycles / the Pi's clock, not a measured time).
+
 The alpha codes are drawn from 0..127 (7 bits, FGQ ``alpha_bits=7``), which every kernel takes.
 
 On a shared machine the wall-clock rate measures the share of the cores this process got. The script also
@@ -199,6 +228,164 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     return shapes  # type: ignore[return-value]
 
 
+# --arm: batch-1 dense layers (classifiers, 4096 x 4096) and a transformer's linears (384 <-> 1536) at 1..64 rows
+ARM_SHAPES = "1x512x512,1x1024x1024,1x4096x4096,1x1536x384,1x384x1536,8x1536x384,32x1536x384,64x1536x384"
+ARM_KERNELS = ("tbl", "default", "ort-int8")
+ARM_TARGETS = ("rasp4b", "rasp5")
+
+
+def ort_int8_file(m: int, n: int, k: int, folder: Path) -> Path:
+    """The quantize_dynamic (MatMulInteger) model of ``build_ort_int8`` saved as ``folder/ort-MxNxK.onnx``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    w = np.random.default_rng(1).standard_normal((k, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                              [numpy_helper.from_array(w, "w")])
+    fp32, q8 = folder / f"fp32-{m}x{n}x{k}.onnx", folder / f"ort-{m}x{n}x{k}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(fp32))
+    quantize_dynamic(str(fp32), str(q8), weight_type=QuantType.QInt8)
+    ops = sorted({node.op_type for node in onnx.load(str(q8)).graph.node})
+    if "MatMulInteger" not in ops:
+        raise SystemExit(f"quantize_dynamic gave no MatMulInteger (ops: {ops})")
+    return q8
+
+
+def arm_kernel_lib(kernel: str, m: int, n: int, k: int, gs: int, target: str, folder: Path) -> tuple[Path, list]:
+    """A TVM kernel cross-compiled for ``target`` (its library, named after kernel and shape) and its argument
+    infos (``["TENSOR", dtype, shape]``, as ``cost.runner`` takes them)."""
+    from tvm_lowbit.kernels import tbl
+    from tvm_lowbit.targets import load_target
+
+    spec = load_target(target)
+    tgt = spec.tvm_target()
+    groups = -(-k // gs)
+    if kernel == "tbl":
+        if gs != tbl.GROUP_SIZE or n % tbl.LANES or k % tbl.STEP:
+            raise SystemExit(f"tbl needs --group-size {tbl.GROUP_SIZE}, N % {tbl.LANES} == 0 and K % {tbl.STEP} == 0, "
+                             f"got N={n}, K={k}, group size {gs}")
+        lib = tbl.build_dense(m, n, k, target=tgt)
+        tile = [n // tbl.LANES, k // tbl.GROUP_SIZE, tbl.LANES]
+        args = [["TENSOR", "uint8", [m, k]], ["TENSOR", "uint8", tile], ["TENSOR", "uint8", tile],
+                ["TENSOR", "int32", [m, n]]]
+    elif kernel == "default":
+        lib = build_default(m, n, k, gs, tgt)
+        args = [["TENSOR", "uint8", [m, k]], ["TENSOR", "uint8", [n, -(-k // 4)]], ["TENSOR", "int16", [n, groups]],
+                ["TENSOR", "float32", [n]], ["TENSOR", "float32", [n]], ["TENSOR", "int32", [m, n]]]
+    else:
+        raise SystemExit(f"unknown --arm kernel {kernel!r} ({', '.join(ARM_KERNELS)})")
+    path = folder / f"{kernel}-{m}x{n}x{k}-{target}.so"
+    lib.export_library(str(path), cc=spec.compiler_path())
+    return path, args
+
+
+def arm_main(a: argparse.Namespace) -> int:
+    """``--arm``: instructions and estimated cycles per call on the emulated Pi boards (see the module doc)."""
+    import tempfile
+
+    from bench_arm import CLASSES, ORT_JITTER, per_inference
+
+    from tvm_lowbit.cost import estimate, read_blocks
+    from tvm_lowbit.cost import core as cost_core
+    from tvm_lowbit.cost.runner import BoardServer
+    from tvm_lowbit.deploy.board import ORT_LIBRARY, BoardError, icount_plugin, qemu_cpu, require_ort, run_ort
+
+    shapes = parse_shapes(a.shapes or ARM_SHAPES)
+    names = a.kernels.split(",") if a.kernels else list(ARM_KERNELS)
+    targets = a.targets.split(",")
+    for kernel in names:
+        if kernel not in ARM_KERNELS:
+            raise SystemExit(f"unknown --arm kernel {kernel!r} ({', '.join(ARM_KERNELS)})")
+    try:
+        icount_plugin()
+        cpus = {t: qemu_cpu(t) for t in targets}
+        if "ort-int8" in names:
+            for cpu in cpus.values():
+                require_ort(cpu)
+    except BoardError as e:
+        print(f"bench_gemm --arm: {e}", file=sys.stderr)
+        return 2
+    runs, rows = a.runs, []
+    t_start, c_start = time.perf_counter(), time.process_time()
+    with tempfile.TemporaryDirectory(prefix="bench-gemm-arm-") as tmp_name:
+        tmp = Path(tmp_name)
+        for target, cpu in cpus.items():
+            server = BoardServer(cpu)
+            core = cost_core(cpu)
+            try:
+                for m, n, k in shapes:
+                    for kernel in names:
+                        t0 = time.perf_counter()
+                        if kernel == "ort-int8":
+                            model = ort_int8_file(m, n, k, tmp)
+                            x_path, out_path = tmp / f"x-{m}x{k}.bin", tmp / f"y-{m}x{n}.bin"
+                            np.random.default_rng(2).standard_normal((m, k)).astype(np.float32).tofile(x_path)
+                            folder = tmp / f"ort-{m}x{n}x{k}-{target}"
+                            folder.mkdir()
+
+                            def run(plugin: str | None, count: int) -> None:
+                                r = run_ort(model, x_path, (m, k), out_path, cpu, count, plugin=plugin)
+                                if r.returncode != 0:
+                                    raise BoardError(f"onnxruntime failed on -cpu {cpu}: "
+                                                     f"{(r.stdout + r.stderr)[-600:]}")
+
+                            run(None, 1)  # uncounted warm-up (the board Python compiles its .pyc files once)
+                            insns, classes, cycles, _ = per_inference(run, folder, ORT_LIBRARY, cpu, runs,
+                                                                      f"ort-int8 {m}x{n}x{k} on {target}", ORT_JITTER)
+                        else:
+                            lib, args = arm_kernel_lib(kernel, m, n, k, a.group_size, target, tmp)
+                            counts = []
+                            for number in (1, 1 + runs):
+                                server.cycles(lib, args, number)
+                                got = json.loads((server.tmp / "counts.json").read_text())
+                                counts.append((int(got["matched_insns"]), got["matched_classes"],
+                                               read_blocks(server.blocks)))
+                            (i1, c1, b1), (ik, ck, bk) = counts
+                            insns = (ik - i1) // runs
+                            classes = {c: (int(ck[c]) - int(c1[c])) // runs for c in CLASSES}
+                            extra = {b: v - b1.get(b, 0) for b, v in bk.items() if v - b1.get(b, 0)}
+                            cycles = round(estimate(extra, core).cycles / runs)
+                        rows.append({"shape": [m, n, k], "kernel": kernel, "target": target, "insns": insns,
+                                     "insn_classes": classes, "est_cycles": cycles,
+                                     "est_ms": round(cycles / core.clock_hz * 1e3, 4)})
+                        print(f"{target:7s} M={m} N={n} K={k} {kernel:9s}: {insns:>13,d} instructions "
+                              f"({insns / (m * n * k):.3f} per MAC), {cycles:>13,d} est. cycles "
+                              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            finally:
+                server.close()
+    for r in rows:
+        same = {x["kernel"]: x for x in rows if x["shape"] == r["shape"] and x["target"] == r["target"]}
+        for base in ("default", "ort-int8"):
+            key = base.replace("-", "_")
+            b = same.get(base)
+            r[f"ratio_vs_{key}"] = round(r["insns"] / b["insns"], 4) if b and b["insns"] else None
+            r[f"ratio_vs_{key}_cycles"] = round(r["est_cycles"] / b["est_cycles"], 4) if b and b["est_cycles"] else None
+
+    def ratio(v: float | None) -> str:
+        return "" if v is None else f"{v:.3f}"
+
+    print()
+    print(f"{'target':7s} {'shape MxNxK':16s} {'kernel':9s} {'insns':>13s} {'insn/MAC':>8s} {'vs_default':>10s} "
+          f"{'vs_ort_int8':>11s} {'est_cycles':>13s} {'cyc_vs_def':>10s} {'cyc_vs_ort':>10s} {'est_ms':>8s}")
+    for r in rows:
+        m, n, k = r["shape"]
+        print(f"{r['target']:7s} {f'{m}x{n}x{k}':16s} {r['kernel']:9s} {r['insns']:13,d} "
+              f"{r['insns'] / (m * n * k):8.3f} "
+              f"{ratio(r['ratio_vs_default']):>10s} {ratio(r['ratio_vs_ort_int8']):>11s} {r['est_cycles']:13,d} "
+              f"{ratio(r['ratio_vs_default_cycles']):>10s} {ratio(r['ratio_vs_ort_int8_cycles']):>10s} "
+              f"{r['est_ms']:8.3f}")
+    print(f"host time: {time.perf_counter() - t_start:.0f} s wall, {time.process_time() - c_start:.0f} s CPU of this "
+          f"process (the board runs are child processes); load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+        print(f"wrote {a.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, default=256, help="activation rows (default 256)")
@@ -206,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=2048, help="reduction length (default 2048)")
     ap.add_argument("--shapes", default=None, help="MxNxK,... (several shapes; overrides --m/--n/--k)")
     ap.add_argument("--group-size", type=int, default=4)
-    ap.add_argument("--kernels", default="avx2-dot,default")
+    ap.add_argument("--kernels", default=None,
+                    help="comma list (default avx2-dot,default; with --arm tbl,default,ort-int8)")
     ap.add_argument("--mcpu", default="x86-64-v3",
                     help="LLVM CPU of the build (default x86-64-v3: AVX2, no AVX-512; znver3 also has SSE4a: SIGILL on Intel)")
     ap.add_argument("--vnni-mcpu", default=None,
@@ -218,7 +406,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="onnxruntime's idle intra-op threads spin (its default) or sleep; spinning threads take "
                          "a core from the TVM thread pool of the next kernel in the same process")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--arm", action="store_true",
+                    help="count instructions and estimated cycles on the emulated Pi boards instead of timing on the "
+                         f"host (kernels {','.join(ARM_KERNELS)}; default shapes {ARM_SHAPES})")
+    ap.add_argument("--targets", default=",".join(ARM_TARGETS), help="--arm: the boards (default rasp4b,rasp5)")
+    ap.add_argument("--runs", type=int, default=2, help="--arm: K, the extra calls whose count is averaged (default 2)")
     a = ap.parse_args(argv)
+    if a.arm:
+        return arm_main(a)
 
     import tvm
 
@@ -244,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = avx2.reference_ternary(x[:8], codes, alpha, n, k, gs)
         runs: dict[str, object] = {}
         notes: dict[str, str] = {}
-        for kernel in a.kernels.split(","):
+        for kernel in (a.kernels or "avx2-dot,default").split(","):
             weights, alpha_arg = codes, alpha
             if kernel in ("ort-int8", "ort-int8-1t"):
                 threads = cores if kernel == "ort-int8" else 1
