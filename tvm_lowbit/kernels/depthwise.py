@@ -246,8 +246,9 @@ def _schedule(sch: tvm.s_tir.Schedule, target: TargetLike, pick: Pick | None = N
     schedule_dwconv2d(sch, target, pick)
 
 
-# before every other conv kernel of these families: they do not fit depthwise layers but the generic one
-PREFERENCE = 50
+# above the generic kernels (0), the only others that take depthwise layers; below the ISA conv kernels, so a
+# regular conv's reason does not list these, and a depthwise layer's lists why each ISA kernel refused it
+PREFERENCE = 10
 FAMILIES = ("ternary", "int")
 for _isa in (X86, NEON):
     for _family in FAMILIES:
