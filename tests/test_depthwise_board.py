@@ -23,7 +23,8 @@ BOARD_CASES = [  # kind, C, HW, R, stride, signed, in layout, out layout, out mo
 
 
 @pytest.mark.parametrize("cpu", ["rasp4b", "rasp5"])
-def test_depthwise_kernels_are_bit_exact_on_the_board(board_built: Path, tmp_path: Path, cpu: str) -> None:  # noqa: F811
+def test_depthwise_kernels_are_bit_exact_on_the_board(board_built: Path, tmp_path: Path,  # noqa: F811
+                                                      cpu: str) -> None:
     import tvm
 
     from test_depthwise import dw_case
