@@ -10,7 +10,7 @@
   into int8 weights), :mod:`.sdot` (aarch64 dot product), :mod:`.lut`
   (lookup table, on AVX2 targets), :mod:`.vlut` (decode-free ``vpermb`` lookup table + ``vpdpbusd``, on
   AVX-512 VBMI + VNNI targets, batch-1 dense layers), :mod:`.tbl` (decode-free NEON ``tbl`` lookup table on
-  aarch64, few-row dense layers).
+  aarch64, few-row dense layers), :mod:`.depthwise` (depthwise convs, channels as vector lanes, x86 and aarch64).
 
 Each kernel module registers its kernels when imported: adding an ISA is one new module plus its import
 line below.  Importing this package imports TVM.
@@ -25,7 +25,7 @@ from tvm_lowbit.kernels.ternary import ternary_conv2d, ternary_dense
 from tvm_lowbit.kernels.pow2 import pow2_conv2d, pow2_dense
 from tvm_lowbit.kernels.intw import int_conv2d, int_dense
 # the ISA kernels: one import line each registers them
-from tvm_lowbit.kernels import avx2, lut, neon, sdot, tbl, vlut, vnni  # noqa: F401  (imported for their registrations)
+from tvm_lowbit.kernels import avx2, depthwise, lut, neon, sdot, tbl, vlut, vnni  # noqa: F401  (registrations)
 
 __all__ = [
     "GENERIC",
