@@ -4,6 +4,8 @@ ternary and int8 per channel), the registry's choice, and the instructions they 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -89,23 +91,36 @@ def test_conv_vnni_requant_epilogue() -> None:
 
 
 @needs_vnni
-@pytest.mark.parametrize("m,n,k,gs,signed", [(1, 64, 256, 4, False), (5, 32, 64, 8, True), (20, 32, 128, 4, False)])
-def test_dense_vnni_bit_exact(m: int, n: int, k: int, gs: int, signed: bool) -> None:
-    rng = np.random.default_rng(m + n + k)
+@pytest.mark.parametrize("m,n,k,gs,signed,batch", [(1, 64, 256, 4, False, 0), (5, 32, 64, 8, True, 0),
+                                                   (20, 32, 128, 4, False, 0),
+                                                   # batch x tokens inputs [B, T, C] (a transformer's linears)
+                                                   (5, 32, 64, 8, True, 2), (12, 64, 128, 4, False, 3)])
+def test_dense_vnni_bit_exact(m: int, n: int, k: int, gs: int, signed: bool, batch: int) -> None:
+    rng = np.random.default_rng(m + n + k + batch)
     t = rng.integers(-1, 2, (n, k))
     alpha = rng.integers(0, 128, (n, k // gs))
     lay = qmath.group_layout((n, k), gs)
     ct, at = vnni.ternary_tiles(qmath.pack_2bit(t), alpha, lay, 16)
-    f, names = vnni.build_dense(m, n, k, group_size=gs, signed=signed, target=AVX512_VNNI)
+    f, names = vnni.build_dense(m, n, k, group_size=gs, signed=signed, target=AVX512_VNNI, batch=batch)
     assert names[:3] == ["x", "codes_t", "alpha_t"]
-    x = (rng.integers(-128, 128, (m, k)) if signed else rng.integers(0, 256, (m, k))).astype("int8" if signed else "uint8")
+    lead = (batch, m) if batch else (m,)
+    x = (rng.integers(-128, 128, (*lead, k)) if signed else rng.integers(0, 256, (*lead, k))).astype(
+        "int8" if signed else "uint8")
     w = t * np.repeat(alpha, gs, axis=1)
     args = [x, ct, at, np.ones(n, np.float32), np.zeros(n, np.float32)]
     if signed:
         args.append(vnni.zero_point_term(w))
-    t_out = [tvm.runtime.tensor(a) for a in args] + [tvm.runtime.tensor(np.zeros((m, n), np.int32))]
+    t_out = [tvm.runtime.tensor(a) for a in args] + [tvm.runtime.tensor(np.zeros((*lead, n), np.int32))]
     f["main"](*t_out)
-    np.testing.assert_array_equal(t_out[-1].numpy().astype(np.int64), qmath.dense_int_np(x.astype(np.int64), w))
+    want = qmath.dense_int_np(x.reshape(-1, k).astype(np.int64), w).reshape(*lead, n)
+    np.testing.assert_array_equal(t_out[-1].numpy().astype(np.int64), want)
+
+
+def test_vnni_dense_takes_batch_by_tokens_inputs() -> None:
+    """[B, T, C] activations (two leading dims above 1) are no reason to leave the VNNI kernel."""
+    tgt = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 1})  # VNNI, no VBMI (no vlut)
+    spec = dataclasses.replace(_spec(127, op="dense"), act_shape=(2, 7, 16))
+    assert kernels.select(spec, tgt).kernel.name == "ternary_dense_vnni"
 
 
 def test_vnni_instructions() -> None:

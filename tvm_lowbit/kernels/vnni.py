@@ -489,12 +489,17 @@ def _out_is_nchw(sch: tvm.s_tir.Schedule) -> bool:
 def schedule_dense_vnni(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> None:
     """Register tile of ``mb`` rows x ``nb`` blocks of L output channels.  Many rows: the int8 tile of a
     block of channels is decoded once and reused by every row; few rows (memory-bound): the reduction is
-    cut into chunks whose tile is decoded into L1 just before it is used."""
+    cut into chunks whose tile is decoded into L1 just before it is used.  Two or more leading dims above
+    1 (batch x tokens): the row tile splits the last one only, the others stay whole loops outside it
+    (splitting a fusion of two non-unit loops leaves bindings that tensorize cannot blockize)."""
     register()
     lanes = _lanes_of_sch(sch)
     acc = sch.get_sblock("acc")
     lps = sch.get_loops(acc)
     lead, n, c = lps[:-2], lps[-2], lps[-1]
+    if sum(int(sch.get(lp).extent) > 1 for lp in lead) > 1:
+        _schedule_dense_vnni_batched(sch, pick, lanes, acc, lead, n, c)
+        return
     m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
     rows, kout, cin = (int(sch.get(lp).extent) for lp in (m, n, c))
     mb = tile(rows, (4, 2, 8, 1), pick)
@@ -533,6 +538,37 @@ def schedule_dense_vnni(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> No
         sch.vectorize(sch.get_loops(xb)[-1])
 
 
+def _schedule_dense_vnni_batched(sch: tvm.s_tir.Schedule, pick: Pick | None, lanes: int, acc, lead, n, c) -> None:
+    """``schedule_dense_vnni``'s many-rows form for ``[..., B, T, C]`` inputs: the outer leading loops
+    fused (never split), the last one tiled by ``mb`` rows."""
+    outer = sch.fuse(*lead[:-1]) if len(lead) > 2 else lead[0]
+    m = lead[-1]
+    rows, kout = (int(sch.get(lp).extent) for lp in (m, n))
+    mb = tile(rows, (4, 2, 8, 1), pick)
+    nb = tile(kout // lanes, (2, 4, 1), pick)
+    mo, mi = sch.split(m, [None, mb])
+    no, nm, ni = sch.split(n, [None, nb, lanes])
+    co, ci = sch.split(c, [None, 4])
+    sch.reorder(no, outer, mo, co, mi, nm, ni, ci)
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, mo, preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    wb = maybe_block(sch, "w_int")
+    if wb is not None:
+        sch.compute_at(wb, no, preserve_unit_loops=True)
+        _decode(sch, wb, lanes)
+    sch.parallel(no)
+    init = sch.decompose_reduction(acc, co)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ni, VNNI_INTRIN[lanes])
+    sch.unroll(mi)
+    sch.unroll(nm)
+    sch.vectorize(sch.get_loops(out)[-1])
+    xb = maybe_block(sch, "x_u8")
+    if xb is not None:
+        sch.vectorize(sch.get_loops(xb)[-1])
+
+
 def _conv_schedule(sch: tvm.s_tir.Schedule, _target: TargetLike, pick: Pick | None = None) -> None:
     schedule_conv2d_vnni(sch, pick)
 
@@ -542,12 +578,12 @@ def _dense_schedule(sch: tvm.s_tir.Schedule, _target: TargetLike, pick: Pick | N
 
 
 def build_dense(m: int, kout: int, cin: int, *, group_size: int = 4, lanes: int = 16, signed: bool = False,
-                out_mode: OutMode = "acc", target: TargetLike = None) -> tuple[object, list[str]]:
+                out_mode: OutMode = "acc", target: TargetLike = None, batch: int = 0) -> tuple[object, list[str]]:
     """A standalone ternary dense kernel on ``vpdpbusd`` (for tests and ``scripts/bench_gemm.py``): returns the
     compiled function and its argument order (``x, codes_t, alpha_t, out_scale, out_bias[, zp]``; the
-    weights from :func:`ternary_tiles`)."""
+    weights from :func:`ternary_tiles`).  ``x`` is ``[m, cin]``, or ``[batch, m, cin]`` when ``batch`` > 0."""
     lay = qmath.group_layout((kout, cin), group_size)
-    data = te.placeholder((m, cin), "int8" if signed else "uint8", name="x")
+    data = te.placeholder((batch, m, cin) if batch else (m, cin), "int8" if signed else "uint8", name="x")
     codes = te.placeholder((kout // lanes, -(-cin // 4), lanes), "uint8", name="codes_t")
     alpha = te.placeholder((kout // lanes, lay.groups_per_row, lanes), "uint8", name="alpha_t")
     scale = te.placeholder((kout,), "float32", name="out_scale")
@@ -583,10 +619,6 @@ def _common_unfit(layer: LayerSpec, target: tvm.target.Target | None, lanes: int
             return f"dilation {pair(layer.attrs.get('dilation', 1))}"
     elif shape[1] % 4:
         return f"C={shape[1]}: need C % 4 == 0"
-    elif sum(int(d) > 1 for d in layer.act_shape[:-1]) > 1:
-        # the schedule fuses the leading dims into one row loop; tiling a fusion of two non-unit dims leaves
-        # bindings that tensorize cannot blockize
-        return f"input {tuple(layer.act_shape)}: more than one leading dimension above 1 (batch x tokens)"
     return None
 
 

@@ -23,7 +23,10 @@ The cost is the weight bytes of the compiled model (``cost="bytes"``, see ``tvm_
 user table: a mapping format -> cost per weight (e.g. latency per weight measured on a board), or a
 callable ``(layer, format, numel, nbytes) -> cost``.
 
-The budget is checked on ``val_data`` (never the calibration data): ``budget=1.0`` or ``"drop<=1.0"``
+The budget is checked on ``val_data``, or, when none is given (agree/cos budgets), on the last
+``holdout`` share of ``calib_data``, which the search then never fits on; validation inputs that are
+also calibration inputs are counted and reported (``AutoResult.val_overlap``), and ``margin``
+tightens the budget against the noise of a small check set: ``budget=1.0`` or ``"drop<=1.0"``
 allows a top-1 drop of at most 1 point against FP32 on it; ``"agree>=99.5"`` asks that at least
 99.5 % of its predictions equal FP32's; ``"cos>=0.99"`` (embedding models) asks that the output of
 *every* validation input has a cosine of at least 0.99 to FP32's (the sensitivity pass then ranks
@@ -57,6 +60,7 @@ from tvm_lowbit.quantizers.layers import WeightUse
 from tvm_lowbit.quantizers.config import SchemeConfig
 from tvm_lowbit.quantizers.rounding import input_hessians, refine
 from tvm_lowbit.quantizers.sensitivity import SENSITIVITY_MODES, Sensitivity, layer_sensitivity
+from tvm_lowbit.quantizers.smoothing import smooth
 from tvm_lowbit.quantizers.surgery import ModelGraph, analyze, build_fake_quant, warn_report
 
 DEFAULT_FORMATS = ("ternary-n16", "ternary", "pow2-3", "pow2-4", "pow2-5", "int4", "int8", "float")
@@ -80,12 +84,14 @@ class Budget:
     kind: str      # "drop": max top-1 drop in points vs FP32; "agree": min % agreement with FP32;
     value: float   # "cos": min cosine of an output to FP32's (every validation input)
 
-    def met(self, drop: float, agree: float, cos_min: float = float("nan")) -> bool:
+    def met(self, drop: float, agree: float, cos_min: float = float("nan"), margin: float = 0.0) -> bool:
+        """Whether the measured accuracy is inside the budget tightened by ``margin`` (in the budget's
+        units: points for drop/agree, cosine for cos)."""
         if self.kind == "drop":
-            return drop <= self.value + 1e-9
+            return drop <= self.value - margin + 1e-9
         if self.kind == "agree":
-            return agree >= self.value - 1e-9
-        return cos_min >= self.value - 1e-12
+            return agree >= self.value + margin - 1e-9
+        return cos_min >= self.value + margin - 1e-12
 
     def __str__(self) -> str:
         return {"drop": f"drop<={self.value:g}pp", "agree": f"agree>={self.value:g}%",
@@ -149,6 +155,13 @@ class Auto(SchemeConfig):
     the forwards).  max_evals: how many mixes may
     be built and evaluated on the validation data.  cache_dir / use_cache: the sensitivity cache
     (default ``$TVM_LOWBIT_CACHE`` or ``~/.cache/tvm_lowbit``).
+    holdout: with no ``val_data``, the share of ``calib_data`` (its last inputs) held out as the check
+    set: the search fits (calibration, corrections, GPTQ, sensitivity) on the rest and verifies the
+    budget on these, which it never fitted on.  margin: a mix must beat the budget by this much on
+    the check set (points for drop/agree, cosine for cos): the lowest cosine over a few dozen check
+    inputs is a noisy estimate of the lowest over unseen ones, and the margin covers that noise.
+    smooth_alpha: None (off) or SmoothQuant's alpha: the input outliers of every Linear are migrated
+    into its weights before anything else (``quantizers.smoothing``, fitted on the fit inputs).
     """
 
     SCHEME = "auto"
@@ -171,6 +184,9 @@ class Auto(SchemeConfig):
     batch_size: int = 64
     cache_dir: str | None = None
     use_cache: bool = True
+    holdout: float = 0.25
+    margin: float = 0.0
+    smooth_alpha: float | None = None
 
     def __post_init__(self) -> None:
         parse_budget(self.budget)
@@ -205,6 +221,12 @@ class Auto(SchemeConfig):
             raise ValueError(f"Auto rounding {self.rounding!r}: use one of {', '.join(ROUNDINGS)}")
         if self.max_evals < 1 or self.sensitivity_images < 1 or self.batch_size < 1 or self.rounding_images < 1:
             raise ValueError("Auto max_evals, sensitivity_images and batch_size must be >= 1")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"Auto holdout must be a share in (0, 1) of the calibration inputs, got {self.holdout!r}")
+        if not math.isfinite(self.margin) or self.margin < 0:
+            raise ValueError(f"Auto margin must be a number >= 0 in the budget's units, got {self.margin!r}")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"Auto smooth_alpha must be None or in 0..1, got {self.smooth_alpha!r}")
 
     def candidates(self, name: str) -> list[str]:
         out = [parse_format(f).name for f in self.formats]
@@ -257,6 +279,9 @@ class AutoResult:
     sensitivity: Sensitivity
     val_images: int
     cos_min: float = float("nan")
+    margin: float = 0.0
+    val_source: str = "val_data"
+    val_overlap: int = 0
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -267,7 +292,10 @@ class AutoResult:
         return (f"Auto: {len(self.formats)} layers ({mix}); {self.avg_weight_bits:.2f} avg weight bits, "
                 f"{self.weight_bytes:,d} weight bytes; on {self.val_images} validation images top-1 "
                 f"{self.top1:.2f}% (FP32 {self.fp32_top1:.2f}%, drop {self.drop:.2f} pp), agreement with "
-                f"FP32 {self.agree:.2f}%, lowest cosine to FP32 {self.cos_min:.4f}: {state} the budget {self.budget} ({len(self.evaluations)} mixes evaluated)")
+                f"FP32 {self.agree:.2f}%, lowest cosine to FP32 {self.cos_min:.4f}: {state} the budget {self.budget}"
+                f"{f' with a margin of {self.margin:g}' if self.margin else ''} (checked on {self.val_source}"
+                f"{f', {self.val_overlap} of them also calibration inputs' if self.val_overlap else ''}; "
+                f"{len(self.evaluations)} mixes evaluated)")
 
     def table(self) -> str:
         lines = [f"{'layer':28s} format"] + [f"{n:28s} {f}" for n, f in self.formats.items()]
@@ -457,17 +485,33 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize() takes a torch.nn.Module, got {type(model).__name__}")
     budget = parse_budget(config.budget)
+    n_in = inputs.positional_inputs(model)
+    calib = inputs.gather(calib_data, config.batch_size, n_inputs=n_in)
     if val_data is None:
-        raise ValueError(f"Auto(budget={config.budget!r}) needs validation data to verify the budget: call "
-                         "quantize(model, Auto(...), calib_data, val_data) with val_data=(images, labels) held out "
-                         "from training and calibration (labels may be omitted for an 'agree>=...' or 'cos>=...' "
-                         "budget)")
-    xv, yv = _val_arrays(val_data, inputs.positional_inputs(model))
+        if budget.kind == "drop":
+            raise ValueError(f"Auto(budget={config.budget!r}) needs validation data (with labels) to verify a top-1 drop: "
+                             "call quantize(model, Auto(...), calib_data, val_data) with val_data=(images, labels) "
+                             "held out from training and calibration, or use an 'agree>=...' / 'cos>=...' budget "
+                             "(then part of the calibration data is held out to check it)")
+        n_all = inputs.batch_len(calib)
+        n_check = int(round(n_all * config.holdout))
+        if n_check < 1 or n_all - n_check < 1:
+            raise ValueError(f"Auto holds out {config.holdout:g} of the calibration inputs to check the budget "
+                             f"{budget} when no val_data is given, but {n_all} calibration input(s) cannot be split: "
+                             "pass more calibration inputs or val_data")
+        xv, yv = inputs.take(calib, n_all - n_check), None
+        calib = inputs.take(calib, 0, n_all - n_check)
+        source = f"the last {n_check} of {n_all} calibration inputs, held out (fit on the first {n_all - n_check})"
+    else:
+        xv, yv = _val_arrays(val_data, n_in)
+        source = f"{inputs.batch_len(xv)} validation inputs"
     if budget.kind == "drop" and yv is None:
         raise ValueError(f"a top-1 drop budget ({budget}) needs validation labels: pass val_data=(images, labels), "
                          "or use an agreement budget such as 'agree>=99.5'")
+    overlap = shared_rows(calib, xv)
     model = copy.deepcopy(model).cpu().eval()
-    calib = inputs.gather(calib_data, config.batch_size, n_inputs=inputs.positional_inputs(model))
+    if config.smooth_alpha is not None:
+        model, smoothed = smooth(model, calib, config.smooth_alpha, batch_size=config.batch_size, inplace=True)
     graph = analyze(model, inputs.take(calib, 0, 1))
     names = graph.order
     if not names:
@@ -489,7 +533,13 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
         if progress:
             tqdm.write(f"Auto [{time.time() - t_start:6.1f} s] {msg}")
 
-    log(f"{len(names)} layers; {'rounding ' + config.rounding}")
+    log(f"{len(names)} layers; {'rounding ' + config.rounding}; the budget {budget}"
+        f"{f' (+ margin {config.margin:g})' if config.margin else ''} checked on {source}")
+    if overlap:
+        log(f"warning: {overlap} of the {inputs.batch_len(xv)} validation inputs are also calibration inputs: the "
+            "budget is then checked on inputs the quantizer fitted on and may not hold on unseen ones")
+    if config.smooth_alpha is not None:
+        log(smoothed.summary())
     weights = WeightMaker(model, config.rounding, inputs.take(calib, 0, config.rounding_images), names, graph.uses,
                           progress)
     if all(len(c) == 1 for c in cands.values()):  # one format per layer: nothing to search
@@ -535,20 +585,20 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
         drop = fp32 - top1 if yv is not None else float("nan")
         nbytes, _ = model_weight_bytes(q)
         e = Evaluation(dict(mix), sum(cost[n][mix[n]] for n in names), nbytes, avg_weight_bits(q), top1, agree, drop,
-                       budget.met(drop, agree, cos_min), stage, time.time() - t0, cos_min)
+                       budget.met(drop, agree, cos_min, config.margin), stage, time.time() - t0, cos_min)
         evals.append(e)
         models[key] = q
         bar.update()
         log(f"{stage}: {e.avg_weight_bits:.2f} avg weight bits, agreement {agree:.2f}%, lowest cosine "
             f"{cos_min:.4f}{'' if yv is None else f', top-1 {top1:.2f}%'} -> {'meets' if e.met else 'misses'} "
-            f"{budget} ({e.seconds:.1f} s)")
+            f"{budget}{f' + margin {config.margin:g}' if config.margin else ''} ({e.seconds:.1f} s)")
         return e
 
     # the most accurate end of the path first: if it fails, nothing on the path can pass
     best = evaluate(path[-1], "most accurate")
     if not best.met:
         bar.close()
-        res = _result(budget, best, fp32, evals, sens, inputs.batch_len(xv))
+        res = _result(budget, best, fp32, evals, sens, inputs.batch_len(xv), config.margin, source, overlap)
         raise BudgetError(f"the budget {budget} is unreachable with formats {', '.join(config.formats)}: the most "
                           f"accurate mix found (top-1 {best.top1:.2f}%, drop {best.drop:.2f} pp, agreement "
                           f"{best.agree:.2f}%, lowest cosine {best.cos_min:.4f}) costs {best.cost:,.0f} ({best.weight_bytes:,d} weight bytes, "
@@ -587,13 +637,24 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
             frozen.add(n)
     bar.close()
     q = models[tuple(chosen.formats[n] for n in names)]
-    q.tvm_lowbit_auto = _result(budget, chosen, fp32, evals, sens, inputs.batch_len(xv))
+    q.tvm_lowbit_auto = _result(budget, chosen, fp32, evals, sens, inputs.batch_len(xv), config.margin, source,
+                                overlap)
     warn_report(q.tvm_lowbit_report, progress)
     log(q.tvm_lowbit_auto.summary())
     return q
 
 
 def _result(budget: Budget, e: Evaluation, fp32: float, evals: list[Evaluation], sens: Sensitivity,
-            n_val: int) -> AutoResult:
+            n_val: int, margin: float, source: str, overlap: int) -> AutoResult:
     return AutoResult(budget, dict(e.formats), fp32, e.top1, e.agree, e.drop, e.cost, e.weight_bytes,
-                      e.avg_weight_bits, e.met, list(evals), sens, n_val, e.cos_min)
+                      e.avg_weight_bits, e.met, list(evals), sens, n_val, e.cos_min, margin, source, overlap)
+
+
+def shared_rows(a: Batch, b: Batch) -> int:
+    """How many inputs of ``b`` are also inputs of ``a`` (equal bytes in every tensor of the input)."""
+    def keys(x: Batch) -> list[bytes]:
+        parts = list(x.values()) if isinstance(x, dict) else list(x) if isinstance(x, tuple) else [x]
+        flat = [t.detach().cpu().contiguous().reshape(t.shape[0], -1).numpy() for t in parts]
+        return [b"".join(f[i].tobytes() for f in flat) for i in range(inputs.batch_len(x))]
+    seen = set(keys(a))
+    return sum(k in seen for k in keys(b))
