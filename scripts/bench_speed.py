@@ -4,8 +4,9 @@
 Every row reports ``ratio_vs_tvm_fp32`` = its median / the TVM FP32 median of the same model in the
 same run, and ``ratio_vs_ort_int8`` = its median / the onnxruntime int8 median of the same run (null when
 that variant is not run); the host is shared, so only ratios from one run are comparable. All runtimes use
-2 threads. The FGQ rows quantize the stem int8 per channel (FGQ's default), every other conv and the
-classifier ternary with 7-bit alpha codes (so ``alpha * t`` is an int8 and the VNNI kernels take them).
+``--threads`` threads (default 2; ``--threads 1`` compares one core with one core). The FGQ rows quantize
+the stem int8 per channel (FGQ's default), every other conv and the classifier ternary with 7-bit alpha
+codes (so ``alpha * t`` is an int8 and the VNNI kernels take them).
 
     python scripts/bench_speed.py --models resnet20,resnet18-224 --repeat 20 --json bench.json
     python scripts/bench_speed.py --models resnet18,mobilenet_v2,efficientnet-lite2,minilm --size 224
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -292,6 +294,17 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{r['weight_bytes']:>15,}")
 
 
+def use_threads(n: int) -> None:
+    """Every runtime on ``n`` threads: TVM's pool (TVM_NUM_THREADS, read when TVM starts its pool: nothing has
+    run a TVM kernel yet here), torch's intra-op pool and ORT's intra-op threads (``baselines.NUM_THREADS``)."""
+    global NUM_THREADS
+    if n < 1:
+        raise SystemExit(f"--threads must be at least 1, got {n}")
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    NUM_THREADS = baselines.NUM_THREADS = n
+    baselines.set_threads(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS + ZOO)}")
@@ -300,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if not v.endswith("-tuned")),
                     help=f"comma list of {', '.join(VARIANTS)} (default: all but the tuned ones)")
     ap.add_argument("--repeat", type=int, default=20, help="timed runs per variant (median reported)")
+    ap.add_argument("--threads", type=int, default=NUM_THREADS,
+                    help=f"threads of every runtime: TVM, torch, ORT intra-op (default {NUM_THREADS})")
     ap.add_argument("--json", type=Path, help="write {'rows': [...]} here")
     ap.add_argument("--trials", type=int, default=64,
                     help="MetaSchedule trials per *-tuned variant, over all its tasks (the same for FP32 and ours)")
@@ -319,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if "tvm-fp32" not in variants:
         log("note: tvm-fp32 not selected, so ratio_vs_tvm_fp32 is null")
 
-    baselines.set_threads(NUM_THREADS)
+    use_threads(args.threads)
     log(f"threads: {NUM_THREADS} for every runtime (TVM_NUM_THREADS, torch.set_num_threads, "
         f"ORT intra_op_num_threads); batch 1; target {TARGET}; TVM FP32 is untuned (default pipeline)")
     log(f"host int8 ISA: {host_isa()} (onnxruntime's MLAS picks its kernels by CPUID; the TVM rows' kernels are "

@@ -17,6 +17,7 @@ from tvm_lowbit.kernels import (  # noqa: E402
     KERNEL_ATTR, kernel_attrs, make_prim_func, quantize_act, schedule_default, ternary_conv2d, ternary_dense)
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+X86_AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})  # compiled, not run: the asm is checked
 A72 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}
 A76 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod"]}
 ARMV7 = {"kind": "llvm", "mtriple": "armv7l-linux-gnueabihf", "mattr": ["+neon"]}
@@ -221,6 +222,19 @@ def test_quantize_act_ties(bits: int, signed: bool) -> None:
     out = quantize_act(xp, scale, bits, signed)
     got = _run(make_prim_func([xp], out, "quant"), [x], x.shape, str(ref.dtype))
     _assert_same(got, ref)
+
+
+def test_quantize_act_vectorized_on_x86() -> None:
+    """Its default x86 schedule vectorizes the rounding (tirx.nearbyint marked TVectorizable in kernels.common):
+    whole-vector loads, rounds and stores, no per-lane gathers or byte extracts, and still exact at ties."""
+    scale = 0.25
+    x = (np.arange(-2048, 2048, dtype=np.float32) * np.float32(0.125)).reshape(1, 4, 16, 64)
+    ref = qmath.quantize_act_np(x, scale, 8, False).astype(np.uint8)
+    xp = te.placeholder(x.shape, "float32")
+    func = schedule_default(make_prim_func([xp], quantize_act(xp, scale, 8, False), "quant"), X86_AVX512)
+    asm = tvm.compile(func.with_attr("global_symbol", "k"), target=X86_AVX512).mod.inspect_source("asm")
+    assert "vrndscaleps" in asm and "gather" not in asm and "vpextrb" not in asm
+    _assert_same(_run(make_prim_func([xp], quantize_act(xp, scale, 8, False), "quant"), [x], x.shape, "uint8"), ref)
 
 
 # --------------------------------------------------------------------------------------------

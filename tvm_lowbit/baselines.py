@@ -27,9 +27,10 @@ NUM_THREADS = 2
 os.environ.setdefault("TVM_NUM_THREADS", str(NUM_THREADS))
 
 
-def set_threads(n: int = NUM_THREADS) -> None:
-    """torch's intra-op pool; TVM's comes from TVM_NUM_THREADS (above); ORT's from SessionOptions."""
-    torch.set_num_threads(n)
+def set_threads(n: int | None = None) -> None:
+    """torch's intra-op pool (``NUM_THREADS`` as it is at the call); TVM's comes from TVM_NUM_THREADS (above);
+    ORT's from SessionOptions."""
+    torch.set_num_threads(NUM_THREADS if n is None else n)
 
 
 class Runner:
