@@ -19,10 +19,15 @@ Each row: ``metric`` ``agree_top1`` (percent of evaluation views whose argmax eq
 (bits of the compiled model's constants per conv/linear weight, so biases and scales count too; 8 for
 ORT's int8); ``quantize_s``; ``compiled_agree`` (percent of inputs where the compiled model's argmax
 equals the fake-quant model's; for MiniLM the lowest cosine of the compiled embeddings to the
-fake-quant model's); ``target`` (``x86``: built and run here; ``rasp5``: build only, its
-``compiled_agree`` is empty).  A step that fails fills ``error`` (exception text and the innermost
-tvm_lowbit frame) instead of stopping the run.  Extra fields: ``n`` (inputs), ``kl`` (mean KL of the
-softmax to FP32's), ``max_abs_diff`` (compiled vs fake-quant outputs), ``cos_mean``.  MiniLM's rows come
+fake-quant model's); ``target`` (``x86``: built and run here; ``rasp5``: built, and its bundle run on the
+emulated Pi 5, Cortex-A76 under qemu-user, on the first ``--board-views`` inputs; ``--board-views 0``: build
+only, ``compiled_agree`` empty; MiniLM's rasp5 rows are build only).  A step that fails fills ``error``
+(exception text and the innermost tvm_lowbit frame) instead of stopping the run.  Extra fields: ``n``
+(inputs), ``kl`` (mean KL of the softmax to FP32's), ``max_abs_diff`` (compiled vs fake-quant outputs),
+``bit_identical`` (percent of inputs whose compiled outputs equal the fake-quant outputs bit for bit: 100
+expected where the model is integer end to end, e.g. int8 with an int8 classifier), ``float_layers`` (every
+conv/linear left float, named: the quantizer's ``path (class): why`` and the compiler's fallbacks),
+``board_s`` (wall seconds on the emulated board), ``cos_mean``.  MiniLM's rows come
 from its PyTorch port packed into one float input (``models/minilm.PackedMiniLM``: the pooled embedding
 is the model output, so Auto's cos budget and the compiled model see the issue's metric); quantizing
 the two-input encoder with (ids, mask) directly is covered by tests/test_zoo.py.
@@ -53,6 +58,8 @@ import torch
 from torch import nn
 
 import tvm_lowbit
+from tvm_lowbit.deploy.board import board_exec, qemu_cpu
+from tvm_lowbit.deploy.bundle import export_bundle
 from tvm_lowbit.formats import avg_weight_bits
 from tvm_lowbit.models import efficientnet_lite, minilm, photos, zoo
 
@@ -123,6 +130,9 @@ class Row:
     max_abs_diff: float | None = None
     cos_mean: float | None = None
     direct_error: str | None = None   # older runs (MiniLM): what the direct calls raised
+    bit_identical: float | None = None  # percent of inputs whose outputs equal the fake-quant's bit for bit
+    float_layers: list[str] | None = None  # layers left float: quantizer's (path (class): why) + compiler's
+    board_s: float | None = None      # wall seconds of the emulated-board runs (rasp5)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -224,7 +234,8 @@ def fake_quant_bits(model: nn.Module) -> float:
 
 def compile_rows(res: Results, base: Row, model: nn.Module, x: torch.Tensor, want: np.ndarray, targets: list[str],
                  batch: int, nweights: int) -> None:
-    """x86: build, run on every input, agreement with ``want`` (the fake-quant logits); rasp5: build only."""
+    """Build for each target and run: x86 here on every input, rasp5 on the emulated Pi 5 (``--board-views``
+    inputs); agreement, max |diff| and bit-identical share against ``want`` (the fake-quant logits)."""
     xs = x.numpy()
     if not targets:  # --targets none: the fake-quant row alone (bits of its weights, no compiled constants)
         res.add(Row(**{**base.__dict__, "target": "none", "avg_weight_bits": fake_quant_bits(model)}))
@@ -238,13 +249,65 @@ def compile_rows(res: Results, base: Row, model: nn.Module, x: torch.Tensor, wan
                 f"({art.weight_bytes} constant bytes)")
             if row.avg_weight_bits is None and nweights:
                 row.avg_weight_bits = 8.0 * art.weight_bytes / nweights
+            row.float_layers = float_layers(model, art)
+            got, ref = None, want
             if t == "x86":
                 got = run_compiled(art, xs, batch)
-                row.compiled_agree = agree(got, want)
-                row.max_abs_diff = float(np.abs(got - want).max())
+            elif BOARD_VIEWS != 0:
+                tb = time.time()
+                n = len(xs) if BOARD_VIEWS < 0 else min(BOARD_VIEWS, len(xs))
+                log(f"{base.model} {base.variant}: running {n} inputs on the emulated {t} ({qemu_cpu(TARGETS[t])})")
+                got, ref = run_on_board(art, xs[:n], batch, TARGETS[t]), want[:n]
+                row.board_s, row.n = time.time() - tb, n
+            if got is not None:
+                row.compiled_agree = agree(got, ref)
+                row.max_abs_diff = float(np.abs(got - ref).max())
+                row.bit_identical = identical_share(got, ref)
         except Exception as e:  # noqa: BLE001 - the row records what broke
             row.add_error(error_text(e, f"compile {t}"))
         res.add(row)
+
+
+BOARD_VIEWS = -1  # set from --board-views: inputs run on the emulated board (-1: all, 0: build only)
+
+
+def run_on_board(art: Any, x: np.ndarray, batch: int, target: str) -> np.ndarray:
+    """The board artifact (compiled for ``batch`` inputs) over all of ``x`` on the emulated board of
+    ``target``: its bundle's C++ runner (``deploy.bundle``) under qemu-user, once per chunk of ``batch``
+    (the last chunk padded), each chunk's input and output as raw float32 files."""
+    outs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        b = export_bundle(art, Path(tmp) / "bundle", x[:batch])
+        runner = b / json.loads((b / "meta.json").read_text())["bundle"]["runner"]
+        for i in range(0, len(x), batch):
+            chunk = x[i:i + batch]
+            n = len(chunk)
+            if n < batch:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+            np.ascontiguousarray(chunk, np.float32).tofile(b / f"in{i}.bin")
+            shape = "x".join(str(d) for d in chunk.shape)
+            r = board_exec([str(runner), "model.so", f"in{i}.bin", shape, f"out{i}.bin", "--runs", "1"],
+                           qemu_cpu(target), cwd=b, timeout=3600)
+            if r.returncode != 0:
+                raise RuntimeError(f"the bundle runner failed on the emulated {target} (rc {r.returncode}): "
+                                   f"{(r.stderr or r.stdout)[-400:]}")
+            outs.append(np.fromfile(b / f"out{i}.bin", np.float32).reshape(batch, -1)[:n])
+    return np.concatenate(outs)
+
+
+def identical_share(got: np.ndarray, want: np.ndarray) -> float:
+    """Percent of inputs whose every output value equals ``want``'s bit for bit (float32)."""
+    g = np.ascontiguousarray(got, np.float32).reshape(len(got), -1)
+    w = np.ascontiguousarray(want, np.float32).reshape(len(want), -1)
+    return 100.0 * float((g.view(np.uint32) == w.view(np.uint32)).all(1).mean())
+
+
+def float_layers(model: nn.Module, art: Any) -> list[str]:
+    """Every conv/linear layer that stays float, named: the quantizer's (``tvm_lowbit_report.left_float``:
+    path (class): why) and the compiler's fallbacks (a quantized layer the lowering kept in float)."""
+    rep = getattr(model, "tvm_lowbit_report", None)
+    names = [str(s) for s in rep.left_float] if rep is not None else []
+    return names + [f"{name}: compiled in float: {why}" for name, why in art.report.fallback]
 
 
 CALIBRATION = "best"  # per tensor, the one of minmax / percentile / mse / entropy with the least output error
@@ -423,10 +486,12 @@ def bench_minilm(res: Results, variants: list[str], targets: list[str]) -> None:
                 log(f"{name} {row.variant}: compiling for {TARGETS[t]}")
                 art = tvm_lowbit.compile(model, x.numpy(), TARGETS[t])
                 r.avg_weight_bits = 8.0 * art.weight_bytes / nw
+                r.float_layers = float_layers(model, art)
                 if t == "x86":
                     got = np.asarray(art.run(x.numpy()))
                     r.compiled_agree = float(minilm.cosines(got, want).min())
                     r.max_abs_diff = float(np.abs(got - want).max())
+                    r.bit_identical = identical_share(got, want)
             except Exception as e:  # noqa: BLE001
                 r.add_error(error_text(e, f"compile {t}"))
             res.add(r)
@@ -481,15 +546,22 @@ def bench_minilm(res: Results, variants: list[str], targets: list[str]) -> None:
 
 def print_table(rows: list[Row]) -> None:
     head = f"{'model':<22} {'variant':<9} {'target':<6} {'metric':<10} {'value':>8} {'bits':>6} {'quant_s':>8} " \
-           f"{'comp_agree':>10} {'kl':>8}  error"
+           f"{'comp_agree':>10} {'n':>4} {'max_diff':>9} {'bit_id%':>7} {'float':>5} {'kl':>8}  error"
     print(head)
     print("-" * len(head))
     for r in rows:
         err = (r.error or "")
+        nfloat = "-" if r.float_layers is None else str(len(r.float_layers))
         print(f"{r.model:<22} {r.variant:<9} {r.target:<6} {r.metric:<10} {_fmt(r.value, 3 if r.metric == 'cos_min' else 1):>8} "
               f"{_fmt(r.avg_weight_bits):>6} {_fmt(r.quantize_s, 1):>8} "
-              f"{_fmt(r.compiled_agree, 4 if r.metric == 'cos_min' else 1):>10} "
-              f"{_fmt(r.kl, 4):>8}  {err}")
+              f"{_fmt(r.compiled_agree, 4 if r.metric == 'cos_min' else 1):>10} {r.n or '-':>4} "
+              f"{'-' if r.max_abs_diff is None else f'{r.max_abs_diff:.2g}':>9} {_fmt(r.bit_identical, 1):>7} "
+              f"{nfloat:>5} {_fmt(r.kl, 4):>8}  {err}")
+    named = {(r.model, r.variant, f) for r in rows for f in (r.float_layers or [])}
+    if named:
+        print("\nlayers left float (model variant: layer (class): why):")
+        for m, v, f in sorted(named):
+            print(f"  {m} {v}: {f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -505,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-views", type=int, default=None, help="views per evaluation photo (default 8; 4 quick)")
     ap.add_argument("--calib-views", type=int, default=None, help="views per calibration photo (default 8; 4 quick)")
     ap.add_argument("--batch", type=int, default=8, help="batch the compiled models are built for")
+    ap.add_argument("--board-views", type=int, default=-1, help="evaluation inputs the rasp5 build runs on the "
+                    "emulated Pi 5 (qemu-user, the bundle runner; -1: all, 0: build only)")
     ap.add_argument("--max-quantize-s", type=int, default=0, help="stop a quantization after this many seconds "
                     "and record where it was as the row's error (0: no limit)")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of these --json files "
@@ -529,8 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     os.environ.setdefault("TVM_NUM_THREADS", "2")
     torch.set_num_threads(2)
-    global MAX_QUANTIZE_S
+    global MAX_QUANTIZE_S, BOARD_VIEWS
     MAX_QUANTIZE_S = a.max_quantize_s
+    BOARD_VIEWS = a.board_views
     res = Results(a.json)
     for m in models:
         if m == "minilm":
