@@ -200,8 +200,8 @@ def _capture_input(model: nn.Module, name: str, batches: list[Batch]) -> list[to
 
 
 def _channel_mean(y: torch.Tensor, dim: int) -> torch.Tensor:
-    y = y.double().movedim(dim, -1)
-    return y.reshape(-1, y.shape[-1]).mean(0)
+    dims = [d for d in range(y.dim()) if d != dim % y.dim()]
+    return y.float().mean(dims).double() if dims else y.double()  # no float64 copy of y
 
 
 def layer_sensitivity(model: nn.Module, images: object, formats: list[str] | tuple[str, ...],
