@@ -117,3 +117,16 @@ def test_fast_statistics_path_is_close_to_the_exact_layer(kind: str) -> None:
         layer.fast = True
         fast = layer(x)
     assert torch.allclose(fast, exact, rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
+
+
+def test_keep_freed_memory_is_set_once_and_can_be_turned_off() -> None:
+    import subprocess
+    import sys
+
+    code = "from tvm_lowbit.quantizers.memory import keep_freed_memory as k; print(k(), k())"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "TVM_LOWBIT_KEEP_MEMORY": "0"}).stdout.split()
+    assert off == ["False", "False"]
+    if sys.platform.startswith("linux"):
+        assert on == ["True", "True"]
