@@ -130,3 +130,27 @@ def test_keep_freed_memory_is_set_once_and_can_be_turned_off() -> None:
     assert off == ["False", "False"]
     if sys.platform.startswith("linux"):
         assert on == ["True", "True"]
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=6),
+                                  nn.Conv2d(6, 4, 1), nn.Conv2d(6, 4, (3, 1), stride=(1, 2), padding=(1, 0))])
+def test_gptq_statistics_gather_the_patches_unfold_gives(conv: nn.Conv2d, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tvm_lowbit.quantizers import rounding
+    from tvm_lowbit.quantizers.surgery import analyze
+
+    monkeypatch.setattr(rounding, "ROWS_PER_BATCH", 60)  # 20 random positions per image: the subsampled path
+    model = nn.Sequential(conv).eval()
+    x = torch.randn(3, 6, 11, 11, generator=torch.Generator().manual_seed(0))
+    uses = analyze(model, x[:1]).uses
+    (name,) = uses
+    got = rounding.input_hessians(model, [name], x, batch_size=3, uses=uses)[name]
+    gen = torch.Generator().manual_seed(0)  # the reference: unfold whole maps, keep the same random positions
+    parts = []
+    for img in x:
+        cols = F.unfold(img[None], conv.kernel_size, conv.dilation, conv.padding, conv.stride)[0]
+        if cols.shape[1] > 20:
+            cols = cols[:, torch.randperm(cols.shape[1], generator=gen)[:20]]
+        parts.append(cols.reshape(conv.groups, -1, cols.shape[1]).transpose(1, 2))
+    p = torch.cat(parts, 1)
+    want = (p.transpose(1, 2) @ p).double() / p.shape[1]
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
