@@ -9,7 +9,8 @@ Random weights (the zoo's torchvision models, batch norms calibrated on photo vi
 timing; calibration and validation inputs are views of the calibration / evaluation photos
 (``models/photos.py``).  The table prints wall seconds and process CPU seconds per scheme (on a shared,
 oversubscribed machine the CPU seconds bound what an idle 2-core machine needs: wall <= CPU there),
-the load average, and the model's parameter count.
+of which system time (page faults of large temporaries, see ``quantizers.memory``), the load average,
+and the model's parameter count.
 """
 
 from __future__ import annotations
@@ -67,18 +68,18 @@ def main() -> None:
     rows = []
     for scheme in a.schemes.split(","):
         cfg = configs[scheme]
-        t0, c0 = time.time(), time.process_time()
+        t0, c0, s0 = time.time(), time.process_time(), os.times().system
         # Auto checks its budget on the calibration views (as bench_models does); agreement is measured on
         # the evaluation views, which no quantizer sees
         q = quantize(model, cfg, calib, calib if isinstance(cfg, Auto) else None)
-        dt, cpu = time.time() - t0, time.process_time() - c0
+        dt, cpu, sys_s = time.time() - t0, time.process_time() - c0, os.times().system - s0
         with torch.no_grad():
             agree = 100.0 * float((model(val).argmax(-1) == q(val).argmax(-1)).double().mean())
         rows.append({"model": a.model, "params": params, "scheme": scheme, "quantize_s": round(dt, 1),
-                     "cpu_s": round(cpu, 1), "load_avg": round(os.getloadavg()[0], 1),
+                     "cpu_s": round(cpu, 1), "sys_s": round(sys_s, 1), "load_avg": round(os.getloadavg()[0], 1),
                      "avg_weight_bits": round(avg_weight_bits(q), 2), "agree_top1": round(agree, 1),
                      "calib": a.calib, "threads": a.threads})
-        print(f"{a.model:18s} {params / 1e6:5.2f} M  {scheme:8s} {dt:8.1f} s wall {cpu:8.1f} s CPU  "
+        print(f"{a.model:18s} {params / 1e6:5.2f} M  {scheme:8s} {dt:8.1f} s wall {cpu:8.1f} s CPU ({sys_s:.1f} s system)  "
               f"{avg_weight_bits(q):5.2f} bits  agree {agree:5.1f}%  (load average {os.getloadavg()[0]:.1f})", flush=True)
     print()
     print(f"{'model':18s} {'params':>8s} {'scheme':8s} {'wall':>9s} {'CPU':>9s} {'load':>5s} {'bits':>6s} {'agree':>7s}")

@@ -359,7 +359,10 @@ def quantize_act(x: torch.Tensor, scale: float, bits: int, signed: bool) -> torc
     """Fake-quant codes (float32 tensor holding integers): clip(round(x / scale), lo, hi)."""
     lo, hi = act_range(bits, signed)
     s = float(np.float32(scale))  # a float32 value; division by it happens in float32
-    return torch.clamp(torch.round(x.to(torch.float32) / s), lo, hi)
+    y = x.to(torch.float32) / s
+    if y.requires_grad:
+        return torch.clamp(torch.round(y), lo, hi)
+    return y.round_().clamp_(lo, hi)  # the same values, two fewer full-size temporaries
 
 
 def quantize_act_np(x: np.ndarray, scale: float, bits: int, signed: bool) -> np.ndarray:
@@ -410,8 +413,13 @@ def epilogue(acc: torch.Tensor, out_scale: torch.Tensor, out_bias: torch.Tensor,
     """float32(float64(float32(acc)) * out_scale + out_bias), per channel along ``channel_dim``."""
     shape = [1] * acc.dim()
     shape[channel_dim] = -1
-    y = acc.to(torch.float32).to(torch.float64) * out_scale.to(torch.float64).reshape(shape)
-    y = (y + out_bias.to(torch.float64).reshape(shape)).to(torch.float32)
+    y = acc.to(torch.float32).to(torch.float64)
+    scale, bias = out_scale.to(torch.float64).reshape(shape), out_bias.to(torch.float64).reshape(shape)
+    if y.requires_grad:
+        y = y * scale + bias
+    else:  # the same operations in place: no second full-size float64 temporary (~2-3x faster)
+        y = y.mul_(scale).add_(bias)
+    y = y.to(torch.float32)
     return torch.relu(y) if relu else y
 
 

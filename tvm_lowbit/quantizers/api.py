@@ -18,6 +18,7 @@ from tvm_lowbit.quantizers.auto import Auto, quantize_auto
 from tvm_lowbit.quantizers.config import SchemeConfig, register_config, unregister_config
 from tvm_lowbit.quantizers.fgq import FGQ, quantize_fgq
 from tvm_lowbit.quantizers.input_checks import check_calibration
+from tvm_lowbit.quantizers.memory import keep_freed_memory
 from tvm_lowbit.quantizers.inq import INQ
 from tvm_lowbit.quantizers.pact import PACT
 from tvm_lowbit.quantizers.sq import SQ
@@ -67,6 +68,7 @@ def quantize(model: nn.Module, config: object, calib_data: object, val_data: obj
         raise TypeError(f"unknown quantization scheme {type(config).__name__}; known schemes: "
                         f"{', '.join(c.__name__ for c in _HANDLERS)}")
     check_calibration(calib_data, allow_degenerate)
+    keep_freed_memory()  # large activations reuse freed heap memory instead of fresh pages (quantizers.memory)
     if not inplace or not isinstance(model, nn.Module):
         return handler(model, config, calib_data, val_data, inplace=inplace, progress=progress)
     backup = copy.deepcopy(model)

@@ -161,7 +161,7 @@ class QuantLayer(nn.Module):
         w_int = 16 * hi + lo with |hi|, |lo| <= 15, each half summed exactly in float32."""
         hi = torch.trunc(self.w_int / 16)
         lo = self.w_int - 16 * hi
-        return self._integer_op(q, hi).double() * 16 + self._integer_op(q, lo).double()
+        return self._integer_op(q, hi).double().mul_(16).add_(self._integer_op(q, lo))  # exact in float64
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return qmath.quantize_act(x, self.scale_value, self.act_bits, self.act_signed)
@@ -184,8 +184,11 @@ class QuantLayer(nn.Module):
             return qmath.epilogue_rows(acc, s, self.out_scale, self.out_bias, channel_dim=self.channel_dim)
         q = self.quantize_input(x)
         if self.fast and not torch.compiler.is_exporting():
-            acc = self._integer_op(q, self.w_int)  # float32: may round low bits of large sums
-        elif self.acc_dtype == torch.float64 and not torch.compiler.is_exporting() and self.split_exact:
+            # statistics only: the epilogue folded into one float32 op (scaled weight, bias), which may
+            # round low bits; the float64 epilogue of a full activation costs more than the op itself
+            shape = [-1] + [1] * (self.w_int.dim() - 1)
+            return self.float_op(q, self.w_int * self.out_scale.reshape(shape), self.out_bias)
+        if self.acc_dtype == torch.float64 and not torch.compiler.is_exporting() and self.split_exact:
             acc = self._split_integer_op(q)
         else:  # the exported graph keeps one integer op per layer, which the compiler lowers
             acc = self._integer_op(q.to(self.acc_dtype), self.w_int.to(self.acc_dtype))

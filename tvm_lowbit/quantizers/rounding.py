@@ -50,15 +50,20 @@ def _patches(use: WeightUse, x: torch.Tensor, gen: torch.Generator) -> torch.Ten
             p = p[:, torch.randperm(p.shape[1], generator=gen)[:ROWS_PER_BATCH]]
         return p
     x, pad = _numeric_padding(use, x)
-    k = tuple(use.weight.shape[-2:])
-    g = use.groups
+    kh, kw = use.weight.shape[-2:]
+    (dh, dw), (sh, sw) = use.dilation, use.stride
+    x = F.pad(x, [pad[1], pad[1], pad[0], pad[0]])
+    oh = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
     per_image = max(ROWS_PER_BATCH // x.shape[0], 1)
     parts = []
     for img in x:
-        cols = F.unfold(img[None], k, use.dilation, pad, use.stride)[0]  # [C*R*S, L]
-        if cols.shape[1] > per_image:
-            cols = cols[:, torch.randperm(cols.shape[1], generator=gen)[:per_image]]
-        parts.append(cols.reshape(g, -1, cols.shape[1]).transpose(1, 2))  # [g, l, d]
+        # F.unfold's columns [C*R*S, positions] at the chosen output positions only, gathered offset by offset
+        pos = torch.randperm(oh * ow, generator=gen)[:per_image] if oh * ow > per_image else torch.arange(oh * ow)
+        oy, ox = (pos // ow) * sh, (pos % ow) * sw
+        cols = torch.stack([img[:, oy + r * dh, ox + t * dw] for r in range(kh) for t in range(kw)], 1)
+        cols = cols.reshape(-1, cols.shape[-1])
+        parts.append(cols.reshape(use.groups, -1, cols.shape[1]).transpose(1, 2))  # [g, l, d]
     return torch.cat(parts, 1)
 
 

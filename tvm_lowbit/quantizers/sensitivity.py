@@ -200,8 +200,8 @@ def _capture_input(model: nn.Module, name: str, batches: list[Batch]) -> list[to
 
 
 def _channel_mean(y: torch.Tensor, dim: int) -> torch.Tensor:
-    y = y.double().movedim(dim, -1)
-    return y.reshape(-1, y.shape[-1]).mean(0)
+    dims = [d for d in range(y.dim()) if d != dim % y.dim()]
+    return y.float().mean(dims).double() if dims else y.double()  # no float64 copy of y
 
 
 def layer_sensitivity(model: nn.Module, images: object, formats: list[str] | tuple[str, ...],
@@ -271,7 +271,9 @@ def layer_sensitivity(model: nn.Module, images: object, formats: list[str] | tup
         use = uses[name]
         w = use.weight
         xin = None
+        ref_out: list[torch.Tensor] | None = None  # the float layer on its captured inputs, for every format
         layer_q: dict[str, object] = {}
+        errs: dict[str, float] = {}
         for fname in cand[name]:
             fmt = parse_format(fname)
             tw = weight_fn(name, fmt) if weight_fn is not None else fmt.quantize(w)
@@ -285,15 +287,21 @@ def layer_sensitivity(model: nn.Module, images: object, formats: list[str] | tup
             q.fast = True  # a damage estimate: float32 integer ops are close enough
             if bias_correction or mode == "proxy":
                 xin = xin if xin is not None else _capture_input(model, name, batches)
-            if bias_correction:
-                with torch.no_grad():
-                    diff = sum(_channel_mean(q.float_op(b, w, q.bias), q.channel_dim)
-                               - _channel_mean(q(b), q.channel_dim) for b in xin) / len(xin)
-                q.bias += diff.float()
-                q.refresh_epilogue()
-            if mode == "proxy":
-                layer_q[fname] = q
-                continue
+                with torch.no_grad():  # one pass of the quantized layer per format
+                    if ref_out is None:
+                        ref_out = [q.float_op(b, w, q.bias) for b in xin]
+                    outs = [q(b) for b in xin]
+                if bias_correction:
+                    diff = sum(_channel_mean(r, q.channel_dim) - _channel_mean(o, q.channel_dim)
+                               for r, o in zip(ref_out, outs)) / len(xin)
+                    q.bias += diff.float()
+                    q.refresh_epilogue()
+                if mode == "proxy":
+                    # the layer's own output error on its captured inputs (a bias shift cancels out of it)
+                    errs[fname] = sum(float(torch.square(o - r).mean()) for o, r in zip(outs, ref_out))
+                    layer_q[fname] = q
+                    continue
+                del outs
             wrap_module(module, q)
             try:
                 kl[name][fname] = score(ref, _logits(model, batches))
@@ -301,9 +309,6 @@ def layer_sensitivity(model: nn.Module, images: object, formats: list[str] | tup
                 unwrap_module(module)
             bar.update()
         if layer_q:
-            with torch.no_grad():  # the layer's own output error in each format, on its captured inputs
-                errs = {f: sum(float(torch.square(q(b) - q.float_op(b, w, q.bias)).mean()) for b in xin)  # type: ignore[union-attr,operator]
-                        for f, q in layer_q.items()}
             ordered = sorted(errs, key=lambda f: errs[f])
             probe = ordered[len(ordered) // 2]  # the median error: the scaling is linear around it
             wrap_module(module, layer_q[probe])  # type: ignore[arg-type]
@@ -315,7 +320,7 @@ def layer_sensitivity(model: nn.Module, images: object, formats: list[str] | tup
             for f in layer_q:
                 kl[name][f] = measured if f == probe else gain * errs[f]
                 bar.update()
-        xin = None
+        xin = ref_out = None
     bar.close()
     res = Sensitivity(names, all_fmts, kl, nbytes, numel, inputs.batch_len(x), key, False,
                       {"act_bits": act_bits, "calibration": method, "bias_correction": bias_correction,

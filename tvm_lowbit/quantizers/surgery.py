@@ -269,8 +269,10 @@ def fold_batchnorms(qmodel: nn.Module, pairs: Mapping[str, str]) -> None:
 
 
 def _channel_mean(y: torch.Tensor, dim: int) -> torch.Tensor:
-    y = y.detach().double().movedim(dim, -1)
-    return y.reshape(-1, y.shape[-1]).mean(0)
+    """Per-channel mean along ``dim`` (float32 reduction, returned as float64: no float64 copy of ``y``)."""
+    y = y.detach()
+    dims = [d for d in range(y.dim()) if d != dim % y.dim()]
+    return y.float().mean(dims).double() if dims else y.double()
 
 
 def float_output_means(model: nn.Module, names: list[str], dims: Mapping[str, int], batch: Batch
@@ -320,9 +322,9 @@ def correct_bias(model: nn.Module, qmodel: nn.Module, names: list[str], calib: B
 
 def _bn_input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (dim 1) mean and variance of a batch-norm input, float64."""
-    y = x.detach().double().movedim(1, -1)
-    y = y.reshape(-1, y.shape[-1])
-    return y.mean(0), y.var(0, unbiased=False)
+    dims = [d for d in range(x.dim()) if d != 1]
+    var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=0)  # no float64 copy of x
+    return mean.double(), var.double()
 
 
 def correct_batchnorm(model: nn.Module, qmodel: nn.Module, calib: Batch) -> int:
