@@ -108,32 +108,31 @@ def _sdot_lane_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 
 @T.prim_func(s_tir=True)
 def _widen_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (8,), "int8", offset_factor=1)
+    A = T.match_buffer(a, (2, 2, 4), "int8", offset_factor=1)
     sb = T.int32()
     B = T.match_buffer(b, (2, 4, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
     C = T.match_buffer(c, (4, 2), "int32", offset_factor=1, scope="local")
     with T.sblock("root"):
-        T.reads(C[0:4, 0:2], A[0:8], B[0:2, 0:4, 0:4])
+        T.reads(C[0:4, 0:2], A[0:2, 0:2, 0:4], B[0:2, 0:4, 0:4])
         T.writes(C[0:4, 0:2])
         for i, h, s, q in T.grid(4, 2, 2, 2):
             with T.sblock("update"):
                 vi, vh, vs, vq = T.axis.remap("SSRR", [i, h, s, q])
-                C[vi, vh] = C[vi, vh] + T.Cast("int32", A[vs * 4 + vh * 2 + vq]) * T.Cast("int32", B[vs, vi, vh * 2 + vq])
+                C[vi, vh] = C[vi, vh] + T.Cast("int32", A[vs, vh, vh * 2 + vq]) * T.Cast("int32", B[vs, vi, vh * 2 + vq])
 
 
 @T.prim_func(s_tir=True)
 def _widen_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     sb = T.int32()
-    A = T.match_buffer(a, (8,), "int8", offset_factor=1)
+    A = T.match_buffer(a, (2, 2, 4), "int8", offset_factor=1)
     B = T.match_buffer(b, (2, 4, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
     C = T.match_buffer(c, (4, 2), "int32", offset_factor=1, scope="local")
     with T.sblock("root"):
-        T.reads(C[0:4, 0:2], A[0:8], B[0:2, 0:4, 0:4])
+        T.reads(C[0:4, 0:2], A[0:2, 0:2, 0:4], B[0:2, 0:4, 0:4])
         T.writes(C[0:4, 0:2])
-        # one 8-byte load (an immediate offset, unlike ld1r), each 4-byte half duplicated
-        a8 = A.vload([0], "int8x8")
-        a0 = T.Cast("int16x8", T.Shuffle([a8], [0, 1, 2, 3, 0, 1, 2, 3]))
-        a1 = T.Cast("int16x8", T.Shuffle([a8], [4, 5, 6, 7, 4, 5, 6, 7]))
+        # the padded copy holds every 4 channels twice: two 8-byte loads are the broadcast words
+        a0 = T.Cast("int16x8", A.vload([0, 0, 0], "int8x8"))
+        a1 = T.Cast("int16x8", A.vload([1, 0, 0], "int8x8"))
         lo = a0 * T.Cast("int16x8", B.vload([0, 0, 0], "int8x8")) + a1 * T.Cast("int16x8", B.vload([1, 0, 0], "int8x8"))
         hi = a0 * T.Cast("int16x8", B.vload([0, 2, 0], "int8x8")) + a1 * T.Cast("int16x8", B.vload([1, 2, 0], "int8x8"))
         C.vstore([0, 0], C.vload([0, 0], "int32x4") + T.call_llvm_pure_intrin(
@@ -277,21 +276,27 @@ def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
     # whose input columns are padding
     owp = ow + ow % 2 if widen else ow
     if fold_width:
+        stride_w = sw  # the layer's (the conv over the folded copy has stride 1)
+
         def folded(b, h, j, q):
-            w = j * sw + q // cin  # the padded input column of output column j, kernel column q // cin
+            w = j * stride_w + q // cin  # the padded input column of output column j, kernel column q // cin
             return tirx.if_then_else(
                 tirx.all(h >= ph, h < ph + height, w >= pw, w < pw + width, q < ctile),
                 _to_int8(get(b, q % cin, h - ph, w - pw), signed), pad_code)
 
-        x = te.compute((batch, height + 2 * ph, owp, cpad), folded, name="x_nhwc")
+        value, xshape = folded, (batch, height + 2 * ph, owp, cpad)
         kw, sw = 1, 1  # the conv over the folded copy
     else:
-        x = te.compute(
-            (batch, height + 2 * ph, max(width + 2 * pw, (owp - 1) * sw + kw), cpad),
-            lambda b, h, w, c: tirx.if_then_else(
-                tirx.all(h >= ph, h < ph + height, w >= pw, w < pw + width, c < cin),
-                _to_int8(get(b, c, h - ph, w - pw), signed), pad_code),
-            name="x_nhwc")
+        def value(b, h, w, c):
+            return tirx.if_then_else(tirx.all(h >= ph, h < ph + height, w >= pw, w < pw + width, c < cin),
+                                     _to_int8(get(b, c, h - ph, w - pw), signed), pad_code)
+
+        xshape = (batch, height + 2 * ph, max(width + 2 * pw, (owp - 1) * sw + kw), cpad)
+    if widen:  # every 4 channels twice: the widening step's activation words come duplicated, no dup
+        x = te.compute((*xshape[:3], cpad // 4, 2, 4), lambda b, h, w, c4, d, q: value(b, h, w, c4 * 4 + q),
+                       name="x_nhwc")
+    else:
+        x = te.compute(xshape, value, name="x_nhwc")
     ry, rx = te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx")
 
     if not widen:
@@ -309,8 +314,8 @@ def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
         rq = te.reduce_axis((0, 2), name="rq")
 
         def part(b, i, j, k, h):
-            c = c8 * 8 + rs * 4 + h * 2 + rq
-            return te.sum(x[b, i * sh + ry, j * sw + rx, c].astype("int32")
+            # copy h of channels c8 * 8 + rs * 4 + (0..3): the same values, read whole by the step
+            return te.sum(x[b, i * sh + ry, j * sw + rx, c8 * 2 + rs, h, h * 2 + rq].astype("int32")
                           * w8[k // lanes, ry * kw + rx, c8 * 2 + rs, k % lanes, h * 2 + rq].astype("int32"),
                           axis=[ry, rx, c8, rs, rq])
 
@@ -546,7 +551,9 @@ def schedule_conv2d_neon(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> N
         sch.vectorize(ol[-1])
     xl = sch.get_loops(sch.get_sblock("x_nhwc"))
     sch.parallel(sch.fuse(xl[0], xl[1]))
-    if int(sch.get(xl[-1]).extent) % 8 == 0:
+    if widen:  # the two copies of 4 channels: one 8-byte vector
+        sch.vectorize(sch.fuse(xl[-2], xl[-1]))
+    elif int(sch.get(xl[-1]).extent) % 8 == 0:
         sch.vectorize(xl[-1])
 
 
