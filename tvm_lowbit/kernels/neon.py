@@ -272,9 +272,6 @@ def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
     (sh, sw), (ph, pw) = pair(strides), pair(padding)
     oh, ow = conv_out_size(height, kh, sh, ph), conv_out_size(width, kw, sw, pw)
     pad_code = tirx.const(0 if signed else -ZERO_POINT, "int8")  # a zero activation, shifted
-    # the widening kernel's 2-pixel tile: an odd output width computes one more column (not written out),
-    # whose input columns are padding
-    owp = ow + ow % 2 if widen else ow
     if fold_width:
         stride_w = sw  # the layer's (the conv over the folded copy has stride 1)
 
@@ -284,14 +281,14 @@ def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
                 tirx.all(h >= ph, h < ph + height, w >= pw, w < pw + width, q < ctile),
                 _to_int8(get(b, q % cin, h - ph, w - pw), signed), pad_code)
 
-        value, xshape = folded, (batch, height + 2 * ph, owp, cpad)
+        value, xshape = folded, (batch, height + 2 * ph, ow, cpad)
         kw, sw = 1, 1  # the conv over the folded copy
     else:
         def value(b, h, w, c):
             return tirx.if_then_else(tirx.all(h >= ph, h < ph + height, w >= pw, w < pw + width, c < cin),
                                      _to_int8(get(b, c, h - ph, w - pw), signed), pad_code)
 
-        xshape = (batch, height + 2 * ph, max(width + 2 * pw, (owp - 1) * sw + kw), cpad)
+        xshape = (batch, height + 2 * ph, max(width + 2 * pw, (ow - 1) * sw + kw), cpad)
     if widen:  # every 4 channels twice: the widening step's activation words come duplicated, no dup
         x = te.compute((*xshape[:3], cpad // 4, 2, 4), lambda b, h, w, c4, d, q: value(b, h, w, c4 * 4 + q),
                        name="x_nhwc")
@@ -319,7 +316,7 @@ def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
                           * w8[k // lanes, ry * kw + rx, c8 * 2 + rs, k % lanes, h * 2 + rq].astype("int32"),
                           axis=[ry, rx, c8, rs, rq])
 
-        part_acc = te.compute((batch, oh, owp, kout, 2), part, name="acc")
+        part_acc = te.compute((batch, oh, ow, kout, 2), part, name="acc")
         rh = te.reduce_axis((0, 2), name="rh")
         acc = te.compute((batch, oh, ow, kout), lambda b, i, j, k: te.sum(part_acc[b, i, j, k, rh], axis=rh),
                          name="acc_sum")
@@ -551,8 +548,9 @@ def schedule_conv2d_neon(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> N
         sch.vectorize(ol[-1])
     xl = sch.get_loops(sch.get_sblock("x_nhwc"))
     sch.parallel(sch.fuse(xl[0], xl[1]))
-    if widen:  # the two copies of 4 channels: one 8-byte vector
-        sch.vectorize(sch.fuse(xl[-2], xl[-1]))
+    if widen:  # 4 channels a vector, stored twice
+        sch.vectorize(xl[-1])
+        sch.unroll(xl[-2])
     elif int(sch.get(xl[-1]).extent) % 8 == 0:
         sch.vectorize(xl[-1])
 
