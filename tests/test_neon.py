@@ -108,7 +108,7 @@ CASES = [  # kind, K, C, HW, R, stride, pad, signed, widen, N, layout, out_mode[
     ("int", 16, 3, 15, 7, 2, 3, True, True, 0, "NHWC", "requant", 0, "recip"),  # the 7x7 RGB stem, columns folded
     ("int", 16, 3, 15, 7, 2, 3, True, True, 0, "NHWC", "requant", 0, "integer", 0.002),
     ("int", 16, 12, 6, 3, 1, 1, True, True, 0, "NCHW", "acc"),  # 36 channels folded would be too many: padded
-    ("ternary", 16, 16, 7, 3, 1, 1, False, True, 4, "NHWC", "requant"),  # odd width: one computed column more
+    ("ternary", 16, 16, 7, 3, 1, 1, False, True, 4, "NHWC", "requant"),  # odd width: a 1-pixel tile
     ("ternary", 16, 16, 7, 3, 1, 1, False, True, 4, "NHWC", "float", 0, "fma"),
     ("ternary", 32, 32, 8, 3, 1, 1, False, False, 4, "NHWC", "requant", 2, "integer", 0.002),  # sdot by element
     ("ternary", 32, 32, 8, 3, 1, 1, False, False, 4, "NHWC", "requant", 0, "fma"),
