@@ -8,6 +8,10 @@ For each model, target (rasp4b = Pi 4, qemu -cpu cortex-a72; rasp5 = Pi 5, corte
   tvm-fgq-n4  FGQ grouped ternary, N=4, 8-bit activations (first conv int8 per channel, classifier ternary)
   tvm-pow2    the retrained power-of-two INQ model (tvm_lowbit/zoo/retrained/inq-b5.pt): shift-add kernels
               (resnet20 only: the checkpoint is a resnet20)
+  tvm-auto    the Auto per-layer mix (mobilenet only): tvm_lowbit.Auto(budget=0.5, sensitivity_images=256),
+              its default formats, GPTQ rounding and 8-bit activations; calibration: the --calib images, budget
+              checked on the first 2000 held-out training images (models.mobilenet.validation_split): at most a
+              0.5-point top-1 drop against FP32 there. The mix (Auto's summary) is printed.
   ort-fp32    the same float model exported to ONNX, run by the aarch64 onnxruntime wheel (MLAS), one thread
   ort-int8    that ONNX model through onnxruntime's quantize_static: QDQ, per-channel int8 weights, int8
               activations (s8s8), MinMax calibration on Fashion-MNIST training images (resnet18-224: random
@@ -70,7 +74,12 @@ from tvm_lowbit.deploy.board import ORT_LIBRARY, BoardError, icount_plugin, qemu
 
 TARGETS = ("rasp4b", "rasp5")
 MODELS = ("resnet20", "mobilenet", "resnet18-224")
-VARIANTS = ("tvm-fp32", "tvm-fgq-n4", "tvm-pow2", "ort-fp32", "ort-int8")
+VARIANTS = ("tvm-fp32", "tvm-fgq-n4", "tvm-pow2", "tvm-auto", "ort-fp32", "ort-int8")
+# the models each TVM variant exists for (others: every model)
+VARIANT_MODELS = {"tvm-pow2": ("resnet20",), "tvm-auto": ("mobilenet",)}
+# tvm-auto: the budget (max top-1 drop in points against FP32), the held-out images it is checked on, and the
+# calibration images of the sensitivity pass (fewer than Auto's 512 default: the bench's --calib is 256)
+AUTO_BUDGET, AUTO_VAL_IMAGES, AUTO_SENSITIVITY_IMAGES = 0.5, 2000, 256
 SCHEDULES = ("shipped", "none")
 TUNED = "-tuned"  # suffix of a TVM row whose build applied a tuned-schedule database
 CLASSES = ("dot", "widening_mul", "load_store", "simd_other", "scalar_float", "other")
@@ -119,6 +128,7 @@ def load_model(name: str, n_calib: int) -> Bench:
 
 def tvm_model(variant: str, bench: Bench) -> nn.Module:
     from tvm_lowbit import quantize
+    from tvm_lowbit.quantizers.auto import Auto
     from tvm_lowbit.quantizers.fgq import FGQ
 
     if variant == "tvm-fp32":
@@ -129,6 +139,15 @@ def tvm_model(variant: str, bench: Bench) -> nn.Module:
     if variant == "tvm-pow2":
         ckpt = torch.load(POW2_CHECKPOINT, map_location="cpu", weights_only=False)  # our own committed file
         return ckpt["qmodel"].eval()
+    if variant == "tvm-auto":
+        from tvm_lowbit.models.mobilenet import validation_split
+
+        if bench.name != "mobilenet":
+            raise ValueError(f"tvm-auto is defined for mobilenet only (its held-out split), not {bench.name}")
+        q = quantize(bench.fp32, Auto(budget=AUTO_BUDGET, sensitivity_images=AUTO_SENSITIVITY_IMAGES), bench.calib,
+                     validation_split(AUTO_VAL_IMAGES), progress=False)
+        print(f"{bench.name} tvm-auto: {q.tvm_lowbit_auto.summary()}", flush=True)
+        return q
     raise ValueError(variant)
 
 
@@ -230,6 +249,8 @@ def bench_tvm(variant: str, bench: Bench, targets: list[str], k: int, tmp: Path,
         # shipped: compile's default (tvm_lowbit/schedules/<target>/ unless marked as timed under emulation)
         art = tvm_lowbit.compile(model, bench.x, target, schedules=None if schedules == "shipped" else False)
         name = row_variant(variant, art.tuning)
+        if art.tuning is not None:  # which workloads took a record; which kept the default schedule, and why
+            print(f"{bench.name} {variant} on {target}: {art.tuning.text()}", flush=True)
         # the runner checks every board run against the host's output: a count of wrong code is no count
         bundle = export_bundle(art, tmp / f"{bench.name}-{variant}-{target}", bench.x, host_out,
                                REL_TOLERANCE * max(float(np.abs(host_out).max()), 1.0))
@@ -390,8 +411,8 @@ def main() -> int:
             bench = load_model(name, args.calib)
             onnx_files = export_onnx(bench, tmp) if any(v.startswith("ort-") for v in variants) else None
             for variant in variants:
-                if variant == "tvm-pow2" and name != "resnet20":
-                    print(f"{name}: no tvm-pow2 row (the retrained INQ checkpoint is a resnet20)")
+                if name not in VARIANT_MODELS.get(variant, (name,)):
+                    print(f"{name}: no {variant} row (defined for {', '.join(VARIANT_MODELS[variant])} only)")
                     continue
                 if variant.startswith("ort-"):
                     assert onnx_files is not None
