@@ -24,7 +24,10 @@ random-but-fixed normal inputs: fine for counting, its outputs mean nothing.
 A TVM row whose build applied a tuned-schedule database (at least one workload) is named with a "-tuned" suffix
 (tvm-fgq-n4-tuned). --schedules shipped (the default) applies tvm_lowbit/schedules/<target>/ as ``compile`` does
 by default (a database marked MEASURED_UNDER_EMULATION is not applied; one tuned with the cycle estimate,
-MEASURED_BY_ESTIMATE, is); --schedules none builds with the default schedules. ratio_vs_fp32 compares with the
+MEASURED_BY_ESTIMATE, is); --schedules none builds with the default schedules; --schedules shipped,none does both
+in one run (one quantization; a shipped build that applied nothing is the none build, measured once). Each tuned
+build prints compile's tuning report (workloads applied, kept at the default, vetoed for executing more
+instructions than the default). ratio_vs_fp32 compares with the
 untuned tvm-fp32 row when there is one.
 
 TVM variants are compiled for the target, bundled (tvm_lowbit.deploy.bundle) and run by the C++ runner with one
@@ -235,7 +238,7 @@ def row_variant(variant: str, tuning: Any) -> str:
 
 
 def bench_tvm(variant: str, bench: Bench, targets: list[str], k: int, tmp: Path,
-              schedules: str = "shipped") -> list[dict[str, Any]]:
+              schedules: tuple[str, ...] = ("shipped",)) -> list[dict[str, Any]]:
     import tvm_lowbit
     from tvm_lowbit.deploy.bundle import export_bundle, run_bundle_emulated
     from tvm_lowbit.deploy.remote import REL_TOLERANCE
@@ -243,16 +246,20 @@ def bench_tvm(variant: str, bench: Bench, targets: list[str], k: int, tmp: Path,
     model = tvm_model(variant, bench)
     host_out = tvm_lowbit.compile(model, bench.x, "x86-host").run(bench.x)
     rows = []
-    for target in targets:
+    for target, setting in [(t, s) for t in targets for s in schedules]:
         t0 = time.perf_counter()
         cpu = qemu_cpu(target)
         # shipped: compile's default (tvm_lowbit/schedules/<target>/ unless marked as timed under emulation)
-        art = tvm_lowbit.compile(model, bench.x, target, schedules=None if schedules == "shipped" else False)
+        art = tvm_lowbit.compile(model, bench.x, target, schedules=None if setting == "shipped" else False)
         name = row_variant(variant, art.tuning)
         if art.tuning is not None:  # which workloads took a record; which kept the default schedule, and why
             print(f"{bench.name} {variant} on {target}: {art.tuning.text()}", flush=True)
+        if any(r["variant"] == name and r["target"] == target for r in rows):
+            print(f"{bench.name} {variant} on {target}: --schedules {setting} builds the default schedules again "
+                  "(measured once)", flush=True)
+            continue
         # the runner checks every board run against the host's output: a count of wrong code is no count
-        bundle = export_bundle(art, tmp / f"{bench.name}-{variant}-{target}", bench.x, host_out,
+        bundle = export_bundle(art, tmp / f"{bench.name}-{name}-{target}", bench.x, host_out,
                                REL_TOLERANCE * max(float(np.abs(host_out).max()), 1.0))
 
         def run(plugin: str, runs: int) -> None:
@@ -367,9 +374,10 @@ def main() -> int:
                     "resnet18-224 uses at most 16)")
     ap.add_argument("--quick", action="store_true", help="CI: resnet20, tvm-fgq-n4 and ort-int8, K=1, 32 "
                     "calibration images")
-    ap.add_argument("--schedules", choices=SCHEDULES, default="shipped",
+    ap.add_argument("--schedules", default="shipped",
                     help="TVM variants: 'shipped' applies tvm_lowbit/schedules/<target>/ as compile does by default "
-                    "(rows then named <variant>-tuned), 'none' the default schedules (default shipped)")
+                    "(rows then named <variant>-tuned), 'none' the default schedules, 'shipped,none' both "
+                    "(default shipped)")
     ap.add_argument("--json", type=Path, default=None, help="write {'rows': [...]} here")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                     help="measure nothing: print the table of the rows in these --json files (a later file's row "
@@ -384,6 +392,9 @@ def main() -> int:
     if args.quick:
         args.models, args.variants, args.runs, args.calib = "resnet20", "tvm-fgq-n4,ort-int8", 1, 32
     models, targets, variants = args.models.split(","), args.targets.split(","), args.variants.split(",")
+    schedules = tuple(args.schedules.split(","))
+    if not schedules or any(s not in SCHEDULES for s in schedules) or len(set(schedules)) != len(schedules):
+        ap.error(f"--schedules {args.schedules!r}: a comma list of {', '.join(SCHEDULES)}")
     for v in variants:
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
@@ -418,7 +429,7 @@ def main() -> int:
                     assert onnx_files is not None
                     rows += bench_ort(variant, bench, onnx_files[variant == "ort-int8"], targets, args.runs, tmp)
                 else:
-                    rows += bench_tvm(variant, bench, targets, args.runs, tmp, args.schedules)
+                    rows += bench_tvm(variant, bench, targets, args.runs, tmp, schedules)
     return report(rows, args.json)
 
 
