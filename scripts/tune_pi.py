@@ -53,7 +53,7 @@ def cpu_seconds() -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default="rasp4b,rasp5")
+    ap.add_argument("--targets", default="rasp5,rasp4b")
     ap.add_argument("--models", default=",".join(MODEL_VARIANTS), help=f"comma list of {', '.join(MODEL_VARIANTS)} "
                     "(default all: what the shipped folders hold)")
     ap.add_argument("--variants", default=None, help="comma list: only these bench_arm variants of the models "
