@@ -166,17 +166,28 @@ def test_sdot_conv_kernels_are_bit_exact_on_the_pi5_board(board_built: Path, tmp
         assert got.dtype == want.dtype and np.array_equal(got, want), name
 
 
-NEON_CASES = [  # kernels.neon: kind, K, C, HW, R, stride, pad, signed, widen, N, layout, out_mode (test_neon.py)
+NEON_CASES = [  # kernels.neon: kind, K, C, HW, R, stride, pad, signed, widen, N, layout, out_mode[, seed, epilogue,
+    # requant_scale] (test_neon.py)
     ("ternary", 32, 16, 16, 3, 1, 1, False, False, 4, "NHWC", "requant"),
+    ("ternary", 32, 16, 16, 3, 1, 1, False, False, 4, "NHWC", "requant", 0, "fma"),
+    ("ternary", 32, 16, 16, 3, 1, 1, False, False, 4, "NHWC", "requant", 0, "recip", 0.013),
+    ("ternary", 32, 32, 8, 3, 1, 1, False, False, 4, "NHWC", "requant", 2, "integer", 0.002),  # sdot by element
+    ("ternary", 32, 32, 8, 3, 1, 1, False, False, 4, "NHWC", "float", 0, "fma"),
     ("ternary", 64, 32, 9, 3, 2, 1, False, False, 4, "NHWC", "acc"),
     ("ternary", 32, 64, 8, 1, 2, 0, False, False, 64, "NCHW", "acc"),
     ("int", 16, 3, 14, 3, 1, 1, True, False, 0, "NHWC", "requant"),
+    ("int", 16, 3, 14, 3, 1, 1, True, False, 0, "NHWC", "requant", 0, "recip"),
     ("ternary", 32, 16, 16, 3, 1, 1, False, True, 4, "NHWC", "requant"),
+    ("ternary", 32, 16, 16, 3, 1, 1, False, True, 4, "NHWC", "requant", 0, "fma"),
+    ("ternary", 32, 16, 16, 3, 1, 1, False, True, 4, "NHWC", "requant", 0, "recip", 0.013),
+    ("ternary", 16, 16, 9, 3, 2, 1, False, True, 4, "NHWC", "requant", 0, "integer", 0.002),
     ("ternary", 64, 32, 9, 3, 2, 1, False, True, 4, "NHWC", "acc"),
     ("ternary", 16, 64, 8, 1, 2, 0, False, True, 64, "NCHW", "acc"),
     ("int", 16, 3, 14, 3, 1, 1, True, True, 0, "NHWC", "requant"),
-    ("int", 16, 3, 15, 7, 2, 3, True, True, 0, "NHWC", "requant"),
+    ("int", 16, 3, 15, 7, 2, 3, True, True, 0, "NHWC", "requant", 0, "integer", 0.002),
+    ("int", 16, 3, 15, 7, 2, 3, True, True, 0, "NHWC", "requant", 0, "recip"),
     ("ternary", 16, 16, 7, 3, 1, 1, False, True, 4, "NHWC", "requant"),
+    ("ternary", 16, 16, 7, 3, 1, 1, False, True, 4, "NHWC", "float", 0, "fma"),
 ]
 
 
@@ -201,7 +212,7 @@ def test_folded_alpha_neon_kernels_are_bit_exact_on_the_board(board_built: Path,
         lib = tvm.compile(sch.mod, target=target.tvm_target())
         lib.export_library(str(tmp_path / f"{name}.so"), cc=target.compiler_path())
         feeds.update({f"{name}/{i}": a for i, a in enumerate([*args, np.zeros(shape, dtype)])})
-        want[name] = expected(ref, scale, bias, case[11], case[10])
+        want[name] = expected(ref, scale, bias, case[11], case[10], case[14] if len(case) > 14 else 0.05)
     np.savez(tmp_path / "feeds.npz", **feeds)
     (tmp_path / "run.py").write_text(BOARD_RUN)
     r = subprocess.run([str(board_built / "bin" / "python3"), str(tmp_path / "run.py"), str(tmp_path / "feeds.npz"),

@@ -14,66 +14,105 @@ import tvm
 from tvm import te
 
 from tvm_lowbit import kernels, qmath
-from tvm_lowbit.kernels import LayerSpec, neon, vnni
+from tvm_lowbit.kernels import LayerSpec, neon, requant, vnni
 from tvm_lowbit.targets import load_target
 
 HOST = {"kind": "llvm", "mcpu": "x86-64", "num-cores": 1}
 
 
 def conv_case(kind: str, k: int, c: int, hw: int, r: int, stride: int, pad: int, signed: bool, widen: bool,
-              n: int = 4, layout: str = "NCHW", out_mode: str = "acc", seed: int = 0) -> tuple:
-    """(PrimFunc, its input arrays, output shape and dtype, the numpy accumulators, scale, bias)."""
+              n: int = 4, layout: str = "NCHW", out_mode: str = "acc", seed: int = 0, epi: str = "float64",
+              requant_scale: float = 0.05) -> tuple:
+    """(PrimFunc, its input arrays, output shape and dtype, the numpy accumulators, scale, bias).
+    ``epi``: the epilogue form: "float64" (the reference's own), "fma" (float32 fused multiply-add), "recip"
+    (that and the requantization's division as a multiply and a correction) or "integer" (a "requant" output
+    in int64, zp folded in), the others proven exact by kernels.requant."""
     rng = np.random.default_rng(seed + k * c + r + stride + signed + widen)
     w = torch.randn(k, c, r, r, generator=torch.Generator().manual_seed(k + c + seed))
     dt = "int8" if signed else "uint8"
-    x = te.placeholder((1, c, hw, hw) if layout == "NCHW" else (1, hw, hw, c), dt, name="x")
-    sc, bi = te.placeholder((k,), "float32", name="s"), te.placeholder((k,), "float32", name="b")
-    zp = None if signed else te.placeholder((k,), "int32", name="zp")
-    mode = dict(out_mode=out_mode, requant_scale=0.05 if out_mode == "requant" else None, relu=out_mode != "acc")
-    common = dict(weight_shape=(k, c, r, r), strides=stride, padding=pad, zp=zp, in_layout=layout,
-                  out_layout=layout, **mode)
     if kind == "ternary":
         tw = qmath.ternarize_weight(w, n, alpha_bits=7)
         wint = tw.w_int.numpy()
         vals = list(vnni.ternary_tiles(tw.packed_codes(), tw.alpha_q.numpy().reshape(k, -1), tw.layout, neon.LANES))
-        ph = [te.placeholder(v.shape, "uint8", name=f"w{i}") for i, v in enumerate(vals)]
-        out = neon.COMPUTE[("ternary", widen)](x, *ph, sc, bi, group_size=n, **common)
     else:
         wint = qmath.int_quantize_weight(w, 8).w_int.numpy()
         fold = neon.folds_width(wint.shape, widen)  # the widening kernel's RGB-stem form
         vals = [neon.int_tile(wint, widen, fold)]
-        ph = [te.placeholder(vals[0].shape, "int8", name="w8")]
-        out = neon.COMPUTE[("int", widen)](x, *ph, sc, bi, fold_width=fold, **common)
-    ins = [x, *ph, sc, bi, *([zp] if zp is not None else [])]
-    func = kernels.make_prim_func(ins, out, f"{kind}_{k}_{c}_{hw}_{r}_{stride}_{int(signed)}_{int(widen)}_{layout}_{out_mode}")
     xv = (rng.integers(-128, 128, (1, c, hw, hw)) if signed else rng.integers(0, 256, (1, c, hw, hw))).astype(dt)
     scale = (rng.uniform(0.5, 1.5, k) / (50 * np.sqrt(c * r * r) * np.abs(wint).max())).astype(np.float32)
     bias = rng.uniform(-0.5, 0.5, k).astype(np.float32)
+    x = te.placeholder((1, c, hw, hw) if layout == "NCHW" else (1, hw, hw, c), dt, name="x")
+    sc, bi = te.placeholder((k,), "float32", name="s"), te.placeholder((k,), "float32", name="b")
+    zp = None if signed else te.placeholder((k,), "int32", name="zp")
+    mode = dict(out_mode=out_mode, requant_scale=requant_scale if out_mode == "requant" else None,
+                relu=out_mode != "acc")
+    rq_args, rq_vals = {}, []
+    bounds = requant.acc_bounds(wint, 8, signed)
+    if epi in ("fma", "recip"):
+        assert requant.fma_unexact(scale, bias, bounds) is None
+        rq_args = dict(fma_epilogue=True)
+        if epi == "recip":
+            assert requant.recip_unexact(requant_scale, scale, bias, bounds) is None
+            rq_args["recip_requant"] = True
+    elif epi == "integer":
+        rq = requant.solve(scale, bias, True, requant_scale, 8, False,
+                           offset=None if signed else neon.zero_point_term(wint), bounds=bounds)
+        assert not isinstance(rq, str), rq
+        rq_args = dict(rq_mul=te.placeholder((k,), "int32", name="rq_mul"),
+                       rq_add=te.placeholder((k,), "int64", name="rq_add"), rq_shift=rq.shift)
+        rq_vals = [rq.mul, rq.add]
+    common = dict(weight_shape=(k, c, r, r), strides=stride, padding=pad, zp=zp, in_layout=layout,
+                  out_layout=layout, **mode, **rq_args)
+    if kind == "ternary":
+        ph = [te.placeholder(v.shape, "uint8", name=f"w{i}") for i, v in enumerate(vals)]
+        out = neon.COMPUTE[("ternary", widen)](x, *ph, sc, bi, group_size=n, **common)
+    else:
+        ph = [te.placeholder(vals[0].shape, "int8", name="w8")]
+        out = neon.COMPUTE[("int", widen)](x, *ph, sc, bi, fold_width=fold, **common)
+    ins = [x, *ph, sc, bi, *([zp] if zp is not None else []), *(rq_args[n] for n in ("rq_mul", "rq_add") if n in rq_args)]
+    func = kernels.make_prim_func(ins, out, f"{kind}_{k}_{c}_{hw}_{r}_{stride}_{int(signed)}_{int(widen)}_{layout}_"
+                                            f"{out_mode}_{epi}")
     args = [xv if layout == "NCHW" else np.ascontiguousarray(xv.transpose(0, 2, 3, 1)), *vals, scale, bias,
-            *([neon.zero_point_term(wint)] if zp is not None else [])]
+            *([neon.zero_point_term(wint)] if zp is not None else []), *rq_vals]
     ref = qmath.conv2d_int_np(xv.astype(np.int64), wint.astype(np.int64), (stride, stride), (pad, pad), (1, 1), 1)
     return func, args, [int(v) for v in out.shape], str(out.dtype), ref, scale, bias
 
 
-def expected(ref: np.ndarray, scale: np.ndarray, bias: np.ndarray, out_mode: str, layout: str) -> np.ndarray:
-    """What the kernel must write: the accumulators, or the requantized codes (qmath), in ``layout``."""
+def expected(ref: np.ndarray, scale: np.ndarray, bias: np.ndarray, out_mode: str, layout: str,
+             requant_scale: float = 0.05) -> np.ndarray:
+    """What the kernel must write: the accumulators, the float outputs or the requantized codes (qmath), in
+    ``layout``."""
     want = ref.astype(np.int32)
+    if out_mode == "float":
+        want = qmath.epilogue_np(want, scale, bias, True, 1)
     if out_mode == "requant":
-        want = qmath.quantize_act_np(qmath.epilogue_np(want, scale, bias, True, 1), 0.05, 8, False).astype(np.uint8)
+        want = qmath.quantize_act_np(qmath.epilogue_np(want, scale, bias, True, 1), requant_scale, 8,
+                                     False).astype(np.uint8)
     return want if layout == "NCHW" else want.transpose(0, 2, 3, 1)
 
 
-CASES = [  # kind, K, C, HW, R, stride, pad, signed, widen, N, layout, out_mode
+CASES = [  # kind, K, C, HW, R, stride, pad, signed, widen, N, layout, out_mode[, seed, epilogue, requant_scale]
     ("ternary", 32, 16, 8, 3, 1, 1, False, False, 4, "NHWC", "acc"),
     ("ternary", 16, 16, 9, 3, 2, 1, False, True, 4, "NHWC", "requant"),
+    ("ternary", 16, 16, 9, 3, 2, 1, False, True, 4, "NHWC", "requant", 0, "fma"),
+    ("ternary", 16, 16, 9, 3, 2, 1, False, True, 4, "NHWC", "requant", 0, "recip"),
+    ("ternary", 16, 16, 9, 3, 2, 1, False, True, 4, "NHWC", "requant", 0, "integer", 0.002),
     ("ternary", 16, 32, 6, 3, 1, 1, False, False, 16, "NCHW", "requant"),
+    ("ternary", 16, 32, 6, 3, 1, 1, False, False, 16, "NCHW", "float", 0, "fma"),
+    ("ternary", 16, 32, 6, 3, 1, 1, False, False, 16, "NCHW", "requant", 0, "integer", 0.002),
     ("ternary", 32, 16, 8, 1, 2, 0, False, True, 4, "NCHW", "acc"),
     ("int", 16, 3, 12, 3, 1, 1, True, False, 0, "NCHW", "acc"),
     ("int", 16, 3, 12, 3, 1, 1, True, True, 0, "NHWC", "requant"),
+    ("int", 16, 3, 12, 3, 1, 1, True, True, 0, "NHWC", "requant", 0, "integer", 0.002),
     ("int", 8, 5, 7, 3, 2, 1, False, True, 0, "NHWC", "acc"),
-    ("int", 16, 3, 15, 7, 2, 3, True, True, 0, "NHWC", "requant"),  # the 7x7 RGB stem, columns folded
+    ("int", 16, 3, 15, 7, 2, 3, True, True, 0, "NHWC", "requant", 0, "recip"),  # the 7x7 RGB stem, columns folded
+    ("int", 16, 3, 15, 7, 2, 3, True, True, 0, "NHWC", "requant", 0, "integer", 0.002),
     ("int", 16, 12, 6, 3, 1, 1, True, True, 0, "NCHW", "acc"),  # 36 channels folded would be too many: padded
     ("ternary", 16, 16, 7, 3, 1, 1, False, True, 4, "NHWC", "requant"),  # odd width: one computed column more
+    ("ternary", 16, 16, 7, 3, 1, 1, False, True, 4, "NHWC", "float", 0, "fma"),
+    ("ternary", 32, 32, 8, 3, 1, 1, False, False, 4, "NHWC", "requant", 2, "integer", 0.002),  # sdot by element
+    ("ternary", 32, 32, 8, 3, 1, 1, False, False, 4, "NHWC", "requant", 0, "fma"),
+    ("ternary", 32, 32, 8, 3, 1, 1, False, False, 4, "NCHW", "requant", 0, "recip", 0.013),
 ]
 
 
@@ -87,13 +126,12 @@ def test_stem_folding_rule() -> None:
 def test_neon_compute_bit_exact_on_the_host(case: tuple) -> None:
     """The compute definition (weight tiles, 2-bit decode with folded alpha, zero-point shift and term,
     padding, the widening kernel's split accumulators) computes the integer reference exactly."""
-    kind, k, c, hw, r, stride, pad, signed, widen, n, layout, mode = case
-    func, args, shape, dtype, ref, scale, bias = conv_case(kind, k, c, hw, r, stride, pad, signed, widen, n, layout,
-                                                           mode)
+    func, args, shape, dtype, ref, scale, bias = conv_case(*case)
+    layout, mode, rs = case[10], case[11], case[14] if len(case) > 14 else 0.05
     f = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tvm.target.Target(HOST))
     t = [tvm.runtime.tensor(a) for a in args] + [tvm.runtime.tensor(np.zeros(shape, dtype))]
     f["main"](*t)
-    want = expected(ref, scale, bias, mode, layout)
+    want = expected(ref, scale, bias, mode, layout, rs)
     if mode == "requant":
         assert len(np.unique(want)) > 10, "degenerate test data"
     got = t[-1].numpy()

@@ -84,19 +84,55 @@ def check_mode(out_mode: str, requant_scale: float | None) -> None:
 
 
 def epilogue(acc: tirx.PrimExpr, scale: tirx.PrimExpr, bias: tirx.PrimExpr, relu: bool, out_mode: str,
-             requant_scale: float | None, out_bits: int, out_signed: bool) -> tirx.PrimExpr:
-    """qmath.epilogue (+ qmath.quantize_act for "requant") of one int32 accumulator."""
-    # float32(acc) first: for |acc| > 2^24 this rounding is part of the reference math
-    y = acc.astype("float32").astype("float64") * scale.astype("float64") + bias.astype("float64")
-    y = y.astype("float32")
-    if relu:
+             requant_scale: float | None, out_bits: int, out_signed: bool, fma: bool = False,
+             recip: bool = False) -> tirx.PrimExpr:
+    """qmath.epilogue (+ qmath.quantize_act for "requant") of one int32 accumulator.  ``fma``: ``y`` as one
+    float32 fused multiply-add (``llvm.fma``, one rounding), which equals the reference where
+    :func:`.requant.fma_unexact` proves it for the layer; the ReLU then merges into the requantization's
+    lower clip (``round`` and ``clip`` are monotone: ``clip(round(max(y, 0) / s)) == clip(max(round(y / s),
+    0))``).  ``recip``: ``y / requant_scale`` without a division: ``q0 = y * inv``, ``r = fma(-q0, rs, y)``,
+    ``q = fma(r, inv, q0)`` (where :func:`.requant.recip_unexact` proves its codes equal the division's)."""
+    if fma:
+        y = tirx.call_llvm_pure_intrin("float32", "llvm.fma", acc.astype("float32"), scale.astype("float32"),
+                                       bias.astype("float32"))
+    else:
+        # float32(acc) first: for |acc| > 2^24 this rounding is part of the reference math
+        y = acc.astype("float32").astype("float64") * scale.astype("float64") + bias.astype("float64")
+        y = y.astype("float32")
+    if relu and (out_mode == "float" or not fma):
         y = tirx.max(y, tirx.const(0.0, "float32"))
     if out_mode == "float":
         return y
     lo, hi = qmath.act_range(out_bits, out_signed)
-    q = tirx.nearbyint(y / tirx.const(float(np.float32(requant_scale)), "float32"))
+    if relu and fma:
+        lo = max(lo, 0)
+    rs = tirx.const(float(np.float32(requant_scale)), "float32")
+    if recip:
+        inv = tirx.const(float(np.float32(1) / np.float32(requant_scale)), "float32")
+        q0 = y * inv
+        r = tirx.call_llvm_pure_intrin("float32", "llvm.fma", q0 * tirx.const(-1.0, "float32"), rs, y)
+        q = tirx.nearbyint(tirx.call_llvm_pure_intrin("float32", "llvm.fma", r, inv, q0))
+    else:
+        q = tirx.nearbyint(y / rs)
     q = tirx.min(tirx.max(q, tirx.const(float(lo), "float32")), tirx.const(float(hi), "float32"))
     return q.astype(qmath.act_dtype(out_bits, out_signed))
+
+
+def int_epilogue(acc: tirx.PrimExpr, mul: tirx.PrimExpr, add: tirx.PrimExpr, shift: int, out_bits: int,
+                 out_signed: bool) -> tirx.PrimExpr:
+    """The exact integer form of the requantizing epilogue (:mod:`.requant`) of one int32 accumulator:
+    ``clip((int64(acc) * mul + add) >> shift, lo, hi)`` with ``shift >= 32``, written as the high word
+    ``(... >> 32)`` (exact in int32: the sum fits int64) shifted by ``shift - 32`` so that aarch64 takes
+    ``smull`` + ``addhn`` + ``sshr``; ``mul`` int32, ``add`` int64 per channel."""
+    if shift < 32:
+        raise ValueError(f"the integer requantization takes a shift >= 32, got {shift}")
+    wide = acc.astype("int64") * mul.astype("int64") + add
+    g = (wide >> tirx.const(32, "int64")).astype("int32")
+    if shift > 32:
+        g = g >> tirx.const(shift - 32, "int32")
+    lo, hi = qmath.act_range(out_bits, out_signed)
+    g = tirx.min(tirx.max(g, tirx.const(lo, "int32")), tirx.const(hi, "int32"))
+    return g.astype(qmath.act_dtype(out_bits, out_signed))
 
 
 def decode_2bit(byte: tirx.PrimExpr, q: tirx.PrimExpr) -> tirx.PrimExpr:

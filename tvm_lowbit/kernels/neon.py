@@ -43,7 +43,7 @@ from tvm.target.codegen import target_has_features
 from tvm_lowbit import qmath
 from tvm_lowbit.kernels import sdot, vnni
 from tvm_lowbit.kernels.common import (KERNEL_ATTR, LayerSpec, OutMode, Pick, TargetLike, check_mode, conv_out_size,
-                                       decode_2bit, epilogue, kernel_attrs, layout_reader, maybe_block, pair,
+                                       decode_2bit, epilogue, int_epilogue, kernel_attrs, layout_reader, maybe_block, pair,
                                        target_kind, tile)
 from tvm_lowbit.kernels.registry import Kernel, Operands
 from tvm_lowbit.kernels.registry import register as register_kernel
@@ -236,14 +236,20 @@ def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
                       out_bias: te.Tensor, *, kernel: tuple[int, int], strides: int | Sequence[int],
                       padding: int | Sequence[int], in_layout: str, out_layout: str, widen: bool, relu: bool,
                       out_mode: str, requant_scale: float | None, out_bits: int, out_signed: bool,
-                      fold_width: bool = False) -> te.Tensor:
+                      fold_width: bool = False, int_rq: tuple[te.Tensor, te.Tensor, int] | None = None,
+                      fma: bool = False, recip: bool = False) -> te.Tensor:
     """The conv on an int8 weight tile ``w8[K/8, taps, C4, 8, 4]`` (a tensor or a decode stage), int8
     activations, exact in int32; ``zp[k]`` (``128 * sum w[k]``, unsigned codes) added in the output stage.
     ``widen``: the accumulators are split by ``h = (c % 4) // 2`` (the widening kernel's lanes).
     ``fold_width``: the kernel's columns are folded into the channels (a layer with few input channels, the
     RGB stem): the padded copy holds, per output column, the ``kw * C`` inputs it reads (channel
     ``s * C + c``: column s, channel c), and the conv is ``kh x 1`` over them, so a step of 8 channels is
-    not mostly padding; the tile then has ``kh`` taps of ``kw * C`` channels (:func:`int_tile`)."""
+    not mostly padding; the tile then has ``kh`` taps of ``kw * C`` channels (:func:`int_tile`).
+    ``int_rq``: ``(mul, add, shift)`` of :func:`.requant.solve` with the zero-point term folded into ``add``
+    (``offset=zp``): "requant" outputs take the exact integer epilogue instead of the float one.  ``fma``: the
+    float epilogue's ``y`` as one float32 fused multiply-add (where :func:`.requant.fma_unexact` proves it
+    exact for the layer); ``recip``: with it, the requantization's division as a multiply by the reciprocal
+    and one fused correction step (where :func:`.requant.recip_unexact` proves it exact)."""
     dtype = str(data.dtype)
     if dtype not in ("uint8", "int8"):
         raise ValueError(f"the NEON conv kernels take 8-bit activation codes (uint8 or int8), got {dtype}")
@@ -315,10 +321,14 @@ def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
         at = lambda b, i, j, k: acc[b, i, j, k]  # noqa: E731
 
     def body(b, i, j, k):
+        if out_mode == "requant" and int_rq is not None:  # zp is folded into the integer offset
+            mul, add, shift = int_rq
+            return int_epilogue(at(b, i, j, k), mul[k], add[k], shift, out_bits, out_signed)
         a = at(b, i, j, k) if zp is None else at(b, i, j, k) + zp[k]
         if out_mode == "acc":
             return a
-        return epilogue(a, out_scale[k], out_bias[k], relu, out_mode, requant_scale, out_bits, out_signed)
+        return epilogue(a, out_scale[k], out_bias[k], relu, out_mode, requant_scale, out_bits, out_signed, fma=fma,
+                        recip=recip)
 
     attrs = dict(kernel_attrs(kind), **{LAYOUT_ATTR: out_layout})
     if out_layout == "NCHW":
@@ -343,6 +353,13 @@ def _check(out_mode: str, requant_scale: float | None, groups: int, dilation: in
         raise ValueError(f"the NEON conv takes groups=1, dilation 1; got groups={groups}, dilation={dilation}")
 
 
+def _rq(mul: te.Tensor | None, add: te.Tensor | None, shift: int) -> tuple[te.Tensor, te.Tensor, int] | None:
+    """The integer requantization operands (``rq_mul`` int32 [K], ``rq_add`` int64 [K], ``rq_shift``), if given."""
+    if (mul is None) != (add is None):
+        raise ValueError("the integer requantization needs both rq_mul and rq_add")
+    return None if mul is None else (mul, add, int(shift))
+
+
 def _kind(family: str, widen: bool) -> str:
     return f"{family}_conv2d_{'neon' if widen else 'dotprod'}"
 
@@ -352,7 +369,9 @@ def _ternary_conv(widen: bool) -> Callable[..., te.Tensor]:
                 *, weight_shape: Sequence[int], strides: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
                 dilation: int | Sequence[int] = 1, groups: int = 1, group_size: int, zp: te.Tensor | None = None,
                 in_layout: str = "NCHW", out_layout: str = "NCHW", relu: bool = False, out_mode: OutMode = "float",
-                requant_scale: float | None = None, out_bits: int = 8, out_signed: bool = False) -> te.Tensor:
+                requant_scale: float | None = None, out_bits: int = 8, out_signed: bool = False,
+                rq_mul: te.Tensor | None = None, rq_add: te.Tensor | None = None, rq_shift: int = 0,
+                fma_epilogue: bool = False, recip_requant: bool = False) -> te.Tensor:
         """``kernels.ternary_conv2d`` (same result) with alpha folded into int8 weights: ``codes_t`` /
         ``alpha_t`` from ``vnni.ternary_tiles(..., 8)``; alpha codes <= 127, groups of a multiple of 4 along
         the input channels, groups=1, dilation 1."""
@@ -363,7 +382,8 @@ def _ternary_conv(widen: bool) -> Callable[..., te.Tensor]:
         return conv2d_neon_tiled(_kind("ternary", widen), data, w8, zp, out_scale, out_bias, kernel=(kh, kw),
                                  strides=strides, padding=padding, in_layout=in_layout, out_layout=out_layout,
                                  widen=widen, relu=relu, out_mode=out_mode, requant_scale=requant_scale,
-                                 out_bits=out_bits, out_signed=out_signed)
+                                 out_bits=out_bits, out_signed=out_signed, int_rq=_rq(rq_mul, rq_add, rq_shift),
+                                 fma=fma_epilogue, recip=recip_requant)
 
     return compute
 
@@ -374,7 +394,8 @@ def _int_conv(widen: bool) -> Callable[..., te.Tensor]:
                 dilation: int | Sequence[int] = 1, groups: int = 1, zp: te.Tensor | None = None,
                 in_layout: str = "NCHW", out_layout: str = "NCHW", relu: bool = False, out_mode: OutMode = "float",
                 requant_scale: float | None = None, out_bits: int = 8, out_signed: bool = False,
-                fold_width: bool = False) -> te.Tensor:
+                fold_width: bool = False, rq_mul: te.Tensor | None = None, rq_add: te.Tensor | None = None,
+                rq_shift: int = 0, fma_epilogue: bool = False, recip_requant: bool = False) -> te.Tensor:
         """``kernels.int_conv2d`` for per-channel int8 weights (|w| <= 127): ``w8`` from
         :func:`int_tile` (any number of input channels, rounded up with zero weights; ``fold_width``: the
         kernel columns folded into the channels)."""
@@ -383,7 +404,9 @@ def _int_conv(widen: bool) -> Callable[..., te.Tensor]:
         return conv2d_neon_tiled(_kind("int", widen), data, w8, zp, out_scale, out_bias, kernel=(kh, kw),
                                  strides=strides, padding=padding, in_layout=in_layout, out_layout=out_layout,
                                  widen=widen, relu=relu, out_mode=out_mode, requant_scale=requant_scale,
-                                 out_bits=out_bits, out_signed=out_signed, fold_width=fold_width)
+                                 out_bits=out_bits, out_signed=out_signed, fold_width=fold_width,
+                                 int_rq=_rq(rq_mul, rq_add, rq_shift), fma=fma_epilogue,
+                                 recip=recip_requant)
 
     return compute
 
@@ -585,4 +608,5 @@ for _widen, _isa in ((False, "dotprod"), (True, "neon")):
         register_kernel(Kernel(_kind(_family, _widen), family=_family, op="conv2d", isa=_isa,
                                compute=COMPUTE[(_family, _widen)],
                                schedule=_schedule, operands=_operands, fits=_fits(_widen),
-                               preference=PREFERENCE + (0 if _widen else 1), intrinsics=register, layouts=LAYOUTS))
+                               preference=PREFERENCE + (0 if _widen else 1), intrinsics=register, layouts=LAYOUTS,
+                               cheap_epilogues=True))

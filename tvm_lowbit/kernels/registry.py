@@ -46,7 +46,10 @@ class Kernel:
     ``fits(layer, target)`` is None when the kernel runs the layer exactly on the target, else why not;
     ``intrinsics()`` registers its tensor intrinsics (idempotent) and returns their names; ``layouts`` are
     the activation layouts a conv kernel reads and writes (``in_layout=`` / ``out_layout=`` keywords of
-    ``compute`` when it has more than NCHW)."""
+    ``compute`` when it has more than NCHW); ``cheap_epilogues``: ``compute`` takes the cheaper exact
+    epilogues of :mod:`.requant`: the integer requantization (``rq_mul=``, ``rq_add=``, ``rq_shift=``, with
+    its ``zp`` operand, if any, folded into ``rq_add``), the float32 fused multiply-add
+    (``fma_epilogue=True``) and with it the division-free requantization (``recip_requant=True``)."""
 
     name: str                   # the kernel marker (KERNEL_ATTR) and the PrimFunc name
     family: str
@@ -59,6 +62,7 @@ class Kernel:
     preference: int = 0
     intrinsics: Callable[[], object] | None = None
     layouts: tuple[str, ...] = ("NCHW",)
+    cheap_epilogues: bool = False
     doc: str = field(default="", compare=False)
 
     @property

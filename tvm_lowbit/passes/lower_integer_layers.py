@@ -35,7 +35,7 @@ import tvm
 from tvm import relax
 
 from tvm_lowbit import formats, kernels, qmath
-from tvm_lowbit.kernels import Kernel, LayerSpec
+from tvm_lowbit.kernels import Kernel, LayerSpec, requant
 from tvm_lowbit.passes.convert_layout import integer_layout, nhwc_passes
 from tvm_lowbit.passes.fold_requantize import fold_requantize
 from tvm_lowbit.passes.layer_info import LayerInfo, weight_key
@@ -362,10 +362,36 @@ class _Lowering(relax.PyExprMutator):
             self.accs.append(self.builder_.emit_output(acc))
         if l.requant is not None:
             out = emit(out_mode="requant", requant_scale=l.requant.scale, out_bits=l.requant.bits,
-                       out_signed=l.requant.signed)
+                       out_signed=l.requant.signed, **self._cheap_epilogue(l, extra))
             self.codes[("layer", id(l))] = out
             return out
-        return emit(out_mode="float")
+        return emit(out_mode="float", **self._cheap_epilogue(l, extra))
+
+    def _cheap_epilogue(self, l: _Layer, extra: dict[str, Any]) -> dict[str, Any]:
+        """The operands of the cheapest epilogue kernels.requant proves exact for the layer on a kernel that
+        takes them: the integer requantization, else the float32 fused multiply-add; none (float64) with
+        the reason in the report."""
+        if not l.kernel.cheap_epilogues:
+            return {}
+        bounds = requant.acc_bounds(np.asarray(l.tw.w_int), l.quant.bits, l.quant.signed)
+        scale, bias = np.asarray(l.out_scale), np.asarray(l.out_bias)
+        why_int = "no requantization"
+        if l.requant is not None:
+            rq = requant.solve(scale, bias, l.relu, l.requant.scale, l.requant.bits, l.requant.signed,
+                               offset=extra.get("zp"), bounds=bounds)
+            if not isinstance(rq, str):
+                self.a.report.epilogue_forms[l.name] = "integer"
+                return dict(rq_mul=relax.const(rq.mul), rq_add=relax.const(rq.add), rq_shift=rq.shift)
+            why_int = rq
+        why_fma = requant.fma_unexact(scale, bias, bounds)
+        if why_fma is None:
+            if l.requant is not None and requant.recip_unexact(l.requant.scale, scale, bias, bounds) is None:
+                self.a.report.epilogue_forms[l.name] = "fma+recip"
+                return {"fma_epilogue": True, "recip_requant": True}
+            self.a.report.epilogue_forms[l.name] = "fma"
+            return {"fma_epilogue": True}
+        self.a.report.epilogue_forms[l.name] = f"float64: {why_int}; {why_fma}"
+        return {}
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         h = binding.var.__hash__()

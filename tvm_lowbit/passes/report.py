@@ -16,6 +16,10 @@ class LoweringReport:
     fast_kernels: dict[str, str] = field(default_factory=dict)
     kernel_names: dict[str, str] = field(default_factory=dict)  # lowered layer -> registered kernel name
     kernel_reasons: dict[str, str] = field(default_factory=dict)  # lowered layer -> why that kernel (registry)
+    # layers on a kernel with the cheaper exact epilogues (kernels.requant): layer -> "integer" (requantization
+    # in int64), "fma" (float32 fused multiply-add), "fma+recip" (and the requantization's division as a
+    # multiply and a fused correction) or "float64: <why neither is proven exact>"
+    epilogue_forms: dict[str, str] = field(default_factory=dict)
 
     def kernel_of(self, name: str) -> str:
         """The weight format of the kernel layer ``name`` was lowered to ("ternary" if not recorded)."""
@@ -40,5 +44,13 @@ class LoweringReport:
                 lines.append(f"  {n} of them on the {described.get(isa, f'{isa} kernels')}")
         if self.requant_folded:
             lines.append(f"  {self.requant_folded} redundant re-quantizer(s) folded (same scale, codes unchanged)")
+        if self.epilogue_forms:
+            forms = list(self.epilogue_forms.values())
+            n_fma = sum(f.startswith("fma") for f in forms)
+            lines.append(f"  epilogues: {forms.count('integer')} integer, {n_fma} float32 fma "
+                         f"({forms.count('fma+recip')} of them division-free), "
+                         f"{len(forms) - forms.count('integer') - n_fma} float64 (of {len(forms)})")
+        lines += [f"  float64 epilogue kept: {name}: {why}" for name, why in self.epilogue_forms.items()
+                  if why.startswith("float64")]
         lines += [f"  fallback to float: {name}: {why}" for name, why in self.fallback]
         return "\n".join(lines)
