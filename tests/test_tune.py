@@ -183,7 +183,13 @@ def test_shipped_pi_databases_are_tuned_on_the_estimate() -> None:
         if (d / tune.WORKLOAD_FILE).is_file():
             assert (d / tune.ESTIMATE_MARK).is_file() and not (d / tune.EMULATED_MARK).exists(), d
             workloads = [json.loads(ln) for ln in (d / tune.WORKLOAD_FILE).read_text().splitlines() if ln.strip()]
-            assert len(tune.read_defaults(d)) >= len(workloads), f"{d}: a workload has no default measurement"
+            defaults = tune.read_defaults(d)
+            assert len(defaults) >= len(workloads), f"{d}: a workload has no default measurement"
+            # the estimate counts instructions too: every default and every record has its count (compile's rule)
+            assert all(e.get("insns", 0) > 0 for e in defaults.values() if e["seconds"] is not None), d
+            records = [json.loads(ln)[1] for ln in (d / tune.RECORD_FILE).read_text().splitlines() if ln.strip()]
+            measured = {json.dumps(r[0]) for r in records if max(r[1]) < 1e9}  # failed candidates have no count
+            assert len(tune.read_instructions(d)) >= len(measured) > 0, d
 
 
 def test_rerun_resumes_without_new_trials(tiny, tuned, tmp_path, capsys) -> None:
