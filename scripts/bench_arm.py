@@ -8,6 +8,10 @@ For each model, target (rasp4b = Pi 4, qemu -cpu cortex-a72; rasp5 = Pi 5, corte
   tvm-fgq-n4  FGQ grouped ternary, N=4, 8-bit activations (first conv int8 per channel, classifier ternary)
   tvm-pow2    the retrained power-of-two INQ model (tvm_lowbit/zoo/retrained/inq-b5.pt): shift-add kernels
               (resnet20 only: the checkpoint is a resnet20)
+  tvm-auto    the Auto per-layer mix (mobilenet only): tvm_lowbit.Auto(budget=0.5, sensitivity_images=256),
+              its default formats, GPTQ rounding and 8-bit activations; calibration: the --calib images, budget
+              checked on the first 2000 held-out training images (models.mobilenet.validation_split): at most a
+              0.5-point top-1 drop against FP32 there. The mix (Auto's summary) is printed.
   ort-fp32    the same float model exported to ONNX, run by the aarch64 onnxruntime wheel (MLAS), one thread
   ort-int8    that ONNX model through onnxruntime's quantize_static: QDQ, per-channel int8 weights, int8
               activations (s8s8), MinMax calibration on Fashion-MNIST training images (resnet18-224: random
@@ -20,7 +24,10 @@ random-but-fixed normal inputs: fine for counting, its outputs mean nothing.
 A TVM row whose build applied a tuned-schedule database (at least one workload) is named with a "-tuned" suffix
 (tvm-fgq-n4-tuned). --schedules shipped (the default) applies tvm_lowbit/schedules/<target>/ as ``compile`` does
 by default (a database marked MEASURED_UNDER_EMULATION is not applied; one tuned with the cycle estimate,
-MEASURED_BY_ESTIMATE, is); --schedules none builds with the default schedules. ratio_vs_fp32 compares with the
+MEASURED_BY_ESTIMATE, is); --schedules none builds with the default schedules; --schedules shipped,none does both
+in one run (one quantization; a shipped build that applied nothing is the none build, measured once). Each tuned
+build prints compile's tuning report (workloads applied, kept at the default, vetoed for executing more
+instructions than the default). ratio_vs_fp32 compares with the
 untuned tvm-fp32 row when there is one.
 
 TVM variants are compiled for the target, bundled (tvm_lowbit.deploy.bundle) and run by the C++ runner with one
@@ -70,7 +77,12 @@ from tvm_lowbit.deploy.board import ORT_LIBRARY, BoardError, icount_plugin, qemu
 
 TARGETS = ("rasp4b", "rasp5")
 MODELS = ("resnet20", "mobilenet", "resnet18-224")
-VARIANTS = ("tvm-fp32", "tvm-fgq-n4", "tvm-pow2", "ort-fp32", "ort-int8")
+VARIANTS = ("tvm-fp32", "tvm-fgq-n4", "tvm-pow2", "tvm-auto", "ort-fp32", "ort-int8")
+# the models each TVM variant exists for (others: every model)
+VARIANT_MODELS = {"tvm-pow2": ("resnet20",), "tvm-auto": ("mobilenet",)}
+# tvm-auto: the budget (max top-1 drop in points against FP32), the held-out images it is checked on, and the
+# calibration images of the sensitivity pass (fewer than Auto's 512 default: the bench's --calib is 256)
+AUTO_BUDGET, AUTO_VAL_IMAGES, AUTO_SENSITIVITY_IMAGES = 0.5, 2000, 256
 SCHEDULES = ("shipped", "none")
 TUNED = "-tuned"  # suffix of a TVM row whose build applied a tuned-schedule database
 CLASSES = ("dot", "widening_mul", "load_store", "simd_other", "scalar_float", "other")
@@ -119,6 +131,7 @@ def load_model(name: str, n_calib: int) -> Bench:
 
 def tvm_model(variant: str, bench: Bench) -> nn.Module:
     from tvm_lowbit import quantize
+    from tvm_lowbit.quantizers.auto import Auto
     from tvm_lowbit.quantizers.fgq import FGQ
 
     if variant == "tvm-fp32":
@@ -129,6 +142,15 @@ def tvm_model(variant: str, bench: Bench) -> nn.Module:
     if variant == "tvm-pow2":
         ckpt = torch.load(POW2_CHECKPOINT, map_location="cpu", weights_only=False)  # our own committed file
         return ckpt["qmodel"].eval()
+    if variant == "tvm-auto":
+        from tvm_lowbit.models.mobilenet import validation_split
+
+        if bench.name != "mobilenet":
+            raise ValueError(f"tvm-auto is defined for mobilenet only (its held-out split), not {bench.name}")
+        q = quantize(bench.fp32, Auto(budget=AUTO_BUDGET, sensitivity_images=AUTO_SENSITIVITY_IMAGES), bench.calib,
+                     validation_split(AUTO_VAL_IMAGES), progress=False)
+        print(f"{bench.name} tvm-auto: {q.tvm_lowbit_auto.summary()}", flush=True)
+        return q
     raise ValueError(variant)
 
 
@@ -216,7 +238,7 @@ def row_variant(variant: str, tuning: Any) -> str:
 
 
 def bench_tvm(variant: str, bench: Bench, targets: list[str], k: int, tmp: Path,
-              schedules: str = "shipped") -> list[dict[str, Any]]:
+              schedules: tuple[str, ...] = ("shipped",)) -> list[dict[str, Any]]:
     import tvm_lowbit
     from tvm_lowbit.deploy.bundle import export_bundle, run_bundle_emulated
     from tvm_lowbit.deploy.remote import REL_TOLERANCE
@@ -224,14 +246,20 @@ def bench_tvm(variant: str, bench: Bench, targets: list[str], k: int, tmp: Path,
     model = tvm_model(variant, bench)
     host_out = tvm_lowbit.compile(model, bench.x, "x86-host").run(bench.x)
     rows = []
-    for target in targets:
+    for target, setting in [(t, s) for t in targets for s in schedules]:
         t0 = time.perf_counter()
         cpu = qemu_cpu(target)
         # shipped: compile's default (tvm_lowbit/schedules/<target>/ unless marked as timed under emulation)
-        art = tvm_lowbit.compile(model, bench.x, target, schedules=None if schedules == "shipped" else False)
+        art = tvm_lowbit.compile(model, bench.x, target, schedules=None if setting == "shipped" else False)
         name = row_variant(variant, art.tuning)
+        if art.tuning is not None:  # which workloads took a record; which kept the default schedule, and why
+            print(f"{bench.name} {variant} on {target}: {art.tuning.text()}", flush=True)
+        if any(r["variant"] == name and r["target"] == target for r in rows):
+            print(f"{bench.name} {variant} on {target}: --schedules {setting} builds the default schedules again "
+                  "(measured once)", flush=True)
+            continue
         # the runner checks every board run against the host's output: a count of wrong code is no count
-        bundle = export_bundle(art, tmp / f"{bench.name}-{variant}-{target}", bench.x, host_out,
+        bundle = export_bundle(art, tmp / f"{bench.name}-{name}-{target}", bench.x, host_out,
                                REL_TOLERANCE * max(float(np.abs(host_out).max()), 1.0))
 
         def run(plugin: str, runs: int) -> None:
@@ -346,9 +374,10 @@ def main() -> int:
                     "resnet18-224 uses at most 16)")
     ap.add_argument("--quick", action="store_true", help="CI: resnet20, tvm-fgq-n4 and ort-int8, K=1, 32 "
                     "calibration images")
-    ap.add_argument("--schedules", choices=SCHEDULES, default="shipped",
+    ap.add_argument("--schedules", default="shipped",
                     help="TVM variants: 'shipped' applies tvm_lowbit/schedules/<target>/ as compile does by default "
-                    "(rows then named <variant>-tuned), 'none' the default schedules (default shipped)")
+                    "(rows then named <variant>-tuned), 'none' the default schedules, 'shipped,none' both "
+                    "(default shipped)")
     ap.add_argument("--json", type=Path, default=None, help="write {'rows': [...]} here")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                     help="measure nothing: print the table of the rows in these --json files (a later file's row "
@@ -363,6 +392,9 @@ def main() -> int:
     if args.quick:
         args.models, args.variants, args.runs, args.calib = "resnet20", "tvm-fgq-n4,ort-int8", 1, 32
     models, targets, variants = args.models.split(","), args.targets.split(","), args.variants.split(",")
+    schedules = tuple(args.schedules.split(","))
+    if not schedules or any(s not in SCHEDULES for s in schedules) or len(set(schedules)) != len(schedules):
+        ap.error(f"--schedules {args.schedules!r}: a comma list of {', '.join(SCHEDULES)}")
     for v in variants:
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
@@ -390,14 +422,14 @@ def main() -> int:
             bench = load_model(name, args.calib)
             onnx_files = export_onnx(bench, tmp) if any(v.startswith("ort-") for v in variants) else None
             for variant in variants:
-                if variant == "tvm-pow2" and name != "resnet20":
-                    print(f"{name}: no tvm-pow2 row (the retrained INQ checkpoint is a resnet20)")
+                if name not in VARIANT_MODELS.get(variant, (name,)):
+                    print(f"{name}: no {variant} row (defined for {', '.join(VARIANT_MODELS[variant])} only)")
                     continue
                 if variant.startswith("ort-"):
                     assert onnx_files is not None
                     rows += bench_ort(variant, bench, onnx_files[variant == "ort-int8"], targets, args.runs, tmp)
                 else:
-                    rows += bench_tvm(variant, bench, targets, args.runs, tmp, args.schedules)
+                    rows += bench_tvm(variant, bench, targets, args.runs, tmp, schedules)
     return report(rows, args.json)
 
 

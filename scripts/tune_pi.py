@@ -4,19 +4,24 @@ candidate runs on the emulated board, warm, and llvm-mca times the blocks it exe
 in for the old folder. The models are the ones scripts/bench_arm.py measures (--calib images as there), so the
 shipped records match what its floor checks:
 
-  resnet20   the trained Fashion-MNIST ResNet-20, tvm-fgq-n4 (FGQ N=4, 8-bit activations, first conv int8,
-             classifier ternary)
-  mobilenet  the trained Fashion-MNIST MobileNet, tvm-fgq-n4
+  resnet20      the trained Fashion-MNIST ResNet-20, tvm-fgq-n4 (FGQ N=4, 8-bit activations, first conv int8,
+                classifier ternary)
+  mobilenet     the trained Fashion-MNIST MobileNet, tvm-fgq-n4 and tvm-auto (bench_arm's Auto mix: budget 0.5
+                points on 2000 held-out images, its default formats)
+  resnet18-224  the ResNet-18 at ImageNet shape (1x3x224x224, random weights, seed 0), tvm-fgq-n4
 
-Every kernel task's default schedule is measured first (default_schedules.json in the folder); `compile` applies a
-task's records only when its best one beats that default by the estimate. Printed: per target, wall and CPU seconds
-(this process and its children: the builder, the board's qemu, llvm-mca), the load average, and per task the default
-and best estimated microseconds.
+--trials is per model variant and target (64: 64 for resnet20, 128 for mobilenet's two variants, ...). Every kernel
+task's default schedule is measured first (default_schedules.json in the folder: estimated run time and executed
+instructions); each candidate's instructions are recorded beside its record (record_instructions.json), and
+`compile` applies a task's fastest record that needs fewer estimated cycles and no more instructions than that
+default (else the default). Printed: per target, wall and CPU seconds (this process and its children: the builder,
+the board's qemu, llvm-mca), the load average, and per task the default and best estimated microseconds and
+instructions.
 
-    python scripts/tune_pi.py                                   # rasp4b and rasp5, both models, 64 trials each, swap in
+    python scripts/tune_pi.py                                   # rasp4b and rasp5, every model, 64 trials each, swap in
     python scripts/tune_pi.py --targets rasp4b --no-swap        # tune into tvm_lowbit/schedules/rasp4b.new only
     python scripts/tune_pi.py --models resnet20 --trials 128
-    python scripts/tune_pi.py --models mobilenet --add          # add a model's records to the shipped folders
+    python scripts/tune_pi.py --models mobilenet --variants tvm-auto --add   # add one variant's records
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ from bench_arm import load_model, tvm_model  # noqa: E402 - the models bench_arm
 
 from tvm_lowbit import tune  # noqa: E402
 
+# the bench_arm variants tuned per model (what the shipped folders hold)
+MODEL_VARIANTS = {"resnet20": ("tvm-fgq-n4",), "mobilenet": ("tvm-fgq-n4", "tvm-auto"),
+                  "resnet18-224": ("tvm-fgq-n4",)}
+
 
 def cpu_seconds() -> float:
     """User + system CPU seconds of this process and its finished children."""
@@ -44,10 +53,13 @@ def cpu_seconds() -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default="rasp4b,rasp5")
-    ap.add_argument("--models", default="resnet20,mobilenet", help="comma list of resnet20, mobilenet (default both: "
-                    "what the shipped folders hold)")
-    ap.add_argument("--trials", type=int, default=64, help="trials per model and target, shared out over the model's "
+    ap.add_argument("--targets", default="rasp5,rasp4b")
+    ap.add_argument("--models", default=",".join(MODEL_VARIANTS), help=f"comma list of {', '.join(MODEL_VARIANTS)} "
+                    "(default all: what the shipped folders hold)")
+    ap.add_argument("--variants", default=None, help="comma list: only these bench_arm variants of the models "
+                    "(default: each model's, " + "; ".join(f"{m}: {', '.join(v)}" for m, v in MODEL_VARIANTS.items())
+                    + ")")
+    ap.add_argument("--trials", type=int, default=64, help="trials per model variant and target, shared out over its "
                     "kernel tasks by MetaSchedule's gradient scheduler (default 64)")
     ap.add_argument("--trials-per-task", type=int, default=16, help="at most this many per task (default 16)")
     ap.add_argument("--calib", type=int, default=256, help="calibration images, as bench_arm's --calib (default 256)")
@@ -58,11 +70,20 @@ def main() -> int:
     ap.add_argument("--add", action="store_true", help="tune into the shipped <target>/ itself (add a model's "
                     "records to it; a task already tuned there is resumed, not re-run)")
     args = ap.parse_args()
+    models = args.models.split(",")
+    for m in models:
+        if m not in MODEL_VARIANTS:
+            ap.error(f"unknown model {m!r}; choose from {', '.join(MODEL_VARIANTS)}")
+    wanted = None if args.variants is None else set(args.variants.split(","))
+    jobs = [(m, v) for m in models for v in MODEL_VARIANTS[m] if wanted is None or v in wanted]
+    if not jobs:
+        ap.error(f"no variant of {args.models} in --variants {args.variants}")
 
     import torch
 
     torch.set_num_threads(1)
-    benches = [load_model(m, args.calib) for m in args.models.split(",")]
+    benches = {m: load_model(m, args.calib) for m in models}
+    qmodels = [(f"{m} {v}", benches[m], tvm_model(v, benches[m])) for m, v in jobs]
     for target in args.targets.split(","):
         new = args.schedules / (target if args.add else f"{target}.new")
         if not args.add:
@@ -70,28 +91,36 @@ def main() -> int:
         wall0, cpu0, load0 = time.time(), cpu_seconds(), os.getloadavg()
         trials = failed = 0
         rows = []
-        for bench in benches:
-            q = tvm_model("tvm-fgq-n4", bench)
+        for name, bench, q in qmodels:
+            t0, c0 = time.time(), cpu_seconds()
             rep = tune.tune(q, bench.x, target, trials_per_task=args.trials_per_task, work_dir=new,
                             only_kernels=True, seed=args.seed, max_trials_global=args.trials,
                             estimate_workers=args.parallel, scheduler="gradient")
-            print(rep.text(), flush=True)
+            print(f"{name}: {rep.text()} ({time.time() - t0:.0f} s wall, {cpu_seconds() - c0:.0f} CPU s)", flush=True)
             if rep.failed:
                 print(f"  {rep.failed} failed candidates; first: {rep.errors[0].strip().splitlines()[-1][:300]}")
             trials, failed = trials + rep.trials_run, failed + rep.failed
-            rows += [(bench.name, v) for v in rep.versus]
+            rows += [(name, v) for v in rep.versus]
         wall, cpu, load1 = time.time() - wall0, cpu_seconds() - cpu0, os.getloadavg()
         print(f"\n{target}: {trials} trials ({failed} failed) in {wall:.0f} s wall, {cpu:.0f} CPU s; "
               f"per trial {wall / max(trials, 1):.1f} s wall, {cpu / max(trials, 1):.1f} CPU s "
               f"(tasks, default-schedule measurements and XGBoost included); load average "
               f"{load0[0]:.1f} at the start, {load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f} (1/5/15 min) at the end")
-        print(f"| model | task | default est. us | best tuned est. us | tuned/default | applied |")
-        print("|---|---|---|---|---|---|")
+        print("| model | task | default est. us | default insns | best est. us | its insns | best/default | "
+              "fastest record: est. us, insns | applied |")
+        print("|---|---|---|---|---|---|---|---|---|")
+
+        def num(v: float | None, scale: float = 1.0, fmt: str = ".2f") -> str:
+            return "-" if v is None else f"{v * scale:{fmt}}"
+
         for model, v in rows:
-            d = f"{v.default * 1e6:.2f}" if v.default is not None else "-"
-            b = f"{v.best * 1e6:.2f}" if v.best is not None else "-"
             r = f"{v.best / v.default:.3f}" if v.best is not None and v.default else "-"
-            print(f"| {model} | {v.task} | {d} | {b} | {r} | {'yes' if v.wins else 'no (default kept)'} |")
+            fastest = "" if not v.insns_veto else f"{num(v.fastest, 1e6)}, {num(v.fastest_insns, fmt=',.0f')}"
+            applied = "yes" if v.wins else "no (default kept)"
+            if v.insns_veto:
+                applied += ": the fastest record executes more instructions"
+            print(f"| {model} | {v.task} | {num(v.default, 1e6)} | {num(v.default_insns, fmt=',.0f')} | "
+                  f"{num(v.best, 1e6)} | {num(v.best_insns, fmt=',.0f')} | {r} | {fastest} | {applied} |")
         print(flush=True)
         (new / ".lock").unlink(missing_ok=True)  # the writers' lock file: not part of the database
         if not args.no_swap and not args.add:

@@ -63,6 +63,14 @@ def test_json_fields_keep_the_contract() -> None:
     assert bench.MODELS == ("resnet20", "mobilenet", "resnet18-224")
 
 
+def test_the_auto_variant_is_mobilenets() -> None:
+    bench = _load()
+    assert "tvm-auto" in bench.VARIANTS and bench.VARIANT_MODELS["tvm-auto"] == ("mobilenet",)
+    resnet = bench.Bench("resnet20", None, None, None, "w", "c")
+    with pytest.raises(ValueError, match="mobilenet only"):
+        bench.tvm_model("tvm-auto", resnet)
+
+
 def test_unknown_model_is_a_clear_error() -> None:
     r = subprocess.run([sys.executable, str(SCRIPT), "--models", "resnet50"], capture_output=True, text=True,
                        cwd=REPO)

@@ -120,6 +120,49 @@ def test_compile_applies_only_records_that_beat_the_default_schedule(tiny, tuned
     assert set(tvm_lowbit.compile(q, x, schedules=db).tuning.applied) == {CONV, "quantize_act"}
 
 
+def test_a_record_with_more_instructions_than_the_default_is_not_applied(tiny, tuned, tmp_path) -> None:
+    """With instruction counts (INSNS_FILE, and "insns" in DEFAULTS_FILE, as a tune on the cycle estimate writes them)
+    compile applies the fastest record that beats the default's run time with no more instructions than it: here
+    the conv's fastest record executes more instructions than its default, so its second-fastest is applied; every
+    quantizer record executes more, so the quantizer keeps its default schedule."""
+    q, x = tiny
+    d, _ = tuned
+    db = tmp_path / "db"
+    shutil.copytree(d, db)
+    keys: list[str] = []
+    workloads, records = tune._parse_files(db, tune.LoadReport(db), keys=keys)
+    by_kind: dict[str, list[tuple[float, str]]] = {}
+    for (i, r), k in zip(records, keys):
+        by_kind.setdefault(str(tune.kernel_kind(workloads[i].mod)), []).append((float(r.run_secs[0]), k))
+    conv = sorted(by_kind[CONV])
+    assert len({s for s, _ in conv}) >= 2, conv  # two records of distinct run time
+    slowest = max(s for s, _ in conv + by_kind["quantize_act"])
+    defaults = {tune.workload_key(w.mod): {"task": str(tune.kernel_kind(w.mod)), "seconds": 2 * slowest,
+                                           "insns": 1000.0} for w in workloads}
+    (db / tune.DEFAULTS_FILE).write_text(json.dumps(defaults))
+    counts = [(conv[0][1], 1000.5)] + [(k, 900.0) for _, k in conv[1:]]  # the fastest conv record: +0.5 instructions
+    counts += [(k, 1001.0) for _, k in by_kind["quantize_act"]]
+    tune.append_instructions(db, counts)
+    mem, load = tune.load_database(db, winners_only=True)
+    conv_wl = next(w for w in workloads if tune.kernel_kind(w.mod) == CONV)
+    applied = mem.get_top_k(mem.commit_workload(conv_wl.mod), 1)
+    assert [float(r.run_secs[0]) for r in applied] == [min(s for s, _ in conv[1:])], (conv, applied)
+    assert load.default_wins == ["quantize_act"] and sorted(load.insns_vetoes) == sorted([CONV, "quantize_act"])
+    art = tvm_lowbit.compile(q, x, schedules=db)
+    assert art.tuning.applied == [CONV] and "quantize_act" in art.tuning.missing, art.tuning.text()
+    assert "executes more instructions than the default schedule" in art.tuning.text()
+    versus = {v.task: v for v in tune.versus_default(workloads, records, defaults, tune.read_instructions(db), keys)}
+    assert versus[CONV].wins and versus[CONV].insns_veto and versus[CONV].best_insns == 900.0
+    assert not versus["quantize_act"].wins and versus["quantize_act"].best is None
+    # the same records with no instruction count for the default: run time alone decides, the fastest applies
+    for e in defaults.values():
+        del e["insns"]
+    (db / tune.DEFAULTS_FILE).write_text(json.dumps(defaults))
+    mem, load = tune.load_database(db, winners_only=True)
+    assert [float(r.run_secs[0]) for r in mem.get_top_k(mem.commit_workload(conv_wl.mod), 1)] == [conv[0][0]]
+    assert not load.default_wins and not load.insns_vetoes
+
+
 def test_a_database_for_another_model_says_so_in_one_line(tuned) -> None:
     d, _ = tuned
     torch.manual_seed(1)  # the tiny model's layers on 6x6 inputs: every workload has other shapes
@@ -140,7 +183,13 @@ def test_shipped_pi_databases_are_tuned_on_the_estimate() -> None:
         if (d / tune.WORKLOAD_FILE).is_file():
             assert (d / tune.ESTIMATE_MARK).is_file() and not (d / tune.EMULATED_MARK).exists(), d
             workloads = [json.loads(ln) for ln in (d / tune.WORKLOAD_FILE).read_text().splitlines() if ln.strip()]
-            assert len(tune.read_defaults(d)) >= len(workloads), f"{d}: a workload has no default measurement"
+            defaults = tune.read_defaults(d)
+            assert len(defaults) >= len(workloads), f"{d}: a workload has no default measurement"
+            # the estimate counts instructions too: every default and every record has its count (compile's rule)
+            assert all(e.get("insns", 0) > 0 for e in defaults.values() if e["seconds"] is not None), d
+            records = [json.loads(ln)[1] for ln in (d / tune.RECORD_FILE).read_text().splitlines() if ln.strip()]
+            measured = {json.dumps(r[0]) for r in records if max(r[1]) < 1e9}  # failed candidates have no count
+            assert len(tune.read_instructions(d)) >= len(measured) > 0, d
 
 
 def test_rerun_resumes_without_new_trials(tiny, tuned, tmp_path, capsys) -> None:
@@ -344,3 +393,11 @@ def test_tune_rasp5_with_the_cycle_estimate(tmp_path) -> None:
     secs = [float(r.run_secs[0]) for r in db.get_all_tuning_records()]
     # estimated run time of a 32x16 ternary dense call at 2.4 GHz: finite, positive, well under a millisecond
     assert len(secs) == rep.trials_run and all(np.isfinite(s) and 0 < s < 1e-3 for s in secs), secs
+    # every record's executed instructions were recorded under its key, and the default's beside its run time
+    keys: list[str] = []
+    tune._parse_files(d, tune.LoadReport(d), keys=keys)
+    counts = tune.read_instructions(d)
+    assert len(keys) == rep.trials_run and all(k in counts and counts[k] > 0 for k in keys), (keys, counts)
+    (default,) = tune.read_defaults(d).values()
+    assert default["insns"] > 0 and default["seconds"] > 0, default
+    assert len(rep.versus) == 1 and rep.versus[0].default_insns == default["insns"], rep.versus

@@ -19,12 +19,16 @@ MetaSchedule JSON database per target under ``tvm_lowbit/schedules/<target>/`` t
 * Earning their place: for a board target every kernel task's default schedule is measured with the same builder and
   runner before the trials (``DEFAULTS_FILE``); ``compile`` applies a workload's records only when the best one beats
   that default (``load_database(winners_only=True)``), so a database never slows a kernel down by its own measure.
+  With the cycle estimate each candidate's executed instructions are recorded too (``INSNS_FILE``; the default's in
+  ``DEFAULTS_FILE``), and a record then counts only when it needs fewer estimated cycles *and* no more instructions
+  than the default: compile applies the fastest record that satisfies both, or keeps the default schedule.
 * Workers: MetaSchedule's default builder imports every tensor intrinsic (the GPU ones take 1-2 minutes
   to parse, in each worker), so the GPU intrinsic modules are stubbed and the build skips that import.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -56,6 +60,10 @@ ESTIMATE_MARK = "MEASURED_BY_ESTIMATE"
 # builder and runner as the candidates at tune time. ``compile`` applies a workload's records only when the best one
 # beats its default schedule here (a workload without an entry: its best record, as before).
 DEFAULTS_FILE = "default_schedules.json"
+# one JSON line per measured candidate, [record key, executed instructions per call] (``record_key``: the workload's
+# structural hash and the record's trace), appended beside the record by a tune on the cycle estimate. A workload whose
+# default schedule has an instruction count ("insns" in DEFAULTS_FILE) applies only records with no more instructions.
+INSNS_FILE = "record_instructions.json"
 
 
 def emulated_default(target_name: str) -> str | None:
@@ -162,11 +170,18 @@ class LoadReport:
     bad_lines: list[str] = field(default_factory=list)  # "file:line: why"
     backups: list[Path] = field(default_factory=list)
     default_wins: list[str] = field(default_factory=list)  # tasks whose default schedule beat every record
+    # tasks whose fastest record beat the default's run time but executed more instructions than the default (not
+    # applied: the fastest record with no more instructions is, when it beats the default, else the default stays)
+    insns_vetoes: list[str] = field(default_factory=list)
 
     def text(self) -> str:
         s = f"{self.directory}: {self.records} tuning records over {self.workloads} workloads"
         if self.default_wins:
-            s += f"; {len(self.default_wins)} workload(s) keep the default schedule (no record beat it)"
+            s += (f"; {len(self.default_wins)} workload(s) keep the default schedule (no record beat it in run time "
+                  "with no more instructions where those were counted)")
+        if self.insns_vetoes:
+            s += (f"; {len(self.insns_vetoes)} workload(s)' fastest record executes more instructions than the default "
+                  f"and is not applied ({', '.join(self.insns_vetoes)})")
         if self.bad_lines:
             shown = "; ".join(self.bad_lines[:5]) + (" ..." if len(self.bad_lines) > 5 else "")
             s += f"; {len(self.bad_lines)} corrupted line(s) dropped ({shown})"
@@ -210,9 +225,10 @@ def _snapshot(directory: Path, under_lock: bool) -> tuple[list[str], list[str]]:
     raise TuneError(f"{directory}: the tuning database kept being replaced while it was read; try again")
 
 
-def _parse_files(directory: Path, report: LoadReport, under_lock: bool = False
+def _parse_files(directory: Path, report: LoadReport, under_lock: bool = False, keys: list[str] | None = None
                  ) -> tuple[list[Any], list[tuple[int, Any]]]:
-    """Valid workloads and (workload index, record) pairs; bad lines go into ``report.bad_lines``."""
+    """Valid workloads and (workload index, record) pairs; bad lines go into ``report.bad_lines``. ``keys``, when
+    given, receives each returned record's ``record_key`` (from its line as stored)."""
     from tvm.s_tir import meta_schedule as ms
 
     from tvm_lowbit import kernels
@@ -235,6 +251,7 @@ def _parse_files(directory: Path, report: LoadReport, under_lock: bool = False
         except Exception as e:  # noqa: BLE001 - any parse failure means a damaged line
             report.bad_lines.append(f"{WORKLOAD_FILE}:{i + 1}: {type(e).__name__}")
     records: list[tuple[int, Any]] = []
+    wl_keys: dict[int, str] = {}
     for i, line in enumerate(rec_lines):
         if not line.strip():
             continue
@@ -246,6 +263,11 @@ def _parse_files(directory: Path, report: LoadReport, under_lock: bool = False
             records.append((k, ms.database.TuningRecord.from_json(rec_json, workloads[k])))
         except Exception as e:  # noqa: BLE001
             report.bad_lines.append(f"{RECORD_FILE}:{i + 1}: {type(e).__name__}")
+            continue
+        if keys is not None:
+            if k not in wl_keys:
+                wl_keys[k] = workload_key(workloads[k].mod)
+            keys.append(record_key(wl_keys[k], rec_json[0]))
     return workloads, records
 
 
@@ -300,6 +322,47 @@ def workload_key(mod: Any) -> str:
     return f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
+def record_key(workload: str, trace_json: Any) -> str:
+    """A record's key in ``INSNS_FILE``: its workload's ``workload_key`` and its trace as the record file stores it."""
+    import hashlib
+
+    return hashlib.sha1(f"{workload}:{json.dumps(trace_json)}".encode()).hexdigest()
+
+
+def trace_json(trace: Any) -> Any:
+    """A schedule trace as a tuning record stores it (plain JSON)."""
+    return _plain_json(trace.as_json(remove_postproc=False))
+
+
+def read_instructions(directory: str | os.PathLike[str]) -> dict[str, float]:
+    """{record key: executed instructions per call} from ``INSNS_FILE``; a damaged or cut-off line is skipped (its
+    record then has no count and is not applied where the default's instructions were counted)."""
+    f = Path(directory) / INSNS_FILE
+    out: dict[str, float] = {}
+    if not f.is_file():
+        return out
+    for line in f.read_text(errors="replace").splitlines():
+        try:
+            key, n = json.loads(line)
+            out[str(key)] = float(n)
+        except (ValueError, TypeError):
+            continue
+    return out
+
+
+def append_instructions(directory: Path, entries: list[tuple[str, float]]) -> None:
+    """Append [record key, instructions per call] lines to ``INSNS_FILE`` under the writers' lock."""
+    if not entries:
+        return
+    with _locked(directory):
+        fd = os.open(directory / INSNS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, "".join(json.dumps([k, round(n, 1)]) + "\n" for k, n in entries).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def read_defaults(directory: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """The default-schedule measurements of a database folder (``DEFAULTS_FILE``); {} when there are none."""
     f = Path(directory) / DEFAULTS_FILE
@@ -320,30 +383,59 @@ def _best_seconds(record: Any) -> float | None:
 
 @dataclass
 class VersusDefault:
-    """One tuned workload: its default schedule's run time and its best record's (seconds; None: not measured)."""
+    """One tuned workload against its default schedule: run times (seconds) and executed instructions per call
+    (None: not measured). ``best`` is the fastest record with no more instructions than the default (any record
+    when the default's instructions were not counted: RPC boards, older databases); ``fastest`` the fastest of all."""
 
     task: str
     default: float | None
     best: float | None
+    default_insns: float | None = None
+    best_insns: float | None = None
+    fastest: float | None = None
+    fastest_insns: float | None = None
 
     @property
     def wins(self) -> bool:
         """The best record is applied: it beats the default schedule (or the default was not measured)."""
         return self.best is not None and (self.default is None or self.best < self.default)
 
+    @property
+    def insns_veto(self) -> bool:
+        """The fastest record beats the default's run time but executes more instructions: it is not applied."""
+        return (self.fastest is not None and self.default is not None and self.fastest < self.default
+                and (self.best is None or self.fastest < self.best))
 
-def versus_default(workloads: list[Any], records: list[tuple[int, Any]],
-                   defaults: dict[str, dict[str, Any]]) -> list[VersusDefault]:
-    """Per workload (in ``workloads`` order), the default schedule's time against the best record's."""
-    best: dict[int, float] = {}
-    for i, r in records:
+
+def allowed(insns: float | None, default_insns: float | None) -> bool:
+    """May a record with ``insns`` executed instructions replace a default schedule with ``default_insns``? Yes when
+    the default's were not counted; else only with a count and no more instructions."""
+    return default_insns is None or (insns is not None and insns <= default_insns)
+
+
+def versus_default(workloads: list[Any], records: list[tuple[int, Any]], defaults: dict[str, dict[str, Any]],
+                   insns: dict[str, float] | None = None, keys: list[str] | None = None) -> list[VersusDefault]:
+    """Per workload (in ``workloads`` order), the default schedule against the best record (``insns``: the records'
+    instruction counts by ``keys[j]``, the key of ``records[j]``)."""
+    insns, keys = insns or {}, keys or []
+    default_insns = {i: defaults.get(workload_key(w.mod), {}).get("insns") for i, w in enumerate(workloads)}
+    best: dict[int, tuple[float, float | None]] = {}
+    fastest: dict[int, tuple[float, float | None]] = {}
+    for j, (i, r) in enumerate(records):
         s = _best_seconds(r)
-        if s is not None and s < best.get(i, float("inf")):
-            best[i] = s
+        if s is None:
+            continue
+        n = insns.get(keys[j]) if j < len(keys) else None
+        if s < fastest.get(i, (float("inf"), None))[0]:
+            fastest[i] = (s, n)
+        if allowed(n, default_insns[i]) and s < best.get(i, (float("inf"), None))[0]:
+            best[i] = (s, n)
     out = []
     for i, w in enumerate(workloads):
         entry = defaults.get(workload_key(w.mod), {})
-        out.append(VersusDefault(str(entry.get("task", f"workload {i}")), entry.get("seconds"), best.get(i)))
+        b, f = best.get(i, (None, None)), fastest.get(i, (None, None))
+        out.append(VersusDefault(str(entry.get("task", f"workload {i}")), entry.get("seconds"), b[0],
+                                 default_insns[i], b[1], f[0], f[1]))
     return out
 
 
@@ -352,33 +444,46 @@ def load_database(directory: str | os.PathLike[str], *, repair: bool = False,
     """Read a MetaSchedule JSON database into a MemoryDatabase, checking every line; damaged lines are
     dropped and listed in the report. A read writes nothing (no lock file, no repair), so it is safe on a
     read-only folder and beside a running tune. ``repair=True`` first runs :func:`repair_database`.
-    ``winners_only=True`` (what ``compile`` reads) leaves out the records of every workload whose default
-    schedule, measured at tune time (``DEFAULTS_FILE``), is at least as fast as its best record."""
+    ``winners_only=True`` (what ``compile`` reads) keeps, of a workload whose default schedule was measured at tune
+    time (``DEFAULTS_FILE``), only the records faster than that default and, where the default's instructions were
+    counted, executing no more instructions than it (``INSNS_FILE``): the database's best for the workload is then
+    the fastest record that satisfies both, and a workload with none keeps its default schedule."""
     from tvm.s_tir import meta_schedule as ms
 
     d = Path(directory)
     mem = ms.database.MemoryDatabase()
+    keys: list[str] = []
     if repair:
         fixed = repair_database(d)
         report = LoadReport(d, backups=fixed.backups, bad_lines=fixed.bad_lines)
         if not (d / WORKLOAD_FILE).is_file():
             return mem, report
-        workloads, records = _parse_files(d, LoadReport(d))
+        workloads, records = _parse_files(d, LoadReport(d), keys=keys)
     else:
         report = LoadReport(d)
         if not (d / WORKLOAD_FILE).is_file():
             return mem, report
-        workloads, records = _parse_files(d, report)
-    losers: set[int] = set()
+        workloads, records = _parse_files(d, report, keys=keys)
+    keep = [True] * len(records)
     if winners_only and (defaults := read_defaults(d)):
-        for i, v in enumerate(versus_default(workloads, records, defaults)):
-            if not v.wins and v.best is not None:
-                losers.add(i)
+        insns = read_instructions(d)
+        versus = versus_default(workloads, records, defaults, insns, keys)
+        for v in versus:
+            if not v.wins and v.fastest is not None:
                 report.default_wins.append(v.task)
+            if v.insns_veto:
+                report.insns_vetoes.append(v.task)
+        measured = [workload_key(w.mod) in defaults for w in workloads]
+        for j, (i, r) in enumerate(records):
+            if not measured[i]:
+                continue  # no default measured: every record, as before
+            v, s = versus[i], _best_seconds(r)
+            keep[j] = (s is not None and (v.default is None or s < v.default)
+                       and allowed(insns.get(keys[j]), v.default_insns))
     for w in workloads:
         mem.commit_workload(w.mod)
-    for i, r in records:
-        if i not in losers:
+    for j, (i, r) in enumerate(records):
+        if keep[j]:
             mem.commit_tuning_record(r)
     report.workloads, report.records = len(workloads), len(records)
     return mem, report
@@ -606,8 +711,13 @@ class TuneReport:
         s = (f"tuned {len(self.tasks)} tasks: {self.trials_run} trials run ({self.failed} failed to build or run), "
              f"{self.trials_skipped} already in the database, {self.seconds:.0f} s -> {self.directory}")
         if self.versus:
-            s += (f"; {sum(v.wins for v in self.versus)} of {len(self.versus)} kernel tasks beat their default "
-                  "schedule (compile applies those; the others keep the default)")
+            counted = any(v.default_insns is not None for v in self.versus)
+            rule = " with no more instructions" if counted else ""
+            s += (f"; {sum(v.wins for v in self.versus)} of {len(self.versus)} kernel tasks have a record that beats "
+                  f"their default schedule{rule} (compile applies the best such record; the others keep the default)")
+            if vetoed := [v.task for v in self.versus if v.insns_veto]:
+                s += (f"; {len(vetoed)} task(s)' fastest record executes more instructions than the default and is "
+                      f"not applied ({', '.join(vetoed)})")
         return s
 
 
@@ -627,6 +737,28 @@ def _progress_callback(bar: Any, errors: list[str], measured: list[int]) -> Any:
             bar.set_postfix(failed=len(errors), refresh=False)
 
     return Progress()
+
+
+def _instruction_callback(directory: Path, counts: dict[str, float], keys: list[str]) -> Any:
+    """A measure callback appending each measured candidate's instruction count (``counts``, by artifact path: the
+    ``EstimateRunner``'s) to ``INSNS_FILE`` under its ``record_key`` (``keys[task_id]``: the task's workload key)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class InstructionLog(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any, builder_results: Any,
+                  runner_results: Any) -> None:
+            entries = []
+            for c, b, r in zip(measure_candidates, builder_results, runner_results):
+                if b.artifact_path is None or r.error_msg is not None:
+                    continue
+                n = counts.pop(str(b.artifact_path), None)
+                if n is not None:
+                    entries.append((record_key(keys[task_id], trace_json(c.sch.trace)), n))
+            append_instructions(directory, entries)
+
+    return InstructionLog()
 
 
 def measurement(spec: Any, boards: RPCBoards | None) -> str:
@@ -681,8 +813,9 @@ def _closing(*workers: Any) -> Iterator[None]:
 
 def measure_defaults(tasks: list[Task], target: Any, builder: Any, runner: Any) -> dict[str, dict[str, Any]]:
     """Each kernel task's default schedule (``kernels.schedule_default``, what ``compile`` builds without a record),
-    built and measured by the tune's own builder and runner: {workload_key: {"task", "kind", "seconds"}}
-    ("seconds" None when it did not build or run)."""
+    built and measured by the tune's own builder and runner: {workload_key: {"task", "kind", "seconds", "insns"}}
+    ("seconds" None when it did not build or run; "insns", executed instructions per call, only with a runner that
+    counts them: ``EstimateRunner``)."""
     import shutil
 
     import tvm
@@ -696,11 +829,14 @@ def measure_defaults(tasks: list[Task], target: Any, builder: Any, runner: Any) 
     pending = [runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", ms.arg_info.ArgInfo.from_prim_func(f))])[0]
                if b.error_msg is None else None for b, f in zip(built, funcs)]
     out: dict[str, dict[str, Any]] = {}
+    counts: dict[str, float] = getattr(runner, "instructions", {})
     for t, b, fut in zip(kernel_tasks, built, pending):
-        seconds = None
+        seconds, insns = None, None
         if fut is not None:
             res = fut.result()
             seconds = _best_seconds(res) if res.error_msg is None else None
+            if res.error_msg is None and b.artifact_path is not None:
+                insns = counts.pop(str(b.artifact_path), None)
             if res.error_msg is not None:
                 print(f"warning: the default schedule of {t.name} did not run: {str(res.error_msg)[:300]}",
                       file=sys.stderr)
@@ -708,7 +844,10 @@ def measure_defaults(tasks: list[Task], target: Any, builder: Any, runner: Any) 
             print(f"warning: the default schedule of {t.name} did not build: {str(b.error_msg)[:300]}", file=sys.stderr)
         if b.artifact_path is not None:
             shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
-        out[workload_key(t.mod)] = {"task": t.name, "kind": t.kind, "seconds": seconds}
+        entry: dict[str, Any] = {"task": t.name, "kind": t.kind, "seconds": seconds}
+        if insns is not None:
+            entry["insns"] = round(insns, 1)
+        out[workload_key(t.mod)] = entry
     return out
 
 
@@ -762,7 +901,7 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
         print(f"warning: {load.text()}", file=sys.stderr)
 
     # resume: a task gets only the trials it still lacks
-    ctxs, weights, todo, skipped = [], [], [], 0
+    ctxs, weights, todo, keys, skipped = [], [], [], [], 0
     for t in tasks:
         have = 0
         if database.has_workload(t.mod):
@@ -777,6 +916,7 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
                                    task_name=t.name, rand_state=-1 if seed is None else seed, num_threads=1))
         weights.append(float(t.weight))
         todo.append(trials_per_task - have)
+        keys.append(workload_key(t.mod))
 
     errors: list[str] = []
     if ctxs:
@@ -812,7 +952,9 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
         per_iter = num_trials_per_iter or max(2, min(8, total // len(ctxs)))
         with tqdm(total=total, desc=f"tuning {spec.name}", unit="trial", disable=not progress) as bar:
             measured = [0]
-            cb = _progress_callback(bar, errors, measured)
+            cb = [_progress_callback(bar, errors, measured)]
+            if isinstance(getattr(runner, "instructions", None), dict):  # the estimate counts instructions too
+                cb.append(_instruction_callback(directory, runner.instructions, keys))
             with tempfile.TemporaryDirectory(prefix="tvm-lowbit-tune-") as logs, _closing(builder, runner):
                 ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=logs, max_trials_global=total,
                               max_trials_per_task=max(todo), num_trials_per_iter=per_iter,
@@ -820,7 +962,7 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
                               cost_model=ms.cost_model.XGBModel(
                                   extractor=ms.feature_extractor.PerStoreFeature(), adaptive_training=True,
                                   num_warmup_samples=8),
-                              measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), cb],
+                              measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), *cb],
                               task_scheduler=scheduler)
             run = measured[0]
     else:
@@ -828,9 +970,11 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
     versus: list[VersusDefault] = []
     if defaults := read_defaults(directory):
         names = {workload_key(t.mod): t.name for t in tasks if t.kind is not None}
-        workloads, records = _parse_files(directory, LoadReport(directory))
-        versus = [VersusDefault(names[workload_key(w.mod)], v.default, v.best)
-                  for w, v in zip(workloads, versus_default(workloads, records, defaults))
+        rec_keys: list[str] = []
+        workloads, records = _parse_files(directory, LoadReport(directory), keys=rec_keys)
+        versus = [dataclasses.replace(v, task=names[workload_key(w.mod)])
+                  for w, v in zip(workloads, versus_default(workloads, records, defaults,
+                                                            read_instructions(directory), rec_keys))
                   if workload_key(w.mod) in names]
     return TuneReport(directory, tasks, run, skipped, len(errors), time.time() - t0, load, errors, versus)
 
@@ -858,12 +1002,17 @@ class ApplyReport:
 
     def text(self) -> str:
         if not self.applied and self.missing:
-            why = ", or its record did not beat the default schedule" if self.load.default_wins else ""
+            why = (", or no record beat the default schedule with no more instructions" if self.load.default_wins
+                   else "")
             return (f"tuned schedules from {self.directory}: no record matches any of this model's {len(self.missing)} "
                     f"workloads (tuned for another model, quantization or kernel version{why}); default schedules used")
         s = f"tuned schedules from {self.directory}: {len(self.applied)} workloads applied"
         if self.load.default_wins:
-            s += f" ({len(self.load.default_wins)} workloads of the database keep the default schedule: no record beat it)"
+            s += (f" ({len(self.load.default_wins)} workloads of the database keep the default schedule: no record "
+                  "beat it in run time with no more instructions where those were counted)")
+        if self.load.insns_vetoes:
+            s += (f" ({len(self.load.insns_vetoes)} workloads' fastest record executes more instructions than the "
+                  "default schedule and is not applied)")
         if self.missing:
             s += f", {len(self.missing)} without a record (default schedule): {', '.join(self.missing)}"
         return s
@@ -875,7 +1024,8 @@ _LOADED: dict[tuple, tuple[Any, LoadReport]] = {}
 def _cached_database(directory: Path) -> tuple[Any, LoadReport]:
     """load_database once per process and file version (parsing every workload's IR takes seconds)."""
     stats = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None
-                  for f in (directory / WORKLOAD_FILE, directory / RECORD_FILE, directory / DEFAULTS_FILE))
+                  for f in (directory / WORKLOAD_FILE, directory / RECORD_FILE, directory / DEFAULTS_FILE,
+                            directory / INSNS_FILE))
     key = (str(directory.resolve()), stats)
     if key not in _LOADED:
         db, load = load_database(directory, winners_only=True)  # a read: no lock, no repair

@@ -6,6 +6,9 @@ under ``qemu-aarch64 -cpu <the Pi's core>`` with the TCG plugin recording the bl
 (1.8 GHz Pi 4, 2.4 GHz Pi 5) per call. No board, tracker or RPC is involved, and the result is deterministic, so
 a candidate ranks the same every time. What the estimate ignores is listed in ``tvm_lowbit.cost.mca``; also, the
 library's load-time code (a few hundred instructions) is counted once and shared out over ``number`` calls.
+The runner also keeps each candidate's executed instructions per call (``EstimateRunner.instructions``, by
+artifact path), which ``tvm_lowbit.tune`` records beside the run time: a record is applied only when it needs
+fewer estimated cycles and no more instructions than the kernel's default schedule.
 
     from tvm_lowbit.cost.runner import EstimateRunner
     ms.tune_tasks(..., runner=EstimateRunner("rasp4b"), builder=<LocalBuilder with an aarch64 f_export>)
@@ -35,7 +38,7 @@ from typing import Any
 from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerFuture, RunnerInput, RunnerResult
 
-from tvm_lowbit.cost.mca import CostError, core, estimate_file
+from tvm_lowbit.cost.mca import CostError, Estimate, core, estimate_file
 from tvm_lowbit.deploy.board import REPO, BoardError, icount_plugin, qemu_cpu, require_board
 
 KERNEL_RUN = REPO / "scripts" / "board" / "src" / "kernel_run.py"
@@ -130,6 +133,12 @@ class BoardServer:
     def cycles(self, artifact: str | os.PathLike[str], args_json: list[Any], number: int = 2,
                timeout: float = 300.0) -> float:
         """Estimated cycles of one call of ``artifact``'s ``main`` (as ``kernel_cycles``, on the warm board)."""
+        return self.estimate(artifact, args_json, number, timeout).cycles / number
+
+    def estimate(self, artifact: str | os.PathLike[str], args_json: list[Any], number: int = 2,
+                 timeout: float = 300.0) -> Estimate:
+        """The estimate of ``number`` calls of ``artifact``'s ``main`` (cycles and executed instructions of the
+        library, its load-time code included once)."""
         lib = Path(artifact)
         if not lib.is_file():
             raise BoardError(f"no kernel library {lib}")
@@ -154,7 +163,7 @@ class BoardServer:
                                  f"{self._log_tail(offset)}")
             if not self.blocks.is_file():
                 raise BoardError(f"the plugin recorded no blocks of {lib.name}")
-            return estimate_file(self.blocks, self.cpu).cycles / number
+            return estimate_file(self.blocks, self.cpu)
         finally:
             cand.unlink(missing_ok=True)
 
@@ -200,7 +209,9 @@ class EstimateFuture(PyRunnerFuture):
 class EstimateRunner(PyRunner):
     """MetaSchedule runner: "run time" = estimated cycles per call / the Pi's clock, on the emulated board of
     ``target`` (rasp4b or rasp5). ``max_workers`` warm boards measure at once (one qemu each); ``close`` stops
-    them (they also end with this process)."""
+    them (they also end with this process). ``instructions`` maps each measured artifact's path to its executed
+    instructions per call (MetaSchedule's RunnerResult has room for run times only; ``tune`` reads them from
+    here in a measure callback)."""
 
     def __init__(self, target: str = "rasp4b", number: int = 2, timeout_sec: float = 300.0,
                  max_workers: int = 1) -> None:
@@ -215,13 +226,16 @@ class EstimateRunner(PyRunner):
         for b in self.boards:
             self.free.put(b)
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="est-board")
+        self.instructions: dict[str, float] = {}
 
     def seconds(self, artifact: str, args: list[Any]) -> float:
         board = self.free.get()
         try:
-            return board.cycles(artifact, args, self.number, self.timeout_sec) / self.clock_hz
+            est = board.estimate(artifact, args, self.number, self.timeout_sec)
         finally:
             self.free.put(board)
+        self.instructions[artifact] = est.insns / self.number
+        return est.cycles / self.number / self.clock_hz
 
     def run(self, runner_inputs: list[RunnerInput]) -> list[RunnerFuture]:
         return [EstimateFuture(self.pool.submit(self.seconds, str(r.artifact_path),
