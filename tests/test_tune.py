@@ -378,7 +378,8 @@ def _estimate_ready() -> bool:
                     "(bash scripts/board/setup.sh)")
 def test_tune_rasp5_with_the_cycle_estimate(tmp_path) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 16)).eval()
+    # 12 outputs: not a multiple of 16, so the fixed-code tbl kernel (not tunable) refuses it and a tunable one runs
+    model = nn.Sequential(nn.Linear(32, 12)).eval()
     calib = torch.randn(8, 32)
     q = quantize(model, FGQ(group_size=4, act_bits=8, first_layer="fgq", last_layer="fgq"), calib, progress=False)
     d = tmp_path / "rasp5"
@@ -391,13 +392,14 @@ def test_tune_rasp5_with_the_cycle_estimate(tmp_path) -> None:
     db, load = tune.load_database(d)
     assert load.records == rep.trials_run and not load.bad_lines
     secs = [float(r.run_secs[0]) for r in db.get_all_tuning_records()]
-    # estimated run time of a 32x16 ternary dense call at 2.4 GHz: finite, positive, well under a millisecond
+    # estimated run time of a 32x12 ternary dense call at 2.4 GHz: finite, positive, well under a millisecond
     assert len(secs) == rep.trials_run and all(np.isfinite(s) and 0 < s < 1e-3 for s in secs), secs
     # every record's executed instructions were recorded under its key, and the default's beside its run time
     keys: list[str] = []
     tune._parse_files(d, tune.LoadReport(d), keys=keys)
     counts = tune.read_instructions(d)
     assert len(keys) == rep.trials_run and all(k in counts and counts[k] > 0 for k in keys), (keys, counts)
-    (default,) = tune.read_defaults(d).values()
-    assert default["insns"] > 0 and default["seconds"] > 0, default
-    assert len(rep.versus) == 1 and rep.versus[0].default_insns == default["insns"], rep.versus
+    defaults = list(tune.read_defaults(d).values())
+    assert defaults and all(v["insns"] > 0 and v["seconds"] > 0 for v in defaults), defaults
+    assert len(rep.versus) == len(defaults), (rep.versus, defaults)
+    assert sorted(v.default_insns for v in rep.versus) == sorted(v["insns"] for v in defaults), rep.versus

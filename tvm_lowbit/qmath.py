@@ -360,7 +360,7 @@ def quantize_act(x: torch.Tensor, scale: float, bits: int, signed: bool) -> torc
     lo, hi = act_range(bits, signed)
     s = float(np.float32(scale))  # a float32 value; division by it happens in float32
     y = x.to(torch.float32) / s
-    if y.requires_grad:
+    if y.requires_grad or torch.compiler.is_compiling():  # export sees the functional chain the lowering matches
         return torch.clamp(torch.round(y), lo, hi)
     return y.round_().clamp_(lo, hi)  # the same values, two fewer full-size temporaries
 

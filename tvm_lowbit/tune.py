@@ -895,6 +895,12 @@ def tune_module(mod: Any, target: str | Any, *, infos: dict[str, Any] | None = N
     check_database_kind(directory, how)
     prepared = prepare_module(mod, tgt)
     tasks = [t for t in extract_tasks(prepared, tgt) if t.kind is not None or not only_kernels]
+    from tvm_lowbit.kernels import get as get_kernel
+
+    fixed = [t.name for t in tasks if t.kind is not None and not get_kernel(t.kind).tunable]
+    if fixed:  # fixed-code kernels (te.extern bodies): nothing to tune, and MetaSchedule cannot read them
+        print(f"not tuned (fixed-code kernels): {', '.join(fixed)}", file=sys.stderr)
+        tasks = [t for t in tasks if t.name not in fixed]
     database = shared_database(directory)
     load = database.load_report
     if load.bad_lines:

@@ -63,6 +63,7 @@ class Kernel:
     intrinsics: Callable[[], object] | None = None
     layouts: tuple[str, ...] = ("NCHW",)
     cheap_epilogues: bool = False
+    tunable: bool = True        # False: a fixed-code kernel (a te.extern body) MetaSchedule cannot tune
     doc: str = field(default="", compare=False)
 
     @property

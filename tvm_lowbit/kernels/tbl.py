@@ -288,4 +288,4 @@ def schedule_dense_tbl(sch: tvm.s_tir.Schedule, _target: TargetLike = None, _pic
 
 TERNARY_DENSE_TBL = register(Kernel(NAME, family="ternary", op="dense", isa="tbl", compute=ternary_dense_tbl,
                                     schedule=schedule_dense_tbl, operands=tbl_operands, fits=tbl_fits,
-                                    preference=PREFERENCE))
+                                    preference=PREFERENCE, tunable=False))
