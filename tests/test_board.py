@@ -226,7 +226,7 @@ def test_folded_alpha_neon_kernels_are_bit_exact_on_the_board(board_built: Path,
 
 def test_builtin_fgq_model_on_sdot_kernels_matches_the_host_on_an_emulated_pi5(board_built: Path, tmp_path: Path,
                                                                                one_thread) -> None:
-X
+    """rasp5 (+dotprod) builds put every ternary conv on kernels.a76's sdot kernel (alpha folded: FGQ's
     7-bit alpha codes); the bundle's C++ runner on the emulated Cortex-A76 reproduces the x86 host's logits
     exactly (the host uses its own x86 kernels: two independent integer kernels, one answer)."""
     import tvm_lowbit
