@@ -1,5 +1,5 @@
-"""The Cortex-A76 conv kernels (kernels.a76: kernels.neon's folded-alpha sdot conv with a 16-byte weight decode): the
-compute bit-exact against the numpy integer reference on the host, the
+"""The Cortex-A76 conv kernels (kernels.a76: kernels.neon's folded-alpha sdot conv with a 16-byte weight decode and
+the RGB stem's columns read as channels): the compute bit-exact against the numpy integer reference on the host, the
 registry's choice on the Pi 5, the instructions the schedule compiles to, and the scheduled kernels bit for bit
 on the emulated Cortex-A76 (the decode intrinsic runs only there)."""
 
@@ -41,7 +41,7 @@ def a76_case(kind: str, k: int, c: int, hw: int, r: int, stride: int, pad: int, 
         vals = list(vnni.ternary_tiles(tw.packed_codes(), tw.alpha_q.numpy().reshape(k, -1), tw.layout, neon.LANES))
     else:
         wint = qmath.int_quantize_weight(w, 8).w_int.numpy()
-        vals = [neon.int_tile(wint, False)]
+        vals = [neon.int_tile(wint, False, a76.folds_width(wint.shape))]
     xv = (rng.integers(-128, 128, (1, c, hw, hw)) if signed else rng.integers(0, 256, (1, c, hw, hw))).astype(dt)
     scale = (rng.uniform(0.5, 1.5, k) / (50 * np.sqrt(c * r * r) * np.abs(wint).max())).astype(np.float32)
     bias = rng.uniform(-0.5, 0.5, k).astype(np.float32)
@@ -70,7 +70,7 @@ def a76_case(kind: str, k: int, c: int, hw: int, r: int, stride: int, pad: int, 
         out = a76.ternary_conv2d_a76(x, *ph, sc, bi, group_size=n, **common)
     else:
         ph = [te.placeholder(vals[0].shape, "int8", name="w8")]
-        out = a76.int_conv2d_a76(x, *ph, sc, bi, **common)
+        out = a76.int_conv2d_a76(x, *ph, sc, bi, fold_width=a76.folds_width(wint.shape), **common)
     ins = [x, *ph, sc, bi, *([zp] if zp is not None else []),
            *(extra[name] for name in ("rq_mul", "rq_add") if name in extra)]
     func = kernels.make_prim_func(ins, out, f"a76_{kind}_{k}_{c}_{hw}_{r}_{stride}_{int(signed)}_{n}_{layout}_"
@@ -89,15 +89,23 @@ CASES = [  # kind, K, C, HW, R, stride, pad, signed, N, layout, out_mode, epilog
     ("ternary", 16, 12, 6, 3, 1, 1, False, 4, "NHWC", "requant", "fma"),            # 3 steps: 8-byte decode
     ("ternary", 32, 32, 8, 3, 1, 1, False, 4, "NHWC", "requant", "integer", 2, 0.002),
     ("ternary", 32, 16, 8, 1, 2, 0, False, 4, "NCHW", "acc", "float64"),            # 1x1 stride 2 (downsample)
-    ("int", 16, 3, 15, 7, 2, 3, True, 0, "NHWC", "requant", "recip"),               # the 7x7 RGB stem
-    ("int", 16, 3, 12, 3, 1, 1, True, 0, "NHWC", "float", "fma"),
+    ("int", 16, 3, 15, 7, 2, 3, True, 0, "NHWC", "requant", "recip"),               # the 7x7 RGB stem, folded
+    ("int", 16, 3, 16, 7, 2, 3, True, 0, "NCHW", "float", "fma"),                   # folded, NCHW
+    ("int", 16, 5, 12, 3, 1, 1, False, 0, "NHWC", "acc", "float64"),                # 15 of 16: folded, 4-ch steps
+    ("int", 16, 3, 12, 3, 1, 1, True, 0, "NHWC", "float", "fma"),                   # 9 of 12: no step saved
     ("int", 16, 16, 6, 3, 1, 1, False, 0, "NHWC", "requant", "recip"),
 ]
 
 
+def test_stem_folding_rule() -> None:
+    assert a76.folds_width((64, 3, 7, 7)) and a76.folds_width((16, 5, 3, 3))  # 6 sdots a row, not 7; 4, not 6
+    assert not a76.folds_width((16, 3, 3, 3)) and not a76.folds_width((16, 4, 3, 3))  # no sdot saved
+    assert not a76.folds_width((16, 12, 3, 3))  # 36 channels: more than neon.FOLD_MAX_CHANNELS
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_a76_compute_bit_exact_on_the_host(case: tuple) -> None:
-    """The compute definition (the affine alpha index, the zero-point shift and term, the
+    """The compute definition (the affine alpha index, the folded stem, the zero-point shift and term, the
     epilogue forms) computes the integer reference exactly."""
     func, args, shape, dtype, ref, scale, bias = a76_case(*case)
     f = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tvm.target.Target(HOST))
@@ -142,7 +150,7 @@ def test_registry_picks_the_a76_kernels_on_the_pi5_only() -> None:
 @BOARD_MARKS[0]
 @BOARD_MARKS[1]
 def test_a76_kernels_are_bit_exact_on_the_pi5_board(board_built: Path, tmp_path: Path) -> None:  # noqa: F811
-    """Scheduled for the Pi 5 (16-byte decode, by-element sdot), the kernels compute the numpy
+    """Scheduled for the Pi 5 (16-byte decode, by-element sdot, the folded stem), the kernels compute the numpy
     integer reference bit for bit on the emulated Cortex-A76."""
     target = load_target("rasp5")
     feeds, want = {}, {}

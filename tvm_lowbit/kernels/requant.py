@@ -263,3 +263,20 @@ def _recip_binade_exact(rs: float) -> bool:
                 break
         _RECIP_CHECKED[rs] = ok
     return _RECIP_CHECKED[rs]
+
+
+def quantize_clamp(requant_scale: float, bits: int, signed: bool) -> float:
+    """A power of two ``B >= (max(|lo|, hi) + 1) * rs`` (float32-exact): clamping the input of a quantizer
+    ``clip(nearbyint(y / rs), lo, hi)`` to ``[-B, B]`` changes no code (``B / rs`` rounds beyond the clip on
+    both sides, and the clamp is monotone), and keeps ``y / rs`` far from overflow."""
+    lo, hi = qmath.act_range(bits, signed)
+    return float(2.0 ** math.ceil(math.log2((max(-lo, hi) + 1) * float(np.float32(requant_scale)))))
+
+
+def quantize_recip_unexact(requant_scale: float, bits: int, signed: bool) -> str | None:
+    """Why a standalone quantizer of float32 ``y`` (``kernels.quantize_act``) with ``y`` clamped to
+    ``[-B, B]`` (:func:`quantize_clamp`) and the division as :func:`recip_quotient` might give other codes than
+    ``clip(nearbyint(float32(y / rs)), lo, hi)``; None when it cannot (:func:`recip_unexact` for ``|y| <= B``)."""
+    b = quantize_clamp(requant_scale, bits, signed)
+    return recip_unexact(requant_scale, np.ones(1, np.float32), np.zeros(1, np.float32),
+                         (np.array([-b]), np.array([b])))
