@@ -308,21 +308,21 @@ def dense_with_epilogue(kind: str, data: te.Tensor, kout: int, cin: int, term: C
         name="out", attrs=kernel_attrs(kind))
 
 
-def quantize_act(x: te.Tensor, scale: float, bits: int, signed: bool, recip_bound: float | None = None) -> te.Tensor:
+def quantize_act(x: te.Tensor, scale: float, bits: int, signed: bool,
+                 recip_clamp: tuple[float, float] | None = None) -> te.Tensor:
     """float32 -> activation codes: ``clip(nearbyint(x / scale), lo, hi)`` in float32 (qmath.quantize_act_np).
-    ``recip_bound``: ``x`` clamped to ``[-bound, bound]`` first (``requant.quantize_clamp``: no code changes),
-    then the division as :func:`recip_quotient` (where ``requant.quantize_recip_unexact`` proves it exact)."""
+    ``recip_clamp``: ``(L, H)`` of ``requant.quantize_clamp``: ``x`` clamped to it instead of the codes to
+    ``[lo, hi]``, and the division as :func:`recip_quotient` (where ``requant.quantize_recip_unexact`` proves
+    the codes equal)."""
     lo, hi = qmath.act_range(bits, signed)
     s = tirx.const(float(np.float32(scale)), "float32")
 
     def f(*idx):
-        if recip_bound is None:
-            q = tirx.nearbyint(x[idx].astype("float32") / s)
-        else:
-            bound = tirx.const(float(np.float32(recip_bound)), "float32")
-            y = tirx.min(tirx.max(x[idx].astype("float32"), tirx.const(-float(np.float32(recip_bound)), "float32")),
-                         bound)
-            q = tirx.nearbyint(recip_quotient(y, scale))
+        if recip_clamp is not None:
+            low, high = (tirx.const(float(np.float32(v)), "float32") for v in recip_clamp)
+            q = tirx.nearbyint(recip_quotient(tirx.min(tirx.max(x[idx].astype("float32"), low), high), scale))
+            return q.astype(qmath.act_dtype(bits, signed))
+        q = tirx.nearbyint(x[idx].astype("float32") / s)
         q = tirx.min(tirx.max(q, tirx.const(float(lo), "float32")), tirx.const(float(hi), "float32"))
         return q.astype(qmath.act_dtype(bits, signed))
 

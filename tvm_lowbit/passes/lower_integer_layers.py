@@ -335,7 +335,7 @@ class _Lowering(relax.PyExprMutator):
                 q.scale, q.bits, q.signed) is None
             self.codes[q.key] = self.builder_.emit_te(
                 kernels.quantize_act, x, scale=q.scale, bits=q.bits, signed=q.signed,
-                recip_bound=requant.quantize_clamp(q.scale, q.bits, q.signed) if recip else None,
+                recip_clamp=requant.quantize_clamp(q.scale, q.bits, q.signed) if recip else None,
                 primfunc_name_hint="quantize_act", primfunc_attrs=kernels.kernel_attrs("quantize_act"))
         return self.codes[q.key]
 
