@@ -226,7 +226,7 @@ def test_folded_alpha_neon_kernels_are_bit_exact_on_the_board(board_built: Path,
 
 def test_builtin_fgq_model_on_sdot_kernels_matches_the_host_on_an_emulated_pi5(board_built: Path, tmp_path: Path,
                                                                                one_thread) -> None:
-    """rasp5 (+dotprod) builds put every ternary conv on kernels.neon's sdot kernel (alpha folded: FGQ's
+    """rasp5 (+dotprod) builds put every ternary conv on kernels.a76's sdot kernel (alpha folded: FGQ's
     7-bit alpha codes); the bundle's C++ runner on the emulated Cortex-A76 reproduces the x86 host's logits
     exactly (the host uses its own x86 kernels: two independent integer kernels, one answer)."""
     import tvm_lowbit
@@ -239,7 +239,7 @@ def test_builtin_fgq_model_on_sdot_kernels_matches_the_host_on_an_emulated_pi5(b
     x = data.load("test", limit=1, offset=5)[0]
     art = tvm_lowbit.compile(qmodel, x, "rasp5")
     # the 20 ternary convs (the stem conv and the classifier stay float)
-    assert art.report.fast_kernels == {n: "dotprod" for n in art.report.lowered}, art.report.text()
+    assert art.report.fast_kernels == {n: "a76" for n in art.report.lowered}, art.report.text()
     assert len(art.report.lowered) == 20
     host_out = tvm_lowbit.compile(qmodel, x, "x86-host").run(x)
     bundle = export_bundle(art, tmp_path / "bundle", x, host_out, atol=0.0)

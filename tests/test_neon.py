@@ -166,7 +166,7 @@ def _spec(alpha_max: int, cin: int = 16) -> LayerSpec:
 
 def test_registry_picks_the_folded_kernels_on_arm() -> None:
     pi5, pi4 = load_target("rasp5").tvm_target(), load_target("rasp4b").tvm_target()
-    assert kernels.select(_spec(127), pi5).kernel.name == "ternary_conv2d_dotprod"
+    assert kernels.select(_spec(127), pi5).kernel.name == "ternary_conv2d_a76"
     assert kernels.select(_spec(127), pi4).kernel.name == "ternary_conv2d_neon"
     # 8-bit alpha codes over 127: the scaled sdot kernel on the Pi 5, the generic one on the Pi 4
     choice = kernels.select(_spec(255), pi5)
@@ -174,8 +174,8 @@ def test_registry_picks_the_folded_kernels_on_arm() -> None:
     assert kernels.select(_spec(255), pi4).kernel.isa == kernels.GENERIC
     # the widening kernel takes 8 channels per step
     assert kernels.select(_spec(127, cin=12), pi4).kernel.isa == kernels.GENERIC
-    assert kernels.select(_spec(127, cin=12), pi5).kernel.name == "ternary_conv2d_dotprod"
-    assert kernels.select(_spec(127), tvm.target.Target(HOST)).kernel.isa not in ("dotprod", "neon")
+    assert kernels.select(_spec(127, cin=12), pi5).kernel.name == "ternary_conv2d_a76"
+    assert kernels.select(_spec(127), tvm.target.Target(HOST)).kernel.isa not in ("a76", "dotprod", "neon")
 
 
 def test_sdot_kernels_take_nhwc() -> None:

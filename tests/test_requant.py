@@ -176,3 +176,33 @@ def test_fma32_emulation_rounds_once() -> None:
         lo_, hi_ = sorted([gi, np.nextafter(gi, np.float32(np.inf) if Fraction(float(gi)) < exact else -np.inf)])
         # gi is the float32 nearest the exact value (ties to even)
         assert abs(Fraction(float(gi)) - exact) <= abs(Fraction(float(lo_ if gi == hi_ else hi_)) - exact)
+
+
+@pytest.mark.parametrize("rs,bits,signed", [(0.0371, 8, False), (0.013, 8, True), (1.7, 4, False), (3e-4, 8, False)])
+def test_division_free_standalone_quantizer_matches_the_reference(rs: float, bits: int, signed: bool) -> None:
+    """kernels.quantize_act with ``recip_clamp`` (the input clamped to [L, H], the division as a multiply and a
+    fused correction, no clip; what aarch64 builds run where quantize_recip_unexact proves it) gives qmath's codes
+    for every float32 input: the clamp's ends and beyond up to +-inf, and the ties between codes."""
+    import tvm
+    from tvm import te
+
+    from tvm_lowbit.kernels import make_prim_func, quantize_act
+
+    assert requant.quantize_recip_unexact(rs, bits, signed) is None
+    low, high = requant.quantize_clamp(rs, bits, signed)
+    lo, hi = qmath.act_range(bits, signed)
+    s = np.float32(rs)
+    k = np.arange(lo - 3, hi + 4, dtype=np.float32)
+    ties = ((k + np.float32(0.5)) * s).astype(np.float32)
+    rng = np.random.default_rng(bits + int(signed))
+    ends = np.float32([low, high])
+    y = np.concatenate([ties, np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, -np.float32(np.inf)),
+                        k * s, ends, np.nextafter(ends, np.float32(np.inf)), np.nextafter(ends, -np.float32(np.inf)),
+                        np.float32([2 * low, 2 * high, 1e30, -1e30, np.inf, -np.inf, 0.0, -0.0, 1e-40]),
+                        rng.uniform(2 * min(low, -high), 2 * high, 4000).astype(np.float32)]).astype(np.float32)
+    x = te.placeholder((y.size,), "float32", name="x")
+    func = make_prim_func([x], quantize_act(x, rs, bits, signed, recip_clamp=(low, high)), "main")
+    f = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"}))
+    out = tvm.runtime.tensor(np.zeros(y.size, qmath.act_dtype(bits, signed)))
+    f["main"](tvm.runtime.tensor(y), out)
+    np.testing.assert_array_equal(out.numpy().astype(np.int32), qmath.quantize_act_np(y, rs, bits, signed))

@@ -113,16 +113,21 @@ def epilogue(acc: tirx.PrimExpr, scale: tirx.PrimExpr, bias: tirx.PrimExpr, relu
     lo, hi = qmath.act_range(out_bits, out_signed)
     if relu and fma:
         lo = max(lo, 0)
-    rs = tirx.const(float(np.float32(requant_scale)), "float32")
-    if recip:
-        inv = tirx.const(float(np.float32(1) / np.float32(requant_scale)), "float32")
-        q0 = y * inv
-        r = tirx.call_llvm_pure_intrin("float32", "llvm.fma", q0 * tirx.const(-1.0, "float32"), rs, y)
-        q = tirx.nearbyint(tirx.call_llvm_pure_intrin("float32", "llvm.fma", r, inv, q0))
-    else:
-        q = tirx.nearbyint(y / rs)
+    q = tirx.nearbyint(recip_quotient(y, requant_scale) if recip else y / tirx.const(float(np.float32(requant_scale)),
+                                                                                   "float32"))
     q = tirx.min(tirx.max(q, tirx.const(float(lo), "float32")), tirx.const(float(hi), "float32"))
     return q.astype(qmath.act_dtype(out_bits, out_signed))
+
+
+def recip_quotient(y: tirx.PrimExpr, requant_scale: float) -> tirx.PrimExpr:
+    """float32 ``y / requant_scale`` without a division: ``q0 = y * inv``, ``r = fma(-q0, rs, y)``,
+    ``q = fma(r, inv, q0)`` (``requant.recip_quotient``; its codes equal the division's where
+    ``requant.recip_unexact`` proves it)."""
+    rs = tirx.const(float(np.float32(requant_scale)), "float32")
+    inv = tirx.const(float(np.float32(1) / np.float32(requant_scale)), "float32")
+    q0 = y * inv
+    r = tirx.call_llvm_pure_intrin("float32", "llvm.fma", q0 * tirx.const(-1.0, "float32"), rs, y)
+    return tirx.call_llvm_pure_intrin("float32", "llvm.fma", r, inv, q0)
 
 
 def int_epilogue(acc: tirx.PrimExpr, mul: tirx.PrimExpr, add: tirx.PrimExpr, shift: int, out_bits: int,
@@ -303,12 +308,20 @@ def dense_with_epilogue(kind: str, data: te.Tensor, kout: int, cin: int, term: C
         name="out", attrs=kernel_attrs(kind))
 
 
-def quantize_act(x: te.Tensor, scale: float, bits: int, signed: bool) -> te.Tensor:
-    """float32 -> activation codes: ``clip(nearbyint(x / scale), lo, hi)`` in float32 (qmath.quantize_act_np)."""
+def quantize_act(x: te.Tensor, scale: float, bits: int, signed: bool,
+                 recip_clamp: tuple[float, float] | None = None) -> te.Tensor:
+    """float32 -> activation codes: ``clip(nearbyint(x / scale), lo, hi)`` in float32 (qmath.quantize_act_np).
+    ``recip_clamp``: ``(L, H)`` of ``requant.quantize_clamp``: ``x`` clamped to it instead of the codes to
+    ``[lo, hi]``, and the division as :func:`recip_quotient` (where ``requant.quantize_recip_unexact`` proves
+    the codes equal)."""
     lo, hi = qmath.act_range(bits, signed)
     s = tirx.const(float(np.float32(scale)), "float32")
 
     def f(*idx):
+        if recip_clamp is not None:
+            low, high = (tirx.const(float(np.float32(v)), "float32") for v in recip_clamp)
+            q = tirx.nearbyint(recip_quotient(tirx.min(tirx.max(x[idx].astype("float32"), low), high), scale))
+            return q.astype(qmath.act_dtype(bits, signed))
         q = tirx.nearbyint(x[idx].astype("float32") / s)
         q = tirx.min(tirx.max(q, tirx.const(float(lo), "float32")), tirx.const(float(hi), "float32"))
         return q.astype(qmath.act_dtype(bits, signed))

@@ -263,3 +263,28 @@ def _recip_binade_exact(rs: float) -> bool:
                 break
         _RECIP_CHECKED[rs] = ok
     return _RECIP_CHECKED[rs]
+
+
+def quantize_clamp(requant_scale: float, bits: int, signed: bool) -> tuple[float, float]:
+    """``(L, H)``: float32 ``(lo - 1/4) rs`` and ``(hi + 1/4) rs``, the input range of a quantizer
+    ``clip(nearbyint(y / rs), lo, hi)`` within which no code is clipped; clamping ``y`` to it first gives the
+    same codes where ``L`` and ``H`` themselves get ``lo`` and ``hi`` (:func:`quantize_recip_unexact` checks),
+    as the quantizer is monotone, and leaves no clip to do."""
+    lo, hi = qmath.act_range(bits, signed)
+    rs = np.float32(requant_scale)
+    return float(np.float32((lo - 0.25) * rs)), float(np.float32((hi + 0.25) * rs))
+
+
+def quantize_recip_unexact(requant_scale: float, bits: int, signed: bool) -> str | None:
+    """Why a standalone quantizer of float32 ``y`` (``kernels.quantize_act``) with ``y`` clamped to ``[L, H]``
+    (:func:`quantize_clamp`), the division as :func:`recip_quotient` and no clip might give other codes than
+    ``clip(nearbyint(float32(y / rs)), lo, hi)``; None when it cannot: ``L`` and ``H`` get ``lo`` and ``hi``,
+    and :func:`recip_unexact` holds for ``|y| <= max(-L, H)``."""
+    lo, hi = qmath.act_range(bits, signed)
+    low, high = quantize_clamp(requant_scale, bits, signed)
+    ends = qmath.quantize_act_np(np.float32([low, high]), requant_scale, bits, signed)
+    if not (np.isfinite([low, high]).all() and ends.tolist() == [lo, hi]):
+        return f"requant_scale {requant_scale!r}: the clamp's ends {low!r}, {high!r} give codes {ends.tolist()}"
+    top = max(-low, high)
+    return recip_unexact(requant_scale, np.ones(1, np.float32), np.zeros(1, np.float32),
+                         (np.array([-top]), np.array([top])))

@@ -36,6 +36,7 @@ from tvm import relax
 
 from tvm_lowbit import formats, kernels, qmath
 from tvm_lowbit.kernels import Kernel, LayerSpec, requant
+from tvm_lowbit.kernels.common import target_kind
 from tvm_lowbit.passes.convert_layout import integer_layout, nhwc_passes
 from tvm_lowbit.passes.fold_requantize import fold_requantize
 from tvm_lowbit.passes.layer_info import LayerInfo, weight_key
@@ -329,8 +330,12 @@ class _Lowering(relax.PyExprMutator):
             return self.codes[("layer", id(producer))]
         if q.key not in self.codes:
             x = self.visit_expr(q.source)
+            # aarch64: the division-free form where kernels.requant proves it gives the same codes
+            recip = target_kind(self.a.target) == "aarch64" and requant.quantize_recip_unexact(
+                q.scale, q.bits, q.signed) is None
             self.codes[q.key] = self.builder_.emit_te(
                 kernels.quantize_act, x, scale=q.scale, bits=q.bits, signed=q.signed,
+                recip_clamp=requant.quantize_clamp(q.scale, q.bits, q.signed) if recip else None,
                 primfunc_name_hint="quantize_act", primfunc_attrs=kernels.kernel_attrs("quantize_act"))
         return self.codes[q.key]
 
