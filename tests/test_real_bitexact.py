@@ -174,3 +174,26 @@ def test_torch_sigmoid_equals_torch_sigmoid_bit_for_bit(shape: tuple[int, ...]) 
     ex = tvm.compile(torch_sigmoid(bb.get()), target="llvm")
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_array_equal(got.view(np.uint32), torch.sigmoid(torch.from_numpy(x)).numpy().view(np.uint32))
+
+
+def test_hardswish_before_a_quantizer_gives_pytorchs_code_at_a_midpoint() -> None:
+    """hardswish(0.83619767) is 0.53463656 in PyTorch (``x * clip(x + 3, 0, 6) / 6``), one ulp below
+    ``x * (clip(x + 3, 0, 6) / 6)`` (TVM's ``_hardswish`` converter's order); over the scale 0.071284883 that is
+    code 7 in PyTorch and 8 in the other order.  The build follows PyTorch because ``torch.export``
+    decomposes hardswish into PyTorch's order before the importer sees it (mobilenet_v3)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Hardswish(), nn.Conv2d(4, 4, 1, bias=False)).eval()
+    x = torch.full((1, 4, 2, 2), 0.8361976742744446)
+    calib = torch.randn(16, 4, 2, 2)
+    q = tvm_lowbit.quantize(model, tvm_lowbit.FGQ(bn_reestimate=False, bias_correction=False), calib, progress=False)
+    layer = quant_layers(q)["1"]
+    layer.set_activation(float(np.float32(0.07128488272428513)), True)
+    with torch.no_grad():
+        codes = layer.quantize_input(nn.functional.hardswish(x)).numpy()
+        want = q(x).numpy()
+    assert (codes == 7).all()
+    art = tvm_lowbit.compile(q, x, "x86-host", expose_acc=True)
+    out, acc = art.run_all(x.numpy())
+    ref = qmath.conv2d_int_np(codes.astype(np.int64), layer.w_int.numpy().astype(np.int64), (1, 1), (0, 0), (1, 1), 1)
+    np.testing.assert_array_equal(acc.astype(np.int64), ref)
+    np.testing.assert_array_equal(out, want)
