@@ -21,6 +21,7 @@ from tvm import relax
 
 import tvm_lowbit
 from tvm_lowbit import qmath
+from tvm_lowbit.passes.torch_mean import torch_mean, torch_sum_lanes
 from tvm_lowbit.passes.torch_sigmoid import torch_sigmoid, torch_vector_lanes
 from tvm_lowbit.quantizers.layers import QConv2d, quant_layers
 
@@ -197,3 +198,51 @@ def test_hardswish_before_a_quantizer_gives_pytorchs_code_at_a_midpoint() -> Non
     ref = qmath.conv2d_int_np(codes.astype(np.int64), layer.w_int.numpy().astype(np.int64), (1, 1), (0, 0), (1, 1), 1)
     np.testing.assert_array_equal(acc.astype(np.int64), ref)
     np.testing.assert_array_equal(out, want)
+
+
+def _pool_row() -> np.ndarray:
+    """64 values whose mean is 0.56622142 in PyTorch's cascade sum and one ulp lower summed in order."""
+    return (np.random.default_rng(7).standard_normal((1, 64, 8, 8)) * 2 + 1.0).astype(np.float32)[0, 0]
+
+
+def test_pool_before_a_quantizer_gives_pytorchs_code_at_a_midpoint() -> None:
+    """The squeeze-excitation pool (``AdaptiveAvgPool2d(1)``, a mean over H x W) of :func:`_pool_row` is
+    0.56622142 in PyTorch and 0.56622136 added in order (TVM's ``mean``); over the scale 0.075496189 that is
+    code 8 in PyTorch and 7 in order (passes.torch_mean)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 4, 1, bias=False)).eval()
+    x = torch.from_numpy(np.broadcast_to(_pool_row(), (1, 8, 8, 8)).copy())
+    calib = torch.randn(16, 8, 8, 8)
+    q = tvm_lowbit.quantize(model, tvm_lowbit.FGQ(bn_reestimate=False, bias_correction=False), calib, progress=False)
+    layer = quant_layers(q)["1"]
+    layer.set_activation(float(np.float32(0.07549618929624557)), True)
+    with torch.no_grad():
+        codes = layer.quantize_input(nn.functional.adaptive_avg_pool2d(x, 1)).numpy()
+        want = q(x).numpy()
+    assert (codes == 8).all()
+    art = tvm_lowbit.compile(q, x, "x86-host", expose_acc=True)
+    out, acc = art.run_all(x.numpy())
+    ref = qmath.conv2d_int_np(codes.astype(np.int64), layer.w_int.numpy().astype(np.int64), (1, 1), (0, 0), (1, 1), 1)
+    np.testing.assert_array_equal(acc.astype(np.int64), ref)
+    np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.skipif(torch_sum_lanes() is None, reason="PyTorch's sum kernel on this host is not modelled")
+@pytest.mark.parametrize("shape", [(2, 8, 2, 2), (2, 8, 3, 3), (4, 96, 16, 16), (2, 16, 7, 7), (2, 16, 56, 56),
+                                   (1, 2, 1024, 1024), (5, 37)])
+def test_torch_mean_equals_torch_mean_bit_for_bit(shape: tuple[int, ...]) -> None:
+    """The compiled ``TorchMean`` gives ``torch.mean``'s float32 bits over the trailing axes (scalar rows, the
+    vector lanes with a scalar tail, and 1024 x 1024 rows that use the cascade's upper levels); TVM's own
+    ``mean`` differs on most rows."""
+    axes = [-1] if len(shape) == 2 else [-1, -2]
+    x = (np.random.default_rng(0).standard_normal(shape) * 2 + 0.3).astype(np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.mean(xv, axis=axes, keepdims=True)))
+        bb.emit_func_output(out)
+    ex = tvm.compile(torch_mean(bb.get()), target="llvm")
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    want = torch.from_numpy(x).mean(tuple(axes), keepdim=True).numpy()
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
