@@ -15,6 +15,7 @@ any layer or argmax differs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import bench_models  # noqa: E402  (the sibling script: same models, views and q
 
 import tvm_lowbit  # noqa: E402
 from tvm_lowbit import qmath  # noqa: E402
+from tvm_lowbit.passes.torch_sigmoid import TORCH_CPU_ENV  # noqa: E402
 from tvm_lowbit.quantizers.layers import QConv2d, quant_layers  # noqa: E402
 
 
@@ -61,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-views", type=int, default=2)
     ap.add_argument("--calib-views", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4, help="batch the x86 build is compiled for")
+    ap.add_argument("--torch-cpu", default=None, help="PyTorch CPU capability the float-op passes follow "
+                    "(TVM_LOWBIT_TORCH_CPU; default this host's; 'none': TVM's own sigmoid and mean)")
     a = ap.parse_args(argv)
+    if a.torch_cpu:
+        os.environ[TORCH_CPU_ENV] = a.torch_cpu
 
     t0 = time.process_time()
     case = bench_models.load_cnn(a.model, a.size, a.eval_views, a.calib_views)

@@ -246,3 +246,24 @@ def test_torch_mean_equals_torch_mean_bit_for_bit(shape: tuple[int, ...]) -> Non
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     want = torch.from_numpy(x).mean(tuple(axes), keepdim=True).numpy()
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_torch_cpu_env_picks_the_reference_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``TVM_LOWBIT_TORCH_CPU`` names the PyTorch CPU capability the float-op passes follow: AVX2's sigmoid
+    has 8 lanes (16 on AVX-512), its sum 8 on both; ``none`` leaves TVM's own ops."""
+    monkeypatch.setenv("TVM_LOWBIT_TORCH_CPU", "AVX2")
+    assert (torch_vector_lanes(), torch_sum_lanes()) == (8, 8)
+    monkeypatch.setenv("TVM_LOWBIT_TORCH_CPU", "AVX512")
+    assert (torch_vector_lanes(), torch_sum_lanes()) == (16, 8)
+    monkeypatch.setenv("TVM_LOWBIT_TORCH_CPU", "none")
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((2, 32, 4, 4), "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.sigmoid(relax.op.mean(xv, axis=[2, 3], keepdims=True))))
+        bb.emit_func_output(out)
+    text = str(torch_mean(torch_sigmoid(bb.get()))["main"])
+    assert "R.mean(" in text and "R.sigmoid(" in text, text
+    monkeypatch.setenv("TVM_LOWBIT_TORCH_CPU", "AVX512")
+    text = str(torch_mean(torch_sigmoid(bb.get()))["main"])
+    assert "R.mean(" not in text and "R.sigmoid(" not in text, text

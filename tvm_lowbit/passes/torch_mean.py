@@ -16,10 +16,11 @@ axes of static shapes are rewritten, and only where PyTorch's lane count is know
 from __future__ import annotations
 
 import numpy as np
-import torch
 import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+from tvm_lowbit.passes.torch_sigmoid import torch_capability
 
 SUM_LANES = {"AVX512": 8, "AVX2": 8}  # float32 lanes of ATen's sum kernel per CPU capability (AVX2 build)
 ILP = 4       # row_sum's ilp_factor
@@ -30,8 +31,9 @@ _MEAN = is_op("relax.mean")(_X)
 
 
 def torch_sum_lanes() -> int | None:
-    """float32 lanes of PyTorch's CPU sum kernel on this host (None: a path this pass does not model)."""
-    return SUM_LANES.get(torch.backends.cpu.get_cpu_capability())
+    """float32 lanes of PyTorch's CPU sum kernel (:func:`.torch_sigmoid.torch_capability`; None: a path this
+    pass does not model)."""
+    return SUM_LANES.get(torch_capability())
 
 
 def _ceil_log2(x: int) -> int:

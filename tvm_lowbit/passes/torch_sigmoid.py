@@ -19,6 +19,8 @@ are rewritten, and only when PyTorch runs a known vector path here (``lanes`` No
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import tvm
@@ -38,9 +40,20 @@ _X = wildcard()
 _SIGMOID = is_op("relax.sigmoid")(_X)
 
 
+TORCH_CPU_ENV = "TVM_LOWBIT_TORCH_CPU"
+
+
+def torch_capability() -> str:
+    """The PyTorch CPU capability whose kernels computed the fake-quant reference: this host's
+    (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, ...) unless the environment variable
+    ``TVM_LOWBIT_TORCH_CPU`` names another one; ``none`` there leaves TVM's own float ops (passes off)."""
+    return os.environ.get(TORCH_CPU_ENV) or torch.backends.cpu.get_cpu_capability()
+
+
 def torch_vector_lanes() -> int | None:
-    """float32 lanes of PyTorch's vectorized CPU kernels on this host (None: a path this pass does not model)."""
-    return CAPABILITY_LANES.get(torch.backends.cpu.get_cpu_capability())
+    """float32 lanes of PyTorch's vectorized CPU kernels (:func:`torch_capability`; None: a path this pass
+    does not model)."""
+    return CAPABILITY_LANES.get(torch_capability())
 
 
 def _c32(v: float) -> relax.Constant:
