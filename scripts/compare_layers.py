@@ -87,14 +87,15 @@ def concat_outputs(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[tuple[int, ...
     return bb.get(), shapes
 
 
-def board_build(q: torch.nn.Module, x: np.ndarray, target: str) -> tuple[Artifact, list[tuple[int, ...]]]:
+def board_build(q: torch.nn.Module, x: np.ndarray, target: str,
+                tuned: bool = True) -> tuple[Artifact, list[tuple[int, ...]]]:
     """The ``expose_acc`` build for ``target`` as the CPU backend makes it (its tuned schedules, then the
     default ones), with its outputs concatenated (:func:`concat_outputs`)."""
     spec = load_target(target)
     tgt = spec.tvm_target()
     mod = normalize_take(import_torch(q, torch.from_numpy(x)))
     mod, report = lower_integer_layers(mod, layer_infos(q), expose_acc=True, target=tgt)
-    db_dir = schedules_dir(spec, None)
+    db_dir = schedules_dir(spec, None if tuned else False)
     tuning = None
     if db_dir is not None:
         mod, tuning = tune.apply_database(mod, tgt, db_dir)
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4, help="batch the x86 build is compiled for")
     ap.add_argument("--target", default="x86-host", help="x86-host, or rasp5 (run on the emulated Pi 5)")
     ap.add_argument("--board-views", type=int, default=4, help="views run on the emulated board")
+    ap.add_argument("--no-tuned", action="store_true", help="board target: the default schedules only (no tuned "
+                    "MetaSchedule database)")
     ap.add_argument("--torch-cpu", default=None, help="PyTorch CPU capability the float-op passes follow "
                     "(TVM_LOWBIT_TORCH_CPU; default this host's; 'none': TVM's own sigmoid and mean)")
     a = ap.parse_args(argv)
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             return art.run_all(chunk)
     else:
         x, want = x[:a.board_views], want[:a.board_views]
-        art, shapes = board_build(q, x[:a.batch].numpy(), a.target)
+        art, shapes = board_build(q, x[:a.batch].numpy(), a.target, tuned=not a.no_tuned)
         flat = bench_models.run_on_board(art, x.numpy(), a.batch, a.target)  # [views, sum of sizes]
         sizes = [int(np.prod(sh[1:])) for sh in shapes]
         ends = np.cumsum(sizes)
