@@ -118,7 +118,8 @@ def test_pipeline_has_named_passes() -> None:
     nhwc = ["ConvertLayout", "tvm_lowbit.SinkPermutes", "CanonicalizeBindings", "DeadCodeElimination"]
     assert integer_layout(X86) == "NHWC"  # an x86 target with AVX2: the integer region runs in NHWC
     assert [p.info.name for p in seq.passes] == [
-        "tvm_lowbit.NormalizeTake", "tvm_lowbit.TorchSiLU", "CanonicalizeBindings", "DeadCodeElimination", *nhwc,
+        "tvm_lowbit.NormalizeTake", "tvm_lowbit.TorchSiLU", "tvm_lowbit.TorchSigmoid", "tvm_lowbit.TorchMean",
+        "CanonicalizeBindings", "DeadCodeElimination", *nhwc,
         "FoldConstant",
         "tvm_lowbit.FoldRequantize",
         "tvm_lowbit.LowerIntegerLayers", "tvm_lowbit.ApplyKernelSchedules"]

@@ -7,6 +7,8 @@
 0. ``tvm_lowbit.NormalizeTake`` (:mod:`.normalize_take`): every ``take`` reads inside its tensor (the importer's
    ``x[:, -1]`` is a negative index in mode "fast", an out-of-bounds read); ``tvm_lowbit.TorchSiLU``
    (:mod:`.torch_silu`): SiLU with PyTorch's formula, so fewer values differ from the fake-quant model's;
+   ``tvm_lowbit.TorchSigmoid`` (:mod:`.torch_sigmoid`): sigmoid as PyTorch's CPU kernel computes it, bit for bit;
+   ``tvm_lowbit.TorchMean`` (:mod:`.torch_mean`): means over trailing axes summed in PyTorch's order;
 1. ``relax.transform.CanonicalizeBindings`` and ``DeadCodeElimination``: drop the dead tuple members
    importers leave (e.g. the constant indices of torch's max_pool2d_with_indices);
 2. ``relax.transform.FoldConstant``;
@@ -36,6 +38,8 @@ from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.passes.lower_integer_layers import LowerIntegerLayers
 from tvm_lowbit.passes.normalize_take import NormalizeTake
 from tvm_lowbit.passes.report import LoweringReport
+from tvm_lowbit.passes.torch_mean import TorchMean
+from tvm_lowbit.passes.torch_sigmoid import TorchSigmoid
 from tvm_lowbit.passes.torch_silu import TorchSiLU
 
 FUNC_NAME = "main"
@@ -50,6 +54,8 @@ def lowering_passes(target: tvm.target.Target | None, infos: dict[str, LayerInfo
     return [
         NormalizeTake(),
         TorchSiLU(FUNC_NAME),
+        TorchSigmoid(FUNC_NAME),
+        TorchMean(FUNC_NAME),
         relax.transform.CanonicalizeBindings(),
         relax.transform.DeadCodeElimination([FUNC_NAME]),
         *layout,
