@@ -72,6 +72,7 @@ def _call(mod, target, args, shape, dtype) -> np.ndarray:
     ("ternary", 16, 8, 6, 3, 1, 1, False, 8, 4, "NCHW"),
     ("int", 64, 3, 16, 7, 2, 3, True, 16, 0, "NCHW"),
     ("int", 16, 5, 7, 3, 1, 1, False, 8, 0, "NHWC"),
+    ("ternary", 24, 16, 7, 1, 1, 0, True, 8, 4, "NHWC"),   # K % 16 == 8: the ymm form on an AVX-512 host
 ])
 def test_conv_vnni_bit_exact(kind, k, c, hw, r, stride, pad, signed, lanes, n, lay) -> None:
     mod, args, shape, dtype, ref, _, _ = _conv(kind, k, c, hw, r, stride, pad, signed, lanes, n, lay, lay)
@@ -154,6 +155,22 @@ def test_registry_picks_vnni_by_alpha_width() -> None:
     assert kernels.select(_spec(127), tvm.target.Target(AVX_VNNI)).kernel.name == "ternary_conv2d_avxvnni"
     # signed activation codes: only the VNNI kernel (zero-point shift) takes them on x86
     assert kernels.select(_spec(127, act_signed=True), tgt).kernel.name == "ternary_conv2d_vnni"
+
+
+def test_k_of_8_mod_16_takes_the_ymm_vnni_kernel_on_avx512() -> None:
+    """K % 16 == 8 (MobileNetV3's 24, 40, 72, 88 channels): the 8-lane vpdpbusd (EVEX ymm, AVX-512 VL) instead
+    of the AVX2 kernel."""
+    tgt = tvm.target.Target(AVX512_VNNI)
+    for op in ("conv2d",):
+        spec = _spec(127, op=op)
+        shape = (24, *spec.attrs["weight_shape"][1:])
+        tw = qmath.ternarize_weight(torch.randn(shape), 4, alpha_bits=7)
+        spec = dataclasses.replace(spec, weight=tw, attrs={**spec.attrs, "weight_shape": shape})
+        choice = kernels.select(spec, tgt)
+        assert choice.kernel.name == f"ternary_{op}_avxvnni", choice.reason
+        assert "K=24: need K % 16 == 0" in choice.reason
+    assert not vnni.has_lanes(tvm.target.Target(AVX2_ONLY), 8)
+    assert vnni.has_lanes(tvm.target.Target(AVX_VNNI), 8) and not vnni.has_lanes(tvm.target.Target(AVX_VNNI), 16)
 
 
 def test_batch1_dense_rule_on_vnni() -> None:

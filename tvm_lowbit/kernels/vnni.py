@@ -602,9 +602,18 @@ def build_dense(m: int, kout: int, cin: int, *, group_size: int = 4, lanes: int 
 # Registration
 # --------------------------------------------------------------------------------------------
 
-def _common_unfit(layer: LayerSpec, target: tvm.target.Target | None, lanes: int) -> str | None:
+def has_lanes(target: tvm.target.Target | None, lanes: int) -> bool:
+    """Whether the target runs ``vpdpbusd`` on ``lanes`` int32 lanes: 16 (zmm) with AVX-512 VNNI; 8 (ymm)
+    with AVX-VNNI, or with AVX-512 VNNI + VL (the EVEX ymm form), for layers whose K is no multiple of 16."""
     have = vnni_lanes(target)
-    if have != lanes:
+    if have == lanes or not have:
+        return bool(have)
+    return lanes == 8 and have == 16 and bool(target_has_features("avx512vl", target))
+
+
+def _common_unfit(layer: LayerSpec, target: tvm.target.Target | None, lanes: int) -> str | None:
+    if not has_lanes(target, lanes):
+        have = vnni_lanes(target)
         return ("the target has no VNNI (avx512vnni or avxvnni)" if not have else
                 f"the target's vpdpbusd has {have} lanes, this kernel {lanes}")
     if layer.act_bits > 8:
