@@ -52,33 +52,30 @@ def _intrin(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
     nbytes = f"int8x{4 * lanes}"
     llvm = _LLVM_INTRIN[lanes]
 
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            for i, k in T.grid(lanes, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
+    def make(vector: bool) -> tirx.PrimFunc:
+        @T.prim_func(s_tir=True)
+        def dot(a: T.handle, b: T.handle, c: T.handle) -> None:
+            A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+            B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+            C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+                T.writes(C[0:lanes])
+                if vector:
+                    a_word = T.reinterpret("int32", A.vload([0], "uint8x4"))
+                    # LLVM 20+ declares the byte operands as <4L x i8>
+                    C[0:lanes] = T.call_llvm_pure_intrin(vec, llvm, C.vload([0], vec),
+                                                         T.reinterpret(nbytes, T.broadcast(a_word, lanes)),
+                                                         B.vload([0, 0], nbytes))
+                else:
+                    for i, k in T.grid(lanes, 4):
+                        with T.sblock("update"):
+                            vi, vk = T.axis.remap("SR", [i, k])
+                            C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
 
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            a_word = T.reinterpret("int32", A.vload([0], "uint8x4"))
-            # LLVM 20+ declares the byte operands as <4L x i8>
-            C[0:lanes] = T.call_llvm_pure_intrin(vec, llvm, C.vload([0], vec),
-                                                 T.reinterpret(nbytes, T.broadcast(a_word, lanes)),
-                                                 B.vload([0, 0], nbytes))
+        return dot
 
+    desc, impl = make(False), make(True)
     return desc, impl
 
 
@@ -443,6 +440,27 @@ def _decode(sch: tvm.s_tir.Schedule, wb, lanes: int) -> None:
     sch.tensorize(loop, (DECODE64_INTRIN if wide else DECODE_INTRIN)[lanes])
 
 
+def _register_tile(sch: tvm.s_tir.Schedule, acc, lanes: int, *, out_at, red_at, no, ni, unrolled: Sequence) -> object:
+    """The shared tail of the conv and batched-dense schedules, once the loops are in order: the output stage
+    under ``out_at``, the accumulators in registers, the weight tile decoded once per block of channels
+    (``no``, the parallel loop), the reduction's init out of ``red_at``, the ``ni`` step tensorized on
+    ``vpdpbusd``, the register-tile loops unrolled; returns the output block."""
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, out_at, preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    wb = maybe_block(sch, "w_int")
+    if wb is not None:
+        sch.compute_at(wb, no, preserve_unit_loops=True)
+        _decode(sch, wb, lanes)
+    sch.parallel(no)
+    init = sch.decompose_reduction(acc, red_at)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ni, VNNI_INTRIN[lanes])
+    for loop in unrolled:
+        sch.unroll(loop)
+    return out
+
+
 def schedule_conv2d_vnni(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> None:
     """Register tile of ``mb`` output columns x ``nb`` blocks of L output channels (int32 accumulators) under
     the reduction over (r, s, 4-channel steps), the step tensorized; the int8 weight tile of a block of
@@ -458,19 +476,7 @@ def schedule_conv2d_vnni(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> N
     no, nm, ni = sch.split(k, [None, nb, lanes])
     co, ci = sch.split(rc, [None, 4])
     sch.reorder(no, b, i, jo, ry, rx, co, ji, nm, ni, ci)
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, jo, preserve_unit_loops=True)
-    sch.set_scope(acc, 0, "local")
-    wb = maybe_block(sch, "w_int")
-    if wb is not None:
-        sch.compute_at(wb, no, preserve_unit_loops=True)
-        _decode(sch, wb, lanes)
-    sch.parallel(no)
-    init = sch.decompose_reduction(acc, ry)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ni, VNNI_INTRIN[lanes])
-    sch.unroll(ji)
-    sch.unroll(nm)
+    out = _register_tile(sch, acc, lanes, out_at=jo, red_at=ry, no=no, ni=ni, unrolled=(ji, nm))
     ol = sch.get_loops(out)
     sch.unroll(ol[-1] if _out_is_nchw(sch) else ol[-2])
     if not _out_is_nchw(sch):
@@ -550,19 +556,7 @@ def _schedule_dense_vnni_batched(sch: tvm.s_tir.Schedule, pick: Pick | None, lan
     no, nm, ni = sch.split(n, [None, nb, lanes])
     co, ci = sch.split(c, [None, 4])
     sch.reorder(no, outer, mo, co, mi, nm, ni, ci)
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, mo, preserve_unit_loops=True)
-    sch.set_scope(acc, 0, "local")
-    wb = maybe_block(sch, "w_int")
-    if wb is not None:
-        sch.compute_at(wb, no, preserve_unit_loops=True)
-        _decode(sch, wb, lanes)
-    sch.parallel(no)
-    init = sch.decompose_reduction(acc, co)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ni, VNNI_INTRIN[lanes])
-    sch.unroll(mi)
-    sch.unroll(nm)
+    out = _register_tile(sch, acc, lanes, out_at=mo, red_at=co, no=no, ni=ni, unrolled=(mi, nm))
     sch.vectorize(sch.get_loops(out)[-1])
     xb = maybe_block(sch, "x_u8")
     if xb is not None:
