@@ -168,6 +168,19 @@ def test_operator_variants_bit_exact(group_size: int, act_bits: int) -> None:
     assert len(art.report.lowered) == 10
 
 
+def test_odd_channel_counts_take_the_padded_vnni_kernels() -> None:
+    """K = 10, 12, 20 (no multiple of 8): on a VNNI host the 8-lane kernels with the weight tile padded to 8
+    output channels; accumulators and outputs bit-exact."""
+    torch.manual_seed(4)
+    q = quantize(Variants().eval(), FGQ(group_size=4, act_bits=8, first_layer="fgq", last_layer="fgq", alpha_bits=7),
+                 torch.randn(32, 3, 12, 12), progress=False)
+    art = check_bit_exact(q, torch.randn(2, 3, 12, 12).numpy())
+    if vnni_lanes(art.target.tvm_target()) == 16:
+        names = art.report.kernel_names
+        assert {names[k] for k in ("c_stride", "c_1x1", "c_rect")} == {"ternary_conv2d_avxvnni"}, names
+        assert {names[k] for k in ("fc1", "fc2")} == {"ternary_dense_avxvnni"}, names
+
+
 def test_unlowerable_layer_falls_back_with_a_report() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),

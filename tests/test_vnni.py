@@ -73,6 +73,10 @@ def _call(mod, target, args, shape, dtype) -> np.ndarray:
     ("int", 64, 3, 16, 7, 2, 3, True, 16, 0, "NCHW"),
     ("int", 16, 5, 7, 3, 1, 1, False, 8, 0, "NHWC"),
     ("ternary", 24, 16, 7, 1, 1, 0, True, 8, 4, "NHWC"),   # K % 16 == 8: the ymm form on an AVX-512 host
+    # K no multiple of 8: the tile padded with zero weights (ShuffleNet's 58, the squeeze-excitation convs)
+    ("ternary", 58, 16, 7, 1, 1, 0, False, 8, 4, "NHWC"),
+    ("ternary", 6, 12, 5, 3, 2, 1, True, 8, 4, "NCHW"),
+    ("int", 20, 5, 7, 3, 1, 1, True, 8, 0, "NHWC"),
 ])
 def test_conv_vnni_bit_exact(kind, k, c, hw, r, stride, pad, signed, lanes, n, lay) -> None:
     mod, args, shape, dtype, ref, _, _ = _conv(kind, k, c, hw, r, stride, pad, signed, lanes, n, lay, lay)
@@ -92,17 +96,19 @@ def test_conv_vnni_requant_epilogue() -> None:
 
 
 @needs_vnni
-@pytest.mark.parametrize("m,n,k,gs,signed,batch", [(1, 64, 256, 4, False, 0), (5, 32, 64, 8, True, 0),
-                                                   (20, 32, 128, 4, False, 0),
-                                                   # batch x tokens inputs [B, T, C] (a transformer's linears)
-                                                   (5, 32, 64, 8, True, 2), (12, 64, 128, 4, False, 3)])
-def test_dense_vnni_bit_exact(m: int, n: int, k: int, gs: int, signed: bool, batch: int) -> None:
+@pytest.mark.parametrize("m,n,k,gs,signed,batch,lanes", [(1, 64, 256, 4, False, 0, 16), (5, 32, 64, 8, True, 0, 16),
+                                                         (20, 32, 128, 4, False, 0, 16),
+                                                         # batch x tokens inputs [B, T, C] (a transformer's linears)
+                                                         (5, 32, 64, 8, True, 2, 16), (12, 64, 128, 4, False, 3, 16),
+                                                         # K padded to the 8-lane tile
+                                                         (5, 28, 64, 4, True, 0, 8), (1, 10, 32, 4, False, 0, 8)])
+def test_dense_vnni_bit_exact(m: int, n: int, k: int, gs: int, signed: bool, batch: int, lanes: int) -> None:
     rng = np.random.default_rng(m + n + k + batch)
     t = rng.integers(-1, 2, (n, k))
     alpha = rng.integers(0, 128, (n, k // gs))
     lay = qmath.group_layout((n, k), gs)
-    ct, at = vnni.ternary_tiles(qmath.pack_2bit(t), alpha, lay, 16)
-    f, names = vnni.build_dense(m, n, k, group_size=gs, signed=signed, target=AVX512_VNNI, batch=batch)
+    ct, at = vnni.ternary_tiles(qmath.pack_2bit(t), alpha, lay, lanes)
+    f, names = vnni.build_dense(m, n, k, group_size=gs, signed=signed, target=AVX512_VNNI, batch=batch, lanes=lanes)
     assert names[:3] == ["x", "codes_t", "alpha_t"]
     lead = (batch, m) if batch else (m,)
     x = (rng.integers(-128, 128, (*lead, k)) if signed else rng.integers(0, 256, (*lead, k))).astype(
@@ -169,6 +175,10 @@ def test_k_of_8_mod_16_takes_the_ymm_vnni_kernel_on_avx512() -> None:
         choice = kernels.select(spec, tgt)
         assert choice.kernel.name == f"ternary_{op}_avxvnni", choice.reason
         assert "K=24: need K % 16 == 0" in choice.reason
+        shape = (58, *shape[1:])  # no multiple of 8: padded
+        spec = dataclasses.replace(spec, weight=qmath.ternarize_weight(torch.randn(shape), 4, alpha_bits=7),
+                                   attrs={**spec.attrs, "weight_shape": shape})
+        assert kernels.select(spec, tgt).kernel.name == f"ternary_{op}_avxvnni"
     assert not vnni.has_lanes(tvm.target.Target(AVX2_ONLY), 8)
     assert vnni.has_lanes(tvm.target.Target(AVX_VNNI), 8) and not vnni.has_lanes(tvm.target.Target(AVX_VNNI), 16)
 

@@ -203,9 +203,11 @@ def _finish(kind: str, acc: te.Tensor, zp: te.Tensor | None, shape: tuple, index
 def conv2d_vnni_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor | None, out_scale: te.Tensor,
                       out_bias: te.Tensor, *, kernel: tuple[int, int], strides: int | Sequence[int],
                       padding: int | Sequence[int], in_layout: str, out_layout: str, relu: bool, out_mode: str,
-                      requant_scale: float | None, out_bits: int, out_signed: bool) -> te.Tensor:
+                      requant_scale: float | None, out_bits: int, out_signed: bool, kout: int | None = None
+                      ) -> te.Tensor:
     """The conv on an int8 weight tile ``w8[K/L, taps, C4, L, 4]`` (a tensor or a decode stage):
-    ``acc[b, i, j, k] = sum x_u8 * w8`` over (r, s, channels), exact in int32."""
+    ``acc[b, i, j, k] = sum x_u8 * w8`` over (r, s, channels), exact in int32.  ``kout``: the layer's output
+    channels when the tile is padded with zero weights to a multiple of L (the output has ``kout``)."""
     signed = _act_dtype_check(data)
     if in_layout not in LAYOUTS or out_layout not in LAYOUTS:
         raise ValueError(f"layouts must be one of {LAYOUTS}, got in {in_layout!r}, out {out_layout!r}")
@@ -213,7 +215,10 @@ def conv2d_vnni_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
     kh, kw = kernel
     if taps != kh * kw:
         raise ValueError(f"weight tile has {taps} taps for a {kh}x{kw} kernel")
-    kout = nkb * lanes
+    kpad = nkb * lanes
+    kout = kpad if kout is None else kout
+    if not kpad - lanes < kout <= kpad:
+        raise ValueError(f"{kout} output channels do not fit a weight tile of {kpad} (padded to {lanes} lanes)")
     batch, cin, height, width, get = layout_reader(data, in_layout)
     if -(-cin // 4) != c4:
         raise ValueError(f"input has {cin} channels, the weight tile {4 * c4} (channels rounded up to 4)")
@@ -229,7 +234,7 @@ def conv2d_vnni_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
     ry, rx = te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx")
     rc = te.reduce_axis((0, 4 * c4), name="rc")
     acc = te.compute(
-        (batch, oh, ow, kout),
+        (batch, oh, ow, kpad),
         lambda b, i, j, k: te.sum(x[b, i * sh + ry, j * sw + rx, rc].astype("int32")
                                   * w8[k // lanes, ry * kw + rx, rc // 4, k % lanes, rc % 4].astype("int32"),
                                   axis=[ry, rx, rc]),
@@ -243,11 +248,15 @@ def conv2d_vnni_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
 
 def dense_vnni_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor | None, out_scale: te.Tensor,
                      out_bias: te.Tensor, *, relu: bool, out_mode: str, requant_scale: float | None, out_bits: int,
-                     out_signed: bool) -> te.Tensor:
-    """``data[..., C]`` times the int8 weight tile ``w8[K/L, C/4, L, 4]`` -> ``[..., K]`` (C % 4 == 0)."""
+                     out_signed: bool, kout: int | None = None) -> te.Tensor:
+    """``data[..., C]`` times the int8 weight tile ``w8[K/L, C/4, L, 4]`` -> ``[..., K]`` (C % 4 == 0);
+    ``kout`` as in :func:`conv2d_vnni_tiled`."""
     signed = _act_dtype_check(data)
     nkb, c4, lanes, _ = (int(v) for v in w8.shape)
-    kout, cin = nkb * lanes, int(data.shape[-1])
+    kpad, cin = nkb * lanes, int(data.shape[-1])
+    kout = kpad if kout is None else kout
+    if not kpad - lanes < kout <= kpad:
+        raise ValueError(f"{kout} output channels do not fit a weight tile of {kpad} (padded to {lanes} lanes)")
     if cin != 4 * c4:
         raise ValueError(f"data has {cin} features, the weight tile {4 * c4}")
     lead = [int(v) for v in data.shape[:-1]]
@@ -255,7 +264,7 @@ def dense_vnni_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor | 
     if signed:
         x = te.compute(data.shape, lambda *i: _shift(data[i], True), name="x_u8")
     rc = te.reduce_axis((0, cin), name="rc")
-    acc = te.compute((*lead, kout),
+    acc = te.compute((*lead, kpad),
                      lambda *i: te.sum(x[(*i[:-1], rc)].astype("int32")
                                        * w8[i[-1] // lanes, rc // 4, i[-1] % lanes, rc % 4].astype("int32"), axis=rc),
                      name="acc")
@@ -306,7 +315,8 @@ def ternary_conv2d_vnni(data: te.Tensor, codes_t: te.Tensor, alpha_t: te.Tensor,
     w8 = _ternary_w8(codes_t, alpha_t, lay.groups_per_segment * lay.group_size, lay.group_size, True)
     return conv2d_vnni_tiled(f"ternary_conv2d_{SUFFIX[int(codes_t.shape[-1])]}", data, w8, zp, out_scale, out_bias, kernel=(kh, kw),
                              strides=strides, padding=padding, in_layout=in_layout, out_layout=out_layout, relu=relu,
-                             out_mode=out_mode, requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed)
+                             out_mode=out_mode, requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed,
+                             kout=kout)
 
 
 def ternary_dense_vnni(data: te.Tensor, codes_t: te.Tensor, alpha_t: te.Tensor, out_scale: te.Tensor,
@@ -319,7 +329,7 @@ def ternary_dense_vnni(data: te.Tensor, codes_t: te.Tensor, alpha_t: te.Tensor, 
     lay = qmath.group_layout((kout, cin), group_size)
     w8 = _ternary_w8(codes_t, alpha_t, lay.row_len, lay.group_size, False)
     return dense_vnni_tiled(f"ternary_dense_{SUFFIX[int(codes_t.shape[-1])]}", data, w8, zp, out_scale, out_bias, relu=relu, out_mode=out_mode,
-                            requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed)
+                            requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed, kout=kout)
 
 
 def int_conv2d_vnni(data: te.Tensor, w8: te.Tensor, out_scale: te.Tensor, out_bias: te.Tensor, *,
@@ -331,12 +341,13 @@ def int_conv2d_vnni(data: te.Tensor, w8: te.Tensor, out_scale: te.Tensor, out_bi
     """``kernels.int_conv2d`` for per-channel int8 (or int4) weights on ``vpdpbusd``: ``w8`` from
     :func:`int8_tiles` (any number of input channels: rounded up to 4 with zero weights)."""
     _check_modes(out_mode, requant_scale, zp, data)
-    _, _, kh, kw = (int(v) for v in weight_shape)
+    kout, _, kh, kw = (int(v) for v in weight_shape)
     if groups != 1 or pair(dilation) != (1, 1):
         raise ValueError(f"the VNNI conv takes groups=1, dilation 1; got groups={groups}, dilation={dilation}")
     return conv2d_vnni_tiled(f"int_conv2d_{SUFFIX[int(w8.shape[-2])]}", data, w8, zp, out_scale, out_bias, kernel=(kh, kw), strides=strides,
                              padding=padding, in_layout=in_layout, out_layout=out_layout, relu=relu,
-                             out_mode=out_mode, requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed)
+                             out_mode=out_mode, requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed,
+                             kout=kout)
 
 
 def int_dense_vnni(data: te.Tensor, w8: te.Tensor, out_scale: te.Tensor, out_bias: te.Tensor, *,
@@ -346,47 +357,58 @@ def int_dense_vnni(data: te.Tensor, w8: te.Tensor, out_scale: te.Tensor, out_bia
     """``kernels.int_dense`` for per-channel int8 (or int4) weights on ``vpdpbusd``."""
     _check_modes(out_mode, requant_scale, zp, data)
     return dense_vnni_tiled(f"int_dense_{SUFFIX[int(w8.shape[-2])]}", data, w8, zp, out_scale, out_bias, relu=relu, out_mode=out_mode,
-                            requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed)
+                            requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed,
+                            kout=int(weight_shape[0]))
 
 
 # --------------------------------------------------------------------------------------------
 # Operands: the stored weights in tile order (compile time, numpy)
 # --------------------------------------------------------------------------------------------
 
+def padded_k(kout: int, lanes: int) -> int:
+    """Output channels rounded up to whole blocks of ``lanes`` (the extra ones have zero weights)."""
+    return -(-kout // lanes) * lanes
+
+
 def ternary_tiles(codes: np.ndarray, alpha_q: np.ndarray, lay: qmath.GroupLayout, lanes: int
                   ) -> tuple[np.ndarray, np.ndarray]:
     """The packed 2-bit codes [K, ceil(L/4)] and alpha codes [K, G] of a grouped-ternary weight in the
-    kernel's tile order: ``codes_t[K/L, (taps,) C4, L]`` (byte (k, tap, cb): channels 4cb..4cb+3 of the tap)
-    and ``alpha_t[K/L, G, L]`` (uint8; the same bytes, reordered)."""
+    kernel's tile order: ``codes_t[K'/L, (taps,) C4, L]`` (byte (k, tap, cb): channels 4cb..4cb+3 of the tap)
+    and ``alpha_t[K'/L, G, L]`` (uint8; the same bytes, reordered); K' = K rounded up to L (:func:`padded_k`),
+    the extra rows code 0 (t = 0) with alpha 0."""
     kout = lay.out_channels
-    if lay.along != "in" or lay.group_size % 4 or kout % lanes:
-        raise ValueError(f"ternary tiles need groups along the input channels of a multiple of 4 and K % {lanes}"
-                         f" == 0, got {lay.along!r} groups of {lay.group_size}, K={kout}")
+    if lay.along != "in" or lay.group_size % 4:
+        raise ValueError(f"ternary tiles need groups along the input channels of a multiple of 4, got "
+                         f"{lay.along!r} groups of {lay.group_size}, K={kout}")
+    kpad = padded_k(kout, lanes)
+    codes = np.concatenate([codes, np.zeros((kpad - kout, *codes.shape[1:]), codes.dtype)])
+    alpha_q = np.concatenate([alpha_q, np.zeros((kpad - kout, *alpha_q.shape[1:]), alpha_q.dtype)])
     seg4 = lay.groups_per_segment * lay.group_size // 4  # code bytes per tap segment
     c4 = -(-lay.seg_len // 4)
     taps = lay.segments
     idx = (np.arange(taps)[:, None] * seg4 + np.arange(c4)[None, :]).reshape(-1)
-    ct = codes[:, idx].reshape(kout // lanes, lanes, taps, c4).transpose(0, 2, 3, 1)
+    ct = codes[:, idx].reshape(kpad // lanes, lanes, taps, c4).transpose(0, 2, 3, 1)
     if len(lay.shape) == 2:
         ct = ct[:, 0]
-    at = alpha_q.reshape(kout // lanes, lanes, -1).transpose(0, 2, 1)
+    at = alpha_q.reshape(kpad // lanes, lanes, -1).transpose(0, 2, 1)
     return np.ascontiguousarray(ct, np.uint8), np.ascontiguousarray(at, np.uint8)
 
 
 def int8_tiles(w_int: np.ndarray, lanes: int) -> np.ndarray:
-    """An int8 weight [K, C(, R, S)] as the tile ``[K/L, (taps,) C4, L, 4]`` (channels rounded up to 4 with
-    zeros)."""
+    """An int8 weight [K, C(, R, S)] as the tile ``[K'/L, (taps,) C4, L, 4]`` (channels rounded up to 4 and K
+    to K' = :func:`padded_k` with zero weights)."""
     w = np.asarray(w_int)
     if np.abs(w).max(initial=0) > 127 or w.min(initial=0) < -128:
         raise ValueError("int8_tiles takes weights in int8 range")
     kout, cin = w.shape[:2]
+    kpad = padded_k(kout, lanes)
     c4 = -(-cin // 4)
     if w.ndim == 2:
         w = w[:, :, None, None]
     taps = w.shape[2] * w.shape[3]
-    wp = np.zeros((kout, 4 * c4, taps), np.int8)
-    wp[:, :cin] = w.reshape(kout, cin, taps)
-    t = wp.reshape(kout // lanes, lanes, c4, 4, taps).transpose(0, 4, 2, 1, 3)
+    wp = np.zeros((kpad, 4 * c4, taps), np.int8)
+    wp[:kout, :cin] = w.reshape(kout, cin, taps)
+    t = wp.reshape(kpad // lanes, lanes, c4, 4, taps).transpose(0, 4, 2, 1, 3)
     if w_int.ndim == 2:
         t = t[:, 0]
     return np.ascontiguousarray(t)
@@ -578,8 +600,8 @@ def build_dense(m: int, kout: int, cin: int, *, group_size: int = 4, lanes: int 
     weights from :func:`ternary_tiles`).  ``x`` is ``[m, cin]``, or ``[batch, m, cin]`` when ``batch`` > 0."""
     lay = qmath.group_layout((kout, cin), group_size)
     data = te.placeholder((batch, m, cin) if batch else (m, cin), "int8" if signed else "uint8", name="x")
-    codes = te.placeholder((kout // lanes, -(-cin // 4), lanes), "uint8", name="codes_t")
-    alpha = te.placeholder((kout // lanes, lay.groups_per_row, lanes), "uint8", name="alpha_t")
+    codes = te.placeholder((padded_k(kout, lanes) // lanes, -(-cin // 4), lanes), "uint8", name="codes_t")
+    alpha = te.placeholder((padded_k(kout, lanes) // lanes, lay.groups_per_row, lanes), "uint8", name="alpha_t")
     scale = te.placeholder((kout,), "float32", name="out_scale")
     bias = te.placeholder((kout,), "float32", name="out_bias")
     zp = te.placeholder((kout,), "int32", name="zp") if signed else None
@@ -613,7 +635,7 @@ def _common_unfit(layer: LayerSpec, target: tvm.target.Target | None, lanes: int
     if layer.act_bits > 8:
         return f"{layer.act_bits}-bit activation codes"
     shape = tuple(int(v) for v in layer.attrs["weight_shape"])
-    if shape[0] % lanes:
+    if shape[0] % lanes and lanes != PADDED_LANES:
         return f"K={shape[0]}: need K % {lanes} == 0"
     if layer.op == "conv2d":
         if int(layer.attrs.get("groups", 1)) != 1:
@@ -661,6 +683,9 @@ def int_vnni_fits(lanes: int) -> Callable[[LayerSpec, tvm.target.Target | None],
 # measured (scripts/bench_gemm.py, bench_speed.py): faster than the AVX2 kernels wherever both fit; the
 # 512-bit form first on AVX-512 VNNI hosts
 PREFERENCE = {16: 26, 8: 25}
+# the ymm kernels take any K, padded to a multiple of 8 with zero weights (at most 7 wasted channels): layers
+# whose K is no multiple of 16 (ShuffleNet's 58 and 116, the squeeze-excitation convs) stay on vpdpbusd
+PADDED_LANES = 8
 ISA = {16: "avx512vnni", 8: "avxvnni"}
 SUFFIX = {16: "vnni", 8: "avxvnni"}
 for _lanes in (16, 8):
