@@ -23,9 +23,9 @@ needs_vnni = pytest.mark.skipif(not HOST_VNNI, reason="this host has no AVX-512 
 
 
 def _conv(kind: str, k: int, c: int, hw: int, r: int, stride: int, pad: int, signed: bool, lanes: int = 16,
-          n: int = 4, in_layout: str = "NCHW", out_layout: str = "NCHW", out_mode: str = "acc") -> tuple:
+          n: int = 4, in_layout: str = "NCHW", out_layout: str = "NCHW", out_mode: str = "acc", groups: int = 1) -> tuple:
     rng = np.random.default_rng(k * c + r + stride + signed)
-    w = torch.randn(k, c, r, r, generator=torch.Generator().manual_seed(k + c))
+    w = torch.randn(k, c // groups, r, r, generator=torch.Generator().manual_seed(k + c))
     zp = te.placeholder((k,), "int32", name="zp") if signed else None
     dt = "int8" if signed else "uint8"
     x = te.placeholder((1, c, hw, hw) if in_layout == "NCHW" else (1, hw, hw, c), dt, name="x")
@@ -36,14 +36,15 @@ def _conv(kind: str, k: int, c: int, hw: int, r: int, stride: int, pad: int, sig
         wint = tw.w_int.numpy()
         vals = list(vnni.ternary_tiles(tw.packed_codes(), tw.alpha_q.numpy().reshape(k, -1), tw.layout, lanes))
         ph = [te.placeholder(v.shape, "uint8", name=f"w{i}") for i, v in enumerate(vals)]
-        out = vnni.ternary_conv2d_vnni(x, *ph, sc, bi, weight_shape=(k, c, r, r), strides=stride, padding=pad,
-                                       group_size=n, zp=zp, in_layout=in_layout, out_layout=out_layout, **mode)
+        out = vnni.ternary_conv2d_vnni(x, *ph, sc, bi, weight_shape=(k, c // groups, r, r), strides=stride,
+                                       padding=pad, group_size=n, zp=zp, in_layout=in_layout, out_layout=out_layout,
+                                       groups=groups, **mode)
     else:
         wint = qmath.int_quantize_weight(w, 8).w_int.numpy()
         vals = [vnni.int8_tiles(wint, lanes)]
         ph = [te.placeholder(vals[0].shape, "int8", name="w8")]
-        out = vnni.int_conv2d_vnni(x, *ph, sc, bi, weight_shape=(k, c, r, r), strides=stride, padding=pad, zp=zp,
-                                   in_layout=in_layout, out_layout=out_layout, **mode)
+        out = vnni.int_conv2d_vnni(x, *ph, sc, bi, weight_shape=(k, c // groups, r, r), strides=stride, padding=pad,
+                                   zp=zp, in_layout=in_layout, out_layout=out_layout, groups=groups, **mode)
     ins = [x, *ph, sc, bi, *([zp] if signed else [])]
     sch = tvm.s_tir.Schedule(kernels.make_prim_func(ins, out, "main"))
     vnni.schedule_conv2d_vnni(sch)
@@ -52,7 +53,8 @@ def _conv(kind: str, k: int, c: int, hw: int, r: int, stride: int, pad: int, sig
     bias = rng.standard_normal(k).astype(np.float32)
     args = [xv if in_layout == "NCHW" else np.ascontiguousarray(xv.transpose(0, 2, 3, 1)), *vals, scale, bias,
             *([vnni.zero_point_term(wint)] if signed else [])]
-    ref = qmath.conv2d_int_np(xv.astype(np.int64), wint.astype(np.int64), (stride, stride), (pad, pad), (1, 1), 1)
+    ref = qmath.conv2d_int_np(xv.astype(np.int64), wint.astype(np.int64), (stride, stride), (pad, pad), (1, 1),
+                              groups)
     return sch.mod, args, [int(v) for v in out.shape], str(out.dtype), ref, scale, bias
 
 
@@ -80,6 +82,22 @@ def _call(mod, target, args, shape, dtype) -> np.ndarray:
 ])
 def test_conv_vnni_bit_exact(kind, k, c, hw, r, stride, pad, signed, lanes, n, lay) -> None:
     mod, args, shape, dtype, ref, _, _ = _conv(kind, k, c, hw, r, stride, pad, signed, lanes, n, lay, lay)
+    got = _call(mod, AVX512_VNNI, args, shape, dtype)
+    if lay == "NHWC":
+        got = got.transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(got.astype(np.int64), ref)
+
+
+@needs_vnni
+@pytest.mark.parametrize("kind,k,c,groups,lanes,stride,lay", [
+    ("ternary", 64, 64, 4, 16, 1, "NHWC"),    # RegNetX: 16 channels per group
+    ("ternary", 96, 48, 3, 16, 2, "NCHW"),    # K/groups = 32 (two lane blocks per group), C/groups = 16
+    ("int", 32, 32, 2, 8, 1, "NHWC"),
+    ("ternary", 48, 24, 6, 8, 2, "NHWC"),     # C/groups = 4
+])
+def test_grouped_conv_vnni_bit_exact(kind, k, c, groups, lanes, stride, lay) -> None:
+    mod, args, shape, dtype, ref, _, _ = _conv(kind, k, c, 9, 3, stride, 1, kind == "int", lanes, 4, lay, lay,
+                                               groups=groups)
     got = _call(mod, AVX512_VNNI, args, shape, dtype)
     if lay == "NHWC":
         got = got.transpose(0, 3, 1, 2)

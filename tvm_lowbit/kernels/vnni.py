@@ -203,11 +203,13 @@ def _finish(kind: str, acc: te.Tensor, zp: te.Tensor | None, shape: tuple, index
 def conv2d_vnni_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor | None, out_scale: te.Tensor,
                       out_bias: te.Tensor, *, kernel: tuple[int, int], strides: int | Sequence[int],
                       padding: int | Sequence[int], in_layout: str, out_layout: str, relu: bool, out_mode: str,
-                      requant_scale: float | None, out_bits: int, out_signed: bool, kout: int | None = None
-                      ) -> te.Tensor:
+                      requant_scale: float | None, out_bits: int, out_signed: bool, kout: int | None = None,
+                      groups: int = 1) -> te.Tensor:
     """The conv on an int8 weight tile ``w8[K/L, taps, C4, L, 4]`` (a tensor or a decode stage):
     ``acc[b, i, j, k] = sum x_u8 * w8`` over (r, s, channels), exact in int32.  ``kout``: the layer's output
-    channels when the tile is padded with zero weights to a multiple of L (the output has ``kout``)."""
+    channels when the tile is padded with zero weights to a multiple of L (the output has ``kout``).
+    ``groups`` > 1: a grouped conv, the tile's channels those of one group (C/groups, a multiple of 4), each
+    block of L output channels inside one group (K/groups a multiple of L)."""
     signed = _act_dtype_check(data)
     if in_layout not in LAYOUTS or out_layout not in LAYOUTS:
         raise ValueError(f"layouts must be one of {LAYOUTS}, got in {in_layout!r}, out {out_layout!r}")
@@ -220,22 +222,32 @@ def conv2d_vnni_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
     if not kpad - lanes < kout <= kpad:
         raise ValueError(f"{kout} output channels do not fit a weight tile of {kpad} (padded to {lanes} lanes)")
     batch, cin, height, width, get = layout_reader(data, in_layout)
-    if -(-cin // 4) != c4:
+    if groups > 1:
+        kg, cg = kout // groups, cin // groups
+        if kout % groups or cin % groups or kg % lanes or cg % 4 or cg != 4 * c4:
+            raise ValueError(f"grouped VNNI conv: K={kout}, C={cin}, groups={groups}, weight tile of {4 * c4} "
+                             f"channels, {lanes} lanes: need C/groups = the tile's channels, a multiple of 4, and "
+                             f"K/groups a multiple of {lanes}")
+    elif -(-cin // 4) != c4:
         raise ValueError(f"input has {cin} channels, the weight tile {4 * c4} (channels rounded up to 4)")
     (sh, sw), (ph, pw) = pair(strides), pair(padding)
     oh, ow = conv_out_size(height, kh, sh, ph), conv_out_size(width, kw, sw, pw)
     pad_code = tirx.const(ZERO_POINT if signed else 0, "uint8")  # a zero activation, shifted
     x = te.compute(
-        (batch, height + 2 * ph, width + 2 * pw, 4 * c4),
+        (batch, height + 2 * ph, width + 2 * pw, cin if groups > 1 else 4 * c4),
         lambda b, h, w, c: tirx.if_then_else(
             tirx.all(h >= ph, h < ph + height, w >= pw, w < pw + width, c < cin),
             _shift(get(b, c, h - ph, w - pw), signed), pad_code),
         name="x_nhwc")
     ry, rx = te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx")
     rc = te.reduce_axis((0, 4 * c4), name="rc")
+
+    def channel(k: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:  # input channel c of output channel k's group
+        return c if groups == 1 else (k // (kout // groups)) * (cin // groups) + c
+
     acc = te.compute(
         (batch, oh, ow, kpad),
-        lambda b, i, j, k: te.sum(x[b, i * sh + ry, j * sw + rx, rc].astype("int32")
+        lambda b, i, j, k: te.sum(x[b, i * sh + ry, j * sw + rx, channel(k, rc)].astype("int32")
                                   * w8[k // lanes, ry * kw + rx, rc // 4, k % lanes, rc % 4].astype("int32"),
                                   axis=[ry, rx, rc]),
         name="acc")
@@ -305,18 +317,18 @@ def ternary_conv2d_vnni(data: te.Tensor, codes_t: te.Tensor, alpha_t: te.Tensor,
                         out_layout: str = "NCHW", relu: bool = False, out_mode: OutMode = "float",
                         requant_scale: float | None = None, out_bits: int = 8, out_signed: bool = False) -> te.Tensor:
     """``kernels.ternary_conv2d`` (same result) on ``vpdpbusd`` with alpha folded into the int8 weight:
-    ``codes_t`` / ``alpha_t`` from :func:`ternary_tiles`; groups=1, dilation 1, groups of a multiple of 4
-    along the input channels, every alpha code <= 127."""
+    ``codes_t`` / ``alpha_t`` from :func:`ternary_tiles`; dilation 1, groups of a multiple of 4 along the
+    input channels, every alpha code <= 127; ``groups`` > 1 as :func:`conv2d_vnni_tiled` takes them."""
     _check_modes(out_mode, requant_scale, zp, data)
     kout, cg, kh, kw = (int(v) for v in weight_shape)
-    if groups != 1 or pair(dilation) != (1, 1):
-        raise ValueError(f"the VNNI conv takes groups=1, dilation 1; got groups={groups}, dilation={dilation}")
+    if pair(dilation) != (1, 1):
+        raise ValueError(f"the VNNI conv takes dilation 1; got dilation={dilation}")
     lay = qmath.group_layout((kout, cg, kh, kw), group_size)
     w8 = _ternary_w8(codes_t, alpha_t, lay.groups_per_segment * lay.group_size, lay.group_size, True)
     return conv2d_vnni_tiled(f"ternary_conv2d_{SUFFIX[int(codes_t.shape[-1])]}", data, w8, zp, out_scale, out_bias, kernel=(kh, kw),
                              strides=strides, padding=padding, in_layout=in_layout, out_layout=out_layout, relu=relu,
                              out_mode=out_mode, requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed,
-                             kout=kout)
+                             kout=kout, groups=groups)
 
 
 def ternary_dense_vnni(data: te.Tensor, codes_t: te.Tensor, alpha_t: te.Tensor, out_scale: te.Tensor,
@@ -342,12 +354,12 @@ def int_conv2d_vnni(data: te.Tensor, w8: te.Tensor, out_scale: te.Tensor, out_bi
     :func:`int8_tiles` (any number of input channels: rounded up to 4 with zero weights)."""
     _check_modes(out_mode, requant_scale, zp, data)
     kout, _, kh, kw = (int(v) for v in weight_shape)
-    if groups != 1 or pair(dilation) != (1, 1):
-        raise ValueError(f"the VNNI conv takes groups=1, dilation 1; got groups={groups}, dilation={dilation}")
+    if pair(dilation) != (1, 1):
+        raise ValueError(f"the VNNI conv takes dilation 1; got dilation={dilation}")
     return conv2d_vnni_tiled(f"int_conv2d_{SUFFIX[int(w8.shape[-2])]}", data, w8, zp, out_scale, out_bias, kernel=(kh, kw), strides=strides,
                              padding=padding, in_layout=in_layout, out_layout=out_layout, relu=relu,
                              out_mode=out_mode, requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed,
-                             kout=kout)
+                             kout=kout, groups=groups)
 
 
 def int_dense_vnni(data: te.Tensor, w8: te.Tensor, out_scale: te.Tensor, out_bias: te.Tensor, *,
@@ -638,8 +650,10 @@ def _common_unfit(layer: LayerSpec, target: tvm.target.Target | None, lanes: int
     if shape[0] % lanes and lanes != PADDED_LANES:
         return f"K={shape[0]}: need K % {lanes} == 0"
     if layer.op == "conv2d":
-        if int(layer.attrs.get("groups", 1)) != 1:
-            return f"groups={layer.attrs.get('groups')}"
+        groups = int(layer.attrs.get("groups", 1))
+        if groups != 1 and (shape[1] % 4 or (shape[0] // groups) % lanes or shape[1] == 1):
+            return (f"groups={groups}: a grouped conv needs C/groups % 4 == 0 and K/groups % {lanes} == 0 "
+                    f"(C/groups={shape[1]}, K/groups={shape[0] // groups})")
         if pair(layer.attrs.get("dilation", 1)) != (1, 1):
             return f"dilation {pair(layer.attrs.get('dilation', 1))}"
     elif shape[1] % 4:
