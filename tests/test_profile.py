@@ -14,6 +14,7 @@ def test_base_name_groups_instances() -> None:
     assert base_name("ternary_conv2d_vnni12") == "ternary_conv2d_vnni"
     assert base_name("fused_add_relu") == "fused_add_relu"
     assert base_name("max_pool2d_1") == "max_pool2d"
+    assert base_name("fused_tir_negative5_tir_exp5_add5_divide") == "fused_tir_negative_tir_exp_add_divide"
 
 
 def test_profile_names_the_kernels_and_counts_every_call() -> None:

@@ -12,7 +12,6 @@ inference: the sum of its calls).  Used by ``scripts/bench_speed.py --profile``:
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -33,8 +32,11 @@ class CallTime:
 
 
 def base_name(symbol: str) -> str:
-    """``ternary_conv2d_vnni12`` -> ``ternary_conv2d_vnni``: the instances of one kernel or op together."""
-    return re.sub(r"_?\d+$", "", symbol) or symbol
+    """``ternary_conv2d_vnni12`` -> ``ternary_conv2d_vnni``, ``fused_tir_negative5_tir_exp5_add5_divide`` ->
+    ``fused_tir_negative_tir_exp_add_divide``: the instances of one kernel or fused op together (each
+    ``_``-separated part loses its trailing digits)."""
+    parts = [p.rstrip("0123456789") for p in symbol.split("_")]
+    return "_".join(p for p in parts if p) or symbol
 
 
 def profile_calls(executable: Any, inputs: Sequence[np.ndarray], runs: int = 20, warmup: int = 3,
