@@ -120,6 +120,7 @@ def test_pipeline_has_named_passes() -> None:
     assert [p.info.name for p in seq.passes] == [
         "tvm_lowbit.NormalizeTake", "tvm_lowbit.TorchSiLU", "CanonicalizeBindings", "DeadCodeElimination", *nhwc,
         "FoldConstant",
+        "tvm_lowbit.Relu6Quantizer",
         "tvm_lowbit.FoldRequantize",
         "tvm_lowbit.LowerIntegerLayers", "tvm_lowbit.ApplyKernelSchedules"]
     assert "tvm_lowbit.LowerIntegerLayers" in str(seq)
