@@ -689,6 +689,11 @@ def int_vnni_fits(lanes: int) -> Callable[[LayerSpec, tvm.target.Target | None],
         if layer.weight.group_size != 0:
             return (f"int{layer.weight.bits} groups of {layer.weight.group_size}: the VNNI kernel takes "
                     "per-channel scales")
+        k = int(layer.attrs["weight_shape"][0])
+        if layer.weight.bits < 8 and (k % lanes or vnni_lanes(target) != lanes):
+            # the tile stores one byte per weight: where the packed generic kernel was the only choice before
+            # (K not whole zmm/ymm blocks of this host), keep the int4 codes packed
+            return f"int{layer.weight.bits} weights with K={k} would be stored as int8 in a padded/ymm tile"
         return None
 
     return fits
