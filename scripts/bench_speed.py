@@ -52,7 +52,9 @@ VARIANTS = ("tvm-fp32", "tvm-fgq-n4", "tvm-fgq-n64", "torch-fp32", "ort-int8", "
             "tvm-pow2-tuned")
 TUNE = {"trials": 64, "dir": Path("bench_schedules"), "scheduler": "gradient"}  # from --trials etc.
 TARGET = "x86-host"
-FIELDS = ("model", "variant", "target", "median_ms", "ratio_vs_tvm_fp32", "weight_bytes", "ratio_vs_ort_int8")
+FIELDS = ("model", "variant", "target", "median_ms", "ratio_vs_tvm_fp32", "weight_bytes", "ratio_vs_ort_int8",
+          "cpu_ms")
+PROFILE = {"runs": 0}  # from --profile: per-function CPU profile of the TVM rows over this many inferences
 
 
 class Timed(Protocol):
@@ -96,8 +98,11 @@ class FeedRunner(Runner):
     def __init__(self, fn: Callable[[dict[str, np.ndarray]], Any], weight_bytes: int) -> None:
         super().__init__(fn, weight_bytes)  # type: ignore[arg-type]
 
+    def run(self, x: Any) -> Any:
+        return self._fn(x)  # the feed as it is (no float32 cast)
+
     def median_ms(self, x: Any, repeat: int = 50, warmup: int = 5) -> float:
-        return median_call_ms(self._fn, x, repeat, warmup)  # the feed as it is (no float32 cast)
+        return median_call_ms(self._fn, x, repeat, warmup)
 
 
 def minilm_builders() -> dict[str, Callable[[nn.Module, Any, Any], Timed]]:
@@ -242,6 +247,27 @@ BUILDERS: dict[str, Callable[[nn.Module, np.ndarray, np.ndarray], Timed]] = {
 }
 
 
+def cpu_ms_per_call(runner: Any, x: Any, calls: int) -> float:
+    """Process CPU time (every thread: the runtime's pool workers, spinning or not) per ``run`` call, in ms:
+    what one inference costs the shared host, next to the wall-time median."""
+    runner.run(x)
+    c0 = time.process_time()
+    for _ in range(calls):
+        runner.run(x)
+    return 1e3 * (time.process_time() - c0) / calls
+
+
+def profile(name: str, variant: str, runner: Any, x: Any) -> None:
+    """Log the per-function CPU profile of a compiled TVM model (``tvm_lowbit.profile``)."""
+    from tvm_lowbit.profile import profile_calls, profile_table
+
+    if not hasattr(runner, "executable") or not hasattr(runner, "check_inputs"):
+        return
+    rows = profile_calls(runner.executable, runner.check_inputs(x), runs=PROFILE["runs"])
+    log(f"[{name}] {variant}: profile, median per inference of {PROFILE['runs']} runs, process CPU ms:\n"
+        + profile_table(rows))
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -268,16 +294,20 @@ def bench_model(name: str, variants: list[str], repeat: int) -> tuple[list[dict[
             runner = builders[variant](model, example, calib)
             log(f"[{name}] {variant}: built in {time.perf_counter() - t0:.1f} s; timing {repeat} runs ...")
             ms = float(runner.median_ms(example, repeat=repeat))
+            cpu = cpu_ms_per_call(runner, example, max(repeat // 2, 3))
+            if PROFILE["runs"] and variant.startswith("tvm-"):
+                profile(name, variant, runner, example)
         except Exception as e:  # one broken variant should not lose the other numbers
             log(f"[{name}] {variant}: FAILED: {type(e).__name__}: {e}")
             problems.append(f"{name}/{variant} FAILED")
             continue
         if variant == "tvm-fp32":
             ref_ms = ms
-        log(f"[{name}] {variant}: median {ms:.3f} ms")
+        log(f"[{name}] {variant}: median {ms:.3f} ms, {cpu:.3f} CPU ms per call; load average "
+            f"{os.getloadavg()[0]:.1f}")
         rows.append({"model": name, "variant": variant, "target": TARGET, "median_ms": ms,
                      "ratio_vs_tvm_fp32": None if ref_ms is None else ms / ref_ms,
-                     "weight_bytes": int(runner.weight_bytes)})
+                     "weight_bytes": int(runner.weight_bytes), "cpu_ms": cpu})
     ort = next((r["median_ms"] for r in rows if r["variant"] == "ort-int8"), None)
     for r in rows:
         r["ratio_vs_ort_int8"] = None if ort is None else r["median_ms"] / ort
@@ -286,12 +316,14 @@ def bench_model(name: str, variants: list[str], repeat: int) -> tuple[list[dict[
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"{'model':<20}{'variant':<18}{'target':<10}{'median_ms':>12}{'vs tvm-fp32':>13}{'vs ort-int8':>13}"
-          f"{'weight_bytes':>15}")
+          f"{'weight_bytes':>15}{'cpu_ms':>10}{'cpu vs ort':>12}")
     for r in rows:
         ratio = "-" if r["ratio_vs_tvm_fp32"] is None else f"{r['ratio_vs_tvm_fp32']:.3f}x"
         ort = "-" if r.get("ratio_vs_ort_int8") is None else f"{r['ratio_vs_ort_int8']:.3f}x"
+        ort_cpu = next((o["cpu_ms"] for o in rows if o["model"] == r["model"] and o["variant"] == "ort-int8"), None)
+        cpu_ratio = "-" if not ort_cpu else f"{r['cpu_ms'] / ort_cpu:.3f}x"
         print(f"{r['model']:<20}{r['variant']:<18}{r['target']:<10}{r['median_ms']:>12.3f}{ratio:>13}{ort:>13}"
-              f"{r['weight_bytes']:>15,}")
+              f"{r['weight_bytes']:>15,}{r['cpu_ms']:>10.3f}{cpu_ratio:>12}")
 
 
 def use_threads(n: int) -> None:
@@ -322,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="tuning databases of the *-tuned variants (a rerun keeps their records and tunes further)")
     ap.add_argument("--scheduler", choices=("round-robin", "gradient"), default="gradient",
                     help="how MetaSchedule shares the trials among the tasks (tune.tune_module; default gradient)")
+    ap.add_argument("--profile", type=int, default=0, metavar="RUNS",
+                    help="log a per-function CPU profile of every TVM row over RUNS inferences (tvm_lowbit.profile)")
     args = ap.parse_args(argv)
+    PROFILE.update(runs=args.profile)
     TUNE.update(trials=args.trials, dir=args.tune_dir, scheduler=args.scheduler)
     SIZE.update(size=args.size, seq=args.seq)
 
@@ -347,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         problems += p
 
     print(f"\nbatch 1, {NUM_THREADS} threads everywhere, median of {args.repeat} runs; "
-          "ratio = median / TVM FP32 median (same model, same run)")
+          "ratio = median / TVM FP32 median (same model, same run); cpu_ms = process CPU ms per call (all threads); "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
     print_table(rows)
     if any(r["variant"] == "tvm-fp32" for r in rows):
         # checked on the LLVM IR: no TVMBackendParallelLaunch without a schedule

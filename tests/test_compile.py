@@ -168,6 +168,32 @@ def test_operator_variants_bit_exact(group_size: int, act_bits: int) -> None:
     assert len(art.report.lowered) == 10
 
 
+def test_odd_channel_counts_take_the_padded_vnni_kernels() -> None:
+    """K = 10, 12, 20 (no multiple of 8): on a VNNI host the 8-lane kernels with the weight tile padded to 8
+    output channels; accumulators and outputs bit-exact."""
+    torch.manual_seed(4)
+    q = quantize(Variants().eval(), FGQ(group_size=4, act_bits=8, first_layer="fgq", last_layer="fgq", alpha_bits=7),
+                 torch.randn(32, 3, 12, 12), progress=False)
+    art = check_bit_exact(q, torch.randn(2, 3, 12, 12).numpy())
+    if vnni_lanes(art.target.tvm_target()) == 16:
+        names = art.report.kernel_names
+        assert {names[k] for k in ("c_stride", "c_1x1", "c_rect")} == {"ternary_conv2d_avxvnni"}, names
+        assert {names[k] for k in ("fc1", "fc2")} == {"ternary_dense_avxvnni"}, names
+
+
+def test_grouped_convs_take_the_vnni_kernel() -> None:
+    """RegNetX's grouped 3x3 convs (16 channels per group): on the VNNI kernel, bit-exact, in the NHWC region."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(8, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1, groups=4), nn.ReLU(),
+                          nn.Conv2d(64, 32, 3, stride=2, padding=1, groups=2), nn.ReLU(), nn.Conv2d(32, 16, 1)).eval()
+    q = quantize(model, FGQ(group_size=4, act_bits=8, first_layer="fgq", last_layer="fgq", alpha_bits=7),
+                 torch.randn(32, 8, 10, 10), progress=False)
+    art = check_bit_exact(q, torch.randn(2, 8, 10, 10).numpy())
+    if vnni_lanes(art.target.tvm_target()) == 16:
+        assert art.report.kernel_names["2"] == "ternary_conv2d_vnni", art.report.kernel_reasons["2"]
+        assert art.report.kernel_names["4"] == "ternary_conv2d_vnni", art.report.kernel_reasons["4"]
+
+
 def test_unlowerable_layer_falls_back_with_a_report() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),

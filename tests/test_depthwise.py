@@ -42,7 +42,7 @@ def dw_case(kind: str, c: int, hw: int, r: int, stride: int, signed: bool, in_la
     dt = "int8" if signed else "uint8"
     xv = (rng.integers(-128, 128, (1, c, hw, hw)) if signed else rng.integers(0, 256, (1, c, hw, hw))).astype(dt)
     x = te.placeholder(xv.shape if in_layout == "NCHW" else (1, hw, hw, c), dt, name="x")
-    wp = te.placeholder((r * r, c), "int16", name="w")
+    wp = te.placeholder((r * r, depthwise.padded_channels(c)), "int16", name="w")
     sc, bi = te.placeholder((c,), "float32", name="s"), te.placeholder((c,), "float32", name="b")
     out = depthwise.dwconv2d(x, wp, sc, bi, weight_shape=(c, 1, r, r), strides=stride, padding=r // 2, groups=c,
                              in_layout=in_layout, out_layout=out_layout, wide_input=wide, relu=out_mode != "acc",
@@ -72,6 +72,9 @@ CASES = [  # kind, C, HW, R, stride, signed, in layout, out layout, out mode
     ("int8", 24, 10, 5, 2, True, "NCHW", "NHWC", "requant"),
     ("int4", 16, 7, 3, 1, True, "NCHW", "NCHW", "float"),
     ("int8", 8, 12, 3, 2, False, "NHWC", "NHWC", "acc"),
+    # channels no multiple of 8 (ShuffleNet's 58 and 116): padded to whole vectors with zero weights
+    ("ternary", 58, 9, 3, 2, False, "NHWC", "NHWC", "requant"),
+    ("int8", 12, 8, 5, 1, True, "NCHW", "NCHW", "acc"),
 ]
 
 
@@ -150,8 +153,8 @@ def test_depthwise_fallbacks_say_why() -> None:
     assert kernel.name == "ternary_conv2d" and "not ternary_dwconv2d_avx: the target has no AVX2" in reason
     kernel, reason = kernels.select(_spec("int8", 32, 3), None)
     assert kernel.name == "int_conv2d" and "no LLVM target" in reason
-    for spec, why in ((_spec("int8", 12, 3), "C=12: need C % 8 == 0"),
-                      (_spec("int8", 16, 7), "7x7 filters"),
+    assert kernels.select(_spec("int8", 12, 3), HOST).kernel.name == "int_dwconv2d_avx"  # padded to 16 channels
+    for spec, why in ((_spec("int8", 16, 7), "7x7 filters"),
                       (_spec("int8", 16, 3, stride=3), "strides (3, 3)"),
                       (_spec("int8", 16, 3, act_bits=16), "16-bit activation codes")):
         kernel, reason = kernels.select(spec, HOST)

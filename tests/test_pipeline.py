@@ -121,6 +121,7 @@ def test_pipeline_has_named_passes() -> None:
         "tvm_lowbit.NormalizeTake", "tvm_lowbit.TorchSiLU", "tvm_lowbit.TorchSigmoid", "tvm_lowbit.TorchMean",
         "CanonicalizeBindings", "DeadCodeElimination", *nhwc,
         "FoldConstant",
+        "tvm_lowbit.Relu6Quantizer",
         "tvm_lowbit.FoldRequantize",
         "tvm_lowbit.LowerIntegerLayers", "tvm_lowbit.ApplyKernelSchedules"]
     assert "tvm_lowbit.LowerIntegerLayers" in str(seq)

@@ -23,9 +23,9 @@ needs_vnni = pytest.mark.skipif(not HOST_VNNI, reason="this host has no AVX-512 
 
 
 def _conv(kind: str, k: int, c: int, hw: int, r: int, stride: int, pad: int, signed: bool, lanes: int = 16,
-          n: int = 4, in_layout: str = "NCHW", out_layout: str = "NCHW", out_mode: str = "acc") -> tuple:
+          n: int = 4, in_layout: str = "NCHW", out_layout: str = "NCHW", out_mode: str = "acc", groups: int = 1) -> tuple:
     rng = np.random.default_rng(k * c + r + stride + signed)
-    w = torch.randn(k, c, r, r, generator=torch.Generator().manual_seed(k + c))
+    w = torch.randn(k, c // groups, r, r, generator=torch.Generator().manual_seed(k + c))
     zp = te.placeholder((k,), "int32", name="zp") if signed else None
     dt = "int8" if signed else "uint8"
     x = te.placeholder((1, c, hw, hw) if in_layout == "NCHW" else (1, hw, hw, c), dt, name="x")
@@ -36,14 +36,15 @@ def _conv(kind: str, k: int, c: int, hw: int, r: int, stride: int, pad: int, sig
         wint = tw.w_int.numpy()
         vals = list(vnni.ternary_tiles(tw.packed_codes(), tw.alpha_q.numpy().reshape(k, -1), tw.layout, lanes))
         ph = [te.placeholder(v.shape, "uint8", name=f"w{i}") for i, v in enumerate(vals)]
-        out = vnni.ternary_conv2d_vnni(x, *ph, sc, bi, weight_shape=(k, c, r, r), strides=stride, padding=pad,
-                                       group_size=n, zp=zp, in_layout=in_layout, out_layout=out_layout, **mode)
+        out = vnni.ternary_conv2d_vnni(x, *ph, sc, bi, weight_shape=(k, c // groups, r, r), strides=stride,
+                                       padding=pad, group_size=n, zp=zp, in_layout=in_layout, out_layout=out_layout,
+                                       groups=groups, **mode)
     else:
         wint = qmath.int_quantize_weight(w, 8).w_int.numpy()
         vals = [vnni.int8_tiles(wint, lanes)]
         ph = [te.placeholder(vals[0].shape, "int8", name="w8")]
-        out = vnni.int_conv2d_vnni(x, *ph, sc, bi, weight_shape=(k, c, r, r), strides=stride, padding=pad, zp=zp,
-                                   in_layout=in_layout, out_layout=out_layout, **mode)
+        out = vnni.int_conv2d_vnni(x, *ph, sc, bi, weight_shape=(k, c // groups, r, r), strides=stride, padding=pad,
+                                   zp=zp, in_layout=in_layout, out_layout=out_layout, groups=groups, **mode)
     ins = [x, *ph, sc, bi, *([zp] if signed else [])]
     sch = tvm.s_tir.Schedule(kernels.make_prim_func(ins, out, "main"))
     vnni.schedule_conv2d_vnni(sch)
@@ -52,7 +53,8 @@ def _conv(kind: str, k: int, c: int, hw: int, r: int, stride: int, pad: int, sig
     bias = rng.standard_normal(k).astype(np.float32)
     args = [xv if in_layout == "NCHW" else np.ascontiguousarray(xv.transpose(0, 2, 3, 1)), *vals, scale, bias,
             *([vnni.zero_point_term(wint)] if signed else [])]
-    ref = qmath.conv2d_int_np(xv.astype(np.int64), wint.astype(np.int64), (stride, stride), (pad, pad), (1, 1), 1)
+    ref = qmath.conv2d_int_np(xv.astype(np.int64), wint.astype(np.int64), (stride, stride), (pad, pad), (1, 1),
+                              groups)
     return sch.mod, args, [int(v) for v in out.shape], str(out.dtype), ref, scale, bias
 
 
@@ -72,9 +74,30 @@ def _call(mod, target, args, shape, dtype) -> np.ndarray:
     ("ternary", 16, 8, 6, 3, 1, 1, False, 8, 4, "NCHW"),
     ("int", 64, 3, 16, 7, 2, 3, True, 16, 0, "NCHW"),
     ("int", 16, 5, 7, 3, 1, 1, False, 8, 0, "NHWC"),
+    ("ternary", 24, 16, 7, 1, 1, 0, True, 8, 4, "NHWC"),   # K % 16 == 8: the ymm form on an AVX-512 host
+    # K no multiple of 8: the tile padded with zero weights (ShuffleNet's 58, the squeeze-excitation convs)
+    ("ternary", 58, 16, 7, 1, 1, 0, False, 8, 4, "NHWC"),
+    ("ternary", 6, 12, 5, 3, 2, 1, True, 8, 4, "NCHW"),
+    ("int", 20, 5, 7, 3, 1, 1, True, 8, 0, "NHWC"),
 ])
 def test_conv_vnni_bit_exact(kind, k, c, hw, r, stride, pad, signed, lanes, n, lay) -> None:
     mod, args, shape, dtype, ref, _, _ = _conv(kind, k, c, hw, r, stride, pad, signed, lanes, n, lay, lay)
+    got = _call(mod, AVX512_VNNI, args, shape, dtype)
+    if lay == "NHWC":
+        got = got.transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(got.astype(np.int64), ref)
+
+
+@needs_vnni
+@pytest.mark.parametrize("kind,k,c,groups,lanes,stride,lay", [
+    ("ternary", 64, 64, 4, 16, 1, "NHWC"),    # RegNetX: 16 channels per group
+    ("ternary", 96, 48, 3, 16, 2, "NCHW"),    # K/groups = 32 (two lane blocks per group), C/groups = 16
+    ("int", 32, 32, 2, 8, 1, "NHWC"),
+    ("ternary", 48, 24, 6, 8, 2, "NHWC"),     # C/groups = 4
+])
+def test_grouped_conv_vnni_bit_exact(kind, k, c, groups, lanes, stride, lay) -> None:
+    mod, args, shape, dtype, ref, _, _ = _conv(kind, k, c, 9, 3, stride, 1, kind == "int", lanes, 4, lay, lay,
+                                               groups=groups)
     got = _call(mod, AVX512_VNNI, args, shape, dtype)
     if lay == "NHWC":
         got = got.transpose(0, 3, 1, 2)
@@ -91,17 +114,19 @@ def test_conv_vnni_requant_epilogue() -> None:
 
 
 @needs_vnni
-@pytest.mark.parametrize("m,n,k,gs,signed,batch", [(1, 64, 256, 4, False, 0), (5, 32, 64, 8, True, 0),
-                                                   (20, 32, 128, 4, False, 0),
-                                                   # batch x tokens inputs [B, T, C] (a transformer's linears)
-                                                   (5, 32, 64, 8, True, 2), (12, 64, 128, 4, False, 3)])
-def test_dense_vnni_bit_exact(m: int, n: int, k: int, gs: int, signed: bool, batch: int) -> None:
+@pytest.mark.parametrize("m,n,k,gs,signed,batch,lanes", [(1, 64, 256, 4, False, 0, 16), (5, 32, 64, 8, True, 0, 16),
+                                                         (20, 32, 128, 4, False, 0, 16),
+                                                         # batch x tokens inputs [B, T, C] (a transformer's linears)
+                                                         (5, 32, 64, 8, True, 2, 16), (12, 64, 128, 4, False, 3, 16),
+                                                         # K padded to the 8-lane tile
+                                                         (5, 28, 64, 4, True, 0, 8), (1, 10, 32, 4, False, 0, 8)])
+def test_dense_vnni_bit_exact(m: int, n: int, k: int, gs: int, signed: bool, batch: int, lanes: int) -> None:
     rng = np.random.default_rng(m + n + k + batch)
     t = rng.integers(-1, 2, (n, k))
     alpha = rng.integers(0, 128, (n, k // gs))
     lay = qmath.group_layout((n, k), gs)
-    ct, at = vnni.ternary_tiles(qmath.pack_2bit(t), alpha, lay, 16)
-    f, names = vnni.build_dense(m, n, k, group_size=gs, signed=signed, target=AVX512_VNNI, batch=batch)
+    ct, at = vnni.ternary_tiles(qmath.pack_2bit(t), alpha, lay, lanes)
+    f, names = vnni.build_dense(m, n, k, group_size=gs, signed=signed, target=AVX512_VNNI, batch=batch, lanes=lanes)
     assert names[:3] == ["x", "codes_t", "alpha_t"]
     lead = (batch, m) if batch else (m,)
     x = (rng.integers(-128, 128, (*lead, k)) if signed else rng.integers(0, 256, (*lead, k))).astype(
@@ -154,6 +179,26 @@ def test_registry_picks_vnni_by_alpha_width() -> None:
     assert kernels.select(_spec(127), tvm.target.Target(AVX_VNNI)).kernel.name == "ternary_conv2d_avxvnni"
     # signed activation codes: only the VNNI kernel (zero-point shift) takes them on x86
     assert kernels.select(_spec(127, act_signed=True), tgt).kernel.name == "ternary_conv2d_vnni"
+
+
+def test_k_of_8_mod_16_takes_the_ymm_vnni_kernel_on_avx512() -> None:
+    """K % 16 == 8 (MobileNetV3's 24, 40, 72, 88 channels): the 8-lane vpdpbusd (EVEX ymm, AVX-512 VL) instead
+    of the AVX2 kernel."""
+    tgt = tvm.target.Target(AVX512_VNNI)
+    for op in ("conv2d",):
+        spec = _spec(127, op=op)
+        shape = (24, *spec.attrs["weight_shape"][1:])
+        tw = qmath.ternarize_weight(torch.randn(shape), 4, alpha_bits=7)
+        spec = dataclasses.replace(spec, weight=tw, attrs={**spec.attrs, "weight_shape": shape})
+        choice = kernels.select(spec, tgt)
+        assert choice.kernel.name == f"ternary_{op}_avxvnni", choice.reason
+        assert "K=24: need K % 16 == 0" in choice.reason
+        shape = (58, *shape[1:])  # no multiple of 8: padded
+        spec = dataclasses.replace(spec, weight=qmath.ternarize_weight(torch.randn(shape), 4, alpha_bits=7),
+                                   attrs={**spec.attrs, "weight_shape": shape})
+        assert kernels.select(spec, tgt).kernel.name == f"ternary_{op}_avxvnni"
+    assert not vnni.has_lanes(tvm.target.Target(AVX2_ONLY), 8)
+    assert vnni.has_lanes(tvm.target.Target(AVX_VNNI), 8) and not vnni.has_lanes(tvm.target.Target(AVX_VNNI), 16)
 
 
 def test_batch1_dense_rule_on_vnni() -> None:

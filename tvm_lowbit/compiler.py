@@ -5,7 +5,8 @@ Pipeline of the CPU backend (``tvm_lowbit.backends.cpu``), printed by ``pipeline
   2. ``tvm_lowbit.passes.lowering_pipeline``, one ``tvm.transform.Sequential``: canonicalize, fold constants,
      ``FoldRequantize``, ``LowerIntegerLayers`` (fake-quant layers -> the integer kernels the kernel registry
      picks for the target), a tuned database if one applies, ``ApplyKernelSchedules``
-  3. ``tvm.compile`` (Relax default pipeline: legalize the float ops, fuse, lower, build)
+  3. ``tvm.compile`` (Relax default pipeline: legalize the float ops, fuse, lower, build; on x86 with
+     ``tvm_lowbit.ScheduleFloatOps`` after the fusion: the float ops parallel and vectorized, same results)
 
 The target's backend (``tvm_lowbit.backends.backend_for``, chosen by the target file's ``"kind"``) does the
 work: the CPU one above, or the VTA one (``tvm_lowbit.vta.compile``). This module is the public entry:
@@ -40,7 +41,7 @@ __all__ = ["Artifact", "CompileError", "build", "compile", "compile_saved", "imp
            "import_torch", "layer_infos", "load_artifact", "load_saved", "pipeline_description", "save_quantized"]
 
 IMPORT_STEP = "import (torch.export / ONNX) -> Relax"
-BUILD_STEP = "tvm.compile (Relax default pipeline)"
+BUILD_STEP = "tvm.compile (Relax default pipeline; x86: + tvm_lowbit.ScheduleFloatOps)"
 TUNED_STEP = "tune.apply_database (a tuned MetaSchedule database, when one applies)"
 
 

@@ -20,6 +20,7 @@ from tvm_lowbit.quantizers.inputs import first_tensor
 from tvm_lowbit.passes.apply_kernel_schedules import apply_default_schedules
 from tvm_lowbit.passes.lower_integer_layers import lower_integer_layers
 from tvm_lowbit.passes.normalize_take import normalize_take
+from tvm_lowbit.passes.schedule_float_ops import build_pipeline
 from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.targets import TargetSpec
 
@@ -113,7 +114,8 @@ def _build_locked(mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None
         mod = strip_single_tuple(mod)
     weight_bytes = constants_bytes(mod["main"])
     try:
-        ex = tvm.compile(mod, target=tgt)
+        # x86: the float ops between the kernels parallel and vectorized, same results (passes.schedule_float_ops)
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=build_pipeline(tgt) if spec.arch == "x86_64" else "default")
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise CompileError(f"TVM failed to build the model for {spec.name}: {type(e).__name__}: "

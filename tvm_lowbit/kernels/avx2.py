@@ -46,41 +46,40 @@ AVX2_DOT_8x4_INTRIN = "tvm_lowbit_dot_8x4_u8i8s32_avx2"
 DENSE_MIN_ROWS = 16
 
 
-@T.prim_func(s_tir=True)
-def _dot_8x4_desc(a: T.handle, b: T.handle, s: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-    B = T.match_buffer(b, (8, 4), "int8", offset_factor=1)
-    S = T.match_buffer(s, (8, 2), "int16", offset_factor=1)
-    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4], S[0:8, 0:2])
-        T.writes(C[0:8])
-        for i, k in T.grid(8, 4):
-            with T.sblock("update"):
-                vi, vk = T.axis.remap("SR", [i, k])
-                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk]) * T.Cast("int32", S[vi, vk % 2])
+def _dot_8x4(vector: bool) -> tirx.PrimFunc:
+    """The intrinsic's description (``vector=False``: the scalar loop tensorize matches) or its
+    implementation (``vpmaddubsw`` then ``vpmaddwd`` by the int16 scales); the same buffers either way."""
 
+    @T.prim_func(s_tir=True)
+    def dot(a: T.handle, b: T.handle, s: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (8, 4), "int8", offset_factor=1)
+        S = T.match_buffer(s, (8, 2), "int16", offset_factor=1)
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4], S[0:8, 0:2])
+            T.writes(C[0:8])
+            if vector:
+                a_word = T.reinterpret("int32", A.vload([0], "uint8x4"))
+                a_u8 = T.reinterpret("uint8x32", T.broadcast(a_word, 8))
+                pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a_u8,
+                                                B.vload([0, 0], "int8x32"))
+                C[0:8] = C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
+                    "int32x8", "llvm.x86.avx2.pmadd.wd", pairs, S.vload([0, 0], "int16x16"))
+            else:
+                for i, k in T.grid(8, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk]) \
+                            * T.Cast("int32", S[vi, vk % 2])
 
-@T.prim_func(s_tir=True)
-def _dot_8x4_avx2(a: T.handle, b: T.handle, s: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-    B = T.match_buffer(b, (8, 4), "int8", offset_factor=1)
-    S = T.match_buffer(s, (8, 2), "int16", offset_factor=1)
-    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4], S[0:8, 0:2])
-        T.writes(C[0:8])
-        a_word = T.reinterpret("int32", A.vload([0], "uint8x4"))
-        a_u8 = T.reinterpret("uint8x32", T.broadcast(a_word, 8))
-        pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a_u8, B.vload([0, 0], "int8x32"))
-        C[0:8] = C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
-            "int32x8", "llvm.x86.avx2.pmadd.wd", pairs, S.vload([0, 0], "int16x16"))
+    return dot
 
 
 def register() -> str:
     """Register the intrinsic (idempotent); returns its name for ``Schedule.tensorize``."""
     if tvm.s_tir.TensorIntrin.get(AVX2_DOT_8x4_INTRIN, allow_missing=True) is None:
-        tvm.s_tir.TensorIntrin.register(AVX2_DOT_8x4_INTRIN, _dot_8x4_desc, _dot_8x4_avx2)
+        tvm.s_tir.TensorIntrin.register(AVX2_DOT_8x4_INTRIN, _dot_8x4(False), _dot_8x4(True))
     return AVX2_DOT_8x4_INTRIN
 
 

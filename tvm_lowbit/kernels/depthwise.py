@@ -42,7 +42,7 @@ from tvm_lowbit.kernels.registry import register as register_kernel
 LAYOUTS = ("NCHW", "NHWC")
 LAYOUT_ATTR = "tvm_lowbit.out_layout"
 MAX_WEIGHT = (1 << 15) - 1   # |w_int| bound: the weights are int16
-MIN_LANES = 8                # channels must come in multiples of the narrowest vector (8 int32 / int16 lanes)
+MIN_LANES = 8                # channels are padded to a multiple of the narrowest vector (8 int32 / int16 lanes)
 KERNEL_SIZES = ((3, 3), (5, 5))
 
 
@@ -63,7 +63,7 @@ def dwconv2d(data: te.Tensor, w: te.Tensor, out_scale: te.Tensor, out_bias: te.T
              requant_scale: float | None = None, out_bits: int = 8, out_signed: bool = False,
              kind: str = "int_dwconv2d") -> te.Tensor:
     """Depthwise conv of 8-bit activation codes (``uint8``/``int8``, ``in_layout``) with the integer
-    weight ``w`` (``int16 [R * S, C]``, :func:`weight_taps`), exact in int32, then the qmath epilogue
+    weight ``w`` (``int16 [R * S, C']``, C rounded up to ``MIN_LANES``: :func:`weight_taps`), exact in int32, then the qmath epilogue
     (``out_mode="acc"``: the accumulators).  ``wide_input``: the padded copy of the codes is int16 (the
     aarch64 schedule's form).  Output ``[B, C, OH, OW]`` or ``[B, OH, OW, C]`` (``out_layout``)."""
     check_mode(out_mode, requant_scale)
@@ -79,23 +79,24 @@ def dwconv2d(data: te.Tensor, w: te.Tensor, out_scale: te.Tensor, out_bias: te.T
                          "(need groups == C == K and one input channel per filter)")
     if pair(dilation) != (1, 1):
         raise ValueError(f"the depthwise kernels take dilation 1, got {dilation}")
-    if tuple(int(v) for v in w.shape) != (kh * kw, kout) or str(w.dtype) != "int16":
-        raise ValueError(f"depthwise weight must be int16 [{kh * kw}, {kout}] (weight_taps), got "
+    cpad = padded_channels(kout)
+    if tuple(int(v) for v in w.shape) != (kh * kw, cpad) or str(w.dtype) != "int16":
+        raise ValueError(f"depthwise weight must be int16 [{kh * kw}, {cpad}] (weight_taps), got "
                          f"{w.dtype} {tuple(int(v) for v in w.shape)}")
     (sh, sw), (ph, pw) = pair(strides), pair(padding)
     oh, ow = conv_out_size(height, kh, sh, ph), conv_out_size(width, kw, sw, pw)
     hp, wp = height + 2 * ph, width + 2 * pw
     pad_dtype = "int16" if wide_input else dtype
-    xp = te.compute(
-        (batch, hp, wp, chans),
+    xp = te.compute(  # channels padded to a whole vector with code 0 (their weights are 0 too)
+        (batch, hp, wp, cpad),
         lambda b, h, x, c: tirx.if_then_else(
-            tirx.all(h >= ph, h < ph + height, x >= pw, x < pw + width),
+            tirx.all(h >= ph, h < ph + height, x >= pw, x < pw + width, c < chans),
             get(b, c, h - ph, x - pw).astype(pad_dtype), tirx.const(0, pad_dtype)),
         name="x_pad")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     acc = te.compute(
-        (batch, oh, ow, chans),
+        (batch, oh, ow, cpad),
         lambda b, i, j, c: te.sum(xp[b, i * sh + ry, j * sw + rx, c].astype("int32")
                                   * w[ry * kw + rx, c].astype("int32"), axis=[ry, rx]),
         name="acc")
@@ -124,14 +125,22 @@ def _compute(kind: str) -> Callable[..., te.Tensor]:
 # Operands (compile time, numpy)
 # --------------------------------------------------------------------------------------------
 
+def padded_channels(chans: int) -> int:
+    """Channels rounded up to a whole number of the narrowest vectors (``MIN_LANES``)."""
+    return -(-chans // MIN_LANES) * MIN_LANES
+
+
 def weight_taps(w_int: np.ndarray) -> np.ndarray:
-    """The integer weight ``[C, 1, R, S]`` as ``int16 [R * S, C]`` (tap-major, channels contiguous)."""
+    """The integer weight ``[C, 1, R, S]`` as ``int16 [R * S, C']`` (tap-major, channels contiguous; C' = C
+    rounded up to ``MIN_LANES`` with zero weights, :func:`padded_channels`)."""
     w = np.asarray(w_int)
     if w.ndim != 4 or w.shape[1] != 1:
         raise ValueError(f"depthwise weight must be [C, 1, R, S], got {w.shape}")
     if np.abs(w.astype(np.int64)).max(initial=0) > MAX_WEIGHT:
         raise ValueError(f"depthwise integer weights up to {np.abs(w).max()} do not fit int16")
-    return np.ascontiguousarray(w.reshape(w.shape[0], -1).T).astype(np.int16)
+    taps = np.zeros((w.shape[2] * w.shape[3], padded_channels(w.shape[0])), np.int16)
+    taps[:, :w.shape[0]] = w.reshape(w.shape[0], -1).T
+    return taps
 
 
 def _wide(isa: str) -> bool:
@@ -232,8 +241,6 @@ def _fits(isa: str) -> Callable[[LayerSpec, tvm.target.Target | None], str | Non
             return f"strides {pair(layer.attrs.get('strides', 1))}: need 1 or 2"
         if pair(layer.attrs.get("dilation", 1)) != (1, 1):
             return f"dilation {pair(layer.attrs.get('dilation', 1))}"
-        if shape[0] % MIN_LANES:
-            return f"C={shape[0]}: need C % {MIN_LANES} == 0"
         top = int(layer.weight.w_int.abs().max()) if layer.weight.w_int.numel() else 0
         if top > MAX_WEIGHT:
             return f"integer weights up to {top} do not fit int16"

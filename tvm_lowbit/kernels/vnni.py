@@ -52,33 +52,30 @@ def _intrin(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
     nbytes = f"int8x{4 * lanes}"
     llvm = _LLVM_INTRIN[lanes]
 
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            for i, k in T.grid(lanes, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
+    def make(vector: bool) -> tirx.PrimFunc:
+        @T.prim_func(s_tir=True)
+        def dot(a: T.handle, b: T.handle, c: T.handle) -> None:
+            A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+            B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+            C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+                T.writes(C[0:lanes])
+                if vector:
+                    a_word = T.reinterpret("int32", A.vload([0], "uint8x4"))
+                    # LLVM 20+ declares the byte operands as <4L x i8>
+                    C[0:lanes] = T.call_llvm_pure_intrin(vec, llvm, C.vload([0], vec),
+                                                         T.reinterpret(nbytes, T.broadcast(a_word, lanes)),
+                                                         B.vload([0, 0], nbytes))
+                else:
+                    for i, k in T.grid(lanes, 4):
+                        with T.sblock("update"):
+                            vi, vk = T.axis.remap("SR", [i, k])
+                            C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
 
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            a_word = T.reinterpret("int32", A.vload([0], "uint8x4"))
-            # LLVM 20+ declares the byte operands as <4L x i8>
-            C[0:lanes] = T.call_llvm_pure_intrin(vec, llvm, C.vload([0], vec),
-                                                 T.reinterpret(nbytes, T.broadcast(a_word, lanes)),
-                                                 B.vload([0, 0], nbytes))
+        return dot
 
+    desc, impl = make(False), make(True)
     return desc, impl
 
 
@@ -206,9 +203,13 @@ def _finish(kind: str, acc: te.Tensor, zp: te.Tensor | None, shape: tuple, index
 def conv2d_vnni_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor | None, out_scale: te.Tensor,
                       out_bias: te.Tensor, *, kernel: tuple[int, int], strides: int | Sequence[int],
                       padding: int | Sequence[int], in_layout: str, out_layout: str, relu: bool, out_mode: str,
-                      requant_scale: float | None, out_bits: int, out_signed: bool) -> te.Tensor:
+                      requant_scale: float | None, out_bits: int, out_signed: bool, kout: int | None = None,
+                      groups: int = 1) -> te.Tensor:
     """The conv on an int8 weight tile ``w8[K/L, taps, C4, L, 4]`` (a tensor or a decode stage):
-    ``acc[b, i, j, k] = sum x_u8 * w8`` over (r, s, channels), exact in int32."""
+    ``acc[b, i, j, k] = sum x_u8 * w8`` over (r, s, channels), exact in int32.  ``kout``: the layer's output
+    channels when the tile is padded with zero weights to a multiple of L (the output has ``kout``).
+    ``groups`` > 1: a grouped conv, the tile's channels those of one group (C/groups, a multiple of 4), each
+    block of L output channels inside one group (K/groups a multiple of L)."""
     signed = _act_dtype_check(data)
     if in_layout not in LAYOUTS or out_layout not in LAYOUTS:
         raise ValueError(f"layouts must be one of {LAYOUTS}, got in {in_layout!r}, out {out_layout!r}")
@@ -216,24 +217,37 @@ def conv2d_vnni_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
     kh, kw = kernel
     if taps != kh * kw:
         raise ValueError(f"weight tile has {taps} taps for a {kh}x{kw} kernel")
-    kout = nkb * lanes
+    kpad = nkb * lanes
+    kout = kpad if kout is None else kout
+    if not kpad - lanes < kout <= kpad:
+        raise ValueError(f"{kout} output channels do not fit a weight tile of {kpad} (padded to {lanes} lanes)")
     batch, cin, height, width, get = layout_reader(data, in_layout)
-    if -(-cin // 4) != c4:
+    if groups > 1:
+        kg, cg = kout // groups, cin // groups
+        if kout % groups or cin % groups or kg % lanes or cg % 4 or cg != 4 * c4:
+            raise ValueError(f"grouped VNNI conv: K={kout}, C={cin}, groups={groups}, weight tile of {4 * c4} "
+                             f"channels, {lanes} lanes: need C/groups = the tile's channels, a multiple of 4, and "
+                             f"K/groups a multiple of {lanes}")
+    elif -(-cin // 4) != c4:
         raise ValueError(f"input has {cin} channels, the weight tile {4 * c4} (channels rounded up to 4)")
     (sh, sw), (ph, pw) = pair(strides), pair(padding)
     oh, ow = conv_out_size(height, kh, sh, ph), conv_out_size(width, kw, sw, pw)
     pad_code = tirx.const(ZERO_POINT if signed else 0, "uint8")  # a zero activation, shifted
     x = te.compute(
-        (batch, height + 2 * ph, width + 2 * pw, 4 * c4),
+        (batch, height + 2 * ph, width + 2 * pw, cin if groups > 1 else 4 * c4),
         lambda b, h, w, c: tirx.if_then_else(
             tirx.all(h >= ph, h < ph + height, w >= pw, w < pw + width, c < cin),
             _shift(get(b, c, h - ph, w - pw), signed), pad_code),
         name="x_nhwc")
     ry, rx = te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx")
     rc = te.reduce_axis((0, 4 * c4), name="rc")
+
+    def channel(k: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:  # input channel c of output channel k's group
+        return c if groups == 1 else (k // (kout // groups)) * (cin // groups) + c
+
     acc = te.compute(
-        (batch, oh, ow, kout),
-        lambda b, i, j, k: te.sum(x[b, i * sh + ry, j * sw + rx, rc].astype("int32")
+        (batch, oh, ow, kpad),
+        lambda b, i, j, k: te.sum(x[b, i * sh + ry, j * sw + rx, channel(k, rc)].astype("int32")
                                   * w8[k // lanes, ry * kw + rx, rc // 4, k % lanes, rc % 4].astype("int32"),
                                   axis=[ry, rx, rc]),
         name="acc")
@@ -246,11 +260,15 @@ def conv2d_vnni_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
 
 def dense_vnni_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor | None, out_scale: te.Tensor,
                      out_bias: te.Tensor, *, relu: bool, out_mode: str, requant_scale: float | None, out_bits: int,
-                     out_signed: bool) -> te.Tensor:
-    """``data[..., C]`` times the int8 weight tile ``w8[K/L, C/4, L, 4]`` -> ``[..., K]`` (C % 4 == 0)."""
+                     out_signed: bool, kout: int | None = None) -> te.Tensor:
+    """``data[..., C]`` times the int8 weight tile ``w8[K/L, C/4, L, 4]`` -> ``[..., K]`` (C % 4 == 0);
+    ``kout`` as in :func:`conv2d_vnni_tiled`."""
     signed = _act_dtype_check(data)
     nkb, c4, lanes, _ = (int(v) for v in w8.shape)
-    kout, cin = nkb * lanes, int(data.shape[-1])
+    kpad, cin = nkb * lanes, int(data.shape[-1])
+    kout = kpad if kout is None else kout
+    if not kpad - lanes < kout <= kpad:
+        raise ValueError(f"{kout} output channels do not fit a weight tile of {kpad} (padded to {lanes} lanes)")
     if cin != 4 * c4:
         raise ValueError(f"data has {cin} features, the weight tile {4 * c4}")
     lead = [int(v) for v in data.shape[:-1]]
@@ -258,7 +276,7 @@ def dense_vnni_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor | 
     if signed:
         x = te.compute(data.shape, lambda *i: _shift(data[i], True), name="x_u8")
     rc = te.reduce_axis((0, cin), name="rc")
-    acc = te.compute((*lead, kout),
+    acc = te.compute((*lead, kpad),
                      lambda *i: te.sum(x[(*i[:-1], rc)].astype("int32")
                                        * w8[i[-1] // lanes, rc // 4, i[-1] % lanes, rc % 4].astype("int32"), axis=rc),
                      name="acc")
@@ -299,17 +317,18 @@ def ternary_conv2d_vnni(data: te.Tensor, codes_t: te.Tensor, alpha_t: te.Tensor,
                         out_layout: str = "NCHW", relu: bool = False, out_mode: OutMode = "float",
                         requant_scale: float | None = None, out_bits: int = 8, out_signed: bool = False) -> te.Tensor:
     """``kernels.ternary_conv2d`` (same result) on ``vpdpbusd`` with alpha folded into the int8 weight:
-    ``codes_t`` / ``alpha_t`` from :func:`ternary_tiles`; groups=1, dilation 1, groups of a multiple of 4
-    along the input channels, every alpha code <= 127."""
+    ``codes_t`` / ``alpha_t`` from :func:`ternary_tiles`; dilation 1, groups of a multiple of 4 along the
+    input channels, every alpha code <= 127; ``groups`` > 1 as :func:`conv2d_vnni_tiled` takes them."""
     _check_modes(out_mode, requant_scale, zp, data)
     kout, cg, kh, kw = (int(v) for v in weight_shape)
-    if groups != 1 or pair(dilation) != (1, 1):
-        raise ValueError(f"the VNNI conv takes groups=1, dilation 1; got groups={groups}, dilation={dilation}")
+    if pair(dilation) != (1, 1):
+        raise ValueError(f"the VNNI conv takes dilation 1; got dilation={dilation}")
     lay = qmath.group_layout((kout, cg, kh, kw), group_size)
     w8 = _ternary_w8(codes_t, alpha_t, lay.groups_per_segment * lay.group_size, lay.group_size, True)
     return conv2d_vnni_tiled(f"ternary_conv2d_{SUFFIX[int(codes_t.shape[-1])]}", data, w8, zp, out_scale, out_bias, kernel=(kh, kw),
                              strides=strides, padding=padding, in_layout=in_layout, out_layout=out_layout, relu=relu,
-                             out_mode=out_mode, requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed)
+                             out_mode=out_mode, requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed,
+                             kout=kout, groups=groups)
 
 
 def ternary_dense_vnni(data: te.Tensor, codes_t: te.Tensor, alpha_t: te.Tensor, out_scale: te.Tensor,
@@ -322,7 +341,7 @@ def ternary_dense_vnni(data: te.Tensor, codes_t: te.Tensor, alpha_t: te.Tensor, 
     lay = qmath.group_layout((kout, cin), group_size)
     w8 = _ternary_w8(codes_t, alpha_t, lay.row_len, lay.group_size, False)
     return dense_vnni_tiled(f"ternary_dense_{SUFFIX[int(codes_t.shape[-1])]}", data, w8, zp, out_scale, out_bias, relu=relu, out_mode=out_mode,
-                            requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed)
+                            requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed, kout=kout)
 
 
 def int_conv2d_vnni(data: te.Tensor, w8: te.Tensor, out_scale: te.Tensor, out_bias: te.Tensor, *,
@@ -334,12 +353,13 @@ def int_conv2d_vnni(data: te.Tensor, w8: te.Tensor, out_scale: te.Tensor, out_bi
     """``kernels.int_conv2d`` for per-channel int8 (or int4) weights on ``vpdpbusd``: ``w8`` from
     :func:`int8_tiles` (any number of input channels: rounded up to 4 with zero weights)."""
     _check_modes(out_mode, requant_scale, zp, data)
-    _, _, kh, kw = (int(v) for v in weight_shape)
-    if groups != 1 or pair(dilation) != (1, 1):
-        raise ValueError(f"the VNNI conv takes groups=1, dilation 1; got groups={groups}, dilation={dilation}")
+    kout, _, kh, kw = (int(v) for v in weight_shape)
+    if pair(dilation) != (1, 1):
+        raise ValueError(f"the VNNI conv takes dilation 1; got dilation={dilation}")
     return conv2d_vnni_tiled(f"int_conv2d_{SUFFIX[int(w8.shape[-2])]}", data, w8, zp, out_scale, out_bias, kernel=(kh, kw), strides=strides,
                              padding=padding, in_layout=in_layout, out_layout=out_layout, relu=relu,
-                             out_mode=out_mode, requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed)
+                             out_mode=out_mode, requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed,
+                             kout=kout, groups=groups)
 
 
 def int_dense_vnni(data: te.Tensor, w8: te.Tensor, out_scale: te.Tensor, out_bias: te.Tensor, *,
@@ -349,47 +369,58 @@ def int_dense_vnni(data: te.Tensor, w8: te.Tensor, out_scale: te.Tensor, out_bia
     """``kernels.int_dense`` for per-channel int8 (or int4) weights on ``vpdpbusd``."""
     _check_modes(out_mode, requant_scale, zp, data)
     return dense_vnni_tiled(f"int_dense_{SUFFIX[int(w8.shape[-2])]}", data, w8, zp, out_scale, out_bias, relu=relu, out_mode=out_mode,
-                            requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed)
+                            requant_scale=requant_scale, out_bits=out_bits, out_signed=out_signed,
+                            kout=int(weight_shape[0]))
 
 
 # --------------------------------------------------------------------------------------------
 # Operands: the stored weights in tile order (compile time, numpy)
 # --------------------------------------------------------------------------------------------
 
+def padded_k(kout: int, lanes: int) -> int:
+    """Output channels rounded up to whole blocks of ``lanes`` (the extra ones have zero weights)."""
+    return -(-kout // lanes) * lanes
+
+
 def ternary_tiles(codes: np.ndarray, alpha_q: np.ndarray, lay: qmath.GroupLayout, lanes: int
                   ) -> tuple[np.ndarray, np.ndarray]:
     """The packed 2-bit codes [K, ceil(L/4)] and alpha codes [K, G] of a grouped-ternary weight in the
-    kernel's tile order: ``codes_t[K/L, (taps,) C4, L]`` (byte (k, tap, cb): channels 4cb..4cb+3 of the tap)
-    and ``alpha_t[K/L, G, L]`` (uint8; the same bytes, reordered)."""
+    kernel's tile order: ``codes_t[K'/L, (taps,) C4, L]`` (byte (k, tap, cb): channels 4cb..4cb+3 of the tap)
+    and ``alpha_t[K'/L, G, L]`` (uint8; the same bytes, reordered); K' = K rounded up to L (:func:`padded_k`),
+    the extra rows code 0 (t = 0) with alpha 0."""
     kout = lay.out_channels
-    if lay.along != "in" or lay.group_size % 4 or kout % lanes:
-        raise ValueError(f"ternary tiles need groups along the input channels of a multiple of 4 and K % {lanes}"
-                         f" == 0, got {lay.along!r} groups of {lay.group_size}, K={kout}")
+    if lay.along != "in" or lay.group_size % 4:
+        raise ValueError(f"ternary tiles need groups along the input channels of a multiple of 4, got "
+                         f"{lay.along!r} groups of {lay.group_size}, K={kout}")
+    kpad = padded_k(kout, lanes)
+    codes = np.concatenate([codes, np.zeros((kpad - kout, *codes.shape[1:]), codes.dtype)])
+    alpha_q = np.concatenate([alpha_q, np.zeros((kpad - kout, *alpha_q.shape[1:]), alpha_q.dtype)])
     seg4 = lay.groups_per_segment * lay.group_size // 4  # code bytes per tap segment
     c4 = -(-lay.seg_len // 4)
     taps = lay.segments
     idx = (np.arange(taps)[:, None] * seg4 + np.arange(c4)[None, :]).reshape(-1)
-    ct = codes[:, idx].reshape(kout // lanes, lanes, taps, c4).transpose(0, 2, 3, 1)
+    ct = codes[:, idx].reshape(kpad // lanes, lanes, taps, c4).transpose(0, 2, 3, 1)
     if len(lay.shape) == 2:
         ct = ct[:, 0]
-    at = alpha_q.reshape(kout // lanes, lanes, -1).transpose(0, 2, 1)
+    at = alpha_q.reshape(kpad // lanes, lanes, -1).transpose(0, 2, 1)
     return np.ascontiguousarray(ct, np.uint8), np.ascontiguousarray(at, np.uint8)
 
 
 def int8_tiles(w_int: np.ndarray, lanes: int) -> np.ndarray:
-    """An int8 weight [K, C(, R, S)] as the tile ``[K/L, (taps,) C4, L, 4]`` (channels rounded up to 4 with
-    zeros)."""
+    """An int8 weight [K, C(, R, S)] as the tile ``[K'/L, (taps,) C4, L, 4]`` (channels rounded up to 4 and K
+    to K' = :func:`padded_k` with zero weights)."""
     w = np.asarray(w_int)
     if np.abs(w).max(initial=0) > 127 or w.min(initial=0) < -128:
         raise ValueError("int8_tiles takes weights in int8 range")
     kout, cin = w.shape[:2]
+    kpad = padded_k(kout, lanes)
     c4 = -(-cin // 4)
     if w.ndim == 2:
         w = w[:, :, None, None]
     taps = w.shape[2] * w.shape[3]
-    wp = np.zeros((kout, 4 * c4, taps), np.int8)
-    wp[:, :cin] = w.reshape(kout, cin, taps)
-    t = wp.reshape(kout // lanes, lanes, c4, 4, taps).transpose(0, 4, 2, 1, 3)
+    wp = np.zeros((kpad, 4 * c4, taps), np.int8)
+    wp[:kout, :cin] = w.reshape(kout, cin, taps)
+    t = wp.reshape(kpad // lanes, lanes, c4, 4, taps).transpose(0, 4, 2, 1, 3)
     if w_int.ndim == 2:
         t = t[:, 0]
     return np.ascontiguousarray(t)
@@ -443,6 +474,27 @@ def _decode(sch: tvm.s_tir.Schedule, wb, lanes: int) -> None:
     sch.tensorize(loop, (DECODE64_INTRIN if wide else DECODE_INTRIN)[lanes])
 
 
+def _register_tile(sch: tvm.s_tir.Schedule, acc, lanes: int, *, out_at, red_at, no, ni, unrolled: Sequence) -> object:
+    """The shared tail of the conv and batched-dense schedules, once the loops are in order: the output stage
+    under ``out_at``, the accumulators in registers, the weight tile decoded once per block of channels
+    (``no``, the parallel loop), the reduction's init out of ``red_at``, the ``ni`` step tensorized on
+    ``vpdpbusd``, the register-tile loops unrolled; returns the output block."""
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, out_at, preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    wb = maybe_block(sch, "w_int")
+    if wb is not None:
+        sch.compute_at(wb, no, preserve_unit_loops=True)
+        _decode(sch, wb, lanes)
+    sch.parallel(no)
+    init = sch.decompose_reduction(acc, red_at)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ni, VNNI_INTRIN[lanes])
+    for loop in unrolled:
+        sch.unroll(loop)
+    return out
+
+
 def schedule_conv2d_vnni(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> None:
     """Register tile of ``mb`` output columns x ``nb`` blocks of L output channels (int32 accumulators) under
     the reduction over (r, s, 4-channel steps), the step tensorized; the int8 weight tile of a block of
@@ -458,19 +510,7 @@ def schedule_conv2d_vnni(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> N
     no, nm, ni = sch.split(k, [None, nb, lanes])
     co, ci = sch.split(rc, [None, 4])
     sch.reorder(no, b, i, jo, ry, rx, co, ji, nm, ni, ci)
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, jo, preserve_unit_loops=True)
-    sch.set_scope(acc, 0, "local")
-    wb = maybe_block(sch, "w_int")
-    if wb is not None:
-        sch.compute_at(wb, no, preserve_unit_loops=True)
-        _decode(sch, wb, lanes)
-    sch.parallel(no)
-    init = sch.decompose_reduction(acc, ry)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ni, VNNI_INTRIN[lanes])
-    sch.unroll(ji)
-    sch.unroll(nm)
+    out = _register_tile(sch, acc, lanes, out_at=jo, red_at=ry, no=no, ni=ni, unrolled=(ji, nm))
     ol = sch.get_loops(out)
     sch.unroll(ol[-1] if _out_is_nchw(sch) else ol[-2])
     if not _out_is_nchw(sch):
@@ -550,19 +590,7 @@ def _schedule_dense_vnni_batched(sch: tvm.s_tir.Schedule, pick: Pick | None, lan
     no, nm, ni = sch.split(n, [None, nb, lanes])
     co, ci = sch.split(c, [None, 4])
     sch.reorder(no, outer, mo, co, mi, nm, ni, ci)
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, mo, preserve_unit_loops=True)
-    sch.set_scope(acc, 0, "local")
-    wb = maybe_block(sch, "w_int")
-    if wb is not None:
-        sch.compute_at(wb, no, preserve_unit_loops=True)
-        _decode(sch, wb, lanes)
-    sch.parallel(no)
-    init = sch.decompose_reduction(acc, co)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ni, VNNI_INTRIN[lanes])
-    sch.unroll(mi)
-    sch.unroll(nm)
+    out = _register_tile(sch, acc, lanes, out_at=mo, red_at=co, no=no, ni=ni, unrolled=(mi, nm))
     sch.vectorize(sch.get_loops(out)[-1])
     xb = maybe_block(sch, "x_u8")
     if xb is not None:
@@ -584,8 +612,8 @@ def build_dense(m: int, kout: int, cin: int, *, group_size: int = 4, lanes: int 
     weights from :func:`ternary_tiles`).  ``x`` is ``[m, cin]``, or ``[batch, m, cin]`` when ``batch`` > 0."""
     lay = qmath.group_layout((kout, cin), group_size)
     data = te.placeholder((batch, m, cin) if batch else (m, cin), "int8" if signed else "uint8", name="x")
-    codes = te.placeholder((kout // lanes, -(-cin // 4), lanes), "uint8", name="codes_t")
-    alpha = te.placeholder((kout // lanes, lay.groups_per_row, lanes), "uint8", name="alpha_t")
+    codes = te.placeholder((padded_k(kout, lanes) // lanes, -(-cin // 4), lanes), "uint8", name="codes_t")
+    alpha = te.placeholder((padded_k(kout, lanes) // lanes, lay.groups_per_row, lanes), "uint8", name="alpha_t")
     scale = te.placeholder((kout,), "float32", name="out_scale")
     bias = te.placeholder((kout,), "float32", name="out_bias")
     zp = te.placeholder((kout,), "int32", name="zp") if signed else None
@@ -602,19 +630,30 @@ def build_dense(m: int, kout: int, cin: int, *, group_size: int = 4, lanes: int 
 # Registration
 # --------------------------------------------------------------------------------------------
 
-def _common_unfit(layer: LayerSpec, target: tvm.target.Target | None, lanes: int) -> str | None:
+def has_lanes(target: tvm.target.Target | None, lanes: int) -> bool:
+    """Whether the target runs ``vpdpbusd`` on ``lanes`` int32 lanes: 16 (zmm) with AVX-512 VNNI; 8 (ymm)
+    with AVX-VNNI, or with AVX-512 VNNI + VL (the EVEX ymm form), for layers whose K is no multiple of 16."""
     have = vnni_lanes(target)
-    if have != lanes:
+    if have == lanes or not have:
+        return bool(have)
+    return lanes == 8 and have == 16 and bool(target_has_features("avx512vl", target))
+
+
+def _common_unfit(layer: LayerSpec, target: tvm.target.Target | None, lanes: int) -> str | None:
+    if not has_lanes(target, lanes):
+        have = vnni_lanes(target)
         return ("the target has no VNNI (avx512vnni or avxvnni)" if not have else
                 f"the target's vpdpbusd has {have} lanes, this kernel {lanes}")
     if layer.act_bits > 8:
         return f"{layer.act_bits}-bit activation codes"
     shape = tuple(int(v) for v in layer.attrs["weight_shape"])
-    if shape[0] % lanes:
+    if shape[0] % lanes and lanes != PADDED_LANES:
         return f"K={shape[0]}: need K % {lanes} == 0"
     if layer.op == "conv2d":
-        if int(layer.attrs.get("groups", 1)) != 1:
-            return f"groups={layer.attrs.get('groups')}"
+        groups = int(layer.attrs.get("groups", 1))
+        if groups != 1 and (shape[1] % 4 or (shape[0] // groups) % lanes or shape[1] == 1):
+            return (f"groups={groups}: a grouped conv needs C/groups % 4 == 0 and K/groups % {lanes} == 0 "
+                    f"(C/groups={shape[1]}, K/groups={shape[0] // groups})")
         if pair(layer.attrs.get("dilation", 1)) != (1, 1):
             return f"dilation {pair(layer.attrs.get('dilation', 1))}"
     elif shape[1] % 4:
@@ -650,6 +689,11 @@ def int_vnni_fits(lanes: int) -> Callable[[LayerSpec, tvm.target.Target | None],
         if layer.weight.group_size != 0:
             return (f"int{layer.weight.bits} groups of {layer.weight.group_size}: the VNNI kernel takes "
                     "per-channel scales")
+        k = int(layer.attrs["weight_shape"][0])
+        if layer.weight.bits < 8 and (k % lanes or vnni_lanes(target) != lanes):
+            # the tile stores one byte per weight: where the packed generic kernel was the only choice before
+            # (K not whole zmm/ymm blocks of this host), keep the int4 codes packed
+            return f"int{layer.weight.bits} weights with K={k} would be stored as int8 in a padded/ymm tile"
         return None
 
     return fits
@@ -658,6 +702,9 @@ def int_vnni_fits(lanes: int) -> Callable[[LayerSpec, tvm.target.Target | None],
 # measured (scripts/bench_gemm.py, bench_speed.py): faster than the AVX2 kernels wherever both fit; the
 # 512-bit form first on AVX-512 VNNI hosts
 PREFERENCE = {16: 26, 8: 25}
+# the ymm kernels take any K, padded to a multiple of 8 with zero weights (at most 7 wasted channels): layers
+# whose K is no multiple of 16 (ShuffleNet's 58 and 116, the squeeze-excitation convs) stay on vpdpbusd
+PADDED_LANES = 8
 ISA = {16: "avx512vnni", 8: "avxvnni"}
 SUFFIX = {16: "vnni", 8: "avxvnni"}
 for _lanes in (16, 8):

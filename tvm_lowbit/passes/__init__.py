@@ -2,9 +2,12 @@
 
 * :mod:`.patterns`: the dataflow patterns of a fake-quant graph (``tvm.relax.dpl``);
 * :mod:`.normalize_take`: ``NormalizeTake``, every ``take`` reads inside its tensor (negative indices);
+* :mod:`.relu6_quantizer`: ``Relu6Quantizer``, a quantizer of ReLU6 whose bound is its top code reads a ReLU;
 * :mod:`.fold_requantize`: ``FoldRequantize``, redundant re-quantizers read the first one's codes;
 * :mod:`.lower_integer_layers`: ``LowerIntegerLayers``, fake-quant layers -> registered integer kernels;
 * :mod:`.apply_kernel_schedules`: ``ApplyKernelSchedules``, the kernels' default schedules;
+* :mod:`.schedule_float_ops`: ``ScheduleFloatOps`` (x86, inside ``tvm.compile``), the float ops between the
+  kernels parallel and vectorized without changing a result;
 * :mod:`.pipeline`: ``lowering_pipeline`` (the ``tvm.transform.Sequential`` compile runs) and ``run_pipeline``.
 """
 

@@ -42,6 +42,7 @@ from tvm_lowbit.passes.fold_requantize import fold_requantize
 from tvm_lowbit.passes.layer_info import LayerInfo, weight_key
 from tvm_lowbit.passes.patterns import (ADD, ASTYPE, CONV2D, DIVIDE, INTEGER_OP, MULTIPLY, PERMUTE_DIMS, RELU,
                                         RESHAPE, bound_call, const_value, match_quantizer, var2val)
+from tvm_lowbit.passes.relu6_quantizer import relu6_quantizer
 from tvm_lowbit.passes.report import LoweringReport
 from tvm_lowbit.passes.torch_mean import torch_mean
 from tvm_lowbit.passes.torch_sigmoid import torch_sigmoid
@@ -499,13 +500,13 @@ def prepare(mod: tvm.IRModule, func_name: str = "main", nhwc: bool = False) -> t
     """TorchSiLU (:mod:`.torch_silu`), TorchSigmoid (:mod:`.torch_sigmoid`), TorchMean (:mod:`.torch_mean`),
     CanonicalizeBindings + DCE (which drop dead tuple members the importers leave, e.g. the constant
     "indices" of torch's max_pool2d_with_indices, a whole activation-sized array), [``nhwc``: the convs and
-    the integer region in NHWC, :mod:`.convert_layout`], then FoldConstant."""
+    the integer region in NHWC, :mod:`.convert_layout`], then FoldConstant and Relu6Quantizer (:mod:`.relu6_quantizer`)."""
     mod = torch_mean(torch_sigmoid(torch_silu(mod, func_name), func_name), func_name)
     mod = relax.transform.CanonicalizeBindings()(mod)
     mod = relax.transform.DeadCodeElimination([func_name])(mod)
     if nhwc:
         mod = tvm.transform.Sequential(nhwc_passes(func_name))(mod)
-    return relax.transform.FoldConstant()(mod)
+    return relu6_quantizer(relax.transform.FoldConstant()(mod), func_name)
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvm_lowbit.LowerIntegerLayers")

@@ -11,7 +11,8 @@
    ``tvm_lowbit.TorchMean`` (:mod:`.torch_mean`): means over trailing axes summed in PyTorch's order;
 1. ``relax.transform.CanonicalizeBindings`` and ``DeadCodeElimination``: drop the dead tuple members
    importers leave (e.g. the constant indices of torch's max_pool2d_with_indices);
-2. ``relax.transform.FoldConstant``;
+2. ``relax.transform.FoldConstant``, then ``tvm_lowbit.Relu6Quantizer`` (:mod:`.relu6_quantizer`): a quantizer
+   of ``clip(y, 0, b)`` reads ``relu(y)`` where ``b`` quantizes to the top code (exact), so the ReLU6 fuses;
    On targets whose conv kernels take NHWC (``integer_layout``): ``relax.transform.ConvertLayout`` to
    NHWC convs and ``tvm_lowbit.SinkPermutes`` (:mod:`.convert_layout`), so the integer region runs in
    NHWC end to end and transposes stay at the float boundaries;
@@ -37,6 +38,7 @@ from tvm_lowbit.passes.fold_requantize import FoldRequantize
 from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.passes.lower_integer_layers import LowerIntegerLayers
 from tvm_lowbit.passes.normalize_take import NormalizeTake
+from tvm_lowbit.passes.relu6_quantizer import Relu6Quantizer
 from tvm_lowbit.passes.report import LoweringReport
 from tvm_lowbit.passes.torch_mean import TorchMean
 from tvm_lowbit.passes.torch_sigmoid import TorchSigmoid
@@ -60,6 +62,7 @@ def lowering_passes(target: tvm.target.Target | None, infos: dict[str, LayerInfo
         relax.transform.DeadCodeElimination([FUNC_NAME]),
         *layout,
         relax.transform.FoldConstant(),
+        Relu6Quantizer(FUNC_NAME),
         FoldRequantize(FUNC_NAME, report=report),
         LowerIntegerLayers(infos, target=target, expose_acc=expose_acc, report=report, func_name=FUNC_NAME),
     ]
