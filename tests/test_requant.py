@@ -176,3 +176,37 @@ def test_fma32_emulation_rounds_once() -> None:
         lo_, hi_ = sorted([gi, np.nextafter(gi, np.float32(np.inf) if Fraction(float(gi)) < exact else -np.inf)])
         # gi is the float32 nearest the exact value (ties to even)
         assert abs(Fraction(float(gi)) - exact) <= abs(Fraction(float(lo_ if gi == hi_ else hi_)) - exact)
+
+
+@pytest.mark.parametrize("scale,bits,signed", [(0.05, 8, False), (0.013, 8, True), (0.0071, 4, False),
+                                               (1.7, 8, False)])
+def test_division_free_activation_quantizer(scale: float, bits: int, signed: bool) -> None:
+    """kernels.quantize_act without a division (proven by quantize_recip_unexact) gives qmath's codes, compiled:
+    every x whose quotient is a tie or next to one, values around the clamp, huge values and infinities."""
+    import tvm
+    from tvm import te
+
+    from tvm_lowbit.kernels import make_prim_func, quantize_act
+
+    assert requant.quantize_recip_unexact(scale) is None
+    s = np.float32(scale)
+    k = np.arange(-300, 300, dtype=np.float32)
+    ties = ((k + np.float32(0.5)) * s).astype(np.float32)
+    near = [ties]
+    for _ in range(3):  # the float32 neighbours of each tie, both ways
+        near += [np.nextafter(near[-2 if len(near) > 1 else -1], np.float32(np.inf)), np.nextafter(ties, -np.inf)]
+    lim = np.float32(s * np.float32(requant.QUANTIZE_CLAMP))
+    extreme = np.float32([lim, -lim, np.nextafter(lim, np.inf), 3 * lim, 1e30, -1e30, 3.4e38, -3.4e38, np.inf,
+                          -np.inf, 0.0, -0.0, 1e-40, -1e-40, s / 4, s / 2])
+    rng = np.random.default_rng(3)
+    x = np.concatenate([*near, extreme, (rng.standard_normal(4000) * 200 * s).astype(np.float32)])
+    x = np.concatenate([x, np.zeros(-len(x) % 8, np.float32)]).reshape(1, -1, 8)
+    ref = qmath.quantize_act_np(x, scale, bits, signed).astype(qmath.act_dtype(bits, signed))
+    xp = te.placeholder(x.shape, "float32")
+    func = make_prim_func([xp], quantize_act(xp, scale, bits, signed), "quant")
+    assert "llvm.fma" in func.script()  # the division-free form
+    f = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                    target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64", "num-cores": 1}))
+    out = tvm.runtime.tensor(np.zeros(x.shape, ref.dtype))
+    f["main"](tvm.runtime.tensor(x), out)
+    np.testing.assert_array_equal(out.numpy(), ref)

@@ -247,6 +247,23 @@ def recip_unexact(requant_scale: float, out_scale: np.ndarray, out_bias: np.ndar
     return None
 
 
+def quantize_recip_unexact(scale: float) -> str | None:
+    """Why the activation quantizer ``nearbyint(x / scale)`` might differ from ``nearbyint(recip_quotient(x',
+    scale))`` with ``x'`` = x clamped to ``+-scale * 2^20`` (:data:`QUANTIZE_CLAMP`); None when it cannot, for
+    every float32 x: past the clamp both codes clip to the same end of any 8-bit range, and inside it the
+    argument of :func:`recip_unexact` holds (no overflow; every value below ``scale / 4`` gives 0)."""
+    rs = np.float32(scale)
+    if not (np.isfinite(rs) and rs > 0):
+        return f"scale {scale!r} is not a finite positive float32"
+    if not 2.0 ** -60 <= float(rs) <= 2.0 ** 60:
+        return f"scale {float(rs):.3g}: intermediate values could leave the normal float32 range"
+    if not _recip_binade_exact(float(rs)):
+        return f"scale {float(rs)!r}: x * (1 / scale) with one correction step misrounds some x"
+    return None
+
+
+QUANTIZE_CLAMP = 2.0 ** 20  # |x| / scale at which the quantizer's division-free form clamps x (codes clip far below)
+
 _RECIP_CHECKED: dict[float, bool] = {}
 
 
