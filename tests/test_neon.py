@@ -155,6 +155,13 @@ def test_neon_instructions() -> None:
     asm = _asm(("ternary", 32, 16, 8, 3, 1, 1, False, True), "rasp4b")
     assert re.search(r"^\s+smull\s+v\d+\.8h", asm, re.M) and re.search(r"^\s+smlal\s+v\d+\.8h", asm, re.M)
     assert re.search(r"^\s+sadalp\s+v\d+\.4s", asm, re.M) and "sdot" not in asm
+    # Pi 4, uint8 codes out: the two partial sums meet in registers (addp, no round trip through the stack
+    # with ld2), and the rounding and clip are fcvtns and two saturating narrows (no frint, fmax, fmin)
+    asm = _asm(("ternary", 16, 16, 9, 3, 2, 1, False, True, 4, "NHWC", "requant", 0, "recip"), "rasp4b")
+    assert re.search(r"^\s+addp\s+v\d+\.4s", asm, re.M) and not re.search(r"^\s+ld2\s", asm, re.M)
+    for insn in ("fcvtns", "sqxtun", "uqxtn"):
+        assert re.search(rf"^\s+{insn}2?\s+v\d+", asm, re.M), insn
+    assert not re.search(r"^\s+(frint[a-z]|fmaxnm|fminnm)\s+v\d+\.4s", asm, re.M)
 
 
 def _spec(alpha_max: int, cin: int = 16) -> LayerSpec:
