@@ -511,7 +511,8 @@ def judged_winners(workloads: list[Any], records: list[tuple[int, Any]], keys: l
         if i in kept:
             continue
         v = verdicts.get(keys[j])
-        task = (v or {}).get("task") or defaults.get(workload_key(workloads[i].mod), {}).get("task", f"workload {i}")
+        task = ((v or {}).get("task") or defaults.get(workload_key(workloads[i].mod), {}).get("task")
+                or kernel_kind(workloads[i].mod) or f"workload {i}")
         refusals.append(f"{task} ({v['why'] if v else 'not judged in a model'})")
     return judged, refusals
 
