@@ -224,9 +224,53 @@ def test_folded_alpha_neon_kernels_are_bit_exact_on_the_board(board_built: Path,
         assert got.dtype == w.dtype and np.array_equal(got, w), name
 
 
+def test_widening_kernel_uint8_rounding_step_on_the_a72_board(board_built: Path, tmp_path: Path) -> None:
+    """The A72 kernel's last epilogue step for uint8 codes (kernels.neon's fcvtns + sqxtun + uqxtn intrinsic)
+    is ``round_clip``: nearbyint (ties to even), clip to 0..255, cast -- checked on every tie near the ends,
+    -0.0, values past int16 and int32, and random values."""
+    import tvm
+    from tvm import te
+
+    from tvm_lowbit.kernels import neon
+    from tvm_lowbit.kernels.common import round_clip
+    from tvm_lowbit.targets import load_target
+
+    special = [-3e9, -70000.0, -256.5, -2.5, -1.5, -0.5, -0.0, 0.0, 0.25, 0.5, 0.75, 1.5, 2.5, 3.5, 126.5, 127.5,
+               128.5, 253.5, 254.4999847, 254.5, 254.5000153, 255.0, 255.5, 256.5, 32767.5, 65535.5, 65536.0,
+               70000.0, 2.5e9, 3e9, 1e20, -1e20]
+    rng = np.random.default_rng(5)
+    x = np.concatenate([np.array(special, np.float32), rng.uniform(-300, 600, 96).astype(np.float32),
+                        np.round(rng.uniform(-10, 270, 64)).astype(np.float32) + np.float32(0.5)])
+    n = len(x)
+    assert n % 8 == 0
+    xs = te.placeholder((n,), "float32", name="x")
+    q = te.compute((n,), lambda i: xs[i] + tvm.tirx.const(0.0, "float32"), name="q")
+    out = te.compute((n,), lambda i: round_clip(q[i], 0, 255, "uint8"), name="out")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([xs, out]).with_attr("global_symbol", "narrow"))
+    neon.register()
+    lo, li = sch.split(sch.get_loops(sch.get_sblock("out"))[0], [None, 8])
+    qb = sch.get_sblock("q")
+    sch.compute_at(qb, lo)
+    sch.set_scope(qb, 0, "local")
+    sch.vectorize(sch.get_loops(qb)[-1])
+    sch.tensorize(li, neon.NARROW_INTRIN)
+    target = load_target("rasp4b")
+    lib = tvm.compile(sch.mod, target=target.tvm_target())
+    assert "fcvtns" in lib.mod.inspect_source("asm") and "uqxtn" in lib.mod.inspect_source("asm")
+    lib.export_library(str(tmp_path / "narrow.so"), cc=target.compiler_path())
+    np.savez(tmp_path / "feeds.npz", **{"narrow/0": x, "narrow/1": np.zeros(n, np.uint8)})
+    (tmp_path / "run.py").write_text(BOARD_RUN)
+    r = subprocess.run([str(board_built / "bin" / "python3"), str(tmp_path / "run.py"), str(tmp_path / "feeds.npz"),
+                        str(tmp_path)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "BOARD_CPU": emu.qemu_cpu("rasp4b"), "TVM_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = np.clip(np.rint(x.astype(np.float64)), 0, 255).astype(np.uint8)  # rint: ties to even
+    np.testing.assert_array_equal(np.load(tmp_path / "narrow.out.npy"), want)
+
+
 def test_builtin_fgq_model_on_sdot_kernels_matches_the_host_on_an_emulated_pi5(board_built: Path, tmp_path: Path,
                                                                                one_thread) -> None:
-    """rasp5 (+dotprod) builds put every ternary conv on kernels.neon's sdot kernel (alpha folded: FGQ's
+X
     7-bit alpha codes); the bundle's C++ runner on the emulated Cortex-A76 reproduces the x86 host's logits
     exactly (the host uses its own x86 kernels: two independent integer kernels, one answer)."""
     import tvm_lowbit
@@ -239,7 +283,7 @@ def test_builtin_fgq_model_on_sdot_kernels_matches_the_host_on_an_emulated_pi5(b
     x = data.load("test", limit=1, offset=5)[0]
     art = tvm_lowbit.compile(qmodel, x, "rasp5")
     # the 20 ternary convs (the stem conv and the classifier stay float)
-    assert art.report.fast_kernels == {n: "dotprod" for n in art.report.lowered}, art.report.text()
+    assert art.report.fast_kernels == {n: "a76" for n in art.report.lowered}, art.report.text()
     assert len(art.report.lowered) == 20
     host_out = tvm_lowbit.compile(qmodel, x, "x86-host").run(x)
     bundle = export_bundle(art, tmp_path / "bundle", x, host_out, atol=0.0)

@@ -66,7 +66,7 @@ def test_transposes_only_at_float_boundaries() -> None:
     assert report.kernel_names["stem"] == "int_conv2d"
     assert out["main"].script().count("R.permute_dims") == 4
     # aarch64: the folded-alpha kernels of kernels.neon take NHWC, the stem (signed codes) too
-    for target, isa in ((RASP5, "dotprod"), (RASP4, "neon")):
+    for target, isa in ((RASP5, "a76"), (RASP4, "neon")):
         out, report = lower_integer_layers(mod, layer_infos(q), target=target)
         assert not report.fallback and set(report.fast_kernels.values()) == {isa}, report.kernel_names
         assert out["main"].script().count("R.permute_dims") == 2

@@ -155,6 +155,13 @@ def test_neon_instructions() -> None:
     asm = _asm(("ternary", 32, 16, 8, 3, 1, 1, False, True), "rasp4b")
     assert re.search(r"^\s+smull\s+v\d+\.8h", asm, re.M) and re.search(r"^\s+smlal\s+v\d+\.8h", asm, re.M)
     assert re.search(r"^\s+sadalp\s+v\d+\.4s", asm, re.M) and "sdot" not in asm
+    # Pi 4, uint8 codes out: the two partial sums meet in registers (addp, no round trip through the stack
+    # with ld2), and the rounding and clip are fcvtns and two saturating narrows (no frint, fmax, fmin)
+    asm = _asm(("ternary", 16, 16, 9, 3, 2, 1, False, True, 4, "NHWC", "requant", 0, "recip"), "rasp4b")
+    assert re.search(r"^\s+addp\s+v\d+\.4s", asm, re.M) and not re.search(r"^\s+ld2\s", asm, re.M)
+    for insn in ("fcvtns", "sqxtun", "uqxtn"):
+        assert re.search(rf"^\s+{insn}2?\s+v\d+", asm, re.M), insn
+    assert not re.search(r"^\s+(frint[a-z]|fmaxnm|fminnm)\s+v\d+\.4s", asm, re.M)
 
 
 def _spec(alpha_max: int, cin: int = 16) -> LayerSpec:
@@ -166,7 +173,7 @@ def _spec(alpha_max: int, cin: int = 16) -> LayerSpec:
 
 def test_registry_picks_the_folded_kernels_on_arm() -> None:
     pi5, pi4 = load_target("rasp5").tvm_target(), load_target("rasp4b").tvm_target()
-    assert kernels.select(_spec(127), pi5).kernel.name == "ternary_conv2d_dotprod"
+    assert kernels.select(_spec(127), pi5).kernel.name == "ternary_conv2d_a76"
     assert kernels.select(_spec(127), pi4).kernel.name == "ternary_conv2d_neon"
     # 8-bit alpha codes over 127: the scaled sdot kernel on the Pi 5, the generic one on the Pi 4
     choice = kernels.select(_spec(255), pi5)
@@ -174,8 +181,8 @@ def test_registry_picks_the_folded_kernels_on_arm() -> None:
     assert kernels.select(_spec(255), pi4).kernel.isa == kernels.GENERIC
     # the widening kernel takes 8 channels per step
     assert kernels.select(_spec(127, cin=12), pi4).kernel.isa == kernels.GENERIC
-    assert kernels.select(_spec(127, cin=12), pi5).kernel.name == "ternary_conv2d_dotprod"
-    assert kernels.select(_spec(127), tvm.target.Target(HOST)).kernel.isa not in ("dotprod", "neon")
+    assert kernels.select(_spec(127, cin=12), pi5).kernel.name == "ternary_conv2d_a76"
+    assert kernels.select(_spec(127), tvm.target.Target(HOST)).kernel.isa not in ("a76", "dotprod", "neon")
 
 
 def test_sdot_kernels_take_nhwc() -> None:

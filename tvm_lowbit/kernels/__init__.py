@@ -7,7 +7,8 @@
 * generic kernels per weight format (every target): :mod:`.ternary`, :mod:`.pow2`, :mod:`.intw`, with
   their default schedules in :mod:`.generic`;
 * one module per ISA family: :mod:`.avx2` (x86 AVX2), :mod:`.vnni` (x86 AVX-512 VNNI / AVX-VNNI, alpha folded
-  into int8 weights), :mod:`.sdot` (aarch64 dot product), :mod:`.lut`
+  into int8 weights), :mod:`.sdot` (aarch64 dot product), :mod:`.neon` (aarch64, alpha folded: sdot and
+  widening multiplies), :mod:`.a76` (its sdot conv redone for the Cortex-A76), :mod:`.lut`
   (lookup table, on AVX2 targets), :mod:`.vlut` (decode-free ``vpermb`` lookup table + ``vpdpbusd``, on
   AVX-512 VBMI + VNNI targets, batch-1 dense layers), :mod:`.tbl` (decode-free NEON ``tbl`` lookup table on
   aarch64, few-row dense layers), :mod:`.depthwise` (depthwise convs, channels as vector lanes, x86 and aarch64).
@@ -25,7 +26,7 @@ from tvm_lowbit.kernels.ternary import ternary_conv2d, ternary_dense
 from tvm_lowbit.kernels.pow2 import pow2_conv2d, pow2_dense
 from tvm_lowbit.kernels.intw import int_conv2d, int_dense
 # the ISA kernels: one import line each registers them
-from tvm_lowbit.kernels import avx2, depthwise, lut, neon, sdot, tbl, vlut, vnni  # noqa: F401  (registrations)
+from tvm_lowbit.kernels import a76, avx2, depthwise, lut, neon, sdot, tbl, vlut, vnni  # noqa: F401  (registrations)
 
 __all__ = [
     "GENERIC",

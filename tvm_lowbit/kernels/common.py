@@ -99,17 +99,30 @@ def epilogue(acc: tirx.PrimExpr, scale: tirx.PrimExpr, bias: tirx.PrimExpr, relu
     lower clip (``round`` and ``clip`` are monotone: ``clip(round(max(y, 0) / s)) == clip(max(round(y / s),
     0))``).  ``recip``: ``y / requant_scale`` without a division: ``q0 = y * inv``, ``r = fma(-q0, rs, y)``,
     ``q = fma(r, inv, q0)`` (where :func:`.requant.recip_unexact` proves its codes equal the division's)."""
-    if fma:
-        y = tirx.call_llvm_pure_intrin("float32", "llvm.fma", acc.astype("float32"), scale.astype("float32"),
-                                       bias.astype("float32"))
-    else:
-        # float32(acc) first: for |acc| > 2^24 this rounding is part of the reference math
-        y = acc.astype("float32").astype("float64") * scale.astype("float64") + bias.astype("float64")
-        y = y.astype("float32")
-    if relu and (out_mode == "float" or not fma):
-        y = tirx.max(y, tirx.const(0.0, "float32"))
     if out_mode == "float":
-        return y
+        y = _float_y(acc, scale, bias, fma)
+        return tirx.max(y, tirx.const(0.0, "float32")) if relu else y
+    q, lo, hi = requant_unrounded(acc, scale, bias, relu, requant_scale, out_bits, out_signed, fma, recip)
+    return round_clip(q, lo, hi, qmath.act_dtype(out_bits, out_signed))
+
+
+def _float_y(acc: tirx.PrimExpr, scale: tirx.PrimExpr, bias: tirx.PrimExpr, fma: bool) -> tirx.PrimExpr:
+    if fma:
+        return tirx.call_llvm_pure_intrin("float32", "llvm.fma", acc.astype("float32"), scale.astype("float32"),
+                                          bias.astype("float32"))
+    # float32(acc) first: for |acc| > 2^24 this rounding is part of the reference math
+    y = acc.astype("float32").astype("float64") * scale.astype("float64") + bias.astype("float64")
+    return y.astype("float32")
+
+
+def requant_unrounded(acc: tirx.PrimExpr, scale: tirx.PrimExpr, bias: tirx.PrimExpr, relu: bool,
+                      requant_scale: float | None, out_bits: int, out_signed: bool, fma: bool = False,
+                      recip: bool = False) -> tuple[tirx.PrimExpr, int, int]:
+    """The requantizing :func:`epilogue` up to its rounding: ``(q, lo, hi)``, the output code being
+    ``round_clip(q, lo, hi, dtype)`` (a kernel may round and clip in an instruction of its own)."""
+    y = _float_y(acc, scale, bias, fma)
+    if relu and not fma:
+        y = tirx.max(y, tirx.const(0.0, "float32"))
     lo, hi = qmath.act_range(out_bits, out_signed)
     if relu and fma:
         lo = max(lo, 0)
@@ -118,11 +131,14 @@ def epilogue(acc: tirx.PrimExpr, scale: tirx.PrimExpr, bias: tirx.PrimExpr, relu
         inv = tirx.const(float(np.float32(1) / np.float32(requant_scale)), "float32")
         q0 = y * inv
         r = tirx.call_llvm_pure_intrin("float32", "llvm.fma", q0 * tirx.const(-1.0, "float32"), rs, y)
-        q = tirx.nearbyint(tirx.call_llvm_pure_intrin("float32", "llvm.fma", r, inv, q0))
-    else:
-        q = tirx.nearbyint(y / rs)
-    q = tirx.min(tirx.max(q, tirx.const(float(lo), "float32")), tirx.const(float(hi), "float32"))
-    return q.astype(qmath.act_dtype(out_bits, out_signed))
+        return tirx.call_llvm_pure_intrin("float32", "llvm.fma", r, inv, q0), lo, hi
+    return y / rs, lo, hi
+
+
+def round_clip(q: tirx.PrimExpr, lo: int, hi: int, dtype: str) -> tirx.PrimExpr:
+    """``clip(nearbyint(q), lo, hi)`` as ``dtype``: the last step of the requantizing epilogue."""
+    q = tirx.min(tirx.max(tirx.nearbyint(q), tirx.const(float(lo), "float32")), tirx.const(float(hi), "float32"))
+    return q.astype(dtype)
 
 
 def int_epilogue(acc: tirx.PrimExpr, mul: tirx.PrimExpr, add: tirx.PrimExpr, shift: int, out_bits: int,

@@ -23,7 +23,13 @@ adds ``128 * sum(w[k])``; signed codes are used as they are.  Exact in int32:
   of the second 8 into int16 (``|x| <= 128`` and ``|w| <= 127`` keep two products in int16), then ``sadalp``
   into int32 -- 16 multiply-adds per widening multiply pair.  The int32 lanes hold, per output channel,
   the sums over channels with ``c % 4 < 2`` and ``c % 4 >= 2`` (``acc[..., k, h]``); the output stage adds
-  the two.
+  the two in registers (``addp``, ``ADDP_INTRIN``).  The padded copy holds every 4 channels twice (the
+  activation words come broadcast): a shifted, padded row is made first (16 bytes an ``eor``), then its
+  words written twice (``zip1``/``zip2``, ``DUP_INTRIN``); the RGB stem's row is its columns and channels
+  flattened, so an output column's folded channels are consecutive bytes of it.  The kernel's columns
+  and the channel steps are one reduction loop (consecutive in the copy and in the tile).  uint8 codes
+  out: ``clip(nearbyint(q), 0, 255)`` is ``fcvtns`` and two saturating narrows (``NARROW_INTRIN``); the
+  2-bit decode looks two fields up per 4-bit nibble (``NIBBLE_INTRIN``).
 
 Layouts: input NCHW or NHWC (``in_layout``), output NCHW or NHWC (``out_layout``), so the integer region of
 a model runs NHWC end to end (``passes.convert_layout``).  The numpy integer reference is the test
@@ -44,7 +50,7 @@ from tvm_lowbit import qmath
 from tvm_lowbit.kernels import sdot, vnni
 from tvm_lowbit.kernels.common import (KERNEL_ATTR, LayerSpec, OutMode, Pick, TargetLike, check_mode, conv_out_size,
                                        decode_2bit, epilogue, int_epilogue, kernel_attrs, layout_reader, maybe_block, pair,
-                                       target_kind, tile)
+                                       requant_unrounded, round_clip, target_kind, tile)
 from tvm_lowbit.kernels.registry import Kernel, Operands
 from tvm_lowbit.kernels.registry import register as register_kernel
 
@@ -53,166 +59,246 @@ ZERO_POINT = 128          # unsigned codes -> int8: x - 128
 MAX_WEIGHT = 127          # |w| bound: int8 weights, and two products of the widening kernel fit int16
 LAYOUTS = ("NCHW", "NHWC")
 LAYOUT_ATTR = "tvm_lowbit.out_layout"
+FOLD_ATTR = "tvm_lowbit.fold_channels"  # the folded stem's row copy: the input channels per column
 WIDEN_INTRIN = "tvm_lowbit_neon_smull_sadalp_4x8_i8i8s32"
 SDOT_LANE_INTRIN = "tvm_lowbit_sdot_lane_4x16_i8i8s32"
 DECODE_INTRIN = "tvm_lowbit_neon_decode_2bit_8x4_alpha"
 DECODE64_INTRIN = "tvm_lowbit_neon_decode_2bit_8x4_alpha_i64"
+# the same decode with the fields looked up per 4-bit nibble (the widening kernel's)
+NIBBLE_INTRIN = "tvm_lowbit_neon_decode_2bit_8x4_alpha_nibble"
+NIBBLE64_INTRIN = "tvm_lowbit_neon_decode_2bit_8x4_alpha_nibble_i64"
+ADDP_INTRIN = "tvm_lowbit_neon_addp_4x2_s32"
+DUP_INTRIN = {2: "tvm_lowbit_neon_dup_words_2", 4: "tvm_lowbit_neon_dup_words_4"}  # by words per step
+NARROW_INTRIN = "tvm_lowbit_neon_fcvtns_narrow_8_u8"
 
+
+# Each tensor intrinsic is one function: ``impl=False`` gives its description (what the matched block
+# computes), ``impl=True`` the NEON code that replaces it; both share the buffers and regions.
 
 # --------------------------------------------------------------------------------------------
 # The by-element sdot step (+dotprod): one 16-byte activation load feeds four sdots
 # --------------------------------------------------------------------------------------------
 
-@T.prim_func(s_tir=True)
-def _sdot_lane_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (16,), "int8", offset_factor=1)
-    sb = T.int32()
-    B = T.match_buffer(b, (4, 4, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:16], B[0:4, 0:4, 0:4])
-        T.writes(C[0:4])
-        for i, k in T.grid(4, 16):
-            with T.sblock("update"):
-                vi, vk = T.axis.remap("SR", [i, k])
-                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vk // 4, vi, vk % 4])
+def _sdot_lane(impl: bool) -> tirx.PrimFunc:
+    @T.prim_func(s_tir=True)
+    def func(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (16,), "int8", offset_factor=1)
+        sb = T.int32()
+        B = T.match_buffer(b, (4, 4, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:16], B[0:4, 0:4, 0:4])
+            T.writes(C[0:4])
+            if impl:
+                words = T.reinterpret("int32x4", A.vload([0], "int8x16"))
+                c0 = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", C.vload([0], "int32x4"),
+                                             B.vload([0, 0, 0], "int8x16"),
+                                             T.reinterpret("int8x16", T.Shuffle([words], [0, 0, 0, 0])))
+                c1 = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", c0,
+                                             B.vload([1, 0, 0], "int8x16"),
+                                             T.reinterpret("int8x16", T.Shuffle([words], [1, 1, 1, 1])))
+                c2 = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", c1,
+                                             B.vload([2, 0, 0], "int8x16"),
+                                             T.reinterpret("int8x16", T.Shuffle([words], [2, 2, 2, 2])))
+                C[0:4] = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", c2,
+                                                 B.vload([3, 0, 0], "int8x16"),
+                                                 T.reinterpret("int8x16", T.Shuffle([words], [3, 3, 3, 3])))
+            else:
+                for i, k in T.grid(4, 16):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vk // 4, vi, vk % 4])
 
-
-@T.prim_func(s_tir=True)
-def _sdot_lane_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (16,), "int8", offset_factor=1)
-    sb = T.int32()
-    B = T.match_buffer(b, (4, 4, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:16], B[0:4, 0:4, 0:4])
-        T.writes(C[0:4])
-        words = T.reinterpret("int32x4", A.vload([0], "int8x16"))
-        c0 = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", C.vload([0], "int32x4"),
-                                     B.vload([0, 0, 0], "int8x16"),
-                                     T.reinterpret("int8x16", T.Shuffle([words], [0, 0, 0, 0])))
-        c1 = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", c0,
-                                     B.vload([1, 0, 0], "int8x16"),
-                                     T.reinterpret("int8x16", T.Shuffle([words], [1, 1, 1, 1])))
-        c2 = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", c1,
-                                     B.vload([2, 0, 0], "int8x16"),
-                                     T.reinterpret("int8x16", T.Shuffle([words], [2, 2, 2, 2])))
-        C[0:4] = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", c2,
-                                         B.vload([3, 0, 0], "int8x16"),
-                                         T.reinterpret("int8x16", T.Shuffle([words], [3, 3, 3, 3])))
+    return func
 
 
 # --------------------------------------------------------------------------------------------
-# The widening-multiply step (cores without a dot product)
+# The widening-multiply step (cores without a dot product), the sum of its two partial sums, the rounding
 # --------------------------------------------------------------------------------------------
 
-@T.prim_func(s_tir=True)
-def _widen_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (2, 2, 4), "int8", offset_factor=1)
-    sb = T.int32()
-    B = T.match_buffer(b, (2, 4, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
-    C = T.match_buffer(c, (4, 2), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:4, 0:2], A[0:2, 0:2, 0:4], B[0:2, 0:4, 0:4])
-        T.writes(C[0:4, 0:2])
-        for i, h, s, q in T.grid(4, 2, 2, 2):
-            with T.sblock("update"):
-                vi, vh, vs, vq = T.axis.remap("SSRR", [i, h, s, q])
-                C[vi, vh] = C[vi, vh] + T.Cast("int32", A[vs, vh, vh * 2 + vq]) * T.Cast("int32", B[vs, vi, vh * 2 + vq])
+def _widen_step(impl: bool) -> tirx.PrimFunc:
+    @T.prim_func(s_tir=True)
+    def func(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2, 2, 4), "int8", offset_factor=1)
+        sb = T.int32()
+        B = T.match_buffer(b, (2, 4, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
+        C = T.match_buffer(c, (4, 2), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:4, 0:2], A[0:2, 0:2, 0:4], B[0:2, 0:4, 0:4])
+            T.writes(C[0:4, 0:2])
+            if impl:
+                # the padded copy holds every 4 channels twice: two 8-byte loads are the broadcast words
+                a0 = T.Cast("int16x8", A.vload([0, 0, 0], "int8x8"))
+                a1 = T.Cast("int16x8", A.vload([1, 0, 0], "int8x8"))
+                lo = (a0 * T.Cast("int16x8", B.vload([0, 0, 0], "int8x8"))
+                      + a1 * T.Cast("int16x8", B.vload([1, 0, 0], "int8x8")))
+                hi = (a0 * T.Cast("int16x8", B.vload([0, 2, 0], "int8x8"))
+                      + a1 * T.Cast("int16x8", B.vload([1, 2, 0], "int8x8")))
+                C.vstore([0, 0], C.vload([0, 0], "int32x4") + T.call_llvm_pure_intrin(
+                    "int32x4", "llvm.aarch64.neon.saddlp.v4i32.v8i16", lo))
+                C.vstore([2, 0], C.vload([2, 0], "int32x4") + T.call_llvm_pure_intrin(
+                    "int32x4", "llvm.aarch64.neon.saddlp.v4i32.v8i16", hi))
+            else:
+                for i, h, s, q in T.grid(4, 2, 2, 2):
+                    with T.sblock("update"):
+                        vi, vh, vs, vq = T.axis.remap("SSRR", [i, h, s, q])
+                        C[vi, vh] = C[vi, vh] + (T.Cast("int32", A[vs, vh, vh * 2 + vq])
+                                                 * T.Cast("int32", B[vs, vi, vh * 2 + vq]))
+
+    return func
 
 
-@T.prim_func(s_tir=True)
-def _widen_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    sb = T.int32()
-    A = T.match_buffer(a, (2, 2, 4), "int8", offset_factor=1)
-    B = T.match_buffer(b, (2, 4, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
-    C = T.match_buffer(c, (4, 2), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:4, 0:2], A[0:2, 0:2, 0:4], B[0:2, 0:4, 0:4])
-        T.writes(C[0:4, 0:2])
-        # the padded copy holds every 4 channels twice: two 8-byte loads are the broadcast words
-        a0 = T.Cast("int16x8", A.vload([0, 0, 0], "int8x8"))
-        a1 = T.Cast("int16x8", A.vload([1, 0, 0], "int8x8"))
-        lo = a0 * T.Cast("int16x8", B.vload([0, 0, 0], "int8x8")) + a1 * T.Cast("int16x8", B.vload([1, 0, 0], "int8x8"))
-        hi = a0 * T.Cast("int16x8", B.vload([0, 2, 0], "int8x8")) + a1 * T.Cast("int16x8", B.vload([1, 2, 0], "int8x8"))
-        C.vstore([0, 0], C.vload([0, 0], "int32x4") + T.call_llvm_pure_intrin(
-            "int32x4", "llvm.aarch64.neon.saddlp.v4i32.v8i16", lo))
-        C.vstore([2, 0], C.vload([2, 0], "int32x4") + T.call_llvm_pure_intrin(
-            "int32x4", "llvm.aarch64.neon.saddlp.v4i32.v8i16", hi))
+def _addp(impl: bool) -> tirx.PrimFunc:
+    """The widening kernel's two partial sums per output channel added in registers: one addp per 4."""
+    @T.prim_func(s_tir=True)
+    def func(a: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4, 2), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4, 0:2])
+            T.writes(C[0:4])
+            if impl:
+                C[0:4] = C.vload([0], "int32x4") + T.call_llvm_pure_intrin(
+                    "int32x4", "llvm.aarch64.neon.addp.v4i32", A.vload([0, 0], "int32x4"), A.vload([2, 0], "int32x4"))
+            else:
+                for i, r in T.grid(4, 2):
+                    with T.sblock("update"):
+                        vi, vr = T.axis.remap("SR", [i, r])
+                        C[vi] = C[vi] + A[vi, vr]
+
+    return func
+
+
+def _dup(impl: bool, words: int = 4) -> tirx.PrimFunc:
+    """The widening kernel's activation copy: ``words`` 4-byte words, each written twice (zip1/zip2)."""
+    @T.prim_func(s_tir=True)
+    def func(a: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (words * 4,), "int8", offset_factor=1)
+        C = T.match_buffer(c, (words, 2, 4), "int8", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(A[0:words * 4])
+            T.writes(C[0:words, 0:2, 0:4])
+            if impl:
+                v = A.vload([0], f"int8x{words * 4}")
+                C.vstore([0, 0, 0], T.Shuffle([v, v], [w * 4 + q for w in range(words) for _ in range(2)
+                                                       for q in range(4)]))
+            else:
+                for w, d, q in T.grid(words, 2, 4):
+                    with T.sblock("update"):
+                        vw, vd, vq = T.axis.remap("SSS", [w, d, q])
+                        C[vw, vd, vq] = A[vw * 4 + vq]
+
+    return func
+
+
+def _narrow(impl: bool) -> tirx.PrimFunc:
+    """The requantizing epilogue's last step for uint8 codes, ``clip(nearbyint(q), 0, 255)``, 8 at a time:
+    fcvtns rounds to the nearest, ties to even (nearbyint in the default rounding mode), saturating to int32;
+    sqxtun clips to 0..65535, uqxtn to 0..255."""
+    @T.prim_func(s_tir=True)
+    def func(a: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (8,), "float32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (8,), "uint8", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(A[0:8])
+            T.writes(C[0:8])
+            if impl:
+                lo = T.call_llvm_pure_intrin("int16x4", "llvm.aarch64.neon.sqxtun.v4i16", T.call_llvm_pure_intrin(
+                    "int32x4", "llvm.aarch64.neon.fcvtns.v4i32.v4f32", A.vload([0], "float32x4")))
+                hi = T.call_llvm_pure_intrin("int16x4", "llvm.aarch64.neon.sqxtun.v4i16", T.call_llvm_pure_intrin(
+                    "int32x4", "llvm.aarch64.neon.fcvtns.v4i32.v4f32", A.vload([4], "float32x4")))
+                C.vstore([0], T.reinterpret("uint8x8", T.call_llvm_pure_intrin(
+                    "int8x8", "llvm.aarch64.neon.uqxtn.v8i8", T.Shuffle([lo, hi], list(range(8))))))
+            else:
+                for i in T.serial(8):
+                    with T.sblock("update"):
+                        vi = T.axis.remap("S", [i])
+                        C[vi] = T.Cast("uint8", T.min(T.max(T.nearbyint(A[vi]), T.float32(0.0)), T.float32(255.0)))
+
+    return func
 
 
 # --------------------------------------------------------------------------------------------
 # The 2-bit decode with the alpha folded in: W[i, q] = int8(t(C[i], q) * A[i]) for 8 code bytes
 # --------------------------------------------------------------------------------------------
 
-@T.prim_func(s_tir=True)
-def _decode_desc(c: T.handle, a: T.handle, w: T.handle) -> None:
-    C = T.match_buffer(c, (8,), "uint8", offset_factor=1)
-    A = T.match_buffer(a, (8,), "uint8", offset_factor=1)
-    W = T.match_buffer(w, (8, 4), "int8", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:8])
-        T.writes(W[0:8, 0:4])
-        for i, q in T.grid(8, 4):
-            with T.sblock("update"):
-                vi, vq = T.axis.remap("SS", [i, q])
-                W[vi, vq] = T.Cast("int8", (T.bitwise_xor(T.shift_right(T.Cast("int32", C[vi]), vq * 2) & 3, 2)
-                                            - 2) * T.Cast("int32", A[vi]))
+def _decode(form: str) -> tirx.PrimFunc:
+    """``form``: "desc", "desc64" (the description in the int64 index arithmetic of Relax-emitted kernels:
+    emit_te widens the decode's int32 math), "tbl" (a tbl per 2-bit field) or "nibble" (two tbls per 4-bit
+    nibble: one mask and one shift for four fields)."""
+    wide = form == "desc64"
+    n8, n4 = (T.int64(8), T.int64(4)) if wide else (8, 4)
 
+    @T.prim_func(s_tir=True)
+    def func(c: T.handle, a: T.handle, w: T.handle) -> None:
+        C = T.match_buffer(c, (n8,), "uint8", offset_factor=1)
+        A = T.match_buffer(a, (n8,), "uint8", offset_factor=1)
+        W = T.match_buffer(w, (n8, n4), "int8", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:n8], A[0:n8])
+            T.writes(W[0:n8, 0:n4])
+            if form == "desc":
+                for i, q in T.grid(8, 4):
+                    with T.sblock("update"):
+                        vi, vq = T.axis.remap("SS", [i, q])
+                        W[vi, vq] = T.Cast("int8", (T.bitwise_xor(T.shift_right(T.Cast("int32", C[vi]), vq * 2) & 3, 2)
+                                                    - 2) * T.Cast("int32", A[vi]))
+            elif form == "desc64":
+                for i, q in T.grid(T.int64(8), T.int64(4)):
+                    with T.sblock("update"):
+                        vi, vq = T.axis.remap("SS", [i, q])
+                        W[vi, vq] = T.Cast("int8", (T.bitwise_xor(
+                            T.shift_right(T.Cast("int64", T.Cast("int32", C[vi])), vq * T.int64(2)) & T.int64(3),
+                            T.int64(2)) - T.int64(2)) * T.Cast("int64", T.Cast("int32", A[vi])))
+            else:
+                codes = C.vload([0], "uint8x8")
+                alpha = T.reinterpret("int8x8", A.vload([0], "uint8x8"))
+                if form == "tbl":
+                    # field value -> t, the bytes 0, 1, -2, -1 of decode_2bit (2 is never written by pack_2bit)
+                    table = T.reinterpret("int8x16", T.broadcast(T.int32(-130816), 4))
+                    t0 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", table,
+                                                 T.reinterpret("int8x8", codes & T.broadcast(T.uint8(3), 8)))
+                    t1 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", table, T.reinterpret(
+                        "int8x8", T.shift_right(codes, T.broadcast(T.uint8(2), 8)) & T.broadcast(T.uint8(3), 8)))
+                    t2 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", table, T.reinterpret(
+                        "int8x8", T.shift_right(codes, T.broadcast(T.uint8(4), 8)) & T.broadcast(T.uint8(3), 8)))
+                    t3 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", table, T.reinterpret(
+                        "int8x8", T.shift_right(codes, T.broadcast(T.uint8(6), 8))))
+                    # byte-wise products (int8 wrap, as the description's cast), stored interleaved (st4)
+                    W.vstore([0, 0], T.Shuffle([t0 * alpha, t1 * alpha, t2 * alpha, t3 * alpha],
+                                               [q * 8 + i for i in range(8) for q in range(4)]))
+                else:
+                    # nibble n: tbl(low, n) = t(n & 3), tbl(high, n) = t(n >> 2) (decode_2bit, constant-folded)
+                    nib = T.Ramp(T.int8(0), T.int8(1), 16)
+                    two = T.broadcast(T.int8(2), 16)
+                    low = T.bitwise_xor(nib & T.broadcast(T.int8(3), 16), two) - two
+                    high = T.bitwise_xor(T.shift_right(nib, two), two) - two
+                    n0 = T.reinterpret("int8x8", codes & T.broadcast(T.uint8(15), 8))
+                    n1 = T.reinterpret("int8x8", T.shift_right(codes, T.broadcast(T.uint8(4), 8)))
+                    t0 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", low, n0)
+                    t1 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", high, n0)
+                    t2 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", low, n1)
+                    t3 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", high, n1)
+                    W.vstore([0, 0], T.Shuffle([t0 * alpha, t1 * alpha, t2 * alpha, t3 * alpha],
+                                               [q * 8 + i for i in range(8) for q in range(4)]))
 
-# the same in the int64 index arithmetic of Relax-emitted kernels (emit_te widens the decode's int32 math)
-@T.prim_func(s_tir=True)
-def _decode_desc64(c: T.handle, a: T.handle, w: T.handle) -> None:
-    C = T.match_buffer(c, (T.int64(8),), "uint8", offset_factor=1)
-    A = T.match_buffer(a, (T.int64(8),), "uint8", offset_factor=1)
-    W = T.match_buffer(w, (T.int64(8), T.int64(4)), "int8", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:T.int64(8)], A[0:T.int64(8)])
-        T.writes(W[0:T.int64(8), 0:T.int64(4)])
-        for i, q in T.grid(T.int64(8), T.int64(4)):
-            with T.sblock("update"):
-                vi, vq = T.axis.remap("SS", [i, q])
-                W[vi, vq] = T.Cast("int8", (T.bitwise_xor(
-                    T.shift_right(T.Cast("int64", T.Cast("int32", C[vi])), vq * T.int64(2)) & T.int64(3),
-                    T.int64(2)) - T.int64(2)) * T.Cast("int64", T.Cast("int32", A[vi])))
-
-
-@T.prim_func(s_tir=True)
-def _decode_impl(c: T.handle, a: T.handle, w: T.handle) -> None:
-    C = T.match_buffer(c, (8,), "uint8", offset_factor=1)
-    A = T.match_buffer(a, (8,), "uint8", offset_factor=1)
-    W = T.match_buffer(w, (8, 4), "int8", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:8])
-        T.writes(W[0:8, 0:4])
-        codes = C.vload([0], "uint8x8")
-        alpha = T.reinterpret("int8x8", A.vload([0], "uint8x8"))
-        # tbl: field value -> t, the bytes 0, 1, -2, -1 of decode_2bit (2 is never written by pack_2bit)
-        table = T.reinterpret("int8x16", T.broadcast(T.int32(-130816), 4))
-        t0 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", table,
-                                     T.reinterpret("int8x8", codes & T.broadcast(T.uint8(3), 8)))
-        t1 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", table, T.reinterpret(
-            "int8x8", T.shift_right(codes, T.broadcast(T.uint8(2), 8)) & T.broadcast(T.uint8(3), 8)))
-        t2 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", table, T.reinterpret(
-            "int8x8", T.shift_right(codes, T.broadcast(T.uint8(4), 8)) & T.broadcast(T.uint8(3), 8)))
-        t3 = T.call_llvm_pure_intrin("int8x8", "llvm.aarch64.neon.tbl1.v8i8", table, T.reinterpret(
-            "int8x8", T.shift_right(codes, T.broadcast(T.uint8(6), 8))))
-        # byte-wise products (int8 wrap, as the description's cast), stored interleaved: W[i, q] (st4)
-        W.vstore([0, 0], T.Shuffle([t0 * alpha, t1 * alpha, t2 * alpha, t3 * alpha],
-                                   [q * 8 + i for i in range(8) for q in range(4)]))
+    return func
 
 
 def register() -> tuple[str, ...]:
     """Register the widening step and the intrinsics this module borrows (sdot's plain step, vnni's
     8-lane 2-bit decode); idempotent.  Returns their names."""
-    for name, desc, impl in ((WIDEN_INTRIN, _widen_desc, _widen_impl),
-                             (SDOT_LANE_INTRIN, _sdot_lane_desc, _sdot_lane_impl),
-                             (DECODE_INTRIN, _decode_desc, _decode_impl),
-                             (DECODE64_INTRIN, _decode_desc64, _decode_impl)):
+    intrinsics = {WIDEN_INTRIN: (_widen_step, False, True), ADDP_INTRIN: (_addp, False, True),
+                  NARROW_INTRIN: (_narrow, False, True), SDOT_LANE_INTRIN: (_sdot_lane, False, True),
+                  DUP_INTRIN[2]: (lambda impl: _dup(impl, 2), False, True),
+                  DUP_INTRIN[4]: (lambda impl: _dup(impl, 4), False, True),
+                  DECODE_INTRIN: (_decode, "desc", "tbl"), DECODE64_INTRIN: (_decode, "desc64", "tbl"),
+                  NIBBLE_INTRIN: (_decode, "desc", "nibble"), NIBBLE64_INTRIN: (_decode, "desc64", "nibble")}
+    for name, (make, desc, impl) in intrinsics.items():
         if tvm.s_tir.TensorIntrin.get(name, allow_missing=True) is None:
-            tvm.s_tir.TensorIntrin.register(name, desc, impl)
+            tvm.s_tir.TensorIntrin.register(name, make(desc), make(impl))
     _, plain = sdot.register()
-    return WIDEN_INTRIN, SDOT_LANE_INTRIN, plain, DECODE_INTRIN, DECODE64_INTRIN
+    return (*intrinsics, plain)
 
 
 def is_aarch64(target: tvm.target.Target | None) -> bool:
@@ -273,13 +359,21 @@ def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
     oh, ow = conv_out_size(height, kh, sh, ph), conv_out_size(width, kw, sw, pw)
     pad_code = tirx.const(0 if signed else -ZERO_POINT, "int8")  # a zero activation, shifted
     if fold_width:
-        stride_w = sw  # the layer's (the conv over the folded copy has stride 1)
+        # the padded, shifted input rows with the columns and channels flattened (element w * C + c): output
+        # column j reads the kw * C consecutive elements from j * sw * C on, so the folded copy's 4-channel
+        # words are 4 consecutive bytes of a row (the channels past kw * C: the next column's, weight 0)
+        flat = max((width + 2 * pw) * cin, (ow - 1) * sw * cin + cpad)
+
+        def row(b, h, f):
+            w = f // cin - pw
+            return tirx.if_then_else(tirx.all(h >= ph, h < ph + height, w >= 0, w < width),
+                                     _to_int8(get(b, f % cin, h - ph, w), signed), pad_code)
+
+        xrow = te.compute((batch, height + 2 * ph, flat), row, name="x_row", attrs={FOLD_ATTR: cin})
+        stride_w = sw * cin
 
         def folded(b, h, j, q):
-            w = j * stride_w + q // cin  # the padded input column of output column j, kernel column q // cin
-            return tirx.if_then_else(
-                tirx.all(h >= ph, h < ph + height, w >= pw, w < pw + width, q < ctile),
-                _to_int8(get(b, q % cin, h - ph, w - pw), signed), pad_code)
+            return xrow[b, h, j * stride_w + q]
 
         value, xshape = folded, (batch, height + 2 * ph, ow, cpad)
         kw, sw = 1, 1  # the conv over the folded copy
@@ -289,6 +383,9 @@ def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
                                      _to_int8(get(b, c, h - ph, w - pw), signed), pad_code)
 
         xshape = (batch, height + 2 * ph, max(width + 2 * pw, (ow - 1) * sw + kw), cpad)
+        if widen:  # the padded, shifted copy first; the duplicated words are a copy of it (DUP_INTRIN)
+            xpad = te.compute(xshape, value, name="x_pad")
+            value = lambda b, h, w, c: xpad[b, h, w, c]  # noqa: E731
     if widen:  # every 4 channels twice: the widening step's activation words come duplicated, no dup
         x = te.compute((*xshape[:3], cpad // 4, 2, 4), lambda b, h, w, c4, d, q: value(b, h, w, c4 * 4 + q),
                        name="x_nhwc")
@@ -306,15 +403,20 @@ def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
             name="acc")
         at = lambda b, i, j, k: acc[b, i, j, k]  # noqa: E731
     else:
-        c8 = te.reduce_axis((0, cpad // 8), name="c8")
+        # the kernel columns and the 8-channel steps as one reduction: for a row of the kernel, the copy's
+        # (column, channel) and the tile's (tap, channel) are both consecutive, so it is one loop of steps
+        nc8 = cpad // 8
+        c8 = te.reduce_axis((0, kw * nc8), name="c8")
         rs = te.reduce_axis((0, 2), name="rs")
         rq = te.reduce_axis((0, 2), name="rq")
 
         def part(b, i, j, k, h):
-            # copy h of channels c8 * 8 + rs * 4 + (0..3): the same values, read whole by the step
-            return te.sum(x[b, i * sh + ry, j * sw + rx, c8 * 2 + rs, h, h * 2 + rq].astype("int32")
-                          * w8[k // lanes, ry * kw + rx, c8 * 2 + rs, k % lanes, h * 2 + rq].astype("int32"),
-                          axis=[ry, rx, c8, rs, rq])
+            # copy h of channels (c8 % nc8) * 8 + rs * 4 + (0..3) of column c8 // nc8: the same values, read
+            # whole by the step
+            rx8, cb = c8 // nc8, (c8 % nc8) * 2 + rs
+            return te.sum(x[b, i * sh + ry, j * sw + rx8, cb, h, h * 2 + rq].astype("int32")
+                          * w8[k // lanes, ry * kw + rx8, cb, k % lanes, h * 2 + rq].astype("int32"),
+                          axis=[ry, c8, rs, rq])
 
         part_acc = te.compute((batch, oh, ow, kout, 2), part, name="acc")
         rh = te.reduce_axis((0, 2), name="rh")
@@ -335,6 +437,22 @@ def conv2d_neon_tiled(kind: str, data: te.Tensor, w8: te.Tensor, zp: te.Tensor |
     attrs = dict(kernel_attrs(kind), **{LAYOUT_ATTR: out_layout})
     if out_layout == "NCHW":
         return te.compute((batch, kout, oh, ow), lambda b, k, i, j: body(b, i, j, k), name="out", attrs=attrs)
+    if widen and out_mode == "requant" and int_rq is None and qmath.act_dtype(out_bits, out_signed) == "uint8":
+        # uint8 codes: the rounding and clip of a stage of their own, one fcvtns and two saturating narrows
+        # per 8 codes (NARROW_INTRIN) instead of round, max, min and convert on each 4 floats
+        clip = []
+
+        def unrounded(b, i, j, k):
+            a = at(b, i, j, k) if zp is None else at(b, i, j, k) + zp[k]
+            q, lo, hi = requant_unrounded(a, out_scale[k], out_bias[k], relu, requant_scale, out_bits, out_signed,
+                                          fma=fma, recip=recip)
+            clip.append((lo, hi))
+            return q
+
+        q = te.compute((batch, oh, ow, kout), unrounded, name="out_q")
+        if clip[0] == (0, 255):
+            return te.compute((batch, oh, ow, kout), lambda b, i, j, k: round_clip(q[b, i, j, k], 0, 255, "uint8"),
+                              name="out", attrs=attrs)
     return te.compute((batch, oh, ow, kout), body, name="out", attrs=attrs)
 
 
@@ -483,7 +601,7 @@ def int_operands(widen: bool) -> Callable[[LayerSpec], Operands]:
 # --------------------------------------------------------------------------------------------
 
 def _widened(sch: tvm.s_tir.Schedule) -> bool:
-    return len(sch.get_loops(sch.get_sblock("acc"))) == 10
+    return maybe_block(sch, "acc_sum") is not None
 
 
 def schedule_conv2d_neon(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> None:
@@ -496,19 +614,24 @@ def schedule_conv2d_neon(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> N
     acc = sch.get_sblock("acc")
     lps = sch.get_loops(acc)
     if widen:
-        b, i, j, k, h, ry, rx, c8, rs, rq = lps
+        b, i, j, k, h, ry, c8, rs, rq = lps
     else:
         b, i, j, k, ry, rx, rc = lps
     ow, kout = (int(sch.get(lp).extent) for lp in (j, k))
     lane_step = not widen and int(sch.get(rc).extent) % 16 == 0
     # accumulators + the weights of a step + activations within the 32 q registers
     mb = tile(ow, (2, 1) if widen else (8, 7, 4, 2, 1) if lane_step else (4, 8, 7, 2, 14, 1), pick)
-    nb = tile(kout // LANES, (2, 1) if not widen and not lane_step else (1,), pick)  # blocks of 8 channels
+    # blocks of 8 channels; the widening kernel's 1-pixel tile (odd widths) takes 16 channels, so that the
+    # activation loads and the loop are shared by twice the multiplies (it is bound by the multiplies again)
+    if widen and pick is None and mb == 1 and (kout // LANES) % 2 == 0:
+        nb = 2
+    else:
+        nb = tile(kout // LANES, (2, 1) if not widen and not lane_step else (1,), pick)
     jo, ji = sch.split(j, [None, mb])
     no, nm, nh, ni = sch.split(k, [None, nb, 2, 4])
     if widen:  # two 8-channel steps an iteration where the channels allow (half the loop control)
         c8o, c8i = sch.split(c8, [None, 2 if int(sch.get(c8).extent) % 2 == 0 else 1])
-        sch.reorder(no, b, i, jo, ry, rx, c8o, c8i, ji, nm, nh, ni, h, rs, rq)
+        sch.reorder(no, b, i, jo, ry, c8o, c8i, ji, nm, nh, ni, h, rs, rq)
         sch.unroll(c8i)
     elif lane_step:  # 16 channels a step: one activation load, four by-element sdots
         co, ci = sch.split(rc, [None, 16])
@@ -521,6 +644,10 @@ def schedule_conv2d_neon(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> N
     if acc_sum is not None:  # the widening kernel's two partial sums per channel
         sch.reverse_compute_at(acc_sum, jo, preserve_unit_loops=True)
         sch.set_scope(acc_sum, 0, "local")
+    out_q = maybe_block(sch, "out_q")
+    if out_q is not None:  # the uint8 epilogue's floats before the rounding, in registers
+        sch.reverse_compute_at(out_q, jo, preserve_unit_loops=True)
+        sch.set_scope(out_q, 0, "local")
     sch.reverse_compute_at(out, jo, preserve_unit_loops=True)
     sch.set_scope(acc, 0, "local")
     wb = maybe_block(sch, "w_int")
@@ -528,7 +655,10 @@ def schedule_conv2d_neon(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> N
         sch.compute_at(wb, no, preserve_unit_loops=True)
         loop = sch.get_loops(wb)[-2]
         wide = str(sch.get(loop).loop_var.ty) == "int64"
-        sch.tensorize(loop, DECODE64_INTRIN if wide else DECODE_INTRIN)
+        if widen:
+            sch.tensorize(loop, NIBBLE64_INTRIN if wide else NIBBLE_INTRIN)
+        else:
+            sch.tensorize(loop, DECODE64_INTRIN if wide else DECODE_INTRIN)
     sch.parallel(no)
     init = sch.decompose_reduction(acc, ry)
     il = sch.get_loops(init)
@@ -537,20 +667,40 @@ def schedule_conv2d_neon(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> N
     sch.unroll(ji)
     sch.unroll(nm)
     sch.unroll(nh)
-    if acc_sum is not None:
+    if acc_sum is not None:  # one addp per 4 channels
         sl = sch.get_loops(acc_sum)
-        sch.unroll(sl[-1])
+        ko, ki = sch.split(sl[-2], [None, 4])
         sch.unroll(sl[-3])
+        sch.unroll(ko)
+        sum_init = sch.decompose_reduction(acc_sum, ki)
+        sch.vectorize(sch.get_loops(sum_init)[-1])
+        sch.tensorize(ki, ADDP_INTRIN)
     ol = sch.get_loops(out)
     nchw = str(sch.get(out).annotations.get(LAYOUT_ATTR, "NCHW")) == "NCHW"
     sch.unroll(ol[-1] if nchw else ol[-2])
-    if not nchw:
+    if out_q is not None:
+        ql = sch.get_loops(out_q)
+        sch.unroll(ql[-2])
+        sch.vectorize(ql[-1])
+        ko, ki = sch.split(ol[-1], [None, 8])
+        sch.unroll(ko)
+        sch.tensorize(ki, NARROW_INTRIN)
+    elif not nchw:
         sch.vectorize(ol[-1])
     xl = sch.get_loops(sch.get_sblock("x_nhwc"))
-    sch.parallel(sch.fuse(xl[0], xl[1]))
-    if widen:  # 4 channels a vector, stored twice
-        sch.vectorize(xl[-1])
-        sch.unroll(xl[-2])
+    rows = sch.fuse(xl[0], xl[1])
+    sch.parallel(rows)
+    if widen:  # one padded, shifted row at a time, then its words twice: 4 (or 2) words a step
+        src = maybe_block(sch, "x_row") or maybe_block(sch, "x_pad")
+        sch.compute_at(src, rows, preserve_unit_loops=True)
+        sl = sch.get_loops(src)
+        if str(sch.get(src).name_hint) == "x_row":  # the folded stem: a column's channels together
+            cin = int(sch.get(src).annotations[FOLD_ATTR])
+            sch.unroll(sch.split(sl[-1], [None, cin])[1])
+        elif int(sch.get(sl[-1]).extent) % 16 == 0:
+            sch.vectorize(sch.split(sl[-1], [None, 16])[1])
+        words = 4 if int(sch.get(xl[-3]).extent) % 4 == 0 else 2
+        sch.tensorize(sch.split(xl[-3], [None, words])[1], DUP_INTRIN[words])
     elif int(sch.get(xl[-1]).extent) % 8 == 0:
         sch.vectorize(xl[-1])
 

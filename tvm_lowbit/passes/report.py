@@ -36,6 +36,7 @@ class LoweringReport:
         described = {"avx2": "AVX2 int8 dot-product kernels (vpmaddubsw/vpmaddwd)",
                      "sdot": "aarch64 int8 dot-product kernels (sdot)",
                      "dotprod": "aarch64 folded-alpha int8 dot-product kernels (sdot)",
+                     "a76": "aarch64 folded-alpha int8 dot-product kernels for the Cortex-A76 (sdot)",
                      "neon": "aarch64 folded-alpha int8 kernels (smull/smlal/sadalp)",
                      "lut": "lookup-table ternary kernel (few rows, large weight)"}
         for isa in dict.fromkeys([*described, *self.fast_kernels.values()]):
