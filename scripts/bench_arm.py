@@ -147,11 +147,15 @@ def tvm_model(variant: str, bench: Bench, cache: Path | None = None) -> nn.Modul
         return make_tvm_model(variant, bench)
     f = cache / f"{bench.name}-{variant}-calib{len(bench.calib)}-{quantizer_sources_hash()}.pt"
     if f.is_file():
-        q = torch.load(f, map_location="cpu", weights_only=False)  # written by this script (below)
-        print(f"{bench.name} {variant}: quantized model loaded from {f}", flush=True)
-        if hasattr(q, "tvm_lowbit_auto"):
-            print(f"{bench.name} tvm-auto: {q.tvm_lowbit_auto.summary()}", flush=True)
-        return q
+        try:
+            q = torch.load(f, map_location="cpu", weights_only=False)  # written by this script (below)
+        except (AttributeError, RuntimeError, EOFError) as e:  # seen: FGQ layers' patched forward does not unpickle
+            print(f"{bench.name} {variant}: cannot load {f} ({type(e).__name__}: {e}); quantizing again", flush=True)
+        else:
+            print(f"{bench.name} {variant}: quantized model loaded from {f}", flush=True)
+            if hasattr(q, "tvm_lowbit_auto"):
+                print(f"{bench.name} tvm-auto: {q.tvm_lowbit_auto.summary()}", flush=True)
+            return q
     q = make_tvm_model(variant, bench)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(".tmp")
