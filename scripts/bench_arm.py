@@ -129,42 +129,7 @@ def load_model(name: str, n_calib: int) -> Bench:
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
-def quantizer_sources_hash() -> str:
-    """A hash of the code a quantized model depends on (quantizers, formats, qmath): the --qcache key's version."""
-    import hashlib
-
-    root = Path(__file__).resolve().parent.parent / "tvm_lowbit"
-    h = hashlib.sha256()
-    for f in sorted([*root.glob("quantizers/**/*.py"), *root.glob("formats/**/*.py"), root / "qmath.py"]):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
-
-
-def tvm_model(variant: str, bench: Bench, cache: Path | None = None) -> nn.Module:
-    """The variant's model of ``bench``; with ``cache`` (a folder), a quantized model is saved there and loaded back
-    by a later run with the same model, variant, calibration count and quantizer sources (tvm-auto takes minutes)."""
-    if cache is None or variant in ("tvm-fp32", "tvm-pow2"):
-        return make_tvm_model(variant, bench)
-    f = cache / f"{bench.name}-{variant}-calib{len(bench.calib)}-{quantizer_sources_hash()}.pt"
-    if f.is_file():
-        try:
-            q = torch.load(f, map_location="cpu", weights_only=False)  # written by this script (below)
-        except (AttributeError, RuntimeError, EOFError) as e:  # seen: FGQ layers' patched forward does not unpickle
-            print(f"{bench.name} {variant}: cannot load {f} ({type(e).__name__}: {e}); quantizing again", flush=True)
-        else:
-            print(f"{bench.name} {variant}: quantized model loaded from {f}", flush=True)
-            if hasattr(q, "tvm_lowbit_auto"):
-                print(f"{bench.name} tvm-auto: {q.tvm_lowbit_auto.summary()}", flush=True)
-            return q
-    q = make_tvm_model(variant, bench)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".tmp")
-    torch.save(q, tmp)
-    tmp.replace(f)
-    return q
-
-
-def make_tvm_model(variant: str, bench: Bench) -> nn.Module:
+def tvm_model(variant: str, bench: Bench) -> nn.Module:
     from tvm_lowbit import quantize
     from tvm_lowbit.quantizers.auto import Auto
     from tvm_lowbit.quantizers.fgq import FGQ
@@ -273,12 +238,12 @@ def row_variant(variant: str, tuning: Any) -> str:
 
 
 def bench_tvm(variant: str, bench: Bench, targets: list[str], k: int, tmp: Path,
-              schedules: tuple[str, ...] = ("shipped",), qcache: Path | None = None) -> list[dict[str, Any]]:
+              schedules: tuple[str, ...] = ("shipped",)) -> list[dict[str, Any]]:
     import tvm_lowbit
     from tvm_lowbit.deploy.bundle import export_bundle, run_bundle_emulated
     from tvm_lowbit.deploy.remote import REL_TOLERANCE
 
-    model = tvm_model(variant, bench, qcache)
+    model = tvm_model(variant, bench)
     host_out = tvm_lowbit.compile(model, bench.x, "x86-host").run(bench.x)
     rows = []
     for target, setting in [(t, s) for t in targets for s in schedules]:
@@ -414,8 +379,6 @@ def main() -> int:
                     "(rows then named <variant>-tuned), 'none' the default schedules, 'shipped,none' both "
                     "(default shipped)")
     ap.add_argument("--json", type=Path, default=None, help="write {'rows': [...]} here")
-    ap.add_argument("--qcache", type=Path, default=None, help="keep quantized models in this folder and reuse them "
-                    "(keyed by model, variant, --calib and the quantizer sources; tvm-auto takes minutes)")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                     help="measure nothing: print the table of the rows in these --json files (a later file's row "
                     "replaces an earlier one of the same model, variant and target), ratios recomputed")
@@ -466,7 +429,7 @@ def main() -> int:
                     assert onnx_files is not None
                     rows += bench_ort(variant, bench, onnx_files[variant == "ort-int8"], targets, args.runs, tmp)
                 else:
-                    rows += bench_tvm(variant, bench, targets, args.runs, tmp, schedules, args.qcache)
+                    rows += bench_tvm(variant, bench, targets, args.runs, tmp, schedules)
     return report(rows, args.json)
 
 

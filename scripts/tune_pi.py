@@ -99,8 +99,6 @@ def main() -> int:
                     "inside the models and write its in_model.json")
     ap.add_argument("--judge-rounds", type=int, default=2, help="tuned builds per model when judging: a workload "
                     "whose record loses in the model gets its next candidate in the next build (default 2)")
-    ap.add_argument("--qcache", type=Path, default=None, help="keep quantized models in this folder and reuse them "
-                    "(as bench_arm.py --qcache)")
     ap.add_argument("--no-judge", action="store_true", help="do not judge the records in the model after tuning")
     args = ap.parse_args()
     models = args.models.split(",")
@@ -116,7 +114,7 @@ def main() -> int:
 
     torch.set_num_threads(1)
     benches = {m: load_model(m, args.calib) for m in models}
-    qmodels = [(f"{m} {v}", benches[m], tvm_model(v, benches[m], args.qcache)) for m, v in jobs]
+    qmodels = [(f"{m} {v}", benches[m], tvm_model(v, benches[m])) for m, v in jobs]
     for target in args.targets.split(","):
         if args.judge_only:
             judged = [judge(name, q, bench.x, target, args.schedules / target, args.judge_rounds)
