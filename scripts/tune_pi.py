@@ -18,10 +18,18 @@ default (else the default). Printed: per target, wall and CPU seconds (this proc
 the board's qemu, llvm-mca), the load average, and per task the default and best estimated microseconds and
 instructions.
 
+After each model variant is tuned, its records are judged inside the model (tvm_lowbit.judge): the model is built
+with the default schedules and with the candidate records, run once on the emulated board, and the estimate of
+model.so is attributed to each kernel's functions; a record is kept only when its kernel's functions need fewer
+estimated cycles and no more instructions in the model than with the default schedule (a refused workload's next
+candidate is tried, --judge-rounds builds in all). The verdicts go to in_model.json in the folder; compile then
+applies only records judged there. --judge-only judges the existing folders without tuning.
+
     python scripts/tune_pi.py                                   # rasp4b and rasp5, every model, 64 trials each, swap in
     python scripts/tune_pi.py --targets rasp4b --no-swap        # tune into tvm_lowbit/schedules/rasp4b.new only
     python scripts/tune_pi.py --models resnet20 --trials 128
     python scripts/tune_pi.py --models mobilenet --variants tvm-auto --add   # add one variant's records
+    python scripts/tune_pi.py --judge-only --targets rasp4b --models resnet20  # judge the shipped rasp4b records
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_arm import load_model, tvm_model  # noqa: E402 - the models bench_arm measures
 
 from tvm_lowbit import tune  # noqa: E402
+from tvm_lowbit.judge import JudgeReport, judge_model  # noqa: E402
 
 # the bench_arm variants tuned per model (what the shipped folders hold)
 MODEL_VARIANTS = {"resnet20": ("tvm-fgq-n4",), "mobilenet": ("tvm-fgq-n4", "tvm-auto"),
@@ -49,6 +58,23 @@ def cpu_seconds() -> float:
     """User + system CPU seconds of this process and its finished children."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def judge(name: str, q: object, x: object, target: str, folder: Path, rounds: int) -> JudgeReport:
+    """Judge ``folder``'s records inside model ``name`` on ``target``, printing the one-line summary and timings."""
+    t0, c0 = time.time(), cpu_seconds()
+    rep = judge_model(q, x, target, folder, label=name, rounds=rounds)
+    print(f"{rep.text()} ({time.time() - t0:.0f} s wall, {cpu_seconds() - c0:.0f} CPU s)", flush=True)
+    return rep
+
+
+def print_judgements(reports: list[JudgeReport]) -> None:
+    """The in-model verdicts of every judged model, one table."""
+    if not reports:
+        return
+    lines = [r.table().splitlines() for r in reports]
+    print("\nin the model (est. cycles and instructions of the workload's functions in model.so, one inference):")
+    print("\n".join(lines[0][:2] + [ln for t in lines for ln in t[2:]]), flush=True)
 
 
 def main() -> int:
@@ -69,6 +95,11 @@ def main() -> int:
     ap.add_argument("--no-swap", action="store_true", help="leave the result in <target>.new")
     ap.add_argument("--add", action="store_true", help="tune into the shipped <target>/ itself (add a model's "
                     "records to it; a task already tuned there is resumed, not re-run)")
+    ap.add_argument("--judge-only", action="store_true", help="tune nothing: judge the records of <schedules>/<target>/ "
+                    "inside the models and write its in_model.json")
+    ap.add_argument("--judge-rounds", type=int, default=2, help="tuned builds per model when judging: a workload "
+                    "whose record loses in the model gets its next candidate in the next build (default 2)")
+    ap.add_argument("--no-judge", action="store_true", help="do not judge the records in the model after tuning")
     args = ap.parse_args()
     models = args.models.split(",")
     for m in models:
@@ -85,12 +116,18 @@ def main() -> int:
     benches = {m: load_model(m, args.calib) for m in models}
     qmodels = [(f"{m} {v}", benches[m], tvm_model(v, benches[m])) for m, v in jobs]
     for target in args.targets.split(","):
+        if args.judge_only:
+            judged = [judge(name, q, bench.x, target, args.schedules / target, args.judge_rounds)
+                      for name, bench, q in qmodels]
+            print_judgements(judged)
+            continue
         new = args.schedules / (target if args.add else f"{target}.new")
         if not args.add:
             shutil.rmtree(new, ignore_errors=True)
         wall0, cpu0, load0 = time.time(), cpu_seconds(), os.getloadavg()
         trials = failed = 0
         rows = []
+        judged: list[JudgeReport] = []
         for name, bench, q in qmodels:
             t0, c0 = time.time(), cpu_seconds()
             rep = tune.tune(q, bench.x, target, trials_per_task=args.trials_per_task, work_dir=new,
@@ -101,6 +138,8 @@ def main() -> int:
                 print(f"  {rep.failed} failed candidates; first: {rep.errors[0].strip().splitlines()[-1][:300]}")
             trials, failed = trials + rep.trials_run, failed + rep.failed
             rows += [(name, v) for v in rep.versus]
+            if not args.no_judge:
+                judged.append(judge(name, q, bench.x, target, new, args.judge_rounds))
         wall, cpu, load1 = time.time() - wall0, cpu_seconds() - cpu0, os.getloadavg()
         print(f"\n{target}: {trials} trials ({failed} failed) in {wall:.0f} s wall, {cpu:.0f} CPU s; "
               f"per trial {wall / max(trials, 1):.1f} s wall, {cpu / max(trials, 1):.1f} CPU s "
@@ -122,6 +161,7 @@ def main() -> int:
             print(f"| {model} | {v.task} | {num(v.default, 1e6)} | {num(v.default_insns, fmt=',.0f')} | "
                   f"{num(v.best, 1e6)} | {num(v.best_insns, fmt=',.0f')} | {r} | {fastest} | {applied} |")
         print(flush=True)
+        print_judgements(judged)
         (new / ".lock").unlink(missing_ok=True)  # the writers' lock file: not part of the database
         if not args.no_swap and not args.add:
             old = args.schedules / target

@@ -190,6 +190,15 @@ def test_shipped_pi_databases_are_tuned_on_the_estimate() -> None:
             records = [json.loads(ln)[1] for ln in (d / tune.RECORD_FILE).read_text().splitlines() if ln.strip()]
             measured = {json.dumps(r[0]) for r in records if max(r[1]) < 1e9}  # failed candidates have no count
             assert len(tune.read_instructions(d)) >= len(measured) > 0, d
+            # every record compile may apply was judged inside a model (tvm_lowbit.judge), and won there
+            verdicts = tune.read_in_model(d)
+            assert verdicts is not None, f"{d}: no {tune.IN_MODEL_FILE} (scripts/tune_pi.py --judge-only)"
+            keys: list[str] = []
+            tune._parse_files(d, tune.LoadReport(d), keys=keys)
+            kept = [k for k, v in verdicts.items() if v["apply"]]
+            assert set(kept) <= set(keys), f"{d}: a verdict names a record the database does not hold"
+            assert all(all(m["record_cycles"] < m["default_cycles"] and m["record_insns"] <= m["default_insns"]
+                           for m in verdicts[k]["models"].values()) for k in kept), d
 
 
 def test_rerun_resumes_without_new_trials(tiny, tuned, tmp_path, capsys) -> None:

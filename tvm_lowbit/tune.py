@@ -22,6 +22,10 @@ MetaSchedule JSON database per target under ``tvm_lowbit/schedules/<target>/`` t
   With the cycle estimate each candidate's executed instructions are recorded too (``INSNS_FILE``; the default's in
   ``DEFAULTS_FILE``), and a record then counts only when it needs fewer estimated cycles *and* no more instructions
   than the default: compile applies the fastest record that satisfies both, or keeps the default schedule.
+* Judged in the model: a kernel measured alone is not the kernel inside the model (its data, its neighbours' code);
+  ``tvm_lowbit.judge`` builds each model with the default schedules and with the records, attributes the board's
+  estimate to each kernel's functions, and writes ``IN_MODEL_FILE``; where it exists, compile applies only records
+  judged there to need fewer estimated cycles and no more instructions in the model.
 * Workers: MetaSchedule's default builder imports every tensor intrinsic (the GPU ones take 1-2 minutes
   to parse, in each worker), so the GPU intrinsic modules are stubbed and the build skips that import.
 """
@@ -64,6 +68,11 @@ DEFAULTS_FILE = "default_schedules.json"
 # structural hash and the record's trace), appended beside the record by a tune on the cycle estimate. A workload whose
 # default schedule has an instruction count ("insns" in DEFAULTS_FILE) applies only records with no more instructions.
 INSNS_FILE = "record_instructions.json"
+# {record key: {"workload", "task", "apply", "why", "models": {model: judgement}}}: records judged inside whole models
+# (``tvm_lowbit.judge``: the model built with the default schedules and with the records, run on the emulated board, the
+# estimate attributed to each kernel's functions). Where this file exists, ``compile`` applies only records judged
+# there with "apply" true: a record that wins on its kernel alone but loses inside a model is refused.
+IN_MODEL_FILE = "in_model.json"
 
 
 def emulated_default(target_name: str) -> str | None:
@@ -173,6 +182,9 @@ class LoadReport:
     # tasks whose fastest record beat the default's run time but executed more instructions than the default (not
     # applied: the fastest record with no more instructions is, when it beats the default, else the default stays)
     insns_vetoes: list[str] = field(default_factory=list)
+    # "task (why)": workloads with a record that wins on the kernel alone but none judged to win inside a model
+    # (``IN_MODEL_FILE``), which keep the default schedule
+    in_model_refusals: list[str] = field(default_factory=list)
 
     def text(self) -> str:
         s = f"{self.directory}: {self.records} tuning records over {self.workloads} workloads"
@@ -182,6 +194,9 @@ class LoadReport:
         if self.insns_vetoes:
             s += (f"; {len(self.insns_vetoes)} workload(s)' fastest record executes more instructions than the default "
                   f"and is not applied ({', '.join(self.insns_vetoes)})")
+        if self.in_model_refusals:
+            s += (f"; {len(self.in_model_refusals)} workload(s)' records win on the kernel alone but not in the model "
+                  f"({IN_MODEL_FILE}) and are not applied: {'; '.join(self.in_model_refusals)}")
         if self.bad_lines:
             shown = "; ".join(self.bad_lines[:5]) + (" ..." if len(self.bad_lines) > 5 else "")
             s += f"; {len(self.bad_lines)} corrupted line(s) dropped ({shown})"
@@ -439,15 +454,80 @@ def versus_default(workloads: list[Any], records: list[tuple[int, Any]], default
     return out
 
 
+def kernel_winners(workloads: list[Any], records: list[tuple[int, Any]], defaults: dict[str, dict[str, Any]],
+                   insns: dict[str, float], keys: list[str], report: LoadReport | None = None) -> list[bool]:
+    """Which records may be applied by their kernel measured alone: of a workload whose default schedule was measured
+    (``DEFAULTS_FILE``), the records faster than that default and, where the default's instructions were counted, with
+    no more instructions (``INSNS_FILE``); every record of a workload without a default measurement. ``report``
+    receives the workloads that keep their default and those whose fastest record was vetoed for its instructions."""
+    keep = [True] * len(records)
+    if not defaults:
+        return keep
+    versus = versus_default(workloads, records, defaults, insns, keys)
+    if report is not None:
+        for v in versus:
+            if not v.wins and v.fastest is not None:
+                report.default_wins.append(v.task)
+            if v.insns_veto:
+                report.insns_vetoes.append(v.task)
+    measured = [workload_key(w.mod) in defaults for w in workloads]
+    for j, (i, r) in enumerate(records):
+        if not measured[i]:
+            continue  # no default measured: every record, as before
+        v, s = versus[i], _best_seconds(r)
+        keep[j] = (s is not None and (v.default is None or s < v.default)
+                   and allowed(insns.get(keys[j]), v.default_insns))
+    return keep
+
+
+def read_in_model(directory: str | os.PathLike[str]) -> dict[str, dict[str, Any]] | None:
+    """The in-model verdicts of a database folder (``IN_MODEL_FILE``), or None when it has none. An unreadable file
+    reads as no record judged (so none is applied: the safe side) with a warning."""
+    f = Path(directory) / IN_MODEL_FILE
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text())
+    except ValueError as e:
+        print(f"warning: {f}: unreadable ({e}); no tuned record is applied (re-judge: scripts/tune_pi.py --judge-only)",
+              file=sys.stderr)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def judged_winners(workloads: list[Any], records: list[tuple[int, Any]], keys: list[str], keep: list[bool],
+                   verdicts: dict[str, dict[str, Any]], defaults: dict[str, dict[str, Any]]) -> tuple[list[bool], list[str]]:
+    """``keep`` narrowed to the records judged in a model to win there (``verdicts``, from ``IN_MODEL_FILE``), and
+    "task (why)" for each workload that had a kernel-alone winner but keeps no record."""
+    fastest: dict[int, tuple[float, int]] = {}  # workload -> (seconds, record) of its kernel-alone winner
+    for j, (i, r) in enumerate(records):
+        s = _best_seconds(r)
+        if keep[j] and s is not None and s < fastest.get(i, (float("inf"), -1))[0]:
+            fastest[i] = (s, j)
+    judged = [keep[j] and bool(verdicts.get(keys[j], {}).get("apply", False)) for j in range(len(records))]
+    kept = {i for j, (i, _) in enumerate(records) if judged[j]}
+    refusals = []
+    for i, (_, j) in sorted(fastest.items()):
+        if i in kept:
+            continue
+        v = verdicts.get(keys[j])
+        task = ((v or {}).get("task") or defaults.get(workload_key(workloads[i].mod), {}).get("task")
+                or kernel_kind(workloads[i].mod) or f"workload {i}")
+        refusals.append(f"{task} ({v['why'] if v else 'not judged in a model'})")
+    return judged, refusals
+
+
 def load_database(directory: str | os.PathLike[str], *, repair: bool = False,
-                  winners_only: bool = False) -> tuple[Any, LoadReport]:
+                  winners_only: bool = False, judged: bool = True) -> tuple[Any, LoadReport]:
     """Read a MetaSchedule JSON database into a MemoryDatabase, checking every line; damaged lines are
     dropped and listed in the report. A read writes nothing (no lock file, no repair), so it is safe on a
     read-only folder and beside a running tune. ``repair=True`` first runs :func:`repair_database`.
     ``winners_only=True`` (what ``compile`` reads) keeps, of a workload whose default schedule was measured at tune
     time (``DEFAULTS_FILE``), only the records faster than that default and, where the default's instructions were
     counted, executing no more instructions than it (``INSNS_FILE``): the database's best for the workload is then
-    the fastest record that satisfies both, and a workload with none keeps its default schedule."""
+    the fastest record that satisfies both, and a workload with none keeps its default schedule. Where the folder
+    holds in-model verdicts (``IN_MODEL_FILE``) and ``judged`` is true, only the records judged to win inside a model
+    are kept of those (``tvm_lowbit.judge``)."""
     from tvm.s_tir import meta_schedule as ms
 
     d = Path(directory)
@@ -465,21 +545,11 @@ def load_database(directory: str | os.PathLike[str], *, repair: bool = False,
             return mem, report
         workloads, records = _parse_files(d, report, keys=keys)
     keep = [True] * len(records)
-    if winners_only and (defaults := read_defaults(d)):
-        insns = read_instructions(d)
-        versus = versus_default(workloads, records, defaults, insns, keys)
-        for v in versus:
-            if not v.wins and v.fastest is not None:
-                report.default_wins.append(v.task)
-            if v.insns_veto:
-                report.insns_vetoes.append(v.task)
-        measured = [workload_key(w.mod) in defaults for w in workloads]
-        for j, (i, r) in enumerate(records):
-            if not measured[i]:
-                continue  # no default measured: every record, as before
-            v, s = versus[i], _best_seconds(r)
-            keep[j] = (s is not None and (v.default is None or s < v.default)
-                       and allowed(insns.get(keys[j]), v.default_insns))
+    if winners_only:
+        defaults = read_defaults(d)
+        keep = kernel_winners(workloads, records, defaults, read_instructions(d), keys, report)
+        if judged and (verdicts := read_in_model(d)) is not None:
+            keep, report.in_model_refusals = judged_winners(workloads, records, keys, keep, verdicts, defaults)
     for w in workloads:
         mem.commit_workload(w.mod)
     for j, (i, r) in enumerate(records):
@@ -487,6 +557,52 @@ def load_database(directory: str | os.PathLike[str], *, repair: bool = False,
             mem.commit_tuning_record(r)
     report.workloads, report.records = len(workloads), len(records)
     return mem, report
+
+
+def ranked_candidates(directory: str | os.PathLike[str]) -> dict[str, list[tuple[str, float]]]:
+    """Per workload key, the records ``compile`` could apply by their kernel measured alone (``kernel_winners``;
+    in-model verdicts not consulted), fastest first, as (record key, seconds): what ``tvm_lowbit.judge`` tries."""
+    d = Path(directory)
+    keys: list[str] = []
+    workloads, records = _parse_files(d, LoadReport(d), keys=keys)
+    keep = kernel_winners(workloads, records, read_defaults(d), read_instructions(d), keys)
+    out: dict[str, list[tuple[str, float]]] = {}
+    wkeys = [workload_key(w.mod) for w in workloads]
+    for j, (i, r) in enumerate(records):
+        if keep[j] and (s := _best_seconds(r)) is not None:
+            out.setdefault(wkeys[i], []).append((keys[j], s))
+    return {k: sorted(set(v), key=lambda e: (e[1], e[0])) for k, v in out.items()}
+
+
+def write_subset(directory: str | os.PathLike[str], record_keys: set[str], out: str | os.PathLike[str]) -> int:
+    """Write into the new folder ``out`` a database of ``directory``'s workloads and only the records whose
+    ``record_key`` is in ``record_keys`` (no default measurements: ``compile`` applies each workload's best of them);
+    returns how many records it holds."""
+    src, dst = Path(directory), Path(out)
+    keys: list[str] = []
+    workloads, records = _parse_files(src, LoadReport(src), keys=keys)
+    dst.mkdir(parents=True)
+    chosen = [(i, r) for (i, r), k in zip(records, keys) if k in record_keys]
+    (dst / WORKLOAD_FILE).write_text("".join(json.dumps(w.as_json()) + "\n" for w in workloads))
+    (dst / RECORD_FILE).write_text("".join(json.dumps([i, _record_json(r)]) + "\n" for i, r in chosen))
+    return len(chosen)
+
+
+def write_in_model(directory: str | os.PathLike[str], verdicts: dict[str, dict[str, Any]]) -> None:
+    """Merge ``verdicts`` (record key -> entry with "models": {model: judgement}) into ``IN_MODEL_FILE`` under the
+    writers' lock; a record's "apply" is true only when every model it was judged in says so."""
+    d = Path(directory)
+    with _locked(d):
+        merged = read_in_model(d) or {}
+        for key, entry in verdicts.items():
+            old = merged.get(key, {})
+            models = {**old.get("models", {}), **entry["models"]}
+            refused = [m for m, j in models.items() if not j["apply"]]
+            merged[key] = {**old, **{k: v for k, v in entry.items() if k != "models"}, "models": models,
+                           "apply": not refused,
+                           "why": "; ".join(f"in {m}: {models[m]['why']}" for m in (refused or list(models)))}
+        _swap_in(d, IN_MODEL_FILE, json.dumps(merged, indent=1, sort_keys=True) + "\n")
+        os.chmod(d / IN_MODEL_FILE, 0o644)
 
 
 def _plain_json(obj: Any) -> Any:
@@ -1005,11 +1121,15 @@ class ApplyReport:
     applied: list[str]
     missing: list[str]  # PrimFuncs with no record: default kernel schedule / TVM's default
     load: LoadReport
+    workloads: dict[str, str] = field(default_factory=dict)  # every PrimFunc's name -> its workload_key
 
     def text(self) -> str:
         if not self.applied and self.missing:
             why = (", or no record beat the default schedule with no more instructions" if self.load.default_wins
                    else "")
+            if self.load.in_model_refusals:
+                why += (f", or its record lost inside the model: {len(self.load.in_model_refusals)} refused "
+                        f"({'; '.join(self.load.in_model_refusals)})")
             return (f"tuned schedules from {self.directory}: no record matches any of this model's {len(self.missing)} "
                     f"workloads (tuned for another model, quantization or kernel version{why}); default schedules used")
         s = f"tuned schedules from {self.directory}: {len(self.applied)} workloads applied"
@@ -1019,6 +1139,9 @@ class ApplyReport:
         if self.load.insns_vetoes:
             s += (f" ({len(self.load.insns_vetoes)} workloads' fastest record executes more instructions than the "
                   "default schedule and is not applied)")
+        if self.load.in_model_refusals:
+            s += (f" ({len(self.load.in_model_refusals)} workloads' records win on the kernel alone but not in the "
+                  f"model and are not applied: {'; '.join(self.load.in_model_refusals)})")
         if self.missing:
             s += f", {len(self.missing)} without a record (default schedule): {', '.join(self.missing)}"
         return s
@@ -1031,7 +1154,7 @@ def _cached_database(directory: Path) -> tuple[Any, LoadReport]:
     """load_database once per process and file version (parsing every workload's IR takes seconds)."""
     stats = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None
                   for f in (directory / WORKLOAD_FILE, directory / RECORD_FILE, directory / DEFAULTS_FILE,
-                            directory / INSNS_FILE))
+                            directory / INSNS_FILE, directory / IN_MODEL_FILE))
     key = (str(directory.resolve()), stats)
     if key not in _LOADED:
         db, load = load_database(directory, winners_only=True)  # a read: no lock, no repair
@@ -1057,4 +1180,7 @@ def apply_database(mod: Any, target: Any, directory: str | os.PathLike[str]) -> 
     for gv, f in applied.functions_items():
         if isinstance(f, tirx.PrimFunc):
             (done if f.attrs is not None and f.attrs.get("tirx.is_scheduled", False) else missing).append(gv.name_hint)
-    return applied, ApplyReport(Path(directory), sorted(done), sorted(missing), load)
+    # the key each PrimFunc was looked up under (as ``extract_tasks`` forms a task's module)
+    keys = {gv.name_hint: workload_key(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}))
+            for gv, f in prepared.functions_items() if isinstance(f, tirx.PrimFunc)}
+    return applied, ApplyReport(Path(directory), sorted(done), sorted(missing), load, keys)

@@ -100,9 +100,9 @@ def llvm_version() -> str:
     return m.group(1) if m else "unknown"
 
 
-def read_blocks(path: str | os.PathLike[str]) -> dict[Block, int]:
-    """The plugin's ``blocks=`` file as {instruction words: executions}; a block translated more than once
-    (a code-cache flush, a second thread) is merged by its words and file offset."""
+def read_blocks_at(path: str | os.PathLike[str]) -> dict[tuple[int, Block], int]:
+    """The plugin's ``blocks=`` file as {(file offset, instruction words): executions}; a block translated more
+    than once (a code-cache flush, a second thread) is merged by its offset and words."""
     counts: dict[tuple[int, Block], int] = {}
     for line in Path(path).read_text().splitlines():
         fields = line.split()
@@ -110,8 +110,13 @@ def read_blocks(path: str | os.PathLike[str]) -> dict[Block, int]:
             continue
         key = (int(fields[0], 16), tuple(int(w, 16) for w in fields[2:]))
         counts[key] = counts.get(key, 0) + int(fields[1])
+    return counts
+
+
+def read_blocks(path: str | os.PathLike[str]) -> dict[Block, int]:
+    """The plugin's ``blocks=`` file as {instruction words: executions} (``read_blocks_at`` merged by words)."""
     merged: dict[Block, int] = {}
-    for (_, words), n in counts.items():
+    for (_, words), n in read_blocks_at(path).items():
         merged[words] = merged.get(words, 0) + n
     return merged
 
