@@ -202,3 +202,37 @@ def test_float_reference_gives_the_same_builds_and_computes_the_float_side_once(
     assert plain.tvm_lowbit_report.notes == first.tvm_lowbit_report.notes
     with pytest.raises(ValueError, match="float_ref was made from another model"):
         surgery.build_fake_quant(_ConvBnNet().eval(), weights, calib, float_ref=ref, **kw)
+
+
+def _gptq_by_column(w: torch.Tensor, step: torch.Tensor, lo: int, hi: int, hessian: torch.Tensor) -> torch.Tensor:
+    """GPTQ one column at a time, each error passed on to every later column at once (the plain form)."""
+    from tvm_lowbit.quantizers.rounding import DAMP
+
+    k = w.shape[0]
+    g, d, _ = hessian.shape
+    W = w.double().reshape(g, k // g, d).clone()
+    S = step.double().reshape(g, k // g, d)
+    H = hessian.double() + DAMP * torch.diagonal(hessian.double(), dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(d)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros_like(W)
+    for j in range(d):
+        c = torch.round(W[:, :, j] / S[:, :, j]).clamp(lo, hi)
+        codes[:, :, j] = c
+        err = (W[:, :, j] - c * S[:, :, j]) / U[:, j, j][:, None]
+        W[:, :, j + 1:] -= err[:, :, None] * U[:, j, j + 1:][:, None, :]
+    return codes.reshape(w.shape)
+
+
+@pytest.mark.parametrize("k,d,g", [(24, 300, 1), (16, 128, 1), (40, 9, 40), (12, 130, 3)])
+def test_blocked_gptq_equals_the_column_by_column_form(k: int, d: int, g: int) -> None:
+    from tvm_lowbit.quantizers.rounding import gptq_codes
+
+    gen = torch.Generator().manual_seed(k * d + g)
+    w = torch.randn(k, d, generator=gen)
+    x = torch.randn(4 * d + 16, g, d, generator=gen) * torch.rand(d, generator=gen)
+    h = torch.einsum("ngd,nge->gde", x, x).double() / x.shape[0]
+    step = (w.abs().amax(1, keepdim=True) / 7).expand_as(w)
+    got = gptq_codes(w, step, -7, 7, h)
+    want = _gptq_by_column(w, step, -7, 7, h)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, torch.round(w / step).clamp(-7, 7))  # the error feedback moved codes
