@@ -64,7 +64,8 @@ def main() -> None:
     # the configurations of scripts/bench_models.py (int8_config, auto_config), without the sensitivity cache
     configs = {"fgq-n4": FGQ(group_size=4),
                "int8": Auto(budget="agree>=0", formats=("int8",), calibration="best", use_cache=False),
-               "auto": Auto(budget=a.budget, calibration="best", sensitivity_images=16, max_evals=8, use_cache=False)}
+               "auto": Auto(budget=a.budget, formats=("int4", "int8", "float"), calibration="best", sensitivity_images=16,
+                            max_evals=8, use_cache=False)}
     rows = []
     for scheme in a.schemes.split(","):
         cfg = configs[scheme]

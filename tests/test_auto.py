@@ -103,6 +103,34 @@ def test_sensitivity_cached_table_and_heat_map(tiny: nn.Module, calib: np.ndarra
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("mode", ["full", "proxy"])
+def test_sensitivity_captures_runs_of_layers_in_one_forward(tiny: nn.Module, calib: np.ndarray, tmp_path,
+                                                           monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    from tvm_lowbit.quantizers import sensitivity
+
+    x = torch.from_numpy(calib[:48])
+    names = ["stem.0", "dw.0", "pw.0", "fc"]
+    batches = [x[:32], x[32:]]
+    together = sensitivity.capture_inputs(tiny, names, batches)
+    for n in names:  # the same tensors as one capture per layer
+        alone = sensitivity.capture_inputs(tiny, [n], batches)[n]
+        assert len(together[n]) == 2 and all(torch.equal(a, b) for a, b in zip(together[n], alone))
+    sizes = {"a": 10, "b": 30, "c": 70, "d": 5}
+    assert sensitivity.capture_chunks(list(sizes), sizes, 40) == [["a", "b"], ["c"], ["d"]]
+    assert sensitivity.capture_chunks(list(sizes), sizes, 1 << 30) == [list(sizes)]
+    runs = []
+    real = sensitivity.capture_inputs
+    monkeypatch.setattr(sensitivity, "capture_inputs", lambda m, ns, b: runs.append(list(ns)) or real(m, ns, b))
+    kw = dict(use_cache=False, progress=False, mode=mode, batch_size=32)
+    big = layer_sensitivity(tiny, x, FORMATS, **kw)
+    assert runs == [names]  # every input in one forward
+    runs.clear()
+    monkeypatch.setattr(sensitivity, "CAPTURE_BYTES", 1)
+    one = layer_sensitivity(tiny, x, FORMATS, **kw)
+    assert runs == [[n] for n in names]
+    assert one.kl == big.kl  # the same damage either way
+
+
 def test_search_meets_the_budget_on_the_built_model(tiny: nn.Module, calib: np.ndarray,
                                                     val: tuple[np.ndarray, np.ndarray], tmp_path) -> None:
     cfg = Auto(budget=1.0, formats=FORMATS, sensitivity_images=128, max_evals=6, cache_dir=str(tmp_path),

@@ -154,3 +154,85 @@ def test_gptq_statistics_gather_the_patches_unfold_gives(conv: nn.Conv2d, monkey
     p = torch.cat(parts, 1)
     want = (p.transpose(1, 2) @ p).double() / p.shape[1]
     assert torch.allclose(got, want, rtol=1e-6, atol=0)
+
+
+class _ConvBnNet(nn.Module):
+    """conv -> batch norm -> ReLU twice, then a Linear with no batch norm after it (bias-corrected)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.c2(self.c1(x)).mean((2, 3)))
+
+
+def test_float_reference_gives_the_same_builds_and_computes_the_float_side_once(monkeypatch: pytest.MonkeyPatch
+                                                                                ) -> None:
+    from tvm_lowbit.quantizers import surgery
+
+    torch.manual_seed(0)
+    model = _ConvBnNet().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    calib = torch.randn(32, 3, 8, 8)
+    x = torch.randn(5, 3, 8, 8)
+    weights = {n: parse_format("int4").quantize(model.get_submodule(n).weight.detach()) for n in ("c1.0", "c2.0", "fc")}
+    kw = dict(calibration="mse", bn_reestimate=True, bias_correction=True, batch_size=16, progress=False)
+    plain = surgery.build_fake_quant(model, weights, calib, **kw)
+    ref = surgery.FloatReference(model)
+    first = surgery.build_fake_quant(model, weights, calib, float_ref=ref, **kw)
+    made = dict(ref.store)
+    assert {k[0] for k in made} == {"rows", "bn", "means"}
+    calls = []
+    for name in ("output_rows", "batchnorm_input_stats", "float_output_means"):
+        real = getattr(surgery, name)
+        monkeypatch.setattr(surgery, name, lambda *a, _real=real, _n=name: calls.append((_n, a[0])) or _real(*a))
+    second = surgery.build_fake_quant(model, weights, calib, float_ref=ref, **kw)
+    assert calls and all(n == "output_rows" and m is not ref.model for n, m in calls)  # the quantized model only
+    assert ref.store.keys() == made.keys()
+    with torch.no_grad():
+        want = plain(x)
+        assert torch.equal(first(x), want) and torch.equal(second(x), want)
+    assert plain.tvm_lowbit_report.notes == first.tvm_lowbit_report.notes
+    with pytest.raises(ValueError, match="float_ref was made from another model"):
+        surgery.build_fake_quant(_ConvBnNet().eval(), weights, calib, float_ref=ref, **kw)
+
+
+def _gptq_by_column(w: torch.Tensor, step: torch.Tensor, lo: int, hi: int, hessian: torch.Tensor) -> torch.Tensor:
+    """GPTQ one column at a time, each error passed on to every later column at once (the plain form)."""
+    from tvm_lowbit.quantizers.rounding import DAMP
+
+    k = w.shape[0]
+    g, d, _ = hessian.shape
+    W = w.double().reshape(g, k // g, d).clone()
+    S = step.double().reshape(g, k // g, d)
+    H = hessian.double() + DAMP * torch.diagonal(hessian.double(), dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(d)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros_like(W)
+    for j in range(d):
+        c = torch.round(W[:, :, j] / S[:, :, j]).clamp(lo, hi)
+        codes[:, :, j] = c
+        err = (W[:, :, j] - c * S[:, :, j]) / U[:, j, j][:, None]
+        W[:, :, j + 1:] -= err[:, :, None] * U[:, j, j + 1:][:, None, :]
+    return codes.reshape(w.shape)
+
+
+@pytest.mark.parametrize("k,d,g", [(24, 300, 1), (16, 128, 1), (40, 9, 40), (12, 130, 3)])
+def test_blocked_gptq_equals_the_column_by_column_form(k: int, d: int, g: int) -> None:
+    from tvm_lowbit.quantizers.rounding import gptq_codes
+
+    gen = torch.Generator().manual_seed(k * d + g)
+    w = torch.randn(k, d, generator=gen)
+    x = torch.randn(4 * d + 16, g, d, generator=gen) * torch.rand(d, generator=gen)
+    h = torch.einsum("ngd,nge->gde", x, x).double() / x.shape[0]
+    step = (w.abs().amax(1, keepdim=True) / 7).expand_as(w)
+    got = gptq_codes(w, step, -7, 7, h)
+    want = _gptq_by_column(w, step, -7, 7, h)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, torch.round(w / step).clamp(-7, 7))  # the error feedback moved codes

@@ -61,7 +61,7 @@ from tvm_lowbit.quantizers.config import SchemeConfig
 from tvm_lowbit.quantizers.rounding import input_hessians, refine
 from tvm_lowbit.quantizers.sensitivity import SENSITIVITY_MODES, Sensitivity, layer_sensitivity
 from tvm_lowbit.quantizers.smoothing import smooth
-from tvm_lowbit.quantizers.surgery import ModelGraph, analyze, build_fake_quant, warn_report
+from tvm_lowbit.quantizers.surgery import FloatReference, ModelGraph, analyze, build_fake_quant, warn_report
 
 DEFAULT_FORMATS = ("ternary-n16", "ternary", "pow2-3", "pow2-4", "pow2-5", "int4", "int8", "float")
 ROUNDINGS = ("nearest", "gptq")
@@ -356,13 +356,15 @@ class WeightMaker:
 
 
 def build_mixed(model: nn.Module, formats: Mapping[str, str], calib_data: object, config: Auto | None = None, *,
-                weights: WeightMaker | None = None, progress: bool = False, graph: ModelGraph | None = None
-                ) -> nn.Module:
+                weights: WeightMaker | None = None, progress: bool = False, graph: ModelGraph | None = None,
+                float_ref: FloatReference | None = None) -> nn.Module:
     """The fake-quant model with layer ``name`` in format ``formats[name]`` (``float`` or absent: stays
     float), through the FGQ activation pipeline: calibration, batch-norm re-estimation, bias correction
     of layers with no batch norm after them (each kept only if it helps on held-out calibration
     inputs), batch-norm folding.  ``weights`` makes (and caches) the quantized weights; by default
-    they are rounded to nearest.  ``graph``: ``surgery.analyze`` of ``model`` (read when None)."""
+    they are rounded to nearest.  ``graph``: ``surgery.analyze`` of ``model`` (read when None).
+    ``float_ref``: ``surgery.FloatReference(model)``, shared by the builds of one search so the float
+    side of the corrections is computed once."""
     cfg = config or Auto()
     calib = inputs.gather(calib_data, cfg.batch_size, n_inputs=inputs.positional_inputs(model))
     if graph is None:
@@ -380,7 +382,7 @@ def build_mixed(model: nn.Module, formats: Mapping[str, str], calib_data: object
         q = build_fake_quant(model, qw, calib, act_bits=cfg.act_bits, calibration=cfg.method(),
                              bn_reestimate=cfg.bn_reestimate, bias_correction=cfg.bias_correction,
                              batch_size=cfg.batch_size, progress=progress, graph=graph, float_layers=why,
-                             act_mode=cfg.act_mode)
+                             act_mode=cfg.act_mode, float_ref=float_ref)
     q.tvm_lowbit_config = cfg.to_dict()
     return q.eval()
 
@@ -565,6 +567,7 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
 
     ref_rows = outputs(model, xv)
     ref = ref_rows.argmax(-1)
+    float_ref = FloatReference(model)  # the float side of every build's corrections, computed once
     fp32 = 100.0 * float((ref == yv).double().mean()) if yv is not None else float("nan")
     evals: list[Evaluation] = []
     models: dict[tuple, nn.Module] = {}
@@ -576,7 +579,8 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
             if tuple(e.formats[n] for n in names) == key:
                 return e
         t0 = time.time()
-        q = build_mixed(model, mix, calib, config, weights=weights, graph=graph, progress=progress)
+        q = build_mixed(model, mix, calib, config, weights=weights, graph=graph, progress=progress,
+                        float_ref=float_ref)
         rows = outputs(q, xv)
         pred = rows.argmax(-1)
         agree = 100.0 * float((pred == ref).double().mean())

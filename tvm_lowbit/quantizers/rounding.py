@@ -25,6 +25,7 @@ from tvm_lowbit.quantizers.surgery import analyze
 DAMP = 0.01  # H += DAMP * mean(diag H) * I, as GPTQ does, so the Cholesky factor exists
 
 
+GPTQ_BLOCK = 128  # columns rounded before their error is passed on to the later columns in one product
 ROWS_PER_BATCH = 4096  # input rows (conv patches) per layer and batch kept for H: a random subset beyond
 
 
@@ -104,7 +105,6 @@ def gptq_codes(w: torch.Tensor, step: torch.Tensor, lo: int, hi: int, hessian: t
     g, d, _ = hessian.shape
     W = w.detach().double().reshape(g, k // g, d).clone()
     S = step.double().reshape(g, k // g, d)
-    codes = torch.zeros_like(W)
     H = hessian.double().clone()
     eye = torch.eye(d, dtype=H.dtype)
     diag = torch.diagonal(H, dim1=1, dim2=2)
@@ -124,12 +124,25 @@ def gptq_codes(w: torch.Tensor, step: torch.Tensor, lo: int, hi: int, hessian: t
         U[idx[good]] = Uo[good]
         ok[idx[~good]] = False
     U[~ok] = eye  # identity: no error feedback (nearest rounding) for these groups
-    for j in range(d):
-        s = S[:, :, j]
-        c = torch.where(s > 0, torch.round(W[:, :, j] / s.clamp_min(1e-300)), torch.zeros_like(s)).clamp(lo, hi)
-        codes[:, :, j] = c
-        err = (W[:, :, j] - c * s) / U[:, j, j][:, None]
-        W[:, :, j + 1:] -= err[:, :, None] * U[:, j, j + 1:][:, None, :]
+    # GPTQ's lazy batch updates: the error of a block of columns reaches the columns after the block
+    # in one matrix product (the same arithmetic, column by column it is memory-bound: 13 s for a
+    # 1000 x 1280 Linear, under 1 s blocked)
+    Wt, St = W.transpose(1, 2).contiguous(), S.transpose(1, 2).contiguous()  # [g, d, rows]: a column is contiguous
+    ct = torch.zeros_like(Wt)
+    for b0 in range(0, d, GPTQ_BLOCK):
+        b1 = min(b0 + GPTQ_BLOCK, d)
+        Wb = Wt[:, b0:b1]  # contiguous: the block's columns
+        Eb = torch.empty_like(Wb)
+        for j in range(b0, b1):
+            s = St[:, j]
+            c = torch.where(s > 0, torch.round(Wb[:, j - b0] / s.clamp_min(1e-300)), torch.zeros_like(s)).clamp(lo, hi)
+            ct[:, j] = c
+            err = (Wb[:, j - b0] - c * s) / U[:, j, j][:, None]
+            Wb[:, j - b0 + 1:] -= U[:, j, j + 1:b1][:, :, None] * err[:, None, :]
+            Eb[:, j - b0] = err
+        if b1 < d:
+            Wt[:, b1:] -= U[:, b0:b1, b1:].transpose(1, 2) @ Eb
+    codes = ct.transpose(1, 2)
     return codes.reshape(w.shape)
 
 

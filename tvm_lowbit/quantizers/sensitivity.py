@@ -37,6 +37,7 @@ from tvm_lowbit.quantizers.surgery import analyze
 
 CACHE_VERSION = 2
 SENSITIVITY_MODES = ("full", "proxy")
+CAPTURE_BYTES = 384 << 20  # layer inputs captured by one forward: at most this many bytes for all images
 
 
 class _Stop(Exception):
@@ -157,17 +158,30 @@ def observe_call_inputs(model: nn.Module, layers: list[str], seen: Callable[[str
 
 
 def input_scales(model: nn.Module, layers: list[str], batches: list[Batch], act_bits: int,
-                 method: str, percentile: float = 99.99) -> dict[str, tuple[float, bool]]:
+                 method: str, percentile: float = 99.99, input_bytes: dict[str, int] | None = None
+                 ) -> dict[str, tuple[float, bool]]:
     """(scale, signed) of each layer's input on the FP32 network, by an input-based calibration method
-    (``mse_out`` needs a quantized layer; it falls back to ``mse`` here)."""
+    (``mse_out`` needs a quantized layer; it falls back to ``mse`` here).  ``input_bytes``, if given, is
+    filled with the bytes of each layer's first input (per batch, summed over the batches)."""
     if method not in calibrate.INPUT_METHODS:
         method = "mse"
     obs = {n: calibrate.Observer(seed=i) for i, n in enumerate(layers)}
-    stop = observe_call_inputs(model, layers, lambda n, x: obs[n](None, (x,)))
+    first: dict[str, int] = {}
+
+    def seen(n: str, x: torch.Tensor) -> None:
+        obs[n](None, (x,))
+        if n not in first:
+            first[n] = x.numel() * x.element_size()
+
+    stop = observe_call_inputs(model, layers, seen)
     try:
         with torch.no_grad():
             for b in batches:
+                first.clear()
                 inputs.call(model, b)
+                if input_bytes is not None:
+                    for n, v in first.items():
+                        input_bytes[n] = input_bytes.get(n, 0) + v
     finally:
         stop()
     out = {}
@@ -179,17 +193,26 @@ def input_scales(model: nn.Module, layers: list[str], batches: list[Batch], act_
     return out
 
 
-def _capture_input(model: nn.Module, name: str, batches: list[Batch]) -> list[torch.Tensor]:
-    got: list[torch.Tensor] = []
+def capture_inputs(model: nn.Module, names: list[str], batches: list[Batch]) -> dict[str, list[torch.Tensor]]:
+    """The input of each layer of ``names`` (its first call per batch) on every batch, in one forward
+    per batch that stops once all of them are seen."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    want = set(names)
+    seen_now: set[str] = set()
 
-    def seen(_n: str, x: torch.Tensor) -> None:
-        got.append(x.detach())
-        raise _Stop
+    def seen(n: str, x: torch.Tensor) -> None:
+        if n in seen_now:
+            return
+        seen_now.add(n)
+        got[n].append(x.detach())
+        if seen_now == want:
+            raise _Stop
 
-    stop = observe_call_inputs(model, [name], seen)
+    stop = observe_call_inputs(model, names, seen)
     try:
         with torch.no_grad():
             for b in batches:
+                seen_now.clear()
                 try:
                     inputs.call(model, b)
                 except _Stop:
@@ -197,6 +220,21 @@ def _capture_input(model: nn.Module, name: str, batches: list[Batch]) -> list[to
     finally:
         stop()
     return got
+
+
+def capture_chunks(names: list[str], input_bytes: dict[str, int], limit: int = CAPTURE_BYTES) -> list[list[str]]:
+    """``names`` (in execution order) cut into runs whose captured inputs (``input_bytes`` per layer,
+    all images) stay under ``limit`` bytes together (a layer above it alone is a run of its own)."""
+    chunks: list[list[str]] = []
+    size = 0
+    for n in names:
+        if chunks and size + input_bytes.get(n, 0) <= limit:
+            chunks[-1].append(n)
+            size += input_bytes.get(n, 0)
+        else:
+            chunks.append([n])
+            size = input_bytes.get(n, 0)
+    return chunks
 
 
 def _channel_mean(y: torch.Tensor, dim: int) -> torch.Tensor:
@@ -260,7 +298,10 @@ def layer_sensitivity(model: nn.Module, images: object, formats: list[str] | tup
 
     score = METRICS[metric]
     ref = _logits(model, batches)
-    scales = input_scales(model, names, batches, act_bits, method)
+    sizes: dict[str, int] = {}
+    scales = input_scales(model, names, batches, act_bits, method, input_bytes=sizes)
+    chunk_of = {n: c for c in capture_chunks(names, sizes, CAPTURE_BYTES) for n in c}
+    captured: dict[str, list[torch.Tensor]] = {}
     kl: dict[str, dict[str, float]] = {n: {} for n in names}
     nbytes: dict[str, dict[str, int]] = {n: {} for n in names}
     numel = {n: int(uses[n].weight.numel()) for n in names}
@@ -286,7 +327,10 @@ def layer_sensitivity(model: nn.Module, images: object, formats: list[str] | tup
             q.set_activation(*scales[name])
             q.fast = True  # a damage estimate: float32 integer ops are close enough
             if bias_correction or mode == "proxy":
-                xin = xin if xin is not None else _capture_input(model, name, batches)
+                if xin is None:
+                    if name not in captured:  # this layer's run of layers: their inputs in one forward
+                        captured = capture_inputs(model, chunk_of[name], batches)
+                    xin = captured.pop(name)
                 with torch.no_grad():  # one pass of the quantized layer per format
                     if ref_out is None:
                         ref_out = [q.float_op(b, w, q.bias) for b in xin]

@@ -19,6 +19,7 @@ quantizers (INQ, SQ, PACT) all build through it.
 from __future__ import annotations
 
 import copy
+import hashlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -292,14 +293,20 @@ def float_output_means(model: nn.Module, names: list[str], dims: Mapping[str, in
     return means
 
 
-def correct_bias(model: nn.Module, qmodel: nn.Module, names: list[str], calib: Batch) -> None:
+def correct_bias(model: nn.Module, qmodel: nn.Module, names: list[str], calib: Batch,
+                 float_ref: FloatReference | None = None) -> None:
     """bias += E[float output] - E[quantized output] per channel, for the quantized layers ``names`` of
     ``qmodel`` against the float ``model``, on ``calib`` (one batch).  One forward: each layer is
-    corrected as the batch reaches it, so the layers after it see the corrected output."""
+    corrected as the batch reaches it, so the layers after it see the corrected output.
+    ``float_ref``: the float means, memoized (a :class:`FloatReference` of ``model``)."""
     if not names:
         return
     layers = {n: quant_layer(qmodel, n) for n in names}
-    ref = float_output_means(copy.deepcopy(model).eval(), names, {n: q.channel_dim for n, q in layers.items()}, calib)
+    dims = {n: q.channel_dim for n, q in layers.items()}
+    if float_ref is not None:
+        ref = dict(float_ref.output_means(names, dims, calib))
+    else:
+        ref = float_output_means(copy.deepcopy(model).eval(), names, dims, calib)
 
     def fix(layer: QuantLayer, n: str, out: torch.Tensor) -> torch.Tensor:
         if n not in ref:
@@ -327,18 +334,13 @@ def _bn_input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.double(), var.double()
 
 
-def correct_batchnorm(model: nn.Module, qmodel: nn.Module, calib: Batch) -> int:
-    """Batch-norm re-estimation relative to the float network: each batch norm of ``qmodel`` keeps the
-    float ``model``'s statistics, shifted by what quantization changed on ``calib`` (one batch):
-    ``mean += E_q[x] - E_f[x]``, ``var *= Var_q[x] / Var_f[x]``, per channel.  Re-estimating the
-    statistics outright would replace the training set's statistics by the calibration data's, which
-    changes the function itself when the calibration inputs are few or not from the training
-    distribution (EfficientNet-Lite2 on 12 photos: output error 1.42 instead of 0.054).  One forward
-    of each network: a batch norm is corrected as the batch reaches it, so later ones see the
-    corrected network.  Returns how many batch norms were corrected."""
+def batchnorm_input_stats(model: nn.Module, calib: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel (mean, variance), float64, of every batch norm's input of ``model`` on ``calib``
+    (one batch, one forward of a copy in eval mode)."""
     ref: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     fmodel = copy.deepcopy(model).eval()
     fmods = {n: m for n, m in fmodel.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
     def seen(n: str, a: tuple) -> None:
         ref.setdefault(n, _bn_input_stats(a[0]))
 
@@ -349,6 +351,21 @@ def correct_batchnorm(model: nn.Module, qmodel: nn.Module, calib: Batch) -> int:
     finally:
         for h in handles:
             h.remove()
+    return ref
+
+
+def correct_batchnorm(model: nn.Module, qmodel: nn.Module, calib: Batch,
+                      float_ref: FloatReference | None = None) -> int:
+    """Batch-norm re-estimation relative to the float network: each batch norm of ``qmodel`` keeps the
+    float ``model``'s statistics, shifted by what quantization changed on ``calib`` (one batch):
+    ``mean += E_q[x] - E_f[x]``, ``var *= Var_q[x] / Var_f[x]``, per channel.  Re-estimating the
+    statistics outright would replace the training set's statistics by the calibration data's, which
+    changes the function itself when the calibration inputs are few or not from the training
+    distribution (EfficientNet-Lite2 on 12 photos: output error 1.42 instead of 0.054).  One forward
+    of each network: a batch norm is corrected as the batch reaches it, so later ones see the
+    corrected network.  ``float_ref``: the float statistics, memoized (a :class:`FloatReference` of
+    ``model``).  Returns how many batch norms were corrected."""
+    ref = dict(float_ref.bn_stats(calib) if float_ref is not None else batchnorm_input_stats(model, calib))
     done = 0
 
     def fix(m: nn.Module, a: tuple, n: str) -> None:
@@ -384,6 +401,50 @@ def damage(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float(torch.square(got - ref).sum() / torch.square(ref).sum().clamp_min(1e-30))
 
 
+def fingerprint(batch: Batch) -> str:
+    """A hash of the bytes (and dtypes, shapes) of every tensor of one batch."""
+    h = hashlib.sha1()
+    parts = sorted(batch.items()) if isinstance(batch, dict) else enumerate(batch) if isinstance(batch, tuple) else [("", batch)]
+    for k, t in parts:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+class FloatReference:
+    """What the float network gives on given inputs (output rows, batch-norm input statistics, layer
+    output means), computed once per input batch and reused: Auto builds up to ``max_evals`` mixes of
+    one float model on the same calibration inputs, and each build's corrections compare against the
+    same float numbers.  A snapshot: the float model is copied when this is made, so later changes to
+    the caller's model are not seen (make a new one then).  ``source`` is the model it was made from;
+    ``build_fake_quant`` takes it only for that model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.source = model
+        self.model = copy.deepcopy(model).cpu().eval()
+        self.store: dict[tuple, Any] = {}
+
+    def _memo(self, key: tuple, make: Callable[[], Any]) -> Any:
+        if key not in self.store:
+            self.store[key] = make()
+        return self.store[key]
+
+    def rows(self, batches: list[Batch]) -> torch.Tensor:
+        """``output_rows`` of the float model on ``batches``."""
+        key = ("rows", tuple(fingerprint(b) for b in batches))
+        return self._memo(key, lambda: output_rows(self.model, batches))
+
+    def bn_stats(self, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``batchnorm_input_stats`` of the float model on ``batch``."""
+        return self._memo(("bn", fingerprint(batch)), lambda: batchnorm_input_stats(self.model, batch))
+
+    def output_means(self, names: list[str], dims: Mapping[str, int], batch: Batch) -> dict[str, torch.Tensor]:
+        """``float_output_means`` of the float model's layers ``names`` on ``batch``."""
+        key = ("means", tuple(names), tuple(dims[n] for n in names), fingerprint(batch))
+        return self._memo(key, lambda: float_output_means(self.model, names, dims, batch))
+
+
 def _bn_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     return {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm)}
@@ -408,7 +469,8 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
                      bias_correction: bool = False, batch_size: int = 64, progress: bool = True, inplace: bool = False,
                      reference: nn.Module | None = None, config: dict[str, Any] | None = None,
                      graph: ModelGraph | None = None, verify: bool = True, float_layers: Mapping[str, str] | None = None,
-                     act_mode: str | Mapping[str, str] = "static") -> nn.Module:
+                     act_mode: str | Mapping[str, str] = "static", float_ref: FloatReference | None = None
+                     ) -> nn.Module:
     """The fake-quant model the compiler consumes, from a plain float ``model`` (copied unless ``inplace``).
 
     ``weights``: layer name -> integer weight object (``qmath.TernaryWeight``, ``Pow2Weight``,
@@ -425,12 +487,17 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
     convs are folded into their epilogues.  ``graph``: ``analyze`` of ``model`` (computed if None).
     ``float_layers``: layer -> why the caller keeps it float (for the report).  ``act_mode``:
     ``static`` | ``dynamic`` | ``auto`` for all layers or per layer (``calibrate.ACT_MODES``).  ``config`` is kept as
-    ``tvm_lowbit_config``; the report (``QuantReport``) as ``tvm_lowbit_report``.
+    ``tvm_lowbit_config``; the report (``QuantReport``) as ``tvm_lowbit_report``.  ``float_ref``: a
+    :class:`FloatReference` of the reference model, whose float outputs and statistics on the
+    calibration inputs are then computed once over many builds (same result, less time).
     """
     fixed = dict(fixed_activations or {})
     qmodel = model if inplace else copy.deepcopy(model).cpu()
     qmodel.eval()
     ref_model = model if reference is None else reference
+    if float_ref is not None and float_ref.source is not ref_model:
+        raise ValueError("build_fake_quant: float_ref was made from another model than the reference the corrections "
+                         "compare against; make it with FloatReference(reference or model)")
     calib_all = inputs.gather(calib_data, batch_size, n_inputs=inputs.positional_inputs(model))
     n_calib = inputs.batch_len(calib_all)
     if graph is None:
@@ -467,7 +534,9 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
     n_check = int(n_calib * CHECK_FRACTION) if n_calib >= 2 * MIN_CHECK and verify else 0
     fit = inputs.take(calib_all, 0, n_calib - n_check) if n_check else calib_all
     check = inputs.split(inputs.take(calib_all, n_calib - n_check) if n_check else calib_all, batch_size)
-    ref_rows = output_rows(copy.deepcopy(ref_model).eval(), check) if verify and (bn_reestimate or bias_correction) else None
+    ref_rows = None
+    if verify and (bn_reestimate or bias_correction):
+        ref_rows = float_ref.rows(check) if float_ref is not None else output_rows(copy.deepcopy(ref_model).eval(), check)
 
     def err() -> float:
         return damage(ref_rows, output_rows(qmodel, check))  # type: ignore[arg-type]
@@ -476,7 +545,7 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in qmodel.modules())
 
     def reestimate(data: Batch) -> None:
-        correct_batchnorm(ref_model, qmodel, inputs.take(data, 0, BIAS_FIT_MAX))
+        correct_batchnorm(ref_model, qmodel, inputs.take(data, 0, BIAS_FIT_MAX), float_ref)
         if todo:
             calibrate.calibrate_activations(qmodel, todo, inputs.split(calib_all, batch_size), methods, batch_size,
                                             progress, modes)
@@ -504,7 +573,7 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
     if bias_correction:
         names = [n for n in graph.order if n in layers and n not in graph.bn_pairs]
         if names and ref_rows is None:
-            correct_bias(ref_model, qmodel, names, inputs.take(calib_all, 0, BIAS_FIT_MAX))
+            correct_bias(ref_model, qmodel, names, inputs.take(calib_all, 0, BIAS_FIT_MAX), float_ref)
         elif names:
             before = current if current is not None else err()
             saved = {n: layers[n].bias.clone() for n in names}
@@ -514,14 +583,15 @@ def build_fake_quant(model: nn.Module, weights: Mapping[str, Any], calib_data: o
                     layers[n].bias.copy_(b)
                     layers[n].refresh_epilogue()
 
-            correct_bias(ref_model, qmodel, names, inputs.take(fit, 0, BIAS_FIT_MAX))
+            correct_bias(ref_model, qmodel, names, inputs.take(fit, 0, BIAS_FIT_MAX), float_ref)
             after = err()
             restore()
             if after > before:
                 report.notes.append(f"bias correction dropped: output error on {where} {after:.3g} with it, "
                                     f"{before:.3g} without")
             else:
-                correct_bias(ref_model, qmodel, names, inputs.take(calib_all, 0, BIAS_FIT_MAX))  # refit on all
+                correct_bias(ref_model, qmodel, names, inputs.take(calib_all, 0, BIAS_FIT_MAX),  # refit on all
+                             float_ref)
                 report.notes.append(f"bias correction kept: output error on {where} {after:.3g} (was {before:.3g})")
     for m in layers.values():
         m.fast = False
