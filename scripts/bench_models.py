@@ -336,12 +336,16 @@ AUTO_MAX_EVALS = 8            # mixes built and verified (each is a full build: 
 CNN_AUTO_FORMATS = ("int4", "int8", "float")
 
 
+AUTO_MARGIN = 0.0  # --auto-margin: points of agreement a CNN Auto mix must read above its budget on the check
+
+
 def auto_config(budget: str) -> tvm_lowbit.Auto:
     """Auto with the per-tensor calibration of ``int8_config``, int4 / int8 / float per layer
     (``CNN_AUTO_FORMATS``), the sensitivity pass on 16 calibration inputs and at most 8 verified
-    mixes, to fit issue 16's 20 minutes on a 5 M-parameter model."""
+    mixes, to fit issue 16's 20 minutes on a 5 M-parameter model; ``AUTO_MARGIN`` to spare."""
     return tvm_lowbit.Auto(budget=budget, formats=CNN_AUTO_FORMATS, calibration=CALIBRATION,
-                           sensitivity_images=AUTO_SENSITIVITY_IMAGES, max_evals=AUTO_MAX_EVALS)
+                           sensitivity_images=AUTO_SENSITIVITY_IMAGES, max_evals=AUTO_MAX_EVALS,
+                           margin=AUTO_MARGIN)
 
 
 MINILM_SMOOTH_ALPHA = 0.8  # MiniLM int8, static activations, 16 eval sentences: none 0.9917, 0.5 0.981, 0.8 0.9968
@@ -593,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
                     "emulated Pi 5 (qemu-user, the bundle runner; -1: all, 0: build only)")
     ap.add_argument("--max-quantize-s", type=int, default=0, help="stop a quantization after this many seconds "
                     "and record where it was as the row's error (0: no limit)")
+    ap.add_argument("--auto-margin", type=float, default=0.0, help="CNN auto: points of agreement a mix must "
+                    "read above the budget on the check views (their noise; default 0)")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of these --json files "
                     "(merged, in order; with --json, also write the merged rows there)")
     a = ap.parse_args(argv)
@@ -615,8 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     os.environ.setdefault("TVM_NUM_THREADS", "2")
     torch.set_num_threads(2)
-    global MAX_QUANTIZE_S, BOARD_VIEWS
+    global MAX_QUANTIZE_S, BOARD_VIEWS, AUTO_MARGIN
     MAX_QUANTIZE_S = a.max_quantize_s
+    AUTO_MARGIN = a.auto_margin
     BOARD_VIEWS = a.board_views
     res = Results(a.json)
     for m in models:
