@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 import threading
@@ -290,6 +291,34 @@ def test_builtin_fgq_model_on_sdot_kernels_matches_the_host_on_an_emulated_pi5(b
     run = run_bundle_emulated(bundle, emu.qemu_cpu("rasp5"), runs=1)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "max_abs_diff 0 atol 0 OK" in run.stdout, run.stdout
+
+
+def test_integer_requantization_in_a_model_matches_the_host_on_an_emulated_pi5(board_built: Path, tmp_path: Path,
+                                                                               one_thread) -> None:
+    """A model whose 1x1 projection (batch norm, no ReLU: signed codes) takes the integer requantization on the
+    Pi 5 (``kernels.requant``; the model of tests/test_compile.py's host check): the bundle on the emulated
+    Cortex-A76 gives the x86 host's outputs (before the fix, the projection's int64 offsets reached the kernel
+    as int32 and every accumulator of the next layer was wrong: MobileNetV2/EfficientNet-B0 FGQ on the Pi 5)."""
+    from torch import nn
+
+    import tvm_lowbit
+    from tvm_lowbit import FGQ
+    from tvm_lowbit.deploy.bundle import export_bundle, run_bundle_emulated
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.ReLU6(), nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16),
+                          nn.Conv2d(16, 32, 1), nn.ReLU6(), nn.Conv2d(32, 16, 1)).eval()
+    calib = torch.randn(8, 3, 8, 8)
+    qmodel = tvm_lowbit.quantize(model, FGQ(group_size=4), calib, progress=False)
+    x = calib[:2].numpy()
+    art = tvm_lowbit.compile(qmodel, x, "rasp5")
+    assert art.report.epilogue_forms.get("2") == "integer" and "4" in art.report.lowered, art.report.text()
+    host_out = tvm_lowbit.compile(qmodel, x, "x86-host").run(x)
+    # the last conv stays float (last_layer): its float32 sums may round differently on the two machines
+    bundle = export_bundle(art, tmp_path / "bundle", x, host_out, atol=1e-5)
+    run = run_bundle_emulated(bundle, emu.qemu_cpu("rasp5"), runs=1)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"max_abs_diff \S+ atol \S+ OK", run.stdout), run.stdout
 
 
 def test_deploy_builtin_fgq_model_to_emulated_pi4(board_built: Path, tmp_path: Path, one_thread) -> None:

@@ -268,3 +268,35 @@ def test_retrained_models_compile_bit_exact(scheme: str, tmp_path) -> None:
     header = subprocess.run(["readelf", "-h", str(board.export(tmp_path / "rasp4b") / "model.so")],
                             capture_output=True, text=True).stdout
     assert "AArch64" in header
+
+
+@pytest.mark.parametrize("target", ["rasp5", "rasp4b"])
+def test_pi_lowering_with_the_integer_requantization_is_exact_on_the_host(target: str) -> None:
+    """A model lowered for the Pi (the aarch64 folded-alpha kernels, their integer requantization where
+    kernels.requant proves it) and compiled unscheduled for this host: every layer's accumulators equal the
+    reference of the fake-quant codes.  The integer form's int64 offsets must reach the kernel as int64:
+    ``relax.const`` makes an int64 array int32, which wrapped them and made MobileNetV2 and EfficientNet-B0
+    wrong on the Pi 5 from the layer after the first integer requantization."""
+    import tvm
+    from tvm import relax
+
+    from tvm_lowbit.importer import import_torch, layer_infos
+    from tvm_lowbit.passes.lower_integer_layers import lower_integer_layers
+
+    torch.manual_seed(2)
+    # the 1x1 projection (batch norm, no ReLU: signed codes) takes the integer requantization (seed 2), the
+    # next layer reads its codes
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.ReLU6(), nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16),
+                          nn.Conv2d(16, 32, 1), nn.ReLU6(), nn.Conv2d(32, 16, 1)).eval()
+    x = torch.randn(8, 3, 8, 8)
+    q = quantize(model, FGQ(group_size=4), x, progress=False)
+    mod, report = lower_integer_layers(import_torch(q, x[:2]), layer_infos(q), expose_acc=True,
+                                       target=load_target(target).tvm_target())
+    assert report.epilogue_forms.get("2") == "integer" and "4" in report.lowered, report.epilogue_forms
+    assert not report.fallback, report.text()
+    ex = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"}))
+    outs = [o.numpy() for o in relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x[:2].numpy()))]
+    ref = reference_accumulators(q, x[:2].numpy())
+    for name, acc in zip(report.lowered, outs[1:]):
+        np.testing.assert_array_equal(acc.astype(np.int64), ref[name], err_msg=f"accumulators of {name}")
+    np.testing.assert_allclose(outs[0], ref["__out__"], rtol=1e-5, atol=1e-5)  # the last conv is float

@@ -49,6 +49,14 @@ from tvm_lowbit.passes.torch_sigmoid import torch_sigmoid
 from tvm_lowbit.passes.torch_silu import torch_silu
 
 
+def constant(value: np.ndarray) -> relax.Expr:
+    """A kernel operand as a Relax constant of exactly its numpy dtype: ``relax.const`` without a dtype casts
+    int64 arrays to int32 (and float64 to float32), which would wrap the integer requantization's int64
+    offsets (``rq_add``)."""
+    arr = np.asarray(value)
+    return relax.const(arr, str(arr.dtype))
+
+
 @dataclass
 class _Quant:
     var: relax.Var          # the clip output (float codes)
@@ -352,8 +360,8 @@ class _Lowering(relax.PyExprMutator):
         wrap = l.nhwc and not native
         if wrap:
             x = self.builder_.emit(relax.op.permute_dims(x, TO_NCHW))
-        args = [x, *(relax.const(w) for w in weights), relax.const(l.out_scale), relax.const(l.out_bias)]
-        kw = dict(l.attrs, **{k: relax.const(v) if isinstance(v, np.ndarray) else v for k, v in extra.items()},
+        args = [x, *(constant(w) for w in weights), constant(l.out_scale), constant(l.out_bias)]
+        kw = dict(l.attrs, **{k: constant(v) if isinstance(v, np.ndarray) else v for k, v in extra.items()},
                   relu=l.relu)
         layout = dict(in_layout="NHWC", out_layout="NHWC") if native else {}
         fn, name = l.kernel.compute, l.kernel.name
@@ -389,7 +397,7 @@ class _Lowering(relax.PyExprMutator):
                                offset=extra.get("zp"), bounds=bounds)
             if not isinstance(rq, str):
                 self.a.report.epilogue_forms[l.name] = "integer"
-                return dict(rq_mul=relax.const(rq.mul), rq_add=relax.const(rq.add), rq_shift=rq.shift)
+                return dict(rq_mul=constant(rq.mul), rq_add=constant(rq.add), rq_shift=rq.shift)
             why_int = rq
         why_fma = requant.fma_unexact(scale, bias, bounds)
         if why_fma is None:
