@@ -623,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     global MAX_QUANTIZE_S, BOARD_VIEWS, AUTO_MARGIN
     MAX_QUANTIZE_S = a.max_quantize_s
+    if not 0 <= a.auto_margin < 100:
+        ap.error(f"--auto-margin is points of agreement in [0, 100), got {a.auto_margin}")
     AUTO_MARGIN = a.auto_margin
     BOARD_VIEWS = a.board_views
     res = Results(a.json)
