@@ -38,6 +38,11 @@ from tvm_lowbit.quantizers import inputs
 from tvm_lowbit.quantizers.surgery import QuantReport, Skipped
 
 DEFAULT_EMBEDDING_FORMAT = "int8"
+# a table below this many float32 bytes stays float unless a mapping names it: its rows are shared by many tokens
+# (a token-type row is added to every token: MiniLM's 2 x 384 token-type table in int8 alone costs its lowest
+# sentence cosine 0.9987, the 30522-row word table in int8 0.99996) and its bytes are few (MiniLM's 512-row
+# position table: 0.79 MB, and its lookups at constant positions are folded at compile time anyway)
+SMALL_TABLE_BYTES = 1 << 20
 EmbeddingFormats = str | Mapping[str, str] | None
 
 
@@ -131,9 +136,9 @@ def quantize_embeddings(model: nn.Module, fmt: EmbeddingFormats = DEFAULT_EMBEDD
                         example: inputs.Batch | None = None) -> tuple[dict[str, str], list[Skipped]]:
     """Replace the embedding tables of ``model`` (in place) by :class:`QEmbedding`.
 
-    ``fmt``: one format for every table (``"int8"``, ``"int4-g0"``, ...; ``"float"``/None: none), or a
-    mapping module path -> format (the tables it names; a named table that cannot be quantized is a
-    ValueError).  ``example``: one input batch; a table its forward does not call (its weight read directly
+    ``fmt``: one format for every table of at least ``SMALL_TABLE_BYTES`` (``"int8"``, ``"int4-g0"``, ...;
+    ``"float"``/None: none), or a mapping module path -> format (the tables it names, any size; a named table
+    that cannot be quantized is a ValueError).  ``example``: one input batch; a table its forward does not call (its weight read directly
     by the parent's code) is then left float and named.  Returns (path -> format of each quantized table,
     the tables left float with why)."""
     embs = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
@@ -152,6 +157,12 @@ def quantize_embeddings(model: nn.Module, fmt: EmbeddingFormats = DEFAULT_EMBEDD
         m = embs[n]
         if f is None:
             skipped.append(Skipped(n, type(m).__name__, "embedding table kept float by the configuration", True))
+            continue
+        if not isinstance(fmt, Mapping) and isinstance(m, nn.Embedding) and 4 * m.weight.numel() < SMALL_TABLE_BYTES:
+            skipped.append(Skipped(n, type(m).__name__, f"a small table ({m.num_embeddings} x {m.embedding_dim}, "
+                                   f"{4 * m.weight.numel():,d} bytes float32, under SMALL_TABLE_BYTES) kept float: "
+                                   "its rows are shared by many tokens, so their rounding error reaches every "
+                                   "token; name it in a mapping to quantize it", True))
             continue
         why = why_not(m)
         if why is not None:
@@ -222,7 +233,9 @@ def quantize_with_embeddings(run: Callable[[nn.Module], nn.Module], model: nn.Mo
         qmodel.tvm_lowbit_report = report
     for n, f in done.items():
         report.quantized[n] = f"{f} (embedding table)"
-    report.left_float.extend(s for s in skipped if all(s.path != o.path for o in report.left_float))
+    # the scheme's model reading names a float nn.Embedding with a generic reason: the reason here replaces it
+    mine = {s.path for s in skipped} | set(done)
+    report.left_float = [s for s in report.left_float if s.path not in mine] + skipped
     cannot = [s for s in skipped if not s.chosen]
     if cannot:
         warnings.warn(f"{len(cannot)} embedding table(s) left float: " + "; ".join(str(s) for s in cannot), stacklevel=3)
