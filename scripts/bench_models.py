@@ -27,7 +27,8 @@ only, ``compiled_agree`` empty; MiniLM's rasp5 rows are build only).  A step tha
 ``bit_identical`` (percent of inputs whose compiled outputs equal the fake-quant outputs bit for bit: 100
 expected where the model is integer end to end, e.g. int8 with an int8 classifier), ``float_layers`` (every
 conv/linear left float, named: the quantizer's ``path (class): why`` and the compiler's fallbacks),
-``board_s`` (wall seconds on the emulated board), ``cos_mean``.  MiniLM's rows come
+``board_s`` (wall seconds on the emulated board), ``cos_mean``, ``weight_bytes`` (MiniLM: the compiled model's
+constant bytes, its int8 word-embedding table included; ORT: the int8 ``.onnx`` file).  MiniLM's rows come
 from its PyTorch port packed into one float input (``models/minilm.PackedMiniLM``: the pooled embedding
 is the model output, so Auto's cos budget and the compiled model see the issue's metric); quantizing
 the two-input encoder with (ids, mask) directly is covered by tests/test_zoo.py.

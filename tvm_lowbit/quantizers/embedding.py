@@ -17,8 +17,9 @@ once, which is what ``qmath.dequantize`` computes (float64 product, one rounding
 the same float32 integers, and the multiply by the gathered scales is the same op, so the compiled model's
 values equal the fake-quant model's bit for bit.
 
-``tvm_lowbit.quantize(..., embeddings="int8")`` (the default) quantizes every table before the scheme runs
-(``quantize_with_embeddings``); ``embeddings="float"`` or None keeps them float.  What cannot be quantized
+``tvm_lowbit.quantize(..., embeddings="int8")`` (the default) quantizes every table of at least
+``SMALL_TABLE_BYTES`` before the scheme runs (``quantize_with_embeddings``); ``embeddings="float"`` or None keeps
+them float.  Smaller tables stay float (named) unless a mapping names them.  What cannot be quantized
 is named (module path, class, reason) in the model's ``tvm_lowbit_report`` and warned about; a table named
 explicitly in a mapping that cannot be quantized is a ValueError.
 """
