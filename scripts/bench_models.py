@@ -27,7 +27,8 @@ only, ``compiled_agree`` empty; MiniLM's rasp5 rows are build only).  A step tha
 ``bit_identical`` (percent of inputs whose compiled outputs equal the fake-quant outputs bit for bit: 100
 expected where the model is integer end to end, e.g. int8 with an int8 classifier), ``float_layers`` (every
 conv/linear left float, named: the quantizer's ``path (class): why`` and the compiler's fallbacks),
-``board_s`` (wall seconds on the emulated board), ``cos_mean``.  MiniLM's rows come
+``board_s`` (wall seconds on the emulated board), ``cos_mean``, ``weight_bytes`` (MiniLM: the compiled model's
+constant bytes, its int8 word-embedding table included; ORT: the int8 ``.onnx`` file).  MiniLM's rows come
 from its PyTorch port packed into one float input (``models/minilm.PackedMiniLM``: the pooled embedding
 is the model output, so Auto's cos budget and the compiled model see the issue's metric); quantizing
 the two-input encoder with (ids, mask) directly is covered by tests/test_zoo.py.
@@ -39,6 +40,7 @@ the two-input encoder with (ids, mask) directly is covered by tests/test_zoo.py.
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import os
@@ -60,8 +62,9 @@ from torch import nn
 import tvm_lowbit
 from tvm_lowbit.deploy.board import board_exec, qemu_cpu
 from tvm_lowbit.deploy.bundle import export_bundle
-from tvm_lowbit.formats import avg_weight_bits
+from tvm_lowbit.formats import avg_weight_bits, model_weight_bytes, parse_format
 from tvm_lowbit.models import efficientnet_lite, minilm, photos, zoo
+from tvm_lowbit.quantizers.embedding import QEmbedding, embedding_bytes
 
 CNNS = (*zoo.ARCHS, "efficientnet-lite2", "efficientnet-lite2-pad")
 MODELS = (*CNNS, "minilm")
@@ -133,6 +136,7 @@ class Row:
     bit_identical: float | None = None  # percent of inputs whose outputs equal the fake-quant's bit for bit
     float_layers: list[str] | None = None  # layers left float: quantizer's (path (class): why) + compiler's
     board_s: float | None = None      # wall seconds of the emulated-board runs (rasp5)
+    weight_bytes: int | None = None   # MiniLM: bytes of the compiled model's constants (ORT: the int8 .onnx file)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -471,6 +475,21 @@ def bench_cnn(res: Results, name: str, variants: list[str], targets: list[str], 
 # MiniLM (ONNX, token ids + attention mask)
 # --------------------------------------------------------------------------------------------
 
+MINILM_WORD_PROBES = ("int4-g16", "int4-g8")  # word-table formats tried after the search (logged, not searched)
+
+
+def minilm_word_table_probe(q: nn.Module, packed: nn.Module, x: torch.Tensor, ref: np.ndarray) -> None:
+    """Log the evaluation cosine of ``q`` with its word table re-quantized in each ``MINILM_WORD_PROBES`` format
+    (the search ran with the int8 table, so these figures were not checked by its budget)."""
+    for fmt in MINILM_WORD_PROBES:
+        qq = copy.deepcopy(q)
+        qq.encoder.word = QEmbedding("encoder.word", packed.encoder.word, parse_format(fmt))
+        with torch.no_grad():
+            c = minilm.cosines(qq(x).numpy(), ref)
+        log(f"minilm auto, word table {fmt} after the search (not checked by its budget): cos_min {c.min():.4f} "
+            f"(mean {c.mean():.4f}); embedding tables {embedding_bytes(qq)[0]:,d} bytes")
+
+
 def bench_minilm(res: Results, variants: list[str], targets: list[str]) -> None:
     """ORT: the ONNX file, dynamic int8.  tvm_lowbit: the PyTorch encoder packed into one float input
     (``minilm.PackedMiniLM``, mean-pooled embeddings out), whose embeddings give ``value``.  Calibration
@@ -502,7 +521,10 @@ def bench_minilm(res: Results, variants: list[str], targets: list[str]) -> None:
                 log(f"{name} {row.variant}: compiling for {TARGETS[t]}")
                 art = tvm_lowbit.compile(model, x.numpy(), TARGETS[t])
                 r.avg_weight_bits = 8.0 * art.weight_bytes / nw
+                r.weight_bytes = art.weight_bytes
                 r.float_layers = float_layers(model, art)
+                log(f"{name} {row.variant} {t}: {art.weight_bytes:,d} constant bytes; embedding tables gathered "
+                    f"from integers: {art.report.embeddings or 'none'}")
                 if t == "x86":
                     got = np.asarray(art.run(x.numpy()))
                     r.compiled_agree = float(minilm.cosines(got, want).min())
@@ -533,6 +555,7 @@ def bench_minilm(res: Results, variants: list[str], targets: list[str]) -> None:
                     t = time.time()
                     quantize_dynamic(str(path), str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8)
                     row.quantize_s = time.time() - t
+                    row.weight_bytes = (Path(tmp) / "q.onnx").stat().st_size
                     cos_row(row, minilm.embed(Path(tmp) / "q.onnx", feed))
             except Exception as e:  # noqa: BLE001
                 row.add_error(error_text(e, "ort-int8 dynamic"))
@@ -550,6 +573,12 @@ def bench_minilm(res: Results, variants: list[str], targets: list[str]) -> None:
             with torch.no_grad():
                 emb = q(x).numpy()
             cos_row(row, emb)
+            ebytes, entries = embedding_bytes(q)
+            log(f"{name} {variant}: embedding tables {ebytes:,d} bytes for {entries:,d} entries as compiled; "
+                f"conv/linear {fake_quant_bits(q):.2f} bits a weight; all weights and tables "
+                f"{8.0 * (model_weight_bytes(q)[0] + ebytes) / (nw + entries):.2f} bits")
+            if variant == "auto":
+                minilm_word_table_probe(q, packed, x, ref)
         except Exception as e:  # noqa: BLE001
             row.quantize_s = time.time() - t
             row.add_error(error_text(e, "quantize(PackedMiniLM)"))

@@ -123,6 +123,7 @@ def test_pipeline_has_named_passes() -> None:
         "FoldConstant",
         "tvm_lowbit.Relu6Quantizer",
         "tvm_lowbit.FoldRequantize",
+        "tvm_lowbit.LowerEmbeddings",
         "tvm_lowbit.LowerIntegerLayers", "tvm_lowbit.ApplyKernelSchedules"]
     assert "tvm_lowbit.LowerIntegerLayers" in str(seq)
 

@@ -362,7 +362,8 @@ class MiniLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         ids = input_ids.long()
         pos = torch.arange(ids.shape[1], device=ids.device)
-        x = self.emb_norm(self.word(ids) + self.position(pos)[None] + self.token_type.weight[0])
+        # token type 0 for every token, looked up through the module (so its table is quantized with the others)
+        x = self.emb_norm(self.word(ids) + self.position(pos)[None] + self.token_type(torch.zeros_like(pos))[None])
         bias = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * torch.finfo(x.dtype).min
         for layer in self.layers:
             x = layer(x, bias)

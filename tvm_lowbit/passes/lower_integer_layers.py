@@ -38,6 +38,7 @@ from tvm_lowbit import formats, kernels, qmath
 from tvm_lowbit.kernels import Kernel, LayerSpec, requant
 from tvm_lowbit.kernels.common import target_kind
 from tvm_lowbit.passes.convert_layout import integer_layout, nhwc_passes
+from tvm_lowbit.passes.embedding import lower_embeddings
 from tvm_lowbit.passes.fold_requantize import fold_requantize
 from tvm_lowbit.passes.layer_info import LayerInfo, weight_key
 from tvm_lowbit.passes.patterns import (ADD, ASTYPE, CONV2D, DIVIDE, INTEGER_OP, MULTIPLY, PERMUTE_DIMS, RELU,
@@ -439,7 +440,7 @@ def lower_layers(mod: tvm.IRModule, infos: dict[str, LayerInfo] | None = None, *
     report.kernel_names = {l.name: l.kernel.name for l in analysis.layers}
     report.kernel_reasons = {l.name: l.reason for l in analysis.layers}
     report.fast_kernels = {l.name: l.kernel.isa for l in analysis.layers if l.kernel.isa != kernels.GENERIC}
-    seen = set(report.lowered) | {name for name, _ in report.fallback}
+    seen = set(report.lowered) | {name for name, _ in report.fallback} | set(report.embeddings)
     for info in (infos or {}).values():
         if info.name not in seen:
             report.fallback.append((info.name, "quantized by the quantizer, but its quantize -> op -> epilogue "
@@ -486,6 +487,7 @@ def lower_integer_layers(mod: tvm.IRModule, infos: dict[str, LayerInfo] | None =
         report = LoweringReport()
         prepared = prepare(mod, func_name, nhwc=nhwc)
         prepared, report.requant_folded = fold_requantize(prepared, func_name)
+        prepared = lower_embeddings(prepared, infos, report, func_name)  # integer tables (passes.embedding)
         return lower_layers(prepared, infos, expose_acc=expose_acc, func_name=func_name, target=target,
                             report=report)
 

@@ -18,6 +18,8 @@
    NHWC end to end and transposes stay at the float boundaries;
 3. ``tvm_lowbit.FoldRequantize`` (:mod:`.fold_requantize`): a quantizer that re-quantizes codes it would
    reproduce exactly reads the first quantizer's codes;
+3b. ``tvm_lowbit.LowerEmbeddings`` (:mod:`.embedding`): a ``take`` of a constant table of integers (a
+   quantized embedding) gathers from int8 / int4 codes instead of a float32 table, same values;
 4. ``tvm_lowbit.LowerIntegerLayers`` (:mod:`.lower_integer_layers`): every fake-quant layer becomes one
    integer kernel, the one the kernel registry picks for the target;
 5. ``schedule_passes``, if given (e.g. a tuned MetaSchedule database applied by the compiler);
@@ -34,6 +36,7 @@ from tvm import relax
 
 from tvm_lowbit.passes.apply_kernel_schedules import ApplyKernelSchedules
 from tvm_lowbit.passes.convert_layout import integer_layout, nhwc_passes
+from tvm_lowbit.passes.embedding import LowerEmbeddings
 from tvm_lowbit.passes.fold_requantize import FoldRequantize
 from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.passes.lower_integer_layers import LowerIntegerLayers
@@ -64,6 +67,7 @@ def lowering_passes(target: tvm.target.Target | None, infos: dict[str, LayerInfo
         relax.transform.FoldConstant(),
         Relu6Quantizer(FUNC_NAME),
         FoldRequantize(FUNC_NAME, report=report),
+        LowerEmbeddings(infos, report=report, func_name=FUNC_NAME),
         LowerIntegerLayers(infos, target=target, expose_acc=expose_acc, report=report, func_name=FUNC_NAME),
     ]
 

@@ -20,6 +20,8 @@ class LoweringReport:
     # in int64), "fma" (float32 fused multiply-add), "fma+recip" (and the requantization's division as a
     # multiply and a fused correction) or "float64: <why neither is proven exact>"
     epilogue_forms: dict[str, str] = field(default_factory=dict)
+    # embedding tables stored as integers (passes.embedding): table -> storage ("int8 per row", "int4-g32", ...)
+    embeddings: dict[str, str] = field(default_factory=dict)
 
     def kernel_of(self, name: str) -> str:
         """The weight format of the kernel layer ``name`` was lowered to ("ternary" if not recorded)."""
@@ -53,5 +55,8 @@ class LoweringReport:
                          f"{len(forms) - forms.count('integer') - n_fma} float64 (of {len(forms)})")
         lines += [f"  float64 epilogue kept: {name}: {why}" for name, why in self.epilogue_forms.items()
                   if why.startswith("float64")]
+        if self.embeddings:
+            lines.append(f"  {len(self.embeddings)} embedding table(s) gathered from integers: "
+                         + ", ".join(f"{n} ({s})" for n, s in self.embeddings.items()))
         lines += [f"  fallback to float: {name}: {why}" for name, why in self.fallback]
         return "\n".join(lines)

@@ -16,6 +16,7 @@ from torch import nn
 
 from tvm_lowbit.quantizers.auto import Auto, quantize_auto
 from tvm_lowbit.quantizers.config import SchemeConfig, register_config, unregister_config
+from tvm_lowbit.quantizers.embedding import DEFAULT_EMBEDDING_FORMAT, EmbeddingFormats, quantize_with_embeddings
 from tvm_lowbit.quantizers.fgq import FGQ, quantize_fgq
 from tvm_lowbit.quantizers.input_checks import check_calibration
 from tvm_lowbit.quantizers.memory import keep_freed_memory
@@ -50,7 +51,8 @@ def registered_schemes() -> dict[str, type]:
 
 
 def quantize(model: nn.Module, config: object, calib_data: object, val_data: object = None, *,
-             inplace: bool = False, progress: bool = True, allow_degenerate: bool = False) -> nn.Module:
+             inplace: bool = False, progress: bool = True, allow_degenerate: bool = False,
+             embeddings: EmbeddingFormats = DEFAULT_EMBEDDING_FORMAT) -> nn.Module:
     """Quantize ``model`` with ``config`` (e.g. ``FGQ(group_size=4, act_bits=8)``) using ``calib_data``
     (an array/tensor of inputs, or an iterable of batches).  Returns a fake-quant copy of the model
     (the caller's model is untouched unless ``inplace=True``) that the compiler consumes.
@@ -59,7 +61,9 @@ def quantize(model: nn.Module, config: object, calib_data: object, val_data: obj
     ``calib_data`` is checked first (``input_checks.check_calibration``): empty or NaN/Inf data is an error,
     and so is constant or all-zero data unless ``allow_degenerate=True``.  ``inplace=True`` is transactional:
     if quantization fails, the caller's model is restored to its state before the call (a copy of it is kept
-    while the scheme runs)."""
+    while the scheme runs).  ``embeddings``: the format of the model's ``nn.Embedding`` tables (``"int8"``: int8
+    rows with a float32 scale per row; ``"int4-g0"``, ``"int4"``, ...; ``"float"``/None keeps them float; or a
+    mapping module path -> format), applied before the scheme (``quantizers.embedding``)."""
     if isinstance(config, str):
         raise TypeError(f"pass a configuration object, e.g. FGQ(group_size=4), not the string {config!r}; "
                         f"known schemes: {', '.join(registered_schemes())}")
@@ -69,11 +73,15 @@ def quantize(model: nn.Module, config: object, calib_data: object, val_data: obj
                         f"{', '.join(c.__name__ for c in _HANDLERS)}")
     check_calibration(calib_data, allow_degenerate)
     keep_freed_memory()  # large activations reuse freed heap memory instead of fresh pages (quantizers.memory)
+
+    def run(m: nn.Module) -> nn.Module:
+        return handler(m, config, calib_data, val_data, inplace=inplace, progress=progress)
+
     if not inplace or not isinstance(model, nn.Module):
-        return handler(model, config, calib_data, val_data, inplace=inplace, progress=progress)
+        return quantize_with_embeddings(run, model, embeddings, calib_data, inplace)
     backup = copy.deepcopy(model)
     try:
-        return handler(model, config, calib_data, val_data, inplace=True, progress=progress)
+        return quantize_with_embeddings(run, model, embeddings, calib_data, inplace)
     except BaseException:
         # put every attribute back (the replaced submodules, parameters, buffers, hooks, training flag)
         model.__dict__.clear()
