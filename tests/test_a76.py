@@ -5,9 +5,7 @@ on the emulated Cortex-A76 (the decode intrinsic runs only there)."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import torch
 import tvm
 from tvm import te
 
-from test_board import BOARD_RUN, board_built  # noqa: F401  (the board fixture: scripts/board/setup.sh)
+from helpers import BoardPythons
 from test_board import pytestmark as BOARD_MARKS
 from test_neon import expected
 from tvm_lowbit import kernels, qmath
@@ -149,7 +147,7 @@ def test_registry_picks_the_a76_kernels_on_the_pi5_only() -> None:
 
 @BOARD_MARKS[0]
 @BOARD_MARKS[1]
-def test_a76_kernels_are_bit_exact_on_the_pi5_board(board_built: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a76_kernels_are_bit_exact_on_the_pi5_board(board_python: BoardPythons, tmp_path: Path) -> None:
     """Scheduled for the Pi 5 (16-byte decode, by-element sdot, the folded stem), the kernels compute the numpy
     integer reference bit for bit on the emulated Cortex-A76."""
     target = load_target("rasp5")
@@ -163,12 +161,8 @@ def test_a76_kernels_are_bit_exact_on_the_pi5_board(board_built: Path, tmp_path:
         lib.export_library(str(tmp_path / f"{name}.so"), cc=target.compiler_path())
         feeds.update({f"{name}/{i}": a for i, a in enumerate([*args, np.zeros(shape, dtype)])})
         want[name] = expected(ref, scale, bias, case[10], case[9], case[13] if len(case) > 13 else 0.05)
-    np.savez(tmp_path / "feeds.npz", **feeds)
-    (tmp_path / "run.py").write_text(BOARD_RUN)
-    r = subprocess.run([str(board_built / "bin" / "python3"), str(tmp_path / "run.py"), str(tmp_path / "feeds.npz"),
-                        str(tmp_path)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "BOARD_CPU": emu.qemu_cpu("rasp5"), "TVM_NUM_THREADS": "2"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok, err = board_python.run(tmp_path, feeds, emu.qemu_cpu("rasp5"))
+    assert ok, err
     for name, w in want.items():
         got = np.load(tmp_path / f"{name}.out.npy")
         if w.dtype == np.uint8:

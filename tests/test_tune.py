@@ -34,23 +34,17 @@ def _host_conv_kernel() -> str:
 CONV = _host_conv_kernel()  # the x86 host's kernel for the tiny model's ternary conv
 
 
-@pytest.fixture(scope="module")
-def tiny() -> tuple[nn.Module, np.ndarray]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()
-    calib = torch.randn(16, 8, 8, 8)
-    # the stem stays float: the tasks below are the ternary conv and the activation quantizer
-    q = quantize(model, FGQ(group_size=4, act_bits=8, first_layer="float"), calib, progress=False)
-    return q, calib[:1].numpy()
+@pytest.fixture
+def tiny(tiny_fgq) -> tuple[nn.Module, np.ndarray]:
+    """The tiny model (conftest.tiny_fgq): the stem stays float, the tasks are the ternary conv and the activation
+    quantizer."""
+    return tiny_fgq
 
 
-@pytest.fixture(scope="module")
-def tuned(tiny, tmp_path_factory) -> tuple[Path, tune.TuneReport]:
-    q, x = tiny
-    d = tmp_path_factory.mktemp("sched") / "x86-host"
-    rep = tune.tune(q, x, "x86-host", trials_per_task=3, work_dir=d, only_kernels=True, progress=False, seed=0)
-    return d, rep
+@pytest.fixture
+def tuned(tiny_tuned) -> tuple[Path, tune.TuneReport]:
+    """Its database, 3 trials a task (conftest.tiny_tuned, shared with tests/test_tune_judge.py: read only)."""
+    return tiny_tuned
 
 
 def test_tune_writes_a_standard_database(tuned) -> None:
@@ -207,7 +201,9 @@ def test_rerun_resumes_without_new_trials(tiny, tuned, tmp_path, capsys) -> None
     from tvm_lowbit.compiler import save_quantized
 
     q, x = tiny
-    d, first = tuned
+    d = tmp_path / "x86-host"  # a copy: the session's database stays as tuned
+    shutil.copytree(tuned[0], d)
+    first = tuned[1]
     n = len((d / tune.RECORD_FILE).read_text().splitlines())
     pt2 = save_quantized(q, x, tmp_path / "tiny.pt2")
     main(["tune", str(pt2), "--trials", "3", "--kernels-only", "--out", str(d)])
