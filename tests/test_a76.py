@@ -16,10 +16,10 @@ from tvm import te
 
 from helpers import BoardPythons
 from test_board import pytestmark as BOARD_MARKS
-from test_neon import expected
+from test_neon import epilogue_form, expected
 from tvm_lowbit import kernels, qmath
 from tvm_lowbit.deploy import board as emu
-from tvm_lowbit.kernels import LayerSpec, a76, neon, requant, vnni
+from tvm_lowbit.kernels import LayerSpec, a76, neon, vnni
 from tvm_lowbit.targets import load_target
 
 HOST = {"kind": "llvm", "mcpu": "x86-64", "num-cores": 1}
@@ -48,19 +48,7 @@ def a76_case(kind: str, k: int, c: int, hw: int, r: int, stride: int, pad: int, 
     zp = None if signed else te.placeholder((k,), "int32", name="zp")
     mode = dict(out_mode=out_mode, requant_scale=requant_scale if out_mode == "requant" else None,
                 relu=out_mode != "acc")
-    bounds = requant.acc_bounds(wint, 8, signed)
-    extra, extra_vals = {}, []
-    if epi in ("fma", "recip"):
-        assert requant.fma_unexact(scale, bias, bounds) is None
-        extra = dict(fma_epilogue=True, recip_requant=epi == "recip")
-        assert epi == "fma" or requant.recip_unexact(requant_scale, scale, bias, bounds) is None
-    elif epi == "integer":
-        rq = requant.solve(scale, bias, True, requant_scale, 8, signed,
-                           offset=None if signed else neon.zero_point_term(wint), bounds=bounds)
-        assert not isinstance(rq, str), rq
-        extra = dict(rq_mul=te.placeholder((k,), "int32", name="rq_mul"),
-                     rq_add=te.placeholder((k,), "int64", name="rq_add"), rq_shift=rq.shift)
-        extra_vals = [rq.mul, rq.add]
+    extra, extra_vals = epilogue_form(epi, wint, signed, scale, bias, requant_scale)  # (unsigned output codes)
     common = dict(weight_shape=(k, c, r, r), strides=stride, padding=pad, zp=zp, in_layout=layout,
                   out_layout=layout, **mode, **extra)
     if kind == "ternary":
