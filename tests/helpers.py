@@ -6,13 +6,17 @@ configuration in a session."""
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
 import json
 import os
 import select
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import IO
 
 import numpy as np
@@ -22,6 +26,8 @@ from tvm_lowbit import FGQ, data, quantize
 from tvm_lowbit.cost import mca
 from tvm_lowbit.deploy import board as emu
 from tvm_lowbit.models import load_pretrained
+
+REPO = Path(__file__).resolve().parent.parent
 
 # The board side: reads one request a line ({"feeds": npz path, "dir": folder}), runs every kernel
 # ``<dir>/<name>.so`` of the feeds (inputs ``<name>/0``, ``<name>/1``, ...; the last one is the output buffer)
@@ -145,3 +151,15 @@ def builtin_fgq(config: FGQ, calib_n: int) -> nn.Module:
     if key not in _QUANTIZED:
         _QUANTIZED[key] = quantize(load_pretrained(), config, data.calibration_set(calib_n), progress=False)
     return copy.deepcopy(_QUANTIZED[key])
+
+
+@functools.cache
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as the module ``name`` (its dataclasses look their module up in
+    ``sys.modules``), once a session."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
