@@ -113,9 +113,16 @@ def test_builtin_model_n64_bit_exact() -> None:
     check_bit_exact(q, x)
 
 
-def test_builtin_model_predictions_agree_with_fake_quant(builtin_q: nn.Module) -> None:
+@pytest.fixture(scope="module")
+def builtin_art(builtin_q: nn.Module) -> tvm_lowbit.compiler.Artifact:
+    """``builtin_q`` compiled for x86 at batch 100 (default options)."""
+    x, _ = data.load("test", limit=100, offset=2000)
+    return tvm_lowbit.compile(builtin_q, x)
+
+
+def test_builtin_model_predictions_agree_with_fake_quant(builtin_q: nn.Module, builtin_art) -> None:
     x, _ = data.load("test", limit=400, offset=2000)
-    art = tvm_lowbit.compile(builtin_q, x[:100])
+    art = builtin_art
     assert art.report.requant_fused, "consecutive quantized convs should requantize inside the kernel"
     with torch.no_grad():
         ref = builtin_q(torch.from_numpy(x)).numpy().argmax(1)
@@ -209,9 +216,9 @@ def test_unlowerable_layer_falls_back_with_a_report() -> None:
         np.testing.assert_allclose(art.run(x), q(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_export_and_load_back(builtin_q: nn.Module, tmp_path) -> None:
-    x, _ = data.load("test", limit=1)
-    art = tvm_lowbit.compile(builtin_q, x)
+def test_export_and_load_back(builtin_art, tmp_path) -> None:
+    x, _ = data.load("test", limit=100)
+    art = builtin_art
     out = art.export(tmp_path / "art")
     again = load_artifact(out)
     np.testing.assert_array_equal(again.run(x), art.run(x))

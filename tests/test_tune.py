@@ -17,7 +17,7 @@ from torch import nn
 
 import tvm_lowbit
 from tvm_lowbit import FGQ, quantize, tune
-from tvm_lowbit.compiler import CompileError
+from tvm_lowbit.compiler import Artifact, CompileError
 
 
 def _host_conv_kernel() -> str:
@@ -47,6 +47,13 @@ def tuned(tiny_tuned) -> tuple[Path, tune.TuneReport]:
     return tiny_tuned
 
 
+@pytest.fixture(scope="module")
+def default(tiny_fgq) -> Artifact:
+    """The tiny model compiled with the default schedules (no database)."""
+    q, x = tiny_fgq
+    return tvm_lowbit.compile(q, x, schedules=False)
+
+
 def test_tune_writes_a_standard_database(tuned) -> None:
     from tvm.s_tir import meta_schedule as ms
 
@@ -59,14 +66,13 @@ def test_tune_writes_a_standard_database(tuned) -> None:
     assert len(stock.get_all_tuning_records()) == len(lines)
 
 
-def test_compile_applies_the_database_bit_exact(tiny, tuned) -> None:
+def test_compile_applies_the_database_bit_exact(tiny, tuned, default) -> None:
     q, x = tiny
     d, _ = tuned
     art = tvm_lowbit.compile(q, x, schedules=d)
     assert set(art.tuning.applied) == {CONV, "quantize_act"}
     assert art.tuning.missing and CONV not in art.tuning.missing  # float ops: no record
     assert "without a record" in art.tuning.text()
-    default = tvm_lowbit.compile(q, x, schedules=False)
     assert default.tuning is None
     np.testing.assert_array_equal(art.run(x), default.run(x))  # only integer kernels were re-scheduled
     with pytest.raises(CompileError, match="no such tuning database"):
@@ -86,7 +92,7 @@ def test_a_database_tuned_under_emulation_applies_only_when_asked(tiny, tuned, t
     assert CONV in tvm_lowbit.compile(q, x, schedules=tmp_path / "x86-host").tuning.applied
 
 
-def test_compile_applies_only_records_that_beat_the_default_schedule(tiny, tuned, tmp_path) -> None:
+def test_compile_applies_only_records_that_beat_the_default_schedule(tiny, tuned, default, tmp_path) -> None:
     """DEFAULTS_FILE holds each workload's default-schedule time from tune time: a workload whose default is faster
     than its best record keeps the default schedule; the others get their best record."""
     q, x = tiny
@@ -108,7 +114,7 @@ def test_compile_applies_only_records_that_beat_the_default_schedule(tiny, tuned
     assert art.tuning.applied == ["quantize_act"] and CONV in art.tuning.missing, art.tuning.text()
     assert art.tuning.load.default_wins == [CONV]
     assert "1 workloads of the database keep the default schedule" in art.tuning.text()
-    np.testing.assert_array_equal(art.run(x), tvm_lowbit.compile(q, x, schedules=False).run(x))
+    np.testing.assert_array_equal(art.run(x), default.run(x))
     # without the file (a database tuned before it existed) every best record applies, as before
     (db / tune.DEFAULTS_FILE).unlink()
     assert set(tvm_lowbit.compile(q, x, schedules=db).tuning.applied) == {CONV, "quantize_act"}
