@@ -10,10 +10,11 @@ import functools
 import importlib.util
 import json
 import os
-import select
+import queue
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -78,19 +79,27 @@ class _Server:
         self.proc = subprocess.Popen([str(board / "bin" / "python3"), "-u", "-c", BOARD_SERVER],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True,
                                      env={**os.environ, "BOARD_CPU": cpu, "TVM_NUM_THREADS": str(threads)})
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put("")  # end of output: the board's Python exited
 
     def request(self, feeds: Path, folder: Path, timeout: float) -> tuple[bool, str]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"feeds": str(feeds), "dir": str(folder)}) + "\n")
         self.proc.stdin.flush()
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
                 self.close()
                 return False, f"the board ran past {timeout} s"
-            line = self.proc.stdout.readline()
-            if not line:  # the board's Python died (a kernel crashed it)
+            if not line:  # a kernel crashed the board's Python
                 self.proc.wait(timeout=30)
                 return False, f"the board's Python exited ({self.proc.returncode}):\n{self.tail()}"
             if line.startswith("RESULT "):
@@ -113,7 +122,8 @@ class _Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
-        self._err.close()
+        if not self._err.closed:
+            self._err.close()
 
 
 class BoardPythons:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import tvm_lowbit
+from helpers import builtin_fgq
 from tvm_lowbit import FGQ, data, qmath, quantize
 from tvm_lowbit.compiler import CompileError, load_artifact
 from tvm_lowbit.kernels.avx2 import has_avx2
@@ -73,8 +74,7 @@ def test_builtin_model_accumulators_bit_exact(builtin_q: nn.Module) -> None:
 
 
 def test_builtin_model_7bit_alpha_takes_the_folded_vnni_kernels() -> None:
-    q = quantize(load_pretrained(), FGQ(group_size=4, act_bits=8, alpha_bits=7), data.calibration_set(128),
-                 progress=False)
+    q = builtin_fgq(FGQ(group_size=4, act_bits=8, alpha_bits=7), 256)  # quantized once a session (test_board, test_fgq)
     x, _ = data.load("test", limit=2, offset=5)
     art = check_bit_exact(q, x)  # NHWC end to end on a VNNI host
     if vnni_lanes(art.target.tvm_target()):
