@@ -5,9 +5,7 @@ on the emulated Cortex-A76 (the decode intrinsic runs only there)."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +14,12 @@ import torch
 import tvm
 from tvm import te
 
-from test_board import BOARD_RUN, board_built  # noqa: F401  (the board fixture: scripts/board/setup.sh)
+from helpers import BoardPythons
 from test_board import pytestmark as BOARD_MARKS
-from test_neon import expected
+from test_neon import epilogue_form, expected
 from tvm_lowbit import kernels, qmath
 from tvm_lowbit.deploy import board as emu
-from tvm_lowbit.kernels import LayerSpec, a76, neon, requant, vnni
+from tvm_lowbit.kernels import LayerSpec, a76, neon, vnni
 from tvm_lowbit.targets import load_target
 
 HOST = {"kind": "llvm", "mcpu": "x86-64", "num-cores": 1}
@@ -50,19 +48,7 @@ def a76_case(kind: str, k: int, c: int, hw: int, r: int, stride: int, pad: int, 
     zp = None if signed else te.placeholder((k,), "int32", name="zp")
     mode = dict(out_mode=out_mode, requant_scale=requant_scale if out_mode == "requant" else None,
                 relu=out_mode != "acc")
-    bounds = requant.acc_bounds(wint, 8, signed)
-    extra, extra_vals = {}, []
-    if epi in ("fma", "recip"):
-        assert requant.fma_unexact(scale, bias, bounds) is None
-        extra = dict(fma_epilogue=True, recip_requant=epi == "recip")
-        assert epi == "fma" or requant.recip_unexact(requant_scale, scale, bias, bounds) is None
-    elif epi == "integer":
-        rq = requant.solve(scale, bias, True, requant_scale, 8, signed,
-                           offset=None if signed else neon.zero_point_term(wint), bounds=bounds)
-        assert not isinstance(rq, str), rq
-        extra = dict(rq_mul=te.placeholder((k,), "int32", name="rq_mul"),
-                     rq_add=te.placeholder((k,), "int64", name="rq_add"), rq_shift=rq.shift)
-        extra_vals = [rq.mul, rq.add]
+    extra, extra_vals = epilogue_form(epi, wint, signed, scale, bias, requant_scale)  # (unsigned output codes)
     common = dict(weight_shape=(k, c, r, r), strides=stride, padding=pad, zp=zp, in_layout=layout,
                   out_layout=layout, **mode, **extra)
     if kind == "ternary":
@@ -149,7 +135,7 @@ def test_registry_picks_the_a76_kernels_on_the_pi5_only() -> None:
 
 @BOARD_MARKS[0]
 @BOARD_MARKS[1]
-def test_a76_kernels_are_bit_exact_on_the_pi5_board(board_built: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a76_kernels_are_bit_exact_on_the_pi5_board(board_python: BoardPythons, tmp_path: Path) -> None:
     """Scheduled for the Pi 5 (16-byte decode, by-element sdot, the folded stem), the kernels compute the numpy
     integer reference bit for bit on the emulated Cortex-A76."""
     target = load_target("rasp5")
@@ -163,12 +149,8 @@ def test_a76_kernels_are_bit_exact_on_the_pi5_board(board_built: Path, tmp_path:
         lib.export_library(str(tmp_path / f"{name}.so"), cc=target.compiler_path())
         feeds.update({f"{name}/{i}": a for i, a in enumerate([*args, np.zeros(shape, dtype)])})
         want[name] = expected(ref, scale, bias, case[10], case[9], case[13] if len(case) > 13 else 0.05)
-    np.savez(tmp_path / "feeds.npz", **feeds)
-    (tmp_path / "run.py").write_text(BOARD_RUN)
-    r = subprocess.run([str(board_built / "bin" / "python3"), str(tmp_path / "run.py"), str(tmp_path / "feeds.npz"),
-                        str(tmp_path)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "BOARD_CPU": emu.qemu_cpu("rasp5"), "TVM_NUM_THREADS": "2"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok, err = board_python.run(tmp_path, feeds, emu.qemu_cpu("rasp5"))
+    assert ok, err
     for name, w in want.items():
         got = np.load(tmp_path / f"{name}.out.npy")
         if w.dtype == np.uint8:

@@ -3,7 +3,6 @@ when the board, its onnxruntime or llvm-mca is missing)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from types import ModuleType
 
 import pytest
 
+from helpers import load_script
 from tvm_lowbit.cost import mca
 from tvm_lowbit.deploy import board as emu
 
@@ -20,12 +20,7 @@ SCRIPT = REPO / "scripts" / "bench_arm.py"
 
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_arm", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_arm"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_arm")
 
 
 def _row(variant: str, target: str, insns: int, cycles: int) -> dict:

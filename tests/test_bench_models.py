@@ -3,8 +3,6 @@ and the rasp5 rows run on the emulated Pi 5 (the bundle runner under qemu-user) 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -14,20 +12,14 @@ import torch
 from torch import nn
 
 import tvm_lowbit
+from helpers import load_script
 from tvm_lowbit.deploy import board as emu
 from tvm_lowbit.passes.report import LoweringReport
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_models.py"
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_models", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_models"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_models")
 
 
 def small_net() -> nn.Module:

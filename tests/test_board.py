@@ -6,11 +6,10 @@ the board (no Python there). Stopping the board must leave no process behind.
 
 from __future__ import annotations
 
-import os
+import functools
 import platform
 import re
 import shutil
-import subprocess
 import threading
 from pathlib import Path
 
@@ -18,22 +17,14 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import BoardPythons, builtin_fgq
 from tvm_lowbit.deploy import board as emu
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64" or not shutil.which("dpkg-deb"),
                        reason="the emulated board is built on Debian/Linux x86_64 hosts only"),
 ]
-
-
-@pytest.fixture(scope="module")
-def board_built() -> Path:
-    r = subprocess.run(["bash", str(REPO / "scripts" / "board" / "setup.sh")], capture_output=True, text=True,
-                       timeout=1200)
-    assert r.returncode == 0, f"scripts/board/setup.sh failed:\n{r.stderr[-4000:]}"
-    return emu.require_board()
 
 
 def test_cortex_a72_board_has_no_dotprod(board_built: Path) -> None:
@@ -50,16 +41,6 @@ KERNEL_CASES = [("ternary", 16, 16, 28, 3, 1, 1, 1, "requant"), ("ternary", 32, 
                 ("ternary", 32, 16, 14, 1, 2, 0, 1, "acc"), ("ternary", 12, 8, 9, 3, 1, 1, 1, "acc"),
                 ("ternary", 8, 8, 10, 3, 1, 1, 8, "float"), ("pow2", 16, 8, 10, 3, 1, 1, 1, "requant"),
                 ("pow2", 8, 16, 7, 3, 1, 1, 1, "acc")]
-
-BOARD_RUN = """
-import sys, numpy as np, tvm
-d = np.load(sys.argv[1])
-for name in sorted({k.split("/")[0] for k in d.files}):
-    args = [tvm.runtime.tensor(d[f"{name}/{i}"]) for i in range(sum(k.startswith(name + "/") for k in d.files))]
-    tvm.runtime.load_module(f"{sys.argv[2]}/{name}.so")[name](*args)
-    np.save(f"{sys.argv[2]}/{name}.out.npy", args[-1].numpy())
-"""
-
 
 def _kernel_case(case: tuple, sdot: bool = False) -> tuple[object, list[np.ndarray]]:
     """A conv kernel PrimFunc and its random inputs (valid ternary / power-of-two codes) plus output buffer;
@@ -99,7 +80,25 @@ def _kernel_case(case: tuple, sdot: bool = False) -> tuple[object, list[np.ndarr
     return func, arrays + [np.zeros([int(v) for v in out.shape], str(out.dtype))]
 
 
-def test_neon_conv_schedule_is_bit_exact_on_the_board(board_built: Path, tmp_path: Path) -> None:
+@functools.cache
+def _host_output(case: tuple) -> np.ndarray:
+    """What the default x86 kernel of ``case`` writes for its inputs (``_kernel_case``, deterministic): the reference
+    of both board kernel tests below, computed once."""
+    import tvm
+
+    from tvm_lowbit.kernels import schedule_default
+    from tvm_lowbit.targets import load_target
+
+    x86 = load_target("x86-host").tvm_target()
+    func, arrays = _kernel_case(case)
+    name = str(func.attrs["global_symbol"])
+    host = tvm.compile(tvm.IRModule({name: schedule_default(func, x86)}), target=x86)
+    args = [tvm.runtime.tensor(a) for a in arrays]
+    host[name](*args)
+    return args[-1].numpy()
+
+
+def test_neon_conv_schedule_is_bit_exact_on_the_board(board_python: BoardPythons, tmp_path: Path) -> None:
     """The aarch64 conv schedule (channel lanes, unrolled columns) computes what the x86 schedule computes,
     bit for bit, running on the emulated Cortex-A72."""
     import tvm
@@ -107,31 +106,24 @@ def test_neon_conv_schedule_is_bit_exact_on_the_board(board_built: Path, tmp_pat
     from tvm_lowbit.kernels import schedule_default
     from tvm_lowbit.targets import load_target
 
-    a72, x86 = load_target("rasp4b"), load_target("x86-host")
+    a72 = load_target("rasp4b")
     feeds, expected = {}, {}
     for case in KERNEL_CASES:
         func, arrays = _kernel_case(case)
         name = str(func.attrs["global_symbol"])
-        host = tvm.compile(tvm.IRModule({name: schedule_default(func, x86.tvm_target())}), target=x86.tvm_target())
-        args = [tvm.runtime.tensor(a) for a in arrays]
-        host[name](*args)
-        expected[name] = args[-1].numpy()
+        expected[name] = _host_output(case)
         board = tvm.compile(tvm.IRModule({name: schedule_default(func, a72.tvm_target())}), target=a72.tvm_target())
         board.export_library(str(tmp_path / f"{name}.so"), cc=a72.compiler_path())
         feeds.update({f"{name}/{i}": a for i, a in enumerate(arrays)})
-    np.savez(tmp_path / "feeds.npz", **feeds)
-    (tmp_path / "run.py").write_text(BOARD_RUN)
-    r = subprocess.run([str(board_built / "bin" / "python3"), str(tmp_path / "run.py"), str(tmp_path / "feeds.npz"),
-                        str(tmp_path)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "BOARD_CPU": "cortex-a72", "TVM_NUM_THREADS": "2"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok, err = board_python.run(tmp_path, feeds, "cortex-a72")
+    assert ok, err
     for name, want in expected.items():
         got = np.load(tmp_path / f"{name}.out.npy")
         assert len(np.unique(want)) > 20, f"{name}: degenerate test data"  # not all clipped to 0 or 255
         assert got.dtype == want.dtype and np.array_equal(got, want), name
 
 
-def test_sdot_conv_kernels_are_bit_exact_on_the_pi5_board(board_built: Path, tmp_path: Path) -> None:
+def test_sdot_conv_kernels_are_bit_exact_on_the_pi5_board(board_python: BoardPythons, tmp_path: Path) -> None:
     """The aarch64 dot-product kernels (kernels.sdot: zero-point-shifted int8 activations, sdot, per-group
     alpha by mla) compute what the default x86 kernels compute, bit for bit, on the emulated Cortex-A76."""
     import re
@@ -141,27 +133,19 @@ def test_sdot_conv_kernels_are_bit_exact_on_the_pi5_board(board_built: Path, tmp
     from tvm_lowbit.kernels import schedule_default
     from tvm_lowbit.targets import load_target
 
-    a76, x86 = load_target("rasp5"), load_target("x86-host")
+    a76 = load_target("rasp5")
     feeds, expected = {}, {}
     for case in [c for c in KERNEL_CASES if c[7] == 1]:  # grouped convs keep the NEON kernel
-        func, arrays = _kernel_case(case)
-        name = str(func.attrs["global_symbol"])
-        host = tvm.compile(tvm.IRModule({name: schedule_default(func, x86.tvm_target())}), target=x86.tvm_target())
-        args = [tvm.runtime.tensor(a) for a in arrays]
-        host[name](*args)
+        _, arrays = _kernel_case(case)
         func, _ = _kernel_case(case, sdot=True)
         name = str(func.attrs["global_symbol"])
-        expected[name] = args[-1].numpy()
+        expected[name] = _host_output(case)
         board = tvm.compile(tvm.IRModule({name: schedule_default(func, a76.tvm_target())}), target=a76.tvm_target())
         assert re.search(r"^\s+sdot\s+v\d+\.4s", board.mod.inspect_source("asm"), re.M), f"{name}: no sdot"
         board.export_library(str(tmp_path / f"{name}.so"), cc=a76.compiler_path())
         feeds.update({f"{name}/{i}": a for i, a in enumerate(arrays)})
-    np.savez(tmp_path / "feeds.npz", **feeds)
-    (tmp_path / "run.py").write_text(BOARD_RUN)
-    r = subprocess.run([str(board_built / "bin" / "python3"), str(tmp_path / "run.py"), str(tmp_path / "feeds.npz"),
-                        str(tmp_path)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "BOARD_CPU": "cortex-a76", "TVM_NUM_THREADS": "2"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok, err = board_python.run(tmp_path, feeds, "cortex-a76")
+    assert ok, err
     for name, want in expected.items():
         got = np.load(tmp_path / f"{name}.out.npy")
         assert got.dtype == want.dtype and np.array_equal(got, want), name
@@ -193,7 +177,7 @@ NEON_CASES = [  # kernels.neon: kind, K, C, HW, R, stride, pad, signed, widen, N
 
 
 @pytest.mark.parametrize("cpu,widen", [("rasp5", False), ("rasp4b", True)])
-def test_folded_alpha_neon_kernels_are_bit_exact_on_the_board(board_built: Path, tmp_path: Path, cpu: str,
+def test_folded_alpha_neon_kernels_are_bit_exact_on_the_board(board_python: BoardPythons, tmp_path: Path, cpu: str,
                                                              widen: bool) -> None:
     """kernels.neon (alpha folded into int8 weights; sdot on the emulated Cortex-A76, smull/smlal/sadalp on the
     Cortex-A72), scheduled for the board, compute the numpy integer reference bit for bit."""
@@ -214,18 +198,14 @@ def test_folded_alpha_neon_kernels_are_bit_exact_on_the_board(board_built: Path,
         lib.export_library(str(tmp_path / f"{name}.so"), cc=target.compiler_path())
         feeds.update({f"{name}/{i}": a for i, a in enumerate([*args, np.zeros(shape, dtype)])})
         want[name] = expected(ref, scale, bias, case[11], case[10], case[14] if len(case) > 14 else 0.05)
-    np.savez(tmp_path / "feeds.npz", **feeds)
-    (tmp_path / "run.py").write_text(BOARD_RUN)
-    r = subprocess.run([str(board_built / "bin" / "python3"), str(tmp_path / "run.py"), str(tmp_path / "feeds.npz"),
-                        str(tmp_path)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "BOARD_CPU": emu.qemu_cpu(cpu), "TVM_NUM_THREADS": "2"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok, err = board_python.run(tmp_path, feeds, emu.qemu_cpu(cpu))
+    assert ok, err
     for name, w in want.items():
         got = np.load(tmp_path / f"{name}.out.npy")
         assert got.dtype == w.dtype and np.array_equal(got, w), name
 
 
-def test_widening_kernel_uint8_rounding_step_on_the_a72_board(board_built: Path, tmp_path: Path) -> None:
+def test_widening_kernel_uint8_rounding_step_on_the_a72_board(board_python: BoardPythons, tmp_path: Path) -> None:
     """The A72 kernel's last epilogue step for uint8 codes (kernels.neon's fcvtns + sqxtun + uqxtn intrinsic)
     is ``round_clip``: nearbyint (ties to even), clip to 0..255, cast -- checked on every tie near the ends,
     -0.0, values past int16 and int32, and random values."""
@@ -259,12 +239,9 @@ def test_widening_kernel_uint8_rounding_step_on_the_a72_board(board_built: Path,
     lib = tvm.compile(sch.mod, target=target.tvm_target())
     assert "fcvtns" in lib.mod.inspect_source("asm") and "uqxtn" in lib.mod.inspect_source("asm")
     lib.export_library(str(tmp_path / "narrow.so"), cc=target.compiler_path())
-    np.savez(tmp_path / "feeds.npz", **{"narrow/0": x, "narrow/1": np.zeros(n, np.uint8)})
-    (tmp_path / "run.py").write_text(BOARD_RUN)
-    r = subprocess.run([str(board_built / "bin" / "python3"), str(tmp_path / "run.py"), str(tmp_path / "feeds.npz"),
-                        str(tmp_path)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "BOARD_CPU": emu.qemu_cpu("rasp4b"), "TVM_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok, err = board_python.run(tmp_path, {"narrow/0": x, "narrow/1": np.zeros(n, np.uint8)}, emu.qemu_cpu("rasp4b"),
+                               threads=1)
+    assert ok, err
     want = np.clip(np.rint(x.astype(np.float64)), 0, 255).astype(np.uint8)  # rint: ties to even
     np.testing.assert_array_equal(np.load(tmp_path / "narrow.out.npy"), want)
 
@@ -277,10 +254,9 @@ def test_builtin_fgq_model_on_sdot_kernels_matches_the_host_on_an_emulated_pi5(b
     import tvm_lowbit
     from tvm_lowbit import FGQ, data
     from tvm_lowbit.deploy.bundle import export_bundle, run_bundle_emulated
-    from tvm_lowbit.models import load_pretrained
 
-    qmodel = tvm_lowbit.quantize(load_pretrained(), FGQ(group_size=4, act_bits=8, first_layer="float"),
-                                 data.calibration_set(256), progress=False)
+    # 64 calibration images: the model of tests/test_vta_model.py, quantized once a session
+    qmodel = builtin_fgq(FGQ(group_size=4, act_bits=8, first_layer="float"), 64)
     x = data.load("test", limit=1, offset=5)[0]
     art = tvm_lowbit.compile(qmodel, x, "rasp5")
     # the 20 ternary convs (the stem conv and the classifier stay float)
@@ -326,7 +302,6 @@ def test_deploy_builtin_fgq_model_to_emulated_pi4(board_built: Path, tmp_path: P
     from tvm_lowbit import FGQ, data
     from tvm_lowbit.deploy.bundle import export_bundle, run_bundle_emulated
     from tvm_lowbit.deploy.remote import Board, deploy_artifact
-    from tvm_lowbit.models import load_pretrained
 
     name = f"pytest-{emu.free_port()}"
     tracker_port = emu.free_port()
@@ -343,8 +318,7 @@ def test_deploy_builtin_fgq_model_to_emulated_pi4(board_built: Path, tmp_path: P
     boot = threading.Thread(target=power_on)
     boot.start()
     try:
-        calib = data.calibration_set(256)
-        qmodel = tvm_lowbit.quantize(load_pretrained(), FGQ(group_size=4, act_bits=8), calib, progress=False)
+        qmodel = builtin_fgq(FGQ(group_size=4, act_bits=8), 256)  # quantized once a session (tests/test_fgq.py)
         x = data.load("test", limit=1)[0]
         art = tvm_lowbit.compile(qmodel, x, "rasp4b")
         host_out = tvm_lowbit.compile(qmodel, x, "x86-host").run(x)

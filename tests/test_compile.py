@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import tvm_lowbit
+from helpers import builtin_fgq
 from tvm_lowbit import FGQ, data, qmath, quantize
 from tvm_lowbit.compiler import CompileError, load_artifact
 from tvm_lowbit.kernels.avx2 import has_avx2
@@ -73,8 +74,7 @@ def test_builtin_model_accumulators_bit_exact(builtin_q: nn.Module) -> None:
 
 
 def test_builtin_model_7bit_alpha_takes_the_folded_vnni_kernels() -> None:
-    q = quantize(load_pretrained(), FGQ(group_size=4, act_bits=8, alpha_bits=7), data.calibration_set(128),
-                 progress=False)
+    q = builtin_fgq(FGQ(group_size=4, act_bits=8, alpha_bits=7), 256)  # quantized once a session (test_board, test_fgq)
     x, _ = data.load("test", limit=2, offset=5)
     art = check_bit_exact(q, x)  # NHWC end to end on a VNNI host
     if vnni_lanes(art.target.tvm_target()):
@@ -113,9 +113,16 @@ def test_builtin_model_n64_bit_exact() -> None:
     check_bit_exact(q, x)
 
 
-def test_builtin_model_predictions_agree_with_fake_quant(builtin_q: nn.Module) -> None:
+@pytest.fixture(scope="module")
+def builtin_art(builtin_q: nn.Module) -> tvm_lowbit.compiler.Artifact:
+    """``builtin_q`` compiled for x86 at batch 100 (default options)."""
+    x, _ = data.load("test", limit=100, offset=2000)
+    return tvm_lowbit.compile(builtin_q, x)
+
+
+def test_builtin_model_predictions_agree_with_fake_quant(builtin_q: nn.Module, builtin_art) -> None:
     x, _ = data.load("test", limit=400, offset=2000)
-    art = tvm_lowbit.compile(builtin_q, x[:100])
+    art = builtin_art
     assert art.report.requant_fused, "consecutive quantized convs should requantize inside the kernel"
     with torch.no_grad():
         ref = builtin_q(torch.from_numpy(x)).numpy().argmax(1)
@@ -209,9 +216,9 @@ def test_unlowerable_layer_falls_back_with_a_report() -> None:
         np.testing.assert_allclose(art.run(x), q(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_export_and_load_back(builtin_q: nn.Module, tmp_path) -> None:
-    x, _ = data.load("test", limit=1)
-    art = tvm_lowbit.compile(builtin_q, x)
+def test_export_and_load_back(builtin_art, tmp_path) -> None:
+    x, _ = data.load("test", limit=100)
+    art = builtin_art
     out = art.export(tmp_path / "art")
     again = load_artifact(out)
     np.testing.assert_array_equal(again.run(x), art.run(x))

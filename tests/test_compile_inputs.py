@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import tvm_lowbit
-from tvm_lowbit.artifact import load_artifact
+from tvm_lowbit.artifact import Artifact, load_artifact
 from tvm_lowbit.compiler import compile_saved, save_quantized
 from tvm_lowbit.quantizers.layers import quant_layers
 
@@ -45,14 +45,22 @@ def token_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return q, ids, mask
 
 
+@pytest.fixture(scope="module")
+def dict_art(token_model) -> Artifact:
+    """The token model compiled for x86 from a dict example input (4 rows)."""
+    q, ids, mask = token_model
+    return tvm_lowbit.compile(q, {"input_ids": ids[:4], "attention_mask": mask[:4]}, "x86-host")
+
+
 def _want(q: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         return q(ids, mask).numpy()
 
 
-def test_dict_example_input_compiles_and_runs_by_name_and_order(token_model, tmp_path: Path) -> None:
+def test_dict_example_input_compiles_and_runs_by_name_and_order(token_model, dict_art: Artifact,
+                                                                tmp_path: Path) -> None:
     q, ids, mask = token_model
-    art = tvm_lowbit.compile(q, {"input_ids": ids[:4], "attention_mask": mask[:4]}, "x86-host")
+    art = dict_art
     assert [(s.name, s.shape, s.dtype) for s in art.inputs] == [("input_ids", (4, 6), "int64"),
                                                               ("attention_mask", (4, 6), "int64")]
     assert sorted(art.report.lowered) == ["fc1", "fc2"] and not art.report.fallback
@@ -75,9 +83,9 @@ def test_tuple_example_input_compiles(token_model) -> None:
                                rtol=0, atol=1e-6)
 
 
-def test_mismatched_inputs_are_one_line_errors(token_model) -> None:
+def test_mismatched_inputs_are_one_line_errors(token_model, dict_art: Artifact) -> None:
     q, ids, mask = token_model
-    art = tvm_lowbit.compile(q, {"input_ids": ids[:4], "attention_mask": mask[:4]}, "x86-host")
+    art = dict_art
     i, m = ids[:4].numpy(), mask[:4].numpy()
     cases = [({"ids": i, "attention_mask": m}, r"input names \['attention_mask', 'ids'\] do not match .*input_ids"),
              ({"input_ids": i.astype(np.float32), "attention_mask": m},

@@ -12,7 +12,6 @@ The loop counter and branch issue on the integer and branch pipes beside them an
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,25 +20,13 @@ import pytest
 from tvm_lowbit.cost import mca
 from tvm_lowbit.deploy import board as emu
 
+from helpers import board_ready, has_cross_gcc, mca_ready
+
 ITER = 20000
 
-
-def _board_ready() -> bool:
-    d = emu.board_dir()
-    return (d / "plugins" / "libicount.so").is_file() and (d / "bin" / "board-exec").is_file()
-
-
-def _mca_ready() -> bool:
-    try:
-        mca.llvm_version()
-    except mca.CostError:
-        return False
-    return True
-
-
-needs_board = pytest.mark.skipif(not _board_ready() or not shutil.which("aarch64-linux-gnu-gcc"),
+needs_board = pytest.mark.skipif(not board_ready() or not has_cross_gcc(),
                                  reason="the emulated board is not built (bash scripts/board/setup.sh)")
-needs_mca = pytest.mark.skipif(not _mca_ready(), reason="llvm-mca >= 17 is not installed (scripts/board/setup.sh)")
+needs_mca = pytest.mark.skipif(not mca_ready(), reason="llvm-mca >= 17 is not installed (scripts/board/setup.sh)")
 
 
 def _loop_program(tmp: Path, body: list[str], name: str) -> Path:

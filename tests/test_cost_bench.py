@@ -3,24 +3,17 @@ untuned fp32 row, the floor on the tuned FGQ row (fast; no board)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
+from helpers import load_script
 from tvm_lowbit import tune
 
 CLASSES = ("dot", "widening_mul", "load_store", "simd_other", "scalar_float", "other")
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_arm.py"
 
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_arm", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_arm"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_arm")
 
 
 def _row(variant: str, insns: int, cycles: int) -> dict:

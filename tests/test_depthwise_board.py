@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_board import BOARD_RUN, board_built, pytestmark  # noqa: F401  (the board fixture and its skips)
+from helpers import BoardPythons
+from test_board import pytestmark  # noqa: F401  (the board tests' skips)
 from tvm_lowbit.deploy import board as emu
 
 BOARD_CASES = [  # kind, C, HW, R, stride, signed, in layout, out layout, out mode (test_depthwise.dw_case)
@@ -23,7 +22,7 @@ BOARD_CASES = [  # kind, C, HW, R, stride, signed, in layout, out layout, out mo
 
 
 @pytest.mark.parametrize("cpu", ["rasp4b", "rasp5"])
-def test_depthwise_kernels_are_bit_exact_on_the_board(board_built: Path, tmp_path: Path,  # noqa: F811
+def test_depthwise_kernels_are_bit_exact_on_the_board(board_python: BoardPythons, tmp_path: Path,
                                                       cpu: str) -> None:
     import tvm
 
@@ -42,12 +41,8 @@ def test_depthwise_kernels_are_bit_exact_on_the_board(board_built: Path, tmp_pat
         lib.export_library(str(tmp_path / f"{name}.so"), cc=target.compiler_path())
         feeds.update({f"{name}/{i}": a for i, a in enumerate(arrays)})
         want[name] = expected
-    np.savez(tmp_path / "feeds.npz", **feeds)
-    (tmp_path / "run.py").write_text(BOARD_RUN)
-    r = subprocess.run([str(board_built / "bin" / "python3"), str(tmp_path / "run.py"), str(tmp_path / "feeds.npz"),
-                        str(tmp_path)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "BOARD_CPU": emu.qemu_cpu(cpu), "TVM_NUM_THREADS": "2"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok, err = board_python.run(tmp_path, feeds, emu.qemu_cpu(cpu))
+    assert ok, err
     for name, w in want.items():
         got = np.load(tmp_path / f"{name}.out.npy")
         assert got.dtype == w.dtype and np.array_equal(got, w), name

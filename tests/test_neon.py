@@ -46,21 +46,7 @@ def conv_case(kind: str, k: int, c: int, hw: int, r: int, stride: int, pad: int,
     zp = None if signed else te.placeholder((k,), "int32", name="zp")
     mode = dict(out_mode=out_mode, requant_scale=requant_scale if out_mode == "requant" else None,
                 relu=out_mode != "acc")
-    rq_args, rq_vals = {}, []
-    bounds = requant.acc_bounds(wint, 8, signed)
-    if epi in ("fma", "recip"):
-        assert requant.fma_unexact(scale, bias, bounds) is None
-        rq_args = dict(fma_epilogue=True)
-        if epi == "recip":
-            assert requant.recip_unexact(requant_scale, scale, bias, bounds) is None
-            rq_args["recip_requant"] = True
-    elif epi == "integer":
-        rq = requant.solve(scale, bias, True, requant_scale, 8, False,
-                           offset=None if signed else neon.zero_point_term(wint), bounds=bounds)
-        assert not isinstance(rq, str), rq
-        rq_args = dict(rq_mul=te.placeholder((k,), "int32", name="rq_mul"),
-                       rq_add=te.placeholder((k,), "int64", name="rq_add"), rq_shift=rq.shift)
-        rq_vals = [rq.mul, rq.add]
+    rq_args, rq_vals = epilogue_form(epi, wint, signed, scale, bias, requant_scale)
     common = dict(weight_shape=(k, c, r, r), strides=stride, padding=pad, zp=zp, in_layout=layout,
                   out_layout=layout, **mode, **rq_args)
     if kind == "ternary":
@@ -76,6 +62,27 @@ def conv_case(kind: str, k: int, c: int, hw: int, r: int, stride: int, pad: int,
             *([neon.zero_point_term(wint)] if zp is not None else []), *rq_vals]
     ref = qmath.conv2d_int_np(xv.astype(np.int64), wint.astype(np.int64), (stride, stride), (pad, pad), (1, 1), 1)
     return func, args, [int(v) for v in out.shape], str(out.dtype), ref, scale, bias
+
+
+def epilogue_form(epi: str, wint: np.ndarray, signed: bool, scale: np.ndarray, bias: np.ndarray,
+                  requant_scale: float) -> tuple[dict, list[np.ndarray]]:
+    """The kernel keywords and extra input arrays of an epilogue form (also test_a76.py's): "float64" (none), "fma"
+    (float32 fused multiply-add), "recip" (that and the requantization's division as a multiply and a
+    correction), both asserted exact here by kernels.requant, or "integer" (unsigned output codes, the zero-point
+    term folded in)."""
+    bounds = requant.acc_bounds(wint, 8, signed)
+    if epi in ("fma", "recip"):
+        assert requant.fma_unexact(scale, bias, bounds) is None
+        assert epi == "fma" or requant.recip_unexact(requant_scale, scale, bias, bounds) is None
+        return dict(fma_epilogue=True, recip_requant=epi == "recip"), []
+    if epi == "integer":
+        rq = requant.solve(scale, bias, True, requant_scale, 8, False,
+                           offset=None if signed else neon.zero_point_term(wint), bounds=bounds)
+        assert not isinstance(rq, str), rq
+        k = len(scale)
+        return (dict(rq_mul=te.placeholder((k,), "int32", name="rq_mul"),
+                     rq_add=te.placeholder((k,), "int64", name="rq_add"), rq_shift=rq.shift), [rq.mul, rq.add])
+    return {}, []
 
 
 def expected(ref: np.ndarray, scale: np.ndarray, bias: np.ndarray, out_mode: str, layout: str,

@@ -104,6 +104,25 @@ def _record(codes: dict[str, np.ndarray], name: str, c: torch.Tensor) -> torch.T
     return c
 
 
+def _check_midpoint(model: nn.Module, x: torch.Tensor, calib: torch.Tensor, name: str, scale: float,
+                    layer_input: torch.Tensor, code: int) -> None:
+    """FGQ on ``calib`` with layer ``name``'s activation scale set to ``scale``: PyTorch quantizes ``layer_input``
+    (what the float ops before it give for ``x``) to ``code`` everywhere, and the compiled model's accumulators
+    equal the integer reference of those codes and its outputs PyTorch's, bit for bit."""
+    q = tvm_lowbit.quantize(model, tvm_lowbit.FGQ(bn_reestimate=False, bias_correction=False), calib, progress=False)
+    layer = quant_layers(q)[name]
+    layer.set_activation(float(np.float32(scale)), True)
+    with torch.no_grad():
+        codes = layer.quantize_input(layer_input).numpy()
+        want = q(x).numpy()
+    assert (codes == code).all()
+    art = tvm_lowbit.compile(q, x, "x86-host", expose_acc=True)
+    out, acc = art.run_all(x.numpy())
+    ref = qmath.conv2d_int_np(codes.astype(np.int64), layer.w_int.numpy().astype(np.int64), (1, 1), (0, 0), (1, 1), 1)
+    np.testing.assert_array_equal(acc.astype(np.int64), ref)
+    np.testing.assert_array_equal(out, want)
+
+
 def test_silu_before_a_quantizer_gives_pytorchs_code_at_a_midpoint() -> None:
     """SiLU(0.97115785) / 0.093923949 is 7.4999995 in PyTorch (code 7); the importer's ``x * sigmoid(x)`` is one
     ulp higher (7.5 -> code 8), the value that made efficientnet_b0's build differ (passes.torch_silu)."""
@@ -111,18 +130,7 @@ def test_silu_before_a_quantizer_gives_pytorchs_code_at_a_midpoint() -> None:
     model = nn.Sequential(nn.SiLU(), nn.Conv2d(4, 4, 1, bias=False)).eval()
     x = torch.full((1, 4, 2, 2), 0.97115785)
     calib = torch.randn(16, 4, 2, 2)
-    q = tvm_lowbit.quantize(model, tvm_lowbit.FGQ(bn_reestimate=False, bias_correction=False), calib, progress=False)
-    layer = quant_layers(q)["1"]
-    layer.set_activation(float(np.float32(0.09392394870519638)), True)
-    with torch.no_grad():
-        codes = layer.quantize_input(nn.functional.silu(x)).numpy()
-        want = q(x).numpy()
-    assert (codes == 7).all()
-    art = tvm_lowbit.compile(q, x, "x86-host", expose_acc=True)
-    out, acc = art.run_all(x.numpy())
-    ref = qmath.conv2d_int_np(codes.astype(np.int64), layer.w_int.numpy().astype(np.int64), (1, 1), (0, 0), (1, 1), 1)
-    np.testing.assert_array_equal(acc.astype(np.int64), ref)
-    np.testing.assert_array_equal(out, want)
+    _check_midpoint(model, x, calib, "1", 0.09392394870519638, nn.functional.silu(x), 7)
 
 
 class SEGate(nn.Module):
@@ -145,18 +153,7 @@ def test_sigmoid_gate_before_a_quantizer_gives_pytorchs_code_at_a_midpoint() -> 
     model = SEGate().eval()
     x = torch.full((1, 32, 1, 1), 1.0810502767562866)
     calib = torch.randn(16, 32, 1, 1)
-    q = tvm_lowbit.quantize(model, tvm_lowbit.FGQ(bn_reestimate=False, bias_correction=False), calib, progress=False)
-    layer = quant_layers(q)["conv"]
-    layer.set_activation(float(np.float32(0.10762831568717957)), True)
-    with torch.no_grad():
-        codes = layer.quantize_input(x * torch.sigmoid(x)).numpy()
-        want = q(x).numpy()
-    assert (codes == 7).all()
-    art = tvm_lowbit.compile(q, x, "x86-host", expose_acc=True)
-    out, acc = art.run_all(x.numpy())
-    ref = qmath.conv2d_int_np(codes.astype(np.int64), layer.w_int.numpy().astype(np.int64), (1, 1), (0, 0), (1, 1), 1)
-    np.testing.assert_array_equal(acc.astype(np.int64), ref)
-    np.testing.assert_array_equal(out, want)
+    _check_midpoint(model, x, calib, "conv", 0.10762831568717957, x * torch.sigmoid(x), 7)
 
 
 @pytest.mark.skipif(torch_vector_lanes() is None, reason="PyTorch's vector path on this host is not modelled")
@@ -186,18 +183,7 @@ def test_hardswish_before_a_quantizer_gives_pytorchs_code_at_a_midpoint() -> Non
     model = nn.Sequential(nn.Hardswish(), nn.Conv2d(4, 4, 1, bias=False)).eval()
     x = torch.full((1, 4, 2, 2), 0.8361976742744446)
     calib = torch.randn(16, 4, 2, 2)
-    q = tvm_lowbit.quantize(model, tvm_lowbit.FGQ(bn_reestimate=False, bias_correction=False), calib, progress=False)
-    layer = quant_layers(q)["1"]
-    layer.set_activation(float(np.float32(0.07128488272428513)), True)
-    with torch.no_grad():
-        codes = layer.quantize_input(nn.functional.hardswish(x)).numpy()
-        want = q(x).numpy()
-    assert (codes == 7).all()
-    art = tvm_lowbit.compile(q, x, "x86-host", expose_acc=True)
-    out, acc = art.run_all(x.numpy())
-    ref = qmath.conv2d_int_np(codes.astype(np.int64), layer.w_int.numpy().astype(np.int64), (1, 1), (0, 0), (1, 1), 1)
-    np.testing.assert_array_equal(acc.astype(np.int64), ref)
-    np.testing.assert_array_equal(out, want)
+    _check_midpoint(model, x, calib, "1", 0.07128488272428513, nn.functional.hardswish(x), 7)
 
 
 def _pool_row() -> np.ndarray:
@@ -213,18 +199,7 @@ def test_pool_before_a_quantizer_gives_pytorchs_code_at_a_midpoint() -> None:
     model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 4, 1, bias=False)).eval()
     x = torch.from_numpy(np.broadcast_to(_pool_row(), (1, 8, 8, 8)).copy())
     calib = torch.randn(16, 8, 8, 8)
-    q = tvm_lowbit.quantize(model, tvm_lowbit.FGQ(bn_reestimate=False, bias_correction=False), calib, progress=False)
-    layer = quant_layers(q)["1"]
-    layer.set_activation(float(np.float32(0.07549618929624557)), True)
-    with torch.no_grad():
-        codes = layer.quantize_input(nn.functional.adaptive_avg_pool2d(x, 1)).numpy()
-        want = q(x).numpy()
-    assert (codes == 8).all()
-    art = tvm_lowbit.compile(q, x, "x86-host", expose_acc=True)
-    out, acc = art.run_all(x.numpy())
-    ref = qmath.conv2d_int_np(codes.astype(np.int64), layer.w_int.numpy().astype(np.int64), (1, 1), (0, 0), (1, 1), 1)
-    np.testing.assert_array_equal(acc.astype(np.int64), ref)
-    np.testing.assert_array_equal(out, want)
+    _check_midpoint(model, x, calib, "1", 0.07549618929624557, nn.functional.adaptive_avg_pool2d(x, 1), 8)
 
 
 @pytest.mark.skipif(torch_sum_lanes() is None, reason="PyTorch's sum kernel on this host is not modelled")

@@ -4,8 +4,6 @@ numpy integer reference and the generic kernel."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from tvm_lowbit import kernels, qmath
 from tvm_lowbit.kernels import tbl
 from tvm_lowbit.targets import load_target
 
-from test_board import BOARD_RUN, board_built  # noqa: F401  (the board fixture: scripts/board/setup.sh)
+from helpers import BoardPythons
 
 
 def _reference(x: np.ndarray, t: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -130,7 +128,7 @@ def _epilogue_case(name: str, lead: tuple[int, ...], kout: int, cin: int, signed
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["rasp4b", "rasp5"])
-def test_tbl_kernel_is_bit_exact_on_the_board(board_built: Path, tmp_path: Path, target: str) -> None:  # noqa: F811
+def test_tbl_kernel_is_bit_exact_on_the_board(board_python: BoardPythons, tmp_path: Path, target: str) -> None:
     """kernels.tbl compiled for the Pi 4 (cortex-a72) and Pi 5 (cortex-a76) computes the numpy integer
     reference (random and extreme codes, signed and unsigned, several rows) and, through its epilogue, the
     generic kernel's outputs bit for bit on the emulated core."""
@@ -146,12 +144,8 @@ def test_tbl_kernel_is_bit_exact_on_the_board(board_built: Path, tmp_path: Path,
         lib.export_library(str(tmp_path / f"{name}.so"), cc=tgt.compiler_path())
         feeds.update({f"{name}/{i}": a for i, a in enumerate(arrays)})
         want[name] = expected
-    np.savez(tmp_path / "feeds.npz", **feeds)
-    (tmp_path / "run.py").write_text(BOARD_RUN)
-    r = subprocess.run([str(board_built / "bin" / "python3"), str(tmp_path / "run.py"), str(tmp_path / "feeds.npz"),
-                        str(tmp_path)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "BOARD_CPU": tgt.qemu_cpu, "TVM_NUM_THREADS": "2"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok, err = board_python.run(tmp_path, feeds, tgt.qemu_cpu)
+    assert ok, err
     for name, expected in want.items():
         got = np.load(tmp_path / f"{name}.out.npy")
         assert got.dtype == expected.dtype and np.array_equal(got, expected), name
@@ -160,7 +154,7 @@ def test_tbl_kernel_is_bit_exact_on_the_board(board_built: Path, tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_ternary_mlp_on_tbl_matches_the_host_on_the_pi4_board(board_built: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_ternary_mlp_on_tbl_matches_the_host_on_the_pi4_board(board_built: Path, tmp_path: Path) -> None:
     """A ternary MLP compiled for rasp4b runs every linear on kernels.tbl and, on the emulated Cortex-A72,
     gives the host's output exactly (the bundle's runner compares with atol 0)."""
     from torch import nn

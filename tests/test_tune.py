@@ -17,7 +17,7 @@ from torch import nn
 
 import tvm_lowbit
 from tvm_lowbit import FGQ, quantize, tune
-from tvm_lowbit.compiler import CompileError
+from tvm_lowbit.compiler import Artifact, CompileError
 
 
 def _host_conv_kernel() -> str:
@@ -34,23 +34,24 @@ def _host_conv_kernel() -> str:
 CONV = _host_conv_kernel()  # the x86 host's kernel for the tiny model's ternary conv
 
 
-@pytest.fixture(scope="module")
-def tiny() -> tuple[nn.Module, np.ndarray]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()
-    calib = torch.randn(16, 8, 8, 8)
-    # the stem stays float: the tasks below are the ternary conv and the activation quantizer
-    q = quantize(model, FGQ(group_size=4, act_bits=8, first_layer="float"), calib, progress=False)
-    return q, calib[:1].numpy()
+@pytest.fixture
+def tiny(tiny_fgq) -> tuple[nn.Module, np.ndarray]:
+    """The tiny model (conftest.tiny_fgq): the stem stays float, the tasks are the ternary conv and the activation
+    quantizer."""
+    return tiny_fgq
+
+
+@pytest.fixture
+def tuned(tiny_tuned) -> tuple[Path, tune.TuneReport]:
+    """Its database, 3 trials a task (conftest.tiny_tuned, shared with tests/test_tune_judge.py: read only)."""
+    return tiny_tuned
 
 
 @pytest.fixture(scope="module")
-def tuned(tiny, tmp_path_factory) -> tuple[Path, tune.TuneReport]:
-    q, x = tiny
-    d = tmp_path_factory.mktemp("sched") / "x86-host"
-    rep = tune.tune(q, x, "x86-host", trials_per_task=3, work_dir=d, only_kernels=True, progress=False, seed=0)
-    return d, rep
+def default(tiny_fgq) -> Artifact:
+    """The tiny model compiled with the default schedules (no database)."""
+    q, x = tiny_fgq
+    return tvm_lowbit.compile(q, x, schedules=False)
 
 
 def test_tune_writes_a_standard_database(tuned) -> None:
@@ -65,14 +66,13 @@ def test_tune_writes_a_standard_database(tuned) -> None:
     assert len(stock.get_all_tuning_records()) == len(lines)
 
 
-def test_compile_applies_the_database_bit_exact(tiny, tuned) -> None:
+def test_compile_applies_the_database_bit_exact(tiny, tuned, default) -> None:
     q, x = tiny
     d, _ = tuned
     art = tvm_lowbit.compile(q, x, schedules=d)
     assert set(art.tuning.applied) == {CONV, "quantize_act"}
     assert art.tuning.missing and CONV not in art.tuning.missing  # float ops: no record
     assert "without a record" in art.tuning.text()
-    default = tvm_lowbit.compile(q, x, schedules=False)
     assert default.tuning is None
     np.testing.assert_array_equal(art.run(x), default.run(x))  # only integer kernels were re-scheduled
     with pytest.raises(CompileError, match="no such tuning database"):
@@ -92,7 +92,7 @@ def test_a_database_tuned_under_emulation_applies_only_when_asked(tiny, tuned, t
     assert CONV in tvm_lowbit.compile(q, x, schedules=tmp_path / "x86-host").tuning.applied
 
 
-def test_compile_applies_only_records_that_beat_the_default_schedule(tiny, tuned, tmp_path) -> None:
+def test_compile_applies_only_records_that_beat_the_default_schedule(tiny, tuned, default, tmp_path) -> None:
     """DEFAULTS_FILE holds each workload's default-schedule time from tune time: a workload whose default is faster
     than its best record keeps the default schedule; the others get their best record."""
     q, x = tiny
@@ -114,7 +114,7 @@ def test_compile_applies_only_records_that_beat_the_default_schedule(tiny, tuned
     assert art.tuning.applied == ["quantize_act"] and CONV in art.tuning.missing, art.tuning.text()
     assert art.tuning.load.default_wins == [CONV]
     assert "1 workloads of the database keep the default schedule" in art.tuning.text()
-    np.testing.assert_array_equal(art.run(x), tvm_lowbit.compile(q, x, schedules=False).run(x))
+    np.testing.assert_array_equal(art.run(x), default.run(x))
     # without the file (a database tuned before it existed) every best record applies, as before
     (db / tune.DEFAULTS_FILE).unlink()
     assert set(tvm_lowbit.compile(q, x, schedules=db).tuning.applied) == {CONV, "quantize_act"}
@@ -207,7 +207,9 @@ def test_rerun_resumes_without_new_trials(tiny, tuned, tmp_path, capsys) -> None
     from tvm_lowbit.compiler import save_quantized
 
     q, x = tiny
-    d, first = tuned
+    d = tmp_path / "x86-host"  # a copy: the session's database stays as tuned
+    shutil.copytree(tuned[0], d)
+    first = tuned[1]
     n = len((d / tune.RECORD_FILE).read_text().splitlines())
     pt2 = save_quantized(q, x, tmp_path / "tiny.pt2")
     main(["tune", str(pt2), "--trials", "3", "--kernels-only", "--out", str(d)])

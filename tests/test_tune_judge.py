@@ -20,23 +20,11 @@ from tvm_lowbit.cost.attribute import Share
 from tvm_lowbit.deploy import board as emu
 from tvm_lowbit.judge import Judgement, judge_model
 
+from helpers import board_ready, has_cross_gcc, mca_ready
 
-def _board_ready() -> bool:
-    d = emu.board_dir()
-    return (d / "plugins" / "libicount.so").is_file() and (d / "bin" / "board-exec").is_file()
-
-
-def _mca_ready() -> bool:
-    try:
-        mca.llvm_version()
-    except mca.CostError:
-        return False
-    return True
-
-
-needs_gcc = pytest.mark.skipif(not shutil.which("aarch64-linux-gnu-gcc"), reason="no aarch64 cross gcc")
-needs_board = pytest.mark.skipif(not _board_ready(), reason="the emulated board is not built (scripts/board/setup.sh)")
-needs_mca = pytest.mark.skipif(not _mca_ready(), reason="llvm-mca >= 17 is not installed (scripts/board/setup.sh)")
+needs_gcc = pytest.mark.skipif(not has_cross_gcc(), reason="no aarch64 cross gcc")
+needs_board = pytest.mark.skipif(not board_ready(), reason="the emulated board is not built (scripts/board/setup.sh)")
+needs_mca = pytest.mark.skipif(not mca_ready(), reason="llvm-mca >= 17 is not installed (scripts/board/setup.sh)")
 
 # work_a: a 1000-iteration loop; work_b calls a routine with no symbol (as TVM's parallel-loop bodies) whose address
 # it takes with adrp + add: that routine's 500 iterations belong to work_b. _start has no size: unattributed.
@@ -150,22 +138,16 @@ def test_a_record_is_kept_only_with_fewer_cycles_and_no_more_instructions() -> N
 # compile obeys the verdicts (a database tuned on this host, verdicts written by hand)
 # --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny() -> tuple[nn.Module, np.ndarray]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()
-    calib = torch.randn(16, 8, 8, 8)
-    q = quantize(model, FGQ(group_size=4, act_bits=8, first_layer="float"), calib, progress=False)
-    return q, calib[:1].numpy()
+@pytest.fixture
+def tiny(tiny_fgq) -> tuple[nn.Module, np.ndarray]:
+    """The tiny model of tests/test_tune.py (conftest.tiny_fgq)."""
+    return tiny_fgq
 
 
-@pytest.fixture(scope="module")
-def tuned(tiny, tmp_path_factory) -> Path:
-    q, x = tiny
-    d = tmp_path_factory.mktemp("sched") / "x86-host"
-    tune.tune(q, x, "x86-host", trials_per_task=2, work_dir=d, only_kernels=True, progress=False, seed=0)
-    return d
+@pytest.fixture
+def tuned(tiny_tuned) -> Path:
+    """Its database tuned on this host (conftest.tiny_tuned, read only: copy it to write)."""
+    return tiny_tuned[0]
 
 
 def _verdict(task: str, workload: str, apply: bool, model: str = "tiny") -> dict:

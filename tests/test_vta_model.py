@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import tvm_lowbit
+from helpers import builtin_fgq
 from tvm_lowbit import FGQ, data, quantize
 from tvm_lowbit.errors import CompileError
-from tvm_lowbit.models import load_pretrained
 from tvm_lowbit.quantizers.layers import quant_layers
 from tvm_lowbit.targets import load_target
 from tvm_lowbit.vta.compile import check_against_reference
@@ -27,8 +27,7 @@ CFG = load_target("vta-sim").vta_config()
 def builtin_q() -> nn.Module:
     """The built-in ResNet-20 with FGQ N=4, 8-bit activations and 7-bit alpha codes (what VTA runs)."""
     torch.set_num_threads(1)
-    return quantize(load_pretrained(), FGQ(group_size=4, act_bits=8, alpha_bits=7, first_layer="float"), data.calibration_set(64),
-                    progress=False)
+    return builtin_fgq(FGQ(group_size=4, act_bits=8, alpha_bits=7, first_layer="float"), 64)  # once a session
 
 
 def test_ternary_weights_fold_exactly_into_int8(builtin_q: nn.Module) -> None:
