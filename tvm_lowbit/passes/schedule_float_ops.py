@@ -165,7 +165,8 @@ class ScheduleFloatOps:
 
 
 def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's CPU default pipeline (``relax.backend.cpu_generic``) with :class:`ScheduleFloatOps` after the
+    """TVM's CPU default pipeline (``relax.backend.cpu_generic``) with ``VectorMath`` (vectorizable exp / erf,
+    the C library's bits: ``passes.vector_math``) before the legalization and :class:`ScheduleFloatOps` after the
     float ops are legalized and fused: ``tvm.compile(mod, target, relax_pipeline=build_pipeline(target))``."""
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_lowbit.BuildPipeline")
@@ -173,7 +174,7 @@ def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
         with target:
             seq = tvm.transform.Sequential(
                 cpu_pipeline.library_dispatch_passes(target) + [VectorMath(target)] + cpu_pipeline.legalize_passes(target)
-                + [ScheduleFloatOps(target)]
+                + [tirx.transform.ConvertSSA(), ScheduleFloatOps(target)]  # SSA: FuseTIR may inline one func twice
                 + cpu_pipeline.dataflow_lower_passes(target) + cpu_pipeline.finalize_passes(target))
             return seq(mod)
 

@@ -1,24 +1,28 @@
-"""VectorMath: float32 ``exp`` legalized to a vectorizable expression with the C library's bits.
+"""VectorMath: float32 ``exp`` / ``erf`` legalized to vectorizable expressions with the C library's bits.
 
-TVM legalizes ``relax.exp`` to ``tirx.exp``, which LLVM turns into one scalar call of the C library's ``expf``
-per element (16 calls per vector in a vectorized loop): the SiLU of ``TorchSiLU`` and the sigmoid tail of
-``TorchSigmoid`` spend most of an EfficientNet's time there.  ``VectorMath(target)`` legalizes every float32
-``relax.exp`` to :func:`tvm_lowbit.kernels.vecmath.expf`, glibc's algorithm written as element-wise TIR, so
-the op fuses and vectorizes as before and every output keeps the library's bits.  Only on targets where
-that expression is the library the built module calls (:func:`~tvm_lowbit.kernels.vecmath.expf_matches_libm`);
-elsewhere, and for other dtypes, nothing changes.  It runs in the CPU build pipeline before TVM's own
-``LegalizeOps`` (``schedule_float_ops.build_pipeline``).
+TVM legalizes ``relax.exp`` (and the exp stage of ``relax.nn.softmax``) to ``tirx.exp`` and ``relax.erf``
+(and the erf stage of ``relax.nn.gelu``) to ``tirx.erf``, which LLVM turns into one scalar call of the C
+library's ``expf`` / ``erff`` per element (16 calls per vector in a vectorized loop): the SiLU of
+``TorchSiLU`` spends most of an EfficientNet's time there, GELU a quarter of MiniLM's.  ``VectorMath(target)``
+legalizes these ops on float32 as TVM does, stage for stage, with :func:`tvm_lowbit.kernels.vecmath.expf` /
+:func:`~tvm_lowbit.kernels.vecmath.erff` (glibc's algorithms as element-wise TIR) in place of the intrinsic,
+so they fuse and vectorize as before and every output keeps the library's bits.  Only on targets where those
+expressions are the library the built module calls (``vecmath.expf_matches_libm`` / ``erff_matches_libm``);
+elsewhere, for other dtypes, and with ``TVM_LOWBIT_VECMATH=off``, nothing changes.  It runs in the x86 build
+pipeline right before TVM's own ``LegalizeOps`` (``schedule_float_ops.build_pipeline``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import tvm
-from tvm import relax, te
+from tvm import relax, te, tirx
 
 from tvm_lowbit.kernels import vecmath
 
+VECMATH_ENV = "TVM_LOWBIT_VECMATH"  # "off": leave every op to TVM's legalization (the C library's scalar calls)
 LegalizeFunc = Callable[[relax.BlockBuilder, relax.Call], relax.Expr]
 
 
@@ -26,26 +30,85 @@ def _default(op_name: str) -> LegalizeFunc:
     return tvm.ir.Op.get(op_name).get_attr("FLegalize")
 
 
+def _is_f32(x: relax.Expr) -> bool:
+    return getattr(x.ty, "dtype", None) == "float32"
+
+
+def _elementwise(f: Callable[[tirx.PrimExpr], tirx.PrimExpr], name: str) -> Callable[[te.Tensor], te.Tensor]:
+    return lambda t: te.compute(t.shape, lambda *i: f(t(*i)), name=name, tag="elemwise")
+
+
 def _legalize_exp(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    x = call.args[0]
-    if getattr(x.ty, "dtype", None) != "float32":
+    if not _is_f32(call.args[0]):
         return _default("relax.exp")(bb, call)
+    return bb.call_te(_elementwise(vecmath.expf, "T_exp"), call.args[0], primfunc_name_hint="exp")
 
-    def compute(t: te.Tensor) -> te.Tensor:
-        return te.compute(t.shape, lambda *i: vecmath.expf(t(*i)), name="vexpf", tag="elemwise")
 
-    return bb.call_te(compute, x, primfunc_name_hint="exp")
+def _legalize_erf(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    if not _is_f32(call.args[0]):
+        return _default("relax.erf")(bb, call)
+    return bb.call_te(_elementwise(vecmath.erff, "T_erf"), call.args[0], primfunc_name_hint="erf")
+
+
+def _legalize_gelu(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """TVM's ``relax.nn.gelu`` legalization, ``x * (0.5 + erf(x * sqrt(0.5)) * 0.5)`` stage by stage (each
+    stage rounds to float32: no contraction across them), with the erf stage :func:`vecmath.erff`."""
+    if not _is_f32(call.args[0]):
+        return _default("relax.nn.gelu")(bb, call)
+
+    def gelu(x: te.Tensor) -> te.Tensor:
+        erf = _elementwise(vecmath.erff, "T_erf")(x * tirx.const(0.5**0.5, "float32"))
+        return x * (tirx.const(0.5, "float32") + erf * tirx.const(0.5, "float32"))
+
+    return bb.call_te(gelu, call.args[0], primfunc_name_hint="gelu")
+
+
+def _legalize_softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """TVM's ``relax.nn.softmax`` legalization (``topi.nn.softmax``: max, ``exp(x - max)``, sum, divide, the
+    same stages and reduction order) with the exp stage :func:`vecmath.expf`."""
+    x = call.args[0]
+    if not _is_f32(x):
+        return _default("relax.nn.softmax")(bb, call)
+
+    def softmax(t: te.Tensor, axis: int) -> te.Tensor:
+        axis = axis + len(t.shape) if axis < 0 else axis
+        k1 = te.reduce_axis((0, t.shape[axis]), name="k")
+        k2 = te.reduce_axis((0, t.shape[axis]), name="k")
+        reduced = tuple(d for i, d in enumerate(t.shape) if i != axis)
+
+        def outer(idx: tuple) -> tuple:
+            return tuple(v for i, v in enumerate(idx) if i != axis)
+
+        def at(idx: tuple, k: tirx.PrimExpr) -> tuple:
+            return (*idx[:axis], k, *idx[axis:])
+
+        max_elem = te.compute(reduced, lambda *i: te.max(t[at(i, k1)], axis=k1), name="T_softmax_maxelem")
+        exp = te.compute(t.shape, lambda *i: vecmath.expf(t[i] - max_elem[outer(i)]), name="T_softmax_exp")
+        expsum = te.compute(reduced, lambda *i: te.sum(exp[at(i, k2)], axis=k2), name="T_softmax_expsum")
+        return te.compute(t.shape, lambda *i: exp[i] / expsum[outer(i)], name="T_softmax_norm",
+                          attrs={"axis": axis})
+
+    return bb.call_te(softmax, x, int(call.attrs.axis), primfunc_name_hint="softmax")
 
 
 def vector_math_legalizations(target: tvm.target.Target) -> dict[str, LegalizeFunc]:
-    """The ops :class:`VectorMath` legalizes for ``target`` (empty where the C library's bits are not known)."""
-    return {"relax.exp": _legalize_exp} if vecmath.expf_matches_libm(target) else {}
+    """The ops :class:`VectorMath` legalizes for ``target`` (empty where the C library's bits are not known, or
+    when the environment variable ``TVM_LOWBIT_VECMATH`` is ``off``: to measure against the library calls)."""
+    if os.environ.get(VECMATH_ENV, "").lower() == "off":
+        return {}
+    out: dict[str, LegalizeFunc] = {}
+    if vecmath.expf_matches_libm(target):
+        out.update({"relax.exp": _legalize_exp, "relax.nn.softmax": _legalize_softmax})
+    if vecmath.erff_matches_libm(target):
+        out.update({"relax.erf": _legalize_erf, "relax.nn.gelu": _legalize_gelu})
+    return out
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvm_lowbit.VectorMath")
 class VectorMath:
-    """Legalize float32 ``exp`` to :func:`tvm_lowbit.kernels.vecmath.expf` on targets where it has the C
-    library's bits (module docstring); the other ops are legalized as ``relax.transform.LegalizeOps`` does."""
+    """Legalize float32 ``exp``, ``erf``, ``nn.softmax`` and ``nn.gelu`` with :mod:`tvm_lowbit.kernels.vecmath`
+    on targets where it has the C library's bits (module docstring); every other op is legalized as
+    ``relax.transform.LegalizeOps`` does (which runs next anyway)."""
 
     def __init__(self, target: tvm.target.Target) -> None:
         self.legalizations = vector_math_legalizations(target)
@@ -56,4 +119,4 @@ class VectorMath:
         return relax.transform.LegalizeOps(self.legalizations)(mod)
 
 
-__all__ = ["VectorMath", "vector_math_legalizations"]
+__all__ = ["VECMATH_ENV", "VectorMath", "vector_math_legalizations"]
