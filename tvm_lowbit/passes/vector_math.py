@@ -8,8 +8,11 @@ legalizes these ops on float32 as TVM does, stage for stage, with :func:`tvm_low
 :func:`~tvm_lowbit.kernels.vecmath.erff` (glibc's algorithms as element-wise TIR) in place of the intrinsic,
 so they fuse and vectorize as before and every output keeps the library's bits.  Only on targets where those
 expressions are the library the built module calls (``vecmath.expf_matches_libm`` / ``erff_matches_libm``);
-elsewhere, for other dtypes, and with ``TVM_LOWBIT_VECMATH=off``, nothing changes.  It runs in the x86 build
-pipeline right before TVM's own ``LegalizeOps`` (``schedule_float_ops.build_pipeline``).
+elsewhere, for other dtypes, and with ``TVM_LOWBIT_VECMATH=off``, nothing changes.  Only these calls are
+legalized; the rest of the module is left as it was.  It runs in the CPU backend right after the integer
+lowering (``backends/cpu.py``: before a tuning database's "zero" pipeline legalizes and fuses everything) and
+in the x86 build pipeline before TVM's ``LegalizeOps`` (``schedule_float_ops.build_pipeline``, for modules
+built with it directly).
 """
 
 from __future__ import annotations
@@ -104,19 +107,43 @@ def vector_math_legalizations(target: tvm.target.Target) -> dict[str, LegalizeFu
     return out
 
 
+@relax.expr_functor.mutator
+class _Legalizer(relax.PyExprMutator):
+    """Legalizes the calls of ``legalizations``' ops (only those: the rest stays Relax for the pipeline)."""
+
+    def __init__(self, mod: tvm.IRModule, legalizations: dict[str, LegalizeFunc]) -> None:
+        super().__init__(mod)
+        self.legalizations = {tvm.ir.Op.get(name): f for name, f in legalizations.items()}
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 - the mutator's hook
+        call = self.visit_expr_post_order(call)
+        f = next((f for op, f in self.legalizations.items() if call.op.same_as(op)), None)
+        return call if f is None else f(self.builder_, call)
+
+
+def vector_math(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """``mod`` with every float32 ``exp``, ``erf``, ``nn.softmax`` and ``nn.gelu`` call of its Relax functions
+    legalized with :mod:`tvm_lowbit.kernels.vecmath` where that has ``target``'s C library bits (module
+    docstring); every other call is left to the pipeline's ``LegalizeOps``."""
+    legalizations = vector_math_legalizations(target)
+    if not legalizations:
+        return mod
+    mutator = _Legalizer(mod, legalizations)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 @tvm.transform.module_pass(opt_level=0, name="tvm_lowbit.VectorMath")
 class VectorMath:
-    """Legalize float32 ``exp``, ``erf``, ``nn.softmax`` and ``nn.gelu`` with :mod:`tvm_lowbit.kernels.vecmath`
-    on targets where it has the C library's bits (module docstring); every other op is legalized as
-    ``relax.transform.LegalizeOps`` does (which runs next anyway)."""
+    """Module-pass form of :func:`vector_math`."""
 
     def __init__(self, target: tvm.target.Target) -> None:
-        self.legalizations = vector_math_legalizations(target)
+        self.target = target
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        if not self.legalizations:
-            return mod
-        return relax.transform.LegalizeOps(self.legalizations)(mod)
+        return vector_math(mod, self.target)
 
 
-__all__ = ["VECMATH_ENV", "VectorMath", "vector_math_legalizations"]
+__all__ = ["VECMATH_ENV", "VectorMath", "vector_math", "vector_math_legalizations"]
