@@ -22,6 +22,10 @@ The ``*-tuned`` rows (``tvm-fp32-tuned``, ``tvm-fgq-n4-tuned``, ``tvm-pow2-tuned
 ``--variants``) tune with MetaSchedule first, ``--trials`` trials per variant over all its tasks (shared out
 by the ``--scheduler``, gradient-based by default: more trials for the tasks that weigh most), then compile
 with that database. pow2 is INQ 5-bit weights projected without retraining (speed only).
+
+``tvm-fgq-n4-libm`` (not in the default ``--variants``) is ``tvm-fgq-n4``'s quantized model built with
+``VectorMath`` off (``TVM_LOWBIT_VECMATH=off``: float32 ``exp`` as the C library's scalar calls): the same
+outputs bit for bit, so the two rows of one run measure what the vectorized ``exp`` saves.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ ZOO_CNNS = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
             "regnet_x_400mf", "efficientnet-lite2")
 ZOO = (*ZOO_CNNS, "minilm")
 SIZE = {"size": 224, "seq": 32}  # from --size / --seq
-VARIANTS = ("tvm-fp32", "tvm-fgq-n4", "tvm-fgq-n64", "torch-fp32", "ort-int8", "tvm-fp32-tuned", "tvm-fgq-n4-tuned",
+VARIANTS = ("tvm-fp32", "tvm-fgq-n4", "tvm-fgq-n4-libm", "tvm-fgq-n64", "torch-fp32", "ort-int8", "tvm-fp32-tuned", "tvm-fgq-n4-tuned",
             "tvm-pow2-tuned")
 TUNE = {"trials": 64, "dir": Path("bench_schedules"), "scheduler": "gradient"}  # from --trials etc.
 TARGET = "x86-host"
@@ -115,9 +119,20 @@ def minilm_builders() -> dict[str, Callable[[nn.Module, Any, Any], Timed]]:
     def tvm_fp32(m: nn.Module, x: dict, c: dict) -> Timed:
         return tvm_lowbit.compile(m, x, target=TARGET)
 
+    def quantized(m: nn.Module, c: dict) -> nn.Module:
+        key = (id(m), 4)
+        if key not in QUANTIZED:
+            QUANTIZED[key] = tvm_lowbit.quantize(m, FGQ(group_size=4, act_bits=8, alpha_bits=7, first_layer="fgq",
+                                                        last_layer="fgq"), c)
+        return QUANTIZED[key]
+
     def tvm_fgq(m: nn.Module, x: dict, c: dict) -> Timed:
-        q = tvm_lowbit.quantize(m, FGQ(group_size=4, act_bits=8, alpha_bits=7, first_layer="fgq", last_layer="fgq"), c)
-        art = tvm_lowbit.compile(q, x, target=TARGET)
+        art = tvm_lowbit.compile(quantized(m, c), x, target=TARGET)
+        log(f"  kernels: {kernel_counts(art.report.kernel_names)}; in float: {len(art.report.fallback)}")
+        return art
+
+    def tvm_fgq_libm(m: nn.Module, x: dict, c: dict) -> Timed:
+        art = without_vecmath(lambda: tvm_lowbit.compile(quantized(m, c), x, target=TARGET))
         log(f"  kernels: {kernel_counts(art.report.kernel_names)}; in float: {len(art.report.fallback)}")
         return art
 
@@ -151,7 +166,7 @@ def minilm_builders() -> dict[str, Callable[[nn.Module, Any, Any], Timed]]:
         return FeedRunner(lambda feed: sess.run(None, {k: v for k, v in feed.items() if k in names})[0], wbytes)
 
     return {"tvm-fp32": tvm_fp32, "tvm-fgq-n4": tvm_fgq, "tvm-fgq-n64": tvm_fgq, "torch-fp32": torch_fp32,
-            "ort-int8": ort_dynamic}
+            "ort-int8": ort_dynamic, "tvm-fgq-n4-libm": tvm_fgq_libm}
 
 
 def load_minilm() -> tuple[nn.Module, dict[str, np.ndarray], dict[str, torch.Tensor], str]:
@@ -169,13 +184,35 @@ def load_minilm() -> tuple[nn.Module, dict[str, np.ndarray], dict[str, torch.Ten
 FGQ_POLICY = {"first_layer": "int8", "last_layer": "fgq", "alpha_bits": 7}
 
 
-def fgq(group_size: int) -> Callable[[nn.Module, np.ndarray, np.ndarray], Timed]:
+QUANTIZED: dict[tuple[int, int], nn.Module] = {}  # (id(model), group size) -> FGQ model: *-libm reuses it
+
+
+def without_vecmath(compile_fn: Callable[[], Timed]) -> Timed:
+    """``compile_fn()`` with ``VectorMath`` off (the C library's scalar exp, as before it): the *-libm rows."""
+    from tvm_lowbit.passes.vector_math import VECMATH_ENV
+
+    old = os.environ.get(VECMATH_ENV)
+    os.environ[VECMATH_ENV] = "off"
+    try:
+        return compile_fn()
+    finally:
+        if old is None:
+            del os.environ[VECMATH_ENV]
+        else:
+            os.environ[VECMATH_ENV] = old
+
+
+def fgq(group_size: int, libm: bool = False) -> Callable[[nn.Module, np.ndarray, np.ndarray], Timed]:
     def build(model: nn.Module, example: np.ndarray, calib: np.ndarray) -> Timed:
         import tvm_lowbit
         from tvm_lowbit.quantizers.fgq import FGQ
 
-        qmodel = tvm_lowbit.quantize(model, FGQ(group_size=group_size, act_bits=8, **FGQ_POLICY), calib)
-        art = tvm_lowbit.compile(qmodel, example, target="x86")
+        key = (id(model), group_size)
+        if key not in QUANTIZED:
+            QUANTIZED[key] = tvm_lowbit.quantize(model, FGQ(group_size=group_size, act_bits=8, **FGQ_POLICY), calib)
+        qmodel = QUANTIZED[key]
+        compile_fn = lambda: tvm_lowbit.compile(qmodel, example, target="x86")  # noqa: E731
+        art = without_vecmath(compile_fn) if libm else compile_fn()
         log(f"  kernels: {kernel_counts(art.report.kernel_names)}; in float: {len(art.report.fallback)}")
         return art
 
@@ -238,6 +275,7 @@ def tuned(variant: str) -> Callable[[nn.Module, np.ndarray, np.ndarray], Timed]:
 BUILDERS: dict[str, Callable[[nn.Module, np.ndarray, np.ndarray], Timed]] = {
     "tvm-fp32": lambda m, x, c: baselines.tvm_fp32(m, x),
     "tvm-fgq-n4": fgq(4),
+    "tvm-fgq-n4-libm": fgq(4, libm=True),
     "tvm-fgq-n64": fgq(64),
     "torch-fp32": lambda m, x, c: baselines.torch_fp32(m),
     "ort-int8": lambda m, x, c: baselines.ort_int8(m, x, c),
@@ -342,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS + ZOO)}")
     ap.add_argument("--size", type=int, default=224, help="input size of the torchvision zoo models (default 224)")
     ap.add_argument("--seq", type=int, default=32, help="MiniLM tokens per input (default 32)")
-    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if not v.endswith("-tuned")),
+    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if not v.endswith(("-tuned", "-libm"))),
                     help=f"comma list of {', '.join(VARIANTS)} (default: all but the tuned ones)")
     ap.add_argument("--repeat", type=int, default=20, help="timed runs per variant (median reported)")
     ap.add_argument("--threads", type=int, default=NUM_THREADS,

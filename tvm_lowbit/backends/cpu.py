@@ -21,6 +21,7 @@ from tvm_lowbit.passes.apply_kernel_schedules import apply_default_schedules
 from tvm_lowbit.passes.lower_integer_layers import lower_integer_layers
 from tvm_lowbit.passes.normalize_take import normalize_take
 from tvm_lowbit.passes.schedule_float_ops import build_pipeline
+from tvm_lowbit.passes.vector_math import vector_math
 from tvm_lowbit.passes.layer_info import LayerInfo
 from tvm_lowbit.targets import TargetSpec
 
@@ -100,6 +101,7 @@ def _build_locked(mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None
     try:
         mod = normalize_take(mod)
         mod, report = lower_integer_layers(mod, infos, expose_acc=expose_acc, target=tgt)
+        mod = vector_math(mod, tgt)  # float32 exp / erf vectorized, the C library's bits (x86 FMA+AVX2 only)
         if db_dir is not None:
             mod = apply_tuned(mod, None)
         mod = apply_default_schedules(mod, tgt)

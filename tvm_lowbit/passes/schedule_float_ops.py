@@ -32,6 +32,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.target.codegen import llvm_get_vector_width
 
 from tvm_lowbit.kernels import KERNEL_ATTR
+from tvm_lowbit.passes.vector_math import VectorMath
 
 PARALLEL_MIN = 1 << 14  # block iterations below which a parallel region (a fork-join, a few µs) does not pay
 SCHEDULED_ATTR = "tvm_lowbit.float_schedule"
@@ -164,15 +165,16 @@ class ScheduleFloatOps:
 
 
 def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's CPU default pipeline (``relax.backend.cpu_generic``) with :class:`ScheduleFloatOps` after the
+    """TVM's CPU default pipeline (``relax.backend.cpu_generic``) with ``VectorMath`` (vectorizable exp / erf,
+    the C library's bits: ``passes.vector_math``) before the legalization and :class:`ScheduleFloatOps` after the
     float ops are legalized and fused: ``tvm.compile(mod, target, relax_pipeline=build_pipeline(target))``."""
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_lowbit.BuildPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                cpu_pipeline.library_dispatch_passes(target) + cpu_pipeline.legalize_passes(target)
-                + [ScheduleFloatOps(target)]
+                cpu_pipeline.library_dispatch_passes(target) + [VectorMath(target)] + cpu_pipeline.legalize_passes(target)
+                + [tirx.transform.ConvertSSA(), ScheduleFloatOps(target)]  # SSA: FuseTIR may inline one func twice
                 + cpu_pipeline.dataflow_lower_passes(target) + cpu_pipeline.finalize_passes(target))
             return seq(mod)
 
