@@ -42,66 +42,54 @@ LANES = neon.LANES
 # W[s, i, q] = int8(t(C[s, i], q) * A[s, i])
 # --------------------------------------------------------------------------------------------
 
-@T.prim_func(s_tir=True)
-def _decode16_desc(c: T.handle, a: T.handle, w: T.handle) -> None:
-    C = T.match_buffer(c, (2, 8), "uint8", offset_factor=1)
-    A = T.match_buffer(a, (2, 8), "uint8", offset_factor=1)
-    W = T.match_buffer(w, (2, 8, 4), "int8", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:2, 0:8], A[0:2, 0:8])
-        T.writes(W[0:2, 0:8, 0:4])
-        for s, i, q in T.grid(2, 8, 4):
-            with T.sblock("update"):
-                vs, vi, vq = T.axis.remap("SSS", [s, i, q])
-                W[vs, vi, vq] = T.Cast("int8", (T.bitwise_xor(T.shift_right(T.Cast("int32", C[vs, vi]), vq * 2) & 3, 2)
-                                                - 2) * T.Cast("int32", A[vs, vi]))
+def _decode16_intrin(form: str) -> tirx.PrimFunc:
+    """``form``: "desc", "desc64" (the description in the int64 index arithmetic of Relax-emitted kernels, as
+    neon's DECODE64_INTRIN) or "impl" (the fields sign-extended by two shifts, 16 bytes at once)."""
+    n2, n8, n4 = (T.int64(2), T.int64(8), T.int64(4)) if form == "desc64" else (2, 8, 4)
 
+    @T.prim_func(s_tir=True)
+    def func(c: T.handle, a: T.handle, w: T.handle) -> None:
+        C = T.match_buffer(c, (n2, n8), "uint8", offset_factor=1)
+        A = T.match_buffer(a, (n2, n8), "uint8", offset_factor=1)
+        W = T.match_buffer(w, (n2, n8, n4), "int8", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:n2, 0:n8], A[0:n2, 0:n8])
+            T.writes(W[0:n2, 0:n8, 0:n4])
+            if form == "desc":
+                for s, i, q in T.grid(2, 8, 4):
+                    with T.sblock("update"):
+                        vs, vi, vq = T.axis.remap("SSS", [s, i, q])
+                        W[vs, vi, vq] = T.Cast("int8", (T.bitwise_xor(
+                            T.shift_right(T.Cast("int32", C[vs, vi]), vq * 2) & 3, 2) - 2) * T.Cast("int32", A[vs, vi]))
+            elif form == "desc64":
+                for s, i, q in T.grid(T.int64(2), T.int64(8), T.int64(4)):
+                    with T.sblock("update"):
+                        vs, vi, vq = T.axis.remap("SSS", [s, i, q])
+                        W[vs, vi, vq] = T.Cast("int8", (T.bitwise_xor(
+                            T.shift_right(T.Cast("int64", T.Cast("int32", C[vs, vi])), vq * T.int64(2)) & T.int64(3),
+                            T.int64(2)) - T.int64(2)) * T.Cast("int64", T.Cast("int32", A[vs, vi])))
+            else:
+                codes = T.reinterpret("int8x16", C.vload([0, 0], "uint8x16"))
+                alpha = T.reinterpret("int8x16", A.vload([0, 0], "uint8x16"))
+                six = T.broadcast(T.int8(6), 16)
+                # field q sign-extended: shift it to the top two bits, arithmetic shift right by 6
+                t0 = T.shift_right(T.shift_left(codes, six), six)
+                t1 = T.shift_right(T.shift_left(codes, T.broadcast(T.int8(4), 16)), six)
+                t2 = T.shift_right(T.shift_left(codes, T.broadcast(T.int8(2), 16)), six)
+                t3 = T.shift_right(codes, six)
+                # byte-wise products (int8 wrap, as the description's cast), stored interleaved: W[s, i, q] (st4)
+                W.vstore([0, 0, 0], T.Shuffle([t0 * alpha, t1 * alpha, t2 * alpha, t3 * alpha],
+                                              [q * 16 + j for j in range(16) for q in range(4)]))
 
-# the same in the int64 index arithmetic of Relax-emitted kernels (as neon's DECODE64_INTRIN)
-@T.prim_func(s_tir=True)
-def _decode16_desc64(c: T.handle, a: T.handle, w: T.handle) -> None:
-    C = T.match_buffer(c, (T.int64(2), T.int64(8)), "uint8", offset_factor=1)
-    A = T.match_buffer(a, (T.int64(2), T.int64(8)), "uint8", offset_factor=1)
-    W = T.match_buffer(w, (T.int64(2), T.int64(8), T.int64(4)), "int8", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:T.int64(2), 0:T.int64(8)], A[0:T.int64(2), 0:T.int64(8)])
-        T.writes(W[0:T.int64(2), 0:T.int64(8), 0:T.int64(4)])
-        for s, i, q in T.grid(T.int64(2), T.int64(8), T.int64(4)):
-            with T.sblock("update"):
-                vs, vi, vq = T.axis.remap("SSS", [s, i, q])
-                W[vs, vi, vq] = T.Cast("int8", (T.bitwise_xor(
-                    T.shift_right(T.Cast("int64", T.Cast("int32", C[vs, vi])), vq * T.int64(2)) & T.int64(3),
-                    T.int64(2)) - T.int64(2)) * T.Cast("int64", T.Cast("int32", A[vs, vi])))
-
-
-@T.prim_func(s_tir=True)
-def _decode16_impl(c: T.handle, a: T.handle, w: T.handle) -> None:
-    C = T.match_buffer(c, (2, 8), "uint8", offset_factor=1)
-    A = T.match_buffer(a, (2, 8), "uint8", offset_factor=1)
-    W = T.match_buffer(w, (2, 8, 4), "int8", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:2, 0:8], A[0:2, 0:8])
-        T.writes(W[0:2, 0:8, 0:4])
-        codes = T.reinterpret("int8x16", C.vload([0, 0], "uint8x16"))
-        alpha = T.reinterpret("int8x16", A.vload([0, 0], "uint8x16"))
-        six = T.broadcast(T.int8(6), 16)
-        # field q sign-extended: shift it to the top two bits, arithmetic shift right by 6
-        t0 = T.shift_right(T.shift_left(codes, six), six)
-        t1 = T.shift_right(T.shift_left(codes, T.broadcast(T.int8(4), 16)), six)
-        t2 = T.shift_right(T.shift_left(codes, T.broadcast(T.int8(2), 16)), six)
-        t3 = T.shift_right(codes, six)
-        # byte-wise products (int8 wrap, as the description's cast), stored interleaved: W[s, i, q] (st4)
-        W.vstore([0, 0, 0], T.Shuffle([t0 * alpha, t1 * alpha, t2 * alpha, t3 * alpha],
-                                      [q * 16 + j for j in range(16) for q in range(4)]))
+    return func
 
 
 def register() -> tuple[str, ...]:
     """Register the 16-byte decode and the intrinsics borrowed from :mod:`.neon` (its by-element sdot steps of
     16 and 8 channels among them); idempotent."""
-    for name, desc, impl in ((DECODE16_INTRIN, _decode16_desc, _decode16_impl),
-                             (DECODE16_64_INTRIN, _decode16_desc64, _decode16_impl)):
+    for name, desc in ((DECODE16_INTRIN, "desc"), (DECODE16_64_INTRIN, "desc64")):
         if tvm.s_tir.TensorIntrin.get(name, allow_missing=True) is None:
-            tvm.s_tir.TensorIntrin.register(name, desc, impl)
+            tvm.s_tir.TensorIntrin.register(name, _decode16_intrin(desc), _decode16_intrin("impl"))
     return (DECODE16_INTRIN, DECODE16_64_INTRIN, *neon.register())
 
 
