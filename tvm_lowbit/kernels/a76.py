@@ -26,14 +26,14 @@ from tvm.script import tirx as T
 from tvm_lowbit import qmath
 from tvm_lowbit.kernels import neon, sdot
 from tvm_lowbit.kernels.common import (LayerSpec, OutMode, Pick, TargetLike, check_mode, conv_out_size, decode_2bit,
-                                       epilogue, int_epilogue, kernel_attrs, layout_reader, maybe_block, pair, tile)
+                                       epilogue, int_epilogue, kernel_attrs, layout_reader, pair, register_tile,
+                                       tensorize_decode, tile)
 from tvm_lowbit.kernels.registry import Kernel, Operands, lookup
 from tvm_lowbit.kernels.registry import register as register_kernel
 
 ISA = "a76"
 DECODE16_INTRIN = "tvm_lowbit_a76_decode_2bit_16x4_alpha"
 DECODE16_64_INTRIN = "tvm_lowbit_a76_decode_2bit_16x4_alpha_i64"
-LANE8_INTRIN = "tvm_lowbit_a76_sdot_lane_2x8_i8i8s32"
 LANES = neon.LANES
 
 
@@ -42,105 +42,55 @@ LANES = neon.LANES
 # W[s, i, q] = int8(t(C[s, i], q) * A[s, i])
 # --------------------------------------------------------------------------------------------
 
-@T.prim_func(s_tir=True)
-def _decode16_desc(c: T.handle, a: T.handle, w: T.handle) -> None:
-    C = T.match_buffer(c, (2, 8), "uint8", offset_factor=1)
-    A = T.match_buffer(a, (2, 8), "uint8", offset_factor=1)
-    W = T.match_buffer(w, (2, 8, 4), "int8", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:2, 0:8], A[0:2, 0:8])
-        T.writes(W[0:2, 0:8, 0:4])
-        for s, i, q in T.grid(2, 8, 4):
-            with T.sblock("update"):
-                vs, vi, vq = T.axis.remap("SSS", [s, i, q])
-                W[vs, vi, vq] = T.Cast("int8", (T.bitwise_xor(T.shift_right(T.Cast("int32", C[vs, vi]), vq * 2) & 3, 2)
-                                                - 2) * T.Cast("int32", A[vs, vi]))
+def _decode16_intrin(form: str) -> tirx.PrimFunc:
+    """``form``: "desc", "desc64" (the description in the int64 index arithmetic of Relax-emitted kernels, as
+    neon's DECODE64_INTRIN) or "impl" (the fields sign-extended by two shifts, 16 bytes at once)."""
+    n2, n8, n4 = (T.int64(2), T.int64(8), T.int64(4)) if form == "desc64" else (2, 8, 4)
 
+    @T.prim_func(s_tir=True)
+    def func(c: T.handle, a: T.handle, w: T.handle) -> None:
+        C = T.match_buffer(c, (n2, n8), "uint8", offset_factor=1)
+        A = T.match_buffer(a, (n2, n8), "uint8", offset_factor=1)
+        W = T.match_buffer(w, (n2, n8, n4), "int8", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:n2, 0:n8], A[0:n2, 0:n8])
+            T.writes(W[0:n2, 0:n8, 0:n4])
+            if form == "desc":
+                for s, i, q in T.grid(2, 8, 4):
+                    with T.sblock("update"):
+                        vs, vi, vq = T.axis.remap("SSS", [s, i, q])
+                        W[vs, vi, vq] = T.Cast("int8", (T.bitwise_xor(
+                            T.shift_right(T.Cast("int32", C[vs, vi]), vq * 2) & 3, 2) - 2) * T.Cast("int32", A[vs, vi]))
+            elif form == "desc64":
+                for s, i, q in T.grid(T.int64(2), T.int64(8), T.int64(4)):
+                    with T.sblock("update"):
+                        vs, vi, vq = T.axis.remap("SSS", [s, i, q])
+                        W[vs, vi, vq] = T.Cast("int8", (T.bitwise_xor(
+                            T.shift_right(T.Cast("int64", T.Cast("int32", C[vs, vi])), vq * T.int64(2)) & T.int64(3),
+                            T.int64(2)) - T.int64(2)) * T.Cast("int64", T.Cast("int32", A[vs, vi])))
+            else:
+                codes = T.reinterpret("int8x16", C.vload([0, 0], "uint8x16"))
+                alpha = T.reinterpret("int8x16", A.vload([0, 0], "uint8x16"))
+                six = T.broadcast(T.int8(6), 16)
+                # field q sign-extended: shift it to the top two bits, arithmetic shift right by 6
+                t0 = T.shift_right(T.shift_left(codes, six), six)
+                t1 = T.shift_right(T.shift_left(codes, T.broadcast(T.int8(4), 16)), six)
+                t2 = T.shift_right(T.shift_left(codes, T.broadcast(T.int8(2), 16)), six)
+                t3 = T.shift_right(codes, six)
+                # byte-wise products (int8 wrap, as the description's cast), stored interleaved: W[s, i, q] (st4)
+                W.vstore([0, 0, 0], T.Shuffle([t0 * alpha, t1 * alpha, t2 * alpha, t3 * alpha],
+                                              [q * 16 + j for j in range(16) for q in range(4)]))
 
-# the same in the int64 index arithmetic of Relax-emitted kernels (as neon's DECODE64_INTRIN)
-@T.prim_func(s_tir=True)
-def _decode16_desc64(c: T.handle, a: T.handle, w: T.handle) -> None:
-    C = T.match_buffer(c, (T.int64(2), T.int64(8)), "uint8", offset_factor=1)
-    A = T.match_buffer(a, (T.int64(2), T.int64(8)), "uint8", offset_factor=1)
-    W = T.match_buffer(w, (T.int64(2), T.int64(8), T.int64(4)), "int8", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:T.int64(2), 0:T.int64(8)], A[0:T.int64(2), 0:T.int64(8)])
-        T.writes(W[0:T.int64(2), 0:T.int64(8), 0:T.int64(4)])
-        for s, i, q in T.grid(T.int64(2), T.int64(8), T.int64(4)):
-            with T.sblock("update"):
-                vs, vi, vq = T.axis.remap("SSS", [s, i, q])
-                W[vs, vi, vq] = T.Cast("int8", (T.bitwise_xor(
-                    T.shift_right(T.Cast("int64", T.Cast("int32", C[vs, vi])), vq * T.int64(2)) & T.int64(3),
-                    T.int64(2)) - T.int64(2)) * T.Cast("int64", T.Cast("int32", A[vs, vi])))
-
-
-@T.prim_func(s_tir=True)
-def _decode16_impl(c: T.handle, a: T.handle, w: T.handle) -> None:
-    C = T.match_buffer(c, (2, 8), "uint8", offset_factor=1)
-    A = T.match_buffer(a, (2, 8), "uint8", offset_factor=1)
-    W = T.match_buffer(w, (2, 8, 4), "int8", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:2, 0:8], A[0:2, 0:8])
-        T.writes(W[0:2, 0:8, 0:4])
-        codes = T.reinterpret("int8x16", C.vload([0, 0], "uint8x16"))
-        alpha = T.reinterpret("int8x16", A.vload([0, 0], "uint8x16"))
-        six = T.broadcast(T.int8(6), 16)
-        # field q sign-extended: shift it to the top two bits, arithmetic shift right by 6
-        t0 = T.shift_right(T.shift_left(codes, six), six)
-        t1 = T.shift_right(T.shift_left(codes, T.broadcast(T.int8(4), 16)), six)
-        t2 = T.shift_right(T.shift_left(codes, T.broadcast(T.int8(2), 16)), six)
-        t3 = T.shift_right(codes, six)
-        # byte-wise products (int8 wrap, as the description's cast), stored interleaved: W[s, i, q] (st4)
-        W.vstore([0, 0, 0], T.Shuffle([t0 * alpha, t1 * alpha, t2 * alpha, t3 * alpha],
-                                      [q * 16 + j for j in range(16) for q in range(4)]))
-
-
-# --------------------------------------------------------------------------------------------
-# The by-element sdot step over 8 channels: one 8-byte activation load feeds two sdots
-# --------------------------------------------------------------------------------------------
-
-@T.prim_func(s_tir=True)
-def _lane8_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (8,), "int8", offset_factor=1)
-    sb = T.int32()
-    B = T.match_buffer(b, (2, 4, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:8], B[0:2, 0:4, 0:4])
-        T.writes(C[0:4])
-        for i, k in T.grid(4, 8):
-            with T.sblock("update"):
-                vi, vk = T.axis.remap("SR", [i, k])
-                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vk // 4, vi, vk % 4])
-
-
-@T.prim_func(s_tir=True)
-def _lane8_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (8,), "int8", offset_factor=1)
-    sb = T.int32()
-    B = T.match_buffer(b, (2, 4, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:8], B[0:2, 0:4, 0:4])
-        T.writes(C[0:4])
-        words = T.reinterpret("int32x2", A.vload([0], "int8x8"))
-        c0 = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", C.vload([0], "int32x4"),
-                                     B.vload([0, 0, 0], "int8x16"),
-                                     T.reinterpret("int8x16", T.Shuffle([words, words], [0, 0, 0, 0])))
-        C[0:4] = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", c0,
-                                         B.vload([1, 0, 0], "int8x16"),
-                                         T.reinterpret("int8x16", T.Shuffle([words, words], [1, 1, 1, 1])))
+    return func
 
 
 def register() -> tuple[str, ...]:
-    """Register the 16-byte decode, the 8-channel by-element step and the intrinsics borrowed from :mod:`.neon`
-    (idempotent)."""
-    for name, desc, impl in ((DECODE16_INTRIN, _decode16_desc, _decode16_impl),
-                             (DECODE16_64_INTRIN, _decode16_desc64, _decode16_impl),
-                             (LANE8_INTRIN, _lane8_desc, _lane8_impl)):
+    """Register the 16-byte decode and the intrinsics borrowed from :mod:`.neon` (its by-element sdot steps of
+    16 and 8 channels among them); idempotent."""
+    for name, desc in ((DECODE16_INTRIN, "desc"), (DECODE16_64_INTRIN, "desc64")):
         if tvm.s_tir.TensorIntrin.get(name, allow_missing=True) is None:
-            tvm.s_tir.TensorIntrin.register(name, desc, impl)
-    return (DECODE16_INTRIN, DECODE16_64_INTRIN, LANE8_INTRIN, *neon.register())
+            tvm.s_tir.TensorIntrin.register(name, _decode16_intrin(desc), _decode16_intrin("impl"))
+    return (DECODE16_INTRIN, DECODE16_64_INTRIN, *neon.register())
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,6 +236,12 @@ def _decode16(sch: tvm.s_tir.Schedule, wb: tvm.s_tir.schedule.SBlockRV) -> bool:
     return True
 
 
+def _decode(sch: tvm.s_tir.Schedule, wb: tvm.s_tir.schedule.SBlockRV) -> None:
+    """The 16-byte decode where it fits, else neon's 8-byte one."""
+    if not _decode16(sch, wb):
+        tensorize_decode(sch, wb, neon.DECODE_INTRIN, neon.DECODE64_INTRIN)
+
+
 def schedule_conv2d_a76(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> None:
     """Register tile of ``mb`` output columns x 8 (or 16) output channels (int32x4 accumulators) under the
     reduction over (r, s, channel steps), the step tensorized: 16 or 8 channels by element (one activation load,
@@ -302,23 +258,9 @@ def schedule_conv2d_a76(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> No
     no, nm, nh, ni = sch.split(k, [None, nb, 2, 4])
     co, ci = sch.split(red[-1], [None, step])
     sch.reorder(no, b, i, jo, *red[:-1], co, ji, nm, nh, ni, ci)
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, jo, preserve_unit_loops=True)
-    sch.set_scope(acc, 0, "local")
-    wb = maybe_block(sch, "w_int")
-    if wb is not None:
-        sch.compute_at(wb, no, preserve_unit_loops=True)
-        if not _decode16(sch, wb):
-            loop = sch.get_loops(wb)[-2]
-            wide = str(sch.get(loop).loop_var.ty) == "int64"
-            sch.tensorize(loop, neon.DECODE64_INTRIN if wide else neon.DECODE_INTRIN)
-    sch.parallel(no)
-    init = sch.decompose_reduction(acc, red[0])
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ni, {16: neon.SDOT_LANE_INTRIN, 8: LANE8_INTRIN, 4: sdot.register()[1]}[step])
-    sch.unroll(ji)
-    sch.unroll(nm)
-    sch.unroll(nh)
+    out = register_tile(sch, acc, out_at=jo, red_at=red[0], no=no, ni=ni,
+                        step=neon.SDOT_LANE_INTRIN[step] if step > 4 else sdot.register()[1], decode=_decode,
+                        unrolled=(ji, nm, nh))
     ol = sch.get_loops(out)
     nchw = str(sch.get(out).annotations.get(neon.LAYOUT_ATTR, "NCHW")) == "NCHW"
     sch.unroll(ol[-1] if nchw else ol[-2])

@@ -428,6 +428,40 @@ def accumulate_locally(sch: tvm.s_tir.Schedule, acc, loop) -> None:
         sch.reverse_compute_at(copy, loop, preserve_unit_loops=True)
 
 
+def tensorize_decode(sch: tvm.s_tir.Schedule, block: tvm.s_tir.schedule.SBlockRV, intrin: str, intrin64: str) -> None:
+    """Tensorize a weight-decode block's last two loops with ``intrin``, or with ``intrin64`` (the same decode
+    in int64 index arithmetic) where the loops are int64 (Relax's ``emit_te`` widens the decode's math)."""
+    loop = sch.get_loops(block)[-2]
+    sch.tensorize(loop, intrin64 if str(sch.get(loop).loop_var.ty) == "int64" else intrin)
+
+
+def register_tile(sch: tvm.s_tir.Schedule, acc: tvm.s_tir.schedule.SBlockRV, *, out_at: tvm.s_tir.schedule.LoopRV,
+                  red_at: tvm.s_tir.schedule.LoopRV, no: tvm.s_tir.schedule.LoopRV, ni: tvm.s_tir.schedule.LoopRV,
+                  step: str, decode: Callable[[tvm.s_tir.Schedule, tvm.s_tir.schedule.SBlockRV], None],
+                  unrolled: Sequence[tvm.s_tir.schedule.LoopRV], init_loops: int = 1) -> tvm.s_tir.schedule.SBlockRV:
+    """The shared tail of the register-tiled dot-product schedules (:mod:`.vnni`, :mod:`.neon`, :mod:`.a76`),
+    once the accumulator's loops are in order: the output stage under ``out_at``, the accumulators in
+    registers, the weight tile ``w_int`` (where the kernel decodes one) made under ``no``, the block of output
+    channels (once per block, reused by every output pixel) by ``decode``, ``no`` parallel, the reduction's init
+    split off at ``red_at`` with its last ``init_loops`` loops fused and vectorized, the step ``ni``
+    tensorized with ``step``, the ``unrolled`` loops (the register tile) unrolled; returns the output block."""
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, out_at, preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    wb = maybe_block(sch, "w_int")
+    if wb is not None:
+        sch.compute_at(wb, no, preserve_unit_loops=True)
+        decode(sch, wb)
+    sch.parallel(no)
+    init = sch.decompose_reduction(acc, red_at)
+    il = sch.get_loops(init)
+    sch.vectorize(sch.fuse(*il[-init_loops:]) if init_loops > 1 else il[-1])
+    sch.tensorize(ni, step)
+    for loop in unrolled:
+        sch.unroll(loop)
+    return out
+
+
 def schedule_elementwise(sch: tvm.s_tir.Schedule, block_name: str) -> None:
     """Parallel over the outer loops, vectorized over the innermost."""
     blk = sch.get_sblock(block_name)

@@ -17,8 +17,8 @@ adds ``128 * sum(w[k])``; signed codes are used as they are.  Exact in int32:
 
 * ``dotprod`` (``sdot``): a register tile of 8 (or 7) output pixels x 8 output channels; per 16 input
   channels one 16-byte activation load per pixel feeds four by-element ``sdot v.4s, w.16b, a.4b[i]``
-  (``SDOT_LANE_INTRIN``); channels not a multiple of 16 (the stem) take kernels.sdot's plain 4-channel
-  step with a 4-byte broadcast load;
+  (``SDOT_LANE_INTRIN[16]``; ``[8]``, two ``sdot`` per 8-byte load, is :mod:`.a76`'s); channels not a
+  multiple of 16 (the stem) take kernels.sdot's plain 4-channel step with a 4-byte broadcast load;
 * ``neon`` (no dot product): two steps of 4 channels at once: ``smull`` of the first 8 bytes, ``smlal``
   of the second 8 into int16 (``|x| <= 128`` and ``|w| <= 127`` keep two products in int16), then ``sadalp``
   into int32 -- 16 multiply-adds per widening multiply pair.  The int32 lanes hold, per output channel,
@@ -49,8 +49,9 @@ from tvm.target.codegen import target_has_features
 from tvm_lowbit import qmath
 from tvm_lowbit.kernels import sdot, vnni
 from tvm_lowbit.kernels.common import (KERNEL_ATTR, LayerSpec, OutMode, Pick, TargetLike, check_mode, conv_out_size,
-                                       decode_2bit, epilogue, int_epilogue, kernel_attrs, layout_reader, maybe_block, pair,
-                                       requant_unrounded, round_clip, target_kind, tile)
+                                       decode_2bit, epilogue, int_epilogue, kernel_attrs, layout_reader, maybe_block,
+                                       pair, register_tile, requant_unrounded, round_clip, target_kind,
+                                       tensorize_decode, tile)
 from tvm_lowbit.kernels.registry import Kernel, Operands
 from tvm_lowbit.kernels.registry import register as register_kernel
 
@@ -61,7 +62,8 @@ LAYOUTS = ("NCHW", "NHWC")
 LAYOUT_ATTR = "tvm_lowbit.out_layout"
 FOLD_ATTR = "tvm_lowbit.fold_channels"  # the folded stem's row copy: the input channels per column
 WIDEN_INTRIN = "tvm_lowbit_neon_smull_sadalp_4x8_i8i8s32"
-SDOT_LANE_INTRIN = "tvm_lowbit_sdot_lane_4x16_i8i8s32"
+# the by-element sdot step by channels per step (the 8-channel one's name predates it: tuned records name it)
+SDOT_LANE_INTRIN = {16: "tvm_lowbit_sdot_lane_4x16_i8i8s32", 8: "tvm_lowbit_a76_sdot_lane_2x8_i8i8s32"}
 DECODE_INTRIN = "tvm_lowbit_neon_decode_2bit_8x4_alpha"
 DECODE64_INTRIN = "tvm_lowbit_neon_decode_2bit_8x4_alpha_i64"
 # the same decode with the fields looked up per 4-bit nibble (the widening kernel's)
@@ -76,35 +78,42 @@ NARROW_INTRIN = "tvm_lowbit_neon_fcvtns_narrow_8_u8"
 # computes), ``impl=True`` the NEON code that replaces it; both share the buffers and regions.
 
 # --------------------------------------------------------------------------------------------
-# The by-element sdot step (+dotprod): one 16-byte activation load feeds four sdots
+# The by-element sdot step (+dotprod): one activation load of 16 (or 8) channels feeds four (or two) sdots
 # --------------------------------------------------------------------------------------------
 
-def _sdot_lane(impl: bool) -> tirx.PrimFunc:
+def _sdot_word(acc: tirx.PrimExpr, B: tirx.Buffer, words: tirx.PrimExpr, s: int, steps: int) -> tirx.PrimExpr:
+    """``acc`` plus weight row ``B[s]`` times activation word ``s``: ``sdot v.4s, w.16b, a.4b[s]`` (``words``: the
+    ``steps`` words of the load, concatenated up to 4 lanes)."""
+    word = T.reinterpret("int8x16", T.Shuffle([words] * (4 // steps), [s, s, s, s]))
+    return T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc, B.vload([s, 0, 0], "int8x16"),
+                                   word)
+
+
+def _sdot_lane(impl: bool, channels: int = 16) -> tirx.PrimFunc:
+    """``C[i] += A . B[:, i, :]`` over ``channels`` (16 or 8) input channels, ``B[s, i, q]`` the weight of channel
+    ``4 s + q``: one ``channels``-byte activation load, one by-element ``sdot`` per 4 channels."""
+    steps = channels // 4
+
     @T.prim_func(s_tir=True)
     def func(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (16,), "int8", offset_factor=1)
+        A = T.match_buffer(a, (channels,), "int8", offset_factor=1)
         sb = T.int32()
-        B = T.match_buffer(b, (4, 4, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
+        B = T.match_buffer(b, (steps, 4, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
         C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
-            T.reads(C[0:4], A[0:16], B[0:4, 0:4, 0:4])
+            T.reads(C[0:4], A[0:channels], B[0:steps, 0:4, 0:4])
             T.writes(C[0:4])
             if impl:
-                words = T.reinterpret("int32x4", A.vload([0], "int8x16"))
-                c0 = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", C.vload([0], "int32x4"),
-                                             B.vload([0, 0, 0], "int8x16"),
-                                             T.reinterpret("int8x16", T.Shuffle([words], [0, 0, 0, 0])))
-                c1 = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", c0,
-                                             B.vload([1, 0, 0], "int8x16"),
-                                             T.reinterpret("int8x16", T.Shuffle([words], [1, 1, 1, 1])))
-                c2 = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", c1,
-                                             B.vload([2, 0, 0], "int8x16"),
-                                             T.reinterpret("int8x16", T.Shuffle([words], [2, 2, 2, 2])))
-                C[0:4] = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", c2,
-                                                 B.vload([3, 0, 0], "int8x16"),
-                                                 T.reinterpret("int8x16", T.Shuffle([words], [3, 3, 3, 3])))
+                words = T.reinterpret(f"int32x{steps}", A.vload([0], f"int8x{channels}"))
+                c0 = _sdot_word(C.vload([0], "int32x4"), B, words, 0, steps)
+                if steps == 2:
+                    C[0:4] = _sdot_word(c0, B, words, 1, steps)
+                else:
+                    c1 = _sdot_word(c0, B, words, 1, steps)
+                    c2 = _sdot_word(c1, B, words, 2, steps)
+                    C[0:4] = _sdot_word(c2, B, words, 3, steps)
             else:
-                for i, k in T.grid(4, 16):
+                for i, k in T.grid(4, channels):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vk // 4, vi, vk % 4])
@@ -289,7 +298,9 @@ def register() -> tuple[str, ...]:
     """Register the widening step and the intrinsics this module borrows (sdot's plain step, vnni's
     8-lane 2-bit decode); idempotent.  Returns their names."""
     intrinsics = {WIDEN_INTRIN: (_widen_step, False, True), ADDP_INTRIN: (_addp, False, True),
-                  NARROW_INTRIN: (_narrow, False, True), SDOT_LANE_INTRIN: (_sdot_lane, False, True),
+                  NARROW_INTRIN: (_narrow, False, True),
+                  SDOT_LANE_INTRIN[16]: (_sdot_lane, False, True),
+                  SDOT_LANE_INTRIN[8]: (lambda impl: _sdot_lane(impl, 8), False, True),
                   DUP_INTRIN[2]: (lambda impl: _dup(impl, 2), False, True),
                   DUP_INTRIN[4]: (lambda impl: _dup(impl, 4), False, True),
                   DECODE_INTRIN: (_decode, "desc", "tbl"), DECODE64_INTRIN: (_decode, "desc64", "tbl"),
@@ -600,6 +611,14 @@ def int_operands(widen: bool) -> Callable[[LayerSpec], Operands]:
 # Schedule
 # --------------------------------------------------------------------------------------------
 
+def _tbl_decode(sch: tvm.s_tir.Schedule, wb: tvm.s_tir.schedule.SBlockRV) -> None:
+    tensorize_decode(sch, wb, DECODE_INTRIN, DECODE64_INTRIN)
+
+
+def _nibble_decode(sch: tvm.s_tir.Schedule, wb: tvm.s_tir.schedule.SBlockRV) -> None:
+    tensorize_decode(sch, wb, NIBBLE_INTRIN, NIBBLE64_INTRIN)
+
+
 def _widened(sch: tvm.s_tir.Schedule) -> bool:
     return maybe_block(sch, "acc_sum") is not None
 
@@ -648,25 +667,9 @@ def schedule_conv2d_neon(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> N
     if out_q is not None:  # the uint8 epilogue's floats before the rounding, in registers
         sch.reverse_compute_at(out_q, jo, preserve_unit_loops=True)
         sch.set_scope(out_q, 0, "local")
-    sch.reverse_compute_at(out, jo, preserve_unit_loops=True)
-    sch.set_scope(acc, 0, "local")
-    wb = maybe_block(sch, "w_int")
-    if wb is not None:
-        sch.compute_at(wb, no, preserve_unit_loops=True)
-        loop = sch.get_loops(wb)[-2]
-        wide = str(sch.get(loop).loop_var.ty) == "int64"
-        if widen:
-            sch.tensorize(loop, NIBBLE64_INTRIN if wide else NIBBLE_INTRIN)
-        else:
-            sch.tensorize(loop, DECODE64_INTRIN if wide else DECODE_INTRIN)
-    sch.parallel(no)
-    init = sch.decompose_reduction(acc, ry)
-    il = sch.get_loops(init)
-    sch.vectorize(sch.fuse(il[-2], il[-1]) if widen else il[-1])
-    sch.tensorize(ni, WIDEN_INTRIN if widen else SDOT_LANE_INTRIN if lane_step else sdot.register()[1])
-    sch.unroll(ji)
-    sch.unroll(nm)
-    sch.unroll(nh)
+    register_tile(sch, acc, out_at=jo, red_at=ry, no=no, ni=ni,
+                  step=WIDEN_INTRIN if widen else SDOT_LANE_INTRIN[16] if lane_step else sdot.register()[1],
+                  decode=_nibble_decode if widen else _tbl_decode, unrolled=(ji, nm, nh), init_loops=2 if widen else 1)
     if acc_sum is not None:  # one addp per 4 channels
         sl = sch.get_loops(acc_sum)
         ko, ki = sch.split(sl[-2], [None, 4])

@@ -25,13 +25,18 @@ term of unsigned codes in :mod:`.neon`) passes ``offset``: it is folded into ``C
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import math
+import os
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 
-from tvm_lowbit import qmath
+from tvm_lowbit import qmath, safe_io
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 MAX_MUL = 2 ** 31 - 1       # M fits int32 (smull takes two int32 lanes)
@@ -248,21 +253,88 @@ def recip_unexact(requant_scale: float, out_scale: np.ndarray, out_bias: np.ndar
 
 
 _RECIP_CHECKED: dict[float, bool] = {}
+PROOF_CACHE_FORMAT = 1
+
+
+def proof_cache_dir() -> Path:
+    """Where :func:`recip_unexact`'s binade proofs are kept between processes: ``proofs/`` in the user cache
+    folder (``$TVM_LOWBIT_CACHE``, default ``~/.cache/tvm_lowbit``, as the sensitivity cache)."""
+    return Path(os.environ.get("TVM_LOWBIT_CACHE") or Path.home() / ".cache" / "tvm_lowbit") / "proofs"
+
+
+def _proof_key(rs: float) -> dict[str, str | int] | None:
+    """Everything the binade proof of ``rs`` depends on: rs's float32 bits, the code of the proof and of the
+    arithmetic it checks (a changed line is a new key), NumPy's version; None where the code cannot be read
+    (then nothing is cached on disk)."""
+    try:
+        code = "".join(inspect.getsource(f) for f in (_binade_exact_np, recip_quotient, _fma32))
+    except (OSError, TypeError):
+        return None
+    return {"format": PROOF_CACHE_FORMAT, "rs_float32": f"{int(np.float32(rs).view(np.uint32)):08x}",
+            "code_sha256": hashlib.sha256(code.encode()).hexdigest(), "numpy": np.__version__}
+
+
+def _proof_path(folder: Path, key: dict[str, str | int]) -> Path:
+    return folder / f"recip-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]}.json"
+
+
+def _entry_check(key: dict[str, str | int], exact: bool) -> str:
+    return hashlib.sha256(json.dumps([key, exact], sort_keys=True).encode()).hexdigest()
+
+
+def _read_proof(path: Path, key: dict[str, str | int]) -> bool | None:
+    """The cached result, or None where the entry is missing, unreadable, for another key or damaged (its
+    checksum does not match): such an entry is never trusted."""
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict) or entry.get("key") != key or not isinstance(entry.get("exact"), bool):
+        return None
+    return entry["exact"] if entry.get("check") == _entry_check(key, entry["exact"]) else None
+
+
+def _write_proof(path: Path, key: dict[str, str | int], exact: bool) -> None:
+    """Write the entry under a unique name and rename it into place; a cache that cannot be written only
+    costs the proof again."""
+    tmp = None
+    try:
+        tmp = safe_io.temp_sibling(path, ".json")
+        tmp.write_text(json.dumps({"key": key, "exact": exact, "check": _entry_check(key, exact)}))
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def binade_exact(rs: float, cache: Path | None = None) -> bool:
+    """Whether every float32 y in [1, 2) gets ``nearbyint(recip_quotient(y, rs)) == nearbyint(float32(y / rs))``
+    (about 1 s of NumPy).  ``cache``: a folder of earlier results: an intact entry for exactly this proof
+    (:func:`_proof_key`) is the answer, anything else is proven again and written."""
+    key = None if cache is None else _proof_key(rs)
+    exact = None if key is None else _read_proof(_proof_path(cache, key), key)
+    if exact is None:
+        exact = _binade_exact_np(rs)
+        if key is not None:
+            _write_proof(_proof_path(cache, key), key, exact)
+    return exact
 
 
 def _recip_binade_exact(rs: float) -> bool:
-    """Every float32 y in [1, 2): nearbyint of the division-free quotient equals the reference's."""
+    """:func:`binade_exact`, kept per process and on disk (:func:`proof_cache_dir`)."""
     if rs not in _RECIP_CHECKED:
-        y = (np.arange(2 ** 23, dtype=np.uint32) + np.uint32(0x3F800000)).view(np.float32)
-        ok = True
-        for part in np.array_split(y, 8):
-            want = (part / np.float32(rs)).astype(np.float32)
-            got = recip_quotient(part, rs)
-            if not (np.round(got) == np.round(want)).all():
-                ok = False
-                break
-        _RECIP_CHECKED[rs] = ok
+        _RECIP_CHECKED[rs] = binade_exact(rs, proof_cache_dir())
     return _RECIP_CHECKED[rs]
+
+
+def _binade_exact_np(rs: float) -> bool:
+    y = (np.arange(2 ** 23, dtype=np.uint32) + np.uint32(0x3F800000)).view(np.float32)
+    for part in np.array_split(y, 8):
+        want = (part / np.float32(rs)).astype(np.float32)
+        got = recip_quotient(part, rs)
+        if not (np.round(got) == np.round(want)).all():
+            return False
+    return True
 
 
 def quantize_clamp(requant_scale: float, bits: int, signed: bool) -> tuple[float, float]:

@@ -35,7 +35,8 @@ from tvm.target.codegen import target_has_features
 
 from tvm_lowbit import qmath
 from tvm_lowbit.kernels.common import (KERNEL_ATTR, LayerSpec, OutMode, Pick, TargetLike, check_mode, conv_out_size,
-                                       decode_2bit, epilogue, kernel_attrs, layout_reader, maybe_block, pair, tile)
+                                       decode_2bit, epilogue, kernel_attrs, layout_reader, maybe_block, pair,
+                                       register_tile, tensorize_decode, tile)
 from tvm_lowbit.kernels.registry import Kernel, Operands
 from tvm_lowbit.kernels.registry import register as register_kernel
 
@@ -467,32 +468,12 @@ def _lanes_of_sch(sch: tvm.s_tir.Schedule) -> int:
     return int(buf[0].shape[-2])
 
 
-def _decode(sch: tvm.s_tir.Schedule, wb, lanes: int) -> None:
+def _decoder(lanes: int) -> Callable[[tvm.s_tir.Schedule, tvm.s_tir.schedule.SBlockRV], None]:
     """The 2-bit decode stage: ``lanes`` code bytes -> ``lanes`` int8 words at a time (the decode intrinsic)."""
-    loop = sch.get_loops(wb)[-2]
-    wide = str(sch.get(loop).loop_var.ty) == "int64"
-    sch.tensorize(loop, (DECODE64_INTRIN if wide else DECODE_INTRIN)[lanes])
+    def decode(sch: tvm.s_tir.Schedule, wb: tvm.s_tir.schedule.SBlockRV) -> None:
+        tensorize_decode(sch, wb, DECODE_INTRIN[lanes], DECODE64_INTRIN[lanes])
 
-
-def _register_tile(sch: tvm.s_tir.Schedule, acc, lanes: int, *, out_at, red_at, no, ni, unrolled: Sequence) -> object:
-    """The shared tail of the conv and batched-dense schedules, once the loops are in order: the output stage
-    under ``out_at``, the accumulators in registers, the weight tile decoded once per block of channels
-    (``no``, the parallel loop), the reduction's init out of ``red_at``, the ``ni`` step tensorized on
-    ``vpdpbusd``, the register-tile loops unrolled; returns the output block."""
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, out_at, preserve_unit_loops=True)
-    sch.set_scope(acc, 0, "local")
-    wb = maybe_block(sch, "w_int")
-    if wb is not None:
-        sch.compute_at(wb, no, preserve_unit_loops=True)
-        _decode(sch, wb, lanes)
-    sch.parallel(no)
-    init = sch.decompose_reduction(acc, red_at)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ni, VNNI_INTRIN[lanes])
-    for loop in unrolled:
-        sch.unroll(loop)
-    return out
+    return decode
 
 
 def schedule_conv2d_vnni(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> None:
@@ -510,7 +491,8 @@ def schedule_conv2d_vnni(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> N
     no, nm, ni = sch.split(k, [None, nb, lanes])
     co, ci = sch.split(rc, [None, 4])
     sch.reorder(no, b, i, jo, ry, rx, co, ji, nm, ni, ci)
-    out = _register_tile(sch, acc, lanes, out_at=jo, red_at=ry, no=no, ni=ni, unrolled=(ji, nm))
+    out = register_tile(sch, acc, out_at=jo, red_at=ry, no=no, ni=ni, step=VNNI_INTRIN[lanes], decode=_decoder(lanes),
+                        unrolled=(ji, nm))
     ol = sch.get_loops(out)
     sch.unroll(ol[-1] if _out_is_nchw(sch) else ol[-2])
     if not _out_is_nchw(sch):
@@ -565,7 +547,7 @@ def schedule_dense_vnni(sch: tvm.s_tir.Schedule, pick: Pick | None = None) -> No
             sch.compute_at(wb, no, preserve_unit_loops=True)
         red_at = co
     if wb is not None:
-        _decode(sch, wb, lanes)
+        tensorize_decode(sch, wb, DECODE_INTRIN[lanes], DECODE64_INTRIN[lanes])
     sch.parallel(no)
     init = sch.decompose_reduction(acc, red_at)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -590,7 +572,8 @@ def _schedule_dense_vnni_batched(sch: tvm.s_tir.Schedule, pick: Pick | None, lan
     no, nm, ni = sch.split(n, [None, nb, lanes])
     co, ci = sch.split(c, [None, 4])
     sch.reorder(no, outer, mo, co, mi, nm, ni, ci)
-    out = _register_tile(sch, acc, lanes, out_at=mo, red_at=co, no=no, ni=ni, unrolled=(mi, nm))
+    out = register_tile(sch, acc, out_at=mo, red_at=co, no=no, ni=ni, step=VNNI_INTRIN[lanes], decode=_decoder(lanes),
+                        unrolled=(mi, nm))
     sch.vectorize(sch.get_loops(out)[-1])
     xb = maybe_block(sch, "x_u8")
     if xb is not None:
