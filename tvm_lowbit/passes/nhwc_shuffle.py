@@ -88,7 +88,8 @@ class _ToNHWC(relax.PyExprMutator):
         elif _is(call, "reshape") and isinstance(call.args[0], relax.Var):
             x, out = call.args[0], _static_shape(var)
             src = _static_shape(x)
-            if self._nhwc_of(x) is not None and out is not None and len(out) == 5:
+            if self._nhwc_of(x) is not None and out is not None and len(out) == 5 and src is not None \
+                    and len(src) == 4:
                 n, c, hh, w = src
                 g = out[1]
                 if out == (n, g, c // g, hh, w) and g * (c // g) == c:
