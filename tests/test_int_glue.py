@@ -105,14 +105,23 @@ def _quantized(model: nn.Module, size: int = 16, seed: int = 0) -> nn.Module:
     return quantize(model, CONFIG, torch.randn(32, 3, size, size), progress=False)
 
 
-def _compile(q: nn.Module, x: np.ndarray, monkeypatch: pytest.MonkeyPatch | None = None,
-             without: str | None = None) -> Artifact:
-    if without is not None:
-        monkeypatch.setattr(cpu, without, lambda mod: (mod, 0))
+def _compile(q: nn.Module, x: np.ndarray, monkeypatch: pytest.MonkeyPatch, name: str, run_pass: bool
+             ) -> tuple[Artifact, int]:
+    """Compile with ``backends.cpu``'s pass ``name`` as it is, or replaced by the identity; returns the artifact
+    and how many rewrites the pass made in the build."""
+    real = getattr(cpu, name)
+    done: list[int] = []
+
+    def spy(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+        out, n = real(mod) if run_pass else (mod, 0)
+        done.append(n)
+        return out, n
+
+    monkeypatch.setattr(cpu, name, spy)
     art = tvm_lowbit.compile(q, x, expose_acc=True)
-    if without is not None:
-        monkeypatch.undo()
-    return art
+    monkeypatch.undo()
+    assert len(done) == 1, "the pass did not run in the build"
+    return art, done[0]
 
 
 def _run_all(art: Artifact, x: np.ndarray) -> list[np.ndarray]:
@@ -168,8 +177,10 @@ def test_fused_add_quantize_is_bit_identical(monkeypatch: pytest.MonkeyPatch) ->
     assert fused == 3  # the two add + ReLU blocks and MobileNetV2's add; not the broadcast add
     names = [gv.name_hint for gv in mod.get_global_vars()]
     assert sum(n.startswith("add_quantize") for n in names) == 3, names
-    with_pass = _run_all(_compile(q, x), x)
-    without = _run_all(_compile(q, x, monkeypatch, "fuse_add_quantize"), x)
+    art, n = _compile(q, x, monkeypatch, "fuse_add_quantize", True)
+    assert n == 3  # in the build too (before the tuned database's legalization)
+    with_pass = _run_all(art, x)
+    without = _run_all(_compile(q, x, monkeypatch, "fuse_add_quantize", False)[0], x)
     _assert_same_bits(with_pass, without)  # the output and every layer's accumulators
     with torch.no_grad():
         np.testing.assert_array_equal(with_pass[0], q(torch.from_numpy(x)).numpy())
@@ -257,8 +268,10 @@ def test_nhwc_shuffle_is_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
     seed = 1
     q = _quantized(ShuffleNet(), size=32, seed=seed)
     x = np.random.default_rng(seed).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    with_pass = _run_all(_compile(q, x), x)
-    without = _run_all(_compile(q, x, monkeypatch, "nhwc_shuffle"), x)
+    art, n = _compile(q, x, monkeypatch, "nhwc_shuffle", True)
+    assert n >= 5
+    with_pass = _run_all(art, x)
+    without = _run_all(_compile(q, x, monkeypatch, "nhwc_shuffle", False)[0], x)
     _assert_same_bits(with_pass, without)
     with torch.no_grad():
         np.testing.assert_allclose(with_pass[0], q(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)

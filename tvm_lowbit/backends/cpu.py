@@ -102,12 +102,13 @@ def _build_locked(mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None
     try:
         mod = normalize_take(mod)
         mod, report = lower_integer_layers(mod, infos, expose_acc=expose_acc, target=tgt)
-        if db_dir is not None:
-            mod = apply_tuned(mod, None)
-        mod = apply_default_schedules(mod, tgt)
+        # before the tuned database, whose application legalizes and fuses the float ops these passes read
         mod, _ = nhwc_shuffle(mod)  # channel shuffles in NHWC, no NCHW detour (passes.nhwc_shuffle)
         if spec.arch == "x86_64":  # residual add (+ ReLU) and the next quantizer in one loop (passes.fuse_add_quantize)
             mod, _ = fuse_add_quantize(mod)
+        if db_dir is not None:
+            mod = apply_tuned(mod, None)
+        mod = apply_default_schedules(mod, tgt)
     except Exception as e:  # a CompileError raised inside a pass arrives as a RuntimeError with its message
         if isinstance(e, CompileError):
             raise
