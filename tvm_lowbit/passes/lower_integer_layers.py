@@ -40,6 +40,7 @@ from tvm_lowbit.kernels.common import target_kind
 from tvm_lowbit.passes.convert_layout import integer_layout, nhwc_passes
 from tvm_lowbit.passes.embedding import lower_embeddings
 from tvm_lowbit.passes.fold_requantize import fold_requantize
+from tvm_lowbit.passes.fuse_add_quantize import act_quant_attrs
 from tvm_lowbit.passes.layer_info import LayerInfo, weight_key
 from tvm_lowbit.passes.patterns import (ADD, ASTYPE, CONV2D, DIVIDE, INTEGER_OP, MULTIPLY, PERMUTE_DIMS, RELU,
                                         RESHAPE, bound_call, const_value, match_quantizer, var2val)
@@ -348,7 +349,9 @@ class _Lowering(relax.PyExprMutator):
             self.codes[q.key] = self.builder_.emit_te(
                 kernels.quantize_act, x, scale=q.scale, bits=q.bits, signed=q.signed,
                 recip_clamp=requant.quantize_clamp(q.scale, q.bits, q.signed) if recip else None,
-                primfunc_name_hint="quantize_act", primfunc_attrs=kernels.kernel_attrs("quantize_act"))
+                primfunc_name_hint="quantize_act", primfunc_attrs={
+                    **kernels.kernel_attrs("quantize_act"),
+                    **({} if recip else act_quant_attrs(q.scale, q.bits, q.signed))})  # for FuseAddQuantize
         return self.codes[q.key]
 
     def _emit(self, l: _Layer) -> relax.Expr:

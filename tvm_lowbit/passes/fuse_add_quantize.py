@@ -1,0 +1,188 @@
+"""FuseAddQuantize: a residual add (+ ReLU) and the next layer's input quantizer in one loop, bit for bit.
+
+After ``LowerIntegerLayers`` a residual block's end reads::
+
+    s = add(y, identity)                      # float32, y from a conv's float epilogue
+    r = relu(s)                               # float32 (absent in MobileNetV2's blocks)
+    c = call_tir(quantize_act, (r,))          # the next conv's codes (uint8 / int8)
+
+Relax lowers ``add`` + ``relu`` to one fused loop that writes ``r`` and ``quantize_act`` to a second one that
+reads ``r`` back: two passes over the tensor and two parallel regions.  This pass computes both in one
+``call_tir``: for every element ``v = max(y + identity, 0)``, ``r = v`` (only when ``r`` has other users,
+e.g. the next block's residual) and ``c = clip(nearbyint(v / s), lo, hi)``.  The float operations and their
+order are those of the unfused graph (one float32 add, one max, one division by the same float32 ``s``),
+so ``r`` and ``c`` are identical bit for bit (``tests/test_int_glue.py``); no multiply is next to an add, so
+LLVM cannot contract anything into an FMA.
+
+The quantizer's parameters come from the ``quantize_act`` PrimFunc's :data:`ACT_QUANT_ATTR` attribute,
+which ``LowerIntegerLayers`` sets only on the plain division form (the aarch64 reciprocal form has none and
+is never fused).  Both inputs must be float32 tensors of the result's shape (no broadcast), and the add
+must have no other user.  The fused loop is a float op: on x86 ``ScheduleFloatOps`` gives it a parallel,
+vectorized schedule; the pass runs where that schedule exists (``backends.cpu``: x86 hosts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+
+from tvm_lowbit import qmath
+from tvm_lowbit.passes.patterns import ADD, RELU, bound_call, var2val
+
+ACT_QUANT_ATTR = "tvm_lowbit.act_quant"
+"""PrimFunc attribute of a ``quantize_act`` call: ``[scale, bits, signed]`` (float32 scale, int, 0/1)."""
+
+
+def act_quant_attrs(scale: float, bits: int, signed: bool) -> dict[str, list]:
+    """The attributes ``LowerIntegerLayers`` puts on a plain-division ``quantize_act`` PrimFunc."""
+    return {ACT_QUANT_ATTR: [float(np.float32(scale)), int(bits), int(signed)]}
+
+
+@dataclass(frozen=True)
+class _Fusion:
+    codes: relax.Var        # the quantize_act binding
+    value: relax.Var        # r (the relu, or the add when there is no relu)
+    a: relax.Expr
+    b: relax.Expr
+    relu: bool
+    keep_value: bool        # r has users besides the quantizer
+    scale: float
+    bits: int
+    signed: bool
+
+
+def add_relu_quantize(a: te.Tensor, b: te.Tensor, scale: float, bits: int, signed: bool, relu: bool,
+                      keep_value: bool) -> te.Tensor | list[te.Tensor]:
+    """``[v, codes]`` (or ``codes``) with ``v = [max](a + b[, 0])`` and ``codes`` as ``kernels.quantize_act``
+    computes them from ``v`` (its plain division form), in one loop nest."""
+    lo, hi = qmath.act_range(bits, signed)
+    dtype = qmath.act_dtype(bits, signed)
+    s = tirx.const(float(np.float32(scale)), "float32")
+
+    def value(*i: tirx.PrimExpr) -> tirx.PrimExpr:
+        v = a[i] + b[i]
+        return tirx.max(v, tirx.const(0, "float32")) if relu else v
+
+    def codes(*i: tirx.PrimExpr) -> tirx.PrimExpr:
+        q = tirx.nearbyint(value(*i) / s)
+        q = tirx.min(tirx.max(q, tirx.const(float(lo), "float32")), tirx.const(float(hi), "float32"))
+        return q.astype(dtype)
+
+    if keep_value:
+        return list(te.compute(a.shape, lambda *i: [value(*i), codes(*i)], name="add_quantize"))
+    return te.compute(a.shape, codes, name="add_quantize")
+
+
+def _shape(e: relax.Expr) -> tuple[int, ...] | None:
+    ty = e.ty
+    if getattr(ty, "dtype", None) != "float32" or getattr(ty, "shape", None) is None:
+        return None
+    try:
+        return tuple(int(d) for d in ty.shape)
+    except TypeError:  # a symbolic dimension
+        return None
+
+
+def _find(mod: tvm.IRModule, func: relax.Function) -> list[_Fusion]:
+    values = var2val(func)
+    users: dict[int, int] = {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            for v in relax.analysis.free_vars(b.value):
+                users[v.__hash__()] = users.get(v.__hash__(), 0) + 1
+    for v in relax.analysis.free_vars(func.body.body):
+        users[v.__hash__()] = users.get(v.__hash__(), 0) + 1
+    found = []
+    for block in func.body.blocks:
+        for bnd in block.bindings:
+            call = bnd.value
+            if not (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
+                continue
+            gv, args = call.args[0], call.args[1]
+            prim = mod[gv] if isinstance(gv, relax.GlobalVar) else None
+            attrs = getattr(prim, "attrs", None) or {}
+            if ACT_QUANT_ATTR not in attrs or len(args.fields) != 1 or not isinstance(args.fields[0], relax.Var):
+                continue
+            scale, bits, signed = (float(attrs[ACT_QUANT_ATTR][0]), int(attrs[ACT_QUANT_ATTR][1]),
+                                   bool(int(attrs[ACT_QUANT_ATTR][2])))
+            r = args.fields[0]
+            relu = bound_call(RELU, r, values) is not None
+            s = values[r].args[0] if relu else r
+            add = bound_call(ADD, s, values)
+            if add is None or not isinstance(s, relax.Var) or (relu and users.get(s.__hash__(), 0) != 1):
+                continue
+            shape = _shape(r)
+            if shape is None or _shape(add.args[0]) != shape or _shape(add.args[1]) != shape:
+                continue
+            found.append(_Fusion(bnd.var, r, add.args[0], add.args[1], relu, users.get(r.__hash__(), 0) > 1,
+                                 scale, bits, signed))
+    per_value: dict[int, int] = {}
+    for f in found:
+        per_value[f.value.__hash__()] = per_value.get(f.value.__hash__(), 0) + 1
+    return [f for f in found if per_value[f.value.__hash__()] == 1]  # two quantizers of one value: neither
+
+
+@relax.expr_functor.mutator
+class _Fuse(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, fusions: list[_Fusion]) -> None:
+        super().__init__(mod)
+        self.at_value = {f.value.__hash__(): f for f in fusions}
+        self.at_codes = {f.codes.__hash__(): f for f in fusions}
+        self.codes: dict[int, relax.Expr] = {}
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        h = binding.var.__hash__()
+        f = self.at_value.get(h)
+        if f is not None:
+            out = self.builder_.emit_te(add_relu_quantize, self.visit_expr(f.a), self.visit_expr(f.b),
+                                        scale=f.scale, bits=f.bits, signed=f.signed, relu=f.relu,
+                                        keep_value=f.keep_value, primfunc_name_hint="add_quantize")
+            if f.keep_value:
+                value = relax.TupleGetItem(out, 0)
+                value = self.builder_.emit(value) if isinstance(binding.var, relax.DataflowVar) else \
+                    self.builder_.emit_output(value)
+                self.set_var_remap(binding.var, value)
+                self.codes[f.codes.__hash__()] = self.builder_.emit(relax.TupleGetItem(out, 1))
+            else:
+                self.codes[f.codes.__hash__()] = out
+            return
+        f = self.at_codes.get(h)
+        if f is not None:
+            codes = self.codes[h]
+            if not isinstance(binding.var, relax.DataflowVar):
+                codes = self.builder_.emit_output(codes)
+            self.set_var_remap(binding.var, codes)
+            return
+        super().visit_var_binding_(binding)
+
+
+def fuse_add_quantize(mod: tvm.IRModule, func_name: str = "main") -> tuple[tvm.IRModule, int]:
+    """``mod`` with every ``quantize_act(relu(add(a, b)))`` / ``quantize_act(add(a, b))`` of ``func_name``
+    in one loop (module docstring); returns the module and how many were fused."""
+    if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
+        return mod, 0
+    func = mod[func_name]
+    fusions = _find(mod, func)
+    if not fusions:
+        return mod, 0
+    mut = _Fuse(mod, fusions)
+    new_func = mut.visit_expr(func)
+    mut.builder_.update_func(mod.get_global_var(func_name), new_func)
+    out = relax.transform.DeadCodeElimination([func_name])(mut.builder_.get())
+    return out, len(fusions)
+
+
+@tvm.transform.module_pass(opt_level=0, name="tvm_lowbit.FuseAddQuantize")
+class FuseAddQuantize:
+    """Module-pass form of :func:`fuse_add_quantize`; the count is kept in ``self.fused``."""
+
+    def __init__(self, func_name: str = "main") -> None:
+        self.func_name = func_name
+        self.fused = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        out, self.fused = fuse_add_quantize(mod, self.func_name)
+        return out
