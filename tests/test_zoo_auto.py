@@ -8,17 +8,25 @@ kinds (a stride-2 stem, a depthwise conv, squeeze-excitation with a hard-sigmoid
 residual add, a linear head), each layer given a format by hand (``auto.build_mixed``, the function Auto's
 search builds every mix with), is compiled for x86: every lowered layer's int32 accumulators must equal an
 independent int64 reference computed from the codes the fake-quant model fed it, every layer Auto made float
-must be named by the quantizer (``tvm_lowbit_report.left_float``) and nothing else may stay float.
+must be named by the quantizer (``tvm_lowbit_report.left_float``) and nothing else may stay float; and built
+for rasp5, the bundle on the emulated Pi 5 gives the fake-quant outputs.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 import tvm_lowbit
 from tvm_lowbit import qmath
+from tvm_lowbit.deploy import board as emu
+from tvm_lowbit.deploy.bundle import export_bundle, run_bundle_emulated
 from tvm_lowbit.quantizers.auto import Auto, build_mixed
 from tvm_lowbit.quantizers.layers import QConv2d, quant_layers
 
@@ -71,7 +79,16 @@ def _record(codes: dict[str, np.ndarray], name: str, c: torch.Tensor) -> torch.T
     return c
 
 
-def test_auto_mix_of_zoo_layer_kinds_is_bit_exact_on_the_integer_layers() -> None:
+@dataclass
+class Mixed:
+    q: nn.Module
+    x: torch.Tensor
+    want: np.ndarray             # the fake-quant logits of x
+    codes: dict[str, np.ndarray]  # the input codes each integer layer got in PyTorch
+
+
+@pytest.fixture(scope="module")
+def mixed() -> Mixed:
     torch.manual_seed(0)
     model = ZooKinds().eval()
     _randomize_bn(model)
@@ -79,15 +96,8 @@ def test_auto_mix_of_zoo_layer_kinds_is_bit_exact_on_the_integer_layers() -> Non
     calib = torch.randn(32, 3, 32, 32, generator=g)
     x = torch.randn(4, 3, 32, 32, generator=g)
     q = build_mixed(model, MIX, calib, Auto(formats=("int4", "int8", "float"), calibration="minmax"))
-
-    floats = {n for n, f in MIX.items() if f == "float"}
-    left = {s.path: s.reason for s in q.tvm_lowbit_report.left_float}
-    assert set(left) == floats, left
-    assert all("Auto chose float" in why for why in left.values()), left
-    layers = quant_layers(q)
-    assert set(layers) == set(MIX) - floats
-
     codes: dict[str, np.ndarray] = {}
+    layers = quant_layers(q)
     for name, m in layers.items():  # the codes each layer's quantizer gives (instance attribute)
         orig = m.quantize_input
         m.quantize_input = lambda t, name=name, orig=orig: _record(codes, name, orig(t))
@@ -95,6 +105,17 @@ def test_auto_mix_of_zoo_layer_kinds_is_bit_exact_on_the_integer_layers() -> Non
         want = q(x).numpy()
     for m in layers.values():
         del m.quantize_input
+    return Mixed(q, x, want, codes)
+
+
+def test_auto_mix_of_zoo_layer_kinds_is_bit_exact_on_the_integer_layers(mixed: Mixed) -> None:
+    q, x, want, codes = mixed.q, mixed.x, mixed.want, mixed.codes
+    floats = {n for n, f in MIX.items() if f == "float"}
+    left = {s.path: s.reason for s in q.tvm_lowbit_report.left_float}
+    assert set(left) == floats, left
+    assert all("Auto chose float" in why for why in left.values()), left
+    layers = quant_layers(q)
+    assert set(layers) == set(MIX) - floats
 
     art = tvm_lowbit.compile(q, x, "x86-host", expose_acc=True)
     assert not art.report.fallback, art.report.fallback
@@ -109,3 +130,20 @@ def test_auto_mix_of_zoo_layer_kinds_is_bit_exact_on_the_integer_layers() -> Non
         np.testing.assert_array_equal(acc.astype(np.int64), ref, err_msg=f"layer {name} ({MIX[name]})")
     np.testing.assert_allclose(outs[0], want, rtol=0, atol=1e-4)
     assert (outs[0].argmax(1) == want.argmax(1)).all()
+
+
+@pytest.mark.slow
+def test_auto_mix_of_zoo_layer_kinds_on_an_emulated_pi5(mixed: Mixed, tmp_path: Path, one_thread) -> None:
+    """The same mix built for rasp5 (int4 and int8 layers on the sdot / depthwise / generic aarch64 kernels,
+    their integer requantization epilogues) gives the fake-quant logits on the emulated Cortex-A76."""
+    try:
+        emu.require_board()
+    except emu.BoardError as e:
+        pytest.skip(str(e))
+    x = mixed.x.numpy()
+    art = tvm_lowbit.compile(mixed.q, x, "rasp5")
+    assert not art.report.fallback, art.report.fallback
+    bundle = export_bundle(art, tmp_path / "bundle", x, mixed.want, atol=1e-4)
+    run = run_bundle_emulated(bundle, emu.qemu_cpu("rasp5"), runs=1)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"max_abs_diff \S+ atol \S+ OK", run.stdout), run.stdout
