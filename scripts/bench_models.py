@@ -137,7 +137,6 @@ class Row:
     float_layers: list[str] | None = None  # layers left float: quantizer's (path (class): why) + compiler's
     board_s: float | None = None      # wall seconds of the emulated-board runs (rasp5)
     weight_bytes: int | None = None   # MiniLM: bytes of the compiled model's constants (ORT: the int8 .onnx file)
-
     quantize_cpu_s: float | None = None  # process CPU seconds (all threads) of the quantization
 
     def as_dict(self) -> dict[str, Any]:
