@@ -9,8 +9,8 @@ evaluation photos); MiniLM on a handful of real sentences.
 
 Variants: ``fp32``; ``ort-int8`` (ONNX Runtime: static QDQ, per-channel, s8s8, MinMax, calibrated on the
 calibration photos, for CNNs; dynamic int8 for the transformer); ``int8`` (``Auto(formats=["int8"])``, see ``int8_config``);
-``fgq-n4`` (``FGQ(group_size=4)``); ``auto`` (``Auto(budget="agree>=90")`` for CNNs, int4 / int8 / float per layer, checked on the calibration
-views; ``"cos>=0.98"`` for MiniLM, see ``minilm_auto_config``: fitted on 96 calibration sentences, checked on
+``fgq-n4`` (``FGQ(group_size=4)``); ``auto`` (``Auto(budget="agree>=90")`` for CNNs, int4 / int8 / float per layer, checked on 36
+views of each calibration photo with one standard error to spare, see ``auto_config``; ``"cos>=0.98"`` for MiniLM, see ``minilm_auto_config``: fitted on 96 calibration sentences, checked on
 the other 32 with a margin); budgets are never checked on the evaluation inputs.  MiniLM's ``int8`` and
 ``auto`` smooth Linear input outliers into the weights first (``quantizers.smoothing``, alpha 0.8).
 
@@ -342,15 +342,36 @@ CNN_AUTO_FORMATS = ("int4", "int8", "float")
 
 
 AUTO_MARGIN = 0.0  # --auto-margin: points of agreement a CNN Auto mix must read above its budget on the check
+# CNN Auto's check set: every distinct view of the calibration photos (``photos.view_list`` has 36 per photo;
+# 432 views of the 12 photos), of which the first --calib-views per photo are the calibration inputs.  More
+# views of the same photos are cheap (one forward each per verified mix) and cut the noise of an agreement
+# reading: its binomial standard error at 92 % is 2.3 points on 144 views, 1.3 on 432 (views of one photo
+# are correlated, so the true error is larger).  They stay calibration photos: the evaluation photos are
+# never seen.
+AUTO_CHECK_VIEWS = 36
+# --auto-confidence: a CNN Auto mix must beat its budget by this many binomial standard errors of its
+# (monotone-fitted) check reading (``Auto.confidence``).  One standard error: a one-sided ~84 % bound for
+# independent views, chosen a priori (not fitted to any evaluation).
+AUTO_CONFIDENCE = 1.0
 
 
 def auto_config(budget: str) -> tvm_lowbit.Auto:
     """Auto with the per-tensor calibration of ``int8_config``, int4 / int8 / float per layer
     (``CNN_AUTO_FORMATS``), the sensitivity pass on 16 calibration inputs and at most 8 verified
-    mixes, to fit issue 16's 20 minutes on a 5 M-parameter model; ``AUTO_MARGIN`` to spare."""
+    mixes, to fit issue 16's 20 minutes on a 5 M-parameter model; ``AUTO_MARGIN`` and
+    ``AUTO_CONFIDENCE`` standard errors to spare on the check views (``auto_check_views``)."""
     return tvm_lowbit.Auto(budget=budget, formats=CNN_AUTO_FORMATS, calibration=CALIBRATION,
                            sensitivity_images=AUTO_SENSITIVITY_IMAGES, max_evals=AUTO_MAX_EVALS,
-                           margin=AUTO_MARGIN)
+                           margin=AUTO_MARGIN, confidence=AUTO_CONFIDENCE)
+
+
+def auto_check_views(case: CnnCase) -> torch.Tensor:
+    """CNN Auto's check set: ``AUTO_CHECK_VIEWS`` views of every calibration photo, normalized as
+    ``load_cnn`` normalizes the calibration views (the first ones are those views)."""
+    per_photo = max(AUTO_CHECK_VIEWS, len(case.calib) // len(photos.CALIB_PHOTOS))
+    if case.name.startswith("efficientnet-lite2"):
+        return efficientnet_lite.normalize(photos.views("calib", efficientnet_lite.SIZE, per_photo))
+    return zoo.normalize(photos.views("calib", int(case.calib.shape[-1]), per_photo))
 
 
 MINILM_SMOOTH_ALPHA = 0.8  # MiniLM int8, static activations, 16 eval sentences: none 0.9917, 0.5 0.981, 0.8 0.9968
@@ -379,7 +400,7 @@ def quantize_variant(variant: str, case: CnnCase) -> nn.Module:
     if variant == "int8":
         return tvm_lowbit.quantize(case.model, int8_config(), case.calib, case.calib, progress=True)
     if variant == "auto":
-        return tvm_lowbit.quantize(case.model, auto_config(CNN_AUTO_BUDGET), case.calib, case.calib,
+        return tvm_lowbit.quantize(case.model, auto_config(CNN_AUTO_BUDGET), case.calib, auto_check_views(case),
                                    progress=True)
     raise ValueError(variant)
 
@@ -611,6 +632,7 @@ def print_table(rows: list[Row]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global MAX_QUANTIZE_S, BOARD_VIEWS, AUTO_MARGIN, AUTO_CHECK_VIEWS, AUTO_CONFIDENCE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the rows here (rewritten after every row)")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
@@ -629,6 +651,10 @@ def main(argv: list[str] | None = None) -> int:
                     "and record where it was as the row's error (0: no limit)")
     ap.add_argument("--auto-margin", type=float, default=0.0, help="CNN auto: points of agreement a mix must "
                     "read above the budget on the check views (their noise; default 0)")
+    ap.add_argument("--auto-check-views", type=int, default=AUTO_CHECK_VIEWS, help="CNN auto: views per "
+                    f"calibration photo it checks its budget on (1..36, default {AUTO_CHECK_VIEWS}; at least --calib-views)")
+    ap.add_argument("--auto-confidence", type=float, default=AUTO_CONFIDENCE, help="CNN auto: binomial standard "
+                    f"errors a mix must beat its budget by on the check views (default {AUTO_CONFIDENCE:g})")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of these --json files "
                     "(merged, in order; with --json, also write the merged rows there)")
     a = ap.parse_args(argv)
@@ -651,11 +677,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     os.environ.setdefault("TVM_NUM_THREADS", "2")
     torch.set_num_threads(2)
-    global MAX_QUANTIZE_S, BOARD_VIEWS, AUTO_MARGIN
     MAX_QUANTIZE_S = a.max_quantize_s
     if not 0 <= a.auto_margin < 100:
         ap.error(f"--auto-margin is points of agreement in [0, 100), got {a.auto_margin}")
-    AUTO_MARGIN = a.auto_margin
+    if not 1 <= a.auto_check_views <= 36:
+        ap.error(f"--auto-check-views is views per calibration photo in 1..36, got {a.auto_check_views}")
+    if not 0 <= a.auto_confidence < 10:
+        ap.error(f"--auto-confidence is a number of standard errors in [0, 10), got {a.auto_confidence}")
+    AUTO_MARGIN, AUTO_CHECK_VIEWS, AUTO_CONFIDENCE = a.auto_margin, a.auto_check_views, a.auto_confidence
     BOARD_VIEWS = a.board_views
     res = Results(a.json)
     for m in models:

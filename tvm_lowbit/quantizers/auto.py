@@ -11,7 +11,14 @@
    batch norm re-estimated, bias corrected, batch norm folded: the model the compiler gets) and
    evaluated on the validation data; a binary search along the path finds the cheapest mix that
    meets the budget.  The per-layer KLs only rank the candidates; the budget is checked on the
-   built model, never on a sum of estimates.
+   built model, never on a sum of estimates.  A reading on a few hundred check inputs is noisy and
+   the cheapest mix that reads inside the budget is the luckiest reading (the winner's curse), so
+   every decision reads a mix through :func:`monotone_fit`: each built mix's smooth damage on the
+   check inputs (mean KL of its softmax to FP32's, or 1 - mean cosine) orders the mixes, and a mix
+   that reads better than a less damaged one is pooled with it (isotonic regression of the readings
+   against the damage).  ``confidence`` then asks for that many binomial standard errors to spare.
+   A mix meets the budget when both its fitted reading and its own reading do; the search returns
+   the cheapest built mix that meets it by the fit over every mix built.
 4. **Greedy backoff**: from that mix, single layers step down to a cheaper format (least KL added per
    byte saved first); each step is evaluated and kept only if the budget still holds.
 
@@ -93,6 +100,14 @@ class Budget:
             return agree >= self.value + margin - 1e-9
         return cos_min >= self.value + margin - 1e-12
 
+    def reading(self, drop: float, agree: float, cos_min: float = float("nan")) -> float:
+        """The measured quantity this budget bounds, signed so that higher is better (-drop, agree, cos_min)."""
+        return {"drop": -drop, "agree": agree, "cos": cos_min}[self.kind]
+
+    def met_reading(self, reading: float, margin: float = 0.0) -> bool:
+        """``met`` for a value of ``reading``."""
+        return self.met(-reading, reading, reading, margin)
+
     def __str__(self) -> str:
         return {"drop": f"drop<={self.value:g}pp", "agree": f"agree>={self.value:g}%",
                 "cos": f"cos>={self.value:g}"}[self.kind]
@@ -160,6 +175,12 @@ class Auto(SchemeConfig):
     budget on these, which it never fitted on.  margin: a mix must beat the budget by this much on
     the check set (points for drop/agree, cosine for cos): the lowest cosine over a few dozen check
     inputs is a noisy estimate of the lowest over unseen ones, and the margin covers that noise.
+    confidence (agree / drop budgets): a mix must also beat the budget by this many binomial standard
+    errors of its reading on the n check inputs, ``100 * sqrt(q (1 - q) / n)`` points with q its share
+    of predictions that differ from FP32 (add-one smoothed), so a reading from few check inputs
+    needs more to spare than one from many (``confidence=1``: one standard error).
+    Every decision of the search reads a mix's budget quantity through :func:`monotone_fit` over all
+    mixes built so far (see the module docstring, "Verification").
     smooth_alpha: None (off) or SmoothQuant's alpha: the input outliers of every Linear are migrated
     into its weights before anything else (``quantizers.smoothing``, fitted on the fit inputs).
     """
@@ -186,6 +207,7 @@ class Auto(SchemeConfig):
     use_cache: bool = True
     holdout: float = 0.25
     margin: float = 0.0
+    confidence: float = 0.0
     smooth_alpha: float | None = None
 
     def __post_init__(self) -> None:
@@ -225,6 +247,11 @@ class Auto(SchemeConfig):
             raise ValueError(f"Auto holdout must be a share in (0, 1) of the calibration inputs, got {self.holdout!r}")
         if not math.isfinite(self.margin) or self.margin < 0:
             raise ValueError(f"Auto margin must be a number >= 0 in the budget's units, got {self.margin!r}")
+        if not math.isfinite(self.confidence) or self.confidence < 0:
+            raise ValueError(f"Auto confidence must be a number of standard errors >= 0, got {self.confidence!r}")
+        if self.confidence and parse_budget(self.budget).kind == "cos":
+            raise ValueError(f"Auto confidence={self.confidence!r} with the budget {self.budget!r}: the lowest cosine "
+                             "has no binomial standard error; use margin for a cos budget")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"Auto smooth_alpha must be None or in 0..1, got {self.smooth_alpha!r}")
 
@@ -258,6 +285,8 @@ class Evaluation:
     stage: str
     seconds: float
     cos_min: float = float("nan")
+    damage: float = float("nan")   # smooth damage on the check inputs: mean KL to FP32 (1 - mean cosine for cos)
+    fitted: float = float("nan")   # the budget reading (Budget.reading) after monotone_fit and confidence
 
 
 @dataclass
@@ -282,6 +311,7 @@ class AutoResult:
     margin: float = 0.0
     val_source: str = "val_data"
     val_overlap: int = 0
+    confidence: float = 0.0
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -293,7 +323,8 @@ class AutoResult:
                 f"{self.weight_bytes:,d} weight bytes; on {self.val_images} validation images top-1 "
                 f"{self.top1:.2f}% (FP32 {self.fp32_top1:.2f}%, drop {self.drop:.2f} pp), agreement with "
                 f"FP32 {self.agree:.2f}%, lowest cosine to FP32 {self.cos_min:.4f}: {state} the budget {self.budget}"
-                f"{f' with a margin of {self.margin:g}' if self.margin else ''} (checked on {self.val_source}"
+                f"{f' with a margin of {self.margin:g}' if self.margin else ''}"
+                f"{f' and {self.confidence:g} standard errors' if self.confidence else ''} (checked on {self.val_source}"
                 f"{f', {self.val_overlap} of them also calibration inputs' if self.val_overlap else ''}; "
                 f"{len(self.evaluations)} mixes evaluated)")
 
@@ -437,6 +468,55 @@ def _val_arrays(val_data: object, n_inputs: int = 1) -> tuple[Batch, torch.Tenso
     return xt, yt
 
 
+def mean_kl(ref: torch.Tensor, got: torch.Tensor) -> float:
+    """Mean over rows of KL(softmax(ref) || softmax(got)), the rows being logits."""
+    lr, lg = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
+    return float((lr.exp() * (lr - lg)).sum(-1).mean())
+
+
+def monotone_fit(damage: list[float], reading: list[float]) -> list[float]:
+    """The readings refitted as a non-increasing function of the damage (isotonic regression by pool
+    adjacent violators, equal weights): where a more damaged mix reads better than a less damaged
+    one, both get the mean of their readings.  Readings in the damage's order come back unchanged.
+    A NaN damage counts as the largest."""
+    if len(damage) != len(reading):
+        raise ValueError(f"monotone_fit: {len(damage)} damages but {len(reading)} readings")
+    order = sorted(range(len(damage)), key=lambda i: (math.isnan(damage[i]), damage[i]))
+    blocks: list[tuple[float, int]] = []  # (sum of readings, count), means non-increasing
+    for i in order:
+        total, count = reading[i], 1
+        while blocks and blocks[-1][0] / blocks[-1][1] < total / count:
+            t, c = blocks.pop()
+            total, count = total + t, count + c
+        blocks.append((total, count))
+    out = [0.0] * len(reading)
+    k = 0
+    for total, count in blocks:
+        for _ in range(count):
+            out[order[k]] = total / count
+            k += 1
+    return out
+
+
+def agreement_se(agree: float, n: int) -> float:
+    """The binomial standard error, in points, of an agreement of ``agree`` % read on ``n`` inputs; the
+    share of differing predictions is add-one smoothed, so a reading of 100 % still has an error."""
+    q = ((100.0 - agree) / 100.0 * n + 1.0) / (n + 2.0)
+    return 100.0 * math.sqrt(q * (1.0 - q) / n)
+
+
+def judge(evals: list[Evaluation], budget: Budget, margin: float = 0.0, confidence: float = 0.0,
+          n_check: int = 1) -> None:
+    """Set every built mix's ``fitted`` reading and ``met`` verdict from the readings of all of them:
+    the budget's reading (``Budget.reading``) refitted against the mixes' damage (:func:`monotone_fit`),
+    less ``confidence`` binomial standard errors of the mix's agreement on ``n_check`` inputs; a mix
+    meets the budget (+ ``margin``) when that fitted reading and its own reading both do."""
+    fit = monotone_fit([e.damage for e in evals], [budget.reading(e.drop, e.agree, e.cos_min) for e in evals])
+    for e, v in zip(evals, fit):
+        e.fitted = v - confidence * agreement_se(e.agree, n_check) if confidence else v
+        e.met = budget.met_reading(e.fitted, margin) and budget.met(e.drop, e.agree, e.cos_min, margin)
+
+
 # --------------------------------------------------------------------------------------------
 # The search
 # --------------------------------------------------------------------------------------------
@@ -536,7 +616,8 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
             tqdm.write(f"Auto [{time.time() - t_start:6.1f} s] {msg}")
 
     log(f"{len(names)} layers; {'rounding ' + config.rounding}; the budget {budget}"
-        f"{f' (+ margin {config.margin:g})' if config.margin else ''} checked on {source}")
+        f"{f' (+ margin {config.margin:g})' if config.margin else ''}"
+        f"{f' (+ {config.confidence:g} standard errors)' if config.confidence else ''} checked on {source}")
     if overlap:
         log(f"warning: {overlap} of the {inputs.batch_len(xv)} validation inputs are also calibration inputs: the "
             "budget is then checked on inputs the quantizer fitted on and may not hold on unseen ones")
@@ -572,6 +653,9 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
     evals: list[Evaluation] = []
     models: dict[tuple, nn.Module] = {}
     bar = tqdm(total=config.max_evals, desc="verifying mixes on validation data", disable=not progress, leave=False)
+    n_val = inputs.batch_len(xv)
+    want = f"{budget}{f' + margin {config.margin:g}' if config.margin else ''}" + (
+        f" + {config.confidence:g} SE" if config.confidence else "")
 
     def evaluate(mix: dict[str, str], stage: str) -> Evaluation:
         key = tuple(mix[n] for n in names)
@@ -587,27 +671,38 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
         cos_min = float(cosines(ref_rows, rows).min())
         top1 = 100.0 * float((pred == yv).double().mean()) if yv is not None else float("nan")
         drop = fp32 - top1 if yv is not None else float("nan")
+        damage = 1.0 - float(cosines(ref_rows, rows).mean()) if budget.kind == "cos" else mean_kl(ref_rows, rows)
         nbytes, _ = model_weight_bytes(q)
         e = Evaluation(dict(mix), sum(cost[n][mix[n]] for n in names), nbytes, avg_weight_bits(q), top1, agree, drop,
-                       budget.met(drop, agree, cos_min, config.margin), stage, time.time() - t0, cos_min)
+                       False, stage, time.time() - t0, cos_min, damage)
         evals.append(e)
+        judge(evals, budget, config.margin, config.confidence, n_val)
         models[key] = q
         bar.update()
         log(f"{stage}: {e.avg_weight_bits:.2f} avg weight bits, agreement {agree:.2f}%, lowest cosine "
-            f"{cos_min:.4f}{'' if yv is None else f', top-1 {top1:.2f}%'} -> {'meets' if e.met else 'misses'} "
-            f"{budget}{f' + margin {config.margin:g}' if config.margin else ''} ({e.seconds:.1f} s)")
+            f"{cos_min:.4f}{'' if yv is None else f', top-1 {top1:.2f}%'}, {'1 - mean cosine' if budget.kind == 'cos' else 'mean KL'} "
+            f"{damage:.5f}, fitted {_shown(budget, e.fitted)} -> {'meets' if e.met else 'misses'} {want} ({e.seconds:.1f} s)")
         return e
 
-    # the most accurate end of the path first: if it fails, nothing on the path can pass
-    best = evaluate(path[-1], "most accurate")
-    if not best.met:
+    def unreachable(best: Evaluation) -> BudgetError:
         bar.close()
-        res = _result(budget, best, fp32, evals, sens, inputs.batch_len(xv), config.margin, source, overlap)
-        raise BudgetError(f"the budget {budget} is unreachable with formats {', '.join(config.formats)}: the most "
+        res = _result(budget, best, fp32, evals, sens, n_val, config, source, overlap)
+        return BudgetError(f"the budget {budget} is unreachable with formats {', '.join(config.formats)}: the most "
                           f"accurate mix found (top-1 {best.top1:.2f}%, drop {best.drop:.2f} pp, agreement "
                           f"{best.agree:.2f}%, lowest cosine {best.cos_min:.4f}) costs {best.cost:,.0f} ({best.weight_bytes:,d} weight bytes, "
                           f"{best.avg_weight_bits:.2f} avg weight bits); allow more formats (e.g. 'int8', "
                           "'float') or loosen the budget", res, models[tuple(best.formats[n] for n in names)])
+
+    def cheapest_met() -> Evaluation:
+        met = [e for e in evals if e.met]
+        if not met:  # the fit may pull the most accurate mix under the budget when a less damaged one read worse
+            raise unreachable(max(evals, key=lambda e: e.fitted))
+        return min(met, key=lambda e: e.cost)
+
+    # the most accurate end of the path first: if it fails, nothing on the path can pass
+    best = evaluate(path[-1], "most accurate")
+    if not best.met:
+        raise unreachable(best)
     lo, hi = 0, len(path) - 1  # path[hi] meets the budget
     while lo < hi and len(evals) < config.max_evals:
         mid = (lo + hi) // 2
@@ -615,7 +710,7 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
             hi = mid
         else:
             lo = mid + 1
-    chosen = next(e for e in evals if tuple(e.formats[n] for n in names) == tuple(path[hi][n] for n in names))
+    chosen = cheapest_met()
 
     # greedy backoff: one layer at a time to its next cheaper format, least KL per cost saved first
     frozen: set[str] = set()
@@ -639,19 +734,33 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
             chosen = e
         else:
             frozen.add(n)
+        chosen = cheapest_met()  # the fit may have moved a verdict
     bar.close()
+    log("the mixes built, cheapest first:\n" + evaluation_table(evals, budget))
     q = models[tuple(chosen.formats[n] for n in names)]
-    q.tvm_lowbit_auto = _result(budget, chosen, fp32, evals, sens, inputs.batch_len(xv), config.margin, source,
-                                overlap)
+    q.tvm_lowbit_auto = _result(budget, chosen, fp32, evals, sens, n_val, config, source, overlap)
     warn_report(q.tvm_lowbit_report, progress)
     log(q.tvm_lowbit_auto.summary())
     return q
 
 
+def _shown(budget: Budget, reading: float) -> str:
+    return {"drop": f"drop {-reading:.2f} pp", "agree": f"{reading:.2f}%", "cos": f"{reading:.4f}"}[budget.kind]
+
+
+def evaluation_table(evals: list[Evaluation], budget: Budget) -> str:
+    """One line per built mix, cheapest first: bits, reading, damage, fitted reading, verdict."""
+    head = f"{'stage':14s} {'bits':>6s} {'agree %':>8s} {'cos min':>8s} {'damage':>9s} {'fitted':>14s} verdict"
+    rows = [f"{e.stage:14s} {e.avg_weight_bits:6.2f} {e.agree:8.2f} {e.cos_min:8.4f} {e.damage:9.5f} "
+            f"{_shown(budget, e.fitted):>14s} {'meets' if e.met else 'misses'}" for e in sorted(evals, key=lambda e: e.cost)]
+    return "\n".join([head, *rows])
+
+
 def _result(budget: Budget, e: Evaluation, fp32: float, evals: list[Evaluation], sens: Sensitivity,
-            n_val: int, margin: float, source: str, overlap: int) -> AutoResult:
+            n_val: int, config: Auto, source: str, overlap: int) -> AutoResult:
     return AutoResult(budget, dict(e.formats), fp32, e.top1, e.agree, e.drop, e.cost, e.weight_bytes,
-                      e.avg_weight_bits, e.met, list(evals), sens, n_val, e.cos_min, margin, source, overlap)
+                      e.avg_weight_bits, e.met, list(evals), sens, n_val, e.cos_min, config.margin, source, overlap,
+                      config.confidence)
 
 
 def shared_rows(a: Batch, b: Batch) -> int:
