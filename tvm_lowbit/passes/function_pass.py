@@ -34,7 +34,7 @@ class CountedRewrite:
 
     def rewrite(self, mod: tvm.IRModule, func_name: str) -> tuple[tvm.IRModule, int]:
         """The rewritten module and how many places changed (a subclass's job)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} defines no rewrite(mod, func_name)")
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         out, self.count = self.rewrite(mod, self.func_name)
@@ -51,7 +51,7 @@ class PrimFuncRewrite:
 
     def rewrite(self, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         """``func``'s replacement, or None to keep it (a subclass's job)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} defines no rewrite(func)")
 
     def transform_function(self, func: tirx.PrimFunc, _mod: tvm.IRModule,
                            _ctx: tvm.transform.PassContext) -> tirx.PrimFunc:
