@@ -10,6 +10,8 @@ from tvm import relax, te, tirx, topi
 from tvm_lowbit import kernels
 from tvm_lowbit.passes.apply_kernel_schedules import ApplyKernelSchedules, apply_default_schedules
 from tvm_lowbit.passes.function_pass import CountedRewrite, PrimFuncRewrite, replace_function
+from tvm_lowbit.passes.fuse_add_quantize import FuseAddQuantize
+from tvm_lowbit.passes.nhwc_shuffle import NHWCShuffle, nhwc_shuffle
 
 LLVM = tvm.target.Target({"kind": "llvm"})
 
@@ -110,6 +112,27 @@ def test_a_pass_without_rewrite_says_so() -> None:
 
     with pytest.raises(Exception, match="NoPrimRewrite defines no rewrite"):
         NoPrimRewrite(LLVM)(tvm.IRModule({"plain": _prim("plain", False)}))
+
+
+def test_the_module_pass_forms_keep_their_functions_counts() -> None:
+    """``NHWCShuffle`` on an NHWC value taken to NCHW, concatenated and taken back: one permute removed."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 4, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            t = bb.emit(relax.op.permute_dims(x, [0, 3, 1, 2]))
+            c = bb.emit(relax.op.concat([t, t], axis=1))
+            out = bb.emit_output(relax.op.permute_dims(c, [0, 2, 3, 1]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    want, removed = nhwc_shuffle(mod)
+    shuffle = NHWCShuffle()
+    got = shuffle(mod)
+    assert removed == shuffle.count == 1 and shuffle.info.name == "tvm_lowbit.NHWCShuffle"
+    tvm.ir.assert_structural_equal(got, want)
+    assert _ops(got["main"]) == ["relax.concat"]
+    fuse = FuseAddQuantize()
+    assert fuse(mod).same_as(mod) and fuse.count == 0  # no quantize_act: nothing to fuse
 
 
 def _prim(name: str, mark: bool) -> tirx.PrimFunc:
