@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import tvm
 from tvm import relax, te, tirx, topi
+from tvm.script import ir as I
+from tvm.script import relax as R
 
 from tvm_lowbit import kernels
 from tvm_lowbit.passes.apply_kernel_schedules import ApplyKernelSchedules, apply_default_schedules
@@ -114,17 +116,23 @@ def test_a_pass_without_rewrite_says_so() -> None:
         NoPrimRewrite(LLVM)(tvm.IRModule({"plain": _prim("plain", False)}))
 
 
+@I.ir_module
+class ConcatInNCHW:
+    """An NHWC value taken to NCHW, concatenated with itself on the channels and taken back."""
+
+    @R.function
+    def main(x: R.Tensor((1, 4, 4, 8), "float32")) -> R.Tensor((1, 4, 4, 16), "float32"):
+        with R.dataflow():
+            t = R.permute_dims(x, [0, 3, 1, 2])
+            c = R.concat((t, t), axis=1)
+            out = R.permute_dims(c, [0, 2, 3, 1])
+            R.output(out)
+        return out
+
+
 def test_the_module_pass_forms_keep_their_functions_counts() -> None:
-    """``NHWCShuffle`` on an NHWC value taken to NCHW, concatenated and taken back: one permute removed."""
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 4, 4, 8), "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            t = bb.emit(relax.op.permute_dims(x, [0, 3, 1, 2]))
-            c = bb.emit(relax.op.concat([t, t], axis=1))
-            out = bb.emit_output(relax.op.permute_dims(c, [0, 2, 3, 1]))
-        bb.emit_func_output(out)
-    mod = bb.get()
+    """``NHWCShuffle`` concatenates in NHWC: one permute removed; ``FuseAddQuantize`` finds nothing."""
+    mod = ConcatInNCHW
     want, removed = nhwc_shuffle(mod)
     shuffle = NHWCShuffle()
     got = shuffle(mod)
