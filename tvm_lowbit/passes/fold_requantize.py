@@ -22,6 +22,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from tvm_lowbit.passes.function_pass import CountedRewrite, replace_function
 from tvm_lowbit.passes.patterns import MULTIPLY, bound_call, const_value, match_quantizer, var2val
 from tvm_lowbit.passes.report import LoweringReport
 
@@ -95,24 +96,25 @@ def fold_requantize(mod: tvm.IRModule, func_name: str = "main") -> tuple[tvm.IRM
     if not pairs:
         return mod, 0
     mut = _Redirect(mod, pairs)
-    new_func = mut.visit_expr(func)
-    mut.builder_.update_func(mod.get_global_var(func_name), new_func)
-    out = relax.transform.DeadCodeElimination([func_name])(mut.builder_.get())
-    return out, len(pairs)
+    return replace_function(mod, func_name, mut, mut.visit_expr(func)), len(pairs)
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvm_lowbit.FoldRequantize")
-class FoldRequantize:
+class FoldRequantize(CountedRewrite):
     """Module-pass form of :func:`fold_requantize`: the count is kept in ``self.folded`` and, when a
     ``report`` is given, in its ``requant_folded``."""
 
     def __init__(self, func_name: str = "main", report: LoweringReport | None = None) -> None:
-        self.func_name = func_name
-        self.folded = 0
+        super().__init__(func_name)
         self.report = report
 
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        out, self.folded = fold_requantize(mod, self.func_name)
+    @property
+    def folded(self) -> int:
+        """How many re-quantizers the last run folded."""
+        return self.count
+
+    def rewrite(self, mod: tvm.IRModule, func_name: str) -> tuple[tvm.IRModule, int]:
+        out, folded = fold_requantize(mod, func_name)
         if self.report is not None:
-            self.report.requant_folded = self.folded
-        return out
+            self.report.requant_folded = folded
+        return out, folded

@@ -24,6 +24,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from tvm_lowbit.passes.function_pass import CountedRewrite, replace_function
+
 TO_NCHW, TO_NHWC, SHUFFLE = [0, 3, 1, 2], [0, 2, 3, 1], [0, 2, 1, 3, 4]
 _OPS = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("permute_dims", "reshape", "concat", "split")}
 
@@ -120,19 +122,12 @@ def nhwc_shuffle(mod: tvm.IRModule, func_name: str = "main") -> tuple[tvm.IRModu
     new_func = mut.visit_expr(mod[func_name])
     if not mut.changed:
         return mod, 0
-    mut.builder_.update_func(mod.get_global_var(func_name), new_func)
-    out = relax.transform.DeadCodeElimination([func_name])(mut.builder_.get())
-    return out, mut.changed
+    return replace_function(mod, func_name, mut, new_func), mut.changed
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvm_lowbit.NHWCShuffle")
-class NHWCShuffle:
-    """Module-pass form of :func:`nhwc_shuffle`; the count is kept in ``self.removed``."""
+class NHWCShuffle(CountedRewrite):
+    """Module-pass form of :func:`nhwc_shuffle`; the count is kept in ``self.count``."""
 
-    def __init__(self, func_name: str = "main") -> None:
-        self.func_name = func_name
-        self.removed = 0
-
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        out, self.removed = nhwc_shuffle(mod, self.func_name)
-        return out
+    def rewrite(self, mod: tvm.IRModule, func_name: str) -> tuple[tvm.IRModule, int]:
+        return nhwc_shuffle(mod, func_name)

@@ -1,4 +1,4 @@
-"""TIR module pass: a default CPU schedule for the float ops between the integer kernels.
+"""TIR pass (a ``prim_func_pass``): a default CPU schedule for the float ops between the integer kernels.
 
 Relax legalizes the ops no kernel owns (max pool, residual add + ReLU, the squeeze-excitation gate, layer
 norm, softmax, GELU, the attention matmuls) into PrimFuncs that nothing schedules on CPU: one serial loop
@@ -32,6 +32,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.target.codegen import llvm_get_vector_width
 
 from tvm_lowbit.kernels import KERNEL_ATTR
+from tvm_lowbit.passes.function_pass import PrimFuncRewrite
 from tvm_lowbit.passes.vector_math import VectorMath
 
 PARALLEL_MIN = 1 << 14  # block iterations below which a parallel region (a fork-join, a few µs) does not pay
@@ -136,32 +137,20 @@ def schedule_float_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.
     return sch.mod["main"].with_attr(SCHEDULED_ATTR, True) if changed else None
 
 
-def schedule_float_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Schedule every PrimFunc of ``mod`` that is no kernel and has no schedule yet."""
-    updates = {}
-    for gv, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc):
-            continue
+@tirx.transform.prim_func_pass(opt_level=0, name="tvm_lowbit.ScheduleFloatOps")
+class ScheduleFloatOps(PrimFuncRewrite):
+    """:func:`schedule_float_func` on every PrimFunc that is no kernel and has no schedule yet."""
+
+    def rewrite(self, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         attrs = func.attrs or {}
         if KERNEL_ATTR in attrs or attrs.get("tirx.is_scheduled", False) or SCHEDULED_ATTR in attrs:
-            continue
-        new = schedule_float_func(func, target)
-        if new is not None:
-            updates[gv] = new
-    for gv, func in updates.items():
-        mod[gv] = func
-    return mod
+            return None
+        return schedule_float_func(func, self.target)
 
 
-@tvm.transform.module_pass(opt_level=0, name="tvm_lowbit.ScheduleFloatOps")
-class ScheduleFloatOps:
-    """Module-pass form of :func:`schedule_float_ops`."""
-
-    def __init__(self, target: tvm.target.Target) -> None:
-        self.target = target
-
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return schedule_float_ops(mod, self.target)
+def schedule_float_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Schedule every PrimFunc of ``mod`` that is no kernel and has no schedule yet."""
+    return ScheduleFloatOps(target)(mod)
 
 
 def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:

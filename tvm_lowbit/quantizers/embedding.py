@@ -36,7 +36,7 @@ from torch import nn
 
 from tvm_lowbit import formats
 from tvm_lowbit.quantizers import inputs
-from tvm_lowbit.quantizers.surgery import QuantReport, Skipped
+from tvm_lowbit.quantizers.surgery import QuantReport, Skipped, set_module
 
 DEFAULT_EMBEDDING_FORMAT = "int8"
 # a table below this many float32 bytes stays float unless a mapping names it: its rows are shared by many tokens
@@ -127,12 +127,6 @@ def _called(model: nn.Module, names: list[str], example: inputs.Batch) -> set[st
     return called
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
 def quantize_embeddings(model: nn.Module, fmt: EmbeddingFormats = DEFAULT_EMBEDDING_FORMAT,
                         example: inputs.Batch | None = None) -> tuple[dict[str, str], list[Skipped]]:
     """Replace the embedding tables of ``model`` (in place) by :class:`QEmbedding`.
@@ -183,7 +177,7 @@ def quantize_embeddings(model: nn.Module, fmt: EmbeddingFormats = DEFAULT_EMBEDD
             del todo[n]
     done: dict[str, str] = {}
     for n, f in todo.items():
-        _set_module(model, n, QEmbedding(n, embs[n], f))  # type: ignore[arg-type]
+        set_module(model, n, QEmbedding(n, embs[n], f))  # type: ignore[arg-type]
         done[n] = f.name
     return done, skipped
 
