@@ -14,7 +14,7 @@ not), and the quantizer a third pass over ``p``.  This pass replaces ``p`` and `
 attributes) and ``kernels.common.quantize_act`` of its result, in one PrimFunc whose schedule inlines the
 padding, vectorizes the channels and quantizes each pooled vector in place.  Every value is computed by the
 same float32 operations in the same order as before, so ``p`` and ``c`` are the same bits
-(``tests/test_maxpool_quant.py`` compiles with and without the pass).
+(``tests/test_x86_glue2.py`` compiles with and without the pass).
 
 Why not the quantizer *above* the pool (``q(maxpool(y)) == maxpool(q(y))``, exact since ``q`` is monotone
 and the pool's padding never wins a window)?  After the lowering it would quantize ``y`` (4x the pooled

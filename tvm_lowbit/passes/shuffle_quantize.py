@@ -13,7 +13,7 @@ writes, straight from ``x1`` and ``b``, each channel range that something reads:
 (``x1'``, which the next concat reads) or, for a range whose reader is a ``quantize_act`` with the plain
 division attribute (``fuse_add_quantize.ACT_QUANT_ATTR``), its codes.  Only data moves before the quantizer,
 and the quantizer is ``kernels.common.quantize_act`` of the same values, so every output is the same bits
-(``tests/test_maxpool_quant.py`` compiles ShuffleNet-style blocks with and without the pass).
+(``tests/test_x86_glue2.py`` compiles ShuffleNet-style blocks with and without the pass).
 
 Required: ``concat`` on the last axis of float32 NHWC tensors with static shapes, the shuffle's reshape /
 ``permute_dims([0, 1, 2, 4, 3])`` / reshape with one user each, and a ``split`` (if any) on the last axis whose

@@ -1,5 +1,7 @@
-"""``PoolQuantize`` (``passes/pool_quantize.py``, kernel ``kernels/pool.py``): a float32 max pool and the next
-layer's ``quantize_act`` in one scheduled kernel, bit for bit.
+"""The x86 glue kernels of branch x86-glue2, each bit for bit against the graph it replaces:
+
+``PoolQuantize`` (``passes/pool_quantize.py``, kernel ``kernels/pool.py``): a float32 max pool and the next
+layer's ``quantize_act`` in one scheduled kernel.
 
 * The kernel against the two calls it replaces (Relax's own ``max_pool2d`` legalization and the plain
   division ``quantize_act``), both layouts, padded / unpadded / ceil-mode pools, channel counts that take
@@ -10,9 +12,17 @@ layer's ``quantize_act`` in one scheduled kernel, bit for bit.
   and a ResNet-style one (the pool feeds a quantizer and the residual add) with the pass and with it
   replaced by the identity: the output and every layer's int32 accumulators equal, and the pass fired.
 * Refusals: a quantizer without the plain-division attribute, an average pool.
+
+``ShuffleQuantize`` (``passes/shuffle_quantize.py``, kernel ``kernels/shuffle.py``): ShuffleNet's NHWC concat +
+channel shuffle + split + the next quantizer in one kernel: the graph with and without it at ShuffleNetV2's
+shapes (float halves and codes), halves read twice, a quantizer without the attribute; a kernel fed its
+parts in the wrong order must differ; a permutation that is no shuffle is left alone; whole builds of
+ShuffleNet-style blocks with and without the pass.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -25,10 +35,12 @@ import tvm_lowbit
 import tvm_lowbit.backends.cpu as cpu
 from tvm_lowbit import FGQ, kernels, quantize
 from tvm_lowbit.kernels.pool import NAME
+from tvm_lowbit.kernels.shuffle import NAME as SHUFFLE_NAME
 from tvm_lowbit.passes.apply_kernel_schedules import apply_default_schedules
 from tvm_lowbit.passes.fuse_add_quantize import ACT_QUANT_ATTR, act_quant_attrs
 from tvm_lowbit.passes.pool_quantize import pool_quantize
 from tvm_lowbit.passes.schedule_float_ops import build_pipeline
+from tvm_lowbit.passes.shuffle_quantize import shuffle_quantize
 from tvm_lowbit.targets import load_target
 
 X86 = load_target("x86-host").tvm_target()
@@ -195,18 +207,19 @@ def _quantized(model: nn.Module, size: int, seed: int = 0) -> nn.Module:
     return quantize(model, CONFIG, torch.randn(32, 3, size, size), progress=False)
 
 
-def _compile(q: nn.Module, x: np.ndarray, monkeypatch: pytest.MonkeyPatch, run_pass: bool
+def _compile(q: nn.Module, x: np.ndarray, monkeypatch: pytest.MonkeyPatch, run_pass: bool,
+             name: str = "pool_quantize", real: Callable[[tvm.IRModule], tuple[tvm.IRModule, int]] = pool_quantize
              ) -> tuple[list[np.ndarray], int]:
-    """Run ``x`` through ``q`` compiled for the host with ``backends.cpu``'s ``pool_quantize`` as it is, or
+    """Run ``x`` through ``q`` compiled for the host with ``backends.cpu``'s pass ``name`` as it is, or
     replaced by the identity; returns the outputs (with every layer's accumulators) and the fusions made."""
     done: list[int] = []
 
     def spy(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
-        out, n = pool_quantize(mod) if run_pass else (mod, 0)
+        out, n = real(mod) if run_pass else (mod, 0)
         done.append(n)
         return out, n
 
-    monkeypatch.setattr(cpu, "pool_quantize", spy)
+    monkeypatch.setattr(cpu, name, spy)
     art = tvm_lowbit.compile(q, x, expose_acc=True)
     monkeypatch.undo()
     assert len(done) == 1, "the pass did not run in the build"
@@ -223,6 +236,134 @@ def test_build_is_bit_identical_with_and_without(model: type[nn.Module], size: i
     without, n0 = _compile(q, x, monkeypatch, False)
     assert n0 == 0
     assert len(with_pass) == len(without) > 1  # the output and the accumulators
+    for g, w in zip(with_pass, without):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert np.array_equal(g.view(np.uint8), w.view(np.uint8)), np.abs(g.astype(np.float64) - w).max()
+
+
+# --- ShuffleQuantize -------------------------------------------------------------------------------------
+
+def _shuffle_graph(h: int, c: int, split: bool, scale: float = 0.05, attr: bool = True, keep_half: bool = False,
+                   axes: tuple[int, ...] = (0, 1, 2, 4, 3), swap: bool = False) -> tvm.IRModule:
+    """NHWCShuffle's form of a ShuffleNetV2 block end: concat of two halves, the shuffle, [split], the
+    quantizer of the second half (``keep_half``: that half is also a function output)."""
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType((1, h, h, c // 2), "float32"))
+    b = relax.Var("b", relax.TensorType((1, h, h, c // 2), "float32"))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            cat = bb.emit(relax.op.concat([b, a] if swap else [a, b], axis=3))
+            r = bb.emit(relax.op.reshape(cat, (1, h, h, 2, c // 2)))
+            t = bb.emit(relax.op.permute_dims(r, list(axes)))
+            s = bb.emit(relax.op.reshape(t, (1, h, h, c)))
+            if split:
+                sp = bb.emit(relax.op.split(s, [c // 2], axis=3))
+                x1, x2 = bb.emit(relax.TupleGetItem(sp, 0)), bb.emit(relax.TupleGetItem(sp, 1))
+            else:
+                x1, x2 = None, s
+            q = bb.emit_te(kernels.quantize_act, x2, scale=scale, bits=8, signed=False,
+                           primfunc_name_hint="quantize_act",
+                           primfunc_attrs={**kernels.kernel_attrs("quantize_act"),
+                                           **(act_quant_attrs(scale, 8, False) if attr else {})})
+            outs = [o for o in (x1, q, x2 if keep_half and split else None) if o is not None]
+            out = bb.emit_output(relax.Tuple(outs) if len(outs) > 1 else outs[0])
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _run_two(vm: relax.VirtualMachine, xs: list[np.ndarray]) -> list[np.ndarray]:
+    out = vm["main"](*(tvm.runtime.tensor(x) for x in xs))
+    return [np.asarray(o.numpy()) for o in ([out] if hasattr(out, "numpy") else list(out))]
+
+
+SHUFFLE_CASES = [  # (h, channels, split, attr, keep_half)
+    (28, 116, True, True, False),   # ShuffleNetV2 x1.0's stage 2: float x1', codes of x2
+    (7, 464, True, True, False),    # stage 4
+    (14, 232, False, True, False),  # a stage's last block: the whole shuffle quantized
+    (8, 24, True, True, True),      # x2 read by the quantizer and returned: float and codes
+    (8, 24, True, False, False),    # a quantizer without the plain-division attribute: float pieces only
+]
+
+
+@pytest.mark.parametrize("case", SHUFFLE_CASES, ids=[f"{c[0]}x{c[1]}-{'split' if c[2] else 'whole'}"
+                                                     f"{'-noattr' if not c[3] else ''}{'-keep' if c[4] else ''}"
+                                                     for c in SHUFFLE_CASES])
+def test_shuffle_kernel_is_bit_identical(case: tuple) -> None:
+    h, c, split, attr, keep_half = case
+    plain = _shuffle_graph(h, c, split, attr=attr, keep_half=keep_half)
+    fused, n = shuffle_quantize(plain)
+    assert n == 1
+    names = [gv.name_hint for gv in fused.get_global_vars()]
+    assert any(name.startswith(SHUFFLE_NAME) for name in names), names
+    assert any(name.startswith("quantize_act") for name in names) == (not attr), names
+    want_vm, got_vm = _vm(plain), _vm(fused)
+    for seed in range(2):
+        rng = np.random.default_rng(seed)
+        xs = [_input((1, h, h, c // 2), 0.05, seed), rng.standard_normal((1, h, h, c // 2)).astype(np.float32)]
+        want, got = _run_two(want_vm, xs), _run_two(got_vm, xs)
+        assert len(want) == len(got)
+        for w, g in zip(want, got):
+            assert w.dtype == g.dtype and w.shape == g.shape
+            assert np.array_equal(w.view(np.uint8), g.view(np.uint8)), f"seed {seed}: {np.sum(w != g)} differ"
+
+
+def test_shuffle_kernel_with_its_parts_swapped_differs() -> None:
+    """A kernel that takes the halves in the wrong order (the concat of (b, a), fused) against the plain
+    graph of (a, b) on the test's inputs: the comparison must see it."""
+    plain = _shuffle_graph(8, 24, True)
+    wrong, n = shuffle_quantize(_shuffle_graph(8, 24, True, swap=True))
+    assert n == 1
+    rng = np.random.default_rng(0)
+    xs = [_input((1, 8, 8, 12), 0.05, 0), rng.standard_normal((1, 8, 8, 12)).astype(np.float32)]
+    want, got = _run_two(_vm(plain), xs), _run_two(_vm(wrong), xs)
+    assert not any(np.array_equal(w, g) for w, g in zip(want, got))
+
+
+def test_a_permutation_that_is_no_shuffle_is_left_alone() -> None:
+    mod = _shuffle_graph(8, 24, True, axes=(0, 2, 1, 3, 4))
+    new, n = shuffle_quantize(mod)
+    assert n == 0
+    tvm.ir.assert_structural_equal(new, mod)
+
+
+def _shuffle(x: torch.Tensor, groups: int = 2) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleBlocks(nn.Module):
+    """ShuffleNetV2's blocks: a stride-2 block (two branches, concat, shuffle), two stride-1 blocks (chunk,
+    the right half through convs, concat with the left half, shuffle), then a head conv."""
+
+    def __init__(self, c: int = 24) -> None:
+        super().__init__()
+        self.stem = _cbr(3, 16, stride=2)
+        self.left = nn.Sequential(_cbr(16, 16, groups=16, relu=False), _cbr(16, c // 2, 1))
+        self.right = nn.Sequential(_cbr(16, c // 2, 1), _cbr(c // 2, c // 2, groups=c // 2, relu=False),
+                                   _cbr(c // 2, c // 2, 1))
+        self.blocks = nn.ModuleList(nn.Sequential(_cbr(c // 2, c // 2, 1),
+                                                  _cbr(c // 2, c // 2, groups=c // 2, relu=False),
+                                                  _cbr(c // 2, c // 2, 1)) for _ in range(2))
+        self.head = _cbr(c, 32, 1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = _shuffle(torch.cat((self.left(x), self.right(x)), 1))
+        for block in self.blocks:
+            x1, x2 = x.chunk(2, dim=1)
+            x = _shuffle(torch.cat((x1, block(x2)), 1))
+        return self.fc(self.head(x).mean((2, 3)))
+
+
+def test_shuffle_build_is_bit_identical_with_and_without(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = _quantized(ShuffleBlocks(), 32, seed=1)
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with_pass, n = _compile(q, x, monkeypatch, True, "shuffle_quantize", shuffle_quantize)
+    assert n == 3, "the three shuffles were not fused in the build"
+    without, n0 = _compile(q, x, monkeypatch, False, "shuffle_quantize", shuffle_quantize)
+    assert n0 == 0
+    assert len(with_pass) == len(without) > 1
     for g, w in zip(with_pass, without):
         assert g.dtype == w.dtype and g.shape == w.shape
         assert np.array_equal(g.view(np.uint8), w.view(np.uint8)), np.abs(g.astype(np.float64) - w).max()
