@@ -21,6 +21,8 @@ from tvm_lowbit.passes.apply_kernel_schedules import apply_default_schedules
 from tvm_lowbit.passes.fuse_add_quantize import fuse_add_quantize
 from tvm_lowbit.passes.lower_integer_layers import lower_integer_layers
 from tvm_lowbit.passes.nhwc_shuffle import nhwc_shuffle
+from tvm_lowbit.passes.pool_quantize import pool_quantize
+from tvm_lowbit.passes.shuffle_quantize import shuffle_quantize
 from tvm_lowbit.passes.normalize_take import normalize_take
 from tvm_lowbit.passes.schedule_float_ops import build_pipeline
 from tvm_lowbit.passes.vector_math import vector_math
@@ -107,6 +109,8 @@ def _build_locked(mod: Any, spec: TargetSpec, infos: dict[str, LayerInfo] | None
         mod, _ = nhwc_shuffle(mod)  # channel shuffles in NHWC, no NCHW detour (passes.nhwc_shuffle)
         if spec.arch == "x86_64":  # residual add (+ ReLU) and the next quantizer in one loop (passes.fuse_add_quantize)
             mod, _ = fuse_add_quantize(mod)
+            mod, _ = pool_quantize(mod)  # max pool + the next quantizer in one kernel (passes.pool_quantize)
+            mod, _ = shuffle_quantize(mod)  # concat + shuffle + split + quantizer in one pass (passes.shuffle_quantize)
         mod = vector_math(mod, tgt)  # float32 exp / erf vectorized, the C library's bits (x86 FMA+AVX2 only)
         if db_dir is not None:
             mod = apply_tuned(mod, None)

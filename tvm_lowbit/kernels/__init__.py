@@ -26,7 +26,7 @@ from tvm_lowbit.kernels.ternary import ternary_conv2d, ternary_dense
 from tvm_lowbit.kernels.pow2 import pow2_conv2d, pow2_dense
 from tvm_lowbit.kernels.intw import int_conv2d, int_dense
 # the ISA kernels: one import line each registers them
-from tvm_lowbit.kernels import a76, avx2, depthwise, lut, neon, sdot, tbl, vlut, vnni  # noqa: F401  (registrations)
+from tvm_lowbit.kernels import a76, avx2, depthwise, lut, neon, pool, sdot, shuffle, tbl, vlut, vnni  # noqa: F401  (registrations)
 
 __all__ = [
     "GENERIC",
