@@ -125,8 +125,9 @@ def _compile(q: nn.Module, x: np.ndarray, monkeypatch: pytest.MonkeyPatch, name:
 
 
 def _run_all(art: Artifact, x: np.ndarray) -> list[np.ndarray]:
-    out = art.run(x)
-    return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
+    outs = art.run_all(x)  # the logits and every layer's accumulators (expose_acc)
+    assert len(outs) > 1, "the build exposes no accumulators: the comparison would check the logits only"
+    return [np.asarray(o) for o in outs]
 
 
 def _assert_same_bits(got: list[np.ndarray], want: list[np.ndarray]) -> None:
