@@ -98,14 +98,27 @@ def input_hessians(model: nn.Module, layers: list[str], images: object, batch_si
     return {n: acc[n] / rows[n] for n in layers if n in acc}
 
 
-def gptq_codes(w: torch.Tensor, step: torch.Tensor, lo: int, hi: int, hessian: torch.Tensor) -> torch.Tensor:
+def gptq_codes(w: torch.Tensor, step: torch.Tensor, lo: int, hi: int, hessian: torch.Tensor,
+               act_order: bool = False) -> torch.Tensor:
     """Integer codes c in [lo, hi] (float64, w's shape) so that ``step * c`` approximates ``w`` in the
-    output norm of ``hessian`` ([groups, d, d]; the weight's rows are split evenly over the groups)."""
+    output norm of ``hessian`` ([groups, d, d]; the weight's rows are split evenly over the groups).
+    ``act_order``: round the columns in descending order of diag(H) (GPTQ's "act-order": the inputs with
+    the most energy first, while the most columns are left to absorb their error); the grid (``step``
+    per element) is unchanged, so it holds for grouped scales too."""
     k = w.shape[0]
     g, d, _ = hessian.shape
     W = w.detach().double().reshape(g, k // g, d).clone()
     S = step.double().reshape(g, k // g, d)
     H = hessian.double().clone()
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=1, descending=True, stable=True)  # [g, d]
+        rows = perm[:, None, :].expand(-1, W.shape[1], -1)
+        codes = gptq_codes(torch.gather(W, 2, rows).reshape(k, d), torch.gather(S, 2, rows).reshape(k, d),
+                           lo, hi, torch.gather(torch.gather(H, 1, perm[:, :, None].expand(-1, -1, d)), 2,
+                                                perm[:, None, :].expand(-1, d, -1)))
+        out = torch.empty_like(W)
+        out.scatter_(2, rows, codes.reshape(g, k // g, d))
+        return out.reshape(w.shape)
     eye = torch.eye(d, dtype=H.dtype)
     diag = torch.diagonal(H, dim1=1, dim2=2)
     dead = diag == 0  # an input that is always zero: its weight does not matter
