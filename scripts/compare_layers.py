@@ -215,13 +215,26 @@ def main(argv: list[str] | None = None) -> int:
                     "(TVM_LOWBIT_TORCH_CPU; default this host's; 'none': TVM's own sigmoid and mean)")
     ap.add_argument("--codes", action="store_true", help="also compare the codes each layer read in the build with "
                     "PyTorch's, and the accumulators with a reference of the build's own codes (see above)")
+    ap.add_argument("--auto-check-views", type=int, default=bench_models.AUTO_CHECK_VIEWS, help="auto: as "
+                    "bench_models.py's flag (views per calibration photo the budget is checked on)")
+    ap.add_argument("--auto-confidence", type=float, default=bench_models.AUTO_CONFIDENCE, help="auto: as "
+                    "bench_models.py's flag (standard errors to spare on the check views)")
+    ap.add_argument("--quantized", type=Path, default=None, help="a file for the quantized model: loaded when it "
+                    "exists (same --model/--variant/views), else written (torch.save), so a second run skips the search")
     a = ap.parse_args(argv)
     if a.torch_cpu:
         os.environ[TORCH_CPU_ENV] = a.torch_cpu
+    bench_models.AUTO_CHECK_VIEWS, bench_models.AUTO_CONFIDENCE = a.auto_check_views, a.auto_confidence
 
     t0 = time.process_time()
     case = bench_models.load_cnn(a.model, a.size, a.eval_views, a.calib_views)
-    q = bench_models.quantize_variant(a.variant, case)
+    if a.quantized is not None and a.quantized.is_file():
+        q = torch.load(a.quantized, weights_only=False)
+        print(f"quantized model loaded from {a.quantized}")
+    else:
+        q = bench_models.quantize_variant(a.variant, case)
+        if a.quantized is not None:
+            torch.save(q, a.quantized)
     x = case.evalx
     ratios: dict[str, np.ndarray] | None = {} if a.codes else None
     want, codes = record_codes(q, x, ratios)
