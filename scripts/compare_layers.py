@@ -51,7 +51,7 @@ from tvm_lowbit.passes.normalize_take import normalize_take  # noqa: E402
 from tvm_lowbit.targets import load_target  # noqa: E402
 from tvm_lowbit import qmath  # noqa: E402
 from tvm_lowbit.passes.torch_sigmoid import TORCH_CPU_ENV  # noqa: E402
-from tvm_lowbit.quantizers.layers import QConv2d, quant_layers  # noqa: E402
+from tvm_lowbit.quantizers.layers import QUANT_ATTR, QConv2d, quant_layers, wrap_module  # noqa: E402
 
 
 def record_codes(q: torch.nn.Module, x: torch.Tensor, ratios: dict[str, np.ndarray] | None = None
@@ -198,6 +198,26 @@ def mix_text(q: torch.nn.Module, names: list[str]) -> str:
     return "\n".join(lines + [f"  float: {f}" for f in floats])
 
 
+def save_quantized(q: torch.nn.Module, path: Path) -> None:
+    """``torch.save`` of a fake-quant model: its wrapped modules' bound ``forward`` (not picklable) left out."""
+    wrapped = [m for m in q.modules() if QUANT_ATTR in m._modules]
+    fwd = [m.__dict__.pop("forward") for m in wrapped]
+    try:
+        torch.save(q, path)
+    finally:
+        for m, f in zip(wrapped, fwd):
+            m.forward = f
+
+
+def load_quantized(path: Path) -> torch.nn.Module:
+    """A model ``save_quantized`` wrote, its wrapped modules wrapped again."""
+    q = torch.load(path, weights_only=False)
+    for m in q.modules():
+        if QUANT_ATTR in m._modules:
+            wrap_module(m, getattr(m, QUANT_ATTR))
+    return q.eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
@@ -229,12 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.process_time()
     case = bench_models.load_cnn(a.model, a.size, a.eval_views, a.calib_views)
     if a.quantized is not None and a.quantized.is_file():
-        q = torch.load(a.quantized, weights_only=False)
+        q = load_quantized(a.quantized)
         print(f"quantized model loaded from {a.quantized}")
     else:
         q = bench_models.quantize_variant(a.variant, case)
         if a.quantized is not None:
-            torch.save(q, a.quantized)
+            save_quantized(q, a.quantized)
     x = case.evalx
     ratios: dict[str, np.ndarray] | None = {} if a.codes else None
     want, codes = record_codes(q, x, ratios)
@@ -264,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     print(mix_text(q, names))
     bad_layers, outs = 0, []
     differ: set[str] = set()
-    code_diff: dict[str, tuple[int, float]] = {}  # layer -> (codes differing, most ulps from a midpoint)
+    code_diff: dict[str, tuple[int, float, float, int]] = {}  # layer -> (codes differing, most ulps and most
+    # fraction of a step PyTorch's x / scale was from a midpoint there, largest |build - PyTorch| code)
     kernel_bad: set[str] = set()
     for i in range(0, len(x), a.batch):
         chunk = x[i:i + a.batch].numpy()
@@ -300,12 +321,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name}: views {i}..{i + n - 1}: accumulators differ from the reference of the build's own codes")
             wrong = bc != c
             if wrong.any():
-                far = float(midpoint_ulps(ratios[name][i:i + n][wrong]).max())
-                cnt, most = code_diff.get(name, (0, 0.0))
-                code_diff[name] = (cnt + int(wrong.sum()), max(most, far))
-    for name, (cnt, far) in code_diff.items():
-        print(f"  {name}: {cnt} input codes differ from PyTorch's; PyTorch's x / scale was at most {far:.3g} ulps "
-              f"from a rounding midpoint there")
+                r = ratios[name][i:i + n][wrong]
+                far = float(midpoint_ulps(r).max())
+                step = float(np.abs(r.astype(np.float64) - (np.round(r.astype(np.float64) - 0.5) + 0.5)).max())
+                jump = int(np.abs(bc[wrong].astype(np.int64) - c[wrong].astype(np.int64)).max())
+                cnt, most, most_step, most_jump = code_diff.get(name, (0, 0.0, 0.0, 0))
+                code_diff[name] = (cnt + int(wrong.sum()), max(most, far), max(most_step, step), max(most_jump, jump))
+    for name, (cnt, far, step, jump) in code_diff.items():
+        print(f"  {name}: {cnt} of {codes[name][:len(x)].size} input codes differ from PyTorch's, by at most {jump}; "
+              f"PyTorch's x / scale was at most {far:.3g} ulps ({step:.3g} of a step) from a rounding midpoint there")
     got = np.concatenate(outs)
     agree = 100.0 * float((got.argmax(1) == want.argmax(1)).mean())
     print(f"{a.model} {a.variant}: layer/chunk pairs with differing accumulators: {bad_layers}; logits max |diff| "
