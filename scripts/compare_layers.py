@@ -176,10 +176,11 @@ def int_ref(m: torch.nn.Module, c: np.ndarray) -> np.ndarray:
 
 
 def midpoint_ulps(r: np.ndarray) -> np.ndarray:
-    """How many float32 ulps each ``x / scale`` is from the nearest rounding midpoint (k + 0.5)."""
-    r = r.astype(np.float32)
-    mid = np.round(r.astype(np.float64) - 0.5) + 0.5
-    return np.abs(r.astype(np.float64) - mid) / np.spacing(np.abs(r)).astype(np.float64)
+    """How far each ``x / scale`` is from the nearest rounding midpoint (k + 0.5), in float32 ulps of that
+    midpoint."""
+    r = r.astype(np.float64)
+    mid = np.round(r - 0.5) + 0.5
+    return np.abs(r - mid) / np.spacing(np.abs(mid).astype(np.float32)).astype(np.float64)
 
 
 def mix_text(q: torch.nn.Module, names: list[str]) -> str:
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 code_diff[name] = (cnt + int(wrong.sum()), max(most, far), max(most_step, step), max(most_jump, jump))
     for name, (cnt, far, step, jump) in code_diff.items():
         print(f"  {name}: {cnt} of {codes[name][:len(x)].size} input codes differ from PyTorch's, by at most {jump}; "
-              f"PyTorch's x / scale was at most {far:.3g} ulps ({step:.3g} of a step) from a rounding midpoint there")
+              f"PyTorch's x / scale was at most {step:.3g} of a step ({far:.3g} ulps) from a rounding midpoint there")
     got = np.concatenate(outs)
     agree = 100.0 * float((got.argmax(1) == want.argmax(1)).mean())
     print(f"{a.model} {a.variant}: layer/chunk pairs with differing accumulators: {bad_layers}; logits max |diff| "
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.model} {a.variant} ({a.target}): integer layers compared {len(names)}, layers whose accumulators differ "
           f"from the reference of PyTorch's codes {len(differ)}"
           + (f"; with --codes: layers whose input codes differ from PyTorch's {len(code_diff)} "
-             f"({sum(c for c, _ in code_diff.values())} codes), layers whose accumulators differ from the reference of "
+             f"({sum(v[0] for v in code_diff.values())} codes), layers whose accumulators differ from the reference of "
              f"the build's own codes {len(kernel_bad)}" if a.codes else ""))
     return 0 if bad_layers == 0 and agree == 100.0 and not kernel_bad else 1
 
