@@ -68,7 +68,8 @@ from tvm_lowbit.quantizers.config import SchemeConfig
 from tvm_lowbit.quantizers.rounding import input_hessians, refine
 from tvm_lowbit.quantizers.sensitivity import SENSITIVITY_MODES, Sensitivity, layer_sensitivity
 from tvm_lowbit.quantizers.smoothing import smooth
-from tvm_lowbit.quantizers.surgery import FloatReference, ModelGraph, analyze, build_fake_quant, warn_report
+from tvm_lowbit.quantizers.surgery import (FloatReference, ModelGraph, QuantReport, Skipped, analyze, build_fake_quant,
+                                           warn_report)
 
 DEFAULT_FORMATS = ("ternary-n16", "ternary", "pow2-3", "pow2-4", "pow2-5", "int4", "int8", "float")
 ROUNDINGS = ("nearest", "gptq")
@@ -406,8 +407,12 @@ def build_mixed(model: nn.Module, formats: Mapping[str, str], calib_data: object
         fmt = parse_format(fname)
         if not fmt.is_float:
             qw[name] = make(name, fmt)
-    if not qw:
+    if not qw:  # every layer float: the same report a partial mix gets, each layer named
         q = copy.deepcopy(model).cpu().eval()
+        mods = dict(q.named_modules())
+        q.tvm_lowbit_report = QuantReport(notes=list(graph.notes), left_float=list(graph.skipped) + [
+            Skipped(n, type(mods[n]).__name__, f"Auto chose float for {n}" if n in formats
+                    else "kept float by the configuration", True) for n in graph.order])
     else:
         why = {n: f"Auto chose float for {n}" for n, f in formats.items() if parse_format(f).is_float}
         q = build_fake_quant(model, qw, calib, act_bits=cfg.act_bits, calibration=cfg.method(),
