@@ -65,6 +65,7 @@ from tvm_lowbit.deploy.bundle import export_bundle
 from tvm_lowbit.formats import avg_weight_bits, model_weight_bytes, parse_format
 from tvm_lowbit.models import efficientnet_lite, minilm, photos, zoo
 from tvm_lowbit.quantizers.embedding import QEmbedding, embedding_bytes
+from tvm_lowbit.quantizers.auto import parse_budget
 
 CNNS = (*zoo.ARCHS, "efficientnet-lite2", "efficientnet-lite2-pad")
 MODELS = (*CNNS, "minilm")
@@ -364,9 +365,10 @@ def auto_config(budget: str) -> tvm_lowbit.Auto:
     (``CNN_AUTO_FORMATS``), the sensitivity pass on 16 calibration inputs and at most 8 verified
     mixes, to fit issue 16's 20 minutes on a 5 M-parameter model; ``AUTO_MARGIN`` and
     ``AUTO_CONFIDENCE`` standard errors to spare on the check views (``auto_check_views``)."""
+    cos = parse_budget(budget).kind == "cos"
     return tvm_lowbit.Auto(budget=budget, formats=CNN_AUTO_FORMATS, calibration=CALIBRATION,
                            sensitivity_images=AUTO_SENSITIVITY_IMAGES, max_evals=AUTO_MAX_EVALS,
-                           margin=AUTO_MARGIN, confidence=AUTO_CONFIDENCE)
+                           margin=0.0 if cos else AUTO_MARGIN, confidence=0.0 if cos else AUTO_CONFIDENCE)
 
 
 def auto_check_views(case: CnnCase) -> torch.Tensor:
@@ -636,7 +638,7 @@ def print_table(rows: list[Row]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global MAX_QUANTIZE_S, BOARD_VIEWS, AUTO_MARGIN, AUTO_CHECK_VIEWS, AUTO_CONFIDENCE
+    global MAX_QUANTIZE_S, BOARD_VIEWS, AUTO_MARGIN, AUTO_CHECK_VIEWS, AUTO_CONFIDENCE, CNN_AUTO_BUDGET
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the rows here (rewritten after every row)")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
@@ -659,6 +661,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"calibration photo it checks its budget on (1..36, default {AUTO_CHECK_VIEWS}; at least --calib-views)")
     ap.add_argument("--auto-confidence", type=float, default=AUTO_CONFIDENCE, help="CNN auto: binomial standard "
                     f"errors a mix must beat its budget by on the check views (default {AUTO_CONFIDENCE:g})")
+    ap.add_argument("--auto-budget", default=CNN_AUTO_BUDGET, help="CNN auto: Auto's budget (default "
+                    f"{CNN_AUTO_BUDGET!r}); e.g. 'cos>=0.99' for the random-weight torchvision models, whose top-1 "
+                    "has near-ties on every photo (even int8 keeps 17-33 %% agreement there); --auto-margin and "
+                    "--auto-confidence apply to agree/drop budgets only")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of these --json files "
                     "(merged, in order; with --json, also write the merged rows there)")
     a = ap.parse_args(argv)
@@ -688,7 +694,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--auto-check-views is views per calibration photo in 1..36, got {a.auto_check_views}")
     if not 0 <= a.auto_confidence < 10:
         ap.error(f"--auto-confidence is a number of standard errors in [0, 10), got {a.auto_confidence}")
+    try:
+        parse_budget(a.auto_budget)
+    except ValueError as e:
+        ap.error(f"--auto-budget {a.auto_budget!r}: {e}")
     AUTO_MARGIN, AUTO_CHECK_VIEWS, AUTO_CONFIDENCE = a.auto_margin, a.auto_check_views, a.auto_confidence
+    CNN_AUTO_BUDGET = a.auto_budget
     BOARD_VIEWS = a.board_views
     res = Results(a.json)
     for m in models:
