@@ -1,10 +1,19 @@
 """Shared test fixtures: the emulated board (built once a session, one board Python per core for every board
-test), and the tiny model of the tuning tests with its x86 database (tuned once a session)."""
+test), and the tiny model of the tuning tests with its x86 database (tuned once a session).
+
+The default suite runs on two pytest-xdist workers (pyproject.toml's addopts: ``--numprocesses auto --maxprocesses 2
+--dist loadfile``): a test file runs whole on one worker (its module fixtures are built once), and the session
+fixtures here are per worker and safe side by side: the board is built under a lock, the tuned database lives in
+the worker's own temporary folder. ``-n 0`` runs the suite in one process; without pytest-xdist
+(``-p no:xdist``, or not installed) the xdist options of addopts are accepted and ignored (docs/testing.md)."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +29,17 @@ from helpers import BoardPythons  # noqa: E402  (found through the path above)
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    """Without pytest-xdist (``-p no:xdist``, or an environment set up before it was a test dependency) the
+    xdist options in addopts are accepted and ignored: the suite runs in this one process."""
+    if pluginmanager.hasplugin("xdist"):
+        return
+    group = parser.getgroup("xdist (not loaded)")
+    group.addoption("--numprocesses", dest="numprocesses", default=None, help="ignored: pytest-xdist is not loaded")
+    group.addoption("--maxprocesses", dest="maxprocesses", default=None, help="ignored: pytest-xdist is not loaded")
+    group.addoption("--dist", dest="dist", default="no", help="ignored: pytest-xdist is not loaded")
+
+
 @pytest.fixture
 def one_thread():
     """Run a test with one torch thread: the small training tests are slower, not faster, with more on
@@ -32,11 +52,16 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def board_built() -> Path:
-    """The emulated board (scripts/board/setup.sh: ~1 min the first time, a few seconds after), once a session."""
+    """The emulated board (scripts/board/setup.sh: ~1 min the first time, a few seconds after), once a session.
+    Built under a lock on its folder: two xdist workers (or two sessions) never run the setup at the same time;
+    the second finds it built and returns in a second."""
     from tvm_lowbit.deploy import board as emu
 
-    r = subprocess.run(["bash", str(REPO / "scripts" / "board" / "setup.sh")], capture_output=True, text=True,
-                       timeout=1200)
+    key = hashlib.sha1(str(emu.board_dir().resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"tvm_lowbit-board-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        r = subprocess.run(["bash", str(REPO / "scripts" / "board" / "setup.sh")], capture_output=True, text=True,
+                           timeout=1200)
     assert r.returncode == 0, f"scripts/board/setup.sh failed:\n{r.stderr[-4000:]}"
     return emu.require_board()
 

@@ -87,6 +87,10 @@ def _from_pypi(kit: Path, tvm_v: str, ffi_v: str) -> None:
                         dest.write_bytes(z.read(member))
 
 
+def _kit_complete(kit: Path) -> bool:
+    return all((kit / "lib" / n).is_file() for n in RUNTIME_LIBS)
+
+
 def runtime_kit() -> Path:
     """A folder with the aarch64 TVM runtime (``lib/``), the tvm-ffi headers (``include/``) and the runner
     cross-compiled against them (``bin/lowbit_runner``), for the TVM version installed here."""
@@ -95,7 +99,7 @@ def runtime_kit() -> Path:
     runner = runner_binary(kit)
     if runner.is_file():
         return kit
-    if not all((kit / "lib" / n).is_file() for n in RUNTIME_LIBS):
+    if not _kit_complete(kit):
         kit.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".kit-", dir=kit.parent))
         try:
@@ -103,9 +107,14 @@ def runtime_kit() -> Path:
             (tmp / "include").mkdir()
             if not _from_board_sysroot(tmp, tvm_v, ffi_v):
                 _from_pypi(tmp, tvm_v, ffi_v)
-            if kit.exists():
-                shutil.rmtree(kit)
-            tmp.rename(kit)
+            if kit.exists() and not _kit_complete(kit):
+                shutil.rmtree(kit)  # a kit left half-made
+            try:
+                tmp.rename(kit)
+            except OSError:  # another process (a second test worker) put its complete kit there first: use it
+                if not _kit_complete(kit):
+                    raise
+                shutil.rmtree(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
