@@ -2,7 +2,8 @@
 body that keeps a rewrite's count, and a rewrite of every PrimFunc as TVM's ``prim_func_pass``.
 
 * :func:`replace_function`: ``mod[func_name]`` replaced by a ``relax.PyExprMutator``'s result, the bindings that
-  became dead removed (``FoldRequantize``, ``FuseAddQuantize``, ``NHWCShuffle``).
+  became dead removed (``FoldRequantize``, ``FuseAddQuantize``, ``NHWCShuffle``, ``PoolQuantize``,
+  ``ShuffleQuantize``).
 * :class:`CountedRewrite`: the body of a ``tvm.transform.module_pass`` class around ``rewrite(mod, func_name)
   -> (mod, count)``; the last run's count is kept in ``count``.
 * :class:`PrimFuncRewrite`: the body of a ``tvm.tirx.transform.prim_func_pass`` class for one target:

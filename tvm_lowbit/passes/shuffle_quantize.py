@@ -30,6 +30,7 @@ from tvm import relax
 
 from tvm_lowbit.kernels import kernel_attrs
 from tvm_lowbit.kernels.shuffle import NAME, Piece, channel_shuffle
+from tvm_lowbit.passes.function_pass import CountedRewrite, replace_function
 from tvm_lowbit.passes.fuse_add_quantize import ACT_QUANT_ATTR
 from tvm_lowbit.passes.patterns import var2val
 
@@ -205,20 +206,12 @@ def shuffle_quantize(mod: tvm.IRModule, func_name: str = "main") -> tuple[tvm.IR
     if not fusions:
         return mod, 0
     mut = _Fuse(mod, fusions)
-    new_func = mut.visit_expr(func)
-    mut.builder_.update_func(mod.get_global_var(func_name), new_func)
-    out = relax.transform.DeadCodeElimination([func_name])(mut.builder_.get())
-    return out, len(fusions)
+    return replace_function(mod, func_name, mut, mut.visit_expr(func)), len(fusions)
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvm_lowbit.ShuffleQuantize")
-class ShuffleQuantize:
-    """Module-pass form of :func:`shuffle_quantize`; the count is kept in ``self.fused``."""
+class ShuffleQuantize(CountedRewrite):
+    """Module-pass form of :func:`shuffle_quantize`; the count is kept in ``self.count``."""
 
-    def __init__(self, func_name: str = "main") -> None:
-        self.func_name = func_name
-        self.fused = 0
-
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        out, self.fused = shuffle_quantize(mod, self.func_name)
-        return out
+    def rewrite(self, mod: tvm.IRModule, func_name: str) -> tuple[tvm.IRModule, int]:
+        return shuffle_quantize(mod, func_name)
