@@ -4,6 +4,8 @@ body that keeps a rewrite's count, and a rewrite of every PrimFunc as TVM's ``pr
 * :func:`replace_function`: ``mod[func_name]`` replaced by a ``relax.PyExprMutator``'s result, the bindings that
   became dead removed (``FoldRequantize``, ``FuseAddQuantize``, ``NHWCShuffle``, ``PoolQuantize``,
   ``ShuffleQuantize``).
+* :func:`rewrite_matches`: find the places to change in one function, rewrite them with a mutator, count them
+  (``FuseAddQuantize``, ``PoolQuantize``, ``ShuffleQuantize``).
 * :class:`CountedRewrite`: the body of a ``tvm.transform.module_pass`` class around ``rewrite(mod, func_name)
   -> (mod, count)``; the last run's count is kept in ``count``.
 * :class:`PrimFuncRewrite`: the body of a ``tvm.tirx.transform.prim_func_pass`` class for one target:
@@ -12,6 +14,9 @@ body that keeps a rewrite's count, and a rewrite of every PrimFunc as TVM's ``pr
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sized
+from typing import Any
 
 import tvm
 from tvm import relax, tirx
@@ -23,6 +28,20 @@ def replace_function(mod: tvm.IRModule, func_name: str, mutator: relax.PyExprMut
     ``mutator`` made of it), with the functions ``mutator`` emitted and without the bindings that became dead."""
     mutator.builder_.update_func(mod.get_global_var(func_name), new_func)
     return relax.transform.DeadCodeElimination([func_name])(mutator.builder_.get())
+
+
+def rewrite_matches(mod: tvm.IRModule, func_name: str, find: Callable[[tvm.IRModule, relax.Function], Sized],
+                    mutator: Callable[[tvm.IRModule, Any], relax.PyExprMutator]) -> tuple[tvm.IRModule, int]:
+    """(``mod`` with ``func_name`` rewritten by ``mutator(mod, matches)``, how many matches): ``find(mod, func)``
+    lists the places to change; a module without ``func_name`` or without a match comes back as it was."""
+    if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
+        return mod, 0
+    func = mod[func_name]
+    matches = find(mod, func)
+    if not matches:
+        return mod, 0
+    mut = mutator(mod, matches)
+    return replace_function(mod, func_name, mut, mut.visit_expr(func)), len(matches)
 
 
 class CountedRewrite:
@@ -60,4 +79,4 @@ class PrimFuncRewrite:
         return func if new is None else new
 
 
-__all__ = ["CountedRewrite", "PrimFuncRewrite", "replace_function"]
+__all__ = ["CountedRewrite", "PrimFuncRewrite", "replace_function", "rewrite_matches"]

@@ -30,7 +30,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from tvm_lowbit import qmath
-from tvm_lowbit.passes.function_pass import CountedRewrite, replace_function
+from tvm_lowbit.passes.function_pass import CountedRewrite, rewrite_matches
 from tvm_lowbit.passes.patterns import ADD, RELU, bound_call, var2val
 
 ACT_QUANT_ATTR = "tvm_lowbit.act_quant"
@@ -163,14 +163,7 @@ class _Fuse(relax.PyExprMutator):
 def fuse_add_quantize(mod: tvm.IRModule, func_name: str = "main") -> tuple[tvm.IRModule, int]:
     """``mod`` with every ``quantize_act(relu(add(a, b)))`` / ``quantize_act(add(a, b))`` of ``func_name``
     in one loop (module docstring); returns the module and how many were fused."""
-    if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
-        return mod, 0
-    func = mod[func_name]
-    fusions = _find(mod, func)
-    if not fusions:
-        return mod, 0
-    mut = _Fuse(mod, fusions)
-    return replace_function(mod, func_name, mut, mut.visit_expr(func)), len(fusions)
+    return rewrite_matches(mod, func_name, _find, _Fuse)
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvm_lowbit.FuseAddQuantize")

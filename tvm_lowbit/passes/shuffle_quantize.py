@@ -30,7 +30,7 @@ from tvm import relax
 
 from tvm_lowbit.kernels import kernel_attrs
 from tvm_lowbit.kernels.shuffle import NAME, Piece, channel_shuffle
-from tvm_lowbit.passes.function_pass import CountedRewrite, replace_function
+from tvm_lowbit.passes.function_pass import CountedRewrite, rewrite_matches
 from tvm_lowbit.passes.fuse_add_quantize import ACT_QUANT_ATTR
 from tvm_lowbit.passes.patterns import var2val
 
@@ -199,14 +199,7 @@ def shuffle_quantize(mod: tvm.IRModule, func_name: str = "main") -> tuple[tvm.IR
     ``TVM_LOWBIT_SHUFFLE_QUANT=off``)."""
     if os.environ.get(ENV_SWITCH, "on").lower() in ("0", "off", "false", "no"):
         return mod, 0
-    if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
-        return mod, 0
-    func = mod[func_name]
-    fusions = _find(mod, func)
-    if not fusions:
-        return mod, 0
-    mut = _Fuse(mod, fusions)
-    return replace_function(mod, func_name, mut, mut.visit_expr(func)), len(fusions)
+    return rewrite_matches(mod, func_name, _find, _Fuse)
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvm_lowbit.ShuffleQuantize")
