@@ -4,6 +4,7 @@ body that keeps a rewrite's count, and a rewrite of every PrimFunc as TVM's ``pr
 * :func:`replace_function`: ``mod[func_name]`` replaced by a ``relax.PyExprMutator``'s result, the bindings that
   became dead removed (``FoldRequantize``, ``FuseAddQuantize``, ``NHWCShuffle``, ``PoolQuantize``,
   ``ShuffleQuantize``).
+* :func:`emit_like`: a new value bound as the variable it replaces was (dataflow or block output).
 * :func:`rewrite_matches`: find the places to change in one function, rewrite them with a mutator, count them
   (``FuseAddQuantize``, ``PoolQuantize``, ``ShuffleQuantize``).
 * :class:`CountedRewrite`: the body of a ``tvm.transform.module_pass`` class around ``rewrite(mod, func_name)
@@ -28,6 +29,12 @@ def replace_function(mod: tvm.IRModule, func_name: str, mutator: relax.PyExprMut
     ``mutator`` made of it), with the functions ``mutator`` emitted and without the bindings that became dead."""
     mutator.builder_.update_func(mod.get_global_var(func_name), new_func)
     return relax.transform.DeadCodeElimination([func_name])(mutator.builder_.get())
+
+
+def emit_like(builder: relax.BlockBuilder, value: relax.Expr, like: relax.Var) -> relax.Var:
+    """``value`` bound in ``builder`` as ``like`` was: inside the dataflow block for a dataflow variable,
+    as the block's output otherwise."""
+    return builder.emit(value) if isinstance(like, relax.DataflowVar) else builder.emit_output(value)
 
 
 def rewrite_matches(mod: tvm.IRModule, func_name: str, find: Callable[[tvm.IRModule, relax.Function], Sized],
@@ -79,4 +86,4 @@ class PrimFuncRewrite:
         return func if new is None else new
 
 
-__all__ = ["CountedRewrite", "PrimFuncRewrite", "replace_function", "rewrite_matches"]
+__all__ = ["CountedRewrite", "PrimFuncRewrite", "emit_like", "replace_function", "rewrite_matches"]

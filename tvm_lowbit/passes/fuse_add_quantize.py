@@ -30,9 +30,10 @@ import tvm
 from tvm import relax, te, tirx
 
 from tvm_lowbit import qmath
-from tvm_lowbit.passes.function_pass import CountedRewrite, rewrite_matches
-from tvm_lowbit.passes.patterns import ADD, RELU, bound_call, var2val
+from tvm_lowbit.passes.function_pass import CountedRewrite, emit_like, rewrite_matches
+from tvm_lowbit.passes.patterns import ADD, RELU, bound_call, static_shape, users, var2val
 
+CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 ACT_QUANT_ATTR = "tvm_lowbit.act_quant"
 """PrimFunc attribute of a ``quantize_act`` call: ``[scale, bits, signed]`` (float32 scale, int, 0/1)."""
 
@@ -77,48 +78,40 @@ def add_relu_quantize(a: te.Tensor, b: te.Tensor, scale: float, bits: int, signe
     return te.compute(a.shape, codes, name="add_quantize")
 
 
-def _shape(e: relax.Expr) -> tuple[int, ...] | None:
-    ty = e.ty
-    if getattr(ty, "dtype", None) != "float32" or getattr(ty, "shape", None) is None:
+def act_quantizer(mod: tvm.IRModule, call: relax.Expr) -> tuple[relax.Expr, float, int, bool] | None:
+    """(input, scale, bits, signed) when ``call`` is a ``call_tir`` of a plain-division ``quantize_act``
+    (its PrimFunc carries :data:`ACT_QUANT_ATTR`) with one argument; else None."""
+    if not (isinstance(call, relax.Call) and call.op.same_as(CALL_TIR)):
         return None
-    try:
-        return tuple(int(d) for d in ty.shape)
-    except TypeError:  # a symbolic dimension
+    gv, args = call.args[0], call.args[1]
+    prim = mod[gv] if isinstance(gv, relax.GlobalVar) else None
+    attrs = getattr(prim, "attrs", None) or {}
+    if ACT_QUANT_ATTR not in attrs or len(args.fields) != 1:
         return None
+    scale, bits, signed = attrs[ACT_QUANT_ATTR]
+    return args.fields[0], float(scale), int(bits), bool(int(signed))
 
 
 def _find(mod: tvm.IRModule, func: relax.Function) -> list[_Fusion]:
     values = var2val(func)
-    users: dict[int, int] = {}
-    for block in func.body.blocks:
-        for b in block.bindings:
-            for v in relax.analysis.free_vars(b.value):
-                users[v.__hash__()] = users.get(v.__hash__(), 0) + 1
-    for v in relax.analysis.free_vars(func.body.body):
-        users[v.__hash__()] = users.get(v.__hash__(), 0) + 1
+    used = users(func)
     found = []
     for block in func.body.blocks:
         for bnd in block.bindings:
-            call = bnd.value
-            if not (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
+            quant = act_quantizer(mod, bnd.value)
+            if quant is None or not isinstance(quant[0], relax.Var):
                 continue
-            gv, args = call.args[0], call.args[1]
-            prim = mod[gv] if isinstance(gv, relax.GlobalVar) else None
-            attrs = getattr(prim, "attrs", None) or {}
-            if ACT_QUANT_ATTR not in attrs or len(args.fields) != 1 or not isinstance(args.fields[0], relax.Var):
-                continue
-            scale, bits, signed = (float(attrs[ACT_QUANT_ATTR][0]), int(attrs[ACT_QUANT_ATTR][1]),
-                                   bool(int(attrs[ACT_QUANT_ATTR][2])))
-            r = args.fields[0]
+            r, scale, bits, signed = quant
             relu = bound_call(RELU, r, values) is not None
             s = values[r].args[0] if relu else r
             add = bound_call(ADD, s, values)
-            if add is None or not isinstance(s, relax.Var) or (relu and users.get(s.__hash__(), 0) != 1):
+            if add is None or not isinstance(s, relax.Var) or (relu and len(used.get(s.__hash__(), [])) != 1):
                 continue
-            shape = _shape(r)
-            if shape is None or _shape(add.args[0]) != shape or _shape(add.args[1]) != shape:
+            shape = static_shape(r, "float32")
+            if (shape is None or static_shape(add.args[0], "float32") != shape
+                    or static_shape(add.args[1], "float32") != shape):
                 continue
-            found.append(_Fusion(bnd.var, r, add.args[0], add.args[1], relu, users.get(r.__hash__(), 0) > 1,
+            found.append(_Fusion(bnd.var, r, add.args[0], add.args[1], relu, len(used.get(r.__hash__(), [])) > 1,
                                  scale, bits, signed))
     per_value: dict[int, int] = {}
     for f in found:
@@ -142,10 +135,7 @@ class _Fuse(relax.PyExprMutator):
                                         scale=f.scale, bits=f.bits, signed=f.signed, relu=f.relu,
                                         keep_value=f.keep_value, primfunc_name_hint="add_quantize")
             if f.keep_value:
-                value = relax.TupleGetItem(out, 0)
-                value = self.builder_.emit(value) if isinstance(binding.var, relax.DataflowVar) else \
-                    self.builder_.emit_output(value)
-                self.set_var_remap(binding.var, value)
+                self.set_var_remap(binding.var, emit_like(self.builder_, relax.TupleGetItem(out, 0), binding.var))
                 self.codes[f.codes.__hash__()] = self.builder_.emit(relax.TupleGetItem(out, 1))
             else:
                 self.codes[f.codes.__hash__()] = out

@@ -43,7 +43,7 @@ from tvm_lowbit.passes.fold_requantize import fold_requantize
 from tvm_lowbit.passes.fuse_add_quantize import act_quant_attrs
 from tvm_lowbit.passes.layer_info import LayerInfo, weight_key
 from tvm_lowbit.passes.patterns import (ADD, ASTYPE, CONV2D, DIVIDE, INTEGER_OP, MULTIPLY, PERMUTE_DIMS, RELU,
-                                        RESHAPE, bound_call, const_value, match_quantizer, var2val)
+                                        RESHAPE, bound_call, const_value, match_quantizer, users, var2val)
 from tvm_lowbit.passes.relu6_quantizer import relu6_quantizer
 from tvm_lowbit.passes.report import LoweringReport
 from tvm_lowbit.passes.torch_mean import torch_mean
@@ -114,18 +114,11 @@ class _Analysis:
     def __init__(self, func: relax.Function, infos: dict[str, LayerInfo], report: LoweringReport,
                  target: tvm.target.Target | None) -> None:
         self.values = var2val(func)
-        self.users: dict[int, list[relax.Var]] = {}
+        self.users = users(func)  # None: used by the function result
         self.report = report
         self.infos = infos
         self.target = target
-        order = []
-        for block in func.body.blocks:
-            for b in block.bindings:
-                order.append(b.var)
-                for v in relax.analysis.free_vars(b.value) if isinstance(b.value, relax.Expr) else []:
-                    self.users.setdefault(v.__hash__(), []).append(b.var)
-        for v in relax.analysis.free_vars(func.body.body):
-            self.users.setdefault(v.__hash__(), []).append(None)  # used by the function result
+        order = [b.var for block in func.body.blocks for b in block.bindings]
         self.order = order
         self.layers: list[_Layer] = []
         self.quants: dict[int, _Quant] = {}

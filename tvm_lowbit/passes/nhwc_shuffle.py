@@ -25,19 +25,10 @@ import tvm
 from tvm import relax
 
 from tvm_lowbit.passes.function_pass import CountedRewrite, replace_function
+from tvm_lowbit.passes.patterns import static_shape
 
 TO_NCHW, TO_NHWC, SHUFFLE = [0, 3, 1, 2], [0, 2, 3, 1], [0, 2, 1, 3, 4]
 _OPS = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("permute_dims", "reshape", "concat", "split")}
-
-
-def _static_shape(e: relax.Expr) -> tuple[int, ...] | None:
-    shape = getattr(e.ty, "shape", None)
-    if shape is None:
-        return None
-    try:
-        return tuple(int(d) for d in shape)
-    except TypeError:
-        return None
 
 
 def _axes(call: relax.Call) -> list[int] | None:
@@ -62,15 +53,12 @@ class _ToNHWC(relax.PyExprMutator):
     def _nhwc_of(self, e: relax.Expr) -> relax.Expr | None:
         return self.nhwc.get(e.__hash__()) if isinstance(e, relax.Var) else None
 
-    def _emit(self, var: relax.Var, value: relax.Expr) -> relax.Expr:
-        return self.builder_.emit(value) if isinstance(var, relax.DataflowVar) else self.builder_.emit_output(value)
-
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         var, call = binding.var, binding.value
         h = var.__hash__()
-        if _is(call, "permute_dims") and _static_shape(call.args[0]) is not None:
+        if _is(call, "permute_dims") and static_shape(call.args[0]) is not None:
             x, axes = call.args[0], _axes(call)
-            ndim = len(_static_shape(x))
+            ndim = len(static_shape(x))
             if ndim == 4 and axes == TO_NHWC and self._nhwc_of(x) is not None:
                 self.set_var_remap(var, self.nhwc[x.__hash__()] if isinstance(var, relax.DataflowVar)
                                    else self.builder_.emit_output(self.nhwc[x.__hash__()]))
@@ -85,11 +73,11 @@ class _ToNHWC(relax.PyExprMutator):
         super().visit_var_binding_(binding)
         if _is(call, "concat") and int(call.attrs.axis) == 1 and isinstance(call.args[0], relax.Tuple):
             fields = [self._nhwc_of(f) for f in call.args[0].fields]
-            if fields and all(f is not None and len(_static_shape(f) or ()) == 4 for f in fields):
+            if fields and all(f is not None and len(static_shape(f) or ()) == 4 for f in fields):
                 self.nhwc[h] = self.builder_.emit(relax.op.concat(fields, axis=3))
         elif _is(call, "reshape") and isinstance(call.args[0], relax.Var):
-            x, out = call.args[0], _static_shape(var)
-            src = _static_shape(x)
+            x, out = call.args[0], static_shape(var)
+            src = static_shape(x)
             if self._nhwc_of(x) is not None and out is not None and len(out) == 5 and src is not None \
                     and len(src) == 4:
                 n, c, hh, w = src
@@ -98,13 +86,13 @@ class _ToNHWC(relax.PyExprMutator):
                     self.grouped[h] = (self.nhwc[x.__hash__()], g)
             elif x.__hash__() in self.shuffled and out is not None and len(out) == 4:
                 y, g = self.shuffled[x.__hash__()]
-                n, hh, w, c = _static_shape(y)
+                n, hh, w, c = static_shape(y)
                 if out == (n, c, hh, w):
                     z = self.builder_.emit(relax.op.reshape(y, (n, hh, w, g, c // g)))
                     z = self.builder_.emit(relax.op.permute_dims(z, [0, 1, 2, 4, 3]))
                     self.nhwc[h] = self.builder_.emit(relax.op.reshape(z, (n, hh, w, c)))
         elif _is(call, "split") and int(call.attrs.axis) == 1 and self._nhwc_of(call.args[0]) is not None:
-            if len(_static_shape(call.args[0]) or ()) == 4:
+            if len(static_shape(call.args[0]) or ()) == 4:
                 self.splits[h] = self.builder_.emit(
                     relax.op.split(self.nhwc[call.args[0].__hash__()], call.attrs.indices_or_sections, axis=3))
         elif isinstance(call, relax.TupleGetItem) and isinstance(call.tuple_value, relax.Var) \

@@ -48,6 +48,32 @@ def var2val(func: relax.Function) -> dict[relax.Var, relax.Expr]:
     return dict(relax.analysis.get_var2val(func))
 
 
+def users(func: relax.Function) -> dict[int, list[relax.Var | None]]:
+    """Each variable's users in ``func`` (keyed by ``__hash__``): the variables bound to values that read it,
+    and None for the function's result."""
+    used: dict[int, list[relax.Var | None]] = {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            for v in relax.analysis.free_vars(b.value):
+                used.setdefault(v.__hash__(), []).append(b.var)
+    for v in relax.analysis.free_vars(func.body.body):
+        used.setdefault(v.__hash__(), []).append(None)
+    return used
+
+
+def static_shape(e: relax.Expr, dtype: str | None = None) -> tuple[int, ...] | None:
+    """``e``'s shape when its type has one with no symbolic dimension (and, given ``dtype``, is of that
+    dtype); else None."""
+    ty = e.ty
+    shape = getattr(ty, "shape", None)
+    if shape is None or (dtype is not None and getattr(ty, "dtype", None) != dtype):
+        return None
+    try:
+        return tuple(int(d) for d in shape)
+    except TypeError:  # a symbolic dimension
+        return None
+
+
 def bound_call(pattern: DFPattern, e: relax.Expr, values: dict[relax.Var, relax.Expr]) -> relax.Call | None:
     """The call ``e`` is (or is bound to) when it matches ``pattern``; else None."""
     call = values.get(e, e) if isinstance(e, relax.Var) else e

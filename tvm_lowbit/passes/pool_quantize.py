@@ -39,13 +39,12 @@ from tvm import relax
 
 from tvm_lowbit.kernels import kernel_attrs
 from tvm_lowbit.kernels.pool import LAYOUT_ATTR, NAME, maxpool_quantize
-from tvm_lowbit.passes.function_pass import CountedRewrite, rewrite_matches
-from tvm_lowbit.passes.fuse_add_quantize import ACT_QUANT_ATTR
-from tvm_lowbit.passes.patterns import var2val
+from tvm_lowbit.passes.function_pass import CountedRewrite, emit_like, rewrite_matches
+from tvm_lowbit.passes.fuse_add_quantize import act_quantizer
+from tvm_lowbit.passes.patterns import static_shape, users, var2val
 
 ENV_SWITCH = "TVM_LOWBIT_POOL_QUANT"
 MAX_POOL2D = tvm.ir.Op.get("relax.nn.max_pool2d")
-CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
 
 @dataclass(frozen=True)
@@ -60,24 +59,6 @@ class _Fusion:
     keep_pool: bool          # p has users besides the fused quantizer
 
 
-def _users(func: relax.Function) -> dict[int, int]:
-    users: dict[int, int] = {}
-    for block in func.body.blocks:
-        for b in block.bindings:
-            for v in relax.analysis.free_vars(b.value):
-                users[v.__hash__()] = users.get(v.__hash__(), 0) + 1
-    for v in relax.analysis.free_vars(func.body.body):
-        users[v.__hash__()] = users.get(v.__hash__(), 0) + 1
-    return users
-
-
-def _static(e: relax.Expr) -> bool:
-    ty = e.ty
-    if getattr(ty, "dtype", None) != "float32" or getattr(ty, "shape", None) is None:
-        return False
-    return all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape)
-
-
 def _pool_attrs(call: relax.Call) -> dict | None:
     a = call.attrs
     layout = str(a.layout)
@@ -90,28 +71,22 @@ def _pool_attrs(call: relax.Call) -> dict | None:
 
 def _find(mod: tvm.IRModule, func: relax.Function) -> list[_Fusion]:
     values = var2val(func)
-    users = _users(func)
+    used = users(func)
     found: dict[int, _Fusion] = {}
     for block in func.body.blocks:
         for bnd in block.bindings:
-            call = bnd.value
-            if not (isinstance(call, relax.Call) and call.op.same_as(CALL_TIR)):
+            quant = act_quantizer(mod, bnd.value)
+            if quant is None or not isinstance(quant[0], relax.Var):
                 continue
-            gv, args = call.args[0], call.args[1]
-            prim = mod[gv] if isinstance(gv, relax.GlobalVar) else None
-            attrs = getattr(prim, "attrs", None) or {}
-            if ACT_QUANT_ATTR not in attrs or len(args.fields) != 1 or not isinstance(args.fields[0], relax.Var):
-                continue
-            p = args.fields[0]
+            p, scale, bits, signed = quant
             pool = values.get(p)
             if not (isinstance(pool, relax.Call) and pool.op.same_as(MAX_POOL2D)) or p.__hash__() in found:
                 continue  # not a pool, or a second quantizer of one pool (it keeps reading p)
             pattrs = _pool_attrs(pool)
-            if pattrs is None or not _static(p) or not _static(pool.args[0]):
+            if pattrs is None or static_shape(p, "float32") is None or static_shape(pool.args[0], "float32") is None:
                 continue
-            q = attrs[ACT_QUANT_ATTR]
-            found[p.__hash__()] = _Fusion(p, bnd.var, pool.args[0], pattrs, float(q[0]), int(q[1]),
-                                          bool(int(q[2])), users.get(p.__hash__(), 0) > 1)
+            found[p.__hash__()] = _Fusion(p, bnd.var, pool.args[0], pattrs, scale, bits, signed,
+                                          len(used.get(p.__hash__(), [])) > 1)
     return list(found.values())
 
 
@@ -123,9 +98,6 @@ class _Fuse(relax.PyExprMutator):
         self.at_codes = {f.codes.__hash__(): f for f in fusions}
         self.codes: dict[int, relax.Expr] = {}
 
-    def _bind(self, value: relax.Expr, like: relax.Var) -> relax.Var:
-        return self.builder_.emit(value) if isinstance(like, relax.DataflowVar) else self.builder_.emit_output(value)
-
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         h = binding.var.__hash__()
         f = self.at_pool.get(h)
@@ -135,7 +107,7 @@ class _Fuse(relax.PyExprMutator):
                                         primfunc_name_hint=NAME,
                                         primfunc_attrs={**kernel_attrs(NAME), LAYOUT_ATTR: f.attrs["layout"]})
             if f.keep_pool:
-                self.set_var_remap(binding.var, self._bind(relax.TupleGetItem(out, 0), binding.var))
+                self.set_var_remap(binding.var, emit_like(self.builder_, relax.TupleGetItem(out, 0), binding.var))
                 self.codes[f.codes.__hash__()] = self.builder_.emit(relax.TupleGetItem(out, 1))
             else:
                 self.codes[f.codes.__hash__()] = out

@@ -30,9 +30,9 @@ from tvm import relax
 
 from tvm_lowbit.kernels import kernel_attrs
 from tvm_lowbit.kernels.shuffle import NAME, Piece, channel_shuffle
-from tvm_lowbit.passes.function_pass import CountedRewrite, rewrite_matches
-from tvm_lowbit.passes.fuse_add_quantize import ACT_QUANT_ATTR
-from tvm_lowbit.passes.patterns import var2val
+from tvm_lowbit.passes.function_pass import CountedRewrite, emit_like, rewrite_matches
+from tvm_lowbit.passes.fuse_add_quantize import act_quantizer
+from tvm_lowbit.passes.patterns import static_shape, users, var2val
 
 ENV_SWITCH = "TVM_LOWBIT_SHUFFLE_QUANT"
 _OPS = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("concat", "reshape", "permute_dims", "split", "call_tir")}
@@ -43,13 +43,7 @@ def _is(e: relax.Expr, name: str) -> bool:
 
 
 def _shape(e: relax.Expr) -> tuple[int, ...] | None:
-    ty = e.ty
-    if getattr(ty, "dtype", None) != "float32" or getattr(ty, "shape", None) is None:
-        return None
-    try:
-        return tuple(int(d) for d in ty.shape)
-    except TypeError:
-        return None
+    return static_shape(e, "float32")
 
 
 @dataclass
@@ -66,13 +60,7 @@ class _Graph:
     def __init__(self, mod: tvm.IRModule, func: relax.Function) -> None:
         self.mod = mod
         self.values = var2val(func)
-        self.users: dict[int, list[relax.Var | None]] = {}
-        for block in func.body.blocks:
-            for b in block.bindings:
-                for v in relax.analysis.free_vars(b.value):
-                    self.users.setdefault(v.__hash__(), []).append(b.var)
-        for v in relax.analysis.free_vars(func.body.body):
-            self.users.setdefault(v.__hash__(), []).append(None)  # the function's result
+        self.users = users(func)
 
     def user_list(self, v: relax.Var) -> list[relax.Var | None]:
         return self.users.get(v.__hash__(), [])
@@ -83,16 +71,10 @@ class _Graph:
 
     def quantizer(self, user: relax.Var | None, v: relax.Var) -> tuple[float, int, bool] | None:
         """The plain-division quantizer ``user`` applies to ``v`` alone, if it is one."""
-        call = self.values.get(user) if user is not None else None
-        if not _is(call, "call_tir"):
+        quant = act_quantizer(self.mod, self.values.get(user)) if user is not None else None
+        if quant is None or not quant[0].same_as(v):
             return None
-        gv, args = call.args[0], call.args[1]
-        prim = self.mod[gv] if isinstance(gv, relax.GlobalVar) else None
-        attrs = getattr(prim, "attrs", None) or {}
-        if ACT_QUANT_ATTR not in attrs or len(args.fields) != 1 or not args.fields[0].same_as(v):
-            return None
-        q = attrs[ACT_QUANT_ATTR]
-        return float(q[0]), int(q[1]), bool(int(q[2]))
+        return quant[1:]
 
     def chain(self, cat_var: relax.Var) -> _Fusion | None:
         """The fusion starting at ``cat_var = concat(...)``, or None when the chain is not the shuffle."""
@@ -169,9 +151,6 @@ class _Fuse(relax.PyExprMutator):
         self.skip = {v.__hash__() for f in fusions for v in f.skip}
         self.pending: dict[int, relax.Expr] = {}   # a replaced var -> its piece (bound where the var was)
 
-    def _bind(self, value: relax.Expr, like: relax.Var) -> relax.Var:
-        return self.builder_.emit(value) if isinstance(like, relax.DataflowVar) else self.builder_.emit_output(value)
-
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         h = binding.var.__hash__()
         f = self.at_last.get(h)
@@ -183,10 +162,10 @@ class _Fuse(relax.PyExprMutator):
                 piece = out if len(f.pieces) == 1 else relax.TupleGetItem(out, k)
                 self.pending[var.__hash__()] = piece
             if h in self.pending:  # s itself read as a whole (no split)
-                self.set_var_remap(binding.var, self._bind(self.pending.pop(h), binding.var))
+                self.set_var_remap(binding.var, emit_like(self.builder_, self.pending.pop(h), binding.var))
             return
         if h in self.pending:  # a split item or a quantizer: its piece, bound here
-            self.set_var_remap(binding.var, self._bind(self.pending.pop(h), binding.var))
+            self.set_var_remap(binding.var, emit_like(self.builder_, self.pending.pop(h), binding.var))
             return
         if h in self.skip:
             return
