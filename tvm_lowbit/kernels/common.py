@@ -339,9 +339,7 @@ def quantize_act(x: te.Tensor, scale: float, bits: int, signed: bool,
             low, high = (tirx.const(float(np.float32(v)), "float32") for v in recip_clamp)
             q = tirx.nearbyint(recip_quotient(tirx.min(tirx.max(x[idx].astype("float32"), low), high), scale))
             return q.astype(qmath.act_dtype(bits, signed))
-        q = tirx.nearbyint(x[idx].astype("float32") / s)
-        q = tirx.min(tirx.max(q, tirx.const(float(lo), "float32")), tirx.const(float(hi), "float32"))
-        return q.astype(qmath.act_dtype(bits, signed))
+        return round_clip(x[idx].astype("float32") / s, lo, hi, qmath.act_dtype(bits, signed))
 
     return te.compute(x.shape, f, name="quantize_act", attrs=kernel_attrs("quantize_act"))
 

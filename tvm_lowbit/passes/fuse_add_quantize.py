@@ -30,6 +30,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from tvm_lowbit import qmath
+from tvm_lowbit.kernels.common import round_clip
 from tvm_lowbit.passes.function_pass import CountedRewrite, emit_like, rewrite_matches
 from tvm_lowbit.passes.patterns import ADD, RELU, bound_call, static_shape, users, var2val
 
@@ -69,9 +70,7 @@ def add_relu_quantize(a: te.Tensor, b: te.Tensor, scale: float, bits: int, signe
         return tirx.max(v, tirx.const(0, "float32")) if relu else v
 
     def codes(*i: tirx.PrimExpr) -> tirx.PrimExpr:
-        q = tirx.nearbyint(value(*i) / s)
-        q = tirx.min(tirx.max(q, tirx.const(float(lo), "float32")), tirx.const(float(hi), "float32"))
-        return q.astype(dtype)
+        return round_clip(value(*i) / s, lo, hi, dtype)
 
     if keep_value:
         return list(te.compute(a.shape, lambda *i: [value(*i), codes(*i)], name="add_quantize"))
