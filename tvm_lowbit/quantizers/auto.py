@@ -673,10 +673,11 @@ def quantize_auto(model: nn.Module, config: Auto, calib_data: object, val_data: 
         rows = outputs(q, xv)
         pred = rows.argmax(-1)
         agree = 100.0 * float((pred == ref).double().mean())
-        cos_min = float(cosines(ref_rows, rows).min())
+        cos = cosines(ref_rows, rows)
+        cos_min = float(cos.min())
         top1 = 100.0 * float((pred == yv).double().mean()) if yv is not None else float("nan")
         drop = fp32 - top1 if yv is not None else float("nan")
-        damage = 1.0 - float(cosines(ref_rows, rows).mean()) if budget.kind == "cos" else mean_kl(ref_rows, rows)
+        damage = 1.0 - float(cos.mean()) if budget.kind == "cos" else mean_kl(ref_rows, rows)
         nbytes, _ = model_weight_bytes(q)
         e = Evaluation(dict(mix), sum(cost[n][mix[n]] for n in names), nbytes, avg_weight_bits(q), top1, agree, drop,
                        False, stage, time.time() - t0, cos_min, damage)
