@@ -52,6 +52,7 @@ from tvm_lowbit.targets import load_target  # noqa: E402
 from tvm_lowbit import qmath  # noqa: E402
 from tvm_lowbit.passes.torch_sigmoid import TORCH_CPU_ENV  # noqa: E402
 from tvm_lowbit.quantizers.layers import QUANT_ATTR, QConv2d, quant_layers, wrap_module  # noqa: E402
+from tvm_lowbit.safe_io import OutputError, check_output_file, temp_sibling  # noqa: E402
 
 
 def record_codes(q: torch.nn.Module, x: torch.Tensor, ratios: dict[str, np.ndarray] | None = None
@@ -203,9 +204,12 @@ def save_quantized(q: torch.nn.Module, path: Path) -> None:
     """``torch.save`` of a fake-quant model: its wrapped modules' bound ``forward`` (not picklable) left out."""
     wrapped = [m for m in q.modules() if QUANT_ATTR in m._modules]
     fwd = [m.__dict__.pop("forward") for m in wrapped]
+    tmp = temp_sibling(path, ".pt")  # written whole, then renamed: a failed save never leaves half a file
     try:
-        torch.save(q, path)
+        torch.save(q, tmp)
+        os.replace(tmp, path)
     finally:
+        tmp.unlink(missing_ok=True)
         for m, f in zip(wrapped, fwd):
             m.forward = f
 
@@ -246,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.torch_cpu:
         os.environ[TORCH_CPU_ENV] = a.torch_cpu
     bench_models.AUTO_CHECK_VIEWS, bench_models.AUTO_CONFIDENCE = a.auto_check_views, a.auto_confidence
+    if a.quantized is not None and not a.quantized.is_file():
+        try:  # checked before the search, not after it
+            check_output_file(a.quantized, what="--quantized")
+        except OutputError as e:
+            ap.error(str(e))
 
     t0 = time.process_time()
     case = bench_models.load_cnn(a.model, a.size, a.eval_views, a.calib_views)
